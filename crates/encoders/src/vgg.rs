@@ -1,0 +1,54 @@
+//! VGG-16 (Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale Image
+//! Recognition", 2015), the Grad-CAM paper's model, with torchvision parameter names
+//! (`features.N`, `classifier.N`). Every module of `features` is its own named layer, so the
+//! paper's relu5_3 (`features.29`, 512 x 14 x 14 at 224, the default) can be explained.
+
+use candle_core::Tensor;
+use gradcam_core::ops::{Activation, AdaptiveAvgPool2d, Linear, MaxPool2d, Padding};
+
+use crate::network::{conv, linear, Layer, Network};
+use crate::weights::Weights;
+use crate::Result;
+
+/// Channels per conv layer, `0` for a max-pool (torchvision's configuration "D").
+const CONFIG: [usize; 18] = [64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0];
+
+struct Classifier {
+    fc6: Linear,
+    fc7: Linear,
+    fc8: Linear,
+}
+
+impl Layer for Classifier {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = AdaptiveAvgPool2d { out_h: 7, out_w: 7 }.forward(x)?.flatten_from(1)?; // [b, 25088]
+        // Dropout is the identity at inference.
+        let x = self.fc6.forward(&x)?; // [b, 4096]
+        let x = self.fc7.forward(&x)?; // [b, 4096]
+        self.fc8.forward(&x) // [b, classes]
+    }
+}
+
+/// Builds VGG-16 (without batch norm). Layers `features.0` .. `features.30`.
+pub fn vgg16(w: &Weights, num_classes: usize) -> Result<Network> {
+    let mut layers: Vec<(String, Box<dyn Layer>)> = Vec::new();
+    let mut cin = 3;
+    for cout in CONFIG {
+        let i = layers.len();
+        if cout == 0 {
+            let pool = MaxPool2d { kernel: 2, stride: 2, padding: 0 };
+            layers.push((format!("features.{i}"), Box::new(move |x: &Tensor| pool.forward(x))));
+        } else {
+            let c = conv(w, &format!("features.{i}"), [cout, cin, 3, 3], 1, Padding::Symmetric(1), Activation::Identity)?;
+            layers.push((format!("features.{i}"), Box::new(c)));
+            layers.push((format!("features.{}", i + 1), Box::new(|x: &Tensor| Activation::Relu.forward(x))));
+            cin = cout;
+        }
+    }
+    let classifier = Classifier {
+        fc6: linear(w, "classifier.0", 4096, 512 * 7 * 7, Activation::Relu)?,
+        fc7: linear(w, "classifier.3", 4096, 4096, Activation::Relu)?,
+        fc8: linear(w, "classifier.6", num_classes, 4096, Activation::Identity)?,
+    };
+    Ok(Network::new("vgg16", layers, Box::new(classifier), "features.29", num_classes))
+}

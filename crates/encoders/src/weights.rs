@@ -1,0 +1,167 @@
+//! Where weights come from (a safetensors or PyTorch file, or an hf-hub repo id) and checked
+//! access to them by PyTorch state-dict name.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::{pth, Error, Result};
+
+/// A weights location as users write it: a file path, or `hf:OWNER/REPO` for the Hugging Face hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightsSource {
+    File(PathBuf),
+    Hub { repo: String },
+}
+
+impl WeightsSource {
+    pub fn parse(s: &str) -> Self {
+        match s.strip_prefix("hf:") {
+            Some(repo) => WeightsSource::Hub { repo: repo.to_string() },
+            None => WeightsSource::File(PathBuf::from(s)),
+        }
+    }
+
+    /// Resolves to a local file, downloading from the hub if needed. With `HF_HUB_OFFLINE=1` only
+    /// the local cache (`HF_HOME`, default `~/.cache/huggingface`) is consulted.
+    pub fn resolve(&self) -> Result<PathBuf> {
+        match self {
+            WeightsSource::File(p) => Ok(p.clone()),
+            WeightsSource::Hub { repo } => resolve_hub(repo),
+        }
+    }
+}
+
+/// Files tried, in order, in a hub repository.
+const HUB_FILES: [&str; 3] = ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"];
+
+fn resolve_hub(repo: &str) -> Result<PathBuf> {
+    let cache = hf_hub::Cache::from_env();
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
+    for file in HUB_FILES {
+        if let Some(path) = cache.model(repo.to_string()).get(file) {
+            return Ok(path);
+        }
+    }
+    if offline {
+        return Err(Error::Hub {
+            repo: repo.to_string(),
+            message: format!(
+                "HF_HUB_OFFLINE is set and none of {} is in the cache at {}",
+                HUB_FILES.join(", "),
+                cache.path().display()
+            ),
+        });
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
+        .with_progress(true)
+        .build()
+        .map_err(|e| Error::Hub { repo: repo.to_string(), message: e.to_string() })?;
+    let mut last = String::new();
+    for file in HUB_FILES {
+        match api.model(repo.to_string()).get(file) {
+            Ok(path) => return Ok(path),
+            Err(e) => last = format!("{file}: {e}"),
+        }
+    }
+    Err(Error::Hub { repo: repo.to_string(), message: last })
+}
+
+/// A loaded state dict: tensors by PyTorch name, with the file they came from for messages.
+#[derive(Debug)]
+pub struct Weights {
+    tensors: HashMap<String, Tensor>,
+    origin: String,
+}
+
+impl Weights {
+    /// Loads a `.safetensors` file or a PyTorch checkpoint (zip or legacy format, detected from
+    /// the content, whatever the extension).
+    pub fn load(path: &Path) -> Result<Self> {
+        let mut head = [0u8; 8];
+        {
+            use std::io::Read;
+            let mut f = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+            let n = f.read(&mut head).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+            if n == 0 {
+                return Err(Error::Checkpoint(format!("{}: the file is empty", path.display())));
+            }
+        }
+        let is_pickle = head[0] == 0x80 || head.starts_with(b"PK\x03\x04");
+        let tensors = if is_pickle {
+            pth::read_pth(path)?.into_iter().collect()
+        } else {
+            candle_core::safetensors::load(path, &Device::Cpu)
+                .map_err(|e| Error::Checkpoint(format!("{}: not a safetensors or PyTorch file: {e}", path.display())))?
+                .into_iter()
+                .map(|(k, v)| Ok((k, v.to_dtype(candle_core::DType::F32)?)))
+                .collect::<Result<HashMap<_, _>>>()?
+        };
+        Ok(Self::from_tensors(tensors, path.display().to_string()))
+    }
+
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, origin: String) -> Self {
+        // Checkpoints saved from DataParallel prefix every name with "module.".
+        let tensors = if !tensors.is_empty() && tensors.keys().all(|k| k.starts_with("module.")) {
+            tensors.into_iter().map(|(k, v)| (k["module.".len()..].to_string(), v)).collect()
+        } else {
+            tensors
+        };
+        Self { tensors, origin }
+    }
+
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// The tensor `name`, checked to have `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            origin: self.origin.clone(),
+            hint: self.hint(),
+        })?;
+        if t.dims() != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                origin: self.origin.clone(),
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        Ok(t.clone())
+    }
+
+    /// A few names actually present, to show what kind of file this is.
+    fn hint(&self) -> String {
+        let mut names: Vec<&str> = self.names().collect();
+        names.sort();
+        let shown: Vec<&str> = names.iter().take(4).copied().collect();
+        if shown.is_empty() {
+            "the file holds no floating-point tensors".to_string()
+        } else {
+            format!("the file holds {} tensors such as {}", names.len(), shown.join(", "))
+        }
+    }
+
+    /// Writes every tensor to a safetensors file (atomically: a temporary file renamed into place).
+    pub fn save_safetensors(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("safetensors.tmp");
+        let result = candle_core::safetensors::save(&self.tensors, &tmp)
+            .map_err(Error::from)
+            .and_then(|()| std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_path_buf(), source }));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+}
