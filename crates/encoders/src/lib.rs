@@ -76,6 +76,41 @@ impl ModelKind {
         }
     }
 
+    /// The layer names `--layer` accepts, in forward order, then aliases as `alias (= layer)`.
+    pub fn layer_names(self) -> Vec<String> {
+        fn range(prefix: &str, n: usize) -> impl Iterator<Item = String> + '_ {
+            (0..n).map(move |i| format!("{prefix}{i}"))
+        }
+        match self {
+            ModelKind::EfficientNetLite0 => std::iter::once("_conv_stem".to_string())
+                .chain(range("_blocks.", 16))
+                .chain(std::iter::once("_conv_head".to_string()))
+                .collect(),
+            ModelKind::Vgg16 => range("features.", 31).collect(),
+            ModelKind::ResNet18 | ModelKind::ResNet50 => {
+                let blocks = if self == ModelKind::ResNet18 { [2, 2, 2, 2] } else { [3, 4, 6, 3] };
+                let mut names = vec!["relu".to_string(), "maxpool".to_string()];
+                for (s, n) in blocks.iter().enumerate() {
+                    names.extend(range(&format!("layer{}.", s + 1), *n));
+                }
+                for (s, n) in blocks.iter().enumerate() {
+                    names.push(format!("layer{} (= layer{}.{})", s + 1, s + 1, n - 1));
+                }
+                names
+            }
+        }
+    }
+
+    /// The layer explained when `--layer` is not given.
+    pub fn default_layer(self) -> &'static str {
+        match self {
+            ModelKind::EfficientNetLite0 => "_conv_head",
+            ModelKind::Vgg16 => "features.29",
+            ModelKind::ResNet18 => "layer4.1",
+            ModelKind::ResNet50 => "layer4.2",
+        }
+    }
+
     /// Builds the network from a state dict with 1000 ImageNet classes.
     pub fn build(self, w: &Weights) -> Result<Network> {
         match self {

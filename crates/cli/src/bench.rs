@@ -1,0 +1,110 @@
+//! `gradcam bench classify`: the plain forward pass against the full Grad-CAM explanation, timed
+//! side by side in one process.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use gradcam_core::{explain, ClassLogit, Explainable, GradCam, Request};
+use serde::Serialize;
+
+use crate::ModelArgs;
+
+#[derive(clap::Subcommand)]
+pub enum BenchCommand {
+    /// A classifier at 224x224, batch 1.
+    Classify {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Timed iterations of each (after two warm-up runs).
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Serialize)]
+struct BenchResult {
+    model: &'static str,
+    threads: usize,
+    iters: usize,
+    forward_ms: f64,
+    gradcam_ms: f64,
+    ratio: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
+    let BenchCommand::Classify { model, iters, json } = cmd;
+    let net = model.load()?;
+    let index = net.layer_index(net.default_layer())?;
+    let split = net.split(index);
+    // A fixed, image-like input: smooth gradients plus a pattern, so activations are not trivial.
+    let data: Vec<f32> = (0..3 * 224 * 224)
+        .map(|i| {
+            let (c, y, x) = (i / (224 * 224), (i / 224) % 224, i % 224);
+            ((x as f32 * 0.05 + c as f32).sin() + (y as f32 * 0.03).cos()) * 0.8
+        })
+        .collect();
+    let input = Tensor::from_vec(data, (1, 3, 224, 224), &Device::Cpu)?;
+
+    let forward = || -> anyhow::Result<()> {
+        let logits = net.forward(&input)?;
+        std::hint::black_box(logits.to_vec2::<f32>()?);
+        Ok(())
+    };
+    let gradcam = || -> anyhow::Result<()> {
+        let a = split.features(&input)?;
+        let logits = split.head(&a)?.squeeze(0)?.to_vec1::<f32>()?;
+        let top = (0..logits.len()).max_by(|&i, &j| logits[i].total_cmp(&logits[j])).unwrap_or(0);
+        let target = ClassLogit(top);
+        let r = explain(&split, &a, &[Request { image: 0, target: &target }], &GradCam)?;
+        let (norm, _) = r[0].cam.normalized();
+        std::hint::black_box(norm.resize_bilinear(224, 224));
+        Ok(())
+    };
+    for _ in 0..2 {
+        forward()?;
+        gradcam()?;
+    }
+    // Interleaved, so that load from other processes hits both alike.
+    let (mut f, mut g) = (Vec::new(), Vec::new());
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        forward()?;
+        f.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        gradcam()?;
+        g.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (forward_ms, gradcam_ms) = (median(f), median(g));
+    let r = BenchResult {
+        model: net.arch(),
+        threads: rayon::current_num_threads(),
+        iters,
+        forward_ms,
+        gradcam_ms,
+        ratio: gradcam_ms / forward_ms,
+    };
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut out, &r)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{} at 224x224, batch 1, {} threads, median of {} runs", r.model, r.threads, r.iters)?;
+        writeln!(out, "  forward   {:>8.2} ms", r.forward_ms)?;
+        writeln!(out, "  grad-cam  {:>8.2} ms  ({:.3}x the forward)", r.gradcam_ms, r.ratio)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
