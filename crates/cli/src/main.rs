@@ -94,7 +94,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 model.build(&weights).with_context(|| format!("{} does not hold {} weights", input.display(), model.name()))?;
             }
             weights.save_safetensors(&output)?;
-            eprintln!("wrote {} ({} tensors)", output.display(), weights.names().count());
+            eprintln!("wrote {} ({} tensors)", output.display(), weights.names().len());
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -10,7 +10,7 @@
 //!   ours routes the gradient to the first maximum of each window, as PyTorch does, with padding.
 //! - [`AdaptiveAvgPool2d`] and [`Activation`] ops with exact backward (ReLU passes no gradient at 0).
 //!
-//! Every backward here is checked against finite differences in `tests/finite_differences.rs`.
+//! Every backward here is checked against finite differences in `tests/integration/gradients.rs`.
 
 use std::sync::Arc;
 

@@ -3,6 +3,7 @@
 //! preprocessing and class names.
 
 pub mod efficientnet;
+pub mod hashed;
 pub mod imagenet;
 pub mod network;
 pub mod preprocess;

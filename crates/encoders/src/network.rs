@@ -36,6 +36,12 @@ pub struct Network {
     num_classes: usize,
 }
 
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network").field("arch", &self.arch).field("layers", &self.layers.len()).finish()
+    }
+}
+
 impl Network {
     pub(crate) fn new(
         arch: &'static str,

