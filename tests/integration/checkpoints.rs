@@ -62,3 +62,28 @@ fn a_safetensors_round_trip_keeps_every_tensor() {
     assert_eq!(back.get("b", &[4, 3]).unwrap().to_vec2::<f32>().unwrap(), a);
     assert!(!dir.path().join("tiny.safetensors.tmp").exists());
 }
+
+#[test]
+fn timm_vgg_layout_gives_the_same_network_as_torchvision() {
+    use candle_core::{Device, Tensor};
+    let tv = Weights::hashed();
+    let net = ModelKind::Vgg16.build(&tv).unwrap();
+    // Rename and reshape the classifier as timm's checkpoint filter does.
+    let timm: std::collections::HashMap<String, Tensor> = tv
+        .into_tensors()
+        .into_iter()
+        .map(|(k, v)| match k.as_str() {
+            "classifier.0.weight" => ("pre_logits.fc1.weight".to_string(), v.reshape((4096, 512, 7, 7)).unwrap()),
+            "classifier.0.bias" => ("pre_logits.fc1.bias".to_string(), v),
+            "classifier.3.weight" => ("pre_logits.fc2.weight".to_string(), v.reshape((4096, 4096, 1, 1)).unwrap()),
+            "classifier.3.bias" => ("pre_logits.fc2.bias".to_string(), v),
+            "classifier.6.weight" => ("head.fc.weight".to_string(), v),
+            "classifier.6.bias" => ("head.fc.bias".to_string(), v),
+            _ => (k, v),
+        })
+        .collect();
+    let timm_net = ModelKind::Vgg16.build(&Weights::from_tensors(timm, "timm".into())).unwrap();
+    let x = Tensor::from_vec((0..3 * 64 * 64).map(|i| ((i % 97) as f32 / 97.0) - 0.5).collect::<Vec<f32>>(), (1, 3, 64, 64), &Device::Cpu).unwrap();
+    let (a, b) = (net.forward(&x).unwrap(), timm_net.forward(&x).unwrap());
+    assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+}

@@ -4,6 +4,7 @@ mod checkpoints;
 mod cli;
 mod goldens;
 mod gradients;
+mod scenes;
 
 use std::path::PathBuf;
 

@@ -23,6 +23,11 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Our convolution kernels against stock candle's, on EfficientNet- and VGG-sized layers.
+    Ops {
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+    },
 }
 
 #[derive(Serialize)]
@@ -46,7 +51,71 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
-    let BenchCommand::Classify { model, iters, json } = cmd;
+    match cmd {
+        BenchCommand::Classify { model, iters, json } => classify(model, iters, json),
+        BenchCommand::Ops { iters } => ops(iters),
+    }
+}
+
+/// Median milliseconds of `f` over `iters` runs after one warm-up.
+fn time_ms(iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    f()?;
+    let mut v = Vec::new();
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(v))
+}
+
+fn ops(iters: usize) -> anyhow::Result<ExitCode> {
+    use candle_core::Var;
+    use gradcam_core::ops::{Activation, Conv2d, Padding};
+
+    let ramp = |shape: &[usize], seed: usize| -> anyhow::Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|i| (((i * 7919 + seed * 104729) % 1000) as f32 / 500.0) - 1.0).collect();
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    };
+    // Runs f on x, and with `backward` also its input gradient.
+    let step = |x: &Tensor, backward: bool, f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| -> anyhow::Result<()> {
+        if backward {
+            let v = Var::from_tensor(x)?;
+            let g = f(v.as_tensor())?.sum_all()?.backward()?;
+            std::hint::black_box(g.get(v.as_tensor()).map(|t| t.dims().len()));
+        } else {
+            std::hint::black_box(f(x)?);
+        }
+        Ok(())
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "median of {iters} runs, {} threads; ratio = candle / ours", rayon::current_num_threads())?;
+    // (what, input, channels per group, kernel, groups, backward): EfficientNet-Lite0's depthwise
+    // 5x5 at 56 px and VGG-16's conv4 / conv5 sizes.
+    let cases = [
+        ("depthwise 5x5 forward", [1, 144, 56, 56], 5, 144, false),
+        ("depthwise 5x5 forward+backward", [1, 144, 56, 56], 5, 144, true),
+        ("dense 3x3 forward", [1, 256, 56, 56], 3, 1, false),
+        ("dense 3x3 forward+backward", [1, 256, 28, 28], 3, 1, true),
+    ];
+    for (i, (what, shape, k, groups, backward)) in cases.into_iter().enumerate() {
+        let c = shape[1];
+        let x = ramp(&shape, 2 * i)?;
+        let w = ramp(&[c, c / groups, k, k], 2 * i + 1)?;
+        let ours = Conv2d::new(&w, None, groups, 1, Padding::Symmetric(k / 2), Activation::Identity)?;
+        let candle = time_ms(iters, || step(&x, backward, &|x| x.conv2d(&w, k / 2, 1, 1, groups)));
+        let ours = time_ms(iters, || step(&x, backward, &|x| ours.forward(x)))?;
+        let label = format!("{what} {shape:?}");
+        match candle {
+            Ok(a) => writeln!(out, "  {label:<50} candle {a:8.2} ms   ours {ours:8.2} ms   {:6.1}x", a / ours)?,
+            Err(e) => writeln!(out, "  {label:<50} candle fails ({e:#})   ours {ours:8.2} ms")?,
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn classify(model: ModelArgs, iters: usize, json: bool) -> anyhow::Result<ExitCode> {
     let net = model.load()?;
     let index = net.layer_index(net.default_layer())?;
     let split = net.split(index);

@@ -2,6 +2,7 @@
 
 mod bench;
 mod classify;
+mod scenes;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+    /// Generate ShapeScenes, a synthetic dataset with masks, captions and questions.
+    Scenes(scenes::ScenesArgs),
     /// Convert a PyTorch checkpoint (zip or legacy format) to safetensors.
     Convert {
         /// Input checkpoint (.pth, .pt, .bin or .safetensors).
@@ -88,6 +91,7 @@ fn run() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { what } => bench::run(what),
+        Command::Scenes(args) => scenes::run(args),
         Command::Convert { input, output, model } => {
             let weights = Weights::load(&input)?;
             if let Some(model) = model {

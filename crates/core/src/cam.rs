@@ -135,12 +135,12 @@ pub fn explain<M: Explainable + ?Sized>(
     for (i, r) in requests.iter().enumerate() {
         scores.push(r.target.score(&output.get(i)?)?);
     }
-    let total = Tensor::stack(&scores, 0)?.sum_all()?;
-    let score_values = Tensor::stack(&scores, 0)?.to_vec1::<f32>()?;
+    let scores = Tensor::stack(&scores, 0)?; // [n]
+    let score_values = scores.to_vec1::<f32>()?;
     if let Some(&value) = score_values.iter().find(|v| !v.is_finite()) {
         return Err(Error::NonFiniteScore { value });
     }
-    let grads = total.backward()?;
+    let grads = scores.sum_all()?.backward()?;
     let grads = grads.get(a.as_tensor()).ok_or(Error::NoGradient)?.clone();
 
     let acts = a.as_tensor().detach();

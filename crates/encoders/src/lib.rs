@@ -28,6 +28,8 @@ pub enum Error {
     Image { path: PathBuf, message: String },
     #[error("image is {width}x{height}; with --resize none each side must be at least {min} px")]
     TooSmall { width: u32, height: u32, min: u32 },
+    #[error("image is {width}x{height}; with --resize none each side must be at most {max} px (use center-crop or stretch)")]
+    TooLarge { width: u32, height: u32, max: u32 },
     #[error("bad checkpoint: {0}")]
     Checkpoint(String),
     #[error("weights {origin} have no tensor {name:?} ({hint}); are they weights of another model?")]

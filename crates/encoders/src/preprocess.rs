@@ -17,6 +17,8 @@ pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 pub const MAX_SIDE: u32 = 16384;
 /// Smallest side the `none` mode accepts: five stride-2 stages need 32 pixels.
 pub const MIN_SIDE: u32 = 32;
+/// Largest side the `none` mode accepts: beyond it the activations alone take gigabytes.
+pub const MAX_NONE_SIDE: u32 = 4096;
 
 /// How an image becomes the network's input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -80,6 +82,9 @@ pub fn prepare(img: &RgbImage, mode: Resize) -> Result<Prepared> {
         Resize::None => {
             if w < MIN_SIDE || h < MIN_SIDE {
                 return Err(Error::TooSmall { width: w, height: h, min: MIN_SIDE });
+            }
+            if w > MAX_NONE_SIDE || h > MAX_NONE_SIDE {
+                return Err(Error::TooLarge { width: w, height: h, max: MAX_NONE_SIDE });
             }
             (img.clone(), full)
         }

@@ -29,6 +29,18 @@ impl Layer for Classifier {
     }
 }
 
+/// A classifier layer under its torchvision name, or under timm's (`timm/vgg16.tv_in1k` stores
+/// fc6 and fc7 as 7x7 and 1x1 convolutions, which at 224 px are the same linear maps).
+fn classifier_layer(w: &Weights, torchvision: &str, timm: &str, timm_shape: &[usize], act: Activation) -> Result<Linear> {
+    let (out, inp) = (timm_shape[0], timm_shape[1..].iter().product());
+    if w.contains(&format!("{timm}.weight")) && !w.contains(&format!("{torchvision}.weight")) {
+        let weight = w.get(&format!("{timm}.weight"), timm_shape)?.reshape((out, inp))?;
+        let bias = w.get(&format!("{timm}.bias"), &[out])?;
+        return Ok(Linear::new(&weight, Some(&bias), act)?);
+    }
+    linear(w, torchvision, out, inp, act)
+}
+
 /// Builds VGG-16 (without batch norm). Layers `features.0` .. `features.30`.
 pub fn vgg16(w: &Weights, num_classes: usize) -> Result<Network> {
     let mut layers: Vec<(String, Box<dyn Layer>)> = Vec::new();
@@ -46,9 +58,9 @@ pub fn vgg16(w: &Weights, num_classes: usize) -> Result<Network> {
         }
     }
     let classifier = Classifier {
-        fc6: linear(w, "classifier.0", 4096, 512 * 7 * 7, Activation::Relu)?,
-        fc7: linear(w, "classifier.3", 4096, 4096, Activation::Relu)?,
-        fc8: linear(w, "classifier.6", num_classes, 4096, Activation::Identity)?,
+        fc6: classifier_layer(w, "classifier.0", "pre_logits.fc1", &[4096, 512, 7, 7], Activation::Relu)?,
+        fc7: classifier_layer(w, "classifier.3", "pre_logits.fc2", &[4096, 4096, 1, 1], Activation::Relu)?,
+        fc8: classifier_layer(w, "classifier.6", "head.fc", &[num_classes, 4096], Activation::Identity)?,
     };
     Ok(Network::new("vgg16", layers, Box::new(classifier), "features.29", num_classes))
 }

@@ -125,6 +125,11 @@ impl Weights {
         self.tensors.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Every tensor by name.
+    pub fn into_tensors(self) -> HashMap<String, Tensor> {
+        self.tensors.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn origin(&self) -> &str {
         &self.origin
     }

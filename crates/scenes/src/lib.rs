@@ -1,0 +1,41 @@
+//! ShapeScenes, a deterministic synthetic vision-language dataset with ground truth (per-object
+//! masks, captions, questions with the objects their answers depend on), written as COCO
+//! captions, COCO instances and VQA v2 files; and readers for any dataset in those formats.
+
+pub mod coco;
+pub mod dataset;
+mod json;
+pub mod rle;
+pub mod scene;
+pub mod vqa;
+
+use std::path::{Path, PathBuf};
+
+pub use dataset::{Config, Example, Split};
+
+/// Errors of the scenes crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: not valid JSON: {message}", file.display())]
+    Json { file: PathBuf, message: String },
+    #[error("{}: {record}: field `{field}`: {message}", file.display())]
+    Field { file: PathBuf, record: String, field: String, message: String },
+    #[error("{0}")]
+    Config(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Writes a file through a temporary file in the same folder renamed into place, so that an
+/// interrupted run never leaves a half-written file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(|source| Error::Io { path: path.to_path_buf(), source })
+}

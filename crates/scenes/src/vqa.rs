@@ -1,0 +1,101 @@
+//! VQA v2 questions and annotations files: readers for any such file (ours and anyone's), with
+//! checked references, and our `evidence` extension (the COCO annotation ids a correct answer
+//! depends on).
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use crate::json::{read, Record};
+use crate::Result;
+
+/// An entry of a questions file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Question {
+    pub question_id: u64,
+    pub image_id: u64,
+    pub question: String,
+}
+
+/// An entry of an annotations file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Annotation {
+    pub question_id: u64,
+    pub image_id: u64,
+    pub question_type: Option<String>,
+    pub answer_type: String,
+    pub multiple_choice_answer: String,
+    /// The annotators' answers (ten in VQA v2).
+    pub answers: Vec<String>,
+    /// ShapeScenes' extension; `None` in other datasets.
+    pub evidence: Option<Vec<u64>>,
+}
+
+/// A questions file with, optionally, its annotations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vqa {
+    pub questions: Vec<Question>,
+    pub annotations: Vec<Annotation>,
+}
+
+impl Vqa {
+    /// Reads `questions` and, if given, `annotations`, checking that every annotation answers a
+    /// question of the same image, and (when `image_ids` is given) that every question's image
+    /// exists.
+    pub fn read(questions: &Path, annotations: Option<&Path>, image_ids: Option<&HashSet<u64>>) -> Result<Self> {
+        let root = read(questions)?;
+        let mut seen = HashMap::new();
+        let qs: Vec<Question> = Record::list(questions, &root, "questions")?
+            .iter()
+            .map(|r| {
+                let q = Question { question_id: r.u64("question_id")?, image_id: r.u64("image_id")?, question: r.str("question")?.to_string() };
+                if let Some(ids) = image_ids {
+                    if !ids.contains(&q.image_id) {
+                        return Err(r.err("image_id", format!("image {} is not in the image list", q.image_id)));
+                    }
+                }
+                if seen.insert(q.question_id, q.image_id).is_some() {
+                    return Err(r.err("question_id", format!("question {} appears twice", q.question_id)));
+                }
+                Ok(q)
+            })
+            .collect::<Result<_>>()?;
+        let mut anns = Vec::new();
+        if let Some(path) = annotations {
+            let root = read(path)?;
+            for r in Record::list(path, &root, "annotations")? {
+                let question_id = r.u64("question_id")?;
+                let image_id = r.u64("image_id")?;
+                match seen.get(&question_id) {
+                    None => return Err(r.err("question_id", format!("question {question_id} is not in {}", questions.display()))),
+                    Some(&img) if img != image_id => {
+                        return Err(r.err("image_id", format!("question {question_id} is about image {img}, not {image_id}")))
+                    }
+                    _ => {}
+                }
+                let answers = r
+                    .field("answers")?
+                    .as_array()
+                    .ok_or_else(|| r.err("answers", "must be an array"))?
+                    .iter()
+                    .map(|a| a.get("answer").and_then(|v| v.as_str()).map(str::to_string).ok_or_else(|| r.err("answers", "each answer needs an `answer` string")))
+                    .collect::<Result<_>>()?;
+                anns.push(Annotation {
+                    question_id,
+                    image_id,
+                    question_type: r.opt_str("question_type")?,
+                    answer_type: r.str("answer_type")?.to_string(),
+                    multiple_choice_answer: r.str("multiple_choice_answer")?.to_string(),
+                    answers,
+                    evidence: if r.opt("evidence").is_some() { Some(r.u64s("evidence")?) } else { None },
+                });
+            }
+        }
+        Ok(Vqa { questions: qs, annotations: anns })
+    }
+
+    /// VQA accuracy of one predicted answer: min(#annotators who gave it / 3, 1).
+    pub fn accuracy(annotation: &Annotation, predicted: &str) -> f64 {
+        let n = annotation.answers.iter().filter(|a| a.as_str() == predicted).count();
+        (n as f64 / 3.0).min(1.0)
+    }
+}
