@@ -1,5 +1,6 @@
 //! gradcam's integration tests, one binary for the whole workspace.
 
+mod captioner;
 mod checkpoints;
 mod cli;
 mod goldens;

@@ -1,6 +1,7 @@
 //! The `gradcam` binary: parses arguments, calls the library crates, prints.
 
 mod bench;
+mod caption;
 mod classify;
 mod scenes;
 
@@ -36,6 +37,13 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+    /// Caption images and explain every word with Grad-CAM.
+    Caption(caption::CaptionArgs),
+    /// Train a model.
+    Train {
+        #[command(subcommand)]
+        what: TrainCommand,
+    },
     /// Generate ShapeScenes, a synthetic dataset with masks, captions and questions.
     Scenes(scenes::ScenesArgs),
     /// Convert a PyTorch checkpoint (zip or legacy format) to safetensors.
@@ -48,6 +56,12 @@ enum Command {
         #[arg(long)]
         model: Option<ModelKind>,
     },
+}
+
+#[derive(Subcommand)]
+enum TrainCommand {
+    /// The Show-and-Tell captioner.
+    Captioner(caption::TrainCaptionerArgs),
 }
 
 /// Options shared by every command that loads a classifier.
@@ -92,6 +106,8 @@ fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Bench { what } => bench::run(what),
         Command::Scenes(args) => scenes::run(args),
+        Command::Caption(args) => caption::run(args),
+        Command::Train { what: TrainCommand::Captioner(args) } => caption::train_captioner(args),
         Command::Convert { input, output, model } => {
             let weights = Weights::load(&input)?;
             if let Some(model) = model {

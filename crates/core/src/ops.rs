@@ -129,6 +129,9 @@ pub struct Conv2d {
 /// Geometry of one convolution call, resolved from the input size.
 #[derive(Debug, Clone, Copy)]
 struct ConvGeometry {
+    kh: usize,
+    kw: usize,
+    stride: usize,
     batch: usize,
     c: usize,
     h: usize,
@@ -187,19 +190,7 @@ impl Conv2d {
     }
 
     fn geometry(&self, dims: &[usize]) -> CResult<ConvGeometry> {
-        let &[batch, c, h, w] = dims else {
-            candle_core::bail!("conv2d expects a [batch, channels, h, w] input, got {dims:?}");
-        };
-        if c != self.in_channels {
-            candle_core::bail!("conv2d expects {} input channels, got {c}", self.in_channels);
-        }
-        let (kh, kw) = self.kernel;
-        let (pad_top, pad_bottom, oh) = self.padding.resolve(h, kh, self.stride);
-        let (pad_left, pad_right, ow) = self.padding.resolve(w, kw, self.stride);
-        if h + pad_top + pad_bottom < kh || w + pad_left + pad_right < kw {
-            candle_core::bail!("conv2d: input {h}x{w} is smaller than the {kh}x{kw} kernel");
-        }
-        Ok(ConvGeometry { batch, c, h, w, oh, ow, pad_top, pad_left })
+        geometry(dims, self.in_channels, self.kernel, self.stride, self.padding)
     }
 
     fn is_depthwise(&self) -> bool {
@@ -208,61 +199,6 @@ impl Conv2d {
 
     fn is_pointwise(&self, g: &ConvGeometry) -> bool {
         self.kernel == (1, 1) && self.stride == 1 && g.oh == g.h && g.ow == g.w && g.pad_top == 0
-    }
-
-    /// im2col for one group (channels from `c0`) of one image: `[cg * kh * kw, oh * ow]`.
-    fn im2col(&self, x: &[f32], g: &ConvGeometry, c0: usize, col: &mut [f32]) {
-        let (kh, kw) = self.kernel;
-        let plane = g.oh * g.ow;
-        col.par_chunks_mut(plane).enumerate().for_each(|(row, dst)| {
-            let ci = c0 + row / (kh * kw);
-            let ky = (row / kw) % kh;
-            let kx = row % kw;
-            let src = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-            for oy in 0..g.oh {
-                let iy = (oy * self.stride + ky) as isize - g.pad_top as isize;
-                let drow = &mut dst[oy * g.ow..(oy + 1) * g.ow];
-                if iy < 0 || iy >= g.h as isize {
-                    drow.fill(0.0);
-                    continue;
-                }
-                let srow = &src[iy as usize * g.w..(iy as usize + 1) * g.w];
-                for (ox, d) in drow.iter_mut().enumerate() {
-                    let ix = (ox * self.stride + kx) as isize - g.pad_left as isize;
-                    *d = if ix >= 0 && (ix as usize) < g.w { srow[ix as usize] } else { 0.0 };
-                }
-            }
-        });
-    }
-
-    /// col2im, the adjoint of [`Self::im2col`]: accumulates `col` into `dx`.
-    fn col2im(&self, col: &[f32], g: &ConvGeometry, c0: usize, cg: usize, dx: &mut [f32]) {
-        let (kh, kw) = self.kernel;
-        let plane = g.oh * g.ow;
-        dx[c0 * g.h * g.w..(c0 + cg) * g.h * g.w]
-            .par_chunks_mut(g.h * g.w)
-            .enumerate()
-            .for_each(|(cl, dst)| {
-                for ky in 0..kh {
-                    for kx in 0..kw {
-                        let row = (cl * kh + ky) * kw + kx;
-                        let src = &col[row * plane..(row + 1) * plane];
-                        for oy in 0..g.oh {
-                            let iy = (oy * self.stride + ky) as isize - g.pad_top as isize;
-                            if iy < 0 || iy >= g.h as isize {
-                                continue;
-                            }
-                            let drow = &mut dst[iy as usize * g.w..(iy as usize + 1) * g.w];
-                            for ox in 0..g.ow {
-                                let ix = (ox * self.stride + kx) as isize - g.pad_left as isize;
-                                if ix >= 0 && (ix as usize) < g.w {
-                                    drow[ix as usize] += src[oy * g.ow + ox];
-                                }
-                            }
-                        }
-                    }
-                }
-            });
     }
 
     fn forward_image(&self, x: &[f32], g: &ConvGeometry, out: &mut [f32]) {
@@ -284,7 +220,7 @@ impl Conv2d {
                     (&x[grp * cg * plane..(grp + 1) * cg * plane], k)
                 } else {
                     col.resize(k * plane, 0.0);
-                    self.im2col(x, g, grp * cg, &mut col);
+                    im2col(x, g, grp * cg, &mut col);
                     (&col[..], k)
                 };
                 let w = &self.weight[grp * og * k..(grp + 1) * og * k];
@@ -324,7 +260,7 @@ impl Conv2d {
             if self.is_pointwise(g) {
                 dx[grp * cg * plane..(grp + 1) * cg * plane].copy_from_slice(&col);
             } else {
-                self.col2im(&col, g, grp * cg, cg, dx);
+                col2im(&col, g, grp * cg, cg, dx);
             }
         }
     }
@@ -364,6 +300,167 @@ impl CustomOp1 for Conv2d {
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
+
+/// A dense (ungrouped) convolution whose weight and bias are inputs too, for training, with the
+/// activation fused: the backward gives the input, weight and bias gradients by im2col + GEMM
+/// (candle's input gradient goes through a naive transposed convolution, and separate bias and
+/// ReLU ops cost a pass over memory each, forward and backward).
+#[derive(Debug, Clone, Copy)]
+pub struct TrainableConv2d {
+    pub stride: usize,
+    pub padding: Padding,
+    pub activation: Activation,
+}
+
+impl TrainableConv2d {
+    /// # Shapes
+    /// `x`: `[batch, in, h, w]`, `weight`: `[out, in, kh, kw]`, `bias`: `[out]` ->
+    /// `[batch, out, oh, ow]`.
+    pub fn forward(&self, x: &Tensor, weight: &Tensor, bias: &Tensor) -> CResult<Tensor> {
+        x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, *self)
+    }
+
+    fn geometry(&self, x: &[usize], w: &[usize]) -> CResult<(ConvGeometry, usize)> {
+        let &[out, cin, kh, kw] = w else {
+            candle_core::bail!("conv2d weight must be [out, in, kh, kw], got {w:?}");
+        };
+        Ok((geometry(x, cin, (kh, kw), self.stride, self.padding)?, out))
+    }
+}
+
+impl candle_core::CustomOp3 for TrainableConv2d {
+    fn name(&self) -> &'static str {
+        "gradcam-trainable-conv2d"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (x, w, bias) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
+        let (g, out) = self.geometry(l1.dims(), l2.dims())?;
+        if bias.len() != out {
+            candle_core::bail!("conv2d bias has {} values for {out} channels", bias.len());
+        }
+        let (k, plane) = (g.c * g.kh * g.kw, g.oh * g.ow);
+        let mut y = vec![0.0f32; g.batch * out * plane];
+        let mut col = vec![0.0f32; k * plane];
+        for b in 0..g.batch {
+            im2col(&x[b * g.c * g.h * g.w..(b + 1) * g.c * g.h * g.w], &g, 0, &mut col);
+            matmul(&mut y[b * out * plane..(b + 1) * out * plane], w, (k as isize, 1), &col, (plane as isize, 1), out, plane, k);
+        }
+        let act = self.activation;
+        y.par_chunks_mut(plane).enumerate().for_each(|(i, dst)| {
+            let b = bias[i % out];
+            dst.iter_mut().for_each(|v| *v = act.apply(*v + b));
+        });
+        Ok((CpuStorage::F32(y), Shape::from((g.batch, out, g.oh, g.ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, bias: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (g, out) = self.geometry(x.dims(), w.dims())?;
+        let (k, plane, in_len) = (g.c * g.kh * g.kw, g.oh * g.ow, g.c * g.h * g.w);
+        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let ws = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let ys = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let act = self.activation;
+        gs.par_iter_mut().zip(ys.par_iter()).for_each(|(d, &o)| *d *= act.derivative_from_output(o));
+        let mut db = vec![0.0f32; out];
+        for (i, chunk) in gs.chunks(plane).enumerate() {
+            db[i % out] += chunk.iter().sum::<f32>();
+        }
+        let mut dx = vec![0.0f32; g.batch * in_len];
+        let mut dw = vec![0.0f32; out * k];
+        let mut dw_b = vec![0.0f32; out * k];
+        let mut col = vec![0.0f32; k * plane];
+        for b in 0..g.batch {
+            let go = &gs[b * out * plane..(b + 1) * out * plane];
+            // dW += g[out, plane] @ col^T[plane, k]
+            im2col(&xs[b * in_len..(b + 1) * in_len], &g, 0, &mut col);
+            matmul(&mut dw_b, go, (plane as isize, 1), &col, (1, plane as isize), out, k, plane);
+            dw.iter_mut().zip(&dw_b).for_each(|(a, b)| *a += b);
+            // dcol[k, plane] = W^T[k, out] @ g[out, plane], scattered back by col2im.
+            matmul(&mut col, &ws, (1, k as isize), go, (plane as isize, 1), k, plane, out);
+            col2im(&col, &g, 0, g.c, &mut dx[b * in_len..(b + 1) * in_len]);
+        }
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            Some(Tensor::from_vec(db, bias.shape(), bias.device())?),
+        ))
+    }
+}
+
+/// Resolves the output size and padding of a convolution for an input of `dims`.
+fn geometry(dims: &[usize], in_channels: usize, kernel: (usize, usize), stride: usize, padding: Padding) -> CResult<ConvGeometry> {
+    let &[batch, c, h, w] = dims else {
+        candle_core::bail!("conv2d expects a [batch, channels, h, w] input, got {dims:?}");
+    };
+    if c != in_channels {
+        candle_core::bail!("conv2d expects {in_channels} input channels, got {c}");
+    }
+    let (kh, kw) = kernel;
+    let (pad_top, pad_bottom, oh) = padding.resolve(h, kh, stride);
+    let (pad_left, pad_right, ow) = padding.resolve(w, kw, stride);
+    if h + pad_top + pad_bottom < kh || w + pad_left + pad_right < kw {
+        candle_core::bail!("conv2d: input {h}x{w} is smaller than the {kh}x{kw} kernel");
+    }
+    Ok(ConvGeometry { kh, kw, stride, batch, c, h, w, oh, ow, pad_top, pad_left })
+}
+
+/// im2col for one group (channels from `c0`) of one image: `[cg * kh * kw, oh * ow]`.
+fn im2col(x: &[f32], g: &ConvGeometry, c0: usize, col: &mut [f32]) {
+    let (kh, kw, stride) = (g.kh, g.kw, g.stride);
+    let plane = g.oh * g.ow;
+    col.par_chunks_mut(plane).enumerate().for_each(|(row, dst)| {
+        let ci = c0 + row / (kh * kw);
+        let ky = (row / kw) % kh;
+        let kx = row % kw;
+        let src = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for oy in 0..g.oh {
+            let iy = (oy * stride + ky) as isize - g.pad_top as isize;
+            let drow = &mut dst[oy * g.ow..(oy + 1) * g.ow];
+            if iy < 0 || iy >= g.h as isize {
+                drow.fill(0.0);
+                continue;
+            }
+            let srow = &src[iy as usize * g.w..(iy as usize + 1) * g.w];
+            for (ox, d) in drow.iter_mut().enumerate() {
+                let ix = (ox * stride + kx) as isize - g.pad_left as isize;
+                *d = if ix >= 0 && (ix as usize) < g.w { srow[ix as usize] } else { 0.0 };
+            }
+        }
+    });
+}
+
+/// col2im, the adjoint of [`Self::im2col`]: accumulates `col` into `dx`.
+fn col2im(col: &[f32], g: &ConvGeometry, c0: usize, cg: usize, dx: &mut [f32]) {
+    let (kh, kw, stride) = (g.kh, g.kw, g.stride);
+    let plane = g.oh * g.ow;
+    dx[c0 * g.h * g.w..(c0 + cg) * g.h * g.w]
+        .par_chunks_mut(g.h * g.w)
+        .enumerate()
+        .for_each(|(cl, dst)| {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let row = (cl * kh + ky) * kw + kx;
+                    let src = &col[row * plane..(row + 1) * plane];
+                    for oy in 0..g.oh {
+                        let iy = (oy * stride + ky) as isize - g.pad_top as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
+                        }
+                        let drow = &mut dst[iy as usize * g.w..(iy as usize + 1) * g.w];
+                        for ox in 0..g.ow {
+                            let ix = (ox * stride + kx) as isize - g.pad_left as isize;
+                            if ix >= 0 && (ix as usize) < g.w {
+                                drow[ix as usize] += src[oy * g.ow + ox];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
 
 fn depthwise_channel(src: &[f32], wk: &[f32], g: &ConvGeometry, stride: usize, kh: usize, kw: usize, dst: &mut [f32]) {
     for oy in 0..g.oh {
@@ -533,6 +630,129 @@ impl CustomOp1 for Linear {
         // dx[batch, in] = g[batch, out] @ W[out, in]
         let (n, k) = (self.in_features, self.out_features);
         matmul(&mut dx, &gpre, (k as isize, 1), &self.weight, (n as isize, 1), batch, n, k);
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// A frozen LSTM cell (PyTorch's gate order i, f, g, o) fused into one op, so that decoding and
+/// explaining a caption cost one op per step instead of a dozen, with an input-only backward.
+#[derive(Debug, Clone)]
+pub struct LstmCell {
+    /// `[4 * hidden, input + hidden]`: PyTorch's `weight_ih` and `weight_hh` side by side.
+    weight: Arc<Vec<f32>>,
+    /// `bias_ih + bias_hh`, `[4 * hidden]`.
+    bias: Arc<Vec<f32>>,
+    input: usize,
+    hidden: usize,
+}
+
+#[inline]
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+impl LstmCell {
+    pub fn new(weight_ih: &Tensor, weight_hh: &Tensor, bias_ih: &Tensor, bias_hh: &Tensor) -> CResult<Self> {
+        let (four_h, input) = weight_ih.dims2()?;
+        let hidden = four_h / 4;
+        if weight_hh.dims() != [four_h, hidden] || four_h % 4 != 0 {
+            candle_core::bail!("LSTM weights {:?} and {:?} do not match", weight_ih.dims(), weight_hh.dims());
+        }
+        let weight = Tensor::cat(&[weight_ih, weight_hh], 1)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        let bias = (bias_ih + bias_hh)?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        Ok(Self { weight: Arc::new(weight), bias: Arc::new(bias), input, hidden })
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    /// One step.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, input]`, `h`, `c`: `[batch, hidden]` -> (`h'`, `c'`), each `[batch, hidden]`.
+    pub fn step(&self, x: &Tensor, h: &Tensor, c: &Tensor) -> CResult<(Tensor, Tensor)> {
+        let packed = Tensor::cat(&[x, h, c], 1)?.apply_op1(self.clone())?; // [batch, 2 hidden]
+        Ok((packed.narrow(1, 0, self.hidden)?, packed.narrow(1, self.hidden, self.hidden)?))
+    }
+
+    /// Gate activations (i, f, g, o) of each row: `[batch, 4 hidden]`.
+    fn gates(&self, xhc: &[f32], batch: usize) -> Vec<f32> {
+        let (k, hh) = (self.input + self.hidden, self.hidden);
+        let width = k + hh;
+        let mut xh = vec![0.0f32; batch * k];
+        for b in 0..batch {
+            xh[b * k..(b + 1) * k].copy_from_slice(&xhc[b * width..b * width + k]);
+        }
+        let mut gates = vec![0.0f32; batch * 4 * hh];
+        // gates[batch, 4h] = xh[batch, k] @ W^T[k, 4h]
+        matmul(&mut gates, &xh, (k as isize, 1), &self.weight, (1, k as isize), batch, 4 * hh, k);
+        for row in gates.chunks_mut(4 * hh) {
+            for (j, v) in row.iter_mut().enumerate() {
+                let z = *v + self.bias[j];
+                *v = if (2 * hh..3 * hh).contains(&j) { z.tanh() } else { sigmoid(z) };
+            }
+        }
+        gates
+    }
+}
+
+impl CustomOp1 for LstmCell {
+    fn name(&self) -> &'static str {
+        "gradcam-lstm-cell"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let xhc = f32_slice(storage, layout, self.name())?;
+        let (batch, width) = layout.shape().dims2()?;
+        let hh = self.hidden;
+        if width != self.input + 2 * hh {
+            candle_core::bail!("LSTM cell expects [x, h, c] of width {}, got {width}", self.input + 2 * hh);
+        }
+        let gates = self.gates(xhc, batch);
+        let mut out = vec![0.0f32; batch * 2 * hh];
+        for b in 0..batch {
+            let (g, c) = (&gates[b * 4 * hh..(b + 1) * 4 * hh], &xhc[b * width + self.input + hh..(b + 1) * width]);
+            for j in 0..hh {
+                let c2 = g[hh + j] * c[j] + g[j] * g[2 * hh + j];
+                out[b * 2 * hh + hh + j] = c2;
+                out[b * 2 * hh + j] = g[3 * hh + j] * c2.tanh();
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((batch, 2 * hh))))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> CResult<Option<Tensor>> {
+        let (batch, width) = arg.dims2()?;
+        let (hh, k) = (self.hidden, self.input + self.hidden);
+        let xhc = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let out = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let gates = self.gates(&xhc, batch);
+        let mut dpre = vec![0.0f32; batch * 4 * hh];
+        let mut dx = vec![0.0f32; batch * width];
+        for b in 0..batch {
+            let g = &gates[b * 4 * hh..(b + 1) * 4 * hh];
+            let c = &xhc[b * width + k..(b + 1) * width];
+            let (dh2, dc2) = (&grad[b * 2 * hh..b * 2 * hh + hh], &grad[b * 2 * hh + hh..(b + 1) * 2 * hh]);
+            let d = &mut dpre[b * 4 * hh..(b + 1) * 4 * hh];
+            for j in 0..hh {
+                let (i, f, gg, o) = (g[j], g[hh + j], g[2 * hh + j], g[3 * hh + j]);
+                let tc = out[b * 2 * hh + hh + j].tanh();
+                let dc = dc2[j] + dh2[j] * o * (1.0 - tc * tc);
+                d[j] = dc * gg * i * (1.0 - i);
+                d[hh + j] = dc * c[j] * f * (1.0 - f);
+                d[2 * hh + j] = dc * i * (1.0 - gg * gg);
+                d[3 * hh + j] = dh2[j] * tc * o * (1.0 - o);
+                dx[b * width + k + j] = dc * f;
+            }
+        }
+        // d[x, h] = dpre[batch, 4h] @ W[4h, k]
+        let mut dxh = vec![0.0f32; batch * k];
+        matmul(&mut dxh, &dpre, ((4 * hh) as isize, 1), &self.weight, (k as isize, 1), batch, k, 4 * hh);
+        for b in 0..batch {
+            dx[b * width..b * width + k].copy_from_slice(&dxh[b * k..(b + 1) * k]);
+        }
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }

@@ -9,6 +9,7 @@ pub mod network;
 pub mod preprocess;
 pub mod pth;
 pub mod resnet;
+pub mod scene_cnn;
 pub mod vgg;
 pub mod weights;
 

@@ -1,0 +1,49 @@
+//! Show-and-Tell LSTM captioner with word-by-word Grad-CAM (paper section 8.1): each word's
+//! log-probability is backpropagated into the encoder's last convolutional layer.
+
+pub mod eval;
+pub mod model;
+pub mod train;
+pub mod vocab;
+
+use std::path::PathBuf;
+
+pub use model::{Caption, CaptionSplit, Captioner, Config, WordLogProb};
+pub use vocab::Vocab;
+
+/// Errors of the captioner crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Core(#[from] gradcam_core::Error),
+    #[error(transparent)]
+    Encoders(#[from] gradcam_encoders::Error),
+    #[error(transparent)]
+    Scenes(#[from] gradcam_scenes::Error),
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("model: {0}")]
+    Model(String),
+    #[error("unknown words {words}; the model knows: {known}")]
+    UnknownWords { words: String, known: String },
+    #[error("the text is empty")]
+    EmptyText,
+    #[error("training: {0}")]
+    Training(String),
+}
+
+impl Error {
+    pub(crate) fn into_core(self) -> gradcam_core::Error {
+        match self {
+            Error::Candle(e) => gradcam_core::Error::Candle(e),
+            Error::Core(e) => e,
+            other => gradcam_core::Error::Candle(candle_core::Error::Msg(other.to_string())),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,382 @@
+//! Show-and-Tell (Vinyals et al., "Show and Tell: A Neural Image Caption Generator", 2015): a CNN
+//! encodes the image, its globally pooled features enter an LSTM as the first input, then the
+//! words follow. Two forms share one set of weights: [`Trainable`] (candle `Var`s, plain
+//! differentiable ops) and [`Captioner`] (frozen, fused ops for decoding and explaining).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+use gradcam_core::ops::{Activation, Linear, LstmCell};
+use gradcam_core::{Explainable, Target};
+use gradcam_encoders::scene_cnn::{self, SceneCnn};
+use serde::{Deserialize, Serialize};
+
+use crate::vocab::Vocab;
+use crate::{Error, Result};
+
+/// `config.json` of a captioner.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Config {
+    /// The image encoder; only `scene-cnn` is trained here.
+    pub encoder: String,
+    /// Images are resized to `image_size` x `image_size`.
+    pub image_size: u32,
+    pub embed: usize,
+    pub hidden: usize,
+    pub vocab_size: usize,
+    /// Longest caption generated, in words.
+    pub max_len: usize,
+}
+
+impl Config {
+    pub fn new(vocab_size: usize) -> Self {
+        Config { encoder: "scene-cnn".into(), image_size: 64, embed: 64, hidden: 256, vocab_size, max_len: 20 }
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let cfg: Config = serde_json::from_str(&text).map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+        if cfg.encoder != "scene-cnn" {
+            return Err(Error::Model(format!("{}: encoder {:?} is not supported; use \"scene-cnn\"", path.display(), cfg.encoder)));
+        }
+        Ok(cfg)
+    }
+}
+
+/// The captioner with trainable parameters.
+pub struct Trainable {
+    pub cfg: Config,
+    cnn: SceneCnn,
+    image_proj: candle_nn::Linear,
+    embed: candle_nn::Embedding,
+    weight_ih: candle_nn::Linear,
+    weight_hh: candle_nn::Linear,
+    out: candle_nn::Linear,
+}
+
+impl Trainable {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (e, h, v) = (cfg.embed, cfg.hidden, cfg.vocab_size);
+        let lstm = vb.pp("lstm");
+        Ok(Self {
+            cfg: cfg.clone(),
+            cnn: SceneCnn::new(vb.pp("encoder"))?,
+            image_proj: candle_nn::linear(scene_cnn::CHANNELS, e, vb.pp("image_proj"))?,
+            embed: candle_nn::embedding(v, e, vb.pp("embed"))?,
+            weight_ih: candle_nn::Linear::new(lstm.get((4 * h, e), "weight_ih")?, Some(lstm.get(4 * h, "bias_ih")?)),
+            weight_hh: candle_nn::Linear::new(lstm.get((4 * h, h), "weight_hh")?, Some(lstm.get(4 * h, "bias_hh")?)),
+            out: candle_nn::linear(h, v, vb.pp("out"))?,
+        })
+    }
+
+    /// Log-probabilities of each next word, teacher-forced.
+    ///
+    /// # Shapes
+    /// `images`: `[b, 3, s, s]`; `rows`: `[n]` image index of each caption; `tokens`: `[n, t]`
+    /// (`<start>` w1 .. w_{t-1}) -> `[n, t, vocab]`, position i predicting the word after token i.
+    pub fn forward(&self, images: &Tensor, rows: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+        use candle_core::Module;
+        let a = self.cnn.forward(images)?; // [b, C, h, w]
+        let f = a.flatten_from(2)?.mean(2)?; // [b, C]
+        let img = self.image_proj.forward(&f)?.index_select(rows, 0)?; // [n, E]
+        let (n, t) = tokens.dims2()?;
+        let hidden = self.cfg.hidden;
+        let zeros = Tensor::zeros((n, hidden), DType::F32, images.device())?;
+        let step = |x: &Tensor, h: &Tensor, c: &Tensor| -> Result<(Tensor, Tensor)> {
+            let gates = (self.weight_ih.forward(x)? + self.weight_hh.forward(h)?)?; // [n, 4H]
+            let i = candle_nn::ops::sigmoid(&gates.narrow(1, 0, hidden)?)?;
+            let f = candle_nn::ops::sigmoid(&gates.narrow(1, hidden, hidden)?)?;
+            let g = gates.narrow(1, 2 * hidden, hidden)?.tanh()?;
+            let o = candle_nn::ops::sigmoid(&gates.narrow(1, 3 * hidden, hidden)?)?;
+            let c = ((f * c)? + (i * g)?)?;
+            let h = (o * c.tanh()?)?;
+            Ok((h, c))
+        };
+        let (mut h, mut c) = step(&img, &zeros, &zeros)?;
+        let words = self.embed.forward(tokens)?; // [n, t, E]
+        let mut logits = Vec::with_capacity(t);
+        for s in 0..t {
+            (h, c) = step(&words.i((.., s))?, &h, &c)?;
+            logits.push(self.out.forward(&h)?);
+        }
+        Ok(candle_nn::ops::log_softmax(&Tensor::stack(&logits, 1)?, D::Minus1)?)
+    }
+}
+
+/// Deterministic initial values for every parameter, from the seed (candle's own initialisers use
+/// an unseeded generator): He-uniform for the convolutions, PyTorch's U(-1/sqrt(fan_in), ..) for
+/// the rest, N(0, 1)-like uniform for embeddings, zero biases.
+pub fn init_parameters(varmap: &VarMap, seed: u64) -> Result<()> {
+    let data = varmap.data().lock().map_err(|_| Error::Model("parameter map poisoned".into()))?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut rng = gradcam_scenes::scene::Rng::new(seed);
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let fan_in: usize = dims[1..].iter().product::<usize>().max(1);
+        let bound = if name.ends_with("bias") || name.ends_with("bias_ih") || name.ends_with("bias_hh") {
+            if name.starts_with("lstm") {
+                1.0 / (dims[0] as f32 / 4.0).sqrt()
+            } else {
+                0.0
+            }
+        } else if name.starts_with("encoder") {
+            (6.0 / fan_in as f32).sqrt()
+        } else if name.starts_with("embed") {
+            1.0
+        } else {
+            1.0 / (fan_in as f32).sqrt()
+        };
+        let values: Vec<f32> = (0..n).map(|_| rng.range(-bound, bound)).collect();
+        var.set(&Tensor::from_vec(values, dims.as_slice(), &Device::Cpu)?)?;
+    }
+    Ok(())
+}
+
+/// A frozen captioner for decoding and explaining.
+pub struct Captioner {
+    pub cfg: Config,
+    pub vocab: Vocab,
+    cnn: SceneCnn,
+    image_proj: Linear,
+    embed: Tensor,
+    lstm: LstmCell,
+    out: Linear,
+}
+
+/// A generated caption.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Caption {
+    /// Word ids, without `<start>` and `<end>`.
+    pub tokens: Vec<u32>,
+    pub words: Vec<String>,
+    /// log p(w_t | w_<t, image) of each word, then of `<end>` if it was produced.
+    pub logprobs: Vec<f32>,
+}
+
+impl Captioner {
+    /// Loads `dir/{config.json, model.safetensors, tokenizer.json}`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cfg = Config::load(&dir.join("config.json"))?;
+        let vocab = Vocab::load(&dir.join("tokenizer.json"))?;
+        if vocab.len() != cfg.vocab_size {
+            return Err(Error::Model(format!("tokenizer.json has {} words, config.json says {}", vocab.len(), cfg.vocab_size)));
+        }
+        let weights = dir.join("model.safetensors");
+        if !weights.is_file() {
+            return Err(Error::Io { path: weights, source: std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors") });
+        }
+        // SAFETY: the file is only read; it is not expected to change while mapped.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }
+            .map_err(|e| Error::Model(format!("{}: {e}", weights.display())))?;
+        Self::from_varbuilder(cfg, vocab, vb).map_err(|e| Error::Model(format!("{}: {e}", weights.display())))
+    }
+
+    /// The frozen form of trained parameters.
+    pub fn from_varbuilder(cfg: Config, vocab: Vocab, vb: VarBuilder) -> Result<Self> {
+        let (e, h, v) = (cfg.embed, cfg.hidden, cfg.vocab_size);
+        let lstm = vb.pp("lstm");
+        let proj = vb.pp("image_proj");
+        let out = vb.pp("out");
+        Ok(Self {
+            cnn: SceneCnn::new(vb.pp("encoder"))?,
+            image_proj: Linear::new(&proj.get((e, scene_cnn::CHANNELS), "weight")?, Some(&proj.get(e, "bias")?), Activation::Identity)?,
+            embed: vb.pp("embed").get((v, e), "weight")?,
+            lstm: LstmCell::new(&lstm.get((4 * h, e), "weight_ih")?, &lstm.get((4 * h, h), "weight_hh")?, &lstm.get(4 * h, "bias_ih")?, &lstm.get(4 * h, "bias_hh")?)?,
+            out: Linear::new(&out.get((v, h), "weight")?, Some(&out.get(v, "bias")?), Activation::Identity)?,
+            cfg,
+            vocab,
+        })
+    }
+
+    /// The image as the encoder's input, `[3, s, s]`.
+    pub fn preprocess(&self, img: &image::RgbImage) -> Result<Tensor> {
+        Ok(SceneCnn::preprocess(img, self.cfg.image_size)?)
+    }
+
+    /// Activations of the explained layer (`conv4`).
+    ///
+    /// # Shapes
+    /// `[b, 3, s, s]` -> `[b, 128, s / 4, s / 4]`.
+    pub fn features(&self, images: &Tensor) -> Result<Tensor> {
+        Ok(self.cnn.forward(images)?)
+    }
+
+    /// LSTM state after the image step.
+    fn start(&self, a: &Tensor) -> Result<(Tensor, Tensor)> {
+        let f = a.flatten_from(2)?.mean(2)?; // [n, C]
+        let img = self.image_proj.forward(&f)?; // [n, E]
+        let zeros = Tensor::zeros((a.dim(0)?, self.lstm.hidden()), DType::F32, a.device())?;
+        Ok(self.lstm.step(&img, &zeros, &zeros)?)
+    }
+
+    /// log p(next word) after feeding `tokens`, `[n, vocab]`, and the new state.
+    fn step(&self, tokens: &[u32], h: &Tensor, c: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let ids = Tensor::new(tokens, h.device())?;
+        let x = self.embed.index_select(&ids, 0)?; // [n, E]
+        let (h, c) = self.lstm.step(&x, h, c)?;
+        let logp = candle_nn::ops::log_softmax(&self.out.forward(&h)?, D::Minus1)?; // [n, V]
+        Ok((logp, h, c))
+    }
+
+    /// Teacher-forced log-probabilities: position i predicts the word after `tokens[i]`.
+    ///
+    /// # Shapes
+    /// `a`: `[n, C, h, w]`, `tokens`: `n x t` -> `[n, t, vocab]`.
+    pub fn logprobs(&self, a: &Tensor, tokens: &[Vec<u32>]) -> Result<Tensor> {
+        let (mut h, mut c) = self.start(a)?;
+        let t = tokens.first().map_or(0, Vec::len);
+        let mut out = Vec::with_capacity(t);
+        for s in 0..t {
+            let col: Vec<u32> = tokens.iter().map(|row| row[s]).collect();
+            let (logp, h2, c2) = self.step(&col, &h, &c)?;
+            (h, c) = (h2, c2);
+            out.push(logp);
+        }
+        Ok(Tensor::stack(&out, 1)?)
+    }
+
+    /// Greedy decoding of a batch of images (activations from [`Self::features`]).
+    pub fn greedy(&self, a: &Tensor) -> Result<Vec<Caption>> {
+        let n = a.dim(0)?;
+        let (mut h, mut c) = self.start(a)?;
+        let mut prev = vec![self.vocab.start; n];
+        let mut caps: Vec<Caption> = vec![Caption { tokens: vec![], words: vec![], logprobs: vec![] }; n];
+        let mut done = vec![false; n];
+        for _ in 0..=self.cfg.max_len {
+            let (logp, h2, c2) = self.step(&prev, &h, &c)?;
+            (h, c) = (h2, c2);
+            let logp = logp.to_vec2::<f32>()?;
+            for (i, row) in logp.iter().enumerate() {
+                let best = argmax_word(row, &self.vocab);
+                prev[i] = best;
+                if done[i] {
+                    continue;
+                }
+                caps[i].logprobs.push(row[best as usize]);
+                if best == self.vocab.end || caps[i].tokens.len() == self.cfg.max_len {
+                    done[i] = true;
+                } else {
+                    caps[i].tokens.push(best);
+                }
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+        }
+        for cap in &mut caps {
+            cap.words = self.vocab.decode(&cap.tokens);
+        }
+        Ok(caps)
+    }
+
+    /// Beam search with `k` beams for one image (activations `[1, C, h, w]`); the best finished
+    /// caption by total log-probability.
+    pub fn beam(&self, a: &Tensor, k: usize) -> Result<Caption> {
+        let k = k.max(1);
+        let (h0, c0) = self.start(a)?;
+        // (tokens, logprobs, state index into h/c)
+        let mut beams: Vec<(Vec<u32>, Vec<f32>)> = vec![(vec![], vec![])];
+        let (mut h, mut c) = (h0, c0);
+        let mut finished: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
+        for _ in 0..=self.cfg.max_len {
+            let prev: Vec<u32> = beams.iter().map(|(t, _)| t.last().copied().unwrap_or(self.vocab.start)).collect();
+            let (logp, h2, c2) = self.step(&prev, &h, &c)?;
+            let logp = logp.to_vec2::<f32>()?;
+            let mut cands: Vec<(f32, usize, u32)> = Vec::new();
+            for (b, row) in logp.iter().enumerate() {
+                let base: f32 = beams[b].1.iter().sum();
+                for (w, &lp) in row.iter().enumerate() {
+                    if w as u32 == self.vocab.pad || w as u32 == self.vocab.start || w as u32 == self.vocab.unk {
+                        continue;
+                    }
+                    cands.push((base + lp, b, w as u32));
+                }
+            }
+            cands.sort_by(|x, y| y.0.total_cmp(&x.0));
+            let mut next = Vec::new();
+            let mut rows = Vec::new();
+            for (_, b, w) in cands {
+                let (mut toks, mut lps) = beams[b].clone();
+                lps.push(logp[b][w as usize]);
+                if w == self.vocab.end || toks.len() == self.cfg.max_len {
+                    finished.push((toks, lps));
+                } else {
+                    toks.push(w);
+                    next.push((toks, lps));
+                    rows.push(b as u32);
+                }
+                if next.len() == k || finished.len() >= k {
+                    break;
+                }
+            }
+            if finished.len() >= k || next.is_empty() {
+                break;
+            }
+            let idx = Tensor::new(rows.as_slice(), a.device())?;
+            (h, c) = (h2.index_select(&idx, 0)?, c2.index_select(&idx, 0)?);
+            beams = next;
+        }
+        finished.extend(beams);
+        let (tokens, logprobs) = finished
+            .into_iter()
+            .max_by(|x, y| x.1.iter().sum::<f32>().total_cmp(&y.1.iter().sum::<f32>()))
+            .ok_or_else(|| Error::Model("beam search produced no caption".into()))?;
+        let words = self.vocab.decode(&tokens);
+        Ok(Caption { tokens, words, logprobs })
+    }
+}
+
+fn argmax_word(row: &[f32], vocab: &Vocab) -> u32 {
+    let mut best = vocab.end;
+    for (i, &v) in row.iter().enumerate() {
+        let i = i as u32;
+        if i != vocab.pad && i != vocab.start && i != vocab.unk && v > row[best as usize] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// The captioner split at `conv4` for one caption: the head teacher-forces `<start>` and the
+/// caption's words and returns log-probabilities `[n, t + 1, vocab]`.
+pub struct CaptionSplit<'a> {
+    pub model: &'a Captioner,
+    /// `<start>` followed by the caption's words.
+    pub inputs: Vec<u32>,
+}
+
+impl<'a> CaptionSplit<'a> {
+    pub fn new(model: &'a Captioner, tokens: &[u32]) -> Self {
+        let mut inputs = vec![model.vocab.start];
+        inputs.extend_from_slice(tokens);
+        Self { model, inputs }
+    }
+}
+
+impl Explainable for CaptionSplit<'_> {
+    fn features(&self, input: &Tensor) -> gradcam_core::Result<Tensor> {
+        self.model.features(input).map_err(Error::into_core)
+    }
+
+    fn head(&self, a: &Tensor) -> gradcam_core::Result<Tensor> {
+        let n = a.dim(0)?;
+        self.model.logprobs(a, &vec![self.inputs.clone(); n]).map_err(Error::into_core)
+    }
+}
+
+/// Y = log p(w_t | w_<t, image): the word `token` at position `step` of the caption.
+#[derive(Debug, Clone, Copy)]
+pub struct WordLogProb {
+    pub step: usize,
+    pub token: u32,
+}
+
+impl Target for WordLogProb {
+    fn score(&self, row: &Tensor) -> gradcam_core::Result<Tensor> {
+        Ok(row.get(self.step)?.get(self.token as usize)?)
+    }
+}

@@ -1,0 +1,218 @@
+//! Training on any COCO-captions dataset laid out as `DIR/{train,val}/` (captions.json +
+//! instances.json + images/): AdamW, seeded shuffling and initialisation, validation each epoch,
+//! a checkpoint each epoch, resume.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use gradcam_scenes::scene::Rng;
+use gradcam_scenes::Split;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{init_parameters, Captioner, Config, Trainable};
+use crate::vocab::Vocab;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    /// Images per step; each brings all its captions.
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+    /// Validation images decoded each epoch for the exact-match score.
+    pub val_images: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig { epochs: 12, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0, val_images: 200 }
+    }
+}
+
+/// What the progress callback hears.
+pub enum Event<'a> {
+    Start { epoch: usize, steps: usize },
+    Step { loss: f32 },
+    Epoch(&'a EpochLog),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub train_loss: f32,
+    pub val_loss: f32,
+    pub val_exact_match: f64,
+    pub seconds: f64,
+}
+
+/// `checkpoint.json`: how far training got, to resume from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub train: TrainConfig,
+    pub data: PathBuf,
+    pub epochs_done: usize,
+    pub log: Vec<EpochLog>,
+}
+
+/// Images as u8 `[3, s, s]` planes and each image's tokenised captions.
+struct Data {
+    size: usize,
+    pixels: Vec<u8>,
+    captions: Vec<Vec<Vec<u32>>>,
+}
+
+impl Data {
+    fn load(split: &Split, vocab: &Vocab, size: u32) -> Result<Self> {
+        let examples = split.examples();
+        let s = size as usize;
+        let mut pixels = Vec::with_capacity(examples.len() * 3 * s * s);
+        let mut captions = Vec::with_capacity(examples.len());
+        for ex in &examples {
+            let img = image::open(&ex.path).map_err(|e| Error::Training(format!("{}: {e}", ex.path.display())))?.to_rgb8();
+            let img = if img.dimensions() == (size, size) { img } else { image::imageops::resize(&img, size, size, image::imageops::FilterType::Triangle) };
+            for c in 0..3 {
+                pixels.extend(img.pixels().map(|p| p[c]));
+            }
+            captions.push(ex.captions.iter().map(|c| vocab.encode(c)).collect::<Result<Vec<_>>>()?);
+        }
+        Ok(Data { size: s, pixels, captions })
+    }
+
+    fn len(&self) -> usize {
+        self.captions.len()
+    }
+
+    /// Images `[b, 3, s, s]`, caption rows, inputs and one-hot targets (zero rows for padding).
+    fn batch(&self, ids: &[usize], vocab: &Vocab) -> Result<(Tensor, Tensor, Tensor, Tensor, f32)> {
+        let plane = 3 * self.size * self.size;
+        let mut px = Vec::with_capacity(ids.len() * plane);
+        for &i in ids {
+            px.extend(self.pixels[i * plane..(i + 1) * plane].iter().map(|&v| v as f32 / 127.5 - 1.0));
+        }
+        let images = Tensor::from_vec(px, (ids.len(), 3, self.size, self.size), &Device::Cpu)?;
+        let mut rows = Vec::new();
+        let mut seqs: Vec<&Vec<u32>> = Vec::new();
+        for (b, &i) in ids.iter().enumerate() {
+            for c in &self.captions[i] {
+                rows.push(b as u32);
+                seqs.push(c);
+            }
+        }
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0) + 1;
+        let v = vocab.len();
+        let mut inputs = Vec::with_capacity(seqs.len() * t);
+        let mut onehot = vec![0f32; seqs.len() * t * v];
+        let mut count = 0.0;
+        for (r, s) in seqs.iter().enumerate() {
+            for p in 0..t {
+                inputs.push(if p == 0 { vocab.start } else { s.get(p - 1).copied().unwrap_or(vocab.pad) });
+                let target = if p < s.len() { Some(s[p]) } else if p == s.len() { Some(vocab.end) } else { None };
+                if let Some(target) = target {
+                    onehot[(r * t + p) * v + target as usize] = 1.0;
+                    count += 1.0;
+                }
+            }
+        }
+        let n = seqs.len();
+        Ok((
+            images,
+            Tensor::new(rows.as_slice(), &Device::Cpu)?,
+            Tensor::from_vec(inputs, (n, t), &Device::Cpu)?,
+            Tensor::from_vec(onehot, (n, t, v), &Device::Cpu)?,
+            count,
+        ))
+    }
+}
+
+/// Mean negative log-likelihood of the target words.
+fn loss(model: &Trainable, batch: &(Tensor, Tensor, Tensor, Tensor, f32)) -> Result<Tensor> {
+    let (images, rows, inputs, onehot, count) = batch;
+    let logp = model.forward(images, rows, inputs)?; // [n, t, V]
+    Ok(((logp * onehot)?.sum_all()? * (-1.0 / *count as f64))?)
+}
+
+/// Trains a captioner on `data/train`, validating on `data/val`, writing the model to `out`
+/// (config.json, tokenizer.json, model.safetensors, checkpoint.json) after every epoch. With
+/// `resume`, continues from `out/checkpoint.json` (weights and epoch; AdamW's moments restart).
+pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: &mut dyn FnMut(Event)) -> Result<Checkpoint> {
+    std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
+    let train_split = Split::read(&data.join("train"))?;
+    let val_split = Split::read(&data.join("val"))?;
+    let ckpt_path = out.join("checkpoint.json");
+    let (vocab, mut ckpt) = if resume && ckpt_path.exists() {
+        let text = std::fs::read_to_string(&ckpt_path).map_err(|source| Error::Io { path: ckpt_path.clone(), source })?;
+        let ckpt: Checkpoint = serde_json::from_str(&text).map_err(|e| Error::Training(format!("{}: {e}", ckpt_path.display())))?;
+        (Vocab::load(&out.join("tokenizer.json"))?, ckpt)
+    } else {
+        let vocab = Vocab::build(train_split.captions.annotations.iter().map(|a| a.caption.as_str()), 1)?;
+        (vocab, Checkpoint { train: tc.clone(), data: data.to_path_buf(), epochs_done: 0, log: Vec::new() })
+    };
+    ckpt.train.epochs = tc.epochs;
+    let cfg = Config::new(vocab.len());
+    let mut varmap = VarMap::new();
+    let model = Trainable::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+    if ckpt.epochs_done > 0 {
+        varmap.load(out.join("model.safetensors"))?;
+    } else {
+        init_parameters(&varmap, ckpt.train.seed)?;
+        vocab.save(&out.join("tokenizer.json"))?;
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Training(e.to_string()))?;
+        gradcam_scenes::write_atomic(&out.join("config.json"), text.as_bytes())?;
+    }
+    let train_data = Data::load(&train_split, &vocab, cfg.image_size)?;
+    let val_data = Data::load(&val_split, &vocab, cfg.image_size)?;
+    let params = ParamsAdamW { lr: ckpt.train.lr, weight_decay: ckpt.train.weight_decay, ..Default::default() };
+    let mut opt = AdamW::new(varmap.all_vars(), params)?;
+    let bs = ckpt.train.batch_size.max(1);
+
+    for epoch in ckpt.epochs_done..tc.epochs {
+        let start = std::time::Instant::now();
+        let mut order: Vec<usize> = (0..train_data.len()).collect();
+        Rng::new(ckpt.train.seed ^ (epoch as u64 + 1).wrapping_mul(0x9e37_79b9)).shuffle(&mut order);
+        // Cosine decay over the planned epochs.
+        let lr = ckpt.train.lr * 0.5 * (1.0 + (std::f64::consts::PI * epoch as f64 / tc.epochs as f64).cos());
+        opt.set_learning_rate(lr);
+        let steps = order.len().div_ceil(bs);
+        progress(Event::Start { epoch, steps });
+        let mut total = 0.0;
+        for chunk in order.chunks(bs) {
+            let l = loss(&model, &train_data.batch(chunk, &vocab)?)?;
+            opt.backward_step(&l)?;
+            let l = l.to_scalar::<f32>()?;
+            if !l.is_finite() {
+                return Err(Error::Training(format!("the loss became {l} in epoch {epoch}; try a lower --lr")));
+            }
+            total += l;
+            progress(Event::Step { loss: l });
+        }
+        let ids: Vec<usize> = (0..val_data.len()).collect();
+        let mut val_loss = 0.0;
+        for chunk in ids.chunks(bs) {
+            val_loss += loss(&model, &val_data.batch(chunk, &vocab)?)?.to_scalar::<f32>()? * chunk.len() as f32;
+        }
+        let frozen = Captioner::from_varbuilder(cfg.clone(), vocab.clone(), VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+        let exact = crate::eval::exact_match(&frozen, &val_split, ckpt.train.val_images)?;
+        save_weights(&varmap, &out.join("model.safetensors"))?;
+        ckpt.epochs_done = epoch + 1;
+        ckpt.log.push(EpochLog {
+            epoch,
+            train_loss: total / steps as f32,
+            val_loss: val_loss / val_data.len().max(1) as f32,
+            val_exact_match: exact,
+            seconds: start.elapsed().as_secs_f64(),
+        });
+        let text = serde_json::to_string_pretty(&ckpt).map_err(|e| Error::Training(e.to_string()))?;
+        gradcam_scenes::write_atomic(&ckpt_path, text.as_bytes())?;
+        progress(Event::Epoch(ckpt.log.last().expect("just pushed")));
+    }
+    Ok(ckpt)
+}
+
+fn save_weights(varmap: &VarMap, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("safetensors.tmp");
+    varmap.save(&tmp)?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+}

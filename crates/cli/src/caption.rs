@@ -1,0 +1,215 @@
+//! `gradcam caption` (captions with a Grad-CAM map per word) and `gradcam train captioner`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use candle_core::Tensor;
+use gradcam_captioner::eval::{evaluate, word_maps};
+use gradcam_captioner::train::{train, Event, TrainConfig};
+use gradcam_captioner::Captioner;
+use gradcam_core::map::{overlay, write_png_atomic, Region};
+use gradcam_encoders::preprocess::load_image;
+use gradcam_scenes::Split;
+use image::RgbImage;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+/// The shipped model, relative to the repository (and to the binary's working directory).
+pub const DEFAULT_MODEL: &str = "models/captioner";
+
+#[derive(clap::Args)]
+pub struct CaptionArgs {
+    /// Images to caption and explain.
+    #[arg(required_unless_present = "eval")]
+    images: Vec<PathBuf>,
+    /// Model folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Beam width (1: greedy).
+    #[arg(long, default_value_t = 1)]
+    beam: usize,
+    /// Explain this caption instead of generating one.
+    #[arg(long)]
+    caption: Option<String>,
+    /// Folder for the per-word overlays and the strip.
+    #[arg(long, default_value = "gradcam-out")]
+    out: PathBuf,
+    /// One JSON object per image (JSON Lines).
+    #[arg(long)]
+    json: bool,
+    /// Evaluate on a split folder (captions.json + instances.json + images/) instead: exact
+    /// match, BLEU-4 and the per-word pointing game, printed as JSON.
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// Images evaluated with --eval.
+    #[arg(long, default_value_t = 500)]
+    limit: usize,
+}
+
+#[derive(Serialize)]
+struct WordJson {
+    t: usize,
+    word: String,
+    logprob: f32,
+    cam_size: [usize; 2],
+    cam: Vec<Vec<f32>>,
+    overlay: String,
+}
+
+#[derive(Serialize)]
+struct CaptionJson {
+    image: String,
+    caption: String,
+    words: Vec<WordJson>,
+    strip: String,
+}
+
+pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
+    let model = Captioner::load(&args.model).with_context(|| format!("loading the captioner from {}", args.model.display()))?;
+    if let Some(dir) = &args.eval {
+        let split = Split::read(dir)?;
+        let n = split.instances.images.len().min(args.limit);
+        let bar = bar(n as u64, "images");
+        let metrics = evaluate(&model, &split, args.limit, |i| bar.set_position(i as u64))?;
+        bar.finish_and_clear();
+        println!("{}", serde_json::to_string_pretty(&metrics)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let bar = if args.images.len() > 1 { bar(args.images.len() as u64, "images") } else { ProgressBar::hidden() };
+    let mut failures = 0;
+    let mut stdout = std::io::stdout().lock();
+    for path in &args.images {
+        match caption_one(&model, path, &args) {
+            Ok(r) => bar.suspend(|| print(&mut stdout, &r, args.json))?,
+            Err(e) => {
+                failures += 1;
+                bar.suspend(|| eprintln!("error: {}: {e:#}", path.display()));
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn bar(n: u64, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(n);
+    b.set_style(ProgressStyle::with_template(&format!("{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed_precise}}<{{eta_precise}}] {{msg}}")).expect("valid template"));
+    b
+}
+
+fn print(out: &mut impl Write, r: &CaptionJson, json: bool) -> std::io::Result<()> {
+    if json {
+        serde_json::to_writer(&mut *out, r)?;
+        return writeln!(out);
+    }
+    writeln!(out, "{}: {}", r.image, r.caption)?;
+    for w in &r.words {
+        writeln!(out, "  {:>2} {:<10} log p {:>7.3}  {}", w.t, w.word, w.logprob, w.overlay)?;
+    }
+    writeln!(out, "  strip: {}", r.strip)
+}
+
+fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs) -> anyhow::Result<CaptionJson> {
+    let img = load_image(path)?;
+    let input = model.preprocess(&img)?.unsqueeze(0)?; // [1, 3, s, s]
+    let a = model.features(&input)?;
+    let tokens = match &args.caption {
+        Some(text) => model.vocab.encode_known(text)?,
+        None if args.beam > 1 => model.beam(&a, args.beam)?.tokens,
+        None => model.greedy(&a)?.remove(0).tokens,
+    };
+    let words = model.vocab.decode(&tokens);
+    let logprobs = word_logprobs(model, &a, &tokens)?;
+    let maps = word_maps(model, &a, &tokens)?;
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    let region = Region { x: 0, y: 0, width: img.width(), height: img.height() };
+    let mut out_words = Vec::new();
+    let mut tiles = Vec::new();
+    for (t, (word, map)) in words.iter().zip(&maps).enumerate() {
+        let tile = overlay(&img, &map.normalized().0, region);
+        let file = args.out.join(format!("{stem}_{t:02}_{word}.png"));
+        write_png_atomic(&tile, &file)?;
+        tiles.push(tile);
+        out_words.push(WordJson {
+            t,
+            word: word.clone(),
+            logprob: logprobs[t],
+            cam_size: [map.h, map.w],
+            cam: map.rows(),
+            overlay: file.display().to_string(),
+        });
+    }
+    let strip_file = args.out.join(format!("{stem}_strip.png"));
+    write_png_atomic(&strip(&img, &tiles), &strip_file)?;
+    Ok(CaptionJson { image: path.display().to_string(), caption: words.join(" "), words: out_words, strip: strip_file.display().to_string() })
+}
+
+/// log p(w_t | w_<t, image) of each word of the caption.
+fn word_logprobs(model: &Captioner, a: &Tensor, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
+    let mut inputs = vec![model.vocab.start];
+    inputs.extend_from_slice(tokens);
+    let logp = model.logprobs(a, &[inputs])?.squeeze(0)?.to_vec2::<f32>()?; // [t + 1, V]
+    Ok(tokens.iter().enumerate().map(|(t, &w)| logp[t][w as usize]).collect())
+}
+
+/// The image followed by each word's overlay, side by side.
+fn strip(img: &RgbImage, tiles: &[RgbImage]) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let mut out = RgbImage::new(w * (tiles.len() as u32 + 1), h);
+    image::imageops::replace(&mut out, img, 0, 0);
+    for (i, t) in tiles.iter().enumerate() {
+        image::imageops::replace(&mut out, t, (w * (i as u32 + 1)) as i64, 0);
+    }
+    out
+}
+
+#[derive(clap::Args)]
+pub struct TrainCaptionerArgs {
+    /// Dataset folder with train/ and val/ splits (COCO captions + instances); e.g. made by
+    /// `gradcam scenes`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output model folder.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = TrainConfig::default().epochs)]
+    epochs: usize,
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    batch_size: usize,
+    #[arg(long, default_value_t = TrainConfig::default().lr)]
+    lr: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue from OUT/checkpoint.json.
+    #[arg(long)]
+    resume: bool,
+}
+
+pub fn train_captioner(args: TrainCaptionerArgs) -> anyhow::Result<ExitCode> {
+    let tc = TrainConfig { epochs: args.epochs, batch_size: args.batch_size, lr: args.lr, seed: args.seed, ..Default::default() };
+    let start = std::time::Instant::now();
+    let mut bar = ProgressBar::hidden();
+    let ckpt = train(&args.data, &args.out, &tc, args.resume, &mut |e| match e {
+        Event::Start { epoch, steps } => {
+            bar = ProgressBar::new(steps as u64);
+            bar.set_style(ProgressStyle::with_template(&format!("epoch {epoch:>2} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}] loss {{msg}}")).expect("valid template"));
+        }
+        Event::Step { loss } => {
+            bar.set_message(format!("{loss:.4}"));
+            bar.inc(1);
+        }
+        Event::Epoch(log) => {
+            bar.finish_and_clear();
+            eprintln!(
+                "epoch {:>2}: train loss {:.4}, val loss {:.4}, val exact match {:.3} ({:.0} s)",
+                log.epoch, log.train_loss, log.val_loss, log.val_exact_match, log.seconds
+            );
+        }
+    })?;
+    eprintln!("trained {} epochs in {:.1} min; model in {}", ckpt.epochs_done, start.elapsed().as_secs_f64() / 60.0, args.out.display());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,90 @@
+//! A small CNN for ShapeScenes-sized images (64 to 128 px), trained from scratch with the models
+//! that use it. Four 3x3 convolutions with ReLU, strides 1, 2, 2, 1, so that the explained layer
+//! `conv4` keeps a quarter of the input resolution (16 x 16 at 64 px); `conv4` also sees two
+//! coordinate channels (CoordConv, Liu et al. 2018), so that globally pooled features still know
+//! where things are, which spatial words ("left of") need.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Init, VarBuilder};
+use gradcam_core::ops::{Activation, Padding, TrainableConv2d};
+use image::{imageops::FilterType, RgbImage};
+
+use crate::Result;
+
+/// The explained layer's name.
+pub const LAYER: &str = "conv4";
+
+/// (out channels, stride) of conv1..conv4.
+const CONVS: [(usize, usize); 4] = [(16, 1), (32, 2), (64, 2), (96, 1)];
+
+/// Channels of the explained layer.
+pub const CHANNELS: usize = 96;
+
+pub struct SceneCnn {
+    convs: Vec<(Tensor, Tensor, usize)>,
+}
+
+impl SceneCnn {
+    /// Parameters `conv1.weight`, `conv1.bias`, ... under `vb` (He-uniform initialised when the
+    /// `VarBuilder` creates them).
+    pub fn new(vb: VarBuilder) -> Result<Self> {
+        let mut convs = Vec::new();
+        let mut cin = 3;
+        for (i, &(cout, stride)) in CONVS.iter().enumerate() {
+            let cin_here = if i == 3 { cin + 2 } else { cin };
+            let fan_in = (cin_here * 9) as f64;
+            let bound = (6.0 / fan_in).sqrt();
+            let vb = vb.pp(format!("conv{}", i + 1));
+            let w = vb.get_with_hints((cout, cin_here, 3, 3), "weight", Init::Uniform { lo: -bound, up: bound })?;
+            let b = vb.get_with_hints(cout, "bias", Init::Const(0.0))?;
+            convs.push((w, b, stride));
+            cin = cout;
+        }
+        Ok(Self { convs })
+    }
+
+    /// Activations of `conv4`.
+    ///
+    /// # Shapes
+    /// `[batch, 3, s, s]` -> `[batch, 96, s / 4, s / 4]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (i, (w, b, stride)) in self.convs.iter().enumerate() {
+            if i == 3 {
+                x = Tensor::cat(&[&x, &coordinates(&x)?], 1)?; // [b, c + 2, h, w]
+            }
+            let conv = TrainableConv2d { stride: *stride, padding: Padding::Same, activation: Activation::Relu };
+            x = conv.forward(&x, w, b)?;
+        }
+        Ok(x)
+    }
+
+    /// An image as the network's input: resized to `size` (bilinear) and scaled to [-1, 1].
+    ///
+    /// # Shapes
+    /// -> `[3, size, size]`.
+    pub fn preprocess(img: &RgbImage, size: u32) -> Result<Tensor> {
+        let img = if img.dimensions() == (size, size) { img.clone() } else { image::imageops::resize(img, size, size, FilterType::Triangle) };
+        let plane = (size * size) as usize;
+        let mut data = vec![0f32; 3 * plane];
+        for (i, px) in img.pixels().enumerate() {
+            for c in 0..3 {
+                data[c * plane + i] = px[c] as f32 / 127.5 - 1.0;
+            }
+        }
+        Ok(Tensor::from_vec(data, (3, size as usize, size as usize), &Device::Cpu)?)
+    }
+}
+
+/// Two channels holding each pixel's x and y in [-1, 1].
+///
+/// # Shapes
+/// `[batch, c, h, w]` -> `[batch, 2, h, w]`.
+fn coordinates(x: &Tensor) -> Result<Tensor> {
+    let (b, _, h, w) = x.dims4()?;
+    let xs = Tensor::arange(0u32, w as u32, x.device())?.to_dtype(DType::F32)?.affine(2.0 / (w.max(2) - 1) as f64, -1.0)?;
+    let ys = Tensor::arange(0u32, h as u32, x.device())?.to_dtype(DType::F32)?.affine(2.0 / (h.max(2) - 1) as f64, -1.0)?;
+    let xs = xs.reshape((1, 1, 1, w))?.broadcast_as((b, 1, h, w))?;
+    let ys = ys.reshape((1, 1, h, 1))?.broadcast_as((b, 1, h, w))?;
+    Ok(Tensor::cat(&[&xs, &ys], 1)?.contiguous()?)
+}

@@ -1,0 +1,145 @@
+//! The captioner: per-word gradients against finite differences, the fused inference model against
+//! the trainable one, a tiny training run whose loss falls, and `gradcam caption` end to end.
+
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use gradcam_captioner::model::{init_parameters, Trainable};
+use gradcam_captioner::train::{train, Event, TrainConfig};
+use gradcam_captioner::{CaptionSplit, Captioner, Config, Vocab, WordLogProb};
+use gradcam_core::{explain, Explainable, GradCam, Request};
+use serde_json::Value;
+
+use crate::repo;
+
+fn tiny() -> (Trainable, Captioner, VarMap) {
+    let vocab = Vocab::build(["a red circle left of a blue square", "a green triangle"], 1).unwrap();
+    let cfg = Config { encoder: "scene-cnn".into(), image_size: 16, embed: 8, hidden: 12, vocab_size: vocab.len(), max_len: 8 };
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let trainable = Trainable::new(&cfg, vb.clone()).unwrap();
+    init_parameters(&varmap, 5).unwrap();
+    let frozen = Captioner::from_varbuilder(cfg, vocab, vb).unwrap();
+    (trainable, frozen, varmap)
+}
+
+fn image(seed: u64) -> Tensor {
+    let mut rng = gradcam_scenes::scene::Rng::new(seed);
+    let v: Vec<f32> = (0..3 * 16 * 16).map(|_| rng.range(-1.0, 1.0)).collect();
+    Tensor::from_vec(v, (1, 3, 16, 16), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn fused_inference_model_matches_the_trainable_one() {
+    let (trainable, frozen, _) = tiny();
+    let tokens = frozen.vocab.encode("a red circle left of").unwrap();
+    let mut inputs = vec![frozen.vocab.start];
+    inputs.extend(&tokens);
+    let x = image(1);
+    let a = frozen.features(&x).unwrap();
+    let ours = frozen.logprobs(&a, &[inputs.clone()]).unwrap();
+    let rows = Tensor::new(&[0u32], &Device::Cpu).unwrap();
+    let ids = Tensor::new(inputs.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let reference = trainable.forward(&x, &rows, &ids).unwrap();
+    let diff = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-5, "{diff}");
+}
+
+#[test]
+fn per_word_gradient_matches_finite_differences() {
+    let (_, model, _) = tiny();
+    let tokens = model.vocab.encode("a red circle left of a blue square").unwrap();
+    let a = model.features(&image(2)).unwrap(); // [1, 96, 4, 4]
+    let (_, k, h, w) = a.dims4().unwrap();
+    let split = CaptionSplit::new(&model, &tokens);
+    let targets: Vec<WordLogProb> = tokens.iter().enumerate().map(|(step, &token)| WordLogProb { step, token }).collect();
+    let requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t }).collect();
+    let results = explain(&split, &a, &requests, &GradCam).unwrap();
+    // Shifting channel k everywhere by eps changes Y by eps * sum_ij dY/dA^k_ij = eps * hw * alpha_k.
+    let y = |a: &Tensor, t: usize| -> f64 {
+        let logp = split.head(a).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        logp[t][tokens[t] as usize] as f64
+    };
+    // Large enough for f32 rounding of log p (~2e-7) to stay far below the signal of this tiny,
+    // barely trained model; the Richardson extrapolation below takes care of the curvature.
+    let eps = 0.5;
+    for (t, r) in results.iter().enumerate() {
+        let mut worst = 0f64;
+        let scale = r.alpha.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 * (h * w) as f64;
+        for c in (0..k).step_by(5) {
+            let mut shift = vec![0f32; k];
+            shift[c] = eps;
+            let shift = Tensor::from_vec(shift, (1, k, 1, 1), &Device::Cpu).unwrap();
+            let central = |s: f64| {
+                let sh = (&shift * s).unwrap();
+                (y(&a.broadcast_add(&sh).unwrap(), t) - y(&a.broadcast_sub(&sh).unwrap(), t)) / (2.0 * eps as f64 * s)
+            };
+            // Richardson extrapolation: cancels the O(eps^2) curvature error.
+            let numeric = (4.0 * central(0.5) - central(1.0)) / 3.0;
+            worst = worst.max((numeric - r.alpha[c] as f64 * (h * w) as f64).abs());
+        }
+        assert!(scale > 0.0);
+        assert!(worst <= 1e-2 * scale + 2e-6, "word {t}: finite differences differ by {worst} (scale {scale})");
+    }
+}
+
+#[test]
+fn a_tiny_captioner_learns() {
+    let data = tempfile::tempdir().unwrap();
+    let cfg = gradcam_scenes::Config { n: 60, seed: 9, fractions: [0.8, 0.2, 0.0], size: 64 };
+    gradcam_scenes::dataset::write(data.path(), &cfg, &|| {}).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let tc = TrainConfig { epochs: 4, batch_size: 8, lr: 3e-3, weight_decay: 0.0, seed: 1, val_images: 4 };
+    let mut losses = Vec::new();
+    let ckpt = train(data.path(), out.path(), &tc, false, &mut |e| {
+        if let Event::Step { loss } = e {
+            losses.push(loss)
+        }
+    })
+    .unwrap();
+    assert_eq!(ckpt.epochs_done, 4);
+    let first: f32 = losses[..3].iter().sum::<f32>() / 3.0;
+    let last: f32 = losses[losses.len() - 3..].iter().sum::<f32>() / 3.0;
+    assert!(last < 0.8 * first, "loss {first} -> {last}");
+    // The written folder loads, and resuming with more epochs continues from the checkpoint.
+    Captioner::load(out.path()).unwrap();
+    let more = TrainConfig { epochs: 5, ..tc };
+    let ckpt = train(data.path(), out.path(), &more, true, &mut |_| {}).unwrap();
+    assert_eq!((ckpt.epochs_done, ckpt.log.len()), (5, 5));
+}
+
+fn gradcam(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_gradcam")).args(args).current_dir(repo("")).output().unwrap()
+}
+
+#[test]
+#[ignore = "WIP: needs the shipped models/captioner"]
+fn caption_command_explains_every_word() {
+    let out = tempfile::tempdir().unwrap();
+    let img = repo("data/shapescenes/test/images/000019.png");
+    let o = gradcam(&["caption", img.to_str().unwrap(), "--json", "--out", out.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let words = j["words"].as_array().unwrap();
+    assert_eq!(words.len(), j["caption"].as_str().unwrap().split(' ').count());
+    for (t, w) in words.iter().enumerate() {
+        assert_eq!(w["t"], t);
+        assert_eq!(w["cam_size"], serde_json::json!([16, 16]));
+        assert!(w["logprob"].as_f64().unwrap() <= 0.0);
+        assert!(std::path::Path::new(w["overlay"].as_str().unwrap()).is_file());
+    }
+    assert!(std::path::Path::new(j["strip"].as_str().unwrap()).is_file());
+
+    // A caption the user supplies, a beam, and words the model does not know.
+    let o = gradcam(&["caption", img.to_str().unwrap(), "--caption", "a red circle", "--json", "--out", out.path().to_str().unwrap()]);
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["caption"], "a red circle");
+    let o = gradcam(&["caption", img.to_str().unwrap(), "--beam", "3", "--out", out.path().to_str().unwrap()]);
+    assert!(o.status.success());
+    let o = gradcam(&["caption", img.to_str().unwrap(), "--caption", "a purple elephant", "--out", out.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("unknown words \"elephant\"") && err.contains("circle"), "{err}");
+    let o = gradcam(&["caption", img.to_str().unwrap(), "--caption", "  ", "--out", out.path().to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("empty"));
+}
