@@ -42,8 +42,14 @@ fn fused_inference_model_matches_the_trainable_one() {
     let rows = Tensor::new(&[0u32], &Device::Cpu).unwrap();
     let ids = Tensor::new(inputs.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let reference = trainable.forward(&x, &rows, &ids).unwrap();
-    let diff = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (ours.clone() - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(diff < 1e-5, "{diff}");
+    // The single-op word scores agree with the step-by-step log-probabilities.
+    let words = frozen.word_logprobs(&a, &tokens, true).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+    let steps = ours.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    for (t, &w) in tokens.iter().chain([frozen.vocab.end].iter()).enumerate() {
+        assert!((words[t] - steps[t][w as usize]).abs() < 1e-5);
+    }
 }
 
 #[test]
@@ -53,13 +59,12 @@ fn per_word_gradient_matches_finite_differences() {
     let a = model.features(&image(2)).unwrap(); // [1, 96, 4, 4]
     let (_, k, h, w) = a.dims4().unwrap();
     let split = CaptionSplit::new(&model, &tokens);
-    let targets: Vec<WordLogProb> = tokens.iter().enumerate().map(|(step, &token)| WordLogProb { step, token }).collect();
+    let targets: Vec<WordLogProb> = (0..tokens.len()).map(|step| WordLogProb { step }).collect();
     let requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t }).collect();
     let results = explain(&split, &a, &requests, &GradCam).unwrap();
     // Shifting channel k everywhere by eps changes Y by eps * sum_ij dY/dA^k_ij = eps * hw * alpha_k.
     let y = |a: &Tensor, t: usize| -> f64 {
-        let logp = split.head(a).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
-        logp[t][tokens[t] as usize] as f64
+        split.head(a).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap()[t] as f64
     };
     // Large enough for f32 rounding of log p (~2e-7) to stay far below the signal of this tiny,
     // barely trained model; the Richardson extrapolation below takes care of the curvature.

@@ -267,3 +267,9 @@ fn fused_lstm_cell_gradient_matches_finite_differences() {
         Tensor::cat(&[h2, c2], 1)
     });
 }
+
+#[test]
+fn global_avg_max_pool_gradient_matches_finite_differences() {
+    let x = tensor(&[2, 3, 5, 4], 91);
+    check_gradient("global avg + max pool", &x, |x| gradcam_core::ops::GlobalAvgMaxPool.forward(x));
+}

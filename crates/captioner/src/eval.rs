@@ -164,7 +164,7 @@ fn find<'a>(objects: &[&'a Instance], split: &Split, (color, shape): &(String, S
 /// The raw Grad-CAM map of every word of a caption, from one backward pass.
 pub fn word_maps(model: &Captioner, a: &Tensor, tokens: &[u32]) -> Result<Vec<Map>> {
     let split = CaptionSplit::new(model, tokens);
-    let targets: Vec<WordLogProb> = tokens.iter().enumerate().map(|(step, &token)| WordLogProb { step, token }).collect();
+    let targets: Vec<WordLogProb> = (0..tokens.len()).map(|step| WordLogProb { step }).collect();
     let requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t as &dyn Target }).collect();
     Ok(explain(&split, a, &requests, &GradCam)?.into_iter().map(|r| r.cam).collect())
 }

@@ -3,6 +3,7 @@
 
 pub mod eval;
 pub mod model;
+mod scores;
 pub mod train;
 pub mod vocab;
 

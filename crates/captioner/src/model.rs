@@ -1,7 +1,9 @@
 //! Show-and-Tell (Vinyals et al., "Show and Tell: A Neural Image Caption Generator", 2015): a CNN
-//! encodes the image, its globally pooled features enter an LSTM as the first input, then the
-//! words follow. Two forms share one set of weights: [`Trainable`] (candle `Var`s, plain
-//! differentiable ops) and [`Captioner`] (frozen, fused ops for decoding and explaining).
+//! encodes the image, its globally pooled features (average and max) are projected and fed to an
+//! LSTM decoder beside every word embedding (as in m-RNN / LRCN: with the image only at the first
+//! step, the decoder learned the language long before it looked at the image). Two forms share
+//! one set of weights: [`Trainable`] (candle `Var`s, plain differentiable ops) and [`Captioner`]
+//! (frozen, fused ops for decoding and explaining).
 
 use std::path::Path;
 
@@ -12,6 +14,7 @@ use gradcam_core::{Explainable, Target};
 use gradcam_encoders::scene_cnn::{self, SceneCnn};
 use serde::{Deserialize, Serialize};
 
+use crate::scores::CaptionLogProbs;
 use crate::vocab::Vocab;
 use crate::{Error, Result};
 
@@ -62,9 +65,9 @@ impl Trainable {
         Ok(Self {
             cfg: cfg.clone(),
             cnn: SceneCnn::new(vb.pp("encoder"))?,
-            image_proj: candle_nn::linear(scene_cnn::CHANNELS, e, vb.pp("image_proj"))?,
+            image_proj: candle_nn::linear(2 * scene_cnn::CHANNELS, e, vb.pp("image_proj"))?,
             embed: candle_nn::embedding(v, e, vb.pp("embed"))?,
-            weight_ih: candle_nn::Linear::new(lstm.get((4 * h, e), "weight_ih")?, Some(lstm.get(4 * h, "bias_ih")?)),
+            weight_ih: candle_nn::Linear::new(lstm.get((4 * h, 2 * e), "weight_ih")?, Some(lstm.get(4 * h, "bias_ih")?)),
             weight_hh: candle_nn::Linear::new(lstm.get((4 * h, h), "weight_hh")?, Some(lstm.get(4 * h, "bias_hh")?)),
             out: candle_nn::linear(h, v, vb.pp("out"))?,
         })
@@ -78,8 +81,7 @@ impl Trainable {
     pub fn forward(&self, images: &Tensor, rows: &Tensor, tokens: &Tensor) -> Result<Tensor> {
         use candle_core::Module;
         let a = self.cnn.forward(images)?; // [b, C, h, w]
-        let f = a.flatten_from(2)?.mean(2)?; // [b, C]
-        let img = self.image_proj.forward(&f)?.index_select(rows, 0)?; // [n, E]
+        let img = self.image_proj.forward(&pool(&a)?)?.index_select(rows, 0)?; // [n, E]
         let (n, t) = tokens.dims2()?;
         let hidden = self.cfg.hidden;
         let zeros = Tensor::zeros((n, hidden), DType::F32, images.device())?;
@@ -93,15 +95,24 @@ impl Trainable {
             let h = (o * c.tanh()?)?;
             Ok((h, c))
         };
-        let (mut h, mut c) = step(&img, &zeros, &zeros)?;
+        let (mut h, mut c) = (zeros.clone(), zeros);
         let words = self.embed.forward(tokens)?; // [n, t, E]
         let mut logits = Vec::with_capacity(t);
         for s in 0..t {
-            (h, c) = step(&words.i((.., s))?, &h, &c)?;
+            let x = Tensor::cat(&[&words.i((.., s))?, &img], 1)?; // [n, 2E]
+            (h, c) = step(&x, &h, &c)?;
             logits.push(self.out.forward(&h)?);
         }
         Ok(candle_nn::ops::log_softmax(&Tensor::stack(&logits, 1)?, D::Minus1)?)
     }
+}
+
+/// Average and max over space, side by side.
+///
+/// # Shapes
+/// `[n, C, h, w]` -> `[n, 2C]`.
+fn pool(a: &Tensor) -> Result<Tensor> {
+    Ok(gradcam_core::ops::GlobalAvgMaxPool.forward(a)?)
 }
 
 /// Deterministic initial values for every parameter, from the seed (candle's own initialisers use
@@ -145,6 +156,8 @@ pub struct Captioner {
     embed: Tensor,
     lstm: LstmCell,
     out: Linear,
+    /// The same decoder weights for [`CaptionLogProbs`].
+    scores: CaptionLogProbs,
 }
 
 /// A generated caption.
@@ -181,11 +194,26 @@ impl Captioner {
         let lstm = vb.pp("lstm");
         let proj = vb.pp("image_proj");
         let out = vb.pp("out");
+        let flat = |t: Tensor| -> Result<std::sync::Arc<Vec<f32>>> { Ok(std::sync::Arc::new(t.flatten_all()?.to_vec1::<f32>()?)) };
+        let scores = CaptionLogProbs {
+            embed: flat(vb.pp("embed").get((v, e), "weight")?)?,
+            lstm: flat(Tensor::cat(&[lstm.get((4 * h, 2 * e), "weight_ih")?, lstm.get((4 * h, h), "weight_hh")?], 1)?)?,
+            lstm_bias: flat((lstm.get(4 * h, "bias_ih")? + lstm.get(4 * h, "bias_hh")?)?)?,
+            out: flat(out.get((v, h), "weight")?)?,
+            out_bias: flat(out.get(v, "bias")?)?,
+            e,
+            h,
+            v,
+            inputs: vec![],
+            targets: vec![],
+            cache: Default::default(),
+        };
         Ok(Self {
+            scores,
             cnn: SceneCnn::new(vb.pp("encoder"))?,
-            image_proj: Linear::new(&proj.get((e, scene_cnn::CHANNELS), "weight")?, Some(&proj.get(e, "bias")?), Activation::Identity)?,
+            image_proj: Linear::new(&proj.get((e, 2 * scene_cnn::CHANNELS), "weight")?, Some(&proj.get(e, "bias")?), Activation::Identity)?,
             embed: vb.pp("embed").get((v, e), "weight")?,
-            lstm: LstmCell::new(&lstm.get((4 * h, e), "weight_ih")?, &lstm.get((4 * h, h), "weight_hh")?, &lstm.get(4 * h, "bias_ih")?, &lstm.get(4 * h, "bias_hh")?)?,
+            lstm: LstmCell::new(&lstm.get((4 * h, 2 * e), "weight_ih")?, &lstm.get((4 * h, h), "weight_hh")?, &lstm.get(4 * h, "bias_ih")?, &lstm.get(4 * h, "bias_hh")?)?,
             out: Linear::new(&out.get((v, h), "weight")?, Some(&out.get(v, "bias")?), Activation::Identity)?,
             cfg,
             vocab,
@@ -205,21 +233,38 @@ impl Captioner {
         Ok(self.cnn.forward(images)?)
     }
 
-    /// LSTM state after the image step.
-    fn start(&self, a: &Tensor) -> Result<(Tensor, Tensor)> {
-        let f = a.flatten_from(2)?.mean(2)?; // [n, C]
-        let img = self.image_proj.forward(&f)?; // [n, E]
+    /// The image embedding fed at every step, and the initial (zero) LSTM state.
+    fn start(&self, a: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let img = self.image_proj.forward(&pool(a)?)?; // [n, E]
         let zeros = Tensor::zeros((a.dim(0)?, self.lstm.hidden()), DType::F32, a.device())?;
-        Ok(self.lstm.step(&img, &zeros, &zeros)?)
+        Ok((img, zeros.clone(), zeros))
     }
 
     /// log p(next word) after feeding `tokens`, `[n, vocab]`, and the new state.
-    fn step(&self, tokens: &[u32], h: &Tensor, c: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    fn step(&self, tokens: &[u32], img: &Tensor, h: &Tensor, c: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let ids = Tensor::new(tokens, h.device())?;
-        let x = self.embed.index_select(&ids, 0)?; // [n, E]
+        let x = Tensor::cat(&[&self.embed.index_select(&ids, 0)?, img], 1)?; // [n, 2E]
         let (h, c) = self.lstm.step(&x, h, c)?;
         let logp = candle_nn::ops::log_softmax(&self.out.forward(&h)?, D::Minus1)?; // [n, V]
         Ok((logp, h, c))
+    }
+
+    /// log p of each word of `tokens` (then of `<end>` if `with_end`), teacher-forced, as one
+    /// differentiable op of the activations.
+    ///
+    /// # Shapes
+    /// `a`: `[n, C, h, w]` -> `[n, t]` (`t` = words, plus one with `<end>`).
+    pub fn word_logprobs(&self, a: &Tensor, tokens: &[u32], with_end: bool) -> Result<Tensor> {
+        let img = self.image_proj.forward(&pool(a)?)?; // [n, E]
+        let mut inputs = vec![self.vocab.start];
+        inputs.extend_from_slice(tokens);
+        let mut targets = tokens.to_vec();
+        if with_end {
+            targets.push(self.vocab.end);
+        } else {
+            inputs.pop();
+        }
+        Ok(img.contiguous()?.apply_op1(CaptionLogProbs { inputs, targets, cache: Default::default(), ..self.scores.clone() })?)
     }
 
     /// Teacher-forced log-probabilities: position i predicts the word after `tokens[i]`.
@@ -227,12 +272,12 @@ impl Captioner {
     /// # Shapes
     /// `a`: `[n, C, h, w]`, `tokens`: `n x t` -> `[n, t, vocab]`.
     pub fn logprobs(&self, a: &Tensor, tokens: &[Vec<u32>]) -> Result<Tensor> {
-        let (mut h, mut c) = self.start(a)?;
+        let (img, mut h, mut c) = self.start(a)?;
         let t = tokens.first().map_or(0, Vec::len);
         let mut out = Vec::with_capacity(t);
         for s in 0..t {
             let col: Vec<u32> = tokens.iter().map(|row| row[s]).collect();
-            let (logp, h2, c2) = self.step(&col, &h, &c)?;
+            let (logp, h2, c2) = self.step(&col, &img, &h, &c)?;
             (h, c) = (h2, c2);
             out.push(logp);
         }
@@ -242,12 +287,12 @@ impl Captioner {
     /// Greedy decoding of a batch of images (activations from [`Self::features`]).
     pub fn greedy(&self, a: &Tensor) -> Result<Vec<Caption>> {
         let n = a.dim(0)?;
-        let (mut h, mut c) = self.start(a)?;
+        let (img, mut h, mut c) = self.start(a)?;
         let mut prev = vec![self.vocab.start; n];
         let mut caps: Vec<Caption> = vec![Caption { tokens: vec![], words: vec![], logprobs: vec![] }; n];
         let mut done = vec![false; n];
         for _ in 0..=self.cfg.max_len {
-            let (logp, h2, c2) = self.step(&prev, &h, &c)?;
+            let (logp, h2, c2) = self.step(&prev, &img, &h, &c)?;
             (h, c) = (h2, c2);
             let logp = logp.to_vec2::<f32>()?;
             for (i, row) in logp.iter().enumerate() {
@@ -277,14 +322,14 @@ impl Captioner {
     /// caption by total log-probability.
     pub fn beam(&self, a: &Tensor, k: usize) -> Result<Caption> {
         let k = k.max(1);
-        let (h0, c0) = self.start(a)?;
-        // (tokens, logprobs, state index into h/c)
+        let (img1, mut h, mut c) = self.start(a)?;
+        let mut img = img1.clone();
+        // (tokens, log-probabilities), one row of h / c each
         let mut beams: Vec<(Vec<u32>, Vec<f32>)> = vec![(vec![], vec![])];
-        let (mut h, mut c) = (h0, c0);
         let mut finished: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
         for _ in 0..=self.cfg.max_len {
             let prev: Vec<u32> = beams.iter().map(|(t, _)| t.last().copied().unwrap_or(self.vocab.start)).collect();
-            let (logp, h2, c2) = self.step(&prev, &h, &c)?;
+            let (logp, h2, c2) = self.step(&prev, &img, &h, &c)?;
             let logp = logp.to_vec2::<f32>()?;
             let mut cands: Vec<(f32, usize, u32)> = Vec::new();
             for (b, row) in logp.iter().enumerate() {
@@ -318,6 +363,7 @@ impl Captioner {
             }
             let idx = Tensor::new(rows.as_slice(), a.device())?;
             (h, c) = (h2.index_select(&idx, 0)?, c2.index_select(&idx, 0)?);
+            img = img1.broadcast_as((rows.len(), img1.dim(1)?))?.contiguous()?;
             beams = next;
         }
         finished.extend(beams);
@@ -341,19 +387,16 @@ fn argmax_word(row: &[f32], vocab: &Vocab) -> u32 {
     best
 }
 
-/// The captioner split at `conv4` for one caption: the head teacher-forces `<start>` and the
-/// caption's words and returns log-probabilities `[n, t + 1, vocab]`.
+/// The captioner split at `conv4` for one caption: the head teacher-forces the caption and
+/// returns the log-probability of each of its words, `[n, t]`.
 pub struct CaptionSplit<'a> {
     pub model: &'a Captioner,
-    /// `<start>` followed by the caption's words.
-    pub inputs: Vec<u32>,
+    pub tokens: Vec<u32>,
 }
 
 impl<'a> CaptionSplit<'a> {
     pub fn new(model: &'a Captioner, tokens: &[u32]) -> Self {
-        let mut inputs = vec![model.vocab.start];
-        inputs.extend_from_slice(tokens);
-        Self { model, inputs }
+        Self { model, tokens: tokens.to_vec() }
     }
 }
 
@@ -363,20 +406,19 @@ impl Explainable for CaptionSplit<'_> {
     }
 
     fn head(&self, a: &Tensor) -> gradcam_core::Result<Tensor> {
-        let n = a.dim(0)?;
-        self.model.logprobs(a, &vec![self.inputs.clone(); n]).map_err(Error::into_core)
+        self.model.word_logprobs(a, &self.tokens, false).map_err(Error::into_core)
     }
 }
 
-/// Y = log p(w_t | w_<t, image): the word `token` at position `step` of the caption.
+/// Y = log p(w_t | w_<t, image): word `step` of the caption ([`CaptionSplit`]'s head gives one
+/// log-probability per word).
 #[derive(Debug, Clone, Copy)]
 pub struct WordLogProb {
     pub step: usize,
-    pub token: u32,
 }
 
 impl Target for WordLogProb {
     fn score(&self, row: &Tensor) -> gradcam_core::Result<Tensor> {
-        Ok(row.get(self.step)?.get(self.token as usize)?)
+        Ok(row.get(self.step)?)
     }
 }

@@ -23,6 +23,18 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The captioner: generating a caption against generating and explaining all its words.
+    Caption {
+        #[arg(long, default_value = crate::caption::DEFAULT_MODEL)]
+        model: std::path::PathBuf,
+        /// A ShapeScenes-like image.
+        #[arg(long, default_value = "data/shapescenes/test/images/000019.png")]
+        image: std::path::PathBuf,
+        #[arg(long, default_value_t = 50)]
+        iters: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Our convolution kernels against stock candle's, on EfficientNet- and VGG-sized layers.
     Ops {
         #[arg(long, default_value_t = 20)]
@@ -54,6 +66,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Classify { model, iters, json } => classify(model, iters, json),
         BenchCommand::Ops { iters } => ops(iters),
+        BenchCommand::Caption { model, image, iters, json } => caption(&model, &image, iters, json),
     }
 }
 
@@ -111,6 +124,43 @@ fn ops(iters: usize) -> anyhow::Result<ExitCode> {
             Ok(a) => writeln!(out, "  {label:<50} candle {a:8.2} ms   ours {ours:8.2} ms   {:6.1}x", a / ours)?,
             Err(e) => writeln!(out, "  {label:<50} candle fails ({e:#})   ours {ours:8.2} ms")?,
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn caption(model: &std::path::Path, image: &std::path::Path, iters: usize, json: bool) -> anyhow::Result<ExitCode> {
+    use gradcam_captioner::eval::word_maps;
+    let model = gradcam_captioner::Captioner::load(model)?;
+    let img = gradcam_encoders::preprocess::load_image(image)?;
+    let input = model.preprocess(&img)?.unsqueeze(0)?;
+    let (h, w) = (img.height() as usize, img.width() as usize);
+    let generate = || -> anyhow::Result<Vec<u32>> { Ok(model.greedy(&model.features(&input)?)?.remove(0).tokens) };
+    let words = generate()?.len();
+    let generate_ms = time_ms(iters, || generate().map(|_| ()))?;
+    let explain_ms = time_ms(iters, || {
+        let a = model.features(&input)?;
+        let tokens = model.greedy(&a)?.remove(0).tokens;
+        for m in word_maps(&model, &a, &tokens)? {
+            std::hint::black_box(m.normalized().0.resize_bilinear(h, w));
+        }
+        Ok(())
+    })?;
+    if std::env::var_os("GRADCAM_BENCH_DETAIL").is_some() {
+        let a = model.features(&input)?;
+        let tokens = model.greedy(&a)?.remove(0).tokens;
+        let f = time_ms(iters, || model.features(&input).map(|_| ()).map_err(Into::into))?;
+        let g = time_ms(iters, || model.greedy(&a).map(|_| ()).map_err(Into::into))?;
+        let m = time_ms(iters, || word_maps(&model, &a, &tokens).map(|_| ()).map_err(Into::into))?;
+        eprintln!("features {f:.3} ms, greedy {g:.3} ms, word maps {m:.3} ms");
+    }
+    let mut out = std::io::stdout().lock();
+    let ratio = explain_ms / generate_ms;
+    if json {
+        writeln!(out, "{}", serde_json::json!({"words": words, "generate_ms": generate_ms, "explain_ms": explain_ms, "ratio": ratio}))?;
+    } else {
+        writeln!(out, "caption of {words} words, median of {iters} runs, {} threads", rayon::current_num_threads())?;
+        writeln!(out, "  generate                 {generate_ms:8.3} ms")?;
+        writeln!(out, "  generate + explain all   {explain_ms:8.3} ms  ({ratio:.2}x)")?;
     }
     Ok(ExitCode::SUCCESS)
 }

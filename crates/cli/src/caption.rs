@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use candle_core::Tensor;
 use gradcam_captioner::eval::{evaluate, word_maps};
 use gradcam_captioner::train::{train, Event, TrainConfig};
 use gradcam_captioner::Captioner;
@@ -123,7 +122,7 @@ fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs) -> anyhow::Re
         None => model.greedy(&a)?.remove(0).tokens,
     };
     let words = model.vocab.decode(&tokens);
-    let logprobs = word_logprobs(model, &a, &tokens)?;
+    let logprobs = model.word_logprobs(&a, &tokens, false)?.squeeze(0)?.to_vec1::<f32>()?;
     let maps = word_maps(model, &a, &tokens)?;
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
     let region = Region { x: 0, y: 0, width: img.width(), height: img.height() };
@@ -148,13 +147,6 @@ fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs) -> anyhow::Re
     Ok(CaptionJson { image: path.display().to_string(), caption: words.join(" "), words: out_words, strip: strip_file.display().to_string() })
 }
 
-/// log p(w_t | w_<t, image) of each word of the caption.
-fn word_logprobs(model: &Captioner, a: &Tensor, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
-    let mut inputs = vec![model.vocab.start];
-    inputs.extend_from_slice(tokens);
-    let logp = model.logprobs(a, &[inputs])?.squeeze(0)?.to_vec2::<f32>()?; // [t + 1, V]
-    Ok(tokens.iter().enumerate().map(|(t, &w)| logp[t][w as usize]).collect())
-}
 
 /// The image followed by each word's overlay, side by side.
 fn strip(img: &RgbImage, tiles: &[RgbImage]) -> RgbImage {
@@ -192,24 +184,80 @@ pub struct TrainCaptionerArgs {
 pub fn train_captioner(args: TrainCaptionerArgs) -> anyhow::Result<ExitCode> {
     let tc = TrainConfig { epochs: args.epochs, batch_size: args.batch_size, lr: args.lr, seed: args.seed, ..Default::default() };
     let start = std::time::Instant::now();
-    let mut bar = ProgressBar::hidden();
+    let mut epoch_bar = ProgressBar::hidden();
     let ckpt = train(&args.data, &args.out, &tc, args.resume, &mut |e| match e {
         Event::Start { epoch, steps } => {
-            bar = ProgressBar::new(steps as u64);
-            bar.set_style(ProgressStyle::with_template(&format!("epoch {epoch:>2} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}] loss {{msg}}")).expect("valid template"));
+            epoch_bar = ProgressBar::new(steps as u64);
+            epoch_bar.set_style(ProgressStyle::with_template(&format!("epoch {epoch:>2} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}] loss {{msg}}")).expect("valid template"));
         }
         Event::Step { loss } => {
-            bar.set_message(format!("{loss:.4}"));
-            bar.inc(1);
+            epoch_bar.set_message(format!("{loss:.4}"));
+            epoch_bar.inc(1);
         }
         Event::Epoch(log) => {
-            bar.finish_and_clear();
+            epoch_bar.finish_and_clear();
             eprintln!(
                 "epoch {:>2}: train loss {:.4}, val loss {:.4}, val exact match {:.3} ({:.0} s)",
                 log.epoch, log.train_loss, log.val_loss, log.val_exact_match, log.seconds
             );
         }
     })?;
-    eprintln!("trained {} epochs in {:.1} min; model in {}", ckpt.epochs_done, start.elapsed().as_secs_f64() / 60.0, args.out.display());
+    let minutes = start.elapsed().as_secs_f64() / 60.0;
+    eprintln!("trained {} epochs in {minutes:.1} min; model in {}", ckpt.epochs_done, args.out.display());
+
+    // The model card, with metrics measured on the test split when there is one.
+    let test_dir = args.data.join("test");
+    let metrics = if test_dir.join("captions.json").exists() {
+        let model = Captioner::load(&args.out)?;
+        let split = Split::read(&test_dir)?;
+        let n = split.instances.images.len().min(1000);
+        let b = bar(n as u64, "test images");
+        let m = evaluate(&model, &split, n, |i| b.set_position(i as u64))?;
+        b.finish_and_clear();
+        Some(m)
+    } else {
+        None
+    };
+    let command = format!(
+        "gradcam train captioner --data {} --out {} --epochs {} --batch-size {} --lr {} --seed {}",
+        args.data.display(), args.out.display(), args.epochs, args.batch_size, args.lr, args.seed
+    );
+    let card = model_card(&command, &ckpt, minutes, metrics.as_ref(), &args.data);
+    gradcam_scenes::write_atomic(&args.out.join("README.md"), card.as_bytes())?;
+    if let Some(m) = &metrics {
+        eprintln!("test: exact match {:.3}, BLEU-4 {:.3}", m.exact_match, m.bleu4);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn model_card(command: &str, ckpt: &gradcam_captioner::train::Checkpoint, minutes: f64, metrics: Option<&gradcam_captioner::eval::Metrics>, data: &Path) -> String {
+    let mut s = String::new();
+    s.push_str("# Show-and-Tell captioner for ShapeScenes\n\n");
+    s.push_str("A scene CNN (4 convolutions, CoordConv before `conv4`, explained layer `conv4`: 96 x 16 x 16 at 64 px) whose ");
+    s.push_str("globally pooled features enter an LSTM (embedding 64, hidden 256) as its first input (Vinyals et al. 2015). ");
+    s.push_str("Every word of a caption is explained by backpropagating its log-probability into `conv4` (Grad-CAM paper, section 8.1).\n\n");
+    s.push_str(&format!("## Training\n\nData: `{}` (COCO captions + instances; train split for training, val for validation, test for the metrics below).\n\n", data.display()));
+    s.push_str(&format!("```sh\n{command}\n```\n\n"));
+    s.push_str(&format!(
+        "AdamW (lr {}, weight decay {}, cosine decay), batch {} images with all their captions, seed {}; {} epochs in {minutes:.1} min on a 2-core CPU.\n\n",
+        ckpt.train.lr, ckpt.train.weight_decay, ckpt.train.batch_size, ckpt.train.seed, ckpt.epochs_done
+    ));
+    s.push_str("| epoch | train loss | val loss | val exact match | seconds |\n|---|---|---|---|---|\n");
+    for l in &ckpt.log {
+        s.push_str(&format!("| {} | {:.4} | {:.4} | {:.3} | {:.0} |\n", l.epoch, l.train_loss, l.val_loss, l.val_exact_match, l.seconds));
+    }
+    if let Some(m) = metrics {
+        s.push_str(&format!("\n## Test metrics ({} images, greedy decoding)\n\n", m.images));
+        s.push_str(&format!("- exact match of the named (colour, shape) set: **{:.3}**\n- BLEU-4 against the 5 references: **{:.3}**\n\n", m.exact_match, m.bleu4));
+        s.push_str(&format!(
+            "Per-word pointing game: the peak of each colour or shape word's map, upsampled to the image, on the word's object mask or within {:.0} px (1/16 of the side):\n\n",
+            m.tolerance_px
+        ));
+        s.push_str("| word | words | Grad-CAM | centre baseline |\n|---|---|---|---|\n");
+        for (w, p) in &m.pointing {
+            s.push_str(&format!("| {w} | {} | {:.3} | {:.3} |\n", p.words, p.accuracy(), p.centre_accuracy()));
+        }
+        s.push_str("\nReproduce with `gradcam caption --model DIR --eval DATA/test --limit N`.\n");
+    }
+    s
 }

@@ -125,6 +125,12 @@ fn rayon_threads(n: usize) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // candle's element-wise ops run on its own pool of spinning threads; on a few cores they take
+    // the CPU from our kernels (rayon + GEMM) and made explanations 2x slower. One thread for
+    // candle unless the user says otherwise.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     match run() {
         Ok(code) => code,
         Err(err) => {

@@ -70,8 +70,11 @@ pub trait CamMethod {
     /// # Shapes
     /// `activations`, `grads`: `[n, K, h, w]`; `alpha`: `[n, K]` -> `[n, h, w]`.
     fn cam(&self, activations: &Tensor, _grads: &Tensor, alpha: &Tensor) -> Result<Tensor> {
-        let weighted = activations.broadcast_mul(&alpha.unsqueeze(2)?.unsqueeze(3)?)?;
-        Ok(weighted.sum(1)?.relu()?)
+        let (n, k, h, w) = activations.dims4()?;
+        // One GEMV per row ([1, K] @ [K, hw]): a reduction over the channel axis is slow in candle.
+        let a = activations.reshape((n, k, h * w))?;
+        let weighted = alpha.unsqueeze(1)?.contiguous()?.matmul(&a)?; // [n, 1, hw]
+        Ok(weighted.reshape((n, h, w))?.relu()?)
     }
 }
 

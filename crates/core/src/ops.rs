@@ -524,10 +524,13 @@ fn depthwise_channel_backward(
 }
 
 /// `dst[m, n] = lhs[m, k] @ rhs[k, n]` with (row stride, column stride) for the operands;
-/// `dst` is row-major and overwritten.
+/// `dst` is row-major and overwritten. Panics if `dst` is too small.
 #[allow(clippy::too_many_arguments)]
-fn matmul(dst: &mut [f32], lhs: &[f32], lhs_strides: (isize, isize), rhs: &[f32], rhs_strides: (isize, isize), m: usize, n: usize, k: usize) {
+pub fn matmul(dst: &mut [f32], lhs: &[f32], lhs_strides: (isize, isize), rhs: &[f32], rhs_strides: (isize, isize), m: usize, n: usize, k: usize) {
     assert!(dst.len() >= m * n);
+    let reach = |(rs, cs): (isize, isize), rows: usize, cols: usize| (rows.saturating_sub(1) as isize * rs + cols.saturating_sub(1) as isize * cs) as usize;
+    assert!(m * k == 0 || reach(lhs_strides, m, k) < lhs.len(), "matmul: lhs too small");
+    assert!(k * n == 0 || reach(rhs_strides, k, n) < rhs.len(), "matmul: rhs too small");
     let parallelism = if m * n * k > 64 * 64 * 64 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
@@ -752,6 +755,53 @@ impl CustomOp1 for LstmCell {
         matmul(&mut dxh, &dpre, ((4 * hh) as isize, 1), &self.weight, (k as isize, 1), batch, k, 4 * hh);
         for b in 0..batch {
             dx[b * width..b * width + k].copy_from_slice(&dxh[b * k..(b + 1) * k]);
+        }
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// Global average and max pooling side by side, in one pass with one backward (candle's max
+/// backward builds an equality mask over the whole input); the first maximum gets the gradient.
+#[derive(Debug, Clone, Copy)]
+pub struct GlobalAvgMaxPool;
+
+impl GlobalAvgMaxPool {
+    /// # Shapes
+    /// `[n, C, h, w]` -> `[n, 2C]`: averages, then maxima.
+    pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        x.contiguous()?.apply_op1(*self)
+    }
+}
+
+impl CustomOp1 for GlobalAvgMaxPool {
+    fn name(&self) -> &'static str {
+        "gradcam-global-avg-max-pool"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout, self.name())?;
+        let (n, c, h, w) = layout.shape().dims4()?;
+        let plane = h * w;
+        let mut out = vec![0.0f32; n * 2 * c];
+        for (p, src) in x.chunks(plane).enumerate() {
+            let (b, k) = (p / c, p % c);
+            out[b * 2 * c + k] = src.iter().sum::<f32>() / plane as f32;
+            out[b * 2 * c + c + k] = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, 2 * c))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let (n, c, h, w) = arg.dims4()?;
+        let plane = h * w;
+        let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0.0f32; n * c * plane];
+        for (p, (dst, src)) in dx.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
+            let (b, k) = (p / c, p % c);
+            dst.fill(g[b * 2 * c + k] / plane as f32);
+            let arg = src.iter().enumerate().fold(0, |best, (i, &v)| if v > src[best] { i } else { best });
+            dst[arg] += g[b * 2 * c + c + k];
         }
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
