@@ -6,6 +6,7 @@ mod cli;
 mod goldens;
 mod gradients;
 mod scenes;
+mod vqa;
 
 use std::path::PathBuf;
 

@@ -4,9 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use candle_core::Tensor;
+use gradcam_core::metrics::Pointing;
 use gradcam_core::{explain, GradCam, Map, Request, Target};
 use gradcam_scenes::coco::Instance;
-use gradcam_scenes::rle::Mask;
 use gradcam_scenes::scene::{COLORS, SHAPES};
 use gradcam_scenes::Split;
 use serde::Serialize;
@@ -60,37 +60,6 @@ pub fn bleu4(candidates: &[Vec<String>], references: &[Vec<Vec<String>>]) -> f64
     bp * log_p.exp()
 }
 
-/// Whether pixel (y, x) lies on the mask or within `tolerance` pixels of it.
-pub fn hits(mask: &Mask, y: usize, x: usize, tolerance: f32) -> bool {
-    let t = tolerance.ceil() as isize;
-    for dy in -t..=t {
-        for dx in -t..=t {
-            let (yy, xx) = (y as isize + dy, x as isize + dx);
-            if yy >= 0 && xx >= 0 && (yy as usize) < mask.height && (xx as usize) < mask.width && ((dy * dy + dx * dx) as f32).sqrt() <= tolerance && mask.get(yy as usize, xx as usize) {
-                return true;
-            }
-        }
-    }
-    false
-}
-
-/// Hits of Grad-CAM and of the centre-point baseline for one kind of word.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Pointing {
-    pub words: usize,
-    pub hits: usize,
-    pub centre_hits: usize,
-}
-
-impl Pointing {
-    pub fn accuracy(&self) -> f64 {
-        self.hits as f64 / self.words.max(1) as f64
-    }
-    pub fn centre_accuracy(&self) -> f64 {
-        self.centre_hits as f64 / self.words.max(1) as f64
-    }
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct Metrics {
     pub images: usize,
@@ -141,9 +110,7 @@ pub fn evaluate(model: &Captioner, split: &Split, limit: usize, mut progress: im
             let (peak_y, peak_x) = maps[t].normalized().0.resize_bilinear(h, w).argmax();
             for key in [kind.to_string(), word.clone()] {
                 let p = pointing.entry(key).or_default();
-                p.words += 1;
-                p.hits += hits(&object.mask, peak_y, peak_x, tolerance) as usize;
-                p.centre_hits += hits(&object.mask, h / 2, w / 2, tolerance) as usize;
+                p.add(object.mask.near(peak_y, peak_x, tolerance), object.mask.near(h / 2, w / 2, tolerance));
             }
         }
         progress(i + 1);

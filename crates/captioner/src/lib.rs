@@ -5,12 +5,11 @@ pub mod eval;
 pub mod model;
 mod scores;
 pub mod train;
-pub mod vocab;
 
 use std::path::PathBuf;
 
 pub use model::{Caption, CaptionSplit, Captioner, Config, WordLogProb};
-pub use vocab::Vocab;
+pub use gradcam_scenes::vocab::Vocab;
 
 /// Errors of the captioner crate.
 #[derive(Debug, thiserror::Error)]
@@ -25,14 +24,8 @@ pub enum Error {
     Scenes(#[from] gradcam_scenes::Error),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
     #[error("model: {0}")]
     Model(String),
-    #[error("unknown words {words}; the model knows: {known}")]
-    UnknownWords { words: String, known: String },
-    #[error("the text is empty")]
-    EmptyText,
     #[error("training: {0}")]
     Training(String),
 }

@@ -8,14 +8,14 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor, D};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarBuilder;
 use gradcam_core::ops::{Activation, Linear, LstmCell};
 use gradcam_core::{Explainable, Target};
 use gradcam_encoders::scene_cnn::{self, SceneCnn};
 use serde::{Deserialize, Serialize};
 
 use crate::scores::CaptionLogProbs;
-use crate::vocab::Vocab;
+use gradcam_scenes::vocab::Vocab;
 use crate::{Error, Result};
 
 /// `config.json` of a captioner.
@@ -115,37 +115,7 @@ fn pool(a: &Tensor) -> Result<Tensor> {
     Ok(gradcam_core::ops::GlobalAvgMaxPool.forward(a)?)
 }
 
-/// Deterministic initial values for every parameter, from the seed (candle's own initialisers use
-/// an unseeded generator): He-uniform for the convolutions, PyTorch's U(-1/sqrt(fan_in), ..) for
-/// the rest, N(0, 1)-like uniform for embeddings, zero biases.
-pub fn init_parameters(varmap: &VarMap, seed: u64) -> Result<()> {
-    let data = varmap.data().lock().map_err(|_| Error::Model("parameter map poisoned".into()))?;
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    let mut rng = gradcam_scenes::scene::Rng::new(seed);
-    for name in names {
-        let var = &data[name];
-        let dims = var.dims().to_vec();
-        let n: usize = dims.iter().product();
-        let fan_in: usize = dims[1..].iter().product::<usize>().max(1);
-        let bound = if name.ends_with("bias") || name.ends_with("bias_ih") || name.ends_with("bias_hh") {
-            if name.starts_with("lstm") {
-                1.0 / (dims[0] as f32 / 4.0).sqrt()
-            } else {
-                0.0
-            }
-        } else if name.starts_with("encoder") {
-            (6.0 / fan_in as f32).sqrt()
-        } else if name.starts_with("embed") {
-            1.0
-        } else {
-            1.0 / (fan_in as f32).sqrt()
-        };
-        let values: Vec<f32> = (0..n).map(|_| rng.range(-bound, bound)).collect();
-        var.set(&Tensor::from_vec(values, dims.as_slice(), &Device::Cpu)?)?;
-    }
-    Ok(())
-}
+pub use gradcam_encoders::scene_cnn::init_parameters;
 
 /// A frozen captioner for decoding and explaining.
 pub struct Captioner {

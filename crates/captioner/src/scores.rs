@@ -142,12 +142,14 @@ impl CaptionLogProbs {
                     dc[r * h + j] = dcj * f;
                 }
             }
-            // dx[m, k] = dpre[m, 4H] @ W[4H, k]: the image part accumulates, the hidden part flows back.
-            matmul(&mut dx, &dpre, ((4 * h) as isize, 1), &self.lstm, (k as isize, 1), m, k, 4 * h);
+            // dx[m, E + H] = dpre[m, 4H] @ W[4H, E..]: the image part accumulates, the hidden part
+            // flows back (the word embeddings' columns are not needed).
+            let kx = e + h;
+            matmul(&mut dx, &dpre, ((4 * h) as isize, 1), &self.lstm[e..], (k as isize, 1), m, kx, 4 * h);
             for (a, &r) in active.iter().enumerate() {
-                let row = &dx[a * k..(a + 1) * k];
-                dimg[r * e..(r + 1) * e].iter_mut().zip(&row[e..2 * e]).for_each(|(d, x)| *d += x);
-                dh[r * h..(r + 1) * h].copy_from_slice(&row[2 * e..]);
+                let row = &dx[a * kx..(a + 1) * kx];
+                dimg[r * e..(r + 1) * e].iter_mut().zip(&row[..e]).for_each(|(d, x)| *d += x);
+                dh[r * h..(r + 1) * h].copy_from_slice(&row[e..]);
             }
         }
         dimg

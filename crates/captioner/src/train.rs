@@ -11,7 +11,7 @@ use gradcam_scenes::Split;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{init_parameters, Captioner, Config, Trainable};
-use crate::vocab::Vocab;
+use gradcam_scenes::vocab::Vocab;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -76,7 +76,7 @@ impl Data {
             for c in 0..3 {
                 pixels.extend(img.pixels().map(|p| p[c]));
             }
-            captions.push(ex.captions.iter().map(|c| vocab.encode(c)).collect::<Result<Vec<_>>>()?);
+            captions.push(ex.captions.iter().map(|c| vocab.encode(c)).collect::<std::result::Result<Vec<_>, _>>()?);
         }
         Ok(Data { size: s, pixels, captions })
     }

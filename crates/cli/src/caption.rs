@@ -94,7 +94,7 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-fn bar(n: u64, what: &str) -> ProgressBar {
+pub fn bar(n: u64, what: &str) -> ProgressBar {
     let b = ProgressBar::new(n);
     b.set_style(ProgressStyle::with_template(&format!("{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed_precise}}<{{eta_precise}}] {{msg}}")).expect("valid template"));
     b
@@ -255,7 +255,7 @@ fn model_card(command: &str, ckpt: &gradcam_captioner::train::Checkpoint, minute
         ));
         s.push_str("| word | words | Grad-CAM | centre baseline |\n|---|---|---|---|\n");
         for (w, p) in &m.pointing {
-            s.push_str(&format!("| {w} | {} | {:.3} | {:.3} |\n", p.words, p.accuracy(), p.centre_accuracy()));
+            s.push_str(&format!("| {w} | {} | {:.3} | {:.3} |\n", p.count, p.accuracy(), p.centre_accuracy()));
         }
         s.push_str("\nReproduce with `gradcam caption --model DIR --eval DATA/test --limit N`.\n");
     }

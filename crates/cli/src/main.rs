@@ -4,6 +4,7 @@ mod bench;
 mod caption;
 mod classify;
 mod scenes;
+mod vqa;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -39,6 +40,8 @@ enum Command {
     },
     /// Caption images and explain every word with Grad-CAM.
     Caption(caption::CaptionArgs),
+    /// Answer a question about an image and explain the answer (and what argues against it).
+    Vqa(vqa::VqaArgs),
     /// Train a model.
     Train {
         #[command(subcommand)]
@@ -62,6 +65,8 @@ enum Command {
 enum TrainCommand {
     /// The Show-and-Tell captioner.
     Captioner(caption::TrainCaptionerArgs),
+    /// The VQA fusion model.
+    Vqa(vqa::TrainVqaArgs),
 }
 
 /// Options shared by every command that loads a classifier.
@@ -108,6 +113,8 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Scenes(args) => scenes::run(args),
         Command::Caption(args) => caption::run(args),
         Command::Train { what: TrainCommand::Captioner(args) } => caption::train_captioner(args),
+        Command::Train { what: TrainCommand::Vqa(args) } => vqa::train_vqa(args),
+        Command::Vqa(args) => vqa::run(args),
         Command::Convert { input, output, model } => {
             let weights = Weights::load(&input)?;
             if let Some(model) = model {

@@ -130,7 +130,7 @@ pub fn explain<M: Explainable + ?Sized>(
         .map(|r| if r.image < batch { Ok(r.image as u32) } else { Err(Error::ImageOutOfRange { image: r.image, batch }) })
         .collect::<Result<Vec<u32>>>()?;
     let index = Tensor::new(rows.as_slice(), activations.device())?;
-    let replicated = activations.detach().index_select(&index, 0)?.contiguous()?; // [n, K, h, w]
+    let replicated = activations.detach().index_select(&index, 0)?; // [n, K, h, w]
     let a = Var::from_tensor(&replicated)?;
     let output = model.head(a.as_tensor())?; // [n, ...]
 

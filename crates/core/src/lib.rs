@@ -9,6 +9,7 @@
 
 pub mod cam;
 pub mod map;
+pub mod metrics;
 pub mod ops;
 
 pub use cam::{explain, ClassLogit, CamMethod, CamResult, Counterfactual, Explainable, GradCam, Request, Target};

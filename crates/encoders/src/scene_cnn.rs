@@ -88,3 +88,47 @@ fn coordinates(x: &Tensor) -> Result<Tensor> {
     let ys = ys.reshape((1, 1, h, 1))?.broadcast_as((b, 1, h, w))?;
     Ok(Tensor::cat(&[&xs, &ys], 1)?.contiguous()?)
 }
+
+/// Deterministic initial values for every parameter of a model built on a `VarMap`, from the
+/// seed (candle's initialisers use an unseeded generator): He-uniform for the scene CNN
+/// (`encoder.*`), U(-1, 1) for embeddings, U(-1/sqrt(fan_in), ..) for other weights (PyTorch's
+/// default), U(-1/sqrt(H), ..) for LSTM biases, zeros for other biases.
+pub fn init_parameters(varmap: &candle_nn::VarMap, seed: u64) -> Result<()> {
+    let data = varmap.data().lock().map_err(|_| crate::Error::Checkpoint("parameter map poisoned".into()))?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    // A splitmix64 stream, as ShapeScenes uses.
+    let mut state = seed;
+    let mut unit = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
+    };
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let fan_in: usize = dims[1..].iter().product::<usize>().max(1);
+        let lstm = name.split('.').any(|p| p.contains("lstm"));
+        let bound = if name.contains("bias") {
+            if lstm {
+                1.0 / (dims[0] as f32 / 4.0).sqrt()
+            } else {
+                0.0
+            }
+        } else if name.starts_with("encoder") {
+            (6.0 / fan_in as f32).sqrt()
+        } else if name.contains("embed") {
+            1.0
+        } else {
+            1.0 / (fan_in as f32).sqrt()
+        };
+        // Written as ShapeScenes' `Rng::range` does, so that models trained before this moved
+        // here keep their exact initial values.
+        let values: Vec<f32> = (0..n).map(|_| -bound + (bound + bound) * unit()).collect();
+        var.set(&Tensor::from_vec(values, dims.as_slice(), &Device::Cpu)?)?;
+    }
+    Ok(())
+}

@@ -7,6 +7,7 @@ pub mod dataset;
 mod json;
 pub mod rle;
 pub mod scene;
+pub mod vocab;
 pub mod vqa;
 
 use std::path::{Path, PathBuf};
@@ -24,6 +25,8 @@ pub enum Error {
     Field { file: PathBuf, record: String, field: String, message: String },
     #[error("{0}")]
     Config(String),
+    #[error("unknown words {words}; the model knows: {known}")]
+    UnknownWords { words: String, known: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -24,6 +24,18 @@ impl Mask {
         self.data[y * self.width + x] = true;
     }
 
+    /// Whether pixel (y, x) lies on the mask or within `tolerance` pixels (Euclidean) of it: the
+    /// pointing game's hit.
+    pub fn near(&self, y: usize, x: usize, tolerance: f32) -> bool {
+        let t = tolerance.max(0.0).ceil() as isize;
+        (-t..=t).any(|dy| {
+            (-t..=t).any(|dx| {
+                let (yy, xx) = (y as isize + dy, x as isize + dx);
+                yy >= 0 && xx >= 0 && (yy as usize) < self.height && (xx as usize) < self.width && ((dy * dy + dx * dx) as f32).sqrt() <= tolerance && self.get(yy as usize, xx as usize)
+            })
+        })
+    }
+
     pub fn area(&self) -> usize {
         self.data.iter().filter(|&&v| v).count()
     }

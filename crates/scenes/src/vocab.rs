@@ -1,5 +1,6 @@
-//! The caption vocabulary: a WordLevel `tokenizer.json` (Hugging Face `tokenizers`) with
-//! lowercasing, whitespace splitting and the special tokens `<pad>`, `<start>`, `<end>`, `<unk>`.
+//! A word vocabulary for dataset text (captions, questions): a WordLevel `tokenizer.json`
+//! (Hugging Face `tokenizers`) with lowercasing, whitespace splitting and the special tokens
+//! `<pad>`, `<start>`, `<end>`, `<unk>`. [`normalize`] separates punctuation first.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -50,23 +51,23 @@ impl Vocab {
             "post_processor": null, "decoder": null,
             "model": {"type": "WordLevel", "vocab": vocab, "unk_token": UNK}
         });
-        let tokenizer = Tokenizer::from_bytes(serde_json::to_vec(&doc).map_err(|e| Error::Tokenizer(e.to_string()))?).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let tokenizer = Tokenizer::from_bytes(serde_json::to_vec(&doc).map_err(|e| Error::Config(format!("tokenizer: {e}")))?).map_err(|e| Error::Config(format!("tokenizer: {e}")))?;
         Self::from_tokenizer(tokenizer)
     }
 
     fn from_tokenizer(tokenizer: Tokenizer) -> Result<Self> {
-        let id = |t: &str| tokenizer.token_to_id(t).ok_or_else(|| Error::Tokenizer(format!("the vocabulary lacks the special token {t}")));
+        let id = |t: &str| tokenizer.token_to_id(t).ok_or_else(|| Error::Config(format!("the vocabulary lacks the special token {t}")));
         Ok(Self { pad: id(PAD)?, start: id(START)?, end: id(END)?, unk: id(UNK)?, tokenizer })
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let t = Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let t = Tokenizer::from_file(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         Self::from_tokenizer(t)
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = self.tokenizer.to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        gradcam_scenes::write_atomic(path, text.as_bytes()).map_err(|e| Error::Tokenizer(e.to_string()))
+        let text = self.tokenizer.to_string(false).map_err(|e| Error::Config(format!("tokenizer: {e}")))?;
+        crate::write_atomic(path, text.as_bytes())
     }
 
     pub fn len(&self) -> usize {
@@ -79,7 +80,7 @@ impl Vocab {
 
     /// Token ids of a text; unknown words become `<unk>`.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self.tokenizer.encode(text, false).map_err(|e| Error::Config(format!("tokenizer: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -94,7 +95,7 @@ impl Vocab {
             return Err(Error::UnknownWords { words: unknown.join(", "), known: known.join(" ") });
         }
         if ids.is_empty() {
-            return Err(Error::EmptyText);
+            return Err(Error::Config("the text is empty".into()));
         }
         Ok(ids)
     }
@@ -107,4 +108,19 @@ impl Vocab {
     pub fn decode(&self, ids: &[u32]) -> Vec<String> {
         ids.iter().take_while(|&&i| i != self.end).filter(|&&i| i > self.unk).filter_map(|&i| self.word(i)).collect()
     }
+}
+
+/// Lowercases and puts spaces around punctuation, so that "circle?" is two words.
+pub fn normalize(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 4);
+    for ch in text.chars() {
+        if ch.is_ascii_punctuation() {
+            out.push(' ');
+            out.push(ch);
+            out.push(' ');
+        } else {
+            out.extend(ch.to_lowercase());
+        }
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -1,0 +1,102 @@
+//! VQA metrics: VQA accuracy overall and per question type, the answer pointing game on questions
+//! whose evidence is one object, and whether the counterfactual map puts less of its mass on that
+//! object than the answer's own map.
+
+use std::collections::BTreeMap;
+
+use gradcam_core::metrics::Pointing;
+use gradcam_core::{explain, ClassLogit, Counterfactual, GradCam, Map, Request, Target};
+use gradcam_scenes::rle::Mask;
+use gradcam_scenes::vqa::Vqa as VqaFile;
+use gradcam_scenes::Split;
+use serde::Serialize;
+
+use crate::model::{Vqa, VqaSplit};
+use crate::Result;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Accuracy {
+    pub questions: usize,
+    /// Mean VQA accuracy, min(#annotators who gave the answer / 3, 1).
+    pub accuracy: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CounterfactualCheck {
+    /// Questions about one object in scenes of two or more.
+    pub questions: usize,
+    /// Of those, how often the counterfactual map's mass on the object is below the answer map's.
+    pub less_mass: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Metrics {
+    pub overall: Accuracy,
+    pub per_type: BTreeMap<String, Accuracy>,
+    pub pointing: Pointing,
+    pub counterfactual: CounterfactualCheck,
+    pub tolerance_px: f32,
+}
+
+/// Fraction of a normalised map's mass (upsampled to the mask) on the mask; 0 for a zero map.
+pub fn mass_on(map: &Map, mask: &Mask) -> f64 {
+    let (n, nonzero) = map.normalized();
+    if !nonzero {
+        return 0.0;
+    }
+    let up = n.resize_bilinear(mask.height, mask.width);
+    let total: f64 = up.data.iter().map(|&v| v as f64).sum();
+    let inside: f64 = up.data.iter().zip(&mask.data).filter(|(_, &m)| m).map(|(&v, _)| v as f64).sum();
+    inside / total.max(f64::MIN_POSITIVE)
+}
+
+/// Answers and explains up to `limit` questions of a split.
+pub fn evaluate(model: &Vqa, split: &Split, limit: usize, mut progress: impl FnMut(usize)) -> Result<Metrics> {
+    let mut overall = Accuracy::default();
+    let mut per_type: BTreeMap<String, Accuracy> = BTreeMap::new();
+    let mut pointing = Pointing::default();
+    let mut cf = CounterfactualCheck::default();
+    let mut tolerance = 0.0;
+    let mut done = 0;
+    'images: for ex in split.examples() {
+        let img = image::open(&ex.path).map_err(|e| crate::Error::Model(format!("{}: {e}", ex.path.display())))?.to_rgb8();
+        let a = model.features(&model.preprocess(&img)?.unsqueeze(0)?)?;
+        let (h, w) = (img.height() as usize, img.width() as usize);
+        tolerance = h.max(w) as f32 / 16.0;
+        for (q, ann) in &ex.questions {
+            if done == limit {
+                break 'images;
+            }
+            let Some(ann) = ann else { continue };
+            done += 1;
+            let question = model.question(&q.question)?;
+            let split_q = VqaSplit { model, question: model.encode(&question)? };
+            let logits = model.logits(&a, &split_q.question)?;
+            let (pred, _) = model.top_answers(&logits, 1)?[0];
+            let acc = VqaFile::accuracy(ann, &model.cfg.answers[pred]);
+            for t in [&mut overall, per_type.entry(ann.question_type.clone().unwrap_or_else(|| ann.answer_type.clone())).or_default()] {
+                t.accuracy = (t.accuracy * t.questions as f64 + acc) / (t.questions + 1) as f64;
+                t.questions += 1;
+            }
+            let evidence: Vec<&Mask> = ann.evidence.iter().flatten().filter_map(|id| ex.objects.iter().find(|o| o.id == *id)).map(|o| &o.mask).collect();
+            if evidence.len() != 1 {
+                progress(done);
+                continue;
+            }
+            let mask = evidence[0];
+            let predicted = ClassLogit(pred);
+            let map = &explain(&split_q, &a, &[Request { image: 0, target: &predicted }], &GradCam)?[0].cam;
+            let (py, px) = map.normalized().0.resize_bilinear(h, w).argmax();
+            pointing.add(mask.near(py, px, tolerance), mask.near(h / 2, w / 2, tolerance));
+            if let (true, Ok(correct)) = (ex.objects.len() >= 2, model.answer_index(&ann.multiple_choice_answer)) {
+                let (t, c) = (ClassLogit(correct), Counterfactual(ClassLogit(correct)));
+                let targets: [&dyn Target; 2] = [&t, &c];
+                let maps = explain(&split_q, &a, &targets.map(|target| Request { image: 0, target }), &GradCam)?;
+                cf.questions += 1;
+                cf.less_mass += (mass_on(&maps[1].cam, mask) < mass_on(&maps[0].cam, mask)) as usize;
+            }
+            progress(done);
+        }
+    }
+    Ok(Metrics { overall, per_type, pointing, counterfactual: cf, tolerance_px: tolerance })
+}

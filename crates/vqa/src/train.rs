@@ -1,0 +1,218 @@
+//! Training on any VQA v2 dataset laid out as `DIR/{train,val}/` (questions.json,
+//! annotations.json, instances.json for the image list, images/): AdamW with cosine decay, seeded
+//! shuffling and initialisation, validation each epoch, a checkpoint each epoch, resume.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use gradcam_encoders::scene_cnn::init_parameters;
+use gradcam_scenes::scene::Rng;
+use gradcam_scenes::vocab::{normalize, Vocab};
+use gradcam_scenes::Split;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Config, Trainable};
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    /// Images per step; each brings all its questions.
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig { epochs: 10, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0 }
+    }
+}
+
+pub enum Event<'a> {
+    Start { epoch: usize, steps: usize },
+    Step { loss: f32 },
+    Epoch(&'a EpochLog),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub train_loss: f32,
+    pub val_loss: f32,
+    /// Top-1 accuracy on the validation questions.
+    pub val_accuracy: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub train: TrainConfig,
+    pub data: PathBuf,
+    pub epochs_done: usize,
+    pub log: Vec<EpochLog>,
+}
+
+/// Images as u8 planes, and each image's (question tokens, answer index) pairs.
+struct Data {
+    size: usize,
+    pixels: Vec<u8>,
+    questions: Vec<Vec<(Vec<u32>, Option<usize>)>>,
+}
+
+impl Data {
+    fn load(split: &Split, vocab: &Vocab, answers: &[String], cfg: &Config) -> Result<Self> {
+        let s = cfg.image_size;
+        let mut pixels = Vec::new();
+        let mut questions = Vec::new();
+        for ex in split.examples() {
+            let img = image::open(&ex.path).map_err(|e| Error::Training(format!("{}: {e}", ex.path.display())))?.to_rgb8();
+            let img = if img.dimensions() == (s, s) { img } else { image::imageops::resize(&img, s, s, image::imageops::FilterType::Triangle) };
+            for c in 0..3 {
+                pixels.extend(img.pixels().map(|p| p[c]));
+            }
+            let mut qs = Vec::new();
+            for (q, a) in &ex.questions {
+                let mut tokens = vocab.encode(&normalize(&q.question))?;
+                tokens.truncate(cfg.max_question_len);
+                let answer = a.and_then(|a| answers.iter().position(|x| *x == a.multiple_choice_answer));
+                if !tokens.is_empty() {
+                    qs.push((tokens, answer));
+                }
+            }
+            questions.push(qs);
+        }
+        Ok(Data { size: s as usize, pixels, questions })
+    }
+
+    /// Images, rows, tokens, mask and one-hot answers (zero rows for answers outside the vocabulary).
+    fn batch(&self, ids: &[usize], n_answers: usize) -> Result<[Tensor; 5]> {
+        let plane = 3 * self.size * self.size;
+        let px: Vec<f32> = ids.iter().flat_map(|&i| self.pixels[i * plane..(i + 1) * plane].iter().map(|&v| v as f32 / 127.5 - 1.0)).collect();
+        let qs: Vec<(u32, &(Vec<u32>, Option<usize>))> = ids.iter().enumerate().flat_map(|(b, &i)| self.questions[i].iter().map(move |q| (b as u32, q))).collect();
+        let t = qs.iter().map(|(_, q)| q.0.len()).max().unwrap_or(1);
+        let (mut tokens, mut mask) = (Vec::new(), Vec::new());
+        let mut onehot = vec![0f32; qs.len() * n_answers];
+        for (r, (_, (toks, ans))) in qs.iter().enumerate() {
+            for p in 0..t {
+                tokens.push(toks.get(p).copied().unwrap_or(0));
+                mask.push((p < toks.len()) as u8 as f32);
+            }
+            if let Some(a) = ans {
+                onehot[r * n_answers + a] = 1.0;
+            }
+        }
+        let n = qs.len();
+        let cpu = &Device::Cpu;
+        Ok([
+            Tensor::from_vec(px, (ids.len(), 3, self.size, self.size), cpu)?,
+            Tensor::new(qs.iter().map(|(b, _)| *b).collect::<Vec<u32>>().as_slice(), cpu)?,
+            Tensor::from_vec(tokens, (n, t), cpu)?,
+            Tensor::from_vec(mask, (n, t), cpu)?,
+            Tensor::from_vec(onehot, (n, n_answers), cpu)?,
+        ])
+    }
+}
+
+/// Mean cross-entropy, and the number of correct top-1 answers.
+fn loss(model: &Trainable, b: &[Tensor; 5]) -> Result<(Tensor, usize, usize)> {
+    let logits = model.forward(&b[0], &b[1], &b[2], &b[3])?;
+    let logp = candle_nn::ops::log_softmax(&logits, 1)?;
+    let count = b[4].sum_all()?.to_scalar::<f32>()?.max(1.0);
+    let l = ((logp * &b[4])?.sum_all()? * (-1.0 / count as f64))?;
+    let pred = logits.argmax(1)?.to_vec1::<u32>()?;
+    let truth = b[4].argmax(1)?.to_vec1::<u32>()?;
+    let has = b[4].sum(1)?.to_vec1::<f32>()?;
+    let correct = pred.iter().zip(&truth).zip(&has).filter(|((p, t), h)| **h > 0.0 && p == t).count();
+    Ok((l, correct, count as usize))
+}
+
+/// Trains on `data/train`, validating on `data/val`, writing config.json, tokenizer.json,
+/// model.safetensors and checkpoint.json into `out` after every epoch.
+pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: &mut dyn FnMut(Event)) -> Result<Checkpoint> {
+    std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
+    let train_split = Split::read(&data.join("train"))?;
+    let val_split = Split::read(&data.join("val"))?;
+    let vqa = train_split.vqa.as_ref().ok_or_else(|| Error::Training(format!("{} has no questions.json", data.join("train").display())))?;
+    let ckpt_path = out.join("checkpoint.json");
+    let resuming = resume && ckpt_path.exists();
+    let (cfg, vocab, mut ckpt) = if resuming {
+        let read = |p: PathBuf| std::fs::read_to_string(&p).map_err(|source| Error::Io { path: p, source });
+        let ckpt: Checkpoint = serde_json::from_str(&read(ckpt_path.clone())?).map_err(|e| Error::Training(e.to_string()))?;
+        let cfg: Config = serde_json::from_str(&read(out.join("config.json"))?).map_err(|e| Error::Training(e.to_string()))?;
+        (cfg, Vocab::load(&out.join("tokenizer.json"))?, ckpt)
+    } else {
+        let texts: Vec<String> = vqa.questions.iter().map(|q| normalize(&q.question)).collect();
+        let vocab = Vocab::build(texts.iter().map(String::as_str), 1)?;
+        // Answers by decreasing frequency, then alphabetically.
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for a in &vqa.annotations {
+            *counts.entry(a.multiple_choice_answer.as_str()).or_default() += 1;
+        }
+        let mut answers: Vec<(&str, usize)> = counts.into_iter().collect();
+        answers.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(y.0)));
+        let cfg = Config::new(vocab.len(), answers.into_iter().map(|(a, _)| a.to_string()).collect());
+        (cfg, vocab, Checkpoint { train: tc.clone(), data: data.to_path_buf(), epochs_done: 0, log: Vec::new() })
+    };
+    ckpt.train.epochs = tc.epochs;
+    let mut varmap = VarMap::new();
+    let model = Trainable::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+    if resuming {
+        varmap.load(out.join("model.safetensors"))?;
+    } else {
+        init_parameters(&varmap, ckpt.train.seed)?;
+        vocab.save(&out.join("tokenizer.json"))?;
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Training(e.to_string()))?;
+        gradcam_scenes::write_atomic(&out.join("config.json"), text.as_bytes())?;
+    }
+    let train_data = Data::load(&train_split, &vocab, &cfg.answers, &cfg)?;
+    let val_data = Data::load(&val_split, &vocab, &cfg.answers, &cfg)?;
+    let params = ParamsAdamW { lr: ckpt.train.lr, weight_decay: ckpt.train.weight_decay, ..Default::default() };
+    let mut opt = AdamW::new(varmap.all_vars(), params)?;
+    let (bs, na) = (ckpt.train.batch_size.max(1), cfg.answers.len());
+    for epoch in ckpt.epochs_done..tc.epochs {
+        let start = std::time::Instant::now();
+        let mut order: Vec<usize> = (0..train_data.questions.len()).collect();
+        Rng::new(ckpt.train.seed ^ (epoch as u64 + 1).wrapping_mul(0x9e37_79b9)).shuffle(&mut order);
+        opt.set_learning_rate(ckpt.train.lr * 0.5 * (1.0 + (std::f64::consts::PI * epoch as f64 / tc.epochs as f64).cos()));
+        let steps = order.len().div_ceil(bs);
+        progress(Event::Start { epoch, steps });
+        let mut total = 0.0;
+        for chunk in order.chunks(bs) {
+            let (l, _, _) = loss(&model, &train_data.batch(chunk, na)?)?;
+            opt.backward_step(&l)?;
+            let l = l.to_scalar::<f32>()?;
+            if !l.is_finite() {
+                return Err(Error::Training(format!("the loss became {l} in epoch {epoch}; try a lower --lr")));
+            }
+            total += l;
+            progress(Event::Step { loss: l });
+        }
+        let ids: Vec<usize> = (0..val_data.questions.len()).collect();
+        let (mut vl, mut correct, mut count) = (0.0, 0, 0);
+        for chunk in ids.chunks(bs) {
+            let (l, c, n) = loss(&model, &val_data.batch(chunk, na)?)?;
+            vl += l.to_scalar::<f32>()? * n as f32;
+            correct += c;
+            count += n;
+        }
+        let tmp = out.join("model.safetensors.tmp");
+        varmap.save(&tmp)?;
+        std::fs::rename(&tmp, out.join("model.safetensors")).map_err(|source| Error::Io { path: out.join("model.safetensors"), source })?;
+        ckpt.epochs_done = epoch + 1;
+        ckpt.log.push(EpochLog {
+            epoch,
+            train_loss: total / steps as f32,
+            val_loss: vl / count.max(1) as f32,
+            val_accuracy: correct as f64 / count.max(1) as f64,
+            seconds: start.elapsed().as_secs_f64(),
+        });
+        let text = serde_json::to_string_pretty(&ckpt).map_err(|e| Error::Training(e.to_string()))?;
+        gradcam_scenes::write_atomic(&ckpt_path, text.as_bytes())?;
+        progress(Event::Epoch(ckpt.log.last().expect("just pushed")));
+    }
+    Ok(ckpt)
+}

@@ -1,0 +1,108 @@
+//! The VQA model: the answer gradient against finite differences, the frozen model against the
+//! trainable one, a tiny training run whose loss falls, and question edge cases.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use gradcam_core::{explain, ClassLogit, Counterfactual, Explainable, GradCam, Request, Target};
+use gradcam_encoders::scene_cnn::init_parameters;
+use gradcam_scenes::vocab::Vocab;
+use gradcam_vqa::model::Trainable;
+use gradcam_vqa::train::{train, Event, TrainConfig};
+use gradcam_vqa::{Config, Vqa, VqaSplit};
+
+fn tiny() -> (Trainable, Vqa) {
+    let vocab = Vocab::build(["what color is the circle ?", "how many squares are there ?"], 1).unwrap();
+    let mut cfg = Config::new(vocab.len(), vec!["red".into(), "blue".into(), "2".into()]);
+    (cfg.image_size, cfg.embed, cfg.hidden, cfg.joint, cfg.mlp) = (16, 8, 12, 10, 9);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let trainable = Trainable::new(&cfg, vb.clone()).unwrap();
+    init_parameters(&varmap, 3).unwrap();
+    (trainable, Vqa::from_varbuilder(cfg, vocab, vb).unwrap())
+}
+
+fn image(seed: u64) -> Tensor {
+    let mut rng = gradcam_scenes::scene::Rng::new(seed);
+    let v: Vec<f32> = (0..3 * 16 * 16).map(|_| rng.range(-1.0, 1.0)).collect();
+    Tensor::from_vec(v, (1, 3, 16, 16), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn frozen_model_matches_the_trainable_one() {
+    let (trainable, model) = tiny();
+    let q = model.question("What color is the circle?").unwrap();
+    assert!(q.unknown.is_empty());
+    let x = image(1);
+    let ours = model.logits(&model.features(&x).unwrap(), &model.encode(&q).unwrap()).unwrap();
+    let t = q.tokens.len();
+    let tokens = Tensor::new(q.tokens.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let mask = Tensor::ones((1, t), DType::F32, &Device::Cpu).unwrap();
+    let rows = Tensor::new(&[0u32], &Device::Cpu).unwrap();
+    let reference = trainable.forward(&x, &rows, &tokens, &mask).unwrap();
+    let diff = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-5, "{diff}");
+}
+
+#[test]
+fn answer_gradient_matches_finite_differences() {
+    let (_, model) = tiny();
+    let q = model.question("how many squares are there?").unwrap();
+    let split = VqaSplit { model: &model, question: model.encode(&q).unwrap() };
+    let a = split.features(&image(2)).unwrap(); // [1, 96, 4, 4]
+    let (_, k, h, w) = a.dims4().unwrap();
+    let (t, c) = (ClassLogit(1), Counterfactual(ClassLogit(1)));
+    let targets: [&dyn Target; 2] = [&t, &c];
+    let r = explain(&split, &a, &targets.map(|target| Request { image: 0, target }), &GradCam).unwrap();
+    let y = |a: &Tensor| split.head(a).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap()[1] as f64;
+    // Shifting channel c everywhere by s changes y by s * hw * alpha_c (central differences,
+    // Richardson-extrapolated; the head has a ReLU, so a few channels may sit at a kink).
+    let mut checked = 0;
+    for ch in 0..k {
+        let shift = |s: f32| {
+            let mut v = vec![0f32; k];
+            v[ch] = s;
+            Tensor::from_vec(v, (1, k, 1, 1), &Device::Cpu).unwrap()
+        };
+        let central = |s: f32| (y(&a.broadcast_add(&shift(s)).unwrap()) - y(&a.broadcast_sub(&shift(s)).unwrap())) / (2.0 * s as f64);
+        let (wide, narrow) = (central(0.1), central(0.05));
+        if (wide - narrow).abs() > 1e-4 {
+            continue;
+        }
+        let numeric = (4.0 * narrow - wide) / 3.0;
+        let analytic = r[0].alpha[ch] as f64 * (h * w) as f64;
+        assert!((numeric - analytic).abs() < 1e-3 * analytic.abs().max(1e-2), "channel {ch}: {numeric} vs {analytic}");
+        assert_eq!(r[1].alpha[ch], -r[0].alpha[ch], "the counterfactual negates the weights");
+        checked += 1;
+    }
+    assert!(checked * 10 >= k * 9, "only {checked} of {k} channels away from kinks");
+}
+
+#[test]
+fn a_tiny_vqa_model_learns() {
+    let data = tempfile::tempdir().unwrap();
+    let cfg = gradcam_scenes::Config { n: 60, seed: 4, fractions: [0.8, 0.2, 0.0], size: 64 };
+    gradcam_scenes::dataset::write(data.path(), &cfg, &|| {}).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let tc = TrainConfig { epochs: 5, batch_size: 8, lr: 3e-3, weight_decay: 0.0, seed: 2 };
+    let mut losses = Vec::new();
+    let ckpt = train(data.path(), out.path(), &tc, false, &mut |e| {
+        if let Event::Step { loss } = e {
+            losses.push(loss)
+        }
+    })
+    .unwrap();
+    assert_eq!(ckpt.epochs_done, 5);
+    let first: f32 = losses[..3].iter().sum::<f32>() / 3.0;
+    let last: f32 = losses[losses.len() - 3..].iter().sum::<f32>() / 3.0;
+    assert!(last < 0.8 * first, "loss {first} -> {last}");
+    let model = Vqa::load(out.path()).unwrap();
+    // Unknown words are read as <unk> and reported; empty questions are an error; long ones are cut.
+    let q = model.question("what colour is the dodecahedron?").unwrap();
+    assert_eq!(q.unknown, vec!["colour".to_string(), "dodecahedron".to_string()]);
+    assert!(matches!(model.question("   "), Err(gradcam_vqa::Error::EmptyQuestion)));
+    let long = "what ".repeat(100);
+    let q = model.question(&long).unwrap();
+    assert!(q.truncated && q.tokens.len() == model.cfg.max_question_len);
+    let err = model.answer_index("elephant").unwrap_err().to_string();
+    assert!(err.contains("elephant") && err.contains("yes"), "{err}");
+}
