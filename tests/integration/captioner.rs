@@ -119,7 +119,6 @@ fn gradcam(args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-#[ignore = "WIP: needs the shipped models/captioner"]
 fn caption_command_explains_every_word() {
     let out = tempfile::tempdir().unwrap();
     let img = repo("data/shapescenes/test/images/000019.png");
