@@ -106,3 +106,36 @@ fn a_tiny_vqa_model_learns() {
     let err = model.answer_index("elephant").unwrap_err().to_string();
     assert!(err.contains("elephant") && err.contains("yes"), "{err}");
 }
+
+fn gradcam(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_gradcam")).args(args).current_dir(crate::repo("")).output().unwrap()
+}
+
+#[test]
+fn vqa_command_answers_explains_and_scores_a_file() {
+    let out = tempfile::tempdir().unwrap();
+    let img = crate::repo("data/shapescenes/test/images/000019.png");
+    let o = gradcam(&["vqa", img.to_str().unwrap(), "What color is the triangle?", "--answer", "red", "--counterfactual", "--json", "--out", out.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["answers"][0]["answer"], "yellow");
+    let e = j["explanations"].as_array().unwrap();
+    assert_eq!(e.len(), 4, "yellow and red, each with its counterfactual");
+    assert_eq!((e[0]["answer"].as_str(), e[1]["counterfactual"].as_bool()), (Some("yellow"), Some(true)));
+    assert_eq!(e[0]["cam_size"], serde_json::json!([16, 16]));
+
+    let o = gradcam(&["vqa", img.to_str().unwrap(), "   ", "--out", out.path().to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("the question is empty"));
+    let o = gradcam(&["vqa", img.to_str().unwrap(), "is there a mauve blob?", "--json", "--out", out.path().to_str().unwrap()]);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["unknown_words"], serde_json::json!(["mauve", "blob"]));
+
+    let dir = crate::repo("data/shapescenes/test");
+    let o = gradcam(&[
+        "vqa", "--questions", dir.join("questions.json").to_str().unwrap(), "--images", dir.join("images").to_str().unwrap(),
+        "--annotations", dir.join("annotations.json").to_str().unwrap(), "--json", "--out", out.path().to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("VQA accuracy overall"));
+    assert!(String::from_utf8_lossy(&o.stdout).lines().count() >= 5);
+}

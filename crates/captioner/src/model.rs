@@ -332,11 +332,14 @@ impl Captioner {
                 break;
             }
             let idx = Tensor::new(rows.as_slice(), a.device())?;
-            (h, c) = (h2.index_select(&idx, 0)?, c2.index_select(&idx, 0)?);
+            (h, c) = (h2.contiguous()?.index_select(&idx, 0)?, c2.contiguous()?.index_select(&idx, 0)?);
             img = img1.broadcast_as((rows.len(), img1.dim(1)?))?.contiguous()?;
             beams = next;
         }
-        finished.extend(beams);
+        // Unfinished prefixes compete only when nothing finished (the length limit was hit).
+        if finished.is_empty() {
+            finished = beams;
+        }
         let (tokens, logprobs) = finished
             .into_iter()
             .max_by(|x, y| x.1.iter().sum::<f32>().total_cmp(&y.1.iter().sum::<f32>()))

@@ -24,11 +24,14 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Validation images decoded each epoch for the exact-match score.
     pub val_images: usize,
+    /// Label smoothing of the word targets.
+    #[serde(default)]
+    pub label_smoothing: f64,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { epochs: 12, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0, val_images: 200 }
+        TrainConfig { epochs: 12, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0, val_images: 200, label_smoothing: 0.0 }
     }
 }
 
@@ -127,11 +130,19 @@ impl Data {
     }
 }
 
-/// Mean negative log-likelihood of the target words.
-fn loss(model: &Trainable, batch: &(Tensor, Tensor, Tensor, Tensor, f32)) -> Result<Tensor> {
+/// Mean negative log-likelihood of the target words, against targets smoothed by `smoothing`
+/// (Szegedy et al. 2016): a model that never reaches p = 1 keeps informative word gradients.
+fn loss(model: &Trainable, batch: &(Tensor, Tensor, Tensor, Tensor, f32), smoothing: f64) -> Result<Tensor> {
     let (images, rows, inputs, onehot, count) = batch;
     let logp = model.forward(images, rows, inputs)?; // [n, t, V]
-    Ok(((logp * onehot)?.sum_all()? * (-1.0 / *count as f64))?)
+    let target = if smoothing > 0.0 {
+        let v = onehot.dim(2)? as f64;
+        let valid = onehot.sum_keepdim(2)?; // [n, t, 1]: 1 on words, 0 on padding
+        (onehot.affine(1.0 - smoothing, 0.0)? + valid.affine(smoothing / v, 0.0)?.broadcast_as(onehot.shape())?)?
+    } else {
+        onehot.clone()
+    };
+    Ok(((logp * target)?.sum_all()? * (-1.0 / *count as f64))?)
 }
 
 /// Trains a captioner on `data/train`, validating on `data/val`, writing the model to `out`
@@ -179,7 +190,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         progress(Event::Start { epoch, steps });
         let mut total = 0.0;
         for chunk in order.chunks(bs) {
-            let l = loss(&model, &train_data.batch(chunk, &vocab)?)?;
+            let l = loss(&model, &train_data.batch(chunk, &vocab)?, ckpt.train.label_smoothing)?;
             opt.backward_step(&l)?;
             let l = l.to_scalar::<f32>()?;
             if !l.is_finite() {
@@ -191,7 +202,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         let ids: Vec<usize> = (0..val_data.len()).collect();
         let mut val_loss = 0.0;
         for chunk in ids.chunks(bs) {
-            val_loss += loss(&model, &val_data.batch(chunk, &vocab)?)?.to_scalar::<f32>()? * chunk.len() as f32;
+            val_loss += loss(&model, &val_data.batch(chunk, &vocab)?, 0.0)?.to_scalar::<f32>()? * chunk.len() as f32;
         }
         let frozen = Captioner::from_varbuilder(cfg.clone(), vocab.clone(), VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
         let exact = crate::eval::exact_match(&frozen, &val_split, ckpt.train.val_images)?;

@@ -176,13 +176,16 @@ pub struct TrainCaptionerArgs {
     lr: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Label smoothing of the word targets (keeps word gradients informative).
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
     /// Continue from OUT/checkpoint.json.
     #[arg(long)]
     resume: bool,
 }
 
 pub fn train_captioner(args: TrainCaptionerArgs) -> anyhow::Result<ExitCode> {
-    let tc = TrainConfig { epochs: args.epochs, batch_size: args.batch_size, lr: args.lr, seed: args.seed, ..Default::default() };
+    let tc = TrainConfig { epochs: args.epochs, batch_size: args.batch_size, lr: args.lr, seed: args.seed, label_smoothing: args.label_smoothing, ..Default::default() };
     let start = std::time::Instant::now();
     let mut epoch_bar = ProgressBar::hidden();
     let ckpt = train(&args.data, &args.out, &tc, args.resume, &mut |e| match e {
@@ -219,8 +222,8 @@ pub fn train_captioner(args: TrainCaptionerArgs) -> anyhow::Result<ExitCode> {
         None
     };
     let command = format!(
-        "gradcam train captioner --data {} --out {} --epochs {} --batch-size {} --lr {} --seed {}",
-        args.data.display(), args.out.display(), args.epochs, args.batch_size, args.lr, args.seed
+        "gradcam train captioner --data {} --out {} --epochs {} --batch-size {} --lr {} --seed {} --label-smoothing {}",
+        args.data.display(), args.out.display(), args.epochs, args.batch_size, args.lr, args.seed, args.label_smoothing
     );
     let card = model_card(&command, &ckpt, minutes, metrics.as_ref(), &args.data);
     gradcam_scenes::write_atomic(&args.out.join("README.md"), card.as_bytes())?;
@@ -239,8 +242,8 @@ fn model_card(command: &str, ckpt: &gradcam_captioner::train::Checkpoint, minute
     s.push_str(&format!("## Training\n\nData: `{}` (COCO captions + instances; train split for training, val for validation, test for the metrics below).\n\n", data.display()));
     s.push_str(&format!("```sh\n{command}\n```\n\n"));
     s.push_str(&format!(
-        "AdamW (lr {}, weight decay {}, cosine decay), batch {} images with all their captions, seed {}; {} epochs in {minutes:.1} min on a 2-core CPU.\n\n",
-        ckpt.train.lr, ckpt.train.weight_decay, ckpt.train.batch_size, ckpt.train.seed, ckpt.epochs_done
+        "AdamW (lr {}, weight decay {}, cosine decay), label smoothing {}, batch {} images with all their captions, seed {}; {} epochs in {minutes:.1} min on a 2-core CPU.\n\n",
+        ckpt.train.lr, ckpt.train.weight_decay, ckpt.train.label_smoothing, ckpt.train.batch_size, ckpt.train.seed, ckpt.epochs_done
     ));
     s.push_str("| epoch | train loss | val loss | val exact match | seconds |\n|---|---|---|---|---|\n");
     for l in &ckpt.log {
