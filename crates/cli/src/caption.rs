@@ -237,7 +237,7 @@ fn model_card(command: &str, ckpt: &gradcam_captioner::train::Checkpoint, minute
     let mut s = String::new();
     s.push_str("# Show-and-Tell captioner for ShapeScenes\n\n");
     s.push_str("A scene CNN (4 convolutions, CoordConv before `conv4`, explained layer `conv4`: 96 x 16 x 16 at 64 px) whose ");
-    s.push_str("globally pooled features enter an LSTM (embedding 64, hidden 256) as its first input (Vinyals et al. 2015). ");
+    s.push_str("average- and max-pooled features, projected to 64, enter an LSTM (hidden 256) beside every word embedding (64) (Show and Tell, Vinyals et al. 2015, with the image at every step). ");
     s.push_str("Every word of a caption is explained by backpropagating its log-probability into `conv4` (Grad-CAM paper, section 8.1).\n\n");
     s.push_str(&format!("## Training\n\nData: `{}` (COCO captions + instances; train split for training, val for validation, test for the metrics below).\n\n", data.display()));
     s.push_str(&format!("```sh\n{command}\n```\n\n"));
