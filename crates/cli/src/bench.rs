@@ -34,6 +34,9 @@ pub enum BenchCommand {
         iters: usize,
         #[arg(long)]
         json: bool,
+        /// Also time the parts: encoder, greedy decoding, word maps.
+        #[arg(long)]
+        detail: bool,
     },
     /// Our convolution kernels against stock candle's, on EfficientNet- and VGG-sized layers.
     Ops {
@@ -66,7 +69,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Classify { model, iters, json } => classify(model, iters, json),
         BenchCommand::Ops { iters } => ops(iters),
-        BenchCommand::Caption { model, image, iters, json } => caption(&model, &image, iters, json),
+        BenchCommand::Caption { model, image, iters, json, detail } => caption(&model, &image, iters, json, detail),
     }
 }
 
@@ -128,7 +131,7 @@ fn ops(iters: usize) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn caption(model: &std::path::Path, image: &std::path::Path, iters: usize, json: bool) -> anyhow::Result<ExitCode> {
+fn caption(model: &std::path::Path, image: &std::path::Path, iters: usize, json: bool, detail: bool) -> anyhow::Result<ExitCode> {
     use gradcam_captioner::eval::word_maps;
     let model = gradcam_captioner::Captioner::load(model)?;
     let img = gradcam_encoders::preprocess::load_image(image)?;
@@ -145,7 +148,7 @@ fn caption(model: &std::path::Path, image: &std::path::Path, iters: usize, json:
         }
         Ok(())
     })?;
-    if std::env::var_os("GRADCAM_BENCH_DETAIL").is_some() {
+    if detail {
         let a = model.features(&input)?;
         let tokens = model.greedy(&a)?.remove(0).tokens;
         let f = time_ms(iters, || model.features(&input).map(|_| ()).map_err(Into::into))?;
