@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{DType, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
 use gradcam_core::ops::{Activation, Linear, LstmCell};
 use gradcam_core::{Explainable, Target};
@@ -148,14 +148,8 @@ impl Captioner {
         if vocab.len() != cfg.vocab_size {
             return Err(Error::Model(format!("tokenizer.json has {} words, config.json says {}", vocab.len(), cfg.vocab_size)));
         }
-        let weights = dir.join("model.safetensors");
-        if !weights.is_file() {
-            return Err(Error::Io { path: weights, source: std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors") });
-        }
-        // SAFETY: the file is only read; it is not expected to change while mapped.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }
-            .map_err(|e| Error::Model(format!("{}: {e}", weights.display())))?;
-        Self::from_varbuilder(cfg, vocab, vb).map_err(|e| Error::Model(format!("{}: {e}", weights.display())))
+        let vb = scene_cnn::model_weights(dir)?;
+        Self::from_varbuilder(cfg, vocab, vb).map_err(|e| Error::Model(format!("{}: {e}", dir.join("model.safetensors").display())))
     }
 
     /// The frozen form of trained parameters.

@@ -12,7 +12,9 @@ use gradcam_core::map::{overlay, write_png_atomic, Region};
 use gradcam_encoders::preprocess::load_image;
 use gradcam_scenes::Split;
 use image::RgbImage;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
+
+use crate::progress::{bar, EpochBar};
 use serde::Serialize;
 
 /// The shipped model, relative to the repository (and to the binary's working directory).
@@ -94,11 +96,6 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-pub fn bar(n: u64, what: &str) -> ProgressBar {
-    let b = ProgressBar::new(n);
-    b.set_style(ProgressStyle::with_template(&format!("{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed_precise}}<{{eta_precise}}] {{msg}}")).expect("valid template"));
-    b
-}
 
 fn print(out: &mut impl Write, r: &CaptionJson, json: bool) -> std::io::Result<()> {
     if json {
@@ -187,18 +184,12 @@ pub struct TrainCaptionerArgs {
 pub fn train_captioner(args: TrainCaptionerArgs) -> anyhow::Result<ExitCode> {
     let tc = TrainConfig { epochs: args.epochs, batch_size: args.batch_size, lr: args.lr, seed: args.seed, label_smoothing: args.label_smoothing, ..Default::default() };
     let start = std::time::Instant::now();
-    let mut epoch_bar = ProgressBar::hidden();
+    let mut epoch_bar = EpochBar::default();
     let ckpt = train(&args.data, &args.out, &tc, args.resume, &mut |e| match e {
-        Event::Start { epoch, steps } => {
-            epoch_bar = ProgressBar::new(steps as u64);
-            epoch_bar.set_style(ProgressStyle::with_template(&format!("epoch {epoch:>2} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}] loss {{msg}}")).expect("valid template"));
-        }
-        Event::Step { loss } => {
-            epoch_bar.set_message(format!("{loss:.4}"));
-            epoch_bar.inc(1);
-        }
+        Event::Start { epoch, steps } => epoch_bar.start(epoch, steps),
+        Event::Step { loss } => epoch_bar.step(loss),
         Event::Epoch(log) => {
-            epoch_bar.finish_and_clear();
+            epoch_bar.finish();
             eprintln!(
                 "epoch {:>2}: train loss {:.4}, val loss {:.4}, val exact match {:.3} ({:.0} s)",
                 log.epoch, log.train_loss, log.val_loss, log.val_exact_match, log.seconds

@@ -3,6 +3,7 @@
 mod bench;
 mod caption;
 mod classify;
+mod progress;
 mod scenes;
 mod vqa;
 

@@ -14,7 +14,8 @@ use gradcam_scenes::Split;
 use gradcam_vqa::eval::evaluate;
 use gradcam_vqa::train::{train, Event, TrainConfig};
 use gradcam_vqa::{Vqa, VqaSplit};
-use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::progress::{bar, EpochBar};
 use serde::Serialize;
 
 pub const DEFAULT_MODEL: &str = "models/vqa";
@@ -90,7 +91,7 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
     let model = Vqa::load(&args.model).with_context(|| format!("loading the VQA model from {}", args.model.display()))?;
     if let Some(dir) = &args.eval {
         let split = Split::read(dir)?;
-        let bar = crate::caption::bar(args.limit as u64, "questions");
+        let bar = bar(args.limit as u64, "questions");
         let m = evaluate(&model, &split, args.limit, |i| bar.set_position(i as u64))?;
         bar.finish_and_clear();
         println!("{}", serde_json::to_string_pretty(&m)?);
@@ -192,7 +193,7 @@ fn batch(model: &Vqa, qfile: &Path, dir: &Path, args: &VqaArgs, out: &mut impl W
     let file = VqaFile::read(qfile, args.annotations.as_deref(), None)?;
     let files = images_by_id(dir)?;
     let ann: HashMap<u64, &gradcam_scenes::vqa::Annotation> = file.annotations.iter().map(|a| (a.question_id, a)).collect();
-    let bar = crate::caption::bar(file.questions.len() as u64, "questions");
+    let bar = bar(file.questions.len() as u64, "questions");
     let (mut failures, mut per_type): (usize, BTreeMap<String, (usize, f64)>) = (0, BTreeMap::new());
     let mut cache: Option<(u64, image::RgbImage)> = None;
     for q in &file.questions {
@@ -252,18 +253,12 @@ pub struct TrainVqaArgs {
 pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
     let tc = TrainConfig { epochs: args.epochs, batch_size: args.batch_size, lr: args.lr, seed: args.seed, ..Default::default() };
     let start = std::time::Instant::now();
-    let mut epoch_bar = ProgressBar::hidden();
+    let mut epoch_bar = EpochBar::default();
     let ckpt = train(&args.data, &args.out, &tc, args.resume, &mut |e| match e {
-        Event::Start { epoch, steps } => {
-            epoch_bar = ProgressBar::new(steps as u64);
-            epoch_bar.set_style(ProgressStyle::with_template(&format!("epoch {epoch:>2} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}] loss {{msg}}")).expect("valid template"));
-        }
-        Event::Step { loss } => {
-            epoch_bar.set_message(format!("{loss:.4}"));
-            epoch_bar.inc(1);
-        }
+        Event::Start { epoch, steps } => epoch_bar.start(epoch, steps),
+        Event::Step { loss } => epoch_bar.step(loss),
         Event::Epoch(log) => {
-            epoch_bar.finish_and_clear();
+            epoch_bar.finish();
             eprintln!("epoch {:>2}: train loss {:.4}, val loss {:.4}, val accuracy {:.3} ({:.0} s)", log.epoch, log.train_loss, log.val_loss, log.val_accuracy, log.seconds);
         }
     })?;
@@ -275,7 +270,7 @@ pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
         let model = Vqa::load(&args.out)?;
         let split = Split::read(&test_dir)?;
         let n = split.vqa.as_ref().map_or(0, |v| v.questions.len());
-        let b = crate::caption::bar(n as u64, "test questions");
+        let b = bar(n as u64, "test questions");
         let m = evaluate(&model, &split, n, |i| b.set_position(i as u64))?;
         b.finish_and_clear();
         Some(m)

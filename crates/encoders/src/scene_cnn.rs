@@ -132,3 +132,15 @@ pub fn init_parameters(varmap: &candle_nn::VarMap, seed: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// The weights of a trained model folder (`dir/model.safetensors`), memory-mapped, with an error
+/// naming the file when it is missing or not safetensors.
+pub fn model_weights(dir: &std::path::Path) -> Result<VarBuilder<'static>> {
+    let weights = dir.join("model.safetensors");
+    if !weights.is_file() {
+        return Err(crate::Error::Io { path: weights, source: std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors") });
+    }
+    // SAFETY: the file is only read; it is not expected to change while mapped.
+    unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }
+        .map_err(|e| crate::Error::Checkpoint(format!("{}: {e}", weights.display())))
+}

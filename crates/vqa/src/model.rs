@@ -136,14 +136,8 @@ impl Vqa {
             return Err(Error::Model(format!("{}: encoder {:?} is not supported; use \"scene-cnn\"", path.display(), cfg.encoder)));
         }
         let vocab = Vocab::load(&dir.join("tokenizer.json"))?;
-        let weights = dir.join("model.safetensors");
-        if !weights.is_file() {
-            return Err(Error::Io { path: weights, source: std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors") });
-        }
-        // SAFETY: the file is only read; it is not expected to change while mapped.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }
-            .map_err(|e| Error::Model(format!("{}: {e}", weights.display())))?;
-        Self::from_varbuilder(cfg, vocab, vb).map_err(|e| Error::Model(format!("{}: {e}", weights.display())))
+        let vb = scene_cnn::model_weights(dir)?;
+        Self::from_varbuilder(cfg, vocab, vb).map_err(|e| Error::Model(format!("{}: {e}", dir.join("model.safetensors").display())))
     }
 
     pub fn from_varbuilder(cfg: Config, vocab: Vocab, vb: VarBuilder) -> Result<Self> {

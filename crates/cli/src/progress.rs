@@ -1,0 +1,36 @@
+//! Progress bars shared by the commands.
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A bar over `n` items of `what`, with elapsed time and ETA.
+pub fn bar(n: u64, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(n);
+    b.set_style(ProgressStyle::with_template(&format!("{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed_precise}}<{{eta_precise}}] {{msg}}")).expect("valid template"));
+    b
+}
+
+/// One bar per training epoch, showing the last step's loss.
+pub struct EpochBar(ProgressBar);
+
+impl Default for EpochBar {
+    fn default() -> Self {
+        EpochBar(ProgressBar::hidden())
+    }
+}
+
+impl EpochBar {
+    pub fn start(&mut self, epoch: usize, steps: usize) {
+        self.0 = ProgressBar::new(steps as u64);
+        let template = format!("epoch {epoch:>2} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}] loss {{msg}}");
+        self.0.set_style(ProgressStyle::with_template(&template).expect("valid template"));
+    }
+
+    pub fn step(&self, loss: f32) {
+        self.0.set_message(format!("{loss:.4}"));
+        self.0.inc(1);
+    }
+
+    pub fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
