@@ -23,7 +23,7 @@ pub use weights::{Weights, WeightsSource};
 pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{}: {message}", path.display())]
     Image { path: PathBuf, message: String },

@@ -17,7 +17,7 @@ pub use dataset::{Config, Example, Split};
 /// Errors of the scenes crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{}: not valid JSON: {message}", file.display())]
     Json { file: PathBuf, message: String },

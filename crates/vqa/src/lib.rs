@@ -22,7 +22,7 @@ pub enum Error {
     Encoders(#[from] gradcam_encoders::Error),
     #[error(transparent)]
     Scenes(#[from] gradcam_scenes::Error),
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     #[error("model: {0}")]
     Model(String),
