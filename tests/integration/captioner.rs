@@ -15,10 +15,10 @@ use crate::repo;
 
 fn tiny() -> (Trainable, Captioner, VarMap) {
     let vocab = Vocab::build(["a red circle left of a blue square", "a green triangle"], 1).unwrap();
-    let cfg = Config { encoder: "scene-cnn".into(), image_size: 16, embed: 8, hidden: 12, vocab_size: vocab.len(), max_len: 8 };
+    let cfg = Config { image_size: 16, embed: 8, hidden: 12, max_len: 8, ..Config::new(vocab.len()) };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let trainable = Trainable::new(&cfg, vb.clone()).unwrap();
+    let trainable = Trainable::new(&cfg, vb.clone(), true).unwrap();
     init_parameters(&varmap, 5).unwrap();
     let frozen = Captioner::from_varbuilder(cfg, vocab, vb).unwrap();
     (trainable, frozen, varmap)
@@ -41,7 +41,7 @@ fn fused_inference_model_matches_the_trainable_one() {
     let ours = frozen.logprobs(&a, &[inputs.clone()]).unwrap();
     let rows = Tensor::new(&[0u32], &Device::Cpu).unwrap();
     let ids = Tensor::new(inputs.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let reference = trainable.forward(&x, &rows, &ids).unwrap();
+    let reference = trainable.forward(&x, &rows, &ids).unwrap().0;
     let diff = (ours.clone() - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(diff < 1e-5, "{diff}");
     // The single-op word scores agree with the step-by-step log-probabilities.
@@ -95,7 +95,7 @@ fn a_tiny_captioner_learns() {
     let cfg = gradcam_scenes::Config { n: 60, seed: 9, fractions: [0.8, 0.2, 0.0], size: 64 };
     gradcam_scenes::dataset::write(data.path(), &cfg, &|| {}).unwrap();
     let out = tempfile::tempdir().unwrap();
-    let tc = TrainConfig { epochs: 4, batch_size: 8, lr: 3e-3, weight_decay: 0.0, seed: 1, val_images: 4, label_smoothing: 0.1 };
+    let tc = TrainConfig { epochs: 4, batch_size: 8, lr: 3e-3, weight_decay: 0.0, seed: 1, val_images: 4, label_smoothing: 0.1, word_loss: 1.0 };
     let mut losses = Vec::new();
     let ckpt = train(data.path(), out.path(), &tc, false, &mut |e| {
         if let Event::Step { loss } = e {

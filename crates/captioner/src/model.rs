@@ -11,7 +11,7 @@ use candle_core::{DType, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
 use gradcam_core::ops::{Activation, Linear, LstmCell};
 use gradcam_core::{Explainable, Target};
-use gradcam_encoders::scene_cnn::{self, SceneCnn};
+use gradcam_encoders::scene_cnn::{self, Pooling, SceneCnn};
 use serde::{Deserialize, Serialize};
 
 use crate::scores::CaptionLogProbs;
@@ -30,11 +30,26 @@ pub struct Config {
     pub vocab_size: usize,
     /// Longest caption generated, in words.
     pub max_len: usize,
+    /// `conv4` sees coordinate channels (models trained before spatial moments; see
+    /// `gradcam_encoders::scene_cnn`).
+    #[serde(default = "yes")]
+    pub coord_conv: bool,
+    /// The pooled image vector carries each channel's spatial moments.
+    #[serde(default)]
+    pub pool_moments: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Config {
     pub fn new(vocab_size: usize) -> Self {
-        Config { encoder: "scene-cnn".into(), image_size: 64, embed: 64, hidden: 256, vocab_size, max_len: 20 }
+        Config { encoder: "scene-cnn".into(), image_size: 64, embed: 64, hidden: 256, vocab_size, max_len: 20, coord_conv: false, pool_moments: true }
+    }
+
+    pub fn pooling(&self) -> Pooling {
+        Pooling { moments: self.pool_moments }
     }
 
     pub fn load(path: &Path) -> Result<Self> {
@@ -56,16 +71,21 @@ pub struct Trainable {
     weight_ih: candle_nn::Linear,
     weight_hh: candle_nn::Linear,
     out: candle_nn::Linear,
+    /// Which words the image's captions use, from the averaged `conv4` (an auxiliary head for
+    /// training only; see `TrainConfig::word_loss`).
+    words: Option<candle_nn::Linear>,
 }
 
 impl Trainable {
-    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    /// With `word_head`, also the auxiliary bag-of-words head (`words.*`).
+    pub fn new(cfg: &Config, vb: VarBuilder, word_head: bool) -> Result<Self> {
         let (e, h, v) = (cfg.embed, cfg.hidden, cfg.vocab_size);
         let lstm = vb.pp("lstm");
         Ok(Self {
             cfg: cfg.clone(),
-            cnn: SceneCnn::new(vb.pp("encoder"))?,
-            image_proj: candle_nn::linear(2 * scene_cnn::CHANNELS, e, vb.pp("image_proj"))?,
+            words: if word_head { Some(candle_nn::linear(scene_cnn::CHANNELS, v, vb.pp("words"))?) } else { None },
+            cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv)?,
+            image_proj: candle_nn::linear(cfg.pooling().width(scene_cnn::CHANNELS), e, vb.pp("image_proj"))?,
             embed: candle_nn::embedding(v, e, vb.pp("embed"))?,
             weight_ih: candle_nn::Linear::new(lstm.get((4 * h, 2 * e), "weight_ih")?, Some(lstm.get(4 * h, "bias_ih")?)),
             weight_hh: candle_nn::Linear::new(lstm.get((4 * h, h), "weight_hh")?, Some(lstm.get(4 * h, "bias_hh")?)),
@@ -73,15 +93,21 @@ impl Trainable {
         })
     }
 
-    /// Log-probabilities of each next word, teacher-forced.
+    /// Log-probabilities of each next word, teacher-forced, and (with the word head) the logits
+    /// of each vocabulary word being used by the image's captions.
     ///
     /// # Shapes
     /// `images`: `[b, 3, s, s]`; `rows`: `[n]` image index of each caption; `tokens`: `[n, t]`
-    /// (`<start>` w1 .. w_{t-1}) -> `[n, t, vocab]`, position i predicting the word after token i.
-    pub fn forward(&self, images: &Tensor, rows: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+    /// (`<start>` w1 .. w_{t-1}) -> `[n, t, vocab]`, position i predicting the word after token
+    /// i; `[b, vocab]`.
+    pub fn forward(&self, images: &Tensor, rows: &Tensor, tokens: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         use candle_core::Module;
         let a = self.cnn.forward(images)?; // [b, C, h, w]
-        let img = self.image_proj.forward(&pool(&a)?)?.index_select(rows, 0)?; // [n, E]
+        let bag = match &self.words {
+            Some(head) => Some(head.forward(&a.mean((2, 3))?)?),
+            None => None,
+        };
+        let img = self.image_proj.forward(&self.cfg.pooling().forward(&a)?)?.index_select(rows, 0)?; // [n, E]
         let (n, t) = tokens.dims2()?;
         let hidden = self.cfg.hidden;
         let zeros = Tensor::zeros((n, hidden), DType::F32, images.device())?;
@@ -103,16 +129,8 @@ impl Trainable {
             (h, c) = step(&x, &h, &c)?;
             logits.push(self.out.forward(&h)?);
         }
-        Ok(candle_nn::ops::log_softmax(&Tensor::stack(&logits, 1)?, D::Minus1)?)
+        Ok((candle_nn::ops::log_softmax(&Tensor::stack(&logits, 1)?, D::Minus1)?, bag))
     }
-}
-
-/// Average and max over space, side by side.
-///
-/// # Shapes
-/// `[n, C, h, w]` -> `[n, 2C]`.
-fn pool(a: &Tensor) -> Result<Tensor> {
-    Ok(gradcam_core::ops::GlobalAvgMaxPool.forward(a)?)
 }
 
 pub use gradcam_encoders::scene_cnn::init_parameters;
@@ -174,8 +192,8 @@ impl Captioner {
         };
         Ok(Self {
             scores,
-            cnn: SceneCnn::new(vb.pp("encoder"))?,
-            image_proj: Linear::new(&proj.get((e, 2 * scene_cnn::CHANNELS), "weight")?, Some(&proj.get(e, "bias")?), Activation::Identity)?,
+            cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv)?,
+            image_proj: Linear::new(&proj.get((e, cfg.pooling().width(scene_cnn::CHANNELS)), "weight")?, Some(&proj.get(e, "bias")?), Activation::Identity)?,
             embed: vb.pp("embed").get((v, e), "weight")?,
             lstm: LstmCell::new(&lstm.get((4 * h, 2 * e), "weight_ih")?, &lstm.get((4 * h, h), "weight_hh")?, &lstm.get(4 * h, "bias_ih")?, &lstm.get(4 * h, "bias_hh")?)?,
             out: Linear::new(&out.get((v, h), "weight")?, Some(&out.get(v, "bias")?), Activation::Identity)?,
@@ -199,7 +217,7 @@ impl Captioner {
 
     /// The image embedding fed at every step, and the initial (zero) LSTM state.
     fn start(&self, a: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let img = self.image_proj.forward(&pool(a)?)?; // [n, E]
+        let img = self.image_proj.forward(&self.cfg.pooling().forward(a)?)?; // [n, E]
         let zeros = Tensor::zeros((a.dim(0)?, self.lstm.hidden()), DType::F32, a.device())?;
         Ok((img, zeros.clone(), zeros))
     }
@@ -219,7 +237,7 @@ impl Captioner {
     /// # Shapes
     /// `a`: `[n, C, h, w]` -> `[n, t]` (`t` = words, plus one with `<end>`).
     pub fn word_logprobs(&self, a: &Tensor, tokens: &[u32], with_end: bool) -> Result<Tensor> {
-        let img = self.image_proj.forward(&pool(a)?)?; // [n, E]
+        let img = self.image_proj.forward(&self.cfg.pooling().forward(a)?)?; // [n, E]
         let mut inputs = vec![self.vocab.start];
         inputs.extend_from_slice(tokens);
         let mut targets = tokens.to_vec();

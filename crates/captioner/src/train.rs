@@ -27,11 +27,17 @@ pub struct TrainConfig {
     /// Label smoothing of the word targets.
     #[serde(default)]
     pub label_smoothing: f64,
+    /// Weight of the auxiliary bag-of-words loss: from the averaged `conv4` alone, a linear head
+    /// predicts which words the image's captions use (binary cross-entropy per word). It asks
+    /// the encoder for units that say "red" or "circle" where the object is, as a classifier
+    /// trained on image labels has, without any boxes or masks.
+    #[serde(default)]
+    pub word_loss: f64,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { epochs: 12, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0, val_images: 200, label_smoothing: 0.0 }
+        TrainConfig { epochs: 12, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0, val_images: 200, label_smoothing: 0.0, word_loss: 0.0 }
     }
 }
 
@@ -67,6 +73,10 @@ struct Data {
     captions: Vec<Vec<Vec<u32>>>,
 }
 
+/// A batch: images, caption rows, inputs, one-hot targets, the number of target words, and
+/// which words each image's captions use (multi-hot `[b, vocab]`).
+type Batch = (Tensor, Tensor, Tensor, Tensor, f32, Tensor);
+
 impl Data {
     fn load(split: &Split, vocab: &Vocab, size: u32) -> Result<Self> {
         let examples = split.examples();
@@ -89,7 +99,7 @@ impl Data {
     }
 
     /// Images `[b, 3, s, s]`, caption rows, inputs and one-hot targets (zero rows for padding).
-    fn batch(&self, ids: &[usize], vocab: &Vocab) -> Result<(Tensor, Tensor, Tensor, Tensor, f32)> {
+    fn batch(&self, ids: &[usize], vocab: &Vocab) -> Result<Batch> {
         let plane = 3 * self.size * self.size;
         let mut px = Vec::with_capacity(ids.len() * plane);
         for &i in ids {
@@ -120,21 +130,29 @@ impl Data {
             }
         }
         let n = seqs.len();
+        let mut bag = vec![0f32; ids.len() * v];
+        for (b, &i) in ids.iter().enumerate() {
+            for &w in self.captions[i].iter().flatten() {
+                bag[b * v + w as usize] = 1.0;
+            }
+        }
         Ok((
             images,
             Tensor::new(rows.as_slice(), &Device::Cpu)?,
             Tensor::from_vec(inputs, (n, t), &Device::Cpu)?,
             Tensor::from_vec(onehot, (n, t, v), &Device::Cpu)?,
             count,
+            Tensor::from_vec(bag, (ids.len(), v), &Device::Cpu)?,
         ))
     }
 }
 
 /// Mean negative log-likelihood of the target words, against targets smoothed by `smoothing`
 /// (Szegedy et al. 2016): a model that never reaches p = 1 keeps informative word gradients.
-fn loss(model: &Trainable, batch: &(Tensor, Tensor, Tensor, Tensor, f32), smoothing: f64) -> Result<Tensor> {
-    let (images, rows, inputs, onehot, count) = batch;
-    let logp = model.forward(images, rows, inputs)?; // [n, t, V]
+/// Plus `word_loss` x the mean binary cross-entropy of the bag-of-words head.
+fn loss(model: &Trainable, batch: &Batch, smoothing: f64, word_loss: f64) -> Result<Tensor> {
+    let (images, rows, inputs, onehot, count, bag) = batch;
+    let (logp, bag_logits) = model.forward(images, rows, inputs)?; // [n, t, V], [b, V]
     let target = if smoothing > 0.0 {
         let v = onehot.dim(2)? as f64;
         let valid = onehot.sum_keepdim(2)?; // [n, t, 1]: 1 on words, 0 on padding
@@ -142,7 +160,15 @@ fn loss(model: &Trainable, batch: &(Tensor, Tensor, Tensor, Tensor, f32), smooth
     } else {
         onehot.clone()
     };
-    Ok(((logp * target)?.sum_all()? * (-1.0 / *count as f64))?)
+    let nll = ((logp * target)?.sum_all()? * (-1.0 / *count as f64))?;
+    match bag_logits {
+        Some(z) if word_loss > 0.0 => {
+            // BCE with logits, stably: max(z, 0) - z y + log(1 + exp(-|z|)).
+            let bce = ((z.relu()? - (&z * bag)?)? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?)?.mean_all()?;
+            Ok((nll + (bce * word_loss)?)?)
+        }
+        _ => Ok(nll),
+    }
 }
 
 /// Trains a captioner on `data/train`, validating on `data/val`, writing the model to `out`
@@ -162,9 +188,9 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         (vocab, Checkpoint { train: tc.clone(), data: data.to_path_buf(), epochs_done: 0, log: Vec::new() })
     };
     ckpt.train.epochs = tc.epochs;
-    let cfg = Config::new(vocab.len());
+    let cfg = if ckpt.epochs_done > 0 { Config::load(&out.join("config.json"))? } else { Config::new(vocab.len()) };
     let mut varmap = VarMap::new();
-    let model = Trainable::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+    let model = Trainable::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), ckpt.train.word_loss > 0.0)?;
     if ckpt.epochs_done > 0 {
         varmap.load(out.join("model.safetensors"))?;
     } else {
@@ -190,7 +216,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         progress(Event::Start { epoch, steps });
         let mut total = 0.0;
         for chunk in order.chunks(bs) {
-            let l = loss(&model, &train_data.batch(chunk, &vocab)?, ckpt.train.label_smoothing)?;
+            let l = loss(&model, &train_data.batch(chunk, &vocab)?, ckpt.train.label_smoothing, ckpt.train.word_loss)?;
             opt.backward_step(&l)?;
             let l = l.to_scalar::<f32>()?;
             if !l.is_finite() {
@@ -202,7 +228,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         let ids: Vec<usize> = (0..val_data.len()).collect();
         let mut val_loss = 0.0;
         for chunk in ids.chunks(bs) {
-            val_loss += loss(&model, &val_data.batch(chunk, &vocab)?, 0.0)?.to_scalar::<f32>()? * chunk.len() as f32;
+            val_loss += loss(&model, &val_data.batch(chunk, &vocab)?, 0.0, 0.0)?.to_scalar::<f32>()? * chunk.len() as f32;
         }
         let frozen = Captioner::from_varbuilder(cfg.clone(), vocab.clone(), VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
         let exact = crate::eval::exact_match(&frozen, &val_split, ckpt.train.val_images)?;

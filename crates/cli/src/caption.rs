@@ -176,13 +176,17 @@ pub struct TrainCaptionerArgs {
     /// Label smoothing of the word targets (keeps word gradients informative).
     #[arg(long, default_value_t = 0.0)]
     label_smoothing: f64,
+    /// Weight of the auxiliary loss that predicts, from the averaged `conv4`, which words the
+    /// image's captions use (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    word_loss: f64,
     /// Continue from OUT/checkpoint.json.
     #[arg(long)]
     resume: bool,
 }
 
 pub fn train_captioner(args: TrainCaptionerArgs) -> anyhow::Result<ExitCode> {
-    let tc = TrainConfig { epochs: args.epochs, batch_size: args.batch_size, lr: args.lr, seed: args.seed, label_smoothing: args.label_smoothing, ..Default::default() };
+    let tc = TrainConfig { epochs: args.epochs, batch_size: args.batch_size, lr: args.lr, seed: args.seed, label_smoothing: args.label_smoothing, word_loss: args.word_loss, ..Default::default() };
     let start = std::time::Instant::now();
     let mut epoch_bar = EpochBar::default();
     let ckpt = train(&args.data, &args.out, &tc, args.resume, &mut |e| match e {
@@ -213,10 +217,11 @@ pub fn train_captioner(args: TrainCaptionerArgs) -> anyhow::Result<ExitCode> {
         None
     };
     let command = format!(
-        "gradcam train captioner --data {} --out {} --epochs {} --batch-size {} --lr {} --seed {} --label-smoothing {}",
-        args.data.display(), args.out.display(), args.epochs, args.batch_size, args.lr, args.seed, args.label_smoothing
+        "gradcam train captioner --data {} --out {} --epochs {} --batch-size {} --lr {} --seed {} --label-smoothing {} --word-loss {}",
+        args.data.display(), args.out.display(), args.epochs, args.batch_size, args.lr, args.seed, args.label_smoothing, args.word_loss
     );
-    let card = model_card(&command, &ckpt, minutes, metrics.as_ref(), &args.data);
+    let cfg = gradcam_captioner::Config::load(&args.out.join("config.json"))?;
+    let card = model_card(&command, &cfg, &ckpt, minutes, metrics.as_ref(), &args.data);
     gradcam_scenes::write_atomic(&args.out.join("README.md"), card.as_bytes())?;
     if let Some(m) = &metrics {
         eprintln!("test: exact match {:.3}, BLEU-4 {:.3}", m.exact_match, m.bleu4);
@@ -224,17 +229,35 @@ pub fn train_captioner(args: TrainCaptionerArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn model_card(command: &str, ckpt: &gradcam_captioner::train::Checkpoint, minutes: f64, metrics: Option<&gradcam_captioner::eval::Metrics>, data: &Path) -> String {
+fn model_card(
+    command: &str,
+    cfg: &gradcam_captioner::Config,
+    ckpt: &gradcam_captioner::train::Checkpoint,
+    minutes: f64,
+    metrics: Option<&gradcam_captioner::eval::Metrics>,
+    data: &Path,
+) -> String {
     let mut s = String::new();
+    let side = cfg.image_size / 4;
     s.push_str("# Show-and-Tell captioner for ShapeScenes\n\n");
-    s.push_str("A scene CNN (4 convolutions, CoordConv before `conv4`, explained layer `conv4`: 96 x 16 x 16 at 64 px) whose ");
-    s.push_str("average- and max-pooled features, projected to 64, enter an LSTM (hidden 256) beside every word embedding (64) (Show and Tell, Vinyals et al. 2015, with the image at every step). ");
+    s.push_str(&format!(
+        "A scene CNN (4 convolutions{}, explained layer `conv4`: 96 x {side} x {side} at {} px) whose ",
+        if cfg.coord_conv { ", CoordConv before `conv4`" } else { "" },
+        cfg.image_size
+    ));
+    s.push_str(&format!(
+        "{} features, projected to {}, enter an LSTM (hidden {}) beside every word embedding ({}) (Show and Tell, Vinyals et al. 2015, with the image at every step). ",
+        if cfg.pool_moments { "average-, max- and spatial-moment-pooled" } else { "average- and max-pooled" },
+        cfg.embed,
+        cfg.hidden,
+        cfg.embed
+    ));
     s.push_str("Every word of a caption is explained by backpropagating its log-probability into `conv4` (Grad-CAM paper, section 8.1).\n\n");
     s.push_str(&format!("## Training\n\nData: `{}` (COCO captions + instances; train split for training, val for validation, test for the metrics below).\n\n", data.display()));
     s.push_str(&format!("```sh\n{command}\n```\n\n"));
     s.push_str(&format!(
-        "AdamW (lr {}, weight decay {}, cosine decay), label smoothing {}, batch {} images with all their captions, seed {}; {} epochs in {minutes:.1} min on a 2-core CPU.\n\n",
-        ckpt.train.lr, ckpt.train.weight_decay, ckpt.train.label_smoothing, ckpt.train.batch_size, ckpt.train.seed, ckpt.epochs_done
+        "AdamW (lr {}, weight decay {}, cosine decay), label smoothing {}, auxiliary bag-of-words loss weight {}, batch {} images with all their captions, seed {}; {} epochs in {minutes:.1} min on a 2-core CPU.\n\n",
+        ckpt.train.lr, ckpt.train.weight_decay, ckpt.train.label_smoothing, ckpt.train.word_loss, ckpt.train.batch_size, ckpt.train.seed, ckpt.epochs_done
     ));
     s.push_str("| epoch | train loss | val loss | val exact match | seconds |\n|---|---|---|---|---|\n");
     for l in &ckpt.log {

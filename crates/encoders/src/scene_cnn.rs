@@ -1,8 +1,14 @@
 //! A small CNN for ShapeScenes-sized images (64 to 128 px), trained from scratch with the models
 //! that use it. Four 3x3 convolutions with ReLU, strides 1, 2, 2, 1, so that the explained layer
-//! `conv4` keeps a quarter of the input resolution (16 x 16 at 64 px); `conv4` also sees two
-//! coordinate channels (CoordConv, Liu et al. 2018), so that globally pooled features still know
-//! where things are, which spatial words ("left of") need.
+//! `conv4` keeps a quarter of the input resolution (16 x 16 at 64 px).
+//!
+//! Spatial words ("left of") need to know where things are after global pooling. Two ways:
+//! - [`Pooling::moments`] (current models): beside the average and maximum of each channel, its
+//!   first spatial moments (mean of activation x column, activation x row, coordinates in
+//!   [-1, 1]). Position lives in the pooling, the units stay position-free, and because the
+//!   coordinates average to zero the moments add nothing to Grad-CAM's channel weights.
+//! - `coord_conv` (models trained before): `conv4` also sees two coordinate channels (CoordConv,
+//!   Liu et al. 2018); its units then mix position into what they detect.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -22,16 +28,17 @@ pub const CHANNELS: usize = 96;
 
 pub struct SceneCnn {
     convs: Vec<(Tensor, Tensor, usize)>,
+    coord_conv: bool,
 }
 
 impl SceneCnn {
     /// Parameters `conv1.weight`, `conv1.bias`, ... under `vb` (He-uniform initialised when the
-    /// `VarBuilder` creates them).
-    pub fn new(vb: VarBuilder) -> Result<Self> {
+    /// `VarBuilder` creates them); with `coord_conv`, `conv4` takes two coordinate channels more.
+    pub fn new(vb: VarBuilder, coord_conv: bool) -> Result<Self> {
         let mut convs = Vec::new();
         let mut cin = 3;
         for (i, &(cout, stride)) in CONVS.iter().enumerate() {
-            let cin_here = if i == 3 { cin + 2 } else { cin };
+            let cin_here = if i == 3 && coord_conv { cin + 2 } else { cin };
             let fan_in = (cin_here * 9) as f64;
             let bound = (6.0 / fan_in).sqrt();
             let vb = vb.pp(format!("conv{}", i + 1));
@@ -40,7 +47,7 @@ impl SceneCnn {
             convs.push((w, b, stride));
             cin = cout;
         }
-        Ok(Self { convs })
+        Ok(Self { convs, coord_conv })
     }
 
     /// Activations of `conv4`.
@@ -50,7 +57,7 @@ impl SceneCnn {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, (w, b, stride)) in self.convs.iter().enumerate() {
-            if i == 3 {
+            if i == 3 && self.coord_conv {
                 x = Tensor::cat(&[&x, &coordinates(&x)?], 1)?; // [b, c + 2, h, w]
             }
             let conv = TrainableConv2d { stride: *stride, padding: Padding::Same, activation: Activation::Relu };
@@ -73,6 +80,42 @@ impl SceneCnn {
             }
         }
         Ok(Tensor::from_vec(data, (3, size as usize, size as usize), &Device::Cpu)?)
+    }
+}
+
+/// Global pooling of the explained layer into the vector the decoder sees.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pooling {
+    /// Add each channel's first spatial moments (see the module docs).
+    pub moments: bool,
+}
+
+impl Pooling {
+    /// Length of the pooled vector for `channels` channels.
+    pub fn width(&self, channels: usize) -> usize {
+        if self.moments {
+            4 * channels
+        } else {
+            2 * channels
+        }
+    }
+
+    /// Averages, maxima, then (with `moments`) the x and y moments of every channel; differentiable.
+    ///
+    /// # Shapes
+    /// `[n, C, h, w]` -> `[n, width(C)]`.
+    pub fn forward(&self, a: &Tensor) -> Result<Tensor> {
+        let avg_max = gradcam_core::ops::GlobalAvgMaxPool.forward(a)?;
+        if !self.moments {
+            return Ok(avg_max);
+        }
+        let (n, c, h, w) = a.dims4()?;
+        let grid = coordinates(&a.narrow(0, 0, 1)?)?; // [1, 2, h, w]
+        let moment = |i: usize| -> Result<Tensor> {
+            let g = grid.narrow(1, i, 1)?.broadcast_as((n, c, h, w))?;
+            Ok((a * g)?.mean((2, 3))?)
+        };
+        Ok(Tensor::cat(&[avg_max, moment(0)?, moment(1)?], 1)?)
     }
 }
 

@@ -8,9 +8,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
-use gradcam_core::ops::{Activation, GlobalAvgMaxPool, Linear, LstmCell};
+use gradcam_core::ops::{Activation, Linear, LstmCell};
 use gradcam_core::Explainable;
-use gradcam_encoders::scene_cnn::{self, SceneCnn};
+use gradcam_encoders::scene_cnn::{self, Pooling, SceneCnn};
 use gradcam_scenes::vocab::{normalize, Vocab};
 use serde::{Deserialize, Serialize};
 
@@ -31,11 +31,38 @@ pub struct Config {
     pub answers: Vec<String>,
     /// Longer questions are cut to this many words.
     pub max_question_len: usize,
+    /// `conv4` sees coordinate channels (models trained before spatial moments; see
+    /// `gradcam_encoders::scene_cnn`).
+    #[serde(default = "yes")]
+    pub coord_conv: bool,
+    /// The pooled image vector carries each channel's spatial moments.
+    #[serde(default)]
+    pub pool_moments: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Config {
     pub fn new(vocab_size: usize, answers: Vec<String>) -> Self {
-        Config { encoder: "scene-cnn".into(), image_size: 64, embed: 64, hidden: 128, joint: 256, mlp: 256, vocab_size, answers, max_question_len: 30 }
+        Config {
+            encoder: "scene-cnn".into(),
+            image_size: 64,
+            embed: 64,
+            hidden: 128,
+            joint: 256,
+            mlp: 256,
+            vocab_size,
+            answers,
+            max_question_len: 30,
+            coord_conv: false,
+            pool_moments: true,
+        }
+    }
+
+    pub fn pooling(&self) -> Pooling {
+        Pooling { moments: self.pool_moments }
     }
 }
 
@@ -58,11 +85,11 @@ impl Trainable {
         let lstm = vb.pp("lstm");
         Ok(Self {
             cfg: cfg.clone(),
-            cnn: SceneCnn::new(vb.pp("encoder"))?,
+            cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv)?,
             embed: candle_nn::embedding(cfg.vocab_size, e, vb.pp("embed"))?,
             weight_ih: candle_nn::Linear::new(lstm.get((4 * h, e), "weight_ih")?, Some(lstm.get(4 * h, "bias_ih")?)),
             weight_hh: candle_nn::Linear::new(lstm.get((4 * h, h), "weight_hh")?, Some(lstm.get(4 * h, "bias_hh")?)),
-            image_proj: candle_nn::linear(2 * scene_cnn::CHANNELS, j, vb.pp("image_proj"))?,
+            image_proj: candle_nn::linear(cfg.pooling().width(scene_cnn::CHANNELS), j, vb.pp("image_proj"))?,
             question_proj: candle_nn::linear(h, j, vb.pp("question_proj"))?,
             fc1: candle_nn::linear(j, m, vb.pp("classifier.0"))?,
             fc2: candle_nn::linear(m, cfg.answers.len(), vb.pp("classifier.2"))?,
@@ -77,7 +104,7 @@ impl Trainable {
     pub fn forward(&self, images: &Tensor, rows: &Tensor, tokens: &Tensor, mask: &Tensor) -> Result<Tensor> {
         use candle_core::Module;
         let a = self.cnn.forward(images)?; // [b, C, h, w]
-        let v = self.image_proj.forward(&GlobalAvgMaxPool.forward(&a)?)?.relu()?.index_select(rows, 0)?; // [n, J]
+        let v = self.image_proj.forward(&self.cfg.pooling().forward(&a)?)?.relu()?.index_select(rows, 0)?; // [n, J]
         let (n, t) = tokens.dims2()?;
         let hd = self.cfg.hidden;
         let words = self.embed.forward(tokens)?; // [n, t, E]
@@ -151,10 +178,10 @@ impl Vqa {
             Ok(Linear::new(&p.get((out, inp), "weight")?, Some(&p.get(out, "bias")?), act)?)
         };
         Ok(Self {
-            cnn: SceneCnn::new(vb.pp("encoder"))?,
+            cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv)?,
             embed: vb.pp("embed").get((cfg.vocab_size, e), "weight")?,
             lstm: LstmCell::new(&lstm.get((4 * h, e), "weight_ih")?, &lstm.get((4 * h, h), "weight_hh")?, &lstm.get(4 * h, "bias_ih")?, &lstm.get(4 * h, "bias_hh")?)?,
-            image_proj: linear("image_proj", j, 2 * scene_cnn::CHANNELS, Activation::Identity)?,
+            image_proj: linear("image_proj", j, cfg.pooling().width(scene_cnn::CHANNELS), Activation::Identity)?,
             question_proj: linear("question_proj", j, h, Activation::Identity)?,
             fc1: linear("classifier.0", m, j, Activation::Relu)?,
             fc2: linear("classifier.2", a, m, Activation::Identity)?,
@@ -206,7 +233,7 @@ impl Vqa {
     /// # Shapes
     /// `a`: `[n, C, h, w]`, `q`: `[1, joint]` -> `[n, answers]`.
     pub fn logits(&self, a: &Tensor, q: &Tensor) -> Result<Tensor> {
-        let v = self.image_proj.forward(&GlobalAvgMaxPool.forward(a)?)?.relu()?; // [n, J]
+        let v = self.image_proj.forward(&self.cfg.pooling().forward(a)?)?.relu()?; // [n, J]
         Ok(self.fc2.forward(&self.fc1.forward(&v.broadcast_mul(q)?)?)?)
     }
 
