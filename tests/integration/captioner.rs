@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::repo;
 
-fn tiny() -> (Trainable, Captioner, VarMap) {
+pub fn tiny() -> (Trainable, Captioner, VarMap) {
     let vocab = Vocab::build(["a red circle left of a blue square", "a green triangle"], 1).unwrap();
     let cfg = Config { image_size: 16, embed: 8, hidden: 12, max_len: 8, ..Config::new(vocab.len()) };
     let varmap = VarMap::new();
@@ -24,7 +24,7 @@ fn tiny() -> (Trainable, Captioner, VarMap) {
     (trainable, frozen, varmap)
 }
 
-fn image(seed: u64) -> Tensor {
+pub fn image(seed: u64) -> Tensor {
     let mut rng = gradcam_scenes::scene::Rng::new(seed);
     let v: Vec<f32> = (0..3 * 16 * 16).map(|_| rng.range(-1.0, 1.0)).collect();
     Tensor::from_vec(v, (1, 3, 16, 16), &Device::Cpu).unwrap()

@@ -5,6 +5,7 @@ mod checkpoints;
 mod cli;
 mod goldens;
 mod gradients;
+mod neurons;
 mod scenes;
 mod vqa;
 

@@ -16,7 +16,7 @@ fn tiny() -> (Trainable, Vqa) {
     (cfg.image_size, cfg.embed, cfg.hidden, cfg.joint, cfg.mlp) = (16, 8, 12, 10, 9);
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let trainable = Trainable::new(&cfg, vb.clone()).unwrap();
+    let trainable = Trainable::new(&cfg, vb.clone(), false).unwrap();
     init_parameters(&varmap, 3).unwrap();
     (trainable, Vqa::from_varbuilder(cfg, vocab, vb).unwrap())
 }
@@ -83,7 +83,7 @@ fn a_tiny_vqa_model_learns() {
     let cfg = gradcam_scenes::Config { n: 60, seed: 4, fractions: [0.8, 0.2, 0.0], size: 64 };
     gradcam_scenes::dataset::write(data.path(), &cfg, &|| {}).unwrap();
     let out = tempfile::tempdir().unwrap();
-    let tc = TrainConfig { epochs: 5, batch_size: 8, lr: 3e-3, weight_decay: 0.0, seed: 2 };
+    let tc = TrainConfig { epochs: 5, batch_size: 8, lr: 3e-3, weight_decay: 0.0, seed: 2, ..Default::default() };
     let mut losses = Vec::new();
     let ckpt = train(data.path(), out.path(), &tc, false, &mut |e| {
         if let Event::Step { loss } = e {

@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use candle_core::Tensor;
 use gradcam_core::metrics::Pointing;
-use gradcam_core::{explain, GradCam, Map, Request, Target};
+use gradcam_core::{explain, CamResult, GradCam, Map, Request, Target};
+use gradcam_neurons::{report, Dissection, UnitNames};
 use gradcam_scenes::coco::Instance;
 use gradcam_scenes::scene::{COLORS, SHAPES};
 use gradcam_scenes::Split;
@@ -69,16 +70,38 @@ pub struct Metrics {
     /// Pointing game per word: `color`, `shape`, and per word (`red`, `circle`, ...).
     pub pointing: BTreeMap<String, Pointing>,
     pub tolerance_px: f32,
+    /// With a dissection table: per word type and word, how often the word's concept names one
+    /// of the 5 units with the largest alpha_k, and one of the 5 with the smallest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub neurons: Option<BTreeMap<String, NeuronHits>>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NeuronHits {
+    pub count: usize,
+    pub in_top5: usize,
+    pub in_bottom5: usize,
+}
+
+impl NeuronHits {
+    pub fn top_rate(&self) -> f64 {
+        self.in_top5 as f64 / self.count.max(1) as f64
+    }
+    pub fn bottom_rate(&self) -> f64 {
+        self.in_bottom5 as f64 / self.count.max(1) as f64
+    }
 }
 
 /// Greedy captions for up to `limit` images of a split, with exact match, BLEU-4 and the
-/// per-word pointing game (tolerance 1/16 of the image side).
-pub fn evaluate(model: &Captioner, split: &Split, limit: usize, mut progress: impl FnMut(usize)) -> Result<Metrics> {
+/// per-word pointing game (tolerance 1/16 of the image side); with a dissection table, also
+/// whether each colour or shape word's concept names its top-5 / bottom-5 units.
+pub fn evaluate(model: &Captioner, split: &Split, limit: usize, dissection: Option<&Dissection>, mut progress: impl FnMut(usize)) -> Result<Metrics> {
     let examples: Vec<_> = split.examples().into_iter().take(limit).collect();
     let mut exact = 0;
     let (mut cands, mut refs) = (Vec::new(), Vec::new());
     let mut pointing: BTreeMap<String, Pointing> = BTreeMap::new();
     let mut tolerance = 0.0;
+    let mut neurons: BTreeMap<String, NeuronHits> = BTreeMap::new();
     for (i, ex) in examples.iter().enumerate() {
         let img = image::open(&ex.path).map_err(|e| crate::Error::Model(format!("{}: {e}", ex.path.display())))?.to_rgb8();
         let input = model.preprocess(&img)?.unsqueeze(0)?;
@@ -97,7 +120,7 @@ pub fn evaluate(model: &Captioner, split: &Split, limit: usize, mut progress: im
 
         let (h, w) = (img.height() as usize, img.width() as usize);
         tolerance = h.max(w) as f32 / 16.0;
-        let maps = word_maps(model, &a, &cap.tokens)?;
+        let results = word_explanations(model, &a, &cap.tokens)?;
         for (t, word) in cap.words.iter().enumerate() {
             let (kind, pair) = if COLORS.contains(&word.as_str()) {
                 ("color", cap.words.get(t + 1).map(|s| (word.clone(), s.clone())))
@@ -107,10 +130,19 @@ pub fn evaluate(model: &Captioner, split: &Split, limit: usize, mut progress: im
                 continue;
             };
             let Some(object) = pair.and_then(|p| find(&ex.objects, split, &p)) else { continue };
-            let (peak_y, peak_x) = maps[t].normalized().0.resize_bilinear(h, w).argmax();
+            let (peak_y, peak_x) = results[t].cam.normalized().0.resize_bilinear(h, w).argmax();
             for key in [kind.to_string(), word.clone()] {
                 let p = pointing.entry(key).or_default();
                 p.add(object.mask.near(peak_y, peak_x, tolerance), object.mask.near(h / 2, w / 2, tolerance));
+            }
+            if let Some(d) = dissection {
+                let r = report(&results[t].alpha, &UnitNames::Dissection(d), word, 5);
+                for key in [kind.to_string(), word.clone()] {
+                    let n = neurons.entry(key).or_default();
+                    n.count += 1;
+                    n.in_top5 += r.mentions(word, false) as usize;
+                    n.in_bottom5 += r.mentions(word, true) as usize;
+                }
             }
         }
         progress(i + 1);
@@ -121,6 +153,7 @@ pub fn evaluate(model: &Captioner, split: &Split, limit: usize, mut progress: im
         bleu4: bleu4(&cands, &refs),
         pointing,
         tolerance_px: tolerance,
+        neurons: dissection.map(|_| neurons),
     })
 }
 
@@ -128,12 +161,18 @@ fn find<'a>(objects: &[&'a Instance], split: &Split, (color, shape): &(String, S
     objects.iter().copied().find(|o| o.color.as_deref() == Some(color.as_str()) && split.instances.category_name(o.category_id) == Some(shape.as_str()))
 }
 
-/// The raw Grad-CAM map of every word of a caption, from one backward pass.
-pub fn word_maps(model: &Captioner, a: &Tensor, tokens: &[u32]) -> Result<Vec<Map>> {
+/// The Grad-CAM explanation (alpha_k and raw map) of every word of a caption, from one backward
+/// pass.
+pub fn word_explanations(model: &Captioner, a: &Tensor, tokens: &[u32]) -> Result<Vec<CamResult>> {
     let split = CaptionSplit::new(model, tokens);
     let targets: Vec<WordLogProb> = (0..tokens.len()).map(|step| WordLogProb { step }).collect();
     let requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t as &dyn Target }).collect();
-    Ok(explain(&split, a, &requests, &GradCam)?.into_iter().map(|r| r.cam).collect())
+    Ok(explain(&split, a, &requests, &GradCam)?)
+}
+
+/// The raw Grad-CAM map of every word of a caption, from one backward pass.
+pub fn word_maps(model: &Captioner, a: &Tensor, tokens: &[u32]) -> Result<Vec<Map>> {
+    Ok(word_explanations(model, a, tokens)?.into_iter().map(|r| r.cam).collect())
 }
 
 /// Fraction of the first `limit` images of a split whose greedy caption names exactly their

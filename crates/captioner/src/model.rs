@@ -71,8 +71,8 @@ pub struct Trainable {
     weight_ih: candle_nn::Linear,
     weight_hh: candle_nn::Linear,
     out: candle_nn::Linear,
-    /// Which words the image's captions use, from the averaged `conv4` (an auxiliary head for
-    /// training only; see `TrainConfig::word_loss`).
+    /// Which words the image's captions use, from `conv4` (a 1x1 convolution max-pooled over
+    /// space; an auxiliary head for training only, see `TrainConfig::word_loss`).
     words: Option<candle_nn::Linear>,
 }
 
@@ -103,8 +103,14 @@ impl Trainable {
     pub fn forward(&self, images: &Tensor, rows: &Tensor, tokens: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         use candle_core::Module;
         let a = self.cnn.forward(images)?; // [b, C, h, w]
+        // Word scores at every position (a 1x1 convolution), max-pooled over space (Oquab et
+        // al. 2015): a word's evidence has to be strong somewhere, not spread thinly.
         let bag = match &self.words {
-            Some(head) => Some(head.forward(&a.mean((2, 3))?)?),
+            Some(head) => {
+                let (b, c, h, w) = a.dims4()?;
+                let per_position = a.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?; // [b, hw, C]
+                Some(head.forward(&per_position)?.max(1)?) // [b, V]
+            }
             None => None,
         };
         let img = self.image_proj.forward(&self.cfg.pooling().forward(&a)?)?.index_select(rows, 0)?; // [n, E]

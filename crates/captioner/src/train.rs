@@ -27,10 +27,11 @@ pub struct TrainConfig {
     /// Label smoothing of the word targets.
     #[serde(default)]
     pub label_smoothing: f64,
-    /// Weight of the auxiliary bag-of-words loss: from the averaged `conv4` alone, a linear head
-    /// predicts which words the image's captions use (binary cross-entropy per word). It asks
-    /// the encoder for units that say "red" or "circle" where the object is, as a classifier
-    /// trained on image labels has, without any boxes or masks.
+    /// Weight of the auxiliary bag-of-words loss: from `conv4` alone, a linear head applied at
+    /// every position and max-pooled over space predicts which words the image's captions use
+    /// (binary cross-entropy per word; Oquab et al. 2015). It asks the encoder for units that
+    /// say "red" or "circle" where the object is, as a classifier trained on image labels has,
+    /// without any boxes or masks.
     #[serde(default)]
     pub word_loss: f64,
 }

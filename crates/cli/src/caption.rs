@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use gradcam_captioner::eval::{evaluate, word_maps};
+use gradcam_captioner::eval::{evaluate, word_explanations};
+use gradcam_neurons::{report, Dissection, NeuronReport, UnitNames};
 use gradcam_captioner::train::{train, Event, TrainConfig};
 use gradcam_captioner::Captioner;
 use gradcam_core::map::{overlay, write_png_atomic, Region};
@@ -47,6 +48,29 @@ pub struct CaptionArgs {
     /// Images evaluated with --eval.
     #[arg(long, default_value_t = 500)]
     limit: usize,
+    /// Add each word's textual explanation: the 5 units with the largest and the 5 with the
+    /// smallest alpha_k, named by the model's dissection table.
+    #[arg(long)]
+    neurons: bool,
+    /// Dissection table for --neurons and --eval (default: MODEL/dissection.json when present).
+    #[arg(long)]
+    dissection: Option<PathBuf>,
+}
+
+/// The dissection table: `--dissection`, else the model folder's `dissection.json` if any;
+/// `required` turns a missing default into an error that says how to make one.
+pub fn load_dissection(explicit: Option<&Path>, model: &Path, required: bool) -> anyhow::Result<Option<Dissection>> {
+    if let Some(p) = explicit {
+        return Ok(Some(Dissection::load(p)?));
+    }
+    let default = model.join("dissection.json");
+    if default.exists() {
+        return Ok(Some(Dissection::load(&default)?));
+    }
+    if required {
+        anyhow::bail!("{} has no dissection.json; make one with `gradcam dissect --model {} --data DATA` or pass --dissection FILE", model.display(), model.display());
+    }
+    Ok(None)
 }
 
 #[derive(Serialize)]
@@ -57,6 +81,10 @@ struct WordJson {
     cam_size: [usize; 2],
     cam: Vec<Vec<f32>>,
     overlay: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    neurons: Option<NeuronReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -69,11 +97,12 @@ struct CaptionJson {
 
 pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     let model = Captioner::load(&args.model).with_context(|| format!("loading the captioner from {}", args.model.display()))?;
+    let dissection = load_dissection(args.dissection.as_deref(), &args.model, args.neurons)?;
     if let Some(dir) = &args.eval {
         let split = Split::read(dir)?;
         let n = split.instances.images.len().min(args.limit);
         let bar = bar(n as u64, "images");
-        let metrics = evaluate(&model, &split, args.limit, |i| bar.set_position(i as u64))?;
+        let metrics = evaluate(&model, &split, args.limit, dissection.as_ref(), |i| bar.set_position(i as u64))?;
         bar.finish_and_clear();
         println!("{}", serde_json::to_string_pretty(&metrics)?);
         return Ok(ExitCode::SUCCESS);
@@ -83,7 +112,8 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     let mut failures = 0;
     let mut stdout = std::io::stdout().lock();
     for path in &args.images {
-        match caption_one(&model, path, &args) {
+        let names = if args.neurons { dissection.as_ref().map(UnitNames::Dissection) } else { None };
+        match caption_one(&model, path, &args, names.as_ref()) {
             Ok(r) => bar.suspend(|| print(&mut stdout, &r, args.json))?,
             Err(e) => {
                 failures += 1;
@@ -105,11 +135,14 @@ fn print(out: &mut impl Write, r: &CaptionJson, json: bool) -> std::io::Result<(
     writeln!(out, "{}: {}", r.image, r.caption)?;
     for w in &r.words {
         writeln!(out, "  {:>2} {:<10} log p {:>7.3}  {}", w.t, w.word, w.logprob, w.overlay)?;
+        if let Some(text) = &w.text {
+            writeln!(out, "     {text}")?;
+        }
     }
     writeln!(out, "  strip: {}", r.strip)
 }
 
-fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs) -> anyhow::Result<CaptionJson> {
+fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs, names: Option<&UnitNames>) -> anyhow::Result<CaptionJson> {
     let img = load_image(path)?;
     let input = model.preprocess(&img)?.unsqueeze(0)?; // [1, 3, s, s]
     let a = model.features(&input)?;
@@ -120,12 +153,14 @@ fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs) -> anyhow::Re
     };
     let words = model.vocab.decode(&tokens);
     let logprobs = model.word_logprobs(&a, &tokens, false)?.squeeze(0)?.to_vec1::<f32>()?;
-    let maps = word_maps(model, &a, &tokens)?;
+    let results = word_explanations(model, &a, &tokens)?;
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
     let region = Region { x: 0, y: 0, width: img.width(), height: img.height() };
     let mut out_words = Vec::new();
     let mut tiles = Vec::new();
-    for (t, (word, map)) in words.iter().zip(&maps).enumerate() {
+    for (t, (word, r)) in words.iter().zip(&results).enumerate() {
+        let map = &r.cam;
+        let neurons = names.map(|n| report(&r.alpha, n, word, 5));
         let tile = overlay(&img, &map.normalized().0, region);
         let file = args.out.join(format!("{stem}_{t:02}_{word}.png"));
         write_png_atomic(&tile, &file)?;
@@ -137,6 +172,8 @@ fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs) -> anyhow::Re
             cam_size: [map.h, map.w],
             cam: map.rows(),
             overlay: file.display().to_string(),
+            text: neurons.as_ref().map(|n| n.text.clone()),
+            neurons,
         });
     }
     let strip_file = args.out.join(format!("{stem}_strip.png"));
@@ -210,7 +247,7 @@ pub fn train_captioner(args: TrainCaptionerArgs) -> anyhow::Result<ExitCode> {
         let split = Split::read(&test_dir)?;
         let n = split.instances.images.len().min(1000);
         let b = bar(n as u64, "test images");
-        let m = evaluate(&model, &split, n, |i| b.set_position(i as u64))?;
+        let m = evaluate(&model, &split, n, None, |i| b.set_position(i as u64))?;
         b.finish_and_clear();
         Some(m)
     } else {

@@ -12,6 +12,7 @@ use gradcam_core::{explain, ClassLogit, Counterfactual, Explainable, GradCam, Re
 use gradcam_encoders::preprocess::{load_image, prepare, Resize};
 use gradcam_encoders::{imagenet, Network};
 use indicatif::{ProgressBar, ProgressStyle};
+use gradcam_neurons::{report, NeuronReport, UnitNames};
 use serde::Serialize;
 
 use crate::ModelArgs;
@@ -44,6 +45,11 @@ pub struct ClassifyArgs {
     /// Print one JSON object per image (JSON Lines) instead of text.
     #[arg(long)]
     json: bool,
+    /// Add a textual explanation: the 5 units with the largest and the 5 with the smallest
+    /// alpha_k, each named by the 3 classes it raises most through the rest of the network
+    /// (ImageNet has no concept masks to dissect against).
+    #[arg(long)]
+    neurons: bool,
 }
 
 #[derive(Serialize)]
@@ -66,6 +72,10 @@ struct ExplanationJson {
     /// False when the map is zero everywhere: nothing in the layer supports the target.
     nonzero: bool,
     overlay: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    neurons: Option<NeuronReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -128,6 +138,9 @@ fn print_result(out: &mut impl Write, r: &ImageJson, json: bool) -> std::io::Res
         let kind = if e.counterfactual { "counterfactual for" } else { "Grad-CAM for" };
         let note = if e.nonzero { "" } else { " (map is zero everywhere: nothing in this layer supports it)" };
         writeln!(out, "  {kind} {} {}: {}{note}", e.class, e.label, e.overlay)?;
+        if let Some(text) = &e.text {
+            writeln!(out, "    {text}")?;
+        }
     }
     Ok(())
 }
@@ -176,6 +189,8 @@ fn classify_one(
     let mut explanations = Vec::new();
     for (r, (class, t)) in results.iter().zip(&targets) {
         let class = *class;
+        let subject = if t.counterfactual() { format!("not {}", label(class)) } else { label(class).to_string() };
+        let neurons = if args.neurons { Some(class_named_report(&split, &activations, &r.alpha, &subject)?) } else { None };
         let (normalized, nonzero) = r.cam.normalized();
         let suffix = if t.counterfactual() { "_counterfactual" } else { "" };
         let file = args.out.join(format!("{stem}_{class}_{}{suffix}.png", sanitize(label(class))));
@@ -190,6 +205,8 @@ fn classify_one(
             cam: r.cam.rows(),
             nonzero,
             overlay: file.display().to_string(),
+            text: neurons.as_ref().map(|n| n.text.clone()),
+            neurons,
         });
     }
     Ok(ImageJson {
@@ -200,6 +217,32 @@ fn classify_one(
         predictions,
         explanations,
     })
+}
+
+/// The neuron report of one explanation, each reported unit named by the 3 classes whose logits
+/// rise most when only that unit is on (1.0 at every position) rather than all units off: for a
+/// global-average-pool + linear classifier these are exactly the unit's largest classifier weights.
+fn class_named_report(split: &impl Explainable, activations: &Tensor, alpha: &[f32], subject: &str) -> anyhow::Result<NeuronReport> {
+    let plain = report(alpha, &UnitNames::None, subject, 5);
+    let units: Vec<usize> = plain.top.iter().chain(&plain.bottom).map(|n| n.unit).collect();
+    let (_, k, h, w) = activations.dims4()?;
+    let mut probe = vec![0f32; (units.len() + 1) * k * h * w];
+    for (i, &u) in units.iter().enumerate() {
+        let start = ((i + 1) * k + u) * h * w;
+        probe[start..start + h * w].fill(1.0);
+    }
+    let probe = Tensor::from_vec(probe, (units.len() + 1, k, h, w), activations.device())?;
+    let logits = split.head(&probe)?.to_vec2::<f32>()?; // row 0: all units off
+    let mut names = std::collections::HashMap::new();
+    for (i, &u) in units.iter().enumerate() {
+        let rise: Vec<f32> = logits[i + 1].iter().zip(&logits[0]).map(|(a, b)| a - b).collect();
+        let mut order: Vec<usize> = (0..rise.len()).collect();
+        order.sort_by(|&a, &b| rise[b].total_cmp(&rise[a]));
+        let classes: Vec<&str> = order.iter().take(3).map(|&c| imagenet::class_name(c).unwrap_or("?")).collect();
+        names.insert(u, format!("raises {}", classes.join(" / ")));
+    }
+    let lookup = |u: usize| names.get(&u).cloned();
+    Ok(report(alpha, &UnitNames::Classes(&lookup), subject, 5))
 }
 
 /// Softmax written with plain ops (numerically stable).

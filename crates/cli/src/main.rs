@@ -3,6 +3,7 @@
 mod bench;
 mod caption;
 mod classify;
+mod dissect;
 mod progress;
 mod scenes;
 mod vqa;
@@ -48,6 +49,8 @@ enum Command {
         #[command(subcommand)]
         what: TrainCommand,
     },
+    /// Name the units of a model's explained layer by network dissection against concept masks.
+    Dissect(dissect::DissectArgs),
     /// Generate ShapeScenes, a synthetic dataset with masks, captions and questions.
     Scenes(scenes::ScenesArgs),
     /// Convert a PyTorch checkpoint (zip or legacy format) to safetensors.
@@ -112,6 +115,7 @@ fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Bench { what } => bench::run(what),
         Command::Scenes(args) => scenes::run(args),
+        Command::Dissect(args) => dissect::run(args),
         Command::Caption(args) => caption::run(args),
         Command::Train { what: TrainCommand::Captioner(args) } => caption::train_captioner(args),
         Command::Train { what: TrainCommand::Vqa(args) } => vqa::train_vqa(args),

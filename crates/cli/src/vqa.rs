@@ -14,6 +14,7 @@ use gradcam_scenes::Split;
 use gradcam_vqa::eval::evaluate;
 use gradcam_vqa::train::{train, Event, TrainConfig};
 use gradcam_vqa::{Vqa, VqaSplit};
+use gradcam_neurons::{report, NeuronReport, UnitNames};
 
 use crate::progress::{bar, EpochBar};
 use serde::Serialize;
@@ -59,6 +60,13 @@ pub struct VqaArgs {
     /// Questions evaluated with --eval.
     #[arg(long, default_value_t = 1000)]
     limit: usize,
+    /// Add each explanation's textual explanation: the 5 units with the largest and the 5 with
+    /// the smallest alpha_k, named by the model's dissection table.
+    #[arg(long)]
+    neurons: bool,
+    /// Dissection table for --neurons (default: MODEL/dissection.json).
+    #[arg(long)]
+    dissection: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -74,6 +82,10 @@ struct ExplanationJson {
     cam_size: [usize; 2],
     cam: Vec<Vec<f32>>,
     overlay: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    neurons: Option<NeuronReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -98,13 +110,15 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let dissection = if args.neurons { crate::caption::load_dissection(args.dissection.as_deref(), &args.model, true)? } else { None };
+    let names = dissection.as_ref().map(UnitNames::Dissection);
     let mut stdout = std::io::stdout().lock();
     if let (Some(qfile), Some(dir)) = (&args.questions, &args.images) {
-        return batch(&model, qfile, dir, &args, &mut stdout);
+        return batch(&model, qfile, dir, &args, names.as_ref(), &mut stdout);
     }
     let (image, question) = (args.image.as_ref().expect("clap requires it"), args.question.as_deref().expect("clap requires it"));
     let img = load_image(image)?;
-    let r = answer_one(&model, &img, image, question, &args, "")?;
+    let r = answer_one(&model, &img, image, question, &args, "", names.as_ref())?;
     print(&mut stdout, &r, args.json)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -127,11 +141,14 @@ fn print(out: &mut impl Write, r: &QuestionJson, json: bool) -> std::io::Result<
     for e in &r.explanations {
         let kind = if e.counterfactual { "counterfactual for" } else { "Grad-CAM for" };
         writeln!(out, "  {kind} {:?}: {}", e.answer, e.overlay)?;
+        if let Some(text) = &e.text {
+            writeln!(out, "    {text}")?;
+        }
     }
     Ok(())
 }
 
-fn answer_one(model: &Vqa, img: &image::RgbImage, path: &Path, question: &str, args: &VqaArgs, prefix: &str) -> anyhow::Result<QuestionJson> {
+fn answer_one(model: &Vqa, img: &image::RgbImage, path: &Path, question: &str, args: &VqaArgs, prefix: &str, names: Option<&UnitNames>) -> anyhow::Result<QuestionJson> {
     let q = model.question(question)?;
     let input = model.preprocess(img)?.unsqueeze(0)?;
     let a = model.features(&input)?;
@@ -162,7 +179,17 @@ fn answer_one(model: &Vqa, img: &image::RgbImage, path: &Path, question: &str, a
         let suffix = if t.counterfactual() { "_counterfactual" } else { "" };
         let file = args.out.join(format!("{stem}_{}{suffix}.png", answer.replace(' ', "_")));
         write_png_atomic(&overlay(img, &r.cam.normalized().0, region), &file)?;
-        explanations.push(ExplanationJson { answer, counterfactual: r.counterfactual, cam_size: [r.cam.h, r.cam.w], cam: r.cam.rows(), overlay: file.display().to_string() });
+        let subject = if r.counterfactual { format!("not {answer}") } else { answer.clone() };
+        let neurons = names.map(|n| report(&r.alpha, n, &subject, 5));
+        explanations.push(ExplanationJson {
+            answer,
+            counterfactual: r.counterfactual,
+            cam_size: [r.cam.h, r.cam.w],
+            cam: r.cam.rows(),
+            overlay: file.display().to_string(),
+            text: neurons.as_ref().map(|n| n.text.clone()),
+            neurons,
+        });
     }
     Ok(QuestionJson {
         image: path.display().to_string(),
@@ -189,7 +216,7 @@ fn images_by_id(dir: &Path) -> anyhow::Result<HashMap<u64, PathBuf>> {
     Ok(m)
 }
 
-fn batch(model: &Vqa, qfile: &Path, dir: &Path, args: &VqaArgs, out: &mut impl Write) -> anyhow::Result<ExitCode> {
+fn batch(model: &Vqa, qfile: &Path, dir: &Path, args: &VqaArgs, names: Option<&UnitNames>, out: &mut impl Write) -> anyhow::Result<ExitCode> {
     let file = VqaFile::read(qfile, args.annotations.as_deref(), None)?;
     let files = images_by_id(dir)?;
     let ann: HashMap<u64, &gradcam_scenes::vqa::Annotation> = file.annotations.iter().map(|a| (a.question_id, a)).collect();
@@ -203,7 +230,7 @@ fn batch(model: &Vqa, qfile: &Path, dir: &Path, args: &VqaArgs, out: &mut impl W
                 cache = Some((q.image_id, load_image(path)?));
             }
             let img = &cache.as_ref().expect("just set").1;
-            answer_one(model, img, path, &q.question, args, &format!("q{}_", q.question_id))
+            answer_one(model, img, path, &q.question, args, &format!("q{}_", q.question_id), names)
         })();
         match result {
             Ok(r) => {
@@ -246,12 +273,26 @@ pub struct TrainVqaArgs {
     lr: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Start the image encoder from this trained model folder's (e.g. models/captioner).
+    #[arg(long)]
+    encoder_from: Option<PathBuf>,
+    /// Keep that encoder fixed while training the rest.
+    #[arg(long, requires = "encoder_from")]
+    freeze_encoder: bool,
     #[arg(long)]
     resume: bool,
 }
 
 pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
-    let tc = TrainConfig { epochs: args.epochs, batch_size: args.batch_size, lr: args.lr, seed: args.seed, ..Default::default() };
+    let tc = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        seed: args.seed,
+        encoder_from: args.encoder_from.clone(),
+        freeze_encoder: args.freeze_encoder,
+        ..Default::default()
+    };
     let start = std::time::Instant::now();
     let mut epoch_bar = EpochBar::default();
     let ckpt = train(&args.data, &args.out, &tc, args.resume, &mut |e| match e {
@@ -277,7 +318,7 @@ pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let command = format!(
+    let mut command = format!(
         "gradcam train vqa --data {} --out {} --epochs {} --batch-size {} --lr {} --seed {}",
         args.data.display(),
         args.out.display(),
@@ -286,8 +327,32 @@ pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
         args.lr,
         args.seed
     );
+    if let Some(dir) = &args.encoder_from {
+        command.push_str(&format!(" --encoder-from {}", dir.display()));
+    }
+    if args.freeze_encoder {
+        command.push_str(" --freeze-encoder");
+    }
+    let cfg: gradcam_vqa::Config = serde_json::from_str(&std::fs::read_to_string(args.out.join("config.json"))?)?;
+    let side = cfg.image_size / 4;
     let mut s = String::from("# VQA fusion model for ShapeScenes\n\n");
-    s.push_str("Question words through embeddings (64) and an LSTM (128); the image through the scene CNN (explained layer `conv4`, 96 x 16 x 16 at 64 px), average- and max-pooled; both projected to 256 with tanh, fused by element-wise product, then an MLP (256, ReLU) over the answers. ");
+    s.push_str(&format!(
+        "Question words through embeddings ({}) and an LSTM ({}); the image through the scene CNN (explained layer `conv4`, 96 x {side} x {side} at {} px{}), {}; both projected to {} with tanh, fused by element-wise product, then an MLP ({}, ReLU) over the answers. ",
+        cfg.embed,
+        cfg.hidden,
+        cfg.image_size,
+        if cfg.coord_conv { ", CoordConv before `conv4`" } else { "" },
+        if cfg.pool_moments { "average-, max- and spatial-moment-pooled" } else { "average- and max-pooled" },
+        cfg.joint,
+        cfg.mlp
+    ));
+    if let Some(dir) = &ckpt.train.encoder_from {
+        s.push_str(&format!(
+            "The encoder starts from the trained model in `{}`{}. ",
+            dir.display(),
+            if ckpt.train.freeze_encoder { " and stays fixed" } else { " and is fine-tuned" }
+        ));
+    }
     s.push_str("An answer is explained by backpropagating its pre-softmax score into `conv4` (Grad-CAM paper, section 8.2); its negation gives the counterfactual map.\n\n");
     s.push_str(&format!("## Training\n\nData: `{}` (VQA v2 questions + annotations, COCO instances).\n\n```sh\n{command}\n```\n\n", args.data.display()));
     s.push_str(&format!(

@@ -187,3 +187,20 @@ pub fn model_weights(dir: &std::path::Path) -> Result<VarBuilder<'static>> {
     unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }
         .map_err(|e| crate::Error::Checkpoint(format!("{}: {e}", weights.display())))
 }
+
+/// The scene CNN of a trained model folder (captioner or VQA: `config.json` with `image_size`
+/// and `coord_conv`, weights under `encoder.*` in `model.safetensors`) and its input size.
+pub fn load_encoder(dir: &std::path::Path) -> Result<(SceneCnn, u32)> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| crate::Error::Io { path: path.clone(), source })?;
+    let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| crate::Error::Checkpoint(format!("{}: {e}", path.display())))?;
+    if cfg.get("encoder").and_then(|v| v.as_str()) != Some("scene-cnn") {
+        return Err(crate::Error::Checkpoint(format!("{}: not a model with the scene CNN encoder", path.display())));
+    }
+    let size = cfg.get("image_size").and_then(|v| v.as_u64()).filter(|&s| (8..=4096).contains(&s));
+    let size = size.ok_or_else(|| crate::Error::Checkpoint(format!("{}: no valid image_size", path.display())))? as u32;
+    let coord_conv = cfg.get("coord_conv").and_then(|v| v.as_bool()).unwrap_or(true);
+    let vb = model_weights(dir)?;
+    let cnn = SceneCnn::new(vb.pp("encoder"), coord_conv).map_err(|e| crate::Error::Checkpoint(format!("{}: {e}", dir.join("model.safetensors").display())))?;
+    Ok((cnn, size))
+}

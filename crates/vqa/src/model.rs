@@ -77,10 +77,12 @@ pub struct Trainable {
     question_proj: candle_nn::Linear,
     fc1: candle_nn::Linear,
     fc2: candle_nn::Linear,
+    /// No gradient into the encoder (its weights stay as loaded).
+    frozen_encoder: bool,
 }
 
 impl Trainable {
-    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &Config, vb: VarBuilder, frozen_encoder: bool) -> Result<Self> {
         let (e, h, j, m) = (cfg.embed, cfg.hidden, cfg.joint, cfg.mlp);
         let lstm = vb.pp("lstm");
         Ok(Self {
@@ -93,6 +95,7 @@ impl Trainable {
             question_proj: candle_nn::linear(h, j, vb.pp("question_proj"))?,
             fc1: candle_nn::linear(j, m, vb.pp("classifier.0"))?,
             fc2: candle_nn::linear(m, cfg.answers.len(), vb.pp("classifier.2"))?,
+            frozen_encoder,
         })
     }
 
@@ -104,6 +107,7 @@ impl Trainable {
     pub fn forward(&self, images: &Tensor, rows: &Tensor, tokens: &Tensor, mask: &Tensor) -> Result<Tensor> {
         use candle_core::Module;
         let a = self.cnn.forward(images)?; // [b, C, h, w]
+        let a = if self.frozen_encoder { a.detach() } else { a };
         let v = self.image_proj.forward(&self.cfg.pooling().forward(&a)?)?.relu()?.index_select(rows, 0)?; // [n, J]
         let (n, t) = tokens.dims2()?;
         let hd = self.cfg.hidden;

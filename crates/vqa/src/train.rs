@@ -24,12 +24,55 @@ pub struct TrainConfig {
     pub lr: f64,
     pub weight_decay: f64,
     pub seed: u64,
+    /// Start the image encoder from this trained model folder's (a captioner's, say) instead of
+    /// random values: transfer learning, as the paper's VQA models start from ImageNet CNNs.
+    #[serde(default)]
+    pub encoder_from: Option<PathBuf>,
+    /// Keep the encoder's weights fixed (only with `encoder_from`).
+    #[serde(default)]
+    pub freeze_encoder: bool,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { epochs: 10, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0 }
+        TrainConfig { epochs: 10, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0, encoder_from: None, freeze_encoder: false }
     }
+}
+
+/// Makes `cfg`'s encoder the one of the trained model folder `dir` (checking the input size and
+/// taking its coordinate channels).
+fn match_encoder(cfg: &mut Config, dir: &Path) -> Result<()> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+    let theirs: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Training(format!("{}: {e}", path.display())))?;
+    if theirs.get("encoder").and_then(|v| v.as_str()) != Some(cfg.encoder.as_str()) {
+        return Err(Error::Training(format!("{}: the encoder is not {:?}", path.display(), cfg.encoder)));
+    }
+    if theirs.get("image_size").and_then(|v| v.as_u64()) != Some(cfg.image_size as u64) {
+        return Err(Error::Training(format!("{}: image_size differs from this model's {}", path.display(), cfg.image_size)));
+    }
+    cfg.coord_conv = theirs.get("coord_conv").and_then(|v| v.as_bool()).unwrap_or(true);
+    Ok(())
+}
+
+/// Copies `encoder.*` of `dir/model.safetensors` into `varmap`.
+fn load_encoder_weights(varmap: &VarMap, dir: &Path) -> Result<()> {
+    let weights = dir.join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|e| Error::Training(format!("{}: {e}", weights.display())))?;
+    let data = varmap.data().lock().map_err(|_| Error::Training("parameter map poisoned".into()))?;
+    let mut copied = 0;
+    for (name, var) in data.iter().filter(|(n, _)| n.starts_with("encoder.")) {
+        let t = tensors.get(name).ok_or_else(|| Error::Training(format!("{}: no tensor {name}", weights.display())))?;
+        if t.dims() != var.dims() {
+            return Err(Error::Training(format!("{}: {name} has shape {:?}, expected {:?}", weights.display(), t.dims(), var.dims())));
+        }
+        var.set(t)?;
+        copied += 1;
+    }
+    if copied == 0 {
+        return Err(Error::Training("the model has no encoder parameters to load".into()));
+    }
+    Ok(())
 }
 
 pub enum Event<'a> {
@@ -139,7 +182,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
     let vqa = train_split.vqa.as_ref().ok_or_else(|| Error::Training(format!("{} has no questions.json", data.join("train").display())))?;
     let ckpt_path = out.join("checkpoint.json");
     let resuming = resume && ckpt_path.exists();
-    let (cfg, vocab, mut ckpt) = if resuming {
+    let (mut cfg, vocab, mut ckpt) = if resuming {
         let read = |p: PathBuf| std::fs::read_to_string(&p).map_err(|source| Error::Io { path: p, source });
         let ckpt: Checkpoint = serde_json::from_str(&read(ckpt_path.clone())?).map_err(|e| Error::Training(e.to_string()))?;
         let cfg: Config = serde_json::from_str(&read(out.join("config.json"))?).map_err(|e| Error::Training(e.to_string()))?;
@@ -158,12 +201,21 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         (cfg, vocab, Checkpoint { train: tc.clone(), data: data.to_path_buf(), epochs_done: 0, log: Vec::new() })
     };
     ckpt.train.epochs = tc.epochs;
+    if ckpt.train.freeze_encoder && ckpt.train.encoder_from.is_none() {
+        return Err(Error::Training("freezing the encoder needs a trained one to start from (encoder_from)".into()));
+    }
     let mut varmap = VarMap::new();
-    let model = Trainable::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+    if let (false, Some(dir)) = (resuming, &ckpt.train.encoder_from) {
+        match_encoder(&mut cfg, dir)?;
+    }
+    let model = Trainable::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), ckpt.train.freeze_encoder)?;
     if resuming {
         varmap.load(out.join("model.safetensors"))?;
     } else {
         init_parameters(&varmap, ckpt.train.seed)?;
+        if let Some(dir) = &ckpt.train.encoder_from {
+            load_encoder_weights(&varmap, dir)?;
+        }
         vocab.save(&out.join("tokenizer.json"))?;
         let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Training(e.to_string()))?;
         gradcam_scenes::write_atomic(&out.join("config.json"), text.as_bytes())?;
@@ -171,7 +223,13 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
     let train_data = Data::load(&train_split, &vocab, &cfg.answers, &cfg)?;
     let val_data = Data::load(&val_split, &vocab, &cfg.answers, &cfg)?;
     let params = ParamsAdamW { lr: ckpt.train.lr, weight_decay: ckpt.train.weight_decay, ..Default::default() };
-    let mut opt = AdamW::new(varmap.all_vars(), params)?;
+    let vars: Vec<candle_core::Var> = {
+        let data = varmap.data().lock().map_err(|_| Error::Training("parameter map poisoned".into()))?;
+        let mut named: Vec<(&String, &candle_core::Var)> = data.iter().filter(|(n, _)| !(ckpt.train.freeze_encoder && n.starts_with("encoder."))).collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        named.into_iter().map(|(_, v)| v.clone()).collect()
+    };
+    let mut opt = AdamW::new(vars, params)?;
     let (bs, na) = (ckpt.train.batch_size.max(1), cfg.answers.len());
     for epoch in ckpt.epochs_done..tc.epochs {
         let start = std::time::Instant::now();

@@ -1,0 +1,22 @@
+//! Textual explanations (Grad-CAM paper, section 7): name the explained layer's units by network
+//! dissection (Bau et al., "Network Dissection", 2017) or, for ImageNet classifiers, by the classes
+//! they push up; then report the 5 units with the largest and the 5 with the smallest alpha_k of
+//! an explanation, with their names, as data and as a sentence.
+
+pub mod dissect;
+pub mod report;
+
+pub use dissect::{concepts, dissect, image_concepts, Concept, Dissection, ImageMasks, Options, UnitName};
+pub use report::{report, Neuron, NeuronReport, UnitNames};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{}", path.display())]
+    Io { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Data(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,116 @@
+//! Textual explanations: dissection IoUs against a hand-computed case, reports that are views of
+//! the alpha_k that made the map, and `--neurons` / `gradcam dissect` end to end.
+
+use std::process::Command;
+
+use gradcam_captioner::eval::word_explanations;
+use gradcam_neurons::dissect::quantile_threshold;
+use gradcam_neurons::{dissect, report, Concept, ImageMasks, Options, UnitNames};
+use gradcam_scenes::rle::Mask;
+use serde_json::Value;
+
+use crate::repo;
+
+fn mask(h: usize, w: usize, on: &[usize]) -> Mask {
+    let mut m = Mask::new(h, w);
+    for &i in on {
+        m.data[i] = true;
+    }
+    m
+}
+
+#[test]
+fn dissection_iou_matches_a_hand_computed_case() {
+    // Two 2x2 images, two units. Unit 0's 8 values sorted: 0 0 0 0 1 2 3 4; with quantile 0.25
+    // the 2 largest are "on" (threshold 2): image 0, pixels 0 and 1.
+    let activations = vec![vec![4.0, 3.0, 0.0, 0.0, /* unit 1 */ 0.0, 0.0, 0.0, 0.0], vec![0.0, 0.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0]];
+    let concepts = vec![Concept { name: "red".into(), category: "color".into() }, Concept { name: "circle".into(), category: "shape".into() }];
+    let masks = vec![
+        ImageMasks { height: 2, width: 2, masks: vec![Some(mask(2, 2, &[0, 2])), Some(mask(2, 2, &[1]))] },
+        ImageMasks { height: 2, width: 2, masks: vec![None, Some(mask(2, 2, &[2, 3]))] },
+    ];
+    let units = dissect(&activations, (2, 2, 2), &masks, &concepts, Options { quantile: 0.25, iou_threshold: 0.3 }).unwrap();
+    // red: intersection 1 (pixel 0), union 2 + 2 - 1 = 3; circle: intersection 1, union 2 + 3 - 1 = 4.
+    assert_eq!(units[0].threshold, 2.0);
+    assert_eq!(units[0].concept.as_deref(), Some("red"));
+    assert_eq!(units[0].category.as_deref(), Some("color"));
+    assert!((units[0].iou - 1.0 / 3.0).abs() < 1e-6, "{}", units[0].iou);
+    assert!(units[0].named);
+    // Unit 1 never fires: no concept, not named.
+    assert_eq!((units[1].concept.as_deref(), units[1].iou, units[1].named), (None, 0.0, false));
+    // Above the threshold only at 1/3 < 0.4: the best concept is kept but the unit is unnamed.
+    let strict = dissect(&activations, (2, 2, 2), &masks, &concepts, Options { quantile: 0.25, iou_threshold: 0.4 }).unwrap();
+    assert!(!strict[0].named && strict[0].concept.as_deref() == Some("red"));
+}
+
+#[test]
+fn quantile_threshold_keeps_the_requested_fraction_above() {
+    let mut v: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+    let t = quantile_threshold(&mut v, 0.005);
+    assert_eq!(v.iter().filter(|&&x| x > t).count(), 5);
+}
+
+#[test]
+fn reports_are_the_alphas_that_made_the_map() {
+    let (_, model, _) = crate::captioner::tiny();
+    let tokens = model.vocab.encode("a red circle left of a blue square").unwrap();
+    let a = model.features(&crate::captioner::image(3)).unwrap(); // [1, K, h, w]
+    let results = word_explanations(&model, &a, &tokens).unwrap();
+    let r = &results[1];
+    let rep = report(&r.alpha, &UnitNames::None, "red", 5);
+    let mut sorted = r.alpha.clone();
+    sorted.sort_by(|x, y| y.total_cmp(x));
+    assert_eq!(rep.top.iter().map(|n| n.alpha).collect::<Vec<_>>(), sorted[..5].to_vec());
+    assert_eq!(rep.bottom.iter().map(|n| n.alpha).collect::<Vec<_>>(), sorted.iter().rev().take(5).copied().collect::<Vec<_>>());
+    for n in rep.top.iter().chain(&rep.bottom) {
+        assert_eq!(n.alpha.to_bits(), r.alpha[n.unit].to_bits());
+    }
+    // The map recomputed from these alphas: ReLU(sum_k alpha_k A^k).
+    let (_, k, h, w) = a.dims4().unwrap();
+    let acts = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for p in 0..h * w {
+        let v: f32 = (0..k).map(|c| r.alpha[c] * acts[c * h * w + p]).sum::<f32>().max(0.0);
+        assert!((v - r.cam.data[p]).abs() <= 1e-5 * (1.0 + v.abs()), "pixel {p}: {v} vs {}", r.cam.data[p]);
+    }
+    assert!(rep.text.starts_with("\"red\" is supported by unit"), "{}", rep.text);
+    assert!(rep.text.contains("most against it: unit"), "{}", rep.text);
+}
+
+fn gradcam(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_gradcam")).args(args).current_dir(repo("")).output().unwrap()
+}
+
+#[test]
+fn dissect_then_explain_with_named_neurons() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("dissection.json");
+    let o = gradcam(&["dissect", "--model", "models/captioner", "--data", "data/shapescenes/val", "--out", table.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t: Value = serde_json::from_slice(&std::fs::read(&table).unwrap()).unwrap();
+    assert_eq!(t["units"].as_array().unwrap().len(), 96);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("units of conv4 named"));
+
+    let img = repo("data/shapescenes/test/images/000019.png");
+    let out = dir.path().join("maps");
+    let o = gradcam(&["caption", img.to_str().unwrap(), "--json", "--neurons", "--dissection", table.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    for w in j["words"].as_array().unwrap() {
+        let n = &w["neurons"];
+        assert_eq!((n["top"].as_array().unwrap().len(), n["bottom"].as_array().unwrap().len()), (5, 5));
+        assert_eq!(n["names"], "dissection");
+        let top: Vec<f64> = n["top"].as_array().unwrap().iter().map(|x| x["alpha"].as_f64().unwrap()).collect();
+        assert!(top.windows(2).all(|p| p[0] >= p[1]));
+        assert!(w["text"].as_str().unwrap().contains("is supported by unit"));
+    }
+
+    // A model folder without a table: a clear error that says how to make one.
+    let bare = dir.path().join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(repo("models/captioner").join(f), bare.join(f)).unwrap();
+    }
+    let o = gradcam(&["caption", img.to_str().unwrap(), "--neurons", "--model", bare.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("gradcam dissect"), "{}", String::from_utf8_lossy(&o.stderr));
+}
