@@ -14,7 +14,7 @@ use gradcam_core::{Explainable, Target};
 use gradcam_encoders::scene_cnn::{self, Pooling, SceneCnn};
 use serde::{Deserialize, Serialize};
 
-use crate::scores::CaptionLogProbs;
+use crate::scores::{CaptionHead, CaptionLogProbs};
 use gradcam_scenes::vocab::Vocab;
 use crate::{Error, Result};
 
@@ -77,13 +77,14 @@ pub struct Trainable {
 }
 
 impl Trainable {
-    /// With `word_head`, also the auxiliary bag-of-words head (`words.*`).
-    pub fn new(cfg: &Config, vb: VarBuilder, word_head: bool) -> Result<Self> {
+    /// With `word_outputs` > 0, also the auxiliary bag-of-words head (`words.*`) with that many
+    /// outputs.
+    pub fn new(cfg: &Config, vb: VarBuilder, word_outputs: usize) -> Result<Self> {
         let (e, h, v) = (cfg.embed, cfg.hidden, cfg.vocab_size);
         let lstm = vb.pp("lstm");
         Ok(Self {
             cfg: cfg.clone(),
-            words: if word_head { Some(candle_nn::linear(scene_cnn::CHANNELS, v, vb.pp("words"))?) } else { None },
+            words: if word_outputs > 0 { Some(candle_nn::linear(scene_cnn::CHANNELS, word_outputs, vb.pp("words"))?) } else { None },
             cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv)?,
             image_proj: candle_nn::linear(cfg.pooling().width(scene_cnn::CHANNELS), e, vb.pp("image_proj"))?,
             embed: candle_nn::embedding(v, e, vb.pp("embed"))?,
@@ -99,8 +100,8 @@ impl Trainable {
     /// # Shapes
     /// `images`: `[b, 3, s, s]`; `rows`: `[n]` image index of each caption; `tokens`: `[n, t]`
     /// (`<start>` w1 .. w_{t-1}) -> `[n, t, vocab]`, position i predicting the word after token
-    /// i; `[b, vocab]`.
-    pub fn forward(&self, images: &Tensor, rows: &Tensor, tokens: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    /// i; `[b, vocab]`; and the mean `conv4` activation (its L1 norm per element, ReLU outputs).
+    pub fn forward(&self, images: &Tensor, rows: &Tensor, tokens: &Tensor) -> Result<(Tensor, Option<Tensor>, Tensor)> {
         use candle_core::Module;
         let a = self.cnn.forward(images)?; // [b, C, h, w]
         // Word scores at every position (a 1x1 convolution), max-pooled over space (Oquab et
@@ -135,7 +136,7 @@ impl Trainable {
             (h, c) = step(&x, &h, &c)?;
             logits.push(self.out.forward(&h)?);
         }
-        Ok((candle_nn::ops::log_softmax(&Tensor::stack(&logits, 1)?, D::Minus1)?, bag))
+        Ok((candle_nn::ops::log_softmax(&Tensor::stack(&logits, 1)?, D::Minus1)?, bag, a.mean_all()?))
     }
 }
 
@@ -152,6 +153,9 @@ pub struct Captioner {
     out: Linear,
     /// The same decoder weights for [`CaptionLogProbs`].
     scores: CaptionLogProbs,
+    /// The image projection's weight `[E, P]` and bias for [`CaptionHead`].
+    proj_w: std::sync::Arc<Vec<f32>>,
+    proj_b: std::sync::Arc<Vec<f32>>,
 }
 
 /// A generated caption.
@@ -196,8 +200,11 @@ impl Captioner {
             targets: vec![],
             cache: Default::default(),
         };
+        let pw = cfg.pooling().width(scene_cnn::CHANNELS);
         Ok(Self {
             scores,
+            proj_w: flat(proj.get((e, pw), "weight")?)?,
+            proj_b: flat(proj.get(e, "bias")?)?,
             cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv)?,
             image_proj: Linear::new(&proj.get((e, cfg.pooling().width(scene_cnn::CHANNELS)), "weight")?, Some(&proj.get(e, "bias")?), Activation::Identity)?,
             embed: vb.pp("embed").get((v, e), "weight")?,
@@ -243,7 +250,6 @@ impl Captioner {
     /// # Shapes
     /// `a`: `[n, C, h, w]` -> `[n, t]` (`t` = words, plus one with `<end>`).
     pub fn word_logprobs(&self, a: &Tensor, tokens: &[u32], with_end: bool) -> Result<Tensor> {
-        let img = self.image_proj.forward(&self.cfg.pooling().forward(a)?)?; // [n, E]
         let mut inputs = vec![self.vocab.start];
         inputs.extend_from_slice(tokens);
         let mut targets = tokens.to_vec();
@@ -252,7 +258,9 @@ impl Captioner {
         } else {
             inputs.pop();
         }
-        Ok(img.contiguous()?.apply_op1(CaptionLogProbs { inputs, targets, cache: Default::default(), ..self.scores.clone() })?)
+        let scores = CaptionLogProbs { inputs, targets, cache: Default::default(), ..self.scores.clone() };
+        let head = CaptionHead { scores, proj_w: self.proj_w.clone(), proj_b: self.proj_b.clone(), moments: self.cfg.pool_moments };
+        Ok(a.contiguous()?.apply_op1(head)?)
     }
 
     /// Teacher-forced log-probabilities: position i predicts the word after `tokens[i]`.

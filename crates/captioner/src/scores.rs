@@ -204,3 +204,138 @@ impl CustomOp1 for CaptionLogProbs {
         Ok(Some(Tensor::from_vec(dimg, arg.shape(), arg.device())?))
     }
 }
+
+/// The whole head of a caption's explanation as one op of the `conv4` activations: global
+/// pooling (average, maximum and, optionally, the x and y moments), the image projection and
+/// [`CaptionLogProbs`]. Written out rather than as a graph of candle ops because explaining
+/// replicates the activations once per word: the forward and the backward through the decoder
+/// run once for all rows, and the pooling's backward is a fill per channel.
+#[derive(Clone)]
+pub struct CaptionHead {
+    pub(crate) scores: CaptionLogProbs,
+    /// `[E, P]` and `[E]`, P = 2C (or 4C with moments).
+    pub(crate) proj_w: Arc<Vec<f32>>,
+    pub(crate) proj_b: Arc<Vec<f32>>,
+    pub(crate) moments: bool,
+}
+
+/// Coordinates in [-1, 1] of `n` positions, as `scene_cnn::Pooling` uses.
+fn axis(n: usize) -> Vec<f32> {
+    (0..n).map(|i| i as f32 * (2.0 / (n.max(2) - 1) as f32) - 1.0).collect()
+}
+
+impl CaptionHead {
+    /// The pooled vector of one image's activations `[C, h, w]`, and each channel's argmax.
+    fn pool(&self, a: &[f32], c: usize, h: usize, w: usize) -> (Vec<f32>, Vec<usize>) {
+        let plane = h * w;
+        let (xs, ys) = (axis(w), axis(h));
+        let width = if self.moments { 4 * c } else { 2 * c };
+        let mut p = vec![0.0f32; width];
+        let mut arg = vec![0usize; c];
+        for k in 0..c {
+            let src = &a[k * plane..(k + 1) * plane];
+            p[k] = src.iter().sum::<f32>() / plane as f32;
+            let best = src.iter().enumerate().fold(0, |best, (i, &v)| if v > src[best] { i } else { best });
+            p[c + k] = src[best];
+            arg[k] = best;
+            if self.moments {
+                let (mut mx, mut my) = (0.0f32, 0.0f32);
+                for (i, &v) in src.iter().enumerate() {
+                    mx += v * xs[i % w];
+                    my += v * ys[i / w];
+                }
+                p[2 * c + k] = mx / plane as f32;
+                p[3 * c + k] = my / plane as f32;
+            }
+        }
+        (p, arg)
+    }
+
+    /// e = W p + b.
+    fn project(&self, p: &[f32]) -> Vec<f32> {
+        let mut e = vec![0.0f32; self.proj_b.len()];
+        matvec(&self.proj_w, p, &mut e);
+        e.iter_mut().zip(self.proj_b.iter()).for_each(|(x, b)| *x += b);
+        e
+    }
+}
+
+impl CustomOp1 for CaptionHead {
+    fn name(&self) -> &'static str {
+        "gradcam-caption-head"
+    }
+
+    /// `[n, C, h, w]` activations -> `[n, T]` log p of each target word.
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else { candle_core::bail!("{} supports f32 only", self.name()) };
+        let Some((s, e)) = layout.contiguous_offsets() else { candle_core::bail!("{} needs a contiguous input", self.name()) };
+        let (n, c, h, w) = layout.shape().dims4()?;
+        let expected = if self.moments { 4 * c } else { 2 * c };
+        if self.proj_w.len() != expected * self.scores.e {
+            candle_core::bail!("{}: {c} channels do not fit the image projection", self.name());
+        }
+        let rows: Vec<&[f32]> = data[s..e].chunks(c * h * w).collect();
+        let same = rows.iter().all(|r| *r == rows[0]);
+        let embed = |row: &[f32]| self.project(&self.pool(row, c, h, w).0);
+        let out: Vec<f32> = if same && n > 0 {
+            let img = embed(rows[0]);
+            let (lp, trace) = self.scores.run(&img);
+            *self.scores.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((img, trace));
+            (0..n).flat_map(|_| lp.iter().copied()).collect()
+        } else {
+            rows.iter().flat_map(|row| self.scores.run(&embed(row)).0).collect()
+        };
+        Ok((CpuStorage::F32(out), Shape::from((n, self.scores.inputs.len()))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let (n, c, h, w) = arg.dims4()?;
+        let plane = h * w;
+        let a = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad.contiguous()?.to_vec2::<f32>()?;
+        let rows: Vec<&[f32]> = a.chunks(c * plane).collect();
+        let same = n > 0 && rows.iter().all(|r| *r == rows[0]);
+        // d/d e for every row, then d/d pooled = dE W.
+        let (de, args): (Vec<f32>, Vec<Vec<usize>>) = if same {
+            let (p, arg0) = self.pool(rows[0], c, h, w);
+            let img = self.project(&p);
+            let cached = self.scores.cache.lock().unwrap_or_else(|e| e.into_inner()).take().filter(|(x, _)| *x == img);
+            let trace = match cached {
+                Some((_, trace)) => trace,
+                None => self.scores.run(&img).1,
+            };
+            (self.scores.backward(&trace, &g), vec![arg0; n])
+        } else {
+            let mut de = Vec::with_capacity(n * self.scores.e);
+            let mut args = Vec::with_capacity(n);
+            for (row, g) in rows.iter().zip(&g) {
+                let (p, arg_r) = self.pool(row, c, h, w);
+                de.extend(self.scores.backward(&self.scores.run(&self.project(&p)).1, std::slice::from_ref(g)));
+                args.push(arg_r);
+            }
+            (de, args)
+        };
+        let (e_dim, p_dim) = (self.scores.e, if self.moments { 4 * c } else { 2 * c });
+        let mut dp = vec![0.0f32; n * p_dim];
+        matmul(&mut dp, &de, (e_dim as isize, 1), &self.proj_w, (p_dim as isize, 1), n, p_dim, e_dim);
+        let (xs, ys) = (axis(w), axis(h));
+        let mut da = vec![0.0f32; n * c * plane];
+        for r in 0..n {
+            let dpr = &dp[r * p_dim..(r + 1) * p_dim];
+            for k in 0..c {
+                let dst = &mut da[(r * c + k) * plane..(r * c + k + 1) * plane];
+                let avg = dpr[k] / plane as f32;
+                if self.moments {
+                    let (gx, gy) = (dpr[2 * c + k] / plane as f32, dpr[3 * c + k] / plane as f32);
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        *d = avg + gx * xs[i % w] + gy * ys[i / w];
+                    }
+                } else {
+                    dst.fill(avg);
+                }
+                dst[args[r][k]] += dpr[c + k];
+            }
+        }
+        Ok(Some(Tensor::from_vec(da, arg.shape(), arg.device())?))
+    }
+}

@@ -34,11 +34,27 @@ pub struct TrainConfig {
     /// without any boxes or masks.
     #[serde(default)]
     pub word_loss: f64,
+    /// LSTM hidden size of a new model. Explaining every word backpropagates through the decoder
+    /// once per word, so its cost grows with the square of the caption length times this.
+    #[serde(default = "default_hidden")]
+    pub hidden: usize,
+    /// Weight of an L1 penalty on the `conv4` activations: units that fire only where they have
+    /// something to say, rather than over the whole background.
+    #[serde(default)]
+    pub activation_l1: f64,
+    /// The bag-of-words head also predicts word pairs ("blue circle") used by at least 10
+    /// training images, asking for units that bind a colour to a shape.
+    #[serde(default)]
+    pub word_pairs: bool,
+}
+
+fn default_hidden() -> usize {
+    256
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { epochs: 12, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0, val_images: 200, label_smoothing: 0.0, word_loss: 0.0 }
+        TrainConfig { epochs: 12, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0, val_images: 200, label_smoothing: 0.0, word_loss: 0.0, hidden: default_hidden(), activation_l1: 0.0, word_pairs: false }
     }
 }
 
@@ -72,6 +88,20 @@ struct Data {
     size: usize,
     pixels: Vec<u8>,
     captions: Vec<Vec<Vec<u32>>>,
+    /// Word pairs the bag-of-words head also predicts, with their output index after the words.
+    bigrams: std::collections::BTreeMap<(u32, u32), usize>,
+}
+
+/// Adjacent word pairs used by at least `min_count` training images, numbered from `offset`.
+fn bigram_vocab(captions: &[Vec<Vec<u32>>], min_count: usize, offset: usize) -> std::collections::BTreeMap<(u32, u32), usize> {
+    let mut count: std::collections::BTreeMap<(u32, u32), usize> = Default::default();
+    for caps in captions {
+        let pairs: std::collections::BTreeSet<(u32, u32)> = caps.iter().flat_map(|c| c.windows(2).map(|w| (w[0], w[1]))).collect();
+        for p in pairs {
+            *count.entry(p).or_default() += 1;
+        }
+    }
+    count.into_iter().filter(|&(_, n)| n >= min_count).map(|(p, _)| p).zip(offset..).collect()
 }
 
 /// A batch: images, caption rows, inputs, one-hot targets, the number of target words, and
@@ -92,7 +122,7 @@ impl Data {
             }
             captions.push(ex.captions.iter().map(|c| vocab.encode(c)).collect::<std::result::Result<Vec<_>, _>>()?);
         }
-        Ok(Data { size: s, pixels, captions })
+        Ok(Data { size: s, pixels, captions, bigrams: Default::default() })
     }
 
     fn len(&self) -> usize {
@@ -131,10 +161,18 @@ impl Data {
             }
         }
         let n = seqs.len();
-        let mut bag = vec![0f32; ids.len() * v];
+        let width = v + self.bigrams.len();
+        let mut bag = vec![0f32; ids.len() * width];
         for (b, &i) in ids.iter().enumerate() {
-            for &w in self.captions[i].iter().flatten() {
-                bag[b * v + w as usize] = 1.0;
+            for c in &self.captions[i] {
+                for &w in c {
+                    bag[b * width + w as usize] = 1.0;
+                }
+                for pair in c.windows(2) {
+                    if let Some(&j) = self.bigrams.get(&(pair[0], pair[1])) {
+                        bag[b * width + j] = 1.0;
+                    }
+                }
             }
         }
         Ok((
@@ -143,7 +181,7 @@ impl Data {
             Tensor::from_vec(inputs, (n, t), &Device::Cpu)?,
             Tensor::from_vec(onehot, (n, t, v), &Device::Cpu)?,
             count,
-            Tensor::from_vec(bag, (ids.len(), v), &Device::Cpu)?,
+            Tensor::from_vec(bag, (ids.len(), width), &Device::Cpu)?,
         ))
     }
 }
@@ -151,9 +189,9 @@ impl Data {
 /// Mean negative log-likelihood of the target words, against targets smoothed by `smoothing`
 /// (Szegedy et al. 2016): a model that never reaches p = 1 keeps informative word gradients.
 /// Plus `word_loss` x the mean binary cross-entropy of the bag-of-words head.
-fn loss(model: &Trainable, batch: &Batch, smoothing: f64, word_loss: f64) -> Result<Tensor> {
+fn loss(model: &Trainable, batch: &Batch, smoothing: f64, word_loss: f64, l1: f64) -> Result<Tensor> {
     let (images, rows, inputs, onehot, count, bag) = batch;
-    let (logp, bag_logits) = model.forward(images, rows, inputs)?; // [n, t, V], [b, V]
+    let (logp, bag_logits, mean_activation) = model.forward(images, rows, inputs)?; // [n, t, V], [b, V]
     let target = if smoothing > 0.0 {
         let v = onehot.dim(2)? as f64;
         let valid = onehot.sum_keepdim(2)?; // [n, t, 1]: 1 on words, 0 on padding
@@ -161,7 +199,10 @@ fn loss(model: &Trainable, batch: &Batch, smoothing: f64, word_loss: f64) -> Res
     } else {
         onehot.clone()
     };
-    let nll = ((logp * target)?.sum_all()? * (-1.0 / *count as f64))?;
+    let mut nll = ((logp * target)?.sum_all()? * (-1.0 / *count as f64))?;
+    if l1 > 0.0 {
+        nll = (nll + (mean_activation * l1)?)?;
+    }
     match bag_logits {
         Some(z) if word_loss > 0.0 => {
             // BCE with logits, stably: max(z, 0) - z y + log(1 + exp(-|z|)).
@@ -189,19 +230,26 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         (vocab, Checkpoint { train: tc.clone(), data: data.to_path_buf(), epochs_done: 0, log: Vec::new() })
     };
     ckpt.train.epochs = tc.epochs;
-    let cfg = if ckpt.epochs_done > 0 { Config::load(&out.join("config.json"))? } else { Config::new(vocab.len()) };
+    let cfg = if ckpt.epochs_done > 0 { Config::load(&out.join("config.json"))? } else { Config { hidden: ckpt.train.hidden, ..Config::new(vocab.len()) } };
     let mut varmap = VarMap::new();
-    let model = Trainable::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), ckpt.train.word_loss > 0.0)?;
-    if ckpt.epochs_done > 0 {
-        varmap.load(out.join("model.safetensors"))?;
-    } else {
-        init_parameters(&varmap, ckpt.train.seed)?;
+    if ckpt.epochs_done == 0 {
         vocab.save(&out.join("tokenizer.json"))?;
         let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Training(e.to_string()))?;
         gradcam_scenes::write_atomic(&out.join("config.json"), text.as_bytes())?;
     }
-    let train_data = Data::load(&train_split, &vocab, cfg.image_size)?;
-    let val_data = Data::load(&val_split, &vocab, cfg.image_size)?;
+    let mut train_data = Data::load(&train_split, &vocab, cfg.image_size)?;
+    let mut val_data = Data::load(&val_split, &vocab, cfg.image_size)?;
+    if ckpt.train.word_pairs {
+        train_data.bigrams = bigram_vocab(&train_data.captions, 10, vocab.len());
+        val_data.bigrams = train_data.bigrams.clone();
+    }
+    let word_outputs = if ckpt.train.word_loss > 0.0 { vocab.len() + train_data.bigrams.len() } else { 0 };
+    let model = Trainable::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), word_outputs)?;
+    if ckpt.epochs_done > 0 {
+        varmap.load(out.join("model.safetensors"))?;
+    } else {
+        init_parameters(&varmap, ckpt.train.seed)?;
+    }
     let params = ParamsAdamW { lr: ckpt.train.lr, weight_decay: ckpt.train.weight_decay, ..Default::default() };
     let mut opt = AdamW::new(varmap.all_vars(), params)?;
     let bs = ckpt.train.batch_size.max(1);
@@ -217,7 +265,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         progress(Event::Start { epoch, steps });
         let mut total = 0.0;
         for chunk in order.chunks(bs) {
-            let l = loss(&model, &train_data.batch(chunk, &vocab)?, ckpt.train.label_smoothing, ckpt.train.word_loss)?;
+            let l = loss(&model, &train_data.batch(chunk, &vocab)?, ckpt.train.label_smoothing, ckpt.train.word_loss, ckpt.train.activation_l1)?;
             opt.backward_step(&l)?;
             let l = l.to_scalar::<f32>()?;
             if !l.is_finite() {
@@ -229,7 +277,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         let ids: Vec<usize> = (0..val_data.len()).collect();
         let mut val_loss = 0.0;
         for chunk in ids.chunks(bs) {
-            val_loss += loss(&model, &val_data.batch(chunk, &vocab)?, 0.0, 0.0)?.to_scalar::<f32>()? * chunk.len() as f32;
+            val_loss += loss(&model, &val_data.batch(chunk, &vocab)?, 0.0, 0.0, 0.0)?.to_scalar::<f32>()? * chunk.len() as f32;
         }
         let frozen = Captioner::from_varbuilder(cfg.clone(), vocab.clone(), VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
         let exact = crate::eval::exact_match(&frozen, &val_split, ckpt.train.val_images)?;

@@ -217,13 +217,22 @@ pub struct TrainCaptionerArgs {
     /// image's captions use (0 = off).
     #[arg(long, default_value_t = 0.0)]
     word_loss: f64,
+    /// LSTM hidden size (explaining costs grow with it).
+    #[arg(long, default_value_t = TrainConfig::default().hidden)]
+    hidden: usize,
+    /// Weight of an L1 penalty on the explained layer's activations (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    activation_l1: f64,
+    /// The auxiliary loss also predicts frequent word pairs ("blue circle").
+    #[arg(long)]
+    word_pairs: bool,
     /// Continue from OUT/checkpoint.json.
     #[arg(long)]
     resume: bool,
 }
 
 pub fn train_captioner(args: TrainCaptionerArgs) -> anyhow::Result<ExitCode> {
-    let tc = TrainConfig { epochs: args.epochs, batch_size: args.batch_size, lr: args.lr, seed: args.seed, label_smoothing: args.label_smoothing, word_loss: args.word_loss, ..Default::default() };
+    let tc = TrainConfig { epochs: args.epochs, batch_size: args.batch_size, lr: args.lr, seed: args.seed, label_smoothing: args.label_smoothing, word_loss: args.word_loss, hidden: args.hidden, activation_l1: args.activation_l1, word_pairs: args.word_pairs, ..Default::default() };
     let start = std::time::Instant::now();
     let mut epoch_bar = EpochBar::default();
     let ckpt = train(&args.data, &args.out, &tc, args.resume, &mut |e| match e {
@@ -254,8 +263,9 @@ pub fn train_captioner(args: TrainCaptionerArgs) -> anyhow::Result<ExitCode> {
         None
     };
     let command = format!(
-        "gradcam train captioner --data {} --out {} --epochs {} --batch-size {} --lr {} --seed {} --label-smoothing {} --word-loss {}",
-        args.data.display(), args.out.display(), args.epochs, args.batch_size, args.lr, args.seed, args.label_smoothing, args.word_loss
+        "gradcam train captioner --data {} --out {} --epochs {} --batch-size {} --lr {} --seed {} --label-smoothing {} --word-loss {} --hidden {} --activation-l1 {}{}",
+        args.data.display(), args.out.display(), args.epochs, args.batch_size, args.lr, args.seed, args.label_smoothing, args.word_loss, args.hidden, args.activation_l1,
+        if args.word_pairs { " --word-pairs" } else { "" }
     );
     let cfg = gradcam_captioner::Config::load(&args.out.join("config.json"))?;
     let card = model_card(&command, &cfg, &ckpt, minutes, metrics.as_ref(), &args.data);
