@@ -132,9 +132,8 @@ impl Dissection {
 ///
 /// `activations[i]` holds image i's maps, `[K][h * w]` flattened as `K x h x w` (all images the same
 /// `h x w`); `masks[i]` is image i's size and concept masks (`masks[i].masks[c]` for concept c, at
-/// the image's size). The threshold of
-/// unit k is its top-`quantile` activation over all images and positions; each map is upsampled
-/// bilinearly to its image's size and thresholded there.
+/// the image's size). Each map is upsampled bilinearly to its image's size; the threshold of
+/// unit k is its top-`quantile` upsampled activation over all images and positions.
 pub fn dissect(
     activations: &[Vec<f32>],
     (k, h, w): (usize, usize, usize),
@@ -152,11 +151,13 @@ pub fn dissect(
         return Err(Error::Data(format!("quantile {} is outside (0, 1)", options.quantile)));
     }
     let plane = h * w;
-    // Per-unit thresholds: the value with a fraction `quantile` of all values above it.
+    let upsampled = |a: &[f32], u: usize, m: &ImageMasks| Map::new(h, w, a[u * plane..(u + 1) * plane].to_vec()).resize_bilinear(m.height, m.width);
+    // Per-unit thresholds: the value of the upsampled maps with a fraction `quantile` of all
+    // values (every position of every image) above it.
     let thresholds: Vec<f32> = (0..k)
         .into_par_iter()
         .map(|u| {
-            let mut v: Vec<f32> = activations.iter().flat_map(|a| a[u * plane..(u + 1) * plane].iter().copied()).collect();
+            let mut v: Vec<f32> = activations.iter().zip(masks).flat_map(|(a, m)| upsampled(a, u, m).data).collect();
             quantile_threshold(&mut v, options.quantile)
         })
         .collect();
@@ -169,10 +170,9 @@ pub fn dissect(
             let mut inter = vec![0u64; k * c];
             let mut unit_area = vec![0u64; k];
             let concept_area: Vec<u64> = m.masks.iter().map(|m| m.as_ref().map_or(0, |m| m.area() as u64)).collect();
-            let (ih, iw) = (m.height, m.width);
             let present: Vec<(usize, &Mask)> = m.masks.iter().enumerate().filter_map(|(i, m)| m.as_ref().map(|m| (i, m))).collect();
             for u in 0..k {
-                let map = Map::new(h, w, a[u * plane..(u + 1) * plane].to_vec()).resize_bilinear(ih, iw);
+                let map = upsampled(a, u, m);
                 let on: Vec<bool> = map.data.iter().map(|&v| v > thresholds[u]).collect();
                 unit_area[u] = on.iter().filter(|&&b| b).count() as u64;
                 if unit_area[u] == 0 {
