@@ -420,4 +420,7 @@ impl Target for WordLogProb {
     fn score(&self, row: &Tensor) -> gradcam_core::Result<Tensor> {
         Ok(row.get(self.step)?)
     }
+    fn element(&self) -> Option<(usize, f32)> {
+        Some((self.step, 1.0))
+    }
 }

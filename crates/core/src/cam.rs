@@ -28,6 +28,12 @@ pub trait Target {
     fn counterfactual(&self) -> bool {
         false
     }
+    /// `Some((index, sign))` when the score is `sign * row[index]` of the flattened row: then
+    /// [`explain`] seeds the backward with a one-hot matrix instead of building a graph of one
+    /// selection per request (which costs more than the backward itself for small heads).
+    fn element(&self) -> Option<(usize, f32)> {
+        None
+    }
 }
 
 /// The pre-softmax logit of a class, as the paper uses.
@@ -42,6 +48,9 @@ impl Target for ClassLogit {
         }
         Ok(row.flatten_all()?.get(self.0)?)
     }
+    fn element(&self) -> Option<(usize, f32)> {
+        Some((self.0, 1.0))
+    }
 }
 
 /// The paper's counterfactual explanation: the negated score, so that the map shows the regions
@@ -55,6 +64,9 @@ impl<T: Target> Target for Counterfactual<T> {
     }
     fn counterfactual(&self) -> bool {
         true
+    }
+    fn element(&self) -> Option<(usize, f32)> {
+        self.0.element().map(|(i, sign)| (i, -sign))
     }
 }
 
@@ -134,16 +146,38 @@ pub fn explain<M: Explainable + ?Sized>(
     let a = Var::from_tensor(&replicated)?;
     let output = model.head(a.as_tensor())?; // [n, ...]
 
-    let mut scores = Vec::with_capacity(requests.len());
-    for (i, r) in requests.iter().enumerate() {
-        scores.push(r.target.score(&output.get(i)?)?);
-    }
-    let scores = Tensor::stack(&scores, 0)?; // [n]
-    let score_values = scores.to_vec1::<f32>()?;
+    let elements: Option<Vec<(usize, f32)>> = requests.iter().map(|r| r.target.element()).collect();
+    let (score_values, total) = match elements {
+        Some(elements) => {
+            // Each score is one element of its row: read the values, and seed the backward with
+            // a one-hot matrix (one multiply and one sum in the graph, whatever n).
+            let flat = output.flatten_from(1)?; // [n, L]
+            let l = flat.dim(1)?;
+            if let Some(&(class, _)) = elements.iter().find(|(i, _)| *i >= l) {
+                return Err(Error::ClassOutOfRange { class, num_classes: l });
+            }
+            let values = flat.to_vec2::<f32>()?;
+            let scores: Vec<f32> = elements.iter().enumerate().map(|(r, &(i, sign))| sign * values[r][i]).collect();
+            let mut seed = vec![0f32; requests.len() * l];
+            for (r, &(i, sign)) in elements.iter().enumerate() {
+                seed[r * l + i] = sign;
+            }
+            let seed = Tensor::from_vec(seed, (requests.len(), l), output.device())?;
+            (scores, (flat * seed)?.sum_all()?)
+        }
+        None => {
+            let mut scores = Vec::with_capacity(requests.len());
+            for (i, r) in requests.iter().enumerate() {
+                scores.push(r.target.score(&output.get(i)?)?);
+            }
+            let scores = Tensor::stack(&scores, 0)?; // [n]
+            (scores.to_vec1::<f32>()?, scores.sum_all()?)
+        }
+    };
     if let Some(&value) = score_values.iter().find(|v| !v.is_finite()) {
         return Err(Error::NonFiniteScore { value });
     }
-    let grads = scores.sum_all()?.backward()?;
+    let grads = total.backward()?;
     let grads = grads.get(a.as_tensor()).ok_or(Error::NoGradient)?.clone();
 
     let acts = a.as_tensor().detach();
