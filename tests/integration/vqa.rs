@@ -107,6 +107,37 @@ fn a_tiny_vqa_model_learns() {
     assert!(err.contains("elephant") && err.contains("yes"), "{err}");
 }
 
+#[test]
+fn a_vqa_model_can_start_from_a_trained_encoder_and_keep_it_fixed() {
+    let data = tempfile::tempdir().unwrap();
+    let cfg = gradcam_scenes::Config { n: 30, seed: 6, fractions: [0.8, 0.2, 0.0], size: 64 };
+    gradcam_scenes::dataset::write(data.path(), &cfg, &|| {}).unwrap();
+    let captioner = tempfile::tempdir().unwrap();
+    let tc = gradcam_captioner::train::TrainConfig { epochs: 1, batch_size: 8, hidden: 16, val_images: 2, ..Default::default() };
+    gradcam_captioner::train::train(data.path(), captioner.path(), &tc, false, &mut |_| {}).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let tc = TrainConfig { epochs: 2, batch_size: 8, encoder_from: Some(captioner.path().to_path_buf()), freeze_encoder: true, ..Default::default() };
+    train(data.path(), out.path(), &tc, false, &mut |_| {}).unwrap();
+    let load = |dir: &std::path::Path| candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let (theirs, ours) = (load(captioner.path()), load(out.path()));
+    let mut compared = 0;
+    for (name, t) in ours.iter().filter(|(n, _)| n.starts_with("encoder.")) {
+        let diff = (t - &theirs[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "{name} changed");
+        compared += 1;
+    }
+    assert_eq!(compared, 8, "4 convolutions, weight and bias each");
+    // Not frozen: the encoder moves.
+    let out2 = tempfile::tempdir().unwrap();
+    train(data.path(), out2.path(), &TrainConfig { freeze_encoder: false, ..tc }, false, &mut |_| {}).unwrap();
+    let moved = load(out2.path());
+    let diff = (&moved["encoder.conv1.weight"] - &theirs["encoder.conv1.weight"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff > 0.0);
+    // Freezing without a trained encoder is an error.
+    let err = train(data.path(), out2.path(), &TrainConfig { encoder_from: None, freeze_encoder: true, ..Default::default() }, false, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("encoder"), "{err}");
+}
+
 fn gradcam(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_gradcam")).args(args).current_dir(crate::repo("")).output().unwrap()
 }
