@@ -378,7 +378,13 @@ pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
             m.counterfactual.questions,
             m.counterfactual.less_mass as f64 / m.counterfactual.questions.max(1) as f64
         ));
-        s.push_str("Reproduce with `gradcam vqa --model DIR --eval DATA/test`.\n");
+        s.push_str("| question type | pointing (questions) | centre baseline | counterfactual less mass (questions) |\n|---|---|---|---|\n");
+        for (k, p) in &m.pointing_per_type {
+            let c = m.counterfactual_per_type.get(k).cloned().unwrap_or_default();
+            let cf = if c.questions > 0 { format!("{:.3} ({})", c.less_mass as f64 / c.questions as f64, c.questions) } else { "-".into() };
+            s.push_str(&format!("| {k} | {:.3} ({}) | {:.3} | {cf} |\n", p.accuracy(), p.count, p.centre_accuracy()));
+        }
+        s.push_str("\nReproduce with `gradcam vqa --model DIR --eval DATA/test`.\n");
         eprintln!("test: VQA accuracy {:.3}, pointing {:.3} (centre {:.3})", m.overall.accuracy, m.pointing.accuracy(), m.pointing.centre_accuracy());
     }
     gradcam_scenes::write_atomic(&args.out.join("README.md"), s.as_bytes())?;

@@ -34,7 +34,11 @@ pub struct Metrics {
     pub overall: Accuracy,
     pub per_type: BTreeMap<String, Accuracy>,
     pub pointing: Pointing,
+    /// The pointing game per question type.
+    pub pointing_per_type: BTreeMap<String, Pointing>,
     pub counterfactual: CounterfactualCheck,
+    /// The counterfactual check per question type.
+    pub counterfactual_per_type: BTreeMap<String, CounterfactualCheck>,
     pub tolerance_px: f32,
 }
 
@@ -56,6 +60,8 @@ pub fn evaluate(model: &Vqa, split: &Split, limit: usize, mut progress: impl FnM
     let mut per_type: BTreeMap<String, Accuracy> = BTreeMap::new();
     let mut pointing = Pointing::default();
     let mut cf = CounterfactualCheck::default();
+    let mut pointing_per_type: BTreeMap<String, Pointing> = BTreeMap::new();
+    let mut cf_per_type: BTreeMap<String, CounterfactualCheck> = BTreeMap::new();
     let mut tolerance = 0.0;
     let mut done = 0;
     'images: for ex in split.examples() {
@@ -74,7 +80,8 @@ pub fn evaluate(model: &Vqa, split: &Split, limit: usize, mut progress: impl FnM
             let logits = model.logits(&a, &split_q.question)?;
             let (pred, _) = model.top_answers(&logits, 1)?[0];
             let acc = VqaFile::accuracy(ann, &model.cfg.answers[pred]);
-            for t in [&mut overall, per_type.entry(ann.question_type.clone().unwrap_or_else(|| ann.answer_type.clone())).or_default()] {
+            let qtype = ann.question_type.clone().unwrap_or_else(|| ann.answer_type.clone());
+            for t in [&mut overall, per_type.entry(qtype.clone()).or_default()] {
                 t.accuracy = (t.accuracy * t.questions as f64 + acc) / (t.questions + 1) as f64;
                 t.questions += 1;
             }
@@ -87,16 +94,21 @@ pub fn evaluate(model: &Vqa, split: &Split, limit: usize, mut progress: impl FnM
             let predicted = ClassLogit(pred);
             let map = &explain(&split_q, &a, &[Request { image: 0, target: &predicted }], &GradCam)?[0].cam;
             let (py, px) = map.normalized().0.resize_bilinear(h, w).argmax();
-            pointing.add(mask.near(py, px, tolerance), mask.near(h / 2, w / 2, tolerance));
+            let (hit, centre) = (mask.near(py, px, tolerance), mask.near(h / 2, w / 2, tolerance));
+            pointing.add(hit, centre);
+            pointing_per_type.entry(qtype.clone()).or_default().add(hit, centre);
             if let (true, Ok(correct)) = (ex.objects.len() >= 2, model.answer_index(&ann.multiple_choice_answer)) {
                 let (t, c) = (ClassLogit(correct), Counterfactual(ClassLogit(correct)));
                 let targets: [&dyn Target; 2] = [&t, &c];
                 let maps = explain(&split_q, &a, &targets.map(|target| Request { image: 0, target }), &GradCam)?;
-                cf.questions += 1;
-                cf.less_mass += (mass_on(&maps[1].cam, mask) < mass_on(&maps[0].cam, mask)) as usize;
+                let less = (mass_on(&maps[1].cam, mask) < mass_on(&maps[0].cam, mask)) as usize;
+                for c in [&mut cf, cf_per_type.entry(qtype.clone()).or_default()] {
+                    c.questions += 1;
+                    c.less_mass += less;
+                }
             }
             progress(done);
         }
     }
-    Ok(Metrics { overall, per_type, pointing, counterfactual: cf, tolerance_px: tolerance })
+    Ok(Metrics { overall, per_type, pointing, pointing_per_type, counterfactual: cf, counterfactual_per_type: cf_per_type, tolerance_px: tolerance })
 }
