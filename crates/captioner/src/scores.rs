@@ -240,9 +240,9 @@ impl CaptionHead {
             arg[k] = best;
             if self.moments {
                 let (mut mx, mut my) = (0.0f32, 0.0f32);
-                for (i, &v) in src.iter().enumerate() {
-                    mx += v * xs[i % w];
-                    my += v * ys[i / w];
+                for (row, y) in src.chunks_exact(w).zip(&ys) {
+                    mx += row.iter().zip(&xs).map(|(v, x)| v * x).sum::<f32>();
+                    my += row.iter().sum::<f32>() * y;
                 }
                 p[2 * c + k] = mx / plane as f32;
                 p[3 * c + k] = my / plane as f32;
@@ -327,8 +327,9 @@ impl CustomOp1 for CaptionHead {
                 let avg = dpr[k] / plane as f32;
                 if self.moments {
                     let (gx, gy) = (dpr[2 * c + k] / plane as f32, dpr[3 * c + k] / plane as f32);
-                    for (i, d) in dst.iter_mut().enumerate() {
-                        *d = avg + gx * xs[i % w] + gy * ys[i / w];
+                    for (row, y) in dst.chunks_exact_mut(w).zip(&ys) {
+                        let base = avg + gy * y;
+                        row.iter_mut().zip(&xs).for_each(|(d, x)| *d = base + gx * x);
                     }
                 } else {
                     dst.fill(avg);
