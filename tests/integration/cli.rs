@@ -211,3 +211,16 @@ fn convert_writes_safetensors_that_load_the_same() {
     let (x, y) = (a.get("_blocks.3._depthwise_conv.weight", &[144, 1, 5, 5]).unwrap(), b.get("_blocks.3._depthwise_conv.weight", &[144, 1, 5, 5]).unwrap());
     assert_eq!(x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
 }
+
+#[test]
+fn classify_takes_any_gradient_cam_method() {
+    let out = tempfile::tempdir().unwrap();
+    let o = gradcam(&["classify", repo("data/images/coffee.png").to_str().unwrap(), "--weights", &effnet_weights(), "--method", "gradcam++", "--json", "--out", out.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = &json_lines(&o)[0]["explanations"][0];
+    assert_eq!(e["method"], "gradcam++");
+    assert!(e["overlay"].as_str().unwrap().ends_with("_gradcampp.png"));
+    let o = gradcam(&["classify", repo("data/images/coffee.png").to_str().unwrap(), "--method", "magic", "--out", out.path().to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("unknown method \"magic\""), "{}", stderr(&o));
+}

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use candle_core::{Tensor, D};
 use gradcam_core::map::{overlay, write_png_atomic};
-use gradcam_core::{explain, ClassLogit, Counterfactual, Explainable, GradCam, Request, Target};
+use gradcam_core::{explain, ClassLogit, Counterfactual, Explainable, Request, Target};
 use gradcam_encoders::preprocess::{load_image, prepare, Resize};
 use gradcam_encoders::{imagenet, Network};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -33,6 +33,9 @@ pub struct ClassifyArgs {
     /// How many predictions to print.
     #[arg(long, default_value_t = 5)]
     top_k: usize,
+    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam or eigencam.
+    #[arg(long, default_value = "gradcam", value_parser = parse_method)]
+    method: String,
     /// Also write the counterfactual map of each class (negated gradients: what argues against it).
     #[arg(long)]
     counterfactual: bool,
@@ -86,6 +89,10 @@ struct ImageJson {
     input_size: [usize; 2],
     predictions: Vec<Prediction>,
     explanations: Vec<ExplanationJson>,
+}
+
+fn parse_method(s: &str) -> Result<String, String> {
+    gradcam_core::method_by_name(s).map(|m| m.name().to_string()).ok_or_else(|| format!("unknown method {s:?}; one of gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam"))
 }
 
 pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
@@ -183,7 +190,8 @@ fn classify_one(
         }
     }
     let requests: Vec<Request> = targets.iter().map(|(_, t)| Request { image: 0, target: t.as_ref() }).collect();
-    let results = explain(&split, &activations, &requests, &GradCam)?;
+    let method = gradcam_core::method_by_name(&args.method).context("unknown method")?;
+    let results = explain(&split, &activations, &requests, method.as_ref())?;
 
     let stem = unique_stem(path, used_names);
     let mut explanations = Vec::new();
@@ -192,13 +200,16 @@ fn classify_one(
         let subject = if t.counterfactual() { format!("not {}", label(class)) } else { label(class).to_string() };
         let neurons = if args.neurons { Some(class_named_report(&split, &activations, &r.alpha, &subject)?) } else { None };
         let (normalized, nonzero) = r.cam.normalized();
-        let suffix = if t.counterfactual() { "_counterfactual" } else { "" };
+        let mut suffix = if t.counterfactual() { "_counterfactual".to_string() } else { String::new() };
+        if method.name() != "gradcam" {
+            suffix.push_str(&format!("_{}", sanitize(&method.name().replace("++", "pp"))));
+        }
         let file = args.out.join(format!("{stem}_{class}_{}{suffix}.png", sanitize(label(class))));
         write_png_atomic(&overlay(&img, &normalized, prepared.region), &file)?;
         explanations.push(ExplanationJson {
             class,
             label: label(class),
-            method: "gradcam",
+            method: method.name(),
             counterfactual: r.counterfactual,
             score: r.score,
             cam_size: [r.cam.h, r.cam.w],
