@@ -116,4 +116,12 @@ fn cam_family_matches_pytorch_grad_cam_on_efficientnet_lite0() {
         eprintln!("{name}: mean absolute difference {mae:.2e}");
         assert!(mae <= 0.01, "{name}: mean absolute difference {mae}");
     }
+    let mut done = 0;
+    let r = &gradcam_core::methods::ablation_cam(&split, &a, &[Request { image: 0, target: &target }], 128, &mut |n| done = n).unwrap()[0];
+    assert_eq!(done, 1280);
+    let ours = pytorch_grad_cam_scaled(&r.cam, 224, 224);
+    let theirs = golden["ablationcam"].to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mae = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
+    eprintln!("ablationcam: mean absolute difference {mae:.2e}");
+    assert!(mae <= 0.03, "ablationcam: mean absolute difference {mae}");
 }

@@ -33,7 +33,7 @@ pub struct ClassifyArgs {
     /// How many predictions to print.
     #[arg(long, default_value_t = 5)]
     top_k: usize,
-    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam or eigencam.
+    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam or ablationcam.
     #[arg(long, default_value = "gradcam", value_parser = parse_method)]
     method: String,
     /// Also write the counterfactual map of each class (negated gradients: what argues against it).
@@ -92,7 +92,12 @@ struct ImageJson {
 }
 
 fn parse_method(s: &str) -> Result<String, String> {
-    gradcam_core::method_by_name(s).map(|m| m.name().to_string()).ok_or_else(|| format!("unknown method {s:?}; one of gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam"))
+    if s == "ablationcam" {
+        return Ok(s.to_string());
+    }
+    gradcam_core::method_by_name(s)
+        .map(|m| m.name().to_string())
+        .ok_or_else(|| format!("unknown method {s:?}; one of gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ablationcam"))
 }
 
 pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
@@ -142,7 +147,11 @@ fn print_result(out: &mut impl Write, r: &ImageJson, json: bool) -> std::io::Res
         writeln!(out, "  {}. {:>4} {:<30} logit {:>7.3}  p {:.4}", i + 1, p.class, p.label, p.logit, p.prob)?;
     }
     for e in &r.explanations {
-        let kind = if e.counterfactual { "counterfactual for" } else { "Grad-CAM for" };
+        let kind = match (e.counterfactual, e.method) {
+            (true, m) => format!("counterfactual ({m}) for"),
+            (false, "gradcam") => "Grad-CAM for".to_string(),
+            (false, m) => format!("{m} for"),
+        };
         let note = if e.nonzero { "" } else { " (map is zero everywhere: nothing in this layer supports it)" };
         writeln!(out, "  {kind} {} {}: {}{note}", e.class, e.label, e.overlay)?;
         if let Some(text) = &e.text {
@@ -190,8 +199,16 @@ fn classify_one(
         }
     }
     let requests: Vec<Request> = targets.iter().map(|(_, t)| Request { image: 0, target: t.as_ref() }).collect();
-    let method = gradcam_core::method_by_name(&args.method).context("unknown method")?;
-    let results = explain(&split, &activations, &requests, method.as_ref())?;
+    let (results, method_name) = if args.method == "ablationcam" {
+        let k = activations.dim(1)?;
+        let bar = if args.json { indicatif::ProgressBar::hidden() } else { crate::progress::bar(k as u64, "channels ablated") };
+        let r = gradcam_core::methods::ablation_cam(&split, &activations, &requests, 128, &mut |n| bar.set_position(n as u64))?;
+        bar.finish_and_clear();
+        (r, "ablationcam")
+    } else {
+        let method = gradcam_core::method_by_name(&args.method).context("unknown method")?;
+        (explain(&split, &activations, &requests, method.as_ref())?, method.name())
+    };
 
     let stem = unique_stem(path, used_names);
     let mut explanations = Vec::new();
@@ -201,15 +218,15 @@ fn classify_one(
         let neurons = if args.neurons { Some(class_named_report(&split, &activations, &r.alpha, &subject)?) } else { None };
         let (normalized, nonzero) = r.cam.normalized();
         let mut suffix = if t.counterfactual() { "_counterfactual".to_string() } else { String::new() };
-        if method.name() != "gradcam" {
-            suffix.push_str(&format!("_{}", sanitize(&method.name().replace("++", "pp"))));
+        if method_name != "gradcam" {
+            suffix.push_str(&format!("_{}", sanitize(&method_name.replace("++", "pp"))));
         }
         let file = args.out.join(format!("{stem}_{class}_{}{suffix}.png", sanitize(label(class))));
         write_png_atomic(&overlay(&img, &normalized, prepared.region), &file)?;
         explanations.push(ExplanationJson {
             class,
             label: label(class),
-            method: method.name(),
+            method: method_name,
             counterfactual: r.counterfactual,
             score: r.score,
             cam_size: [r.cam.h, r.cam.w],

@@ -163,3 +163,73 @@ fn principal_direction(rows: &[Vec<f32>], p: usize) -> Vec<f32> {
     let sign = if corr < 0.0 { -1.0 } else { 1.0 };
     v.iter().map(|x| (sign * x) as f32).collect()
 }
+
+/// Ablation-CAM (Desai & Ramaswamy 2020), as pytorch-grad-cam computes it: channel k's weight is
+/// (y - y_k) / y, where y_k is the target's score with channel k of the explained layer set to 0
+/// (or, when the layer has negative values, to its minimum - 1e7); the map is ReLU(sum_k w_k A^k).
+/// Only the head runs for the ablated copies (pytorch-grad-cam reruns the whole network), `chunk`
+/// channels at a time; `progress` hears the number of channels done.
+pub fn ablation_cam<M: crate::Explainable + ?Sized>(
+    model: &M,
+    activations: &Tensor,
+    requests: &[crate::Request<'_>],
+    chunk: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<crate::CamResult>> {
+    use crate::{CamResult, Error, Map};
+    let (batch, k, h, w) = activations.dims4()?;
+    let plane = h * w;
+    let score_rows = |out: &Tensor, target: &dyn crate::Target| -> Result<Vec<f32>> {
+        (0..out.dim(0)?).map(|i| Ok(target.score(&out.get(i)?)?.to_scalar::<f32>()?)).collect()
+    };
+    let mut results = Vec::with_capacity(requests.len());
+    for r in requests {
+        if r.image >= batch {
+            return Err(Error::ImageOutOfRange { image: r.image, batch });
+        }
+        let a = activations.get(r.image)?.contiguous()?; // [K, h, w]
+        let values = a.flatten_all()?.to_vec1::<f32>()?;
+        let y = score_rows(&model.head(&a.unsqueeze(0)?)?, r.target)?[0];
+        if !y.is_finite() {
+            return Err(Error::NonFiniteScore { value: y });
+        }
+        let min = values.iter().copied().fold(f32::INFINITY, f32::min);
+        let ablated_value = if min == 0.0 { 0.0 } else { min - 1e7 };
+        let mut weights = Vec::with_capacity(k);
+        for start in (0..k).step_by(chunk.max(1)) {
+            let n = chunk.max(1).min(k - start);
+            let mut data = Vec::with_capacity(n * k * plane);
+            for c in start..start + n {
+                let mut copy = values.clone();
+                copy[c * plane..(c + 1) * plane].fill(ablated_value);
+                data.extend(copy);
+            }
+            let batch_in = Tensor::from_vec(data, (n, k, h, w), activations.device())?;
+            for yk in score_rows(&model.head(&batch_in)?, r.target)? {
+                weights.push((y - yk) / y);
+            }
+            progress(start + n);
+        }
+        let alpha = Tensor::from_vec(weights.clone(), (1, k), activations.device())?;
+        let cam = GradCamLike.cam(&a.unsqueeze(0)?, &a.unsqueeze(0)?, &alpha)?.flatten_all()?.to_vec1::<f32>()?;
+        let cam = Map::new(h, w, cam);
+        if !cam.is_finite() || weights.iter().any(|v| !v.is_finite()) {
+            return Err(Error::NonFinite { what: "Ablation-CAM map" });
+        }
+        let score = if r.target.counterfactual() { -y } else { y };
+        results.push(CamResult { image: r.image, score, counterfactual: r.target.counterfactual(), alpha: weights, cam });
+    }
+    Ok(results)
+}
+
+/// The default channel-weighted map, for methods that only supply weights.
+struct GradCamLike;
+
+impl CamMethod for GradCamLike {
+    fn name(&self) -> &'static str {
+        "weighted"
+    }
+    fn weights(&self, _activations: &Tensor, grads: &Tensor) -> Result<Tensor> {
+        Ok(grads.flatten_from(2)?.mean(D::Minus1)?)
+    }
+}
