@@ -90,12 +90,14 @@ pub fn report(alpha: &[f32], names: &UnitNames, subject: &str, n: usize) -> Neur
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let text = if top.is_empty() {
-        format!("\"{subject}\": the layer has no units")
-    } else if bottom.is_empty() {
-        format!("\"{subject}\" is supported by {}", describe(&top))
-    } else {
-        format!("\"{subject}\" is supported by {}; most against it: {}", describe(&top), describe(&bottom))
+    // The sentence names only units that really push each way.
+    let support: Vec<Neuron> = top.iter().filter(|n| n.alpha > 0.0).cloned().collect();
+    let against: Vec<Neuron> = bottom.iter().filter(|n| n.alpha < 0.0).cloned().collect();
+    let text = match (support.is_empty(), against.is_empty()) {
+        (true, true) => format!("\"{subject}\": no unit of the layer pushes either way"),
+        (false, true) => format!("\"{subject}\" is supported by {}; no unit argues against it", describe(&support)),
+        (true, false) => format!("no unit supports \"{subject}\"; most against it: {}", describe(&against)),
+        (false, false) => format!("\"{subject}\" is supported by {}; most against it: {}", describe(&support), describe(&against)),
     };
     NeuronReport { top, bottom, names: names.kind(), text }
 }
