@@ -224,3 +224,20 @@ fn classify_takes_any_gradient_cam_method() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("unknown method \"magic\""), "{}", stderr(&o));
 }
+
+#[test]
+fn caption_and_vqa_take_a_method_too() {
+    let out = tempfile::tempdir().unwrap();
+    let img = repo("data/shapescenes/test/images/000019.png");
+    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_gradcam")).args(args).current_dir(repo("")).output().unwrap();
+    let o = run(&["caption", img.to_str().unwrap(), "--method", "layercam", "--json", "--out", out.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(j["words"].as_array().unwrap().iter().all(|w| w["method"] == "layercam"));
+    let o = run(&["vqa", img.to_str().unwrap(), "what color is the triangle?", "--method", "gradcam++", "--json", "--out", out.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["explanations"][0]["method"], "gradcam++");
+    let o = run(&["vqa", img.to_str().unwrap(), "what color is the triangle?", "--method", "nope", "--out", out.path().to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("unknown method \"nope\""), "{}", stderr(&o));
+}

@@ -164,10 +164,15 @@ fn find<'a>(objects: &[&'a Instance], split: &Split, (color, shape): &(String, S
 /// The Grad-CAM explanation (alpha_k and raw map) of every word of a caption, from one backward
 /// pass.
 pub fn word_explanations(model: &Captioner, a: &Tensor, tokens: &[u32]) -> Result<Vec<CamResult>> {
+    word_explanations_with(model, a, tokens, &GradCam)
+}
+
+/// [`word_explanations`] with any gradient-based CAM method.
+pub fn word_explanations_with(model: &Captioner, a: &Tensor, tokens: &[u32], method: &dyn gradcam_core::CamMethod) -> Result<Vec<CamResult>> {
     let split = CaptionSplit::new(model, tokens);
     let targets: Vec<WordLogProb> = (0..tokens.len()).map(|step| WordLogProb { step }).collect();
     let requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t as &dyn Target }).collect();
-    Ok(explain(&split, a, &requests, &GradCam)?)
+    Ok(explain(&split, a, &requests, method)?)
 }
 
 /// The raw Grad-CAM map of every word of a caption, from one backward pass.

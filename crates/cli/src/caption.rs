@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use gradcam_captioner::eval::{evaluate, word_explanations};
+use gradcam_captioner::eval::{evaluate, word_explanations_with};
 use gradcam_neurons::{report, Dissection, NeuronReport, UnitNames};
 use gradcam_captioner::train::{train, Event, TrainConfig};
 use gradcam_captioner::Captioner;
@@ -55,6 +55,16 @@ pub struct CaptionArgs {
     /// Dissection table for --neurons and --eval (default: MODEL/dissection.json when present).
     #[arg(long)]
     dissection: Option<PathBuf>,
+    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam or eigencam.
+    #[arg(long, default_value = "gradcam", value_parser = parse_gradient_method)]
+    method: String,
+}
+
+/// A gradient-based CAM method's name, checked.
+pub fn parse_gradient_method(s: &str) -> Result<String, String> {
+    gradcam_core::method_by_name(s)
+        .map(|m| m.name().to_string())
+        .ok_or_else(|| format!("unknown method {s:?}; one of gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam"))
 }
 
 /// The dissection table: `--dissection`, else the model folder's `dissection.json` if any;
@@ -77,6 +87,7 @@ pub fn load_dissection(explicit: Option<&Path>, model: &Path, required: bool) ->
 struct WordJson {
     t: usize,
     word: String,
+    method: &'static str,
     logprob: f32,
     cam_size: [usize; 2],
     cam: Vec<Vec<f32>>,
@@ -153,7 +164,8 @@ fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs, names: Option
     };
     let words = model.vocab.decode(&tokens);
     let logprobs = model.word_logprobs(&a, &tokens, false)?.squeeze(0)?.to_vec1::<f32>()?;
-    let results = word_explanations(model, &a, &tokens)?;
+    let method = gradcam_core::method_by_name(&args.method).context("unknown method")?;
+    let results = word_explanations_with(model, &a, &tokens, method.as_ref())?;
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
     let region = Region { x: 0, y: 0, width: img.width(), height: img.height() };
     let mut out_words = Vec::new();
@@ -162,12 +174,14 @@ fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs, names: Option
         let map = &r.cam;
         let neurons = names.map(|n| report(&r.alpha, n, word, 5));
         let tile = overlay(&img, &map.normalized().0, region);
-        let file = args.out.join(format!("{stem}_{t:02}_{word}.png"));
+        let tag = if method.name() == "gradcam" { String::new() } else { format!("_{}", method.name().replace("++", "pp")) };
+        let file = args.out.join(format!("{stem}_{t:02}_{word}{tag}.png"));
         write_png_atomic(&tile, &file)?;
         tiles.push(tile);
         out_words.push(WordJson {
             t,
             word: word.clone(),
+            method: method.name(),
             logprob: logprobs[t],
             cam_size: [map.h, map.w],
             cam: map.rows(),
@@ -176,7 +190,8 @@ fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs, names: Option
             neurons,
         });
     }
-    let strip_file = args.out.join(format!("{stem}_strip.png"));
+    let tag = if method.name() == "gradcam" { String::new() } else { format!("_{}", method.name().replace("++", "pp")) };
+    let strip_file = args.out.join(format!("{stem}_strip{tag}.png"));
     write_png_atomic(&strip(&img, &tiles), &strip_file)?;
     Ok(CaptionJson { image: path.display().to_string(), caption: words.join(" "), words: out_words, strip: strip_file.display().to_string() })
 }

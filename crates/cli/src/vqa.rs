@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use gradcam_core::map::{overlay, write_png_atomic, Region};
-use gradcam_core::{explain, ClassLogit, Counterfactual, GradCam, Request, Target};
+use gradcam_core::{explain, ClassLogit, Counterfactual, Request, Target};
 use gradcam_encoders::preprocess::load_image;
 use gradcam_scenes::vqa::Vqa as VqaFile;
 use gradcam_scenes::Split;
@@ -67,6 +67,9 @@ pub struct VqaArgs {
     /// Dissection table for --neurons (default: MODEL/dissection.json).
     #[arg(long)]
     dissection: Option<PathBuf>,
+    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam or eigencam.
+    #[arg(long, default_value = "gradcam", value_parser = crate::caption::parse_gradient_method)]
+    method: String,
 }
 
 #[derive(Serialize)]
@@ -78,6 +81,7 @@ struct AnswerJson {
 #[derive(Serialize)]
 struct ExplanationJson {
     answer: String,
+    method: &'static str,
     counterfactual: bool,
     cam_size: [usize; 2],
     cam: Vec<Vec<f32>>,
@@ -170,19 +174,24 @@ fn answer_one(model: &Vqa, img: &image::RgbImage, path: &Path, question: &str, a
         }
     }
     let requests: Vec<Request> = targets.iter().map(|(_, t)| Request { image: 0, target: t.as_ref() }).collect();
-    let results = explain(&split, &a, &requests, &GradCam)?;
+    let method = gradcam_core::method_by_name(&args.method).context("unknown method")?;
+    let results = explain(&split, &a, &requests, method.as_ref())?;
     let stem = format!("{prefix}{}", path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into()));
     let region = Region { x: 0, y: 0, width: img.width(), height: img.height() };
     let mut explanations = Vec::new();
     for (r, (i, t)) in results.iter().zip(&targets) {
         let answer = model.cfg.answers[*i].clone();
-        let suffix = if t.counterfactual() { "_counterfactual" } else { "" };
+        let mut suffix = if t.counterfactual() { "_counterfactual".to_string() } else { String::new() };
+        if method.name() != "gradcam" {
+            suffix.push_str(&format!("_{}", method.name().replace("++", "pp")));
+        }
         let file = args.out.join(format!("{stem}_{}{suffix}.png", answer.replace(' ', "_")));
         write_png_atomic(&overlay(img, &r.cam.normalized().0, region), &file)?;
         let subject = if r.counterfactual { format!("not {answer}") } else { answer.clone() };
         let neurons = names.map(|n| report(&r.alpha, n, &subject, 5));
         explanations.push(ExplanationJson {
             answer,
+            method: method.name(),
             counterfactual: r.counterfactual,
             cam_size: [r.cam.h, r.cam.w],
             cam: r.cam.rows(),
