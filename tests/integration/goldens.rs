@@ -124,4 +124,13 @@ fn cam_family_matches_pytorch_grad_cam_on_efficientnet_lite0() {
     let mae = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
     eprintln!("ablationcam: mean absolute difference {mae:.2e}");
     assert!(mae <= 0.03, "ablationcam: mean absolute difference {mae}");
+
+    let mut done = 0;
+    let r = &gradcam_core::methods::score_cam(&split, &input(), &a, &[Request { image: 0, target: &target }], 16, &mut |n| done = n).unwrap()[0];
+    assert_eq!(done, 1280);
+    let ours = pytorch_grad_cam_scaled(&r.cam, 224, 224);
+    let theirs = golden["scorecam"].to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mae = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
+    eprintln!("scorecam: mean absolute difference {mae:.2e}");
+    assert!(mae <= 0.03, "scorecam: mean absolute difference {mae}");
 }

@@ -33,7 +33,8 @@ pub struct ClassifyArgs {
     /// How many predictions to print.
     #[arg(long, default_value_t = 5)]
     top_k: usize,
-    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam or ablationcam.
+    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ablationcam or
+    /// scorecam (one forward pass of the network per channel of the layer).
     #[arg(long, default_value = "gradcam", value_parser = parse_method)]
     method: String,
     /// Also write the counterfactual map of each class (negated gradients: what argues against it).
@@ -92,12 +93,12 @@ struct ImageJson {
 }
 
 fn parse_method(s: &str) -> Result<String, String> {
-    if s == "ablationcam" {
+    if s == "ablationcam" || s == "scorecam" {
         return Ok(s.to_string());
     }
     gradcam_core::method_by_name(s)
         .map(|m| m.name().to_string())
-        .ok_or_else(|| format!("unknown method {s:?}; one of gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ablationcam"))
+        .ok_or_else(|| format!("unknown method {s:?}; one of gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ablationcam, scorecam"))
 }
 
 pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
@@ -205,6 +206,12 @@ fn classify_one(
         let r = gradcam_core::methods::ablation_cam(&split, &activations, &requests, 128, &mut |n| bar.set_position(n as u64))?;
         bar.finish_and_clear();
         (r, "ablationcam")
+    } else if args.method == "scorecam" {
+        let k = activations.dim(1)?;
+        let bar = if args.json { indicatif::ProgressBar::hidden() } else { crate::progress::bar(k as u64, "channels scored") };
+        let r = gradcam_core::methods::score_cam(&split, &input, &activations, &requests, 16, &mut |n| bar.set_position(n as u64))?;
+        bar.finish_and_clear();
+        (r, "scorecam")
     } else {
         let method = gradcam_core::method_by_name(&args.method).context("unknown method")?;
         (explain(&split, &activations, &requests, method.as_ref())?, method.name())

@@ -233,3 +233,108 @@ impl CamMethod for GradCamLike {
         Ok(grads.flatten_from(2)?.mean(D::Minus1)?)
     }
 }
+
+/// Score-CAM (Wang et al. 2020), as pytorch-grad-cam computes it: each channel's map, upsampled to
+/// the input (bilinear, corners aligned) and min-max scaled (with 1e-8), masks the input; the
+/// network's score for the masked input, softmaxed over channels, is the channel's weight; the
+/// map is ReLU(sum_k w_k A^k). Channels whose map is constant give an all-zero mask, so they share
+/// one forward pass; the others run `chunk` at a time. `progress` hears the channels done.
+pub fn score_cam<M: crate::Explainable + ?Sized>(
+    model: &M,
+    input: &Tensor,
+    activations: &Tensor,
+    requests: &[crate::Request<'_>],
+    chunk: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<crate::CamResult>> {
+    use crate::{CamResult, Error, Map};
+    let (batch, k, h, w) = activations.dims4()?;
+    let (_, c, ih, iw) = input.dims4()?;
+    let plane = h * w;
+    let score_rows = |out: &Tensor, target: &dyn crate::Target| -> Result<Vec<f32>> {
+        (0..out.dim(0)?).map(|i| Ok(target.score(&out.get(i)?)?.to_scalar::<f32>()?)).collect()
+    };
+    let mut results = Vec::with_capacity(requests.len());
+    for r in requests {
+        if r.image >= batch {
+            return Err(Error::ImageOutOfRange { image: r.image, batch });
+        }
+        let a = activations.get(r.image)?.contiguous()?; // [K, h, w]
+        let values = a.flatten_all()?.to_vec1::<f32>()?;
+        let x = input.get(r.image)?.flatten_all()?.to_vec1::<f32>()?; // [C * ih * iw]
+        let masks: Vec<Option<Vec<f32>>> = (0..k)
+            .map(|ch| {
+                let up = upsample_align_corners(&values[ch * plane..(ch + 1) * plane], h, w, ih, iw);
+                let (lo, hi) = up.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, u), &v| (l.min(v), u.max(v)));
+                if hi == lo {
+                    None // (v - lo) / (0 + 1e-8) = 0 everywhere
+                } else {
+                    Some(up.iter().map(|v| (v - lo) / (hi - lo + 1e-8)).collect())
+                }
+            })
+            .collect();
+        let mut scores = vec![f32::NAN; k];
+        // Constant channels: one forward of the zero input serves them all.
+        if masks.iter().any(Option::is_none) {
+            let zero = Tensor::zeros((1, c, ih, iw), input.dtype(), input.device())?;
+            let s = score_rows(&model.head(&model.features(&zero)?)?, r.target)?[0];
+            masks.iter().zip(scores.iter_mut()).filter(|(m, _)| m.is_none()).for_each(|(_, sc)| *sc = s);
+        }
+        let varying: Vec<usize> = (0..k).filter(|&ch| masks[ch].is_some()).collect();
+        let mut done = k - varying.len();
+        progress(done);
+        for group in varying.chunks(chunk.max(1)) {
+            let mut data = Vec::with_capacity(group.len() * x.len());
+            for &ch in group {
+                let m = masks[ch].as_ref().expect("varying");
+                for ci in 0..c {
+                    data.extend(x[ci * ih * iw..(ci + 1) * ih * iw].iter().zip(m).map(|(v, mv)| v * mv));
+                }
+            }
+            let masked = Tensor::from_vec(data, (group.len(), c, ih, iw), input.device())?;
+            for (&ch, s) in group.iter().zip(score_rows(&model.head(&model.features(&masked)?)?, r.target)?) {
+                scores[ch] = s;
+            }
+            done += group.len();
+            progress(done);
+        }
+        // Softmax over channels.
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+        let sum: f32 = exps.iter().sum();
+        let weights: Vec<f32> = exps.iter().map(|e| e / sum).collect();
+        let alpha = Tensor::from_vec(weights.clone(), (1, k), activations.device())?;
+        let cam = GradCamLike.cam(&a.unsqueeze(0)?, &a.unsqueeze(0)?, &alpha)?.flatten_all()?.to_vec1::<f32>()?;
+        let cam = Map::new(h, w, cam);
+        if !cam.is_finite() || weights.iter().any(|v| !v.is_finite()) {
+            return Err(Error::NonFinite { what: "Score-CAM map" });
+        }
+        let y = score_rows(&model.head(&a.unsqueeze(0)?)?, r.target)?[0];
+        let score = if r.target.counterfactual() { -y } else { y };
+        results.push(CamResult { image: r.image, score, counterfactual: r.target.counterfactual(), alpha: weights, cam });
+    }
+    Ok(results)
+}
+
+/// Bilinear upsampling with corners aligned (PyTorch's `UpsamplingBilinear2d`).
+fn upsample_align_corners(src: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> Vec<f32> {
+    let scale = |n: usize, o: usize| if o > 1 { (n - 1) as f32 / (o - 1) as f32 } else { 0.0 };
+    let (sy, sx) = (scale(h, oh), scale(w, ow));
+    let mut out = Vec::with_capacity(oh * ow);
+    for y in 0..oh {
+        let fy = y as f32 * sy;
+        let y0 = (fy.floor() as usize).min(h - 1);
+        let y1 = (y0 + 1).min(h - 1);
+        let dy = fy - y0 as f32;
+        for x in 0..ow {
+            let fx = x as f32 * sx;
+            let x0 = (fx.floor() as usize).min(w - 1);
+            let x1 = (x0 + 1).min(w - 1);
+            let dx = fx - x0 as f32;
+            let top = src[y0 * w + x0] * (1.0 - dx) + src[y0 * w + x1] * dx;
+            let bottom = src[y1 * w + x0] * (1.0 - dx) + src[y1 * w + x1] * dx;
+            out.push(top * (1.0 - dy) + bottom * dy);
+        }
+    }
+    out
+}
