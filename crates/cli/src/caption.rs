@@ -62,9 +62,19 @@ pub struct CaptionArgs {
 
 /// A gradient-based CAM method's name, checked.
 pub fn parse_gradient_method(s: &str) -> Result<String, String> {
-    gradcam_core::method_by_name(s)
-        .map(|m| m.name().to_string())
-        .ok_or_else(|| format!("unknown method {s:?}; one of gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam"))
+    parse_method(s, &[])
+}
+
+/// A CAM method's name: a gradient-based one, or one of `extra` (methods a command runs itself).
+pub fn parse_method(s: &str, extra: &[&str]) -> Result<String, String> {
+    if extra.contains(&s) {
+        return Ok(s.to_string());
+    }
+    gradcam_core::method_by_name(s).map(|m| m.name().to_string()).ok_or_else(|| {
+        let mut known = vec!["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam"];
+        known.extend(extra);
+        format!("unknown method {s:?}; one of {}", known.join(", "))
+    })
 }
 
 /// The dissection table: `--dissection`, else the model folder's `dissection.json` if any;

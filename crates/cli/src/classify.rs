@@ -93,12 +93,7 @@ struct ImageJson {
 }
 
 fn parse_method(s: &str) -> Result<String, String> {
-    if s == "ablationcam" || s == "scorecam" {
-        return Ok(s.to_string());
-    }
-    gradcam_core::method_by_name(s)
-        .map(|m| m.name().to_string())
-        .ok_or_else(|| format!("unknown method {s:?}; one of gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ablationcam, scorecam"))
+    crate::caption::parse_method(s, &["ablationcam", "scorecam"])
 }
 
 pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {

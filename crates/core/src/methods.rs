@@ -176,12 +176,9 @@ pub fn ablation_cam<M: crate::Explainable + ?Sized>(
     chunk: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<crate::CamResult>> {
-    use crate::{CamResult, Error, Map};
+    use crate::Error;
     let (batch, k, h, w) = activations.dims4()?;
     let plane = h * w;
-    let score_rows = |out: &Tensor, target: &dyn crate::Target| -> Result<Vec<f32>> {
-        (0..out.dim(0)?).map(|i| Ok(target.score(&out.get(i)?)?.to_scalar::<f32>()?)).collect()
-    };
     let mut results = Vec::with_capacity(requests.len());
     for r in requests {
         if r.image >= batch {
@@ -210,28 +207,28 @@ pub fn ablation_cam<M: crate::Explainable + ?Sized>(
             }
             progress(start + n);
         }
-        let alpha = Tensor::from_vec(weights.clone(), (1, k), activations.device())?;
-        let cam = GradCamLike.cam(&a.unsqueeze(0)?, &a.unsqueeze(0)?, &alpha)?.flatten_all()?.to_vec1::<f32>()?;
-        let cam = Map::new(h, w, cam);
-        if !cam.is_finite() || weights.iter().any(|v| !v.is_finite()) {
-            return Err(Error::NonFinite { what: "Ablation-CAM map" });
-        }
-        let score = if r.target.counterfactual() { -y } else { y };
-        results.push(CamResult { image: r.image, score, counterfactual: r.target.counterfactual(), alpha: weights, cam });
+        results.push(weighted_result(&a, weights, y, r, "Ablation-CAM map")?);
     }
     Ok(results)
 }
 
-/// The default channel-weighted map, for methods that only supply weights.
-struct GradCamLike;
+/// The target's score of every row of a head output.
+fn score_rows(out: &Tensor, target: &dyn crate::Target) -> Result<Vec<f32>> {
+    (0..out.dim(0)?).map(|i| Ok(target.score(&out.get(i)?)?.to_scalar::<f32>()?)).collect()
+}
 
-impl CamMethod for GradCamLike {
-    fn name(&self) -> &'static str {
-        "weighted"
+/// The explanation of one request from perturbation weights: ReLU(sum_k w_k A^k) (Grad-CAM's
+/// map, other weights), checked for NaN. `a`: `[K, h, w]`; `y`: the target's score.
+fn weighted_result(a: &Tensor, weights: Vec<f32>, y: f32, r: &crate::Request<'_>, what: &'static str) -> Result<crate::CamResult> {
+    let (k, h, w) = a.dims3()?;
+    let a = a.unsqueeze(0)?;
+    let alpha = Tensor::from_vec(weights.clone(), (1, k), a.device())?;
+    let cam = crate::Map::new(h, w, crate::GradCam.cam(&a, &a, &alpha)?.flatten_all()?.to_vec1::<f32>()?);
+    if !cam.is_finite() || weights.iter().any(|v| !v.is_finite()) {
+        return Err(crate::Error::NonFinite { what });
     }
-    fn weights(&self, _activations: &Tensor, grads: &Tensor) -> Result<Tensor> {
-        Ok(grads.flatten_from(2)?.mean(D::Minus1)?)
-    }
+    let score = if r.target.counterfactual() { -y } else { y };
+    Ok(crate::CamResult { image: r.image, score, counterfactual: r.target.counterfactual(), alpha: weights, cam })
 }
 
 /// Score-CAM (Wang et al. 2020), as pytorch-grad-cam computes it: each channel's map, upsampled to
@@ -247,13 +244,10 @@ pub fn score_cam<M: crate::Explainable + ?Sized>(
     chunk: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<crate::CamResult>> {
-    use crate::{CamResult, Error, Map};
+    use crate::Error;
     let (batch, k, h, w) = activations.dims4()?;
     let (_, c, ih, iw) = input.dims4()?;
     let plane = h * w;
-    let score_rows = |out: &Tensor, target: &dyn crate::Target| -> Result<Vec<f32>> {
-        (0..out.dim(0)?).map(|i| Ok(target.score(&out.get(i)?)?.to_scalar::<f32>()?)).collect()
-    };
     let mut results = Vec::with_capacity(requests.len());
     for r in requests {
         if r.image >= batch {
@@ -303,15 +297,8 @@ pub fn score_cam<M: crate::Explainable + ?Sized>(
         let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
         let sum: f32 = exps.iter().sum();
         let weights: Vec<f32> = exps.iter().map(|e| e / sum).collect();
-        let alpha = Tensor::from_vec(weights.clone(), (1, k), activations.device())?;
-        let cam = GradCamLike.cam(&a.unsqueeze(0)?, &a.unsqueeze(0)?, &alpha)?.flatten_all()?.to_vec1::<f32>()?;
-        let cam = Map::new(h, w, cam);
-        if !cam.is_finite() || weights.iter().any(|v| !v.is_finite()) {
-            return Err(Error::NonFinite { what: "Score-CAM map" });
-        }
         let y = score_rows(&model.head(&a.unsqueeze(0)?)?, r.target)?[0];
-        let score = if r.target.counterfactual() { -y } else { y };
-        results.push(CamResult { image: r.image, score, counterfactual: r.target.counterfactual(), alpha: weights, cam });
+        results.push(weighted_result(&a, weights, y, r, "Score-CAM map")?);
     }
     Ok(results)
 }

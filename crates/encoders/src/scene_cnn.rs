@@ -188,19 +188,34 @@ pub fn model_weights(dir: &std::path::Path) -> Result<VarBuilder<'static>> {
         .map_err(|e| crate::Error::Checkpoint(format!("{}: {e}", weights.display())))
 }
 
-/// The scene CNN of a trained model folder (captioner or VQA: `config.json` with `image_size`
-/// and `coord_conv`, weights under `encoder.*` in `model.safetensors`) and its input size.
-pub fn load_encoder(dir: &std::path::Path) -> Result<(SceneCnn, u32)> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|source| crate::Error::Io { path: path.clone(), source })?;
-    let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| crate::Error::Checkpoint(format!("{}: {e}", path.display())))?;
-    if cfg.get("encoder").and_then(|v| v.as_str()) != Some("scene-cnn") {
-        return Err(crate::Error::Checkpoint(format!("{}: not a model with the scene CNN encoder", path.display())));
+/// What a trained model folder's `config.json` says about its scene CNN: input size and whether
+/// `conv4` takes coordinate channels (absent in configs older than the option: yes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EncoderSpec {
+    pub image_size: u32,
+    pub coord_conv: bool,
+}
+
+impl EncoderSpec {
+    /// Reads `dir/config.json` (a captioner's or a VQA model's), which must use the scene CNN.
+    pub fn read(dir: &std::path::Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| crate::Error::Io { path: path.clone(), source })?;
+        let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| crate::Error::Checkpoint(format!("{}: {e}", path.display())))?;
+        if cfg.get("encoder").and_then(|v| v.as_str()) != Some("scene-cnn") {
+            return Err(crate::Error::Checkpoint(format!("{}: not a model with the scene CNN encoder", path.display())));
+        }
+        let size = cfg.get("image_size").and_then(|v| v.as_u64()).filter(|&s| (8..=4096).contains(&s));
+        let image_size = size.ok_or_else(|| crate::Error::Checkpoint(format!("{}: no valid image_size", path.display())))? as u32;
+        Ok(Self { image_size, coord_conv: cfg.get("coord_conv").and_then(|v| v.as_bool()).unwrap_or(true) })
     }
-    let size = cfg.get("image_size").and_then(|v| v.as_u64()).filter(|&s| (8..=4096).contains(&s));
-    let size = size.ok_or_else(|| crate::Error::Checkpoint(format!("{}: no valid image_size", path.display())))? as u32;
-    let coord_conv = cfg.get("coord_conv").and_then(|v| v.as_bool()).unwrap_or(true);
+}
+
+/// The scene CNN of a trained model folder (captioner or VQA: `config.json`, weights under
+/// `encoder.*` in `model.safetensors`) and its input size.
+pub fn load_encoder(dir: &std::path::Path) -> Result<(SceneCnn, u32)> {
+    let spec = EncoderSpec::read(dir)?;
     let vb = model_weights(dir)?;
-    let cnn = SceneCnn::new(vb.pp("encoder"), coord_conv).map_err(|e| crate::Error::Checkpoint(format!("{}: {e}", dir.join("model.safetensors").display())))?;
-    Ok((cnn, size))
+    let cnn = SceneCnn::new(vb.pp("encoder"), spec.coord_conv).map_err(|e| crate::Error::Checkpoint(format!("{}: {e}", dir.join("model.safetensors").display())))?;
+    Ok((cnn, spec.image_size))
 }

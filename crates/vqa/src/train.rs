@@ -42,16 +42,11 @@ impl Default for TrainConfig {
 /// Makes `cfg`'s encoder the one of the trained model folder `dir` (checking the input size and
 /// taking its coordinate channels).
 fn match_encoder(cfg: &mut Config, dir: &Path) -> Result<()> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-    let theirs: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Training(format!("{}: {e}", path.display())))?;
-    if theirs.get("encoder").and_then(|v| v.as_str()) != Some(cfg.encoder.as_str()) {
-        return Err(Error::Training(format!("{}: the encoder is not {:?}", path.display(), cfg.encoder)));
+    let spec = gradcam_encoders::scene_cnn::EncoderSpec::read(dir).map_err(|e| Error::Training(e.to_string()))?;
+    if spec.image_size != cfg.image_size {
+        return Err(Error::Training(format!("{}: image_size {} differs from this model's {}", dir.join("config.json").display(), spec.image_size, cfg.image_size)));
     }
-    if theirs.get("image_size").and_then(|v| v.as_u64()) != Some(cfg.image_size as u64) {
-        return Err(Error::Training(format!("{}: image_size differs from this model's {}", path.display(), cfg.image_size)));
-    }
-    cfg.coord_conv = theirs.get("coord_conv").and_then(|v| v.as_bool()).unwrap_or(true);
+    cfg.coord_conv = spec.coord_conv;
     Ok(())
 }
 
