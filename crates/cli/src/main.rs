@@ -4,6 +4,7 @@ mod bench;
 mod caption;
 mod classify;
 mod dissect;
+mod eval;
 mod progress;
 mod scenes;
 mod vqa;
@@ -51,6 +52,8 @@ enum Command {
     },
     /// Name the units of a model's explained layer by network dissection against concept masks.
     Dissect(dissect::DissectArgs),
+    /// Measure the maps: localization, pointing game, faithfulness, deletion / insertion, energy.
+    Eval(eval::EvalArgs),
     /// Generate ShapeScenes, a synthetic dataset with masks, captions and questions.
     Scenes(scenes::ScenesArgs),
     /// Convert a PyTorch checkpoint (zip or legacy format) to safetensors.
@@ -116,6 +119,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Bench { what } => bench::run(what),
         Command::Scenes(args) => scenes::run(args),
         Command::Dissect(args) => dissect::run(args),
+        Command::Eval(args) => eval::run_eval(args),
         Command::Caption(args) => caption::run(args),
         Command::Train { what: TrainCommand::Captioner(args) } => caption::train_captioner(args),
         Command::Train { what: TrainCommand::Vqa(args) } => vqa::train_vqa(args),

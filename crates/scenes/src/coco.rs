@@ -113,10 +113,21 @@ impl Captions {
 }
 
 /// Decodes a `segmentation`: RLE (compressed string or uncompressed counts) or polygons
-/// (rasterised at pixel centres).
-fn read_segmentation(r: &Record, image: &ImageInfo) -> Result<Mask> {
+/// (rasterised at pixel centres). A box-only annotation (no `segmentation`) gets the box as its
+/// mask.
+fn read_segmentation(r: &Record, image: &ImageInfo, bbox: [f64; 4]) -> Result<Mask> {
     let (h, w) = (image.height as usize, image.width as usize);
-    let seg = r.field("segmentation")?;
+    let Some(seg) = r.opt("segmentation") else {
+        // The pixels whose centres lie in the box.
+        let mut mask = Mask::new(h, w);
+        let inside = |v: usize, lo: f64, len: f64| v as f64 + 0.5 >= lo && (v as f64 + 0.5) < lo + len;
+        for y in (0..h).filter(|&y| inside(y, bbox[1], bbox[3])) {
+            for x in (0..w).filter(|&x| inside(x, bbox[0], bbox[2])) {
+                mask.set(y, x);
+            }
+        }
+        return Ok(mask);
+    };
     if let Some(obj) = seg.as_object() {
         let size: Vec<u64> = obj
             .get("size")
@@ -202,14 +213,17 @@ impl Instances {
                 if b[2] < 0.0 || b[3] < 0.0 || b[0] < 0.0 || b[1] < 0.0 || b[0] + b[2] > image.width as f64 + 1e-6 || b[1] + b[3] > image.height as f64 + 1e-6 {
                     return Err(r.err("bbox", format!("{b:?} lies outside the {}x{} image", image.width, image.height)));
                 }
-                let mask = read_segmentation(r, image)?;
+                let mask = read_segmentation(r, image, [b[0], b[1], b[2], b[3]])?;
                 let iscrowd = r.opt("iscrowd").and_then(Value::as_u64).unwrap_or(0) != 0;
                 Ok(Instance {
                     id,
                     image_id,
                     category_id,
                     bbox: [b[0], b[1], b[2], b[3]],
-                    area: r.f64("area")?,
+                    area: match r.opt("area") {
+                        Some(_) => r.f64("area")?,
+                        None => mask.area() as f64,
+                    },
                     iscrowd,
                     mask,
                     color: r.opt_str("color")?,

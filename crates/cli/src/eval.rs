@@ -1,0 +1,205 @@
+//! `gradcam eval`: the paper's evaluations for a classifier, the captioner or the VQA model.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use gradcam_captioner::Captioner;
+use gradcam_eval::report::{markdown, write_failures, Failure};
+use gradcam_eval::subjects::{CaptionerSubject, ClassifierSubject, VqaSubject};
+use gradcam_eval::{run, ExampleResult, Options, Subject, Task, Tolerance};
+use gradcam_encoders::ModelKind;
+use gradcam_vqa::Vqa;
+
+use crate::caption::parse_gradient_method;
+use crate::ModelArgs;
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// What to measure, comma-separated: localization, pointing, faithfulness, deletion, insertion,
+    /// energy, or all.
+    #[arg(required = true, value_delimiter = ',')]
+    tasks: Vec<String>,
+    /// A captioner or VQA model folder (told apart by its config.json), or an ImageNet classifier:
+    /// efficientnet-lite0, vgg16, resnet18 or resnet50.
+    #[arg(long)]
+    model: String,
+    /// Classifier weights (see `gradcam classify --help`); default: the architecture's own.
+    #[arg(long)]
+    weights: Option<String>,
+    /// Classifier layer to explain; default: the last convolutional stage.
+    #[arg(long)]
+    layer: Option<String>,
+    /// Dataset folder: `instances.json` and `images/` (COCO format); the captioner also reads
+    /// `captions.json`, the VQA model `questions.json` and `annotations.json`. A classifier's
+    /// categories are named by ImageNet class names.
+    #[arg(long)]
+    data: PathBuf,
+    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam or eigencam.
+    #[arg(long, default_value = "gradcam", value_parser = parse_gradient_method)]
+    method: String,
+    /// Evaluate at most this many images.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Folder for the per-image results (results.jsonl), summary.json, summary.md and failures/.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the summary as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Pointing game: how far from the object the peak may land, `15px` or a fraction of the
+    /// image's longer side (`0.0625`).
+    #[arg(long, default_value = "15px")]
+    tolerance: Tolerance,
+    /// Localization: binarise the map at this fraction of its maximum.
+    #[arg(long, default_value_t = 0.15)]
+    box_threshold: f32,
+    /// Localization: IoU with a ground-truth box that counts as a hit.
+    #[arg(long, default_value_t = 0.5)]
+    iou: f32,
+    /// Occlusion patch side in input pixels (default: 1/7 of the input side, 32 px at 224).
+    #[arg(long)]
+    patch: Option<usize>,
+    /// Occlusion stride in input pixels (default: half the patch).
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Deletion / insertion: steps from no pixel to all pixels.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Pointing recall (classifiers): a top-5 prediction's map is rejected (the class said absent)
+    /// when its peak is below this fraction of the image's strongest top-5 peak.
+    #[arg(long, default_value_t = 0.5)]
+    reject_below: f32,
+    /// Write the K worst-predicted images with their maps to OUT/failures/index.html.
+    #[arg(long, default_value_t = 0)]
+    failures: usize,
+    /// Perturbed inputs per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+}
+
+fn tasks(names: &[String]) -> anyhow::Result<Vec<Task>> {
+    let mut tasks = Vec::new();
+    for n in names {
+        match n.trim() {
+            "all" => tasks.extend(Task::ALL),
+            other => tasks.push(other.parse::<Task>().map_err(anyhow::Error::msg)?),
+        }
+    }
+    tasks.sort();
+    tasks.dedup();
+    Ok(tasks)
+}
+
+pub fn run_eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let tasks = tasks(&args.tasks)?;
+    if !(0.0..=1.0).contains(&args.box_threshold) || !(0.0..=1.0).contains(&args.iou) || !(0.0..=1.0).contains(&args.reject_below) {
+        anyhow::bail!("--box-threshold, --iou and --reject-below are fractions between 0 and 1");
+    }
+    if args.steps == 0 || args.batch == 0 || args.patch == Some(0) || args.stride == Some(0) {
+        anyhow::bail!("--steps, --batch, --patch and --stride must be at least 1");
+    }
+    if args.failures > 0 && args.out.is_none() {
+        anyhow::bail!("--failures writes a page: give --out DIR");
+    }
+    if let Ok(kind) = args.model.parse::<ModelKind>() {
+        let net = ModelArgs { model: kind, weights: args.weights.clone() }.load()?;
+        let layer = net.layer_index(args.layer.as_deref().unwrap_or(net.default_layer()))?;
+        let subject = ClassifierSubject::new(net, layer, &args.data).with_context(|| format!("reading the dataset {}", args.data.display()))?;
+        return evaluate(&subject, &args, tasks);
+    }
+    let dir = Path::new(&args.model);
+    let config = dir.join("config.json");
+    let text = std::fs::read_to_string(&config).with_context(|| {
+        format!("--model {}: neither a classifier (efficientnet-lite0, vgg16, resnet18, resnet50) nor a model folder with config.json", args.model)
+    })?;
+    let is_vqa = serde_json::from_str::<serde_json::Value>(&text).with_context(|| format!("parsing {}", config.display()))?.get("answers").is_some();
+    if args.weights.is_some() || args.layer.is_some() {
+        anyhow::bail!("--weights and --layer are for classifiers; {} is a model folder", dir.display());
+    }
+    if is_vqa {
+        let model = Vqa::load(dir).with_context(|| format!("loading the VQA model from {}", dir.display()))?;
+        let subject = VqaSubject::new(model, &args.data).with_context(|| format!("reading the dataset {}", args.data.display()))?;
+        evaluate(&subject, &args, tasks)
+    } else {
+        let model = Captioner::load(dir).with_context(|| format!("loading the captioner from {}", dir.display()))?;
+        let subject = CaptionerSubject::new(model, &args.data).with_context(|| format!("reading the dataset {}", args.data.display()))?;
+        evaluate(&subject, &args, tasks)
+    }
+}
+
+/// Writes `path` through a temporary file in the same folder.
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+fn evaluate<S: Subject>(subject: &S, args: &EvalArgs, tasks: Vec<Task>) -> anyhow::Result<ExitCode> {
+    let method = gradcam_core::method_by_name(&args.method).context("unknown method")?;
+    let options = Options {
+        tasks,
+        method: method.as_ref(),
+        limit: args.limit.unwrap_or(usize::MAX),
+        tolerance: args.tolerance,
+        box_threshold: args.box_threshold,
+        iou: args.iou,
+        patch: args.patch,
+        stride: args.stride,
+        steps: args.steps,
+        reject_below: args.reject_below,
+        batch: args.batch,
+    };
+    let n = subject.len().min(options.limit);
+    if n == 0 {
+        anyhow::bail!("{} has no images to evaluate", args.data.display());
+    }
+    if let Some(out) = &args.out {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    }
+    let bar = crate::progress::bar(n as u64, "images");
+    let mut lines = Vec::new();
+    let mut qualities: Vec<(f64, usize)> = Vec::new();
+    let summary = run(subject, &options, |i, r: &ExampleResult| {
+        bar.set_position(i as u64);
+        qualities.push((r.quality, i - 1));
+        if args.out.is_some() {
+            lines.extend(serde_json::to_vec(r).expect("results serialise"));
+            lines.push(b'\n');
+        }
+    })?;
+    bar.finish_and_clear();
+    let table = markdown(&summary);
+    if let Some(out) = &args.out {
+        write_atomic(&out.join("results.jsonl"), &lines)?;
+        write_atomic(&out.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
+        write_atomic(&out.join("summary.md"), table.as_bytes())?;
+        if args.failures > 0 {
+            qualities.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let mut failures = Vec::new();
+            for &(quality, i) in qualities.iter().take(args.failures) {
+                let ex = subject.example(i)?;
+                let maps = subject.maps(&ex, options.method)?;
+                let maps = ex.cases.iter().zip(maps).map(|(c, m)| (c.label.clone(), m)).collect();
+                failures.push(Failure { name: ex.name, summary: ex.summary, quality, image: ex.image, maps });
+            }
+            let title = format!("{} worst-predicted images of {} ({}, {})", failures.len(), args.data.display(), subject.kind(), summary.method);
+            write_failures(&out.join("failures"), &failures, &title)?;
+        }
+    }
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut stdout, &summary)?;
+        writeln!(stdout)?;
+    } else {
+        write!(stdout, "{table}")?;
+        if let Some(out) = &args.out {
+            writeln!(stdout, "\nper-image results in {}", out.join("results.jsonl").display())?;
+            if args.failures > 0 {
+                writeln!(stdout, "failure cases in {}", out.join("failures/index.html").display())?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,128 @@
+//! Results as a Markdown table and the failure-mode page (paper section 6.1).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use gradcam_core::map::{overlay, write_png_atomic, Region};
+use gradcam_core::Map;
+use image::RgbImage;
+
+use crate::run::{Mean, Summary, Tally};
+use crate::{Error, Result, Task};
+
+fn mean(m: &Mean) -> String {
+    if m.count == 0 {
+        "–".into()
+    } else {
+        format!("{:.3} (n={})", m.mean, m.count)
+    }
+}
+
+/// One Markdown table: a row per metric measured, a column for all cases and one per group.
+pub fn markdown(s: &Summary) -> String {
+    let mut cols: Vec<(&str, &Tally)> = vec![("all", &s.overall)];
+    if s.groups.len() > 1 {
+        cols.extend(s.groups.iter().map(|(k, v)| (k.as_str(), v)));
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "| {} ({}, {} images, {} cases) | {} |", s.kind, s.method, s.images, s.cases, cols.iter().map(|c| c.0).collect::<Vec<_>>().join(" | "));
+    let _ = writeln!(out, "|---|{}", "---|".repeat(cols.len()));
+    let mut row = |name: String, f: &dyn Fn(&Tally) -> String| {
+        let _ = writeln!(out, "| {name} | {} |", cols.iter().map(|(_, t)| f(t)).collect::<Vec<_>>().join(" | "));
+    };
+    let p = &s.protocol;
+    let has = |t: Task| s.tasks.contains(&t);
+    if has(Task::Pointing) {
+        row(format!("pointing game, Grad-CAM / centre ({})", p.tolerance), &|t| {
+            if t.pointing.count == 0 {
+                "–".into()
+            } else {
+                format!("{:.3} / {:.3} (n={})", t.pointing.accuracy(), t.pointing.centre_accuracy(), t.pointing.count)
+            }
+        });
+    }
+    if has(Task::Localization) {
+        row(format!("localization, box at {:.0}% of max, IoU ≥ {}", p.box_threshold * 100.0, p.iou), &|t| {
+            if t.localization.count == 0 {
+                "–".into()
+            } else {
+                format!("{:.3} (n={})", t.localization.rate(), t.localization.count)
+            }
+        });
+    }
+    if has(Task::Faithfulness) {
+        row(format!("faithfulness, Spearman ρ with occlusion ({0}x{0} patch, stride {1})", p.patch, p.stride), &|t| mean(&t.faithfulness));
+    }
+    if has(Task::Deletion) {
+        row(format!("deletion AUC, lower is better ({} steps)", p.steps), &|t| mean(&t.deletion_auc));
+    }
+    if has(Task::Insertion) {
+        row(format!("insertion AUC, higher is better ({} steps)", p.steps), &|t| mean(&t.insertion_auc));
+    }
+    if has(Task::Energy) {
+        row("energy in box, mean inside / outside".into(), &|t| mean(&t.energy_ratio));
+        row("energy in box, share of the map's mass".into(), &|t| mean(&t.energy_fraction));
+    }
+    if let Some(r) = &s.ranked {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "| per image ({} images) | |", r.images);
+        let _ = writeln!(out, "|---|---|");
+        let _ = writeln!(out, "| classification error, top-1 / top-5 | {:.3} / {:.3} |", r.top1_cls_error, r.top5_cls_error);
+        if has(Task::Localization) {
+            let _ = writeln!(out, "| localization error, top-1 / top-5 | {:.3} / {:.3} |", r.top1_loc_error, r.top5_loc_error);
+        }
+        if has(Task::Pointing) {
+            let _ = writeln!(
+                out,
+                "| pointing recall over the top 5 (reject below {} of the strongest peak), Grad-CAM / centre | {:.3} / {:.3} (n={}) |",
+                p.reject_below,
+                r.pointing_recall.accuracy(),
+                r.pointing_recall.centre_accuracy(),
+                r.pointing_recall.count
+            );
+        }
+    }
+    out
+}
+
+/// One badly predicted image for the failure page.
+pub struct Failure {
+    pub name: String,
+    pub summary: String,
+    pub quality: f64,
+    pub image: RgbImage,
+    /// Each case's label with its raw map.
+    pub maps: Vec<(String, Map)>,
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Writes `dir/index.html` and the overlays it shows (`dir/NNN_K.png`), every file through a
+/// temporary name so that nothing is left half-written.
+pub fn write_failures(dir: &Path, failures: &[Failure], title: &str) -> Result<()> {
+    let io = |source| Error::Io { path: dir.to_path_buf(), source };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut html = format!(
+        "<!doctype html>\n<meta charset=\"utf-8\">\n<title>{0}</title>\n<style>body{{font-family:sans-serif}} figure{{display:inline-block;margin:4px;text-align:center}} img{{width:192px;image-rendering:pixelated}} figcaption{{max-width:192px;font-size:12px}}</style>\n<h1>{0}</h1>\n",
+        escape(title)
+    );
+    for (i, f) in failures.iter().enumerate() {
+        let _ = write!(html, "<section><h2>{}. {} (quality {:.3})</h2><p>{}</p>\n", i + 1, escape(&f.name), f.quality, escape(&f.summary));
+        let original = format!("{i:03}_image.png");
+        write_png_atomic(&f.image, &dir.join(&original))?;
+        let _ = write!(html, "<figure><img src=\"{original}\"><figcaption>image</figcaption></figure>");
+        let region = Region { x: 0, y: 0, width: f.image.width(), height: f.image.height() };
+        for (k, (label, map)) in f.maps.iter().enumerate() {
+            let file = format!("{i:03}_{k}.png");
+            write_png_atomic(&overlay(&f.image, &map.normalized().0, region), &dir.join(&file))?;
+            let _ = write!(html, "<figure><img src=\"{file}\"><figcaption>{}</figcaption></figure>", escape(label));
+        }
+        html.push_str("</section>\n");
+    }
+    let path = dir.join("index.html");
+    let tmp = dir.join(".index.html.tmp");
+    std::fs::write(&tmp, html).map_err(|source| Error::Io { path: tmp.clone(), source })?;
+    std::fs::rename(&tmp, &path).map_err(|source| Error::Io { path, source })
+}
