@@ -241,3 +241,52 @@ fn caption_and_vqa_take_a_method_too() {
     let o = run(&["vqa", img.to_str().unwrap(), "what color is the triangle?", "--method", "nope", "--out", out.path().to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("unknown method \"nope\""), "{}", stderr(&o));
 }
+
+#[test]
+fn several_methods_in_one_call_write_guided_images_and_a_comparison_strip() {
+    let out = tempfile::tempdir().unwrap();
+    let o = gradcam(&[
+        "classify", repo("data/photos/images/coffee.png").to_str().unwrap(), "--weights", &effnet_weights(),
+        "--method", "gradcam,guided-backprop,guided-gradcam", "--json", "--out", out.path().to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = json_lines(&o)[0]["explanations"].as_array().unwrap().clone();
+    let methods: Vec<&str> = e.iter().map(|x| x["method"].as_str().unwrap()).collect();
+    assert_eq!(methods, ["gradcam", "guided-backprop", "guided-gradcam"]);
+    // The guided images are at the input's resolution; the overlay at the photo's.
+    let size = |v: &Value| image::image_dimensions(v["overlay"].as_str().unwrap()).unwrap();
+    assert_eq!(size(&e[0]), (600, 400));
+    assert_eq!((size(&e[1]), size(&e[2])), ((224, 224), (224, 224)));
+    assert!(e[2]["overlay"].as_str().unwrap().ends_with("_guided-gradcam.png"));
+    let class = e[0]["class"].as_u64().unwrap();
+    let strip = std::fs::read_dir(out.path()).unwrap().map(|f| f.unwrap().path()).find(|p| p.to_string_lossy().ends_with("_methods.png")).expect("a comparison strip");
+    assert!(strip.to_string_lossy().contains(&format!("coffee_{class}_")));
+    // Three panels 224 px high (the overlay scaled to 336 x 224), 4 px apart.
+    assert_eq!(image::image_dimensions(&strip).unwrap(), (336 + 224 + 224 + 8, 224));
+}
+
+#[test]
+fn words_and_answers_get_guided_images_and_smoothed_maps() {
+    let out = tempfile::tempdir().unwrap();
+    let img = repo("data/shapescenes/test/images/000019.png");
+    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_gradcam")).args(args).current_dir(repo("")).output().unwrap();
+    let o = run(&["caption", img.to_str().unwrap(), "--method", "guided-gradcam", "--json", "--out", out.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    for w in j["words"].as_array().unwrap() {
+        assert_eq!(w["method"], "guided-gradcam");
+        assert!(std::path::Path::new(w["overlay"].as_str().unwrap()).exists());
+    }
+    let o = run(&["vqa", img.to_str().unwrap(), "what color is the triangle?", "--method", "guided-backprop", "--counterfactual", "--json", "--out", out.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let e = j["explanations"].as_array().unwrap();
+    assert_eq!(e.len(), 2);
+    assert!(e[1]["overlay"].as_str().unwrap().ends_with("_counterfactual_guided-backprop.png"), "{}", e[1]["overlay"]);
+    // Smoothing: the augmentation-smoothed map is at the input's resolution.
+    let o = run(&["vqa", img.to_str().unwrap(), "what color is the triangle?", "--aug-smooth", "--eigen-smooth", "--json", "--out", out.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["explanations"][0]["cam_size"], serde_json::json!([64, 64]));
+    assert!(j["explanations"][0]["overlay"].as_str().unwrap().ends_with("_eigen_aug.png"));
+}

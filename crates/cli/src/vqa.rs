@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use gradcam_core::map::{overlay, write_png_atomic, Region};
-use gradcam_core::{explain, ClassLogit, Counterfactual, Request, Target};
+use gradcam_core::{ClassLogit, Counterfactual, Request, Target};
 use gradcam_encoders::preprocess::load_image;
 use gradcam_scenes::vqa::Vqa as VqaFile;
 use gradcam_scenes::Split;
@@ -67,9 +67,12 @@ pub struct VqaArgs {
     /// Dissection table for --neurons (default: MODEL/dissection.json).
     #[arg(long)]
     dissection: Option<PathBuf>,
-    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam or eigencam.
-    #[arg(long, default_value = "gradcam", value_parser = crate::caption::parse_gradient_method)]
+    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, guided-backprop or
+    /// guided-gradcam.
+    #[arg(long, default_value = "gradcam", value_parser = crate::caption::parse_word_method)]
     method: String,
+    #[command(flatten)]
+    smoothing: crate::caption::Smoothing,
 }
 
 #[derive(Serialize)]
@@ -143,7 +146,11 @@ fn print(out: &mut impl Write, r: &QuestionJson, json: bool) -> std::io::Result<
         writeln!(out, "  {:<16} p {:.4}", a.answer, a.prob)?;
     }
     for e in &r.explanations {
-        let kind = if e.counterfactual { "counterfactual for" } else { "Grad-CAM for" };
+        let kind = match (e.counterfactual, e.method) {
+            (true, m) => format!("counterfactual ({m}) for"),
+            (false, "gradcam") => "Grad-CAM for".to_string(),
+            (false, m) => format!("{m} for"),
+        };
         writeln!(out, "  {kind} {:?}: {}", e.answer, e.overlay)?;
         if let Some(text) = &e.text {
             writeln!(out, "    {text}")?;
@@ -174,24 +181,25 @@ fn answer_one(model: &Vqa, img: &image::RgbImage, path: &Path, question: &str, a
         }
     }
     let requests: Vec<Request> = targets.iter().map(|(_, t)| Request { image: 0, target: t.as_ref() }).collect();
-    let method = gradcam_core::method_by_name(&args.method).context("unknown method")?;
-    let results = explain(&split, &a, &requests, method.as_ref())?;
+    let (results, guided) = crate::caption::gradient_results(&args.method, args.smoothing, &split, &input, &a, &requests)?;
+    let (label, tag) = (crate::caption::method_label(&args.method), format!("{}{}", crate::caption::method_tag(&args.method), args.smoothing.tag()));
     let stem = format!("{prefix}{}", path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into()));
     let region = Region { x: 0, y: 0, width: img.width(), height: img.height() };
     let mut explanations = Vec::new();
-    for (r, (i, t)) in results.iter().zip(&targets) {
+    for (k, (r, (i, t))) in results.iter().zip(&targets).enumerate() {
         let answer = model.cfg.answers[*i].clone();
-        let mut suffix = if t.counterfactual() { "_counterfactual".to_string() } else { String::new() };
-        if method.name() != "gradcam" {
-            suffix.push_str(&format!("_{}", method.name().replace("++", "pp")));
-        }
-        let file = args.out.join(format!("{stem}_{}{suffix}.png", answer.replace(' ', "_")));
-        write_png_atomic(&overlay(img, &r.cam.normalized().0, region), &file)?;
+        let cf = if t.counterfactual() { "_counterfactual" } else { "" };
+        let file = args.out.join(format!("{stem}_{}{cf}{tag}.png", answer.replace(' ', "_")));
+        let picture = match &guided {
+            Some(g) => crate::caption::guided_picture(&g[k], img.width(), img.height())?,
+            None => overlay(img, &r.cam.normalized().0, region),
+        };
+        write_png_atomic(&picture, &file)?;
         let subject = if r.counterfactual { format!("not {answer}") } else { answer.clone() };
         let neurons = names.map(|n| report(&r.alpha, n, &subject, 5));
         explanations.push(ExplanationJson {
             answer,
-            method: method.name(),
+            method: label,
             counterfactual: r.counterfactual,
             cam_size: [r.cam.h, r.cam.w],
             cam: r.cam.rows(),

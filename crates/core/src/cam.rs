@@ -146,6 +146,37 @@ pub fn explain<M: Explainable + ?Sized>(
     let a = Var::from_tensor(&replicated)?;
     let output = model.head(a.as_tensor())?; // [n, ...]
 
+    let (score_values, total) = target_scores(&output, requests)?;
+    let grads = total.backward()?;
+    let grads = grads.get(a.as_tensor()).ok_or(Error::NoGradient)?.clone();
+
+    let acts = a.as_tensor().detach();
+    let alpha = method.weights(&acts, &grads)?; // [n, K]
+    let cams = method.cam(&acts, &grads, &alpha)?; // [n, h, w]
+    let (_, h, w) = cams.dims3()?;
+    let alpha = alpha.to_vec2::<f32>()?;
+    let cams = cams.flatten_from(1)?.to_vec2::<f32>()?;
+
+    let mut results = Vec::with_capacity(requests.len());
+    for (i, r) in requests.iter().enumerate() {
+        let cam = Map::new(h, w, cams[i].clone());
+        if !cam.is_finite() || alpha[i].iter().any(|v| !v.is_finite()) {
+            return Err(Error::NonFinite { what: "Grad-CAM map" });
+        }
+        results.push(CamResult {
+            image: r.image,
+            score: if r.target.counterfactual() { -score_values[i] } else { score_values[i] },
+            counterfactual: r.target.counterfactual(),
+            alpha: alpha[i].clone(),
+            cam,
+        });
+    }
+    Ok(results)
+}
+
+/// The requests' scores read from the head's output (one row per request), and their sum, the
+/// root of the backward.
+pub(crate) fn target_scores(output: &Tensor, requests: &[Request<'_>]) -> Result<(Vec<f32>, Tensor)> {
     let elements: Option<Vec<(usize, f32)>> = requests.iter().map(|r| r.target.element()).collect();
     let (score_values, total) = match elements {
         Some(elements) => {
@@ -177,29 +208,5 @@ pub fn explain<M: Explainable + ?Sized>(
     if let Some(&value) = score_values.iter().find(|v| !v.is_finite()) {
         return Err(Error::NonFiniteScore { value });
     }
-    let grads = total.backward()?;
-    let grads = grads.get(a.as_tensor()).ok_or(Error::NoGradient)?.clone();
-
-    let acts = a.as_tensor().detach();
-    let alpha = method.weights(&acts, &grads)?; // [n, K]
-    let cams = method.cam(&acts, &grads, &alpha)?; // [n, h, w]
-    let (_, h, w) = cams.dims3()?;
-    let alpha = alpha.to_vec2::<f32>()?;
-    let cams = cams.flatten_from(1)?.to_vec2::<f32>()?;
-
-    let mut results = Vec::with_capacity(requests.len());
-    for (i, r) in requests.iter().enumerate() {
-        let cam = Map::new(h, w, cams[i].clone());
-        if !cam.is_finite() || alpha[i].iter().any(|v| !v.is_finite()) {
-            return Err(Error::NonFinite { what: "Grad-CAM map" });
-        }
-        results.push(CamResult {
-            image: r.image,
-            score: if r.target.counterfactual() { -score_values[i] } else { score_values[i] },
-            counterfactual: r.target.counterfactual(),
-            alpha: alpha[i].clone(),
-            cam,
-        });
-    }
-    Ok(results)
+    Ok((score_values, total))
 }

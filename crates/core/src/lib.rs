@@ -8,14 +8,16 @@
 //! about captions, questions or file formats.
 
 pub mod cam;
+pub mod guided;
 pub mod map;
 pub mod methods;
 pub mod metrics;
 pub mod ops;
 
 pub use cam::{explain, ClassLogit, CamMethod, CamResult, Counterfactual, Explainable, GradCam, Request, Target};
+pub use guided::{gradient_image, guided_backprop, guided_gradcam};
 pub use map::Map;
-pub use methods::{EigenCam, GradCamPlusPlus, HiResCam, LayerCam, XGradCam};
+pub use methods::{augmentation_smoothing, EigenCam, EigenSmooth, GradCamPlusPlus, HiResCam, LayerCam, XGradCam};
 
 /// The gradient-based CAM methods by name (`gradcam`, `gradcam++`, `hirescam`, `xgradcam`,
 /// `layercam`, `eigencam`).

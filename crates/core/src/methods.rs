@@ -325,3 +325,75 @@ fn upsample_align_corners(src: &[f32], h: usize, w: usize, oh: usize, ow: usize)
     }
     out
 }
+
+/// Eigen-smoothing (pytorch-grad-cam's `eigen_smooth`): the map is the first principal component
+/// of the weighted activations alpha_k A^k (positions x channels, centred over positions) instead
+/// of their sum, oriented like the sum (the singular vector's sign is otherwise arbitrary). The
+/// weights alpha_k are the wrapped method's.
+pub struct EigenSmooth(pub Box<dyn CamMethod>);
+
+impl CamMethod for EigenSmooth {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn weights(&self, activations: &Tensor, grads: &Tensor) -> Result<Tensor> {
+        self.0.weights(activations, grads)
+    }
+
+    fn cam(&self, activations: &Tensor, _grads: &Tensor, alpha: &Tensor) -> Result<Tensor> {
+        let (n, k, h, w) = activations.dims4()?;
+        let p = h * w;
+        let a = activations.reshape((n, k, p))?.to_vec3::<f32>()?;
+        let alpha = alpha.to_vec2::<f32>()?;
+        let mut out = Vec::with_capacity(n * p);
+        for (rows, alpha) in a.iter().zip(&alpha) {
+            let weighted: Vec<Vec<f32>> = rows.iter().zip(alpha).map(|(r, &ak)| r.iter().map(|v| v * ak).collect()).collect();
+            let v = principal_direction(&weighted, p);
+            let means: Vec<f64> = weighted.iter().map(|r| r.iter().map(|&x| x as f64).sum::<f64>() / p.max(1) as f64).collect();
+            out.extend((0..p).map(|i| {
+                let proj: f64 = weighted.iter().zip(&v).zip(&means).map(|((r, &vk), m)| (r[i] as f64 - m) * vk as f64).sum();
+                proj.max(0.0) as f32
+            }));
+        }
+        Ok(Tensor::from_vec(out, (n, h, w), activations.device())?)
+    }
+}
+
+/// Augmentation smoothing (pytorch-grad-cam's `aug_smooth`, with its ttach transforms): the mean
+/// of the maps of six copies of the input, flipped horizontally or not and multiplied by 0.9, 1
+/// or 1.1, each map normalised to [0, 1], upsampled to the input (bilinear) and flipped back. The
+/// results hold that mean at the input's resolution; the score and alpha_k are those of the input
+/// as it is.
+pub fn augmentation_smoothing<M: crate::Explainable + ?Sized>(
+    model: &M,
+    input: &Tensor,
+    requests: &[crate::Request<'_>],
+    method: &dyn CamMethod,
+) -> Result<Vec<crate::CamResult>> {
+    let (_, _, ih, iw) = input.dims4()?;
+    let mut results: Vec<crate::CamResult> = Vec::new();
+    let mut sums = vec![vec![0f32; ih * iw]; requests.len()];
+    let copies = [(false, 0.9), (false, 1.0), (false, 1.1), (true, 0.9), (true, 1.0), (true, 1.1)];
+    for (flip, factor) in copies {
+        let x = if flip { input.flip(&[3])? } else { input.clone() };
+        let x = (x * factor)?;
+        let r = crate::explain(model, &model.features(&x)?, requests, method)?;
+        for (sum, ri) in sums.iter_mut().zip(&r) {
+            let up = ri.cam.normalized().0.resize_bilinear(ih, iw);
+            for y in 0..ih {
+                for x in 0..iw {
+                    let src = if flip { iw - 1 - x } else { x };
+                    sum[y * iw + x] += up.data[y * iw + src] / copies.len() as f32;
+                }
+            }
+        }
+        if !flip && factor == 1.0 {
+            results = r;
+        }
+    }
+    for (r, sum) in results.iter_mut().zip(sums) {
+        r.cam = crate::Map::new(ih, iw, sum);
+    }
+    Ok(results)
+}

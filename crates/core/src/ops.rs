@@ -9,9 +9,11 @@
 //! - [`MaxPool2d`]: candle's max-pool backward scales by 1/k^2 and fails when kernel != stride;
 //!   ours routes the gradient to the first maximum of each window, as PyTorch does, with padding.
 //! - [`AdaptiveAvgPool2d`] and [`Activation`] ops with exact backward (ReLU passes no gradient at 0).
+//! - Guided Backpropagation's rule in every ReLU / ReLU6 backward above, inside [`guided`].
 //!
 //! Every backward here is checked against finite differences in `tests/integration/gradients.rs`.
 
+use std::cell::Cell;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
@@ -48,6 +50,16 @@ impl Activation {
         }
     }
 
+    /// The gradient through the activation, read from its output; with Guided Backpropagation's
+    /// rule a ReLU or ReLU6 also stops every negative gradient.
+    #[inline]
+    fn backward(self, out: f32, grad: f32, guided: bool) -> f32 {
+        if guided && self != Activation::Identity && grad <= 0.0 {
+            return 0.0;
+        }
+        grad * self.derivative_from_output(out)
+    }
+
     /// Applies the activation as a standalone differentiable op.
     pub fn forward(self, x: &Tensor) -> CResult<Tensor> {
         if self == Activation::Identity {
@@ -55,6 +67,32 @@ impl Activation {
         }
         x.contiguous()?.apply_op1(ActivationOp(self))
     }
+}
+
+thread_local! {
+    static GUIDED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with Guided Backpropagation's rule (Springenberg et al. 2015; the paper's section
+/// 3.2) in the backward of every ReLU and ReLU6 of these ops on this thread: the gradient passes
+/// only where it is positive and the unit's input was positive (for ReLU6, also below 6). The
+/// forward is unchanged; run the backward inside `f`. The previous rule is restored afterwards,
+/// even on a panic.
+pub fn guided<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GUIDED.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GUIDED.with(|g| g.replace(true)));
+    f()
+}
+
+/// Whether [`guided`] is in force on this thread (read once per backward, before any work is
+/// handed to other threads).
+fn is_guided() -> bool {
+    GUIDED.with(Cell::get)
 }
 
 struct ActivationOp(Activation);
@@ -74,12 +112,12 @@ impl CustomOp1 for ActivationOp {
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> CResult<Option<Tensor>> {
         let out = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let act = self.0;
+        let (act, guided) = (self.0, is_guided());
         let g: Vec<f32> = out
             .par_iter()
             .zip(grad.par_iter())
             .with_min_len(4096)
-            .map(|(&o, &g)| g * act.derivative_from_output(o))
+            .map(|(&o, &g)| act.backward(o, g, guided))
             .collect();
         Ok(Some(Tensor::from_vec(g, res.shape(), res.device())?))
     }
@@ -286,11 +324,11 @@ impl CustomOp1 for Conv2d {
         let g = self.geometry(arg.dims())?;
         let out = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let act = self.activation;
+        let (act, guided) = (self.activation, is_guided());
         let gpre: Vec<f32> = if act == Activation::Identity {
             grad
         } else {
-            out.par_iter().zip(grad.par_iter()).map(|(&o, &d)| d * act.derivative_from_output(o)).collect()
+            out.par_iter().zip(grad.par_iter()).map(|(&o, &d)| act.backward(o, d, guided)).collect()
         };
         let (in_len, out_len) = (g.c * g.h * g.w, self.out_channels * g.oh * g.ow);
         let mut dx = vec![0.0f32; g.batch * in_len];
@@ -361,8 +399,8 @@ impl candle_core::CustomOp3 for TrainableConv2d {
         let ws = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let ys = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let mut gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let act = self.activation;
-        gs.par_iter_mut().zip(ys.par_iter()).for_each(|(d, &o)| *d *= act.derivative_from_output(o));
+        let (act, guided) = (self.activation, is_guided());
+        gs.par_iter_mut().zip(ys.par_iter()).for_each(|(d, &o)| *d = act.backward(o, *d, guided));
         let mut db = vec![0.0f32; out];
         for (i, chunk) in gs.chunks(plane).enumerate() {
             db[i % out] += chunk.iter().sum::<f32>();
@@ -627,8 +665,8 @@ impl CustomOp1 for Linear {
         let batch = arg.dim(0)?;
         let out = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let act = self.activation;
-        let gpre: Vec<f32> = out.iter().zip(&grad).map(|(&o, &d)| d * act.derivative_from_output(o)).collect();
+        let (act, guided) = (self.activation, is_guided());
+        let gpre: Vec<f32> = out.iter().zip(&grad).map(|(&o, &d)| act.backward(o, d, guided)).collect();
         let mut dx = vec![0.0f32; batch * self.in_features];
         // dx[batch, in] = g[batch, out] @ W[out, in]
         let (n, k) = (self.in_features, self.out_features);
