@@ -2,7 +2,7 @@
 and thread count as `gradcam bench methods`, and prints one JSON line of medians (milliseconds,
 from the input tensor to the 224 x 224 map of the top-1 class).
 
-    /tmp/venv/bin/python bench/pytorch_methods.py --threads 2 --iters 10 [--methods gradcam,scorecam]
+    /tmp/venv/bin/python bench/pytorch_methods.py --threads 2 --iters 10 [--methods gradcam,scorecam] [--input FILE]
 
 Ablation-CAM and Score-CAM run once (they take minutes). Guided Backpropagation is
 pytorch-grad-cam's GuidedBackpropReLUModel; Guided Grad-CAM is its recipe, GradCAM times it.
@@ -34,6 +34,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--methods", default=",".join(ALL))
+    p.add_argument("--input", help="a safetensors file with the preprocessed tensor `input` (default: the synthetic pattern)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -41,6 +42,9 @@ def main():
     i = torch.arange(3 * 224 * 224)
     c, y, x = i // (224 * 224), (i // 224) % 224, i % 224
     inp = (((x * 0.05 + c).sin() + (y * 0.03).cos()) * 0.8).float().reshape(1, 3, 224, 224)
+    if args.input:
+        from safetensors.torch import load_file
+        inp = load_file(args.input)["input"]
 
     out = {}
     for name in args.methods.split(","):

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use anyhow::Context;
 use candle_core::{Device, Tensor};
 use gradcam_core::{explain, ClassLogit, Explainable, GradCam, Request};
 use serde::Serialize;
@@ -35,6 +36,10 @@ pub enum BenchCommand {
         /// Methods to time, comma-separated (default: all ten).
         #[arg(long, value_delimiter = ',')]
         methods: Vec<String>,
+        /// A preprocessed input `[1, 3, 224, 224]` in a safetensors file (tensor `input`), e.g.
+        /// tests/fixtures/input.safetensors (a photo); default: a synthetic image-like pattern.
+        #[arg(long)]
+        input: Option<std::path::PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -84,7 +89,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Classify { model, iters, json } => classify(model, iters, json),
         BenchCommand::Ops { iters } => ops(iters),
-        BenchCommand::Methods { model, iters, methods, json } => methods_bench(model, iters, methods, json),
+        BenchCommand::Methods { model, iters, methods, input, json } => methods_bench(model, iters, methods, input.as_deref(), json),
         BenchCommand::Caption { model, image, iters, json, detail } => caption(&model, &image, iters, json, detail),
     }
 }
@@ -220,14 +225,24 @@ struct MethodsResult {
 pub const ALL_METHODS: [&str; 10] =
     ["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "ablationcam", "scorecam", "guided-backprop", "guided-gradcam"];
 
-fn methods_bench(model: ModelArgs, iters: usize, methods: Vec<String>, json: bool) -> anyhow::Result<ExitCode> {
+fn methods_bench(model: ModelArgs, iters: usize, methods: Vec<String>, input: Option<&std::path::Path>, json: bool) -> anyhow::Result<ExitCode> {
     let methods: Vec<String> = if methods.is_empty() { ALL_METHODS.iter().map(|m| m.to_string()).collect() } else { methods };
     if let Some(bad) = methods.iter().find(|m| !ALL_METHODS.contains(&m.as_str())) {
         anyhow::bail!("unknown method {bad:?}; one of {}", ALL_METHODS.join(", "));
     }
     let net = model.load()?;
     let split = net.split(net.layer_index(net.default_layer())?);
-    let input = bench_input()?;
+    let input = match input {
+        Some(path) => {
+            let tensors = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| format!("reading {}", path.display()))?;
+            let t = tensors.get("input").with_context(|| format!("{} has no tensor `input`", path.display()))?.clone();
+            if t.dims() != [1, 3, 224, 224] {
+                anyhow::bail!("{}: `input` is {:?}, not [1, 3, 224, 224]", path.display(), t.dims());
+            }
+            t
+        }
+        None => bench_input()?,
+    };
     let mut timings = Vec::new();
     for m in &methods {
         let run = || -> anyhow::Result<()> {
