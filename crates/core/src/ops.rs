@@ -243,11 +243,13 @@ impl Conv2d {
         let (kh, kw) = self.kernel;
         let plane = g.oh * g.ow;
         if self.is_depthwise() {
-            out.par_chunks_mut(plane).enumerate().for_each(|(c, dst)| {
+            let act = self.activation;
+            out.par_chunks_mut(plane).enumerate().for_each_init(Vec::new, |buf, (c, dst)| {
                 let src = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
                 let wk = &self.weight[c * kh * kw..(c + 1) * kh * kw];
-                depthwise_channel(src, wk, g, self.stride, kh, kw, dst);
+                depthwise_channel(src, wk, self.bias[c], act, g, self.stride, kh, kw, dst, buf);
             });
+            return;
         } else {
             let cg = g.c / self.groups;
             let og = self.out_channels / self.groups;
@@ -500,33 +502,58 @@ fn col2im(col: &[f32], g: &ConvGeometry, c0: usize, cg: usize, dx: &mut [f32]) {
 }
 
 
-fn depthwise_channel(src: &[f32], wk: &[f32], g: &ConvGeometry, stride: usize, kh: usize, kw: usize, dst: &mut [f32]) {
+/// One channel of a depthwise convolution with its bias and activation. The input is first copied
+/// into a zero-padded plane split by column phase (`stride` planes, phase p holding the padded
+/// columns p, p + stride, ...), so that every kernel tap is one contiguous multiply-add over an
+/// output row, whatever the stride: no bounds checks and no strided loads in the inner loop.
+/// `buf` is scratch space reused across channels.
+#[allow(clippy::too_many_arguments)]
+fn depthwise_channel(src: &[f32], wk: &[f32], bias: f32, act: Activation, g: &ConvGeometry, stride: usize, kh: usize, kw: usize, dst: &mut [f32], buf: &mut Vec<f32>) {
+    // Padded rows the output needs, and the width of each phase plane.
+    let rows = (g.oh - 1) * stride + kh;
+    let cols = (g.ow - 1) * stride + kw;
+    let phase_w = cols.div_ceil(stride);
+    buf.clear();
+    buf.resize(stride * rows * phase_w, 0.0);
+    for r in 0..rows {
+        let iy = r as isize - g.pad_top as isize;
+        if iy < 0 || iy >= g.h as isize {
+            continue;
+        }
+        let srow = &src[iy as usize * g.w..(iy as usize + 1) * g.w];
+        // Padded column j = q * stride + p holds input column j - pad_left.
+        let n = g.w.min(cols.saturating_sub(g.pad_left));
+        if stride == 1 {
+            let start = r * phase_w + g.pad_left;
+            buf[start..start + n].copy_from_slice(&srow[..n]);
+            continue;
+        }
+        for p in 0..stride {
+            let dst = &mut buf[(p * rows + r) * phase_w..(p * rows + r + 1) * phase_w];
+            // The first q with q * stride + p >= pad_left.
+            let q0 = g.pad_left.saturating_sub(p).div_ceil(stride);
+            let first = q0 * stride + p - g.pad_left;
+            for (d, &v) in dst[q0..].iter_mut().zip(srow[first.min(n)..n].iter().step_by(stride)) {
+                *d = v;
+            }
+        }
+    }
     for oy in 0..g.oh {
         let drow = &mut dst[oy * g.ow..(oy + 1) * g.ow];
-        drow.fill(0.0);
+        drow.fill(bias);
         for ky in 0..kh {
-            let iy = (oy * stride + ky) as isize - g.pad_top as isize;
-            if iy < 0 || iy >= g.h as isize {
-                continue;
-            }
-            let srow = &src[iy as usize * g.w..(iy as usize + 1) * g.w];
+            let r = oy * stride + ky;
             for kx in 0..kw {
                 let wv = wk[ky * kw + kx];
-                // Output columns whose input column ix = ox*stride + kx - pad_left is inside.
-                let first = (g.pad_left.saturating_sub(kx)).div_ceil(stride);
-                let last = ((g.w + g.pad_left).saturating_sub(kx + 1) / stride + 1).min(g.ow);
-                if stride == 1 {
-                    let off = first + kx - g.pad_left;
-                    let n = last.saturating_sub(first);
-                    for (d, s) in drow[first..first + n].iter_mut().zip(&srow[off..off + n]) {
-                        *d += wv * s;
-                    }
-                } else {
-                    for ox in first..last {
-                        drow[ox] += wv * srow[ox * stride + kx - g.pad_left];
-                    }
+                // Output ox reads padded column ox * stride + kx: phase kx % stride, index ox + kx / stride.
+                let base = ((kx % stride) * rows + r) * phase_w + kx / stride;
+                for (d, s) in drow.iter_mut().zip(&buf[base..base + g.ow]) {
+                    *d += wv * s;
                 }
             }
+        }
+        if act != Activation::Identity {
+            drow.iter_mut().for_each(|v| *v = act.apply(*v));
         }
     }
 }
