@@ -253,7 +253,7 @@ fn methods_bench(model: ModelArgs, iters: usize, methods: Vec<String>, input: Op
             let requests = [Request { image: 0, target: &target }];
             let r = match m.as_str() {
                 "ablationcam" => gradcam_core::methods::ablation_cam(&split, &a, &requests, 128, &mut |_| ())?,
-                "scorecam" => gradcam_core::methods::score_cam(&split, &input, &a, &requests, 16, &mut |_| ())?,
+                "scorecam" => gradcam_core::methods::score_cam(&split, &input, &a, &requests, 2, &mut |_| ())?,
                 other => {
                     let (r, guided) = crate::caption::gradient_results(other, Default::default(), &split, &input, &a, &requests)?;
                     if let Some(g) = guided {

@@ -274,7 +274,7 @@ fn method_results(
         }
         "scorecam" => {
             let bar = bar("channels scored");
-            let r = gradcam_core::methods::score_cam(split, input, activations, requests, 16, &mut |n| bar.set_position(n as u64))?;
+            let r = gradcam_core::methods::score_cam(split, input, activations, requests, 2, &mut |n| bar.set_position(n as u64))?;
             bar.finish_and_clear();
             (r, None)
         }

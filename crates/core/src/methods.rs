@@ -235,7 +235,8 @@ fn weighted_result(a: &Tensor, weights: Vec<f32>, y: f32, r: &crate::Request<'_>
 /// the input (bilinear, corners aligned) and min-max scaled (with 1e-8), masks the input; the
 /// network's score for the masked input, softmaxed over channels, is the channel's weight; the
 /// map is ReLU(sum_k w_k A^k). Channels whose map is constant give an all-zero mask, so they share
-/// one forward pass; the others run `chunk` at a time. `progress` hears the channels done.
+/// one forward pass, and channels with identical masks share one; the others run `chunk` at a
+/// time. `progress` hears the channels done.
 pub fn score_cam<M: crate::Explainable + ?Sized>(
     model: &M,
     input: &Tensor,
@@ -274,8 +275,24 @@ pub fn score_cam<M: crate::Explainable + ?Sized>(
             let s = score_rows(&model.head(&model.features(&zero)?)?, r.target)?[0];
             masks.iter().zip(scores.iter_mut()).filter(|(m, _)| m.is_none()).for_each(|(_, sc)| *sc = s);
         }
-        let varying: Vec<usize> = (0..k).filter(|&ch| masks[ch].is_some()).collect();
-        let mut done = k - varying.len();
+        // Channels with identical masks (e.g. maps with one non-zero position, or saturated ReLU6
+        // maps with the same support) get identical scores: one pass for each distinct mask.
+        let mut distinct: std::collections::HashMap<u64, Vec<usize>> = std::collections::HashMap::new();
+        let mut same_as: Vec<(usize, usize)> = Vec::new(); // (channel, channel with the same mask)
+        let mut varying: Vec<usize> = Vec::new();
+        for ch in (0..k).filter(|&ch| masks[ch].is_some()) {
+            let m = masks[ch].as_ref().expect("varying");
+            let digest = m.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3));
+            let reps = distinct.entry(digest).or_default();
+            match reps.iter().find(|&&r| masks[r].as_ref() == Some(m)) {
+                Some(&r) => same_as.push((ch, r)),
+                None => {
+                    reps.push(ch);
+                    varying.push(ch);
+                }
+            }
+        }
+        let mut done = k - varying.len() - same_as.len();
         progress(done);
         for group in varying.chunks(chunk.max(1)) {
             let mut data = Vec::with_capacity(group.len() * x.len());
@@ -292,6 +309,10 @@ pub fn score_cam<M: crate::Explainable + ?Sized>(
             done += group.len();
             progress(done);
         }
+        for &(ch, r) in &same_as {
+            scores[ch] = scores[r];
+        }
+        progress(k);
         // Softmax over channels.
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();

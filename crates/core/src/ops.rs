@@ -21,6 +21,12 @@ use rayon::prelude::*;
 
 type CResult<T> = candle_core::Result<T>;
 
+/// Planes per rayon task when work is split by channel plane: enough for about 16k values, so
+/// that the 7x7 and 14x14 planes of a network's last stages do not pay a task per channel.
+fn planes_per_task(plane: usize) -> usize {
+    (16384 / plane.max(1)).max(1)
+}
+
 /// The pointwise non-linearity fused after a convolution or linear layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -244,7 +250,7 @@ impl Conv2d {
         let plane = g.oh * g.ow;
         if self.is_depthwise() {
             let act = self.activation;
-            out.par_chunks_mut(plane).enumerate().for_each_init(Vec::new, |buf, (c, dst)| {
+            out.par_chunks_mut(plane).enumerate().with_min_len(planes_per_task(plane)).for_each_init(Default::default, |buf, (c, dst)| {
                 let src = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
                 let wk = &self.weight[c * kh * kw..(c + 1) * kh * kw];
                 depthwise_channel(src, wk, self.bias[c], act, g, self.stride, kh, kw, dst, buf);
@@ -270,7 +276,7 @@ impl Conv2d {
             }
         }
         let act = self.activation;
-        out.par_chunks_mut(plane).enumerate().for_each(|(o, dst)| {
+        out.par_chunks_mut(plane).enumerate().with_min_len(planes_per_task(plane)).for_each(|(o, dst)| {
             let b = self.bias[o];
             dst.iter_mut().for_each(|v| *v = act.apply(*v + b));
         });
@@ -281,7 +287,7 @@ impl Conv2d {
         let (kh, kw) = self.kernel;
         let plane = g.oh * g.ow;
         if self.is_depthwise() {
-            dx.par_chunks_mut(g.h * g.w).enumerate().for_each(|(c, dst)| {
+            dx.par_chunks_mut(g.h * g.w).enumerate().with_min_len(planes_per_task(g.h * g.w)).for_each(|(c, dst)| {
                 let src = &gpre[c * plane..(c + 1) * plane];
                 let wk = &self.weight[c * kh * kw..(c + 1) * kh * kw];
                 depthwise_channel_backward(src, wk, g, self.stride, kh, kw, dst);
@@ -387,7 +393,7 @@ impl candle_core::CustomOp3 for TrainableConv2d {
             matmul(&mut y[b * out * plane..(b + 1) * out * plane], w, (k as isize, 1), &col, (plane as isize, 1), out, plane, k);
         }
         let act = self.activation;
-        y.par_chunks_mut(plane).enumerate().for_each(|(i, dst)| {
+        y.par_chunks_mut(plane).enumerate().with_min_len(planes_per_task(plane)).for_each(|(i, dst)| {
             let b = bias[i % out];
             dst.iter_mut().for_each(|v| *v = act.apply(*v + b));
         });
@@ -450,7 +456,7 @@ fn geometry(dims: &[usize], in_channels: usize, kernel: (usize, usize), stride: 
 fn im2col(x: &[f32], g: &ConvGeometry, c0: usize, col: &mut [f32]) {
     let (kh, kw, stride) = (g.kh, g.kw, g.stride);
     let plane = g.oh * g.ow;
-    col.par_chunks_mut(plane).enumerate().for_each(|(row, dst)| {
+    col.par_chunks_mut(plane).enumerate().with_min_len(planes_per_task(plane)).for_each(|(row, dst)| {
         let ci = c0 + row / (kh * kw);
         let ky = (row / kw) % kh;
         let kx = row % kw;
@@ -503,57 +509,63 @@ fn col2im(col: &[f32], g: &ConvGeometry, c0: usize, cg: usize, dx: &mut [f32]) {
 
 
 /// One channel of a depthwise convolution with its bias and activation. The input is first copied
-/// into a zero-padded plane split by column phase (`stride` planes, phase p holding the padded
-/// columns p, p + stride, ...), so that every kernel tap is one contiguous multiply-add over an
-/// output row, whatever the stride: no bounds checks and no strided loads in the inner loop.
-/// `buf` is scratch space reused across channels.
+/// into zero-padded planes split by row and column phase (`stride^2` planes; phase (p, q) holds
+/// the padded pixels (p + stride i, q + stride j)), so that for every kernel tap the whole output
+/// plane reads one contiguous run of one phase plane: computed on a grid as wide as the phase
+/// planes (the extra columns are thrown away), each tap is a single long multiply-add that
+/// vectorises even for 7x7 outputs. `buf` and `ext` are scratch space reused across channels.
 #[allow(clippy::too_many_arguments)]
-fn depthwise_channel(src: &[f32], wk: &[f32], bias: f32, act: Activation, g: &ConvGeometry, stride: usize, kh: usize, kw: usize, dst: &mut [f32], buf: &mut Vec<f32>) {
-    // Padded rows the output needs, and the width of each phase plane.
-    let rows = (g.oh - 1) * stride + kh;
-    let cols = (g.ow - 1) * stride + kw;
-    let phase_w = cols.div_ceil(stride);
+fn depthwise_channel(
+    src: &[f32],
+    wk: &[f32],
+    bias: f32,
+    act: Activation,
+    g: &ConvGeometry,
+    stride: usize,
+    kh: usize,
+    kw: usize,
+    dst: &mut [f32],
+    (buf, ext): &mut (Vec<f32>, Vec<f32>),
+) {
+    let s = stride;
+    let (rows, cols) = ((g.oh - 1) * s + kh, (g.ow - 1) * s + kw); // padded extent used
+    let (prow, pcol) = (rows.div_ceil(s), cols.div_ceil(s)); // one phase plane
+    let plane = prow * pcol;
     buf.clear();
-    buf.resize(stride * rows * phase_w, 0.0);
+    buf.resize(s * s * plane, 0.0);
+    let n = g.w.min(cols.saturating_sub(g.pad_left)); // input columns inside the padded extent
     for r in 0..rows {
         let iy = r as isize - g.pad_top as isize;
         if iy < 0 || iy >= g.h as isize {
             continue;
         }
-        let srow = &src[iy as usize * g.w..(iy as usize + 1) * g.w];
-        // Padded column j = q * stride + p holds input column j - pad_left.
-        let n = g.w.min(cols.saturating_sub(g.pad_left));
-        if stride == 1 {
-            let start = r * phase_w + g.pad_left;
-            buf[start..start + n].copy_from_slice(&srow[..n]);
-            continue;
-        }
-        for p in 0..stride {
-            let dst = &mut buf[(p * rows + r) * phase_w..(p * rows + r + 1) * phase_w];
-            // The first q with q * stride + p >= pad_left.
-            let q0 = g.pad_left.saturating_sub(p).div_ceil(stride);
-            let first = q0 * stride + p - g.pad_left;
-            for (d, &v) in dst[q0..].iter_mut().zip(srow[first.min(n)..n].iter().step_by(stride)) {
+        let srow = &src[iy as usize * g.w..iy as usize * g.w + n];
+        let (rp, ri) = (r % s, r / s);
+        for q in 0..s {
+            let dst = &mut buf[(rp * s + q) * plane + ri * pcol..(rp * s + q) * plane + (ri + 1) * pcol];
+            // Padded column j = c * s + q holds input column j - pad_left.
+            let c0 = g.pad_left.saturating_sub(q).div_ceil(s);
+            let first = (c0 * s + q).saturating_sub(g.pad_left).min(n);
+            for (d, &v) in dst[c0..].iter_mut().zip(srow[first..].iter().step_by(s)) {
                 *d = v;
             }
         }
     }
-    for oy in 0..g.oh {
-        let drow = &mut dst[oy * g.ow..(oy + 1) * g.ow];
-        drow.fill(bias);
-        for ky in 0..kh {
-            let r = oy * stride + ky;
-            for kx in 0..kw {
-                let wv = wk[ky * kw + kx];
-                // Output ox reads padded column ox * stride + kx: phase kx % stride, index ox + kx / stride.
-                let base = ((kx % stride) * rows + r) * phase_w + kx / stride;
-                for (d, s) in drow.iter_mut().zip(&buf[base..base + g.ow]) {
-                    *d += wv * s;
-                }
+    let len = (g.oh - 1) * pcol + g.ow;
+    ext.clear();
+    ext.resize(len, bias);
+    for ky in 0..kh {
+        for kx in 0..kw {
+            let wv = wk[ky * kw + kx];
+            let start = ((ky % s) * s + kx % s) * plane + (ky / s) * pcol + kx / s;
+            for (d, &v) in ext.iter_mut().zip(&buf[start..start + len]) {
+                *d += wv * v;
             }
         }
-        if act != Activation::Identity {
-            drow.iter_mut().for_each(|v| *v = act.apply(*v));
+    }
+    for (oy, drow) in dst.chunks_mut(g.ow).enumerate() {
+        for (d, &v) in drow.iter_mut().zip(&ext[oy * pcol..oy * pcol + g.ow]) {
+            *d = act.apply(v);
         }
     }
 }
@@ -933,7 +945,7 @@ impl CustomOp1 for MaxPool2d {
         let (b, c, h, w) = layout.shape().dims4()?;
         let (oh, ow) = (self.out_size(h)?, self.out_size(w)?);
         let mut out = vec![0.0f32; b * c * oh * ow];
-        out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, dst)| {
+        out.par_chunks_mut(oh * ow).enumerate().with_min_len(planes_per_task(oh * ow)).for_each(|(p, dst)| {
             let src = &x[p * h * w..(p + 1) * h * w];
             for oy in 0..oh {
                 for ox in 0..ow {
@@ -950,7 +962,7 @@ impl CustomOp1 for MaxPool2d {
         let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let mut dx = vec![0.0f32; b * c * h * w];
-        dx.par_chunks_mut(h * w).enumerate().for_each(|(p, dst)| {
+        dx.par_chunks_mut(h * w).enumerate().with_min_len(planes_per_task(h * w)).for_each(|(p, dst)| {
             let src = &x[p * h * w..(p + 1) * h * w];
             let g = &grad[p * oh * ow..(p + 1) * oh * ow];
             for oy in 0..oh {
@@ -1014,7 +1026,7 @@ impl CustomOp1 for AdaptiveAvgPool2d {
         let (ys, xs) = (Self::bins(h, self.out_h), Self::bins(w, self.out_w));
         let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let mut dx = vec![0.0f32; b * c * h * w];
-        dx.par_chunks_mut(h * w).enumerate().for_each(|(p, dst)| {
+        dx.par_chunks_mut(h * w).enumerate().with_min_len(planes_per_task(h * w)).for_each(|(p, dst)| {
             let g = &grad[p * self.out_h * self.out_w..(p + 1) * self.out_h * self.out_w];
             for (oy, &(y0, y1)) in ys.iter().enumerate() {
                 for (ox, &(x0, x1)) in xs.iter().enumerate() {
