@@ -283,6 +283,17 @@ fn words_and_answers_get_guided_images_and_smoothed_maps() {
     let e = j["explanations"].as_array().unwrap();
     assert_eq!(e.len(), 2);
     assert!(e[1]["overlay"].as_str().unwrap().ends_with("_counterfactual_guided-backprop.png"), "{}", e[1]["overlay"]);
+    // The perturbation methods explain words and answers too.
+    let o = run(&["caption", img.to_str().unwrap(), "--method", "scorecam", "--json", "--out", out.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(j["words"].as_array().unwrap().iter().all(|w| w["method"] == "scorecam" && w["cam_size"] == serde_json::json!([16, 16])));
+    let o = run(&["vqa", img.to_str().unwrap(), "what color is the triangle?", "--method", "ablationcam", "--json", "--out", out.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["explanations"][0]["method"], "ablationcam");
+    let o = run(&["vqa", img.to_str().unwrap(), "what color is the triangle?", "--method", "ablationcam", "--eigen-smooth", "--out", out.path().to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("work with the gradient-based methods"), "{}", stderr(&o));
     // Smoothing: the augmentation-smoothed map is at the input's resolution.
     let o = run(&["vqa", img.to_str().unwrap(), "what color is the triangle?", "--aug-smooth", "--eigen-smooth", "--json", "--out", out.path().to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -58,17 +58,46 @@ pub struct CaptionArgs {
     /// Dissection table for --neurons and --eval (default: MODEL/dissection.json when present).
     #[arg(long)]
     dissection: Option<PathBuf>,
-    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, guided-backprop or
-    /// guided-gradcam.
+    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ablationcam,
+    /// scorecam, guided-backprop or guided-gradcam.
     #[arg(long, default_value = "gradcam", value_parser = parse_word_method)]
     method: String,
     #[command(flatten)]
     smoothing: Smoothing,
 }
 
-/// The methods `caption` and `vqa` take: the gradient-based CAMs and the guided ones.
+/// The methods every command takes: the gradient-based CAMs, the perturbation ones and the
+/// guided ones.
 pub fn parse_word_method(s: &str) -> Result<String, String> {
-    parse_method(s, &GUIDED)
+    parse_method(s, &["ablationcam", "scorecam", GUIDED[0], GUIDED[1]])
+}
+
+/// The explanations of any method for every request; for the guided methods also the guided
+/// images (`[3, H, W]` each). Ablation-CAM and Score-CAM show a progress bar unless `quiet`.
+pub fn method_results<M: Explainable + ?Sized>(
+    method: &str,
+    smoothing: Smoothing,
+    model: &M,
+    input: &Tensor,
+    activations: &Tensor,
+    requests: &[Request],
+    quiet: bool,
+) -> anyhow::Result<(Vec<CamResult>, Option<Vec<Tensor>>)> {
+    if method != "ablationcam" && method != "scorecam" {
+        return gradient_results(method, smoothing, model, input, activations, requests);
+    }
+    if smoothing.eigen_smooth || smoothing.aug_smooth {
+        anyhow::bail!("--eigen-smooth and --aug-smooth work with the gradient-based methods, not {method}");
+    }
+    let k = activations.dim(1)?;
+    let bar = if quiet { ProgressBar::hidden() } else { bar(k as u64, if method == "ablationcam" { "channels ablated" } else { "channels scored" }) };
+    let r = if method == "ablationcam" {
+        gradcam_core::methods::ablation_cam(model, activations, requests, 128, &mut |n| bar.set_position(n as u64))?
+    } else {
+        gradcam_core::methods::score_cam(model, input, activations, requests, 2, &mut |n| bar.set_position(n as u64))?
+    };
+    bar.finish_and_clear();
+    Ok((r, None))
 }
 
 /// Methods that write Guided Backpropagation images instead of overlays.
@@ -278,7 +307,7 @@ fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs, names: Option
     let split = CaptionSplit::new(model, &tokens);
     let targets: Vec<WordLogProb> = (0..tokens.len()).map(|step| WordLogProb { step }).collect();
     let requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t as &dyn Target }).collect();
-    let (results, guided) = gradient_results(&args.method, args.smoothing, &split, &input, &a, &requests)?;
+    let (results, guided) = method_results(&args.method, args.smoothing, &split, &input, &a, &requests, args.json)?;
     let (label, tag) = (method_label(&args.method), format!("{}{}", method_tag(&args.method), args.smoothing.tag()));
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
     let region = Region { x: 0, y: 0, width: img.width(), height: img.height() };

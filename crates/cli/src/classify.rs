@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use candle_core::{Tensor, D};
 use gradcam_core::map::{overlay, write_png_atomic};
-use gradcam_core::{CamResult, ClassLogit, Counterfactual, Explainable, Request, Target};
+use gradcam_core::{ClassLogit, Counterfactual, Explainable, Request, Target};
 use gradcam_encoders::preprocess::{load_image, prepare, Resize};
 use gradcam_encoders::{imagenet, Network};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -97,13 +97,10 @@ struct ImageJson {
 }
 
 fn parse_method(s: &str) -> Result<String, String> {
-    crate::caption::parse_method(s, &["ablationcam", "scorecam", crate::caption::GUIDED[0], crate::caption::GUIDED[1]])
+    crate::caption::parse_word_method(s)
 }
 
 pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
-    if (args.smoothing.eigen_smooth || args.smoothing.aug_smooth) && args.method.iter().any(|m| m == "ablationcam" || m == "scorecam") {
-        anyhow::bail!("--eigen-smooth and --aug-smooth work with the gradient-based methods, not ablationcam or scorecam");
-    }
     let net = args.model.load()?;
     let layer = args.layer.clone().unwrap_or_else(|| net.default_layer().to_string());
     let index = net.layer_index(&layer)?;
@@ -207,7 +204,7 @@ fn classify_one(
     // Per target, the images of each method, for the comparison strip.
     let mut panels: Vec<Vec<image::RgbImage>> = vec![Vec::new(); targets.len()];
     for method in &args.method {
-        let (results, guided) = method_results(method, args.smoothing, &split, &input, &activations, &requests, args.json)?;
+        let (results, guided) = crate::caption::method_results(method, args.smoothing, &split, &input, &activations, &requests, args.json)?;
         for (i, (r, (class, t))) in results.iter().zip(&targets).enumerate() {
             let class = *class;
             let subject = if t.counterfactual() { format!("not {}", label(class)) } else { label(class).to_string() };
@@ -250,35 +247,6 @@ fn classify_one(
         input_size: [h, w],
         predictions,
         explanations,
-    })
-}
-
-/// The explanations of one method for every request, and for the guided methods the guided
-/// images (`[3, H, W]` each).
-fn method_results(
-    method: &str,
-    smoothing: crate::caption::Smoothing,
-    split: &gradcam_encoders::network::Split<'_>,
-    input: &Tensor,
-    activations: &Tensor,
-    requests: &[Request],
-    quiet: bool,
-) -> anyhow::Result<(Vec<CamResult>, Option<Vec<Tensor>>)> {
-    let bar = |what: &str| if quiet { indicatif::ProgressBar::hidden() } else { crate::progress::bar(activations.dim(1).unwrap_or(0) as u64, what) };
-    Ok(match method {
-        "ablationcam" => {
-            let bar = bar("channels ablated");
-            let r = gradcam_core::methods::ablation_cam(split, activations, requests, 128, &mut |n| bar.set_position(n as u64))?;
-            bar.finish_and_clear();
-            (r, None)
-        }
-        "scorecam" => {
-            let bar = bar("channels scored");
-            let r = gradcam_core::methods::score_cam(split, input, activations, requests, 2, &mut |n| bar.set_position(n as u64))?;
-            bar.finish_and_clear();
-            (r, None)
-        }
-        other => crate::caption::gradient_results(other, smoothing, split, input, activations, requests)?,
     })
 }
 

@@ -67,8 +67,8 @@ pub struct VqaArgs {
     /// Dissection table for --neurons (default: MODEL/dissection.json).
     #[arg(long)]
     dissection: Option<PathBuf>,
-    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, guided-backprop or
-    /// guided-gradcam.
+    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ablationcam,
+    /// scorecam, guided-backprop or guided-gradcam.
     #[arg(long, default_value = "gradcam", value_parser = crate::caption::parse_word_method)]
     method: String,
     #[command(flatten)]
@@ -181,7 +181,7 @@ fn answer_one(model: &Vqa, img: &image::RgbImage, path: &Path, question: &str, a
         }
     }
     let requests: Vec<Request> = targets.iter().map(|(_, t)| Request { image: 0, target: t.as_ref() }).collect();
-    let (results, guided) = crate::caption::gradient_results(&args.method, args.smoothing, &split, &input, &a, &requests)?;
+    let (results, guided) = crate::caption::method_results(&args.method, args.smoothing, &split, &input, &a, &requests, args.json)?;
     let (label, tag) = (crate::caption::method_label(&args.method), format!("{}{}", crate::caption::method_tag(&args.method), args.smoothing.tag()));
     let stem = format!("{prefix}{}", path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into()));
     let region = Region { x: 0, y: 0, width: img.width(), height: img.height() };
