@@ -283,6 +283,20 @@ fn words_and_answers_get_guided_images_and_smoothed_maps() {
     let e = j["explanations"].as_array().unwrap();
     assert_eq!(e.len(), 2);
     assert!(e[1]["overlay"].as_str().unwrap().ends_with("_counterfactual_guided-backprop.png"), "{}", e[1]["overlay"]);
+    // Several methods: one strip row per method for a caption, a comparison strip per answer.
+    let o = run(&["caption", img.to_str().unwrap(), "--method", "gradcam,guided-gradcam", "--json", "--out", out.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let n = j["caption"].as_str().unwrap().split(' ').count();
+    assert_eq!(j["words"].as_array().unwrap().len(), 2 * n);
+    assert!(j["strip"].as_str().unwrap().ends_with("_strip_methods.png"));
+    assert_eq!(image::image_dimensions(j["strip"].as_str().unwrap()).unwrap(), (64 * (n as u32 + 1), 128));
+    let o = run(&["vqa", img.to_str().unwrap(), "what color is the triangle?", "--method", "gradcam,scorecam", "--json", "--out", out.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let answer = j["explanations"][0]["answer"].as_str().unwrap().to_string();
+    assert_eq!(j["explanations"][1]["method"], "scorecam");
+    assert!(out.path().join(format!("000019_{answer}_methods.png")).exists());
     // The perturbation methods explain words and answers too.
     let o = run(&["caption", img.to_str().unwrap(), "--method", "scorecam", "--json", "--out", out.path().to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -59,9 +59,10 @@ pub struct CaptionArgs {
     #[arg(long)]
     dissection: Option<PathBuf>,
     /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ablationcam,
-    /// scorecam, guided-backprop or guided-gradcam.
-    #[arg(long, default_value = "gradcam", value_parser = parse_word_method)]
-    method: String,
+    /// scorecam, guided-backprop or guided-gradcam. Several, comma-separated, make the strip one
+    /// row per method.
+    #[arg(long, default_value = "gradcam", value_parser = parse_word_method, value_delimiter = ',')]
+    method: Vec<String>,
     #[command(flatten)]
     smoothing: Smoothing,
 }
@@ -307,36 +308,46 @@ fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs, names: Option
     let split = CaptionSplit::new(model, &tokens);
     let targets: Vec<WordLogProb> = (0..tokens.len()).map(|step| WordLogProb { step }).collect();
     let requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t as &dyn Target }).collect();
-    let (results, guided) = method_results(&args.method, args.smoothing, &split, &input, &a, &requests, args.json)?;
-    let (label, tag) = (method_label(&args.method), format!("{}{}", method_tag(&args.method), args.smoothing.tag()));
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
     let region = Region { x: 0, y: 0, width: img.width(), height: img.height() };
     let mut out_words = Vec::new();
-    let mut tiles = Vec::new();
-    for (t, (word, r)) in words.iter().zip(&results).enumerate() {
-        let map = &r.cam;
-        let neurons = names.map(|n| report(&r.alpha, n, word, 5));
-        let tile = match &guided {
-            Some(g) => guided_picture(&g[t], img.width(), img.height())?,
-            None => overlay(&img, &map.normalized().0, region),
-        };
-        let file = args.out.join(format!("{stem}_{t:02}_{word}{tag}.png"));
-        write_png_atomic(&tile, &file)?;
-        tiles.push(tile);
-        out_words.push(WordJson {
-            t,
-            word: word.clone(),
-            method: label,
-            logprob: logprobs[t],
-            cam_size: [map.h, map.w],
-            cam: map.rows(),
-            overlay: file.display().to_string(),
-            text: neurons.as_ref().map(|n| n.text.clone()),
-            neurons,
-        });
+    let mut rows = Vec::new();
+    for method in &args.method {
+        let (results, guided) = method_results(method, args.smoothing, &split, &input, &a, &requests, args.json)?;
+        let (label, tag) = (method_label(method), format!("{}{}", method_tag(method), args.smoothing.tag()));
+        let mut tiles = Vec::new();
+        for (t, (word, r)) in words.iter().zip(&results).enumerate() {
+            let map = &r.cam;
+            let neurons = names.map(|n| report(&r.alpha, n, word, 5));
+            let tile = match &guided {
+                Some(g) => guided_picture(&g[t], img.width(), img.height())?,
+                None => overlay(&img, &map.normalized().0, region),
+            };
+            let file = args.out.join(format!("{stem}_{t:02}_{word}{tag}.png"));
+            write_png_atomic(&tile, &file)?;
+            tiles.push(tile);
+            out_words.push(WordJson {
+                t,
+                word: word.clone(),
+                method: label,
+                logprob: logprobs[t],
+                cam_size: [map.h, map.w],
+                cam: map.rows(),
+                overlay: file.display().to_string(),
+                text: neurons.as_ref().map(|n| n.text.clone()),
+                neurons,
+            });
+        }
+        rows.push(strip(&img, &tiles));
     }
+    // One row per method, stacked.
+    let tag = if args.method.len() == 1 { format!("{}{}", method_tag(&args.method[0]), args.smoothing.tag()) } else { "_methods".to_string() };
     let strip_file = args.out.join(format!("{stem}_strip{tag}.png"));
-    write_png_atomic(&strip(&img, &tiles), &strip_file)?;
+    let mut grid = RgbImage::new(rows[0].width(), rows[0].height() * rows.len() as u32);
+    for (i, row) in rows.iter().enumerate() {
+        image::imageops::replace(&mut grid, row, 0, (i as u32 * row.height()) as i64);
+    }
+    write_png_atomic(&grid, &strip_file)?;
     Ok(CaptionJson { image: path.display().to_string(), caption: words.join(" "), words: out_words, strip: strip_file.display().to_string() })
 }
 

@@ -237,7 +237,7 @@ fn classify_one(
         for (panels, (class, t)) in panels.iter().zip(&targets) {
             let cf = if t.counterfactual() { "_counterfactual" } else { "" };
             let file = args.out.join(format!("{stem}_{class}_{}{cf}_methods.png", sanitize(label(*class))));
-            write_png_atomic(&strip(panels, 224), &file)?;
+            write_png_atomic(&comparison_strip(panels, 224), &file)?;
         }
     }
     Ok(ImageJson {
@@ -250,8 +250,9 @@ fn classify_one(
     })
 }
 
-/// Pictures side by side, each scaled to `height` px, 4 px of white between them.
-fn strip(panels: &[image::RgbImage], height: u32) -> image::RgbImage {
+/// Pictures side by side, each scaled to `height` px, 4 px of white between them: the comparison
+/// strip of several methods.
+pub fn comparison_strip(panels: &[image::RgbImage], height: u32) -> image::RgbImage {
     let scaled: Vec<image::RgbImage> = panels
         .iter()
         .map(|p| {

@@ -68,9 +68,10 @@ pub struct VqaArgs {
     #[arg(long)]
     dissection: Option<PathBuf>,
     /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ablationcam,
-    /// scorecam, guided-backprop or guided-gradcam.
-    #[arg(long, default_value = "gradcam", value_parser = crate::caption::parse_word_method)]
-    method: String,
+    /// scorecam, guided-backprop or guided-gradcam. Several, comma-separated, also write a
+    /// comparison strip per answer (`..._methods.png`).
+    #[arg(long, default_value = "gradcam", value_parser = crate::caption::parse_word_method, value_delimiter = ',')]
+    method: Vec<String>,
     #[command(flatten)]
     smoothing: crate::caption::Smoothing,
 }
@@ -181,32 +182,43 @@ fn answer_one(model: &Vqa, img: &image::RgbImage, path: &Path, question: &str, a
         }
     }
     let requests: Vec<Request> = targets.iter().map(|(_, t)| Request { image: 0, target: t.as_ref() }).collect();
-    let (results, guided) = crate::caption::method_results(&args.method, args.smoothing, &split, &input, &a, &requests, args.json)?;
-    let (label, tag) = (crate::caption::method_label(&args.method), format!("{}{}", crate::caption::method_tag(&args.method), args.smoothing.tag()));
     let stem = format!("{prefix}{}", path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into()));
     let region = Region { x: 0, y: 0, width: img.width(), height: img.height() };
     let mut explanations = Vec::new();
-    for (k, (r, (i, t))) in results.iter().zip(&targets).enumerate() {
-        let answer = model.cfg.answers[*i].clone();
-        let cf = if t.counterfactual() { "_counterfactual" } else { "" };
-        let file = args.out.join(format!("{stem}_{}{cf}{tag}.png", answer.replace(' ', "_")));
-        let picture = match &guided {
-            Some(g) => crate::caption::guided_picture(&g[k], img.width(), img.height())?,
-            None => overlay(img, &r.cam.normalized().0, region),
-        };
-        write_png_atomic(&picture, &file)?;
-        let subject = if r.counterfactual { format!("not {answer}") } else { answer.clone() };
-        let neurons = names.map(|n| report(&r.alpha, n, &subject, 5));
-        explanations.push(ExplanationJson {
-            answer,
-            method: label,
-            counterfactual: r.counterfactual,
-            cam_size: [r.cam.h, r.cam.w],
-            cam: r.cam.rows(),
-            overlay: file.display().to_string(),
-            text: neurons.as_ref().map(|n| n.text.clone()),
-            neurons,
-        });
+    let mut panels: Vec<Vec<image::RgbImage>> = vec![Vec::new(); targets.len()];
+    for method in &args.method {
+        let (results, guided) = crate::caption::method_results(method, args.smoothing, &split, &input, &a, &requests, args.json)?;
+        let (label, tag) = (crate::caption::method_label(method), format!("{}{}", crate::caption::method_tag(method), args.smoothing.tag()));
+        for (k, (r, (i, t))) in results.iter().zip(&targets).enumerate() {
+            let answer = model.cfg.answers[*i].clone();
+            let cf = if t.counterfactual() { "_counterfactual" } else { "" };
+            let file = args.out.join(format!("{stem}_{}{cf}{tag}.png", answer.replace(' ', "_")));
+            let picture = match &guided {
+                Some(g) => crate::caption::guided_picture(&g[k], img.width(), img.height())?,
+                None => overlay(img, &r.cam.normalized().0, region),
+            };
+            write_png_atomic(&picture, &file)?;
+            panels[k].push(picture);
+            let subject = if r.counterfactual { format!("not {answer}") } else { answer.clone() };
+            let neurons = names.map(|n| report(&r.alpha, n, &subject, 5));
+            explanations.push(ExplanationJson {
+                answer,
+                method: label,
+                counterfactual: r.counterfactual,
+                cam_size: [r.cam.h, r.cam.w],
+                cam: r.cam.rows(),
+                overlay: file.display().to_string(),
+                text: neurons.as_ref().map(|n| n.text.clone()),
+                neurons,
+            });
+        }
+    }
+    if args.method.len() > 1 {
+        for (panels, (i, t)) in panels.iter().zip(&targets) {
+            let cf = if t.counterfactual() { "_counterfactual" } else { "" };
+            let file = args.out.join(format!("{stem}_{}{cf}_methods.png", model.cfg.answers[*i].replace(' ', "_")));
+            write_png_atomic(&crate::classify::comparison_strip(panels, img.height().max(64)), &file)?;
+        }
     }
     Ok(QuestionJson {
         image: path.display().to_string(),
