@@ -10,6 +10,7 @@ use gradcam_eval::report::{markdown, write_failures, Failure};
 use gradcam_eval::subjects::{CaptionerSubject, ClassifierSubject, VqaSubject};
 use gradcam_eval::{run, ExampleResult, Options, Subject, Task, Tolerance};
 use gradcam_encoders::ModelKind;
+use gradcam_scenes::write_atomic;
 use gradcam_vqa::Vqa;
 
 use crate::caption::parse_gradient_method;
@@ -127,13 +128,6 @@ pub fn run_eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
         let subject = CaptionerSubject::new(model, &args.data).with_context(|| format!("reading the dataset {}", args.data.display()))?;
         evaluate(&subject, &args, tasks)
     }
-}
-
-/// Writes `path` through a temporary file in the same folder.
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 fn evaluate<S: Subject>(subject: &S, args: &EvalArgs, tasks: Vec<Task>) -> anyhow::Result<ExitCode> {

@@ -121,8 +121,5 @@ pub fn write_failures(dir: &Path, failures: &[Failure], title: &str) -> Result<(
         }
         html.push_str("</section>\n");
     }
-    let path = dir.join("index.html");
-    let tmp = dir.join(".index.html.tmp");
-    std::fs::write(&tmp, html).map_err(|source| Error::Io { path: tmp.clone(), source })?;
-    std::fs::rename(&tmp, &path).map_err(|source| Error::Io { path, source })
+    Ok(gradcam_scenes::write_atomic(&dir.join("index.html"), html.as_bytes())?)
 }
