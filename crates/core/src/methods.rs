@@ -349,8 +349,8 @@ fn upsample_align_corners(src: &[f32], h: usize, w: usize, oh: usize, ow: usize)
 
 /// Eigen-smoothing (pytorch-grad-cam's `eigen_smooth`): the map is the first principal component
 /// of the weighted activations alpha_k A^k (positions x channels, centred over positions) instead
-/// of their sum, oriented like the sum (the singular vector's sign is otherwise arbitrary). The
-/// weights alpha_k are the wrapped method's.
+/// of their sum, i.e. EigenCAM of the weighted activations, oriented like their sum (the singular
+/// vector's sign is otherwise arbitrary). The weights alpha_k are the wrapped method's.
 pub struct EigenSmooth(pub Box<dyn CamMethod>);
 
 impl CamMethod for EigenSmooth {
@@ -362,22 +362,11 @@ impl CamMethod for EigenSmooth {
         self.0.weights(activations, grads)
     }
 
-    fn cam(&self, activations: &Tensor, _grads: &Tensor, alpha: &Tensor) -> Result<Tensor> {
-        let (n, k, h, w) = activations.dims4()?;
-        let p = h * w;
-        let a = activations.reshape((n, k, p))?.to_vec3::<f32>()?;
-        let alpha = alpha.to_vec2::<f32>()?;
-        let mut out = Vec::with_capacity(n * p);
-        for (rows, alpha) in a.iter().zip(&alpha) {
-            let weighted: Vec<Vec<f32>> = rows.iter().zip(alpha).map(|(r, &ak)| r.iter().map(|v| v * ak).collect()).collect();
-            let v = principal_direction(&weighted, p);
-            let means: Vec<f64> = weighted.iter().map(|r| r.iter().map(|&x| x as f64).sum::<f64>() / p.max(1) as f64).collect();
-            out.extend((0..p).map(|i| {
-                let proj: f64 = weighted.iter().zip(&v).zip(&means).map(|((r, &vk), m)| (r[i] as f64 - m) * vk as f64).sum();
-                proj.max(0.0) as f32
-            }));
-        }
-        Ok(Tensor::from_vec(out, (n, h, w), activations.device())?)
+    /// EigenCAM's map of the weighted activations.
+    fn cam(&self, activations: &Tensor, grads: &Tensor, alpha: &Tensor) -> Result<Tensor> {
+        let weighted = activations.broadcast_mul(&alpha.unsqueeze(2)?.unsqueeze(3)?)?; // [n, K, h, w]
+        let direction = EigenCam.weights(&weighted, grads)?;
+        EigenCam.cam(&weighted, grads, &direction)
     }
 }
 
