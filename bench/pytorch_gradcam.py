@@ -22,6 +22,13 @@ from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 
+def bench_input():
+    """The same image-like input as `gradcam bench classify` and `gradcam bench methods`."""
+    i = torch.arange(3 * 224 * 224)
+    c, y, x = i // (224 * 224), (i // 224) % 224, i % 224
+    return (((x * 0.05 + c).sin() + (y * 0.03).cos()) * 0.8).float().reshape(1, 3, 224, 224)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
@@ -30,10 +37,7 @@ def main():
     torch.set_num_threads(args.threads)
 
     model, layer = efficientnet_lite0()
-    # The same image-like input as `gradcam bench classify`.
-    i = torch.arange(3 * 224 * 224)
-    c, y, x = i // (224 * 224), (i // 224) % 224, i % 224
-    inp = (((x * 0.05 + c).sin() + (y * 0.03).cos()) * 0.8).float().reshape(1, 3, 224, 224)
+    inp = bench_input()
 
     cam = GradCAM(model=model, target_layers=[layer])
 

@@ -24,6 +24,9 @@ from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, G
                               HiResCAM, LayerCAM, ScoreCAM, XGradCAM)
 from pytorch_grad_cam.utils.image import deprocess_image  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pytorch_gradcam import bench_input  # noqa: E402
+
 CAMS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM, "xgradcam": XGradCAM,
         "layercam": LayerCAM, "eigencam": EigenCAM, "ablationcam": AblationCAM, "scorecam": ScoreCAM}
 ALL = list(CAMS) + ["guided-backprop", "guided-gradcam"]
@@ -39,9 +42,7 @@ def main():
     torch.set_num_threads(args.threads)
 
     model, layer = efficientnet_lite0()
-    i = torch.arange(3 * 224 * 224)
-    c, y, x = i // (224 * 224), (i // 224) % 224, i % 224
-    inp = (((x * 0.05 + c).sin() + (y * 0.03).cos()) * 0.8).float().reshape(1, 3, 224, 224)
+    inp = bench_input()
     if args.input:
         from safetensors.torch import load_file
         inp = load_file(args.input)["input"]

@@ -61,15 +61,15 @@ pub struct CaptionArgs {
     /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ablationcam,
     /// scorecam, guided-backprop or guided-gradcam. Several, comma-separated, make the strip one
     /// row per method.
-    #[arg(long, default_value = "gradcam", value_parser = parse_word_method, value_delimiter = ',')]
+    #[arg(long, default_value = "gradcam", value_parser = parse_any_method, value_delimiter = ',')]
     method: Vec<String>,
     #[command(flatten)]
     smoothing: Smoothing,
 }
 
-/// The methods every command takes: the gradient-based CAMs, the perturbation ones and the
-/// guided ones.
-pub fn parse_word_method(s: &str) -> Result<String, String> {
+/// Any method a command takes: the gradient-based CAMs, the perturbation ones and the guided
+/// ones.
+pub fn parse_any_method(s: &str) -> Result<String, String> {
     parse_method(s, &["ablationcam", "scorecam", GUIDED[0], GUIDED[1]])
 }
 

@@ -37,7 +37,7 @@ pub struct ClassifyArgs {
     /// scorecam (one forward pass of the network per channel of the layer), guided-backprop or
     /// guided-gradcam (images at the input's resolution). Several, comma-separated, also write a
     /// comparison strip per class (`..._methods.png`).
-    #[arg(long, default_value = "gradcam", value_parser = parse_method, value_delimiter = ',')]
+    #[arg(long, default_value = "gradcam", value_parser = crate::caption::parse_any_method, value_delimiter = ',')]
     method: Vec<String>,
     #[command(flatten)]
     smoothing: crate::caption::Smoothing,
@@ -94,10 +94,6 @@ struct ImageJson {
     input_size: [usize; 2],
     predictions: Vec<Prediction>,
     explanations: Vec<ExplanationJson>,
-}
-
-fn parse_method(s: &str) -> Result<String, String> {
-    crate::caption::parse_word_method(s)
 }
 
 pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {

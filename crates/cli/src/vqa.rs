@@ -70,7 +70,7 @@ pub struct VqaArgs {
     /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ablationcam,
     /// scorecam, guided-backprop or guided-gradcam. Several, comma-separated, also write a
     /// comparison strip per answer (`..._methods.png`).
-    #[arg(long, default_value = "gradcam", value_parser = crate::caption::parse_word_method, value_delimiter = ',')]
+    #[arg(long, default_value = "gradcam", value_parser = crate::caption::parse_any_method, value_delimiter = ',')]
     method: Vec<String>,
     #[command(flatten)]
     smoothing: crate::caption::Smoothing,

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use candle_core::Tensor;
 use gradcam_core::metrics::{auc, energy, pixel_order, spearman, threshold_box, BoundingBox, Energy, Pointing};
-use gradcam_core::CamMethod;
+use gradcam_core::{CamMethod, Map};
 use serde::Serialize;
 
 use crate::perturb::{patch_origins, Plane};
@@ -325,6 +325,8 @@ fn evaluate_example<S: Subject>(subject: &S, ex: &Example<S::State>, options: &O
         let plane = Plane { c: channels, h: ih, w: iw, data: ex.input.flatten_all()?.to_vec1::<f32>()? };
         let dims = (channels, ih, iw);
         let base = subject.scores(ex, &ex.input)?.remove(0);
+        // Each primary case's map at the input's resolution, for both kinds of perturbation.
+        let at_input: Vec<(usize, Map)> = primary.iter().map(|&ci| (ci, maps[ci].resize_bilinear(ih, iw))).collect();
         if options.has(Task::Faithfulness) {
             let p = options.patch.unwrap_or(ih.min(iw) / 7).clamp(1, ih.min(iw));
             let s = options.stride.unwrap_or(p / 2).max(1);
@@ -332,8 +334,8 @@ fn evaluate_example<S: Subject>(subject: &S, ex: &Example<S::State>, options: &O
             let positions: Vec<(usize, usize)> = patch_origins(ih, p, s).into_iter().flat_map(|y| patch_origins(iw, p, s).into_iter().map(move |x| (y, x))).collect();
             let data: Vec<f32> = positions.iter().flat_map(|&(y, x)| plane.occluded(y, x, p)).collect();
             let occluded = score_all(subject, ex, &data, dims, options.batch)?;
-            for &ci in &primary {
-                let cam = maps[ci].resize_bilinear(ih, iw);
+            for (ci, cam) in &at_input {
+                let ci = *ci;
                 let window = |y: usize, x: usize| -> f32 {
                     let (y1, x1) = ((y + p).min(ih), (x + p).min(iw));
                     let sum: f32 = (y..y1).map(|yy| cam.data[yy * iw + x..yy * iw + x1].iter().sum::<f32>()).sum();
@@ -347,8 +349,8 @@ fn evaluate_example<S: Subject>(subject: &S, ex: &Example<S::State>, options: &O
         if options.has(Task::Deletion) || options.has(Task::Insertion) {
             let removed = vec![0f32; plane.data.len()];
             let blurred = plane.blurred((ih.min(iw) / 32).max(1));
-            for &ci in &primary {
-                let order = pixel_order(&maps[ci].resize_bilinear(ih, iw));
+            for (ci, cam) in &at_input {
+                let (ci, order) = (*ci, pixel_order(cam));
                 let curve = |from: &[f32], to: &[f32]| -> Result<f64> {
                     let data = Plane::sweep(from, to, ih * iw, &order, options.steps);
                     let probs: Vec<f32> = score_all(subject, ex, &data, dims, options.batch)?.iter().map(|row| row[ci].1).collect();

@@ -137,13 +137,14 @@ impl Subject for ClassifierSubject {
         for o in self.instances.annotations.iter().filter(|o| o.image_id == info.id && !o.iscrowd) {
             truth.entry(self.classes[&o.category_id]).or_default().push(object(o));
         }
-        let mut classes: Vec<usize> = order[..5.min(order.len())].to_vec();
-        classes.extend(truth.keys().filter(|c| !order[..5].contains(c)));
+        let top5 = &order[..5.min(order.len())];
+        let mut classes: Vec<usize> = top5.to_vec();
+        classes.extend(truth.keys().filter(|c| !top5.contains(c)));
         let name = |c: usize| imagenet::class_name(c).unwrap_or("?").to_string();
         let cases = classes
             .iter()
             .map(|&c| {
-                let rank = order[..5].iter().position(|&o| o == c);
+                let rank = top5.iter().position(|&o| o == c);
                 Case { label: name(c), group: "class".into(), objects: truth.get(&c).cloned().unwrap_or_default(), rank, prob: probs[c], primary: rank == Some(0) }
             })
             .collect();
