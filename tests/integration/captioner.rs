@@ -89,6 +89,52 @@ fn per_word_gradient_matches_finite_differences() {
     }
 }
 
+/// The captioner split without its many-seed backward: `explain` takes the general path
+/// (activations replicated per word, candle's backward).
+struct GeneralPath<'a>(&'a CaptionSplit<'a>);
+
+impl Explainable for GeneralPath<'_> {
+    fn features(&self, input: &Tensor) -> gradcam_core::Result<Tensor> {
+        self.0.features(input)
+    }
+    fn head(&self, a: &Tensor) -> gradcam_core::Result<Tensor> {
+        self.0.head(a)
+    }
+}
+
+#[test]
+fn many_seed_backward_matches_the_general_path() {
+    let (_, model, _) = tiny();
+    let tokens = model.vocab.encode("a red circle left of a blue square").unwrap();
+    let a = model.features(&image(3)).unwrap();
+    let split = CaptionSplit::new(&model, &tokens);
+    let targets: Vec<WordLogProb> = (0..tokens.len()).map(|step| WordLogProb { step }).collect();
+    let counterfactual = gradcam_core::Counterfactual(WordLogProb { step: 2 });
+    let mut requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t }).collect();
+    requests.push(Request { image: 0, target: &counterfactual });
+    assert!(split.head_gradients(&a, &[(0, 1.0)]).unwrap().is_some(), "the captioner has its own backward");
+    // HiResCAM uses the gradient at every position, Grad-CAM its spatial mean.
+    for method in [&GradCam as &dyn gradcam_core::CamMethod, &gradcam_core::HiResCam] {
+        let fast = explain(&split, &a, &requests, method).unwrap();
+        let general = explain(&GeneralPath(&split), &a, &requests, method).unwrap();
+        for (f, g) in fast.iter().zip(&general) {
+            assert!((f.score - g.score).abs() < 1e-6, "{} vs {}", f.score, g.score);
+            let scale = g.alpha.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+            let worst = f.alpha.iter().zip(&g.alpha).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(worst <= 1e-5 * scale, "{}: alpha differs by {worst} (scale {scale})", method.name());
+            let scale = g.cam.data.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+            let worst = f.cam.data.iter().zip(&g.cam.data).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(worst <= 1e-5 * scale, "{}: map differs by {worst} (scale {scale})", method.name());
+        }
+    }
+    // A word past the caption is an error on both paths.
+    let past = WordLogProb { step: tokens.len() };
+    for model in [&split as &dyn Explainable, &GeneralPath(&split)] {
+        let err = explain(model, &a, &[Request { image: 0, target: &past }], &GradCam).unwrap_err();
+        assert!(err.to_string().contains("out of range"), "{err}");
+    }
+}
+
 #[test]
 fn a_tiny_captioner_learns() {
     let data = tempfile::tempdir().unwrap();

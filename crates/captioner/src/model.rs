@@ -187,10 +187,13 @@ impl Captioner {
         let proj = vb.pp("image_proj");
         let out = vb.pp("out");
         let flat = |t: Tensor| -> Result<std::sync::Arc<Vec<f32>>> { Ok(std::sync::Arc::new(t.flatten_all()?.to_vec1::<f32>()?)) };
+        let weight_ih = lstm.get((4 * h, 2 * e), "weight_ih")?;
+        let bias = (lstm.get(4 * h, "bias_ih")? + lstm.get(4 * h, "bias_hh")?)?;
+        let word_gates = vb.pp("embed").get((v, e), "weight")?.matmul(&weight_ih.narrow(1, 0, e)?.t()?)?.broadcast_add(&bias)?; // [V, 4H]
         let scores = CaptionLogProbs {
-            embed: flat(vb.pp("embed").get((v, e), "weight")?)?,
-            lstm: flat(Tensor::cat(&[lstm.get((4 * h, 2 * e), "weight_ih")?, lstm.get((4 * h, h), "weight_hh")?], 1)?)?,
-            lstm_bias: flat((lstm.get(4 * h, "bias_ih")? + lstm.get(4 * h, "bias_hh")?)?)?,
+            w_img: flat(weight_ih.narrow(1, e, e)?.contiguous()?)?,
+            w_hh: flat(lstm.get((4 * h, h), "weight_hh")?)?,
+            word_gates: flat(word_gates)?,
             out: flat(out.get((v, h), "weight")?)?,
             out_bias: flat(out.get(v, "bias")?)?,
             e,
@@ -250,6 +253,11 @@ impl Captioner {
     /// # Shapes
     /// `a`: `[n, C, h, w]` -> `[n, t]` (`t` = words, plus one with `<end>`).
     pub fn word_logprobs(&self, a: &Tensor, tokens: &[u32], with_end: bool) -> Result<Tensor> {
+        Ok(a.contiguous()?.apply_op1(self.head(tokens, with_end))?)
+    }
+
+    /// The head of [`Self::word_logprobs`] as one op.
+    pub(crate) fn head(&self, tokens: &[u32], with_end: bool) -> CaptionHead {
         let mut inputs = vec![self.vocab.start];
         inputs.extend_from_slice(tokens);
         let mut targets = tokens.to_vec();
@@ -259,8 +267,7 @@ impl Captioner {
             inputs.pop();
         }
         let scores = CaptionLogProbs { inputs, targets, cache: Default::default(), ..self.scores.clone() };
-        let head = CaptionHead { scores, proj_w: self.proj_w.clone(), proj_b: self.proj_b.clone(), moments: self.cfg.pool_moments };
-        Ok(a.contiguous()?.apply_op1(head)?)
+        CaptionHead { scores, proj_w: self.proj_w.clone(), proj_b: self.proj_b.clone(), moments: self.cfg.pool_moments }
     }
 
     /// Teacher-forced log-probabilities: position i predicts the word after `tokens[i]`.
@@ -406,6 +413,13 @@ impl Explainable for CaptionSplit<'_> {
 
     fn head(&self, a: &Tensor) -> gradcam_core::Result<Tensor> {
         self.model.word_logprobs(a, &self.tokens, false).map_err(Error::into_core)
+    }
+
+    fn head_gradients(&self, a: &Tensor, seeds: &[(usize, f32)]) -> gradcam_core::Result<Option<(Vec<f32>, Tensor)>> {
+        let (_, c, h, w) = a.dims4()?;
+        let head = self.model.head(&self.tokens, false);
+        let (scores, da) = head.gradients(&a.flatten_all()?.to_vec1::<f32>()?, (c, h, w), seeds)?;
+        Ok(Some((scores, Tensor::from_vec(da, (seeds.len(), c, h, w), a.device())?)))
     }
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use gradcam_core::ops::matmul;
+use gradcam_core::ops::{matmul, matvec};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -13,11 +13,13 @@ type CResult<T> = candle_core::Result<T>;
 /// (w1 .. w_T).
 #[derive(Clone)]
 pub struct CaptionLogProbs {
-    pub(crate) embed: Arc<Vec<f32>>,
-    /// `[4H, 2E + H]`: weight_ih (word, image) and weight_hh side by side.
-    pub(crate) lstm: Arc<Vec<f32>>,
-    /// `[4H]`: bias_ih + bias_hh.
-    pub(crate) lstm_bias: Arc<Vec<f32>>,
+    /// `[4H, E]`: the image's columns of weight_ih.
+    pub(crate) w_img: Arc<Vec<f32>>,
+    /// `[4H, H]`: weight_hh.
+    pub(crate) w_hh: Arc<Vec<f32>>,
+    /// `[V, 4H]`: each word's embedding through weight_ih, plus both biases (the word part of
+    /// the gates, computed once at load).
+    pub(crate) word_gates: Arc<Vec<f32>>,
     /// `[V, H]`, `[V]`.
     pub(crate) out: Arc<Vec<f32>>,
     pub(crate) out_bias: Arc<Vec<f32>>,
@@ -38,55 +40,72 @@ pub(crate) struct Trace {
     cells: Vec<Vec<f32>>,
     /// Hidden states h_0 .. h_T.
     hiddens: Vec<Vec<f32>>,
+    /// tanh(c_t) of each step's new cell state: `[T][H]`.
+    tanh_cells: Vec<Vec<f32>>,
     /// Softmax of each step's logits: `[T][V]`.
     probs: Vec<Vec<f32>>,
 }
 
-/// out = W x for row-major W `[out.len(), x.len()]` (GEMM's setup costs more than a matrix-vector
-/// product this small).
-fn matvec(w: &[f32], x: &[f32], out: &mut [f32]) {
-    for (o, row) in out.iter_mut().zip(w.chunks_exact(x.len())) {
-        // Eight partial sums, so that the compiler vectorises the reduction.
-        let mut acc = [0.0f32; 8];
-        let (rc, xc) = (row.chunks_exact(8), x.chunks_exact(8));
-        let tail: f32 = rc.remainder().iter().zip(xc.remainder()).map(|(a, b)| a * b).sum();
-        for (r, xx) in rc.zip(xc) {
-            for i in 0..8 {
-                acc[i] += r[i] * xx[i];
-            }
+/// Whether all rows hold the same bits. Compared in blocks without early exit inside a block,
+/// which vectorises (float `==` element by element costs more than the work it saves on
+/// replicated activations).
+fn all_same(rows: &[&[f32]]) -> bool {
+    let same = |a: &[f32], b: &[f32]| {
+        a.len() == b.len() && a.chunks(256).zip(b.chunks(256)).all(|(x, y)| x.iter().zip(y).fold(true, |ok, (p, q)| ok & (p.to_bits() == q.to_bits())))
+    };
+    rows.iter().all(|r| same(r, rows[0]))
+}
+
+/// Sum of a slice with eight partial sums, so that the compiler vectorises it.
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
         }
-        *o = acc.iter().sum::<f32>() + tail;
     }
+    acc.iter().sum::<f32>() + tail
 }
 
 fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + (-v).exp())
 }
 
+/// tanh through `exp` (glibc's `tanhf` costs several times more and dominated the forward);
+/// absolute error below 1e-7.
+fn tanh(v: f32) -> f32 {
+    2.0 * sigmoid(2.0 * v) - 1.0
+}
+
 impl CaptionLogProbs {
     /// Forward of one row; the log-probabilities of the targets and the trace.
     fn run(&self, img: &[f32]) -> (Vec<f32>, Trace) {
-        let (e, h, v) = (self.e, self.h, self.v);
-        let k = 2 * e + h;
-        let mut tr = Trace { gates: vec![], cells: vec![vec![0.0; h]], hiddens: vec![vec![0.0; h]], probs: vec![] };
-        let mut x = vec![0.0f32; k];
-        let mut pre = vec![0.0f32; 4 * h];
+        let (h, v) = (self.h, self.v);
+        let mut tr = Trace { gates: vec![], cells: vec![vec![0.0; h]], hiddens: vec![vec![0.0; h]], tanh_cells: vec![], probs: vec![] };
+        // The image's part of the gates is the same at every step.
+        let mut img_gates = vec![0.0f32; 4 * h];
+        matvec(&self.w_img, img, &mut img_gates);
+        let mut recurrent = vec![0.0f32; 4 * h];
         let mut logits = vec![0.0f32; v];
         let mut lp = Vec::with_capacity(self.inputs.len());
         for (t, (&input, &target)) in self.inputs.iter().zip(&self.targets).enumerate() {
-            let row = input as usize * e;
-            x[..e].copy_from_slice(&self.embed[row..row + e]);
-            x[e..2 * e].copy_from_slice(img);
-            x[2 * e..].copy_from_slice(&tr.hiddens[t]);
-            matvec(&self.lstm, &x, &mut pre);
-            let gates: Vec<f32> = pre
+            let word = &self.word_gates[input as usize * 4 * h..(input as usize + 1) * 4 * h];
+            matvec(&self.w_hh, &tr.hiddens[t], &mut recurrent);
+            let gates: Vec<f32> = word
                 .iter()
-                .zip(self.lstm_bias.iter())
+                .zip(&img_gates)
+                .zip(&recurrent)
                 .enumerate()
-                .map(|(j, (&z, &b))| if (2 * h..3 * h).contains(&j) { (z + b).tanh() } else { sigmoid(z + b) })
+                .map(|(j, ((&wg, &ig), &rg))| {
+                    let z = wg + ig + rg;
+                    if (2 * h..3 * h).contains(&j) { tanh(z) } else { sigmoid(z) }
+                })
                 .collect();
             let c: Vec<f32> = (0..h).map(|j| gates[h + j] * tr.cells[t][j] + gates[j] * gates[2 * h + j]).collect();
-            let hh: Vec<f32> = (0..h).map(|j| gates[3 * h + j] * c[j].tanh()).collect();
+            let tc: Vec<f32> = c.iter().map(|&v| tanh(v)).collect();
+            let hh: Vec<f32> = (0..h).map(|j| gates[3 * h + j] * tc[j]).collect();
             matvec(&self.out, &hh, &mut logits);
             logits.iter_mut().zip(self.out_bias.iter()).for_each(|(l, b)| *l += b);
             let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -95,6 +114,7 @@ impl CaptionLogProbs {
             tr.probs.push(logits.iter().map(|l| (l - max).exp() / sum).collect());
             tr.gates.push(gates);
             tr.cells.push(c);
+            tr.tanh_cells.push(tc);
             tr.hiddens.push(hh);
         }
         (lp, tr)
@@ -103,14 +123,17 @@ impl CaptionLogProbs {
     /// d(sum_t g[r][t] * log p_t) / d img for every row r of `g`, all rows sharing one forward
     /// trace: backpropagation through time, batched over rows with GEMMs.
     fn backward(&self, tr: &Trace, g: &[Vec<f32>]) -> Vec<f32> {
-        let (e, h, v) = (self.e, self.h, self.v);
-        let (n, k) = (g.len(), 2 * e + h);
-        let mut dimg = vec![0.0f32; n * e];
+        let (e, h) = (self.e, self.h);
+        let n = g.len();
+        // The image enters every step through the same weights: its gradient is the sum over
+        // steps of d/d gates, times those weights once at the end.
+        let mut dpre_sum = vec![0.0f32; n * 4 * h];
         let (mut dh, mut dc) = (vec![0.0f32; n * h], vec![0.0f32; n * h]);
-        let mut dlogits = vec![0.0f32; n * v];
-        let mut dh_out = vec![0.0f32; n * h];
         let mut dpre = vec![0.0f32; n * 4 * h];
-        let mut dx = vec![0.0f32; n * k];
+        let mut dx = vec![0.0f32; n * h];
+        let mut out_grad = vec![0.0f32; h];
+        // Per-step factors of the gate derivatives, shared by all rows.
+        let (mut dc_dh, mut di, mut df, mut dg, mut do_) = (vec![0.0f32; h], vec![0.0f32; h], vec![0.0f32; h], vec![0.0f32; h], vec![0.0f32; h]);
         // Rows whose weights are all zero from step t on need no work before t.
         let last: Vec<usize> = g.iter().map(|row| row.iter().rposition(|&w| w != 0.0).map_or(0, |t| t + 1)).collect();
         for t in (0..self.inputs.len()).rev() {
@@ -119,46 +142,57 @@ impl CaptionLogProbs {
                 continue;
             }
             let m = active.len();
-            // log p = logit[target] - logsumexp: d/dlogits = g (onehot - softmax).
-            for (a, &r) in active.iter().enumerate() {
-                for w in 0..v {
-                    dlogits[a * v + w] = g[r][t] * ((w as u32 == self.targets[t]) as u8 as f32 - tr.probs[t][w]);
-                }
+            // log p = logit[target] - logsumexp: d/dh = W_out^T (onehot - softmax), the same for
+            // every row; row r takes g[r][t] of it.
+            out_grad.fill(0.0);
+            for (w, (&p, row)) in tr.probs[t].iter().zip(self.out.chunks_exact(h)).enumerate() {
+                let err = (w as u32 == self.targets[t]) as u8 as f32 - p;
+                out_grad.iter_mut().zip(row).for_each(|(u, x)| *u += err * x);
             }
-            // dh_out[m, H] = dlogits[m, V] @ W_out[V, H]
-            matmul(&mut dh_out, &dlogits, (v as isize, 1), &self.out, (h as isize, 1), m, h, v);
-            let (gates, c, c_prev) = (&tr.gates[t], &tr.cells[t + 1], &tr.cells[t]);
+            let (gates, tanh_c, c_prev) = (&tr.gates[t], &tr.tanh_cells[t], &tr.cells[t]);
+            for j in 0..h {
+                let (i, f, gg, o) = (gates[j], gates[h + j], gates[2 * h + j], gates[3 * h + j]);
+                let tc = tanh_c[j];
+                dc_dh[j] = o * (1.0 - tc * tc);
+                di[j] = gg * i * (1.0 - i);
+                df[j] = c_prev[j] * f * (1.0 - f);
+                dg[j] = i * (1.0 - gg * gg);
+                do_[j] = tc * o * (1.0 - o);
+            }
+            let forget = &gates[h..2 * h];
             for (a, &r) in active.iter().enumerate() {
+                let weight = g[r][t];
+                let (dh_r, dc_r) = (&dh[r * h..(r + 1) * h], &mut dc[r * h..(r + 1) * h]);
+                let d = &mut dpre[a * 4 * h..(a + 1) * 4 * h];
+                let (d_i, rest) = d.split_at_mut(h);
+                let (d_f, rest) = rest.split_at_mut(h);
+                let (d_g, d_o) = rest.split_at_mut(h);
                 for j in 0..h {
-                    let (i, f, gg, o) = (gates[j], gates[h + j], gates[2 * h + j], gates[3 * h + j]);
-                    let tc = c[j].tanh();
-                    let dhj = dh[r * h + j] + dh_out[a * h + j];
-                    let dcj = dc[r * h + j] + dhj * o * (1.0 - tc * tc);
-                    let d = &mut dpre[a * 4 * h..(a + 1) * 4 * h];
-                    d[j] = dcj * gg * i * (1.0 - i);
-                    d[h + j] = dcj * c_prev[j] * f * (1.0 - f);
-                    d[2 * h + j] = dcj * i * (1.0 - gg * gg);
-                    d[3 * h + j] = dhj * tc * o * (1.0 - o);
-                    dc[r * h + j] = dcj * f;
+                    let dhj = dh_r[j] + weight * out_grad[j];
+                    let dcj = dc_r[j] + dhj * dc_dh[j];
+                    d_i[j] = dcj * di[j];
+                    d_f[j] = dcj * df[j];
+                    d_g[j] = dcj * dg[j];
+                    d_o[j] = dhj * do_[j];
+                    dc_r[j] = dcj * forget[j];
                 }
             }
-            // dx[m, E + H] = dpre[m, 4H] @ W[4H, E..]: the image part accumulates, the hidden part
-            // flows back (the word embeddings' columns are not needed).
-            let kx = e + h;
-            matmul(&mut dx, &dpre, ((4 * h) as isize, 1), &self.lstm[e..], (k as isize, 1), m, kx, 4 * h);
+            // dh[m, H] = dpre[m, 4H] @ W_hh[4H, H] flows back.
+            matmul(&mut dx, &dpre, ((4 * h) as isize, 1), &self.w_hh, (h as isize, 1), m, h, 4 * h);
             for (a, &r) in active.iter().enumerate() {
-                let row = &dx[a * kx..(a + 1) * kx];
-                dimg[r * e..(r + 1) * e].iter_mut().zip(&row[..e]).for_each(|(d, x)| *d += x);
-                dh[r * h..(r + 1) * h].copy_from_slice(&row[e..]);
+                dh[r * h..(r + 1) * h].copy_from_slice(&dx[a * h..(a + 1) * h]);
+                dpre_sum[r * 4 * h..(r + 1) * 4 * h].iter_mut().zip(&dpre[a * 4 * h..(a + 1) * 4 * h]).for_each(|(s, d)| *s += d);
             }
         }
+        let mut dimg = vec![0.0f32; n * e];
+        matmul(&mut dimg, &dpre_sum, ((4 * h) as isize, 1), &self.w_img, (e as isize, 1), n, e, 4 * h);
         dimg
     }
 
     /// Rows of `img`, and whether they are all the same (explanations replicate one image).
     fn rows<'a>(&self, img: &'a [f32]) -> (Vec<&'a [f32]>, bool) {
         let rows: Vec<&[f32]> = img.chunks(self.e).collect();
-        let same = rows.iter().all(|r| *r == rows[0]);
+        let same = all_same(&rows);
         (rows, same)
     }
 }
@@ -225,16 +259,19 @@ fn axis(n: usize) -> Vec<f32> {
 }
 
 impl CaptionHead {
+    fn width(&self, c: usize) -> usize {
+        if self.moments { 4 * c } else { 2 * c }
+    }
+
     /// The pooled vector of one image's activations `[C, h, w]`, and each channel's argmax.
     fn pool(&self, a: &[f32], c: usize, h: usize, w: usize) -> (Vec<f32>, Vec<usize>) {
         let plane = h * w;
         let (xs, ys) = (axis(w), axis(h));
-        let width = if self.moments { 4 * c } else { 2 * c };
-        let mut p = vec![0.0f32; width];
+        let mut p = vec![0.0f32; self.width(c)];
         let mut arg = vec![0usize; c];
         for k in 0..c {
             let src = &a[k * plane..(k + 1) * plane];
-            p[k] = src.iter().sum::<f32>() / plane as f32;
+            p[k] = sum(src) / plane as f32;
             let best = src.iter().enumerate().fold(0, |best, (i, &v)| if v > src[best] { i } else { best });
             p[c + k] = src[best];
             arg[k] = best;
@@ -242,7 +279,7 @@ impl CaptionHead {
                 let (mut mx, mut my) = (0.0f32, 0.0f32);
                 for (row, y) in src.chunks_exact(w).zip(&ys) {
                     mx += row.iter().zip(&xs).map(|(v, x)| v * x).sum::<f32>();
-                    my += row.iter().sum::<f32>() * y;
+                    my += sum(row) * y;
                 }
                 p[2 * c + k] = mx / plane as f32;
                 p[3 * c + k] = my / plane as f32;
@@ -258,6 +295,61 @@ impl CaptionHead {
         e.iter_mut().zip(self.proj_b.iter()).for_each(|(x, b)| *x += b);
         e
     }
+
+    /// The backward of the pooling and projection: `de` (`[n, E]`, d/d embedding of each row) ->
+    /// d/d activations (`[n, C, h, w]`, appended to `out`) given each channel's argmax (the
+    /// same image in every row).
+    fn pool_backward(&self, de: &[f32], args: &[usize], (c, h, w): (usize, usize, usize), out: &mut Vec<f32>) {
+        let (e_dim, p_dim, plane) = (self.scores.e, self.width(c), h * w);
+        let n = de.len() / e_dim;
+        let mut dp = vec![0.0f32; n * p_dim];
+        matmul(&mut dp, de, (e_dim as isize, 1), &self.proj_w, (p_dim as isize, 1), n, p_dim, e_dim);
+        let (xs, ys) = (axis(w), axis(h));
+        out.reserve(n * c * plane);
+        for dp in dp.chunks_exact(p_dim) {
+            for k in 0..c {
+                let base = out.len();
+                let avg = dp[k] / plane as f32;
+                if self.moments {
+                    let (gx, gy) = (dp[2 * c + k] / plane as f32, dp[3 * c + k] / plane as f32);
+                    for y in &ys {
+                        let row = avg + gy * y;
+                        out.extend(xs.iter().map(|x| row + gx * x));
+                    }
+                } else {
+                    out.extend(std::iter::repeat_n(avg, plane));
+                }
+                out[base + args[k]] += dp[c + k];
+            }
+        }
+    }
+
+    /// [`gradcam_core::Explainable::head_gradients`] for one image's activations `[C, h, w]`:
+    /// `sign * log p` of each seed's word and its gradient, one forward and one backward through
+    /// time for all seeds.
+    pub(crate) fn gradients(&self, a: &[f32], dims: (usize, usize, usize), seeds: &[(usize, f32)]) -> gradcam_core::Result<(Vec<f32>, Vec<f32>)> {
+        let (c, h, w) = dims;
+        let words = self.scores.inputs.len();
+        if let Some(&(class, _)) = seeds.iter().find(|(t, _)| *t >= words) {
+            return Err(gradcam_core::Error::ClassOutOfRange { class, num_classes: words });
+        }
+        if self.proj_w.len() != self.width(c) * self.scores.e {
+            return Err(candle_core::Error::Msg(format!("{}: {c} channels do not fit the image projection", self.name())).into());
+        }
+        let (p, args) = self.pool(a, c, h, w);
+        let (lp, trace) = self.scores.run(&self.project(&p));
+        let g: Vec<Vec<f32>> = seeds
+            .iter()
+            .map(|&(t, sign)| {
+                let mut row = vec![0.0f32; words];
+                row[t] = sign;
+                row
+            })
+            .collect();
+        let mut da = Vec::new();
+        self.pool_backward(&self.scores.backward(&trace, &g), &args, dims, &mut da);
+        Ok((seeds.iter().map(|&(t, sign)| sign * lp[t]).collect(), da))
+    }
 }
 
 impl CustomOp1 for CaptionHead {
@@ -270,14 +362,12 @@ impl CustomOp1 for CaptionHead {
         let CpuStorage::F32(data) = storage else { candle_core::bail!("{} supports f32 only", self.name()) };
         let Some((s, e)) = layout.contiguous_offsets() else { candle_core::bail!("{} needs a contiguous input", self.name()) };
         let (n, c, h, w) = layout.shape().dims4()?;
-        let expected = if self.moments { 4 * c } else { 2 * c };
-        if self.proj_w.len() != expected * self.scores.e {
+        if self.proj_w.len() != self.width(c) * self.scores.e {
             candle_core::bail!("{}: {c} channels do not fit the image projection", self.name());
         }
         let rows: Vec<&[f32]> = data[s..e].chunks(c * h * w).collect();
-        let same = rows.iter().all(|r| *r == rows[0]);
         let embed = |row: &[f32]| self.project(&self.pool(row, c, h, w).0);
-        let out: Vec<f32> = if same && n > 0 {
+        let out: Vec<f32> = if n > 0 && all_same(&rows) {
             let img = embed(rows[0]);
             let (lp, trace) = self.scores.run(&img);
             *self.scores.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((img, trace));
@@ -290,53 +380,28 @@ impl CustomOp1 for CaptionHead {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         let (n, c, h, w) = arg.dims4()?;
-        let plane = h * w;
+        let size = c * h * w;
         let a = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let g = grad.contiguous()?.to_vec2::<f32>()?;
-        let rows: Vec<&[f32]> = a.chunks(c * plane).collect();
-        let same = n > 0 && rows.iter().all(|r| *r == rows[0]);
-        // d/d e for every row, then d/d pooled = dE W.
-        let (de, args): (Vec<f32>, Vec<Vec<usize>>) = if same {
-            let (p, arg0) = self.pool(rows[0], c, h, w);
+        let rows: Vec<&[f32]> = a.chunks(size).collect();
+        let mut da = Vec::with_capacity(n * size);
+        if n > 0 && all_same(&rows) {
+            let (p, args) = self.pool(rows[0], c, h, w);
             let img = self.project(&p);
             let cached = self.scores.cache.lock().unwrap_or_else(|e| e.into_inner()).take().filter(|(x, _)| *x == img);
             let trace = match cached {
                 Some((_, trace)) => trace,
                 None => self.scores.run(&img).1,
             };
-            (self.scores.backward(&trace, &g), vec![arg0; n])
+            self.pool_backward(&self.scores.backward(&trace, &g), &args, (c, h, w), &mut da);
         } else {
-            let mut de = Vec::with_capacity(n * self.scores.e);
-            let mut args = Vec::with_capacity(n);
             for (row, g) in rows.iter().zip(&g) {
-                let (p, arg_r) = self.pool(row, c, h, w);
-                de.extend(self.scores.backward(&self.scores.run(&self.project(&p)).1, std::slice::from_ref(g)));
-                args.push(arg_r);
-            }
-            (de, args)
-        };
-        let (e_dim, p_dim) = (self.scores.e, if self.moments { 4 * c } else { 2 * c });
-        let mut dp = vec![0.0f32; n * p_dim];
-        matmul(&mut dp, &de, (e_dim as isize, 1), &self.proj_w, (p_dim as isize, 1), n, p_dim, e_dim);
-        let (xs, ys) = (axis(w), axis(h));
-        let mut da = vec![0.0f32; n * c * plane];
-        for r in 0..n {
-            let dpr = &dp[r * p_dim..(r + 1) * p_dim];
-            for k in 0..c {
-                let dst = &mut da[(r * c + k) * plane..(r * c + k + 1) * plane];
-                let avg = dpr[k] / plane as f32;
-                if self.moments {
-                    let (gx, gy) = (dpr[2 * c + k] / plane as f32, dpr[3 * c + k] / plane as f32);
-                    for (row, y) in dst.chunks_exact_mut(w).zip(&ys) {
-                        let base = avg + gy * y;
-                        row.iter_mut().zip(&xs).for_each(|(d, x)| *d = base + gx * x);
-                    }
-                } else {
-                    dst.fill(avg);
-                }
-                dst[args[r][k]] += dpr[c + k];
+                let (p, args) = self.pool(row, c, h, w);
+                let de = self.scores.backward(&self.scores.run(&self.project(&p)).1, std::slice::from_ref(g));
+                self.pool_backward(&de, &args, (c, h, w), &mut da);
             }
         }
         Ok(Some(Tensor::from_vec(da, arg.shape(), arg.device())?))
     }
 }
+

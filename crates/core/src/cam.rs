@@ -18,6 +18,21 @@ pub trait Explainable {
     /// # Shapes
     /// `activations`: `[n, K, h, w]` -> `[n, ...]`.
     fn head(&self, activations: &Tensor) -> Result<Tensor>;
+
+    /// The gradients of several scores of one image at once, for heads with a hand-written
+    /// backward that takes many seeds in one pass (cheaper than replicating the activations once
+    /// per score and running candle's backward): `seeds` are `(index, sign)` into the flattened
+    /// output row, as [`Target::element`] gives them.
+    ///
+    /// Returns `sign * row[index]` for each seed and their gradients, or `None` (the default) to
+    /// let [`explain`] take the general path. Must equal that path: a test per implementation
+    /// compares them.
+    ///
+    /// # Shapes
+    /// `activations`: `[1, K, h, w]` -> `[n]` and `[n, K, h, w]`.
+    fn head_gradients(&self, _activations: &Tensor, _seeds: &[(usize, f32)]) -> Result<Option<(Vec<f32>, Tensor)>> {
+        Ok(None)
+    }
 }
 
 /// Picks the score y^c to explain from one row of the head's output.
@@ -82,12 +97,50 @@ pub trait CamMethod {
     /// # Shapes
     /// `activations`, `grads`: `[n, K, h, w]`; `alpha`: `[n, K]` -> `[n, h, w]`.
     fn cam(&self, activations: &Tensor, _grads: &Tensor, alpha: &Tensor) -> Result<Tensor> {
-        let (n, k, h, w) = activations.dims4()?;
-        // One GEMV per row ([1, K] @ [K, hw]): a reduction over the channel axis is slow in candle.
-        let a = activations.reshape((n, k, h * w))?;
-        let weighted = alpha.unsqueeze(1)?.contiguous()?.matmul(&a)?; // [n, 1, hw]
-        Ok(weighted.reshape((n, h, w))?.relu()?)
+        weighted_sum(activations, alpha)
     }
+}
+
+/// ReLU(sum_k alpha_k A^k) of every row: on the CPU one pass of `map += alpha_k * A^k` over the
+/// activations (candle's batched GEMV or channel reduction costs several times more at the sizes
+/// explained here); elsewhere one GEMV per row.
+///
+/// # Shapes
+/// `activations`: `[n, K, h, w]`, `alpha`: `[n, K]` -> `[n, h, w]`.
+pub fn weighted_sum(activations: &Tensor, alpha: &Tensor) -> Result<Tensor> {
+    let (n, k, h, w) = activations.dims4()?;
+    let weights = alpha.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+    if weights.len() != n || weights.iter().any(|row| row.len() != k) {
+        return Err(candle_core::Error::Msg(format!("weights {:?} do not fit activations {:?}", alpha.dims(), activations.dims())).into());
+    }
+    let plane = h * w;
+    let mut acts = activations.to_dtype(candle_core::DType::F32)?;
+    // Rows either contiguous or one row broadcast over the batch (explanations of one image).
+    let rows_of = |t: &Tensor| {
+        let layout = t.layout();
+        let stride = layout.stride();
+        (stride[1..] == [plane, w, 1] && (stride[0] == k * plane || stride[0] == 0 || n == 1)).then(|| (layout.start_offset(), stride[0]))
+    };
+    if rows_of(&acts).is_none() {
+        acts = acts.contiguous()?;
+    }
+    let (storage, _) = acts.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((start, row_stride))) = (&*storage, rows_of(&acts)) else {
+        drop(storage);
+        let a = acts.contiguous()?.reshape((n, k, h * w))?;
+        let weighted = alpha.unsqueeze(1)?.contiguous()?.matmul(&a)?; // [n, 1, hw]
+        return Ok(weighted.reshape((n, h, w))?.relu()?);
+    };
+    let data = cpu.as_slice::<f32>()?;
+    let mut out = vec![0.0f32; n * plane];
+    for (r, (map, alpha)) in out.chunks_exact_mut(plane).zip(&weights).enumerate() {
+        let a = &data[start + r * row_stride..start + r * row_stride + k * plane];
+        for (ak, &wk) in a.chunks_exact(plane).zip(alpha) {
+            map.iter_mut().zip(ak).for_each(|(m, v)| *m += wk * v);
+        }
+        map.iter_mut().for_each(|m| *m = m.max(0.0));
+    }
+    Ok(Tensor::from_vec(out, (n, h, w), activations.device())?)
 }
 
 /// Grad-CAM: alpha_k is the spatial mean of dy/dA^k (paper eq. 1).
@@ -141,16 +194,19 @@ pub fn explain<M: Explainable + ?Sized>(
         .iter()
         .map(|r| if r.image < batch { Ok(r.image as u32) } else { Err(Error::ImageOutOfRange { image: r.image, batch }) })
         .collect::<Result<Vec<u32>>>()?;
-    let index = Tensor::new(rows.as_slice(), activations.device())?;
-    let replicated = activations.detach().index_select(&index, 0)?; // [n, K, h, w]
-    let a = Var::from_tensor(&replicated)?;
-    let output = model.head(a.as_tensor())?; // [n, ...]
-
-    let (score_values, total) = target_scores(&output, requests)?;
-    let grads = total.backward()?;
-    let grads = grads.get(a.as_tensor()).ok_or(Error::NoGradient)?.clone();
-
-    let acts = a.as_tensor().detach();
+    let (acts, score_values, grads) = match head_gradients(model, activations, requests)? {
+        // One image: its activations broadcast, not copied, once per request.
+        Some((scores, grads)) => (activations.detach().narrow(0, requests[0].image, 1)?.broadcast_as(grads.shape())?, scores, grads),
+        None => {
+            let index = Tensor::new(rows.as_slice(), activations.device())?;
+            let acts = activations.detach().index_select(&index, 0)?; // [n, K, h, w]
+            let a = Var::from_tensor(&acts)?;
+            let output = model.head(a.as_tensor())?; // [n, ...]
+            let (score_values, total) = target_scores(&output, requests)?;
+            let grads = total.backward()?;
+            (acts, score_values, grads.get(a.as_tensor()).ok_or(Error::NoGradient)?.clone())
+        }
+    };
     let alpha = method.weights(&acts, &grads)?; // [n, K]
     let cams = method.cam(&acts, &grads, &alpha)?; // [n, h, w]
     let (_, h, w) = cams.dims3()?;
@@ -172,6 +228,21 @@ pub fn explain<M: Explainable + ?Sized>(
         });
     }
     Ok(results)
+}
+
+/// [`Explainable::head_gradients`] when every request is one element of the same image's output
+/// and the head implements it.
+fn head_gradients<M: Explainable + ?Sized>(model: &M, activations: &Tensor, requests: &[Request<'_>]) -> Result<Option<(Vec<f32>, Tensor)>> {
+    let image = requests[0].image;
+    if requests.iter().any(|r| r.image != image) {
+        return Ok(None);
+    }
+    let Some(seeds) = requests.iter().map(|r| r.target.element()).collect::<Option<Vec<_>>>() else { return Ok(None) };
+    let Some((scores, grads)) = model.head_gradients(&activations.narrow(0, image, 1)?.detach(), &seeds)? else { return Ok(None) };
+    if let Some(&value) = scores.iter().find(|v| !v.is_finite()) {
+        return Err(Error::NonFiniteScore { value });
+    }
+    Ok(Some((scores, grads)))
 }
 
 /// The requests' scores read from the head's output (one row per request), and their sum, the

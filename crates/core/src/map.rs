@@ -75,13 +75,16 @@ impl Map {
                 .collect()
         };
         let (ys, xs) = (axis(out_h, self.h), axis(out_w, self.w));
+        // Separable: every input row interpolated along x once, then pairs of those rows blended.
+        let rows: Vec<f32> = self
+            .data
+            .chunks_exact(self.w.max(1))
+            .flat_map(|row| xs.iter().map(move |&(x0, x1, fx)| row[x0] * (1.0 - fx) + row[x1] * fx))
+            .collect();
         let mut data = Vec::with_capacity(out_h * out_w);
         for &(y0, y1, fy) in &ys {
-            for &(x0, x1, fx) in &xs {
-                let top = self.data[y0 * self.w + x0] * (1.0 - fx) + self.data[y0 * self.w + x1] * fx;
-                let bottom = self.data[y1 * self.w + x0] * (1.0 - fx) + self.data[y1 * self.w + x1] * fx;
-                data.push(top * (1.0 - fy) + bottom * fy);
-            }
+            let (top, bottom) = (&rows[y0 * out_w..(y0 + 1) * out_w], &rows[y1 * out_w..(y1 + 1) * out_w]);
+            data.extend(top.iter().zip(bottom).map(|(t, b)| t * (1.0 - fy) + b * fy));
         }
         Map::new(out_h, out_w, data)
     }

@@ -600,6 +600,90 @@ fn depthwise_channel_backward(
     }
 }
 
+/// `x . y` over the shorter of the two, with AVX2 + FMA when the CPU has them (detected at run
+/// time; the build targets baseline x86-64).
+pub fn dot(x: &[f32], y: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        return unsafe { dot_avx2(x, y) };
+    }
+    dot_portable(x, y)
+}
+
+/// `out = W x` for row-major `W` `[out.len(), x.len()]`: the small matrix-vector products of
+/// recurrent heads, where a GEMM's setup costs more than the product. AVX2 + FMA as [`dot`].
+pub fn matvec(w: &[f32], x: &[f32], out: &mut [f32]) {
+    assert!(w.len() >= out.len() * x.len(), "matvec: W too small");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: as in `dot`.
+        return unsafe { matvec_avx2(w, x, out) };
+    }
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(x.len().max(1))) {
+        *o = dot_portable(row, x);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Eight partial sums, so that the compiler vectorises the reduction.
+#[inline(always)]
+fn dot_portable(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let tail: f32 = xc.remainder().iter().zip(yc.remainder()).map(|(a, b)| a * b).sum();
+    for (a, b) in xc.zip(yc) {
+        for i in 0..8 {
+            acc[i] += a[i] * b[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn matvec_avx2(w: &[f32], x: &[f32], out: &mut [f32]) {
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(x.len().max(1))) {
+        *o = dot_fma(row, x);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_avx2(x: &[f32], y: &[f32]) -> f32 {
+    dot_fma(x, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn dot_fma(x: &[f32], y: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len().min(y.len());
+    let (px, py) = (x.as_ptr(), y.as_ptr());
+    let mut i = 0;
+    // SAFETY: only inlined into functions compiled with AVX2 + FMA, which run after the CPU was
+    // checked for them; every load reads 8 floats below n of both slices, and `lanes` holds 8.
+    unsafe {
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(i + 8)), _mm256_loadu_ps(py.add(i + 8)), acc1);
+            i += 16;
+        }
+        if i + 8 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)), acc0);
+            i += 8;
+        }
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc0, acc1));
+        lanes.iter().sum::<f32>() + x[i..n].iter().zip(&y[i..n]).map(|(a, b)| a * b).sum::<f32>()
+    }
+}
+
 /// `dst[m, n] = lhs[m, k] @ rhs[k, n]` with (row stride, column stride) for the operands;
 /// `dst` is row-major and overwritten. Panics if `dst` is too small.
 #[allow(clippy::too_many_arguments)]
@@ -608,7 +692,8 @@ pub fn matmul(dst: &mut [f32], lhs: &[f32], lhs_strides: (isize, isize), rhs: &[
     let reach = |(rs, cs): (isize, isize), rows: usize, cols: usize| (rows.saturating_sub(1) as isize * rs + cols.saturating_sub(1) as isize * cs) as usize;
     assert!(m * k == 0 || reach(lhs_strides, m, k) < lhs.len(), "matmul: lhs too small");
     assert!(k * n == 0 || reach(rhs_strides, k, n) < rhs.len(), "matmul: rhs too small");
-    let parallelism = if m * n * k > 64 * 64 * 64 {
+    // Below about 2M multiply-adds, waking the pool costs more than a second thread saves.
+    let parallelism = if m * n * k > 128 * 128 * 128 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
