@@ -87,7 +87,8 @@ fn dissect_then_explain_with_named_neurons() {
     let o = gradcam(&["dissect", "--model", "models/captioner", "--data", "data/shapescenes/val", "--out", table.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let t: Value = serde_json::from_slice(&std::fs::read(&table).unwrap()).unwrap();
-    assert_eq!(t["units"].as_array().unwrap().len(), 96);
+    let cfg: Value = serde_json::from_slice(&std::fs::read(repo("models/captioner/config.json")).unwrap()).unwrap();
+    assert_eq!(t["units"].as_array().unwrap().len() as u64, cfg["channels"].as_u64().unwrap());
     assert!(String::from_utf8_lossy(&o.stdout).contains("units of conv4 named"));
 
     let img = repo("data/shapescenes/test/images/000019.png");
@@ -138,4 +139,95 @@ fn classifier_units_are_named_by_the_classes_their_weights_raise() {
     }
     let label = j["predictions"][0]["label"].as_str().unwrap();
     assert!(e["text"].as_str().unwrap().starts_with(&format!("\"{label}\" is supported by unit")), "{}", e["text"]);
+}
+
+/// The shipped captioner with two silent units put back into `conv4` (zero weights, bias -1, any
+/// projection columns) at `at`: `gradcam prune` must remove them and slice every tensor indexed
+/// by the layer's units consistently.
+#[test]
+fn prune_removes_exactly_the_silent_units() {
+    use candle_core::{Device, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let (padded, pruned) = (dir.path().join("padded"), dir.path().join("pruned"));
+    std::fs::create_dir(&padded).unwrap();
+    let shipped = candle_core::safetensors::load(repo("models/captioner/model.safetensors"), &Device::Cpu).unwrap();
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(repo("models/captioner/config.json")).unwrap()).unwrap();
+    let c = cfg["channels"].as_u64().unwrap() as usize;
+    let at = [0usize, 40];
+    // Inserts a slice of `extra` before positions `at` (in the original numbering) along `dim`,
+    // within each of `blocks` blocks of `c`.
+    let insert = |t: &Tensor, dim: usize, blocks: usize, extra: &Tensor| -> Tensor {
+        let mut parts = Vec::new();
+        for b in 0..blocks {
+            let mut from = 0;
+            for &u in &at {
+                parts.push(t.narrow(dim, b * c + from, u - from).unwrap());
+                parts.push(extra.clone());
+                from = u;
+            }
+            parts.push(t.narrow(dim, b * c + from, c - from).unwrap());
+        }
+        Tensor::cat(&parts.iter().filter(|p| p.dim(dim).unwrap() > 0).collect::<Vec<_>>(), dim).unwrap()
+    };
+    let mut tensors = shipped.clone();
+    let w = &shipped["encoder.conv4.weight"];
+    tensors.insert("encoder.conv4.weight".into(), insert(w, 0, 1, &Tensor::zeros((1, w.dim(1).unwrap(), 3, 3), w.dtype(), &Device::Cpu).unwrap()));
+    tensors.insert("encoder.conv4.bias".into(), insert(&shipped["encoder.conv4.bias"], 0, 1, &Tensor::new(&[-1f32], &Device::Cpu).unwrap()));
+    let p = &shipped["image_proj.weight"];
+    let blocks = p.dim(1).unwrap() / c;
+    tensors.insert("image_proj.weight".into(), insert(p, 1, blocks, &Tensor::ones((p.dim(0).unwrap(), 1), p.dtype(), &Device::Cpu).unwrap()));
+    let wd = &shipped["words.weight"];
+    tensors.insert("words.weight".into(), insert(wd, 1, 1, &Tensor::ones((wd.dim(0).unwrap(), 1), wd.dtype(), &Device::Cpu).unwrap()));
+    candle_core::safetensors::save(&tensors, padded.join("model.safetensors")).unwrap();
+    cfg["channels"] = (c + at.len()).into();
+    std::fs::write(padded.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(repo("models/captioner/tokenizer.json"), padded.join("tokenizer.json")).unwrap();
+
+    let o = gradcam(&["prune", "--model", padded.to_str().unwrap(), "--data", "data/shapescenes", "--out", pruned.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The 20 sample scenes leave a few rare units of the shipped model silent too; the two put
+    // back must be among the removed, and the rest of every tensor must be the padded model's.
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let list = &stdout[stdout.find('[').unwrap() + 1..stdout.find(']').unwrap()];
+    let removed: Vec<usize> = list.split(", ").map(|u| u.parse().unwrap()).collect();
+    assert!(removed.contains(&0) && removed.contains(&41), "{stdout}");
+    let keep: Vec<u32> = (0..(c + 2) as u32).filter(|u| !removed.contains(&(*u as usize))).collect();
+    let idx = |blocks: usize| {
+        let v: Vec<u32> = (0..blocks as u32).flat_map(|b| keep.iter().map(move |&u| b * (c + 2) as u32 + u)).collect();
+        Tensor::new(v.as_slice(), &Device::Cpu).unwrap()
+    };
+    let back = candle_core::safetensors::load(pruned.join("model.safetensors"), &Device::Cpu).unwrap();
+    for (name, t) in &tensors {
+        let expected = match name.as_str() {
+            "encoder.conv4.weight" | "encoder.conv4.bias" => t.index_select(&idx(1), 0).unwrap(),
+            "image_proj.weight" => t.index_select(&idx(blocks), 1).unwrap(),
+            "words.weight" => t.index_select(&idx(1), 1).unwrap(),
+            _ => t.clone(),
+        };
+        let diff = (expected - &back[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "{name}");
+    }
+    let cfg: Value = serde_json::from_slice(&std::fs::read(pruned.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["channels"].as_u64(), Some(keep.len() as u64));
+    // The same captions from the padded and the pruned model.
+    let img = repo("data/shapescenes/test/images/000019.png");
+    let caption = |m: &std::path::Path| {
+        let o = gradcam(&["caption", img.to_str().unwrap(), "--model", m.to_str().unwrap(), "--json", "--out", dir.path().join("maps").to_str().unwrap()]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()["caption"].clone()
+    };
+    assert_eq!(caption(&padded), caption(&pruned));
+
+    // Nothing left to prune; the model's own folder as --out; a folder without images.
+    let o = gradcam(&["prune", "--model", pruned.to_str().unwrap(), "--data", "data/shapescenes", "--out", dir.path().join("again").to_str().unwrap()]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("nothing to prune"));
+    assert!(!dir.path().join("again").exists());
+    let o = gradcam(&["prune", "--model", pruned.to_str().unwrap(), "--data", "data/shapescenes", "--out", pruned.to_str().unwrap()]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--out must be a new folder"));
+    let o = gradcam(&["prune", "--model", padded.to_str().unwrap(), "--data", "data/shapescenes", "--out", pruned.to_str().unwrap()]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("is not empty"), "{}", String::from_utf8_lossy(&o.stderr));
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = gradcam(&["prune", "--model", pruned.to_str().unwrap(), "--data", empty.to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap()]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no images found"), "{}", String::from_utf8_lossy(&o.stderr));
 }

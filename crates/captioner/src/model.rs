@@ -37,6 +37,9 @@ pub struct Config {
     /// The pooled image vector carries each channel's spatial moments.
     #[serde(default)]
     pub pool_moments: bool,
+    /// Units of the explained layer `conv4`.
+    #[serde(default = "scene_cnn::default_channels")]
+    pub channels: usize,
 }
 
 fn yes() -> bool {
@@ -45,7 +48,7 @@ fn yes() -> bool {
 
 impl Config {
     pub fn new(vocab_size: usize) -> Self {
-        Config { encoder: "scene-cnn".into(), image_size: 64, embed: 64, hidden: 256, vocab_size, max_len: 20, coord_conv: false, pool_moments: true }
+        Config { encoder: "scene-cnn".into(), image_size: 64, embed: 64, hidden: 256, vocab_size, max_len: 20, coord_conv: false, pool_moments: true, channels: scene_cnn::CHANNELS }
     }
 
     pub fn pooling(&self) -> Pooling {
@@ -84,9 +87,9 @@ impl Trainable {
         let lstm = vb.pp("lstm");
         Ok(Self {
             cfg: cfg.clone(),
-            words: if word_outputs > 0 { Some(candle_nn::linear(scene_cnn::CHANNELS, word_outputs, vb.pp("words"))?) } else { None },
-            cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv)?,
-            image_proj: candle_nn::linear(cfg.pooling().width(scene_cnn::CHANNELS), e, vb.pp("image_proj"))?,
+            words: if word_outputs > 0 { Some(candle_nn::linear(cfg.channels, word_outputs, vb.pp("words"))?) } else { None },
+            cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv, cfg.channels)?,
+            image_proj: candle_nn::linear(cfg.pooling().width(cfg.channels), e, vb.pp("image_proj"))?,
             embed: candle_nn::embedding(v, e, vb.pp("embed"))?,
             weight_ih: candle_nn::Linear::new(lstm.get((4 * h, 2 * e), "weight_ih")?, Some(lstm.get(4 * h, "bias_ih")?)),
             weight_hh: candle_nn::Linear::new(lstm.get((4 * h, h), "weight_hh")?, Some(lstm.get(4 * h, "bias_hh")?)),
@@ -203,13 +206,13 @@ impl Captioner {
             targets: vec![],
             cache: Default::default(),
         };
-        let pw = cfg.pooling().width(scene_cnn::CHANNELS);
+        let pw = cfg.pooling().width(cfg.channels);
         Ok(Self {
             scores,
             proj_w: flat(proj.get((e, pw), "weight")?)?,
             proj_b: flat(proj.get(e, "bias")?)?,
-            cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv)?,
-            image_proj: Linear::new(&proj.get((e, cfg.pooling().width(scene_cnn::CHANNELS)), "weight")?, Some(&proj.get(e, "bias")?), Activation::Identity)?,
+            cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv, cfg.channels)?,
+            image_proj: Linear::new(&proj.get((e, pw), "weight")?, Some(&proj.get(e, "bias")?), Activation::Identity)?,
             embed: vb.pp("embed").get((v, e), "weight")?,
             lstm: LstmCell::new(&lstm.get((4 * h, 2 * e), "weight_ih")?, &lstm.get((4 * h, h), "weight_hh")?, &lstm.get(4 * h, "bias_ih")?, &lstm.get(4 * h, "bias_hh")?)?,
             out: Linear::new(&out.get((v, h), "weight")?, Some(&out.get(v, "bias")?), Activation::Identity)?,

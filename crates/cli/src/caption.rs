@@ -458,8 +458,9 @@ fn model_card(
     let side = cfg.image_size / 4;
     s.push_str("# Show-and-Tell captioner for ShapeScenes\n\n");
     s.push_str(&format!(
-        "A scene CNN (4 convolutions{}, explained layer `conv4`: 96 x {side} x {side} at {} px) whose ",
+        "A scene CNN (4 convolutions{}, explained layer `conv4`: {} x {side} x {side} at {} px) whose ",
         if cfg.coord_conv { ", CoordConv before `conv4`" } else { "" },
+        cfg.channels,
         cfg.image_size
     ));
     s.push_str(&format!(

@@ -6,6 +6,7 @@ mod classify;
 mod dissect;
 mod eval;
 mod progress;
+mod prune;
 mod scenes;
 mod vqa;
 
@@ -52,6 +53,8 @@ enum Command {
     },
     /// Name the units of a model's explained layer by network dissection against concept masks.
     Dissect(dissect::DissectArgs),
+    /// Remove the units of a scene-CNN model's explained layer that never fire on a dataset.
+    Prune(prune::PruneArgs),
     /// Measure the maps: localization, pointing game, faithfulness, deletion / insertion, energy.
     Eval(eval::EvalArgs),
     /// Generate ShapeScenes, a synthetic dataset with masks, captions and questions.
@@ -119,6 +122,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Bench { what } => bench::run(what),
         Command::Scenes(args) => scenes::run(args),
         Command::Dissect(args) => dissect::run(args),
+        Command::Prune(args) => prune::run(args),
         Command::Eval(args) => eval::run_eval(args),
         Command::Caption(args) => caption::run(args),
         Command::Train { what: TrainCommand::Captioner(args) } => caption::train_captioner(args),

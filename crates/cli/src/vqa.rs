@@ -366,9 +366,10 @@ pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
     let side = cfg.image_size / 4;
     let mut s = String::from("# VQA fusion model for ShapeScenes\n\n");
     s.push_str(&format!(
-        "Question words through embeddings ({}) and an LSTM ({}); the image through the scene CNN (explained layer `conv4`, 96 x {side} x {side} at {} px{}), {}; both projected to {} with tanh, fused by element-wise product, then an MLP ({}, ReLU) over the answers. ",
+        "Question words through embeddings ({}) and an LSTM ({}); the image through the scene CNN (explained layer `conv4`, {} x {side} x {side} at {} px{}), {}; both projected to {} with tanh, fused by element-wise product, then an MLP ({}, ReLU) over the answers. ",
         cfg.embed,
         cfg.hidden,
+        cfg.channels,
         cfg.image_size,
         if cfg.coord_conv { ", CoordConv before `conv4`" } else { "" },
         if cfg.pool_moments { "average-, max- and spatial-moment-pooled" } else { "average- and max-pooled" },
@@ -413,7 +414,7 @@ pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
             let cf = if c.questions > 0 { format!("{:.3} ({})", c.less_mass as f64 / c.questions as f64, c.questions) } else { "-".into() };
             s.push_str(&format!("| {k} | {:.3} ({}) | {:.3} | {cf} |\n", p.accuracy(), p.count, p.centre_accuracy()));
         }
-        s.push_str("\nReproduce with `gradcam vqa --model DIR --eval DATA/test`.\n");
+        s.push_str(&format!("\nReproduce with `gradcam vqa --model DIR --eval DATA/test --limit {}`.\n", m.overall.questions));
         eprintln!("test: VQA accuracy {:.3}, pointing {:.3} (centre {:.3})", m.overall.accuracy, m.pointing.accuracy(), m.pointing.centre_accuracy());
     }
     gradcam_scenes::write_atomic(&args.out.join("README.md"), s.as_bytes())?;

@@ -20,11 +20,16 @@ use crate::Result;
 /// The explained layer's name.
 pub const LAYER: &str = "conv4";
 
-/// (out channels, stride) of conv1..conv4.
-const CONVS: [(usize, usize); 4] = [(16, 1), (32, 2), (64, 2), (96, 1)];
+/// (out channels, stride) of conv1..conv4 (conv4's width is the model's `channels`).
+const CONVS: [(usize, usize); 4] = [(16, 1), (32, 2), (64, 2), (CHANNELS, 1)];
 
-/// Channels of the explained layer.
+/// Channels of the explained layer of a newly trained model (`gradcam prune` removes the units
+/// that never fire; `channels` in `config.json` gives the width of a model's layer).
 pub const CHANNELS: usize = 96;
+
+pub fn default_channels() -> usize {
+    CHANNELS
+}
 
 pub struct SceneCnn {
     convs: Vec<(Tensor, Tensor, usize)>,
@@ -33,11 +38,13 @@ pub struct SceneCnn {
 
 impl SceneCnn {
     /// Parameters `conv1.weight`, `conv1.bias`, ... under `vb` (He-uniform initialised when the
-    /// `VarBuilder` creates them); with `coord_conv`, `conv4` takes two coordinate channels more.
-    pub fn new(vb: VarBuilder, coord_conv: bool) -> Result<Self> {
+    /// `VarBuilder` creates them); with `coord_conv`, `conv4` takes two coordinate channels more;
+    /// `conv4` has `channels` units.
+    pub fn new(vb: VarBuilder, coord_conv: bool, channels: usize) -> Result<Self> {
         let mut convs = Vec::new();
         let mut cin = 3;
         for (i, &(cout, stride)) in CONVS.iter().enumerate() {
+            let cout = if i == 3 { channels } else { cout };
             let cin_here = if i == 3 && coord_conv { cin + 2 } else { cin };
             let fan_in = (cin_here * 9) as f64;
             let bound = (6.0 / fan_in).sqrt();
@@ -53,7 +60,7 @@ impl SceneCnn {
     /// Activations of `conv4`.
     ///
     /// # Shapes
-    /// `[batch, 3, s, s]` -> `[batch, 96, s / 4, s / 4]`.
+    /// `[batch, 3, s, s]` -> `[batch, channels, s / 4, s / 4]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, (w, b, stride)) in self.convs.iter().enumerate() {
@@ -194,6 +201,7 @@ pub fn model_weights(dir: &std::path::Path) -> Result<VarBuilder<'static>> {
 pub struct EncoderSpec {
     pub image_size: u32,
     pub coord_conv: bool,
+    pub channels: usize,
 }
 
 impl EncoderSpec {
@@ -207,7 +215,8 @@ impl EncoderSpec {
         }
         let size = cfg.get("image_size").and_then(|v| v.as_u64()).filter(|&s| (8..=4096).contains(&s));
         let image_size = size.ok_or_else(|| crate::Error::Checkpoint(format!("{}: no valid image_size", path.display())))? as u32;
-        Ok(Self { image_size, coord_conv: cfg.get("coord_conv").and_then(|v| v.as_bool()).unwrap_or(true) })
+        let channels = cfg.get("channels").map_or(Some(CHANNELS as u64), |v| v.as_u64().filter(|&c| c > 0)).ok_or_else(|| crate::Error::Checkpoint(format!("{}: channels must be a positive integer", path.display())))?;
+        Ok(Self { image_size, coord_conv: cfg.get("coord_conv").and_then(|v| v.as_bool()).unwrap_or(true), channels: channels as usize })
     }
 }
 
@@ -216,6 +225,50 @@ impl EncoderSpec {
 pub fn load_encoder(dir: &std::path::Path) -> Result<(SceneCnn, u32)> {
     let spec = EncoderSpec::read(dir)?;
     let vb = model_weights(dir)?;
-    let cnn = SceneCnn::new(vb.pp("encoder"), spec.coord_conv).map_err(|e| crate::Error::Checkpoint(format!("{}: {e}", dir.join("model.safetensors").display())))?;
+    let cnn = SceneCnn::new(vb.pp("encoder"), spec.coord_conv, spec.channels).map_err(|e| crate::Error::Checkpoint(format!("{}: {e}", dir.join("model.safetensors").display())))?;
     Ok((cnn, spec.image_size))
+}
+
+/// The units of a model's `conv4` removed: `keep` (ascending unit numbers) sliced out of every
+/// tensor indexed by them (`encoder.conv4.*`, the image projection's columns in each pooled block,
+/// the captioner's training-only word head); the other tensors as they are.
+pub fn prune_tensors(tensors: &std::collections::HashMap<String, Tensor>, keep: &[u32], channels: usize, pooling: Pooling) -> Result<std::collections::HashMap<String, Tensor>> {
+    for name in ["encoder.conv4.weight", "encoder.conv4.bias", "image_proj.weight", "image_proj.bias"] {
+        match tensors.get(name) {
+            None => return Err(crate::Error::Checkpoint(format!("no tensor {name}"))),
+            Some(t) if name == "encoder.conv4.bias" && t.dims() != [channels] => {
+                return Err(crate::Error::Checkpoint(format!("{name} has shape {:?}, config.json says {channels} channels", t.dims())))
+            }
+            _ => {}
+        }
+    }
+    if keep.iter().any(|&u| u as usize >= channels) {
+        return Err(crate::Error::Checkpoint(format!("unit numbers beyond the layer's {channels}")));
+    }
+    let device = Device::Cpu;
+    let idx = Tensor::new(keep, &device)?;
+    let blocks = pooling.width(channels) / channels;
+    let proj: Vec<u32> = (0..blocks as u32).flat_map(|b| keep.iter().map(move |&u| b * channels as u32 + u)).collect();
+    let proj = Tensor::new(proj.as_slice(), &device)?;
+    tensors
+        .iter()
+        .map(|(name, t)| {
+            let sliced = match name.as_str() {
+                "encoder.conv4.weight" | "encoder.conv4.bias" => t.index_select(&idx, 0)?,
+                "image_proj.weight" => t.index_select(&proj, 1)?,
+                "words.weight" => t.index_select(&idx, 1)?,
+                _ => t.clone(),
+            };
+            Ok((name.clone(), sliced))
+        })
+        .collect()
+}
+
+/// The image vector the rest of a captioner or VQA model sees: the image projection of the pooled
+/// activations.
+///
+/// # Shapes
+/// `a`: `[n, C, h, w]`, `weight`: `[E, width(C)]`, `bias`: `[E]` -> `[n, E]`.
+pub fn image_vector(a: &Tensor, pooling: Pooling, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    Ok(pooling.forward(a)?.matmul(&weight.t()?)?.broadcast_add(bias)?)
 }

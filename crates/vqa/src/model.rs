@@ -38,6 +38,9 @@ pub struct Config {
     /// The pooled image vector carries each channel's spatial moments.
     #[serde(default)]
     pub pool_moments: bool,
+    /// Units of the explained layer `conv4`.
+    #[serde(default = "scene_cnn::default_channels")]
+    pub channels: usize,
 }
 
 fn yes() -> bool {
@@ -58,6 +61,7 @@ impl Config {
             max_question_len: 30,
             coord_conv: false,
             pool_moments: true,
+            channels: scene_cnn::CHANNELS,
         }
     }
 
@@ -87,11 +91,11 @@ impl Trainable {
         let lstm = vb.pp("lstm");
         Ok(Self {
             cfg: cfg.clone(),
-            cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv)?,
+            cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv, cfg.channels)?,
             embed: candle_nn::embedding(cfg.vocab_size, e, vb.pp("embed"))?,
             weight_ih: candle_nn::Linear::new(lstm.get((4 * h, e), "weight_ih")?, Some(lstm.get(4 * h, "bias_ih")?)),
             weight_hh: candle_nn::Linear::new(lstm.get((4 * h, h), "weight_hh")?, Some(lstm.get(4 * h, "bias_hh")?)),
-            image_proj: candle_nn::linear(cfg.pooling().width(scene_cnn::CHANNELS), j, vb.pp("image_proj"))?,
+            image_proj: candle_nn::linear(cfg.pooling().width(cfg.channels), j, vb.pp("image_proj"))?,
             question_proj: candle_nn::linear(h, j, vb.pp("question_proj"))?,
             fc1: candle_nn::linear(j, m, vb.pp("classifier.0"))?,
             fc2: candle_nn::linear(m, cfg.answers.len(), vb.pp("classifier.2"))?,
@@ -182,10 +186,10 @@ impl Vqa {
             Ok(Linear::new(&p.get((out, inp), "weight")?, Some(&p.get(out, "bias")?), act)?)
         };
         Ok(Self {
-            cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv)?,
+            cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv, cfg.channels)?,
             embed: vb.pp("embed").get((cfg.vocab_size, e), "weight")?,
             lstm: LstmCell::new(&lstm.get((4 * h, e), "weight_ih")?, &lstm.get((4 * h, h), "weight_hh")?, &lstm.get(4 * h, "bias_ih")?, &lstm.get(4 * h, "bias_hh")?)?,
-            image_proj: linear("image_proj", j, cfg.pooling().width(scene_cnn::CHANNELS), Activation::Identity)?,
+            image_proj: linear("image_proj", j, cfg.pooling().width(cfg.channels), Activation::Identity)?,
             question_proj: linear("question_proj", j, h, Activation::Identity)?,
             fc1: linear("classifier.0", m, j, Activation::Relu)?,
             fc2: linear("classifier.2", a, m, Activation::Identity)?,

@@ -40,13 +40,14 @@ impl Default for TrainConfig {
 }
 
 /// Makes `cfg`'s encoder the one of the trained model folder `dir` (checking the input size and
-/// taking its coordinate channels).
+/// taking its coordinate channels and width).
 fn match_encoder(cfg: &mut Config, dir: &Path) -> Result<()> {
     let spec = gradcam_encoders::scene_cnn::EncoderSpec::read(dir).map_err(|e| Error::Training(e.to_string()))?;
     if spec.image_size != cfg.image_size {
         return Err(Error::Training(format!("{}: image_size {} differs from this model's {}", dir.join("config.json").display(), spec.image_size, cfg.image_size)));
     }
     cfg.coord_conv = spec.coord_conv;
+    cfg.channels = spec.channels;
     Ok(())
 }
 
