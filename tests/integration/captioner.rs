@@ -113,8 +113,9 @@ fn many_seed_backward_matches_the_general_path() {
     let mut requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t }).collect();
     requests.push(Request { image: 0, target: &counterfactual });
     assert!(split.head_gradients(&a, &[(0, 1.0)]).unwrap().is_some(), "the captioner has its own backward");
-    // HiResCAM uses the gradient at every position, Grad-CAM its spatial mean.
-    for method in [&GradCam as &dyn gradcam_core::CamMethod, &gradcam_core::HiResCam] {
+    // Every gradient-based method: some use the gradient at every position, Grad-CAM its mean.
+    use gradcam_core::{CamMethod, EigenCam, GradCamPlusPlus, HiResCam, LayerCam, XGradCam};
+    for method in [&GradCam as &dyn CamMethod, &GradCamPlusPlus, &XGradCam, &HiResCam, &LayerCam, &EigenCam] {
         let fast = explain(&split, &a, &requests, method).unwrap();
         let general = explain(&GeneralPath(&split), &a, &requests, method).unwrap();
         for (f, g) in fast.iter().zip(&general) {
@@ -192,4 +193,16 @@ fn caption_command_explains_every_word() {
     assert!(err.contains("unknown words \"elephant\"") && err.contains("circle"), "{err}");
     let o = gradcam(&["caption", img.to_str().unwrap(), "--caption", "  ", "--out", out.path().to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("empty"));
+}
+
+/// The benchmark runs (its figures are measured, never asserted): one JSON line per image.
+#[test]
+fn caption_benchmark_reports_every_image() {
+    let o = gradcam(&["bench", "caption", "--iters", "1", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Vec<Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        assert!(r["words"].as_u64().unwrap() > 0 && r["ratio"].as_f64().unwrap() > 0.0, "{r}");
+    }
 }
