@@ -129,10 +129,18 @@ fn a_vqa_model_can_start_from_a_trained_encoder_and_keep_it_fixed() {
     assert_eq!(compared, 8, "4 convolutions, weight and bias each");
     // Not frozen: the encoder moves.
     let out2 = tempfile::tempdir().unwrap();
-    train(data.path(), out2.path(), &TrainConfig { freeze_encoder: false, ..tc }, false, &mut |_| {}).unwrap();
+    train(data.path(), out2.path(), &TrainConfig { freeze_encoder: false, ..tc.clone() }, false, &mut |_| {}).unwrap();
     let moved = load(out2.path());
     let diff = (&moved["encoder.conv1.weight"] - &theirs["encoder.conv1.weight"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(diff > 0.0);
+    // Its own learning rate: a tiny one moves it much less than the rest's.
+    let out3 = tempfile::tempdir().unwrap();
+    train(data.path(), out3.path(), &TrainConfig { freeze_encoder: false, encoder_lr: Some(1e-7), ..tc.clone() }, false, &mut |_| {}).unwrap();
+    let slow = load(out3.path());
+    let slow_diff = (&slow["encoder.conv1.weight"] - &theirs["encoder.conv1.weight"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(slow_diff > 0.0 && slow_diff < diff / 100.0, "{slow_diff} vs {diff}");
+    let err = train(data.path(), out3.path(), &TrainConfig { encoder_lr: Some(1e-4), ..tc.clone() }, false, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("frozen encoder"), "{err}");
     // Freezing without a trained encoder is an error.
     let err = train(data.path(), out2.path(), &TrainConfig { encoder_from: None, freeze_encoder: true, ..Default::default() }, false, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("encoder"), "{err}");
@@ -169,4 +177,28 @@ fn vqa_command_answers_explains_and_scores_a_file() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("VQA accuracy overall"));
     assert!(String::from_utf8_lossy(&o.stdout).lines().count() >= 5);
+}
+
+/// The counterfactual check's mass: the share of a map on a mask, 0 for an empty map; and the
+/// evaluation counts the empty counterfactual maps it let pass.
+#[test]
+fn counterfactual_check_counts_empty_maps() {
+    use gradcam_core::Map;
+    use gradcam_vqa::eval::mass_on;
+    let mut mask = gradcam_scenes::rle::Mask::new(4, 4);
+    for i in [0, 1, 4, 5] {
+        mask.data[i] = true;
+    }
+    let on = Map::new(4, 4, (0..16).map(|i| [0, 1, 4, 5].contains(&i) as u8 as f32).collect());
+    assert!((mass_on(&on, &mask) - 1.0).abs() < 1e-6);
+    let half = Map::new(4, 4, (0..16).map(|i| if [0, 1, 4, 5, 10, 11, 14, 15].contains(&i) { 1.0 } else { 0.0 }).collect());
+    assert!((mass_on(&half, &mask) - 0.5).abs() < 1e-6);
+    assert_eq!(mass_on(&Map::new(4, 4, vec![0.0; 16]), &mask), 0.0);
+
+    let o = gradcam(&["vqa", "--model", "models/vqa", "--eval", "data/shapescenes/train", "--limit", "200"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let c = &m["counterfactual"];
+    let (n, less, empty, nonempty) = (c["questions"].as_u64().unwrap(), c["less_mass"].as_u64().unwrap(), c["empty"].as_u64().unwrap(), c["less_mass_nonempty"].as_u64().unwrap());
+    assert!(n > 0 && empty > 0 && nonempty <= less && less - nonempty <= empty && empty <= n, "{c}");
 }

@@ -308,6 +308,9 @@ pub struct TrainVqaArgs {
     /// Keep that encoder fixed while training the rest.
     #[arg(long, requires = "encoder_from")]
     freeze_encoder: bool,
+    /// The encoder's own learning rate (default: --lr), for fine-tuning it more gently.
+    #[arg(long, conflicts_with = "freeze_encoder")]
+    encoder_lr: Option<f64>,
     #[arg(long)]
     resume: bool,
 }
@@ -320,6 +323,7 @@ pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         encoder_from: args.encoder_from.clone(),
         freeze_encoder: args.freeze_encoder,
+        encoder_lr: args.encoder_lr,
         ..Default::default()
     };
     let start = std::time::Instant::now();
@@ -362,6 +366,9 @@ pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
     if args.freeze_encoder {
         command.push_str(" --freeze-encoder");
     }
+    if let Some(lr) = args.encoder_lr {
+        command.push_str(&format!(" --encoder-lr {lr}"));
+    }
     let cfg: gradcam_vqa::Config = serde_json::from_str(&std::fs::read_to_string(args.out.join("config.json"))?)?;
     let side = cfg.image_size / 4;
     let mut s = String::from("# VQA fusion model for ShapeScenes\n\n");
@@ -380,7 +387,11 @@ pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
         s.push_str(&format!(
             "The encoder starts from the trained model in `{}`{}. ",
             dir.display(),
-            if ckpt.train.freeze_encoder { " and stays fixed" } else { " and is fine-tuned" }
+            match (ckpt.train.freeze_encoder, ckpt.train.encoder_lr) {
+                (true, _) => " and stays fixed".to_string(),
+                (false, Some(lr)) => format!(" and is fine-tuned with learning rate {lr}"),
+                (false, None) => " and is fine-tuned".to_string(),
+            }
         ));
     }
     s.push_str("An answer is explained by backpropagating its pre-softmax score into `conv4` (Grad-CAM paper, section 8.2); its negation gives the counterfactual map.\n\n");
@@ -404,9 +415,11 @@ pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
             m.pointing.count, m.tolerance_px, m.pointing.accuracy(), m.pointing.centre_accuracy()
         ));
         s.push_str(&format!(
-            "Counterfactual check on the {} questions about one object in scenes of two or more: the counterfactual map of the correct answer puts less of its mass on the object than the answer's own map in **{:.3}** of them.\n\n",
+            "Counterfactual check on the {} questions about one object in scenes of two or more: the counterfactual map of the correct answer puts less of its mass on the object than the answer's own map in **{:.3}** of them. {} of those counterfactual maps are empty (nothing argues against the answer; an empty map has no mass anywhere and counts as less); over the others alone: {:.3}.\n\n",
             m.counterfactual.questions,
-            m.counterfactual.less_mass as f64 / m.counterfactual.questions.max(1) as f64
+            m.counterfactual.less_mass as f64 / m.counterfactual.questions.max(1) as f64,
+            m.counterfactual.empty,
+            m.counterfactual.less_mass_nonempty as f64 / (m.counterfactual.questions - m.counterfactual.empty).max(1) as f64
         ));
         s.push_str("| question type | pointing (questions) | centre baseline | counterfactual less mass (questions) |\n|---|---|---|---|\n");
         for (k, p) in &m.pointing_per_type {

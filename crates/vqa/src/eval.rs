@@ -25,8 +25,16 @@ pub struct Accuracy {
 pub struct CounterfactualCheck {
     /// Questions about one object in scenes of two or more.
     pub questions: usize,
-    /// Of those, how often the counterfactual map's mass on the object is below the answer map's.
+    /// Of those, how often the counterfactual map's mass on the object is below the answer map's
+    /// (an empty counterfactual map has no mass anywhere and counts here).
     pub less_mass: usize,
+    /// Of those, how often the counterfactual map is zero everywhere (nothing argues against the
+    /// answer): the comparison then says nothing about where the map looks.
+    #[serde(default)]
+    pub empty: usize,
+    /// Of `less_mass`, those whose counterfactual map is not empty.
+    #[serde(default)]
+    pub less_mass_nonempty: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -102,9 +110,12 @@ pub fn evaluate(model: &Vqa, split: &Split, limit: usize, mut progress: impl FnM
                 let targets: [&dyn Target; 2] = [&t, &c];
                 let maps = explain(&split_q, &a, &targets.map(|target| Request { image: 0, target }), &GradCam)?;
                 let less = (mass_on(&maps[1].cam, mask) < mass_on(&maps[0].cam, mask)) as usize;
+                let empty = !maps[1].cam.normalized().1 as usize;
                 for c in [&mut cf, cf_per_type.entry(qtype.clone()).or_default()] {
                     c.questions += 1;
                     c.less_mass += less;
+                    c.empty += empty;
+                    c.less_mass_nonempty += less * (1 - empty);
                 }
             }
             progress(done);

@@ -31,11 +31,15 @@ pub struct TrainConfig {
     /// Keep the encoder's weights fixed (only with `encoder_from`).
     #[serde(default)]
     pub freeze_encoder: bool,
+    /// The encoder's own learning rate (same cosine decay), when it should move more slowly than
+    /// the rest; `None`: `lr`.
+    #[serde(default)]
+    pub encoder_lr: Option<f64>,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { epochs: 10, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0, encoder_from: None, freeze_encoder: false }
+        TrainConfig { epochs: 10, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0, encoder_from: None, freeze_encoder: false, encoder_lr: None }
     }
 }
 
@@ -197,6 +201,9 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         (cfg, vocab, Checkpoint { train: tc.clone(), data: data.to_path_buf(), epochs_done: 0, log: Vec::new() })
     };
     ckpt.train.epochs = tc.epochs;
+    if ckpt.train.freeze_encoder && ckpt.train.encoder_lr.is_some() {
+        return Err(Error::Training("a frozen encoder has no learning rate (encoder_lr with freeze_encoder)".into()));
+    }
     if ckpt.train.freeze_encoder && ckpt.train.encoder_from.is_none() {
         return Err(Error::Training("freezing the encoder needs a trained one to start from (encoder_from)".into()));
     }
@@ -218,26 +225,34 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
     }
     let train_data = Data::load(&train_split, &vocab, &cfg.answers, &cfg)?;
     let val_data = Data::load(&val_split, &vocab, &cfg.answers, &cfg)?;
-    let params = ParamsAdamW { lr: ckpt.train.lr, weight_decay: ckpt.train.weight_decay, ..Default::default() };
-    let vars: Vec<candle_core::Var> = {
+    // The encoder's parameters (unless frozen) and the rest, each sorted by name.
+    let (encoder_vars, head_vars): (Vec<candle_core::Var>, Vec<candle_core::Var>) = {
         let data = varmap.data().lock().map_err(|_| Error::Training("parameter map poisoned".into()))?;
         let mut named: Vec<(&String, &candle_core::Var)> = data.iter().filter(|(n, _)| !(ckpt.train.freeze_encoder && n.starts_with("encoder."))).collect();
         named.sort_by(|a, b| a.0.cmp(b.0));
-        named.into_iter().map(|(_, v)| v.clone()).collect()
+        let (enc, head): (Vec<_>, Vec<_>) = named.into_iter().partition(|(n, _)| ckpt.train.encoder_lr.is_some() && n.starts_with("encoder."));
+        (enc.into_iter().map(|(_, v)| v.clone()).collect(), head.into_iter().map(|(_, v)| v.clone()).collect())
     };
-    let mut opt = AdamW::new(vars, params)?;
+    let adamw = |vars: Vec<candle_core::Var>, lr: f64| AdamW::new(vars, ParamsAdamW { lr, weight_decay: ckpt.train.weight_decay, ..Default::default() });
+    let mut opt = adamw(head_vars, ckpt.train.lr)?;
+    let encoder_lr = ckpt.train.encoder_lr.unwrap_or(ckpt.train.lr);
+    let mut encoder_opt = adamw(encoder_vars, encoder_lr)?;
     let (bs, na) = (ckpt.train.batch_size.max(1), cfg.answers.len());
     for epoch in ckpt.epochs_done..tc.epochs {
         let start = std::time::Instant::now();
         let mut order: Vec<usize> = (0..train_data.questions.len()).collect();
         Rng::new(ckpt.train.seed ^ (epoch as u64 + 1).wrapping_mul(0x9e37_79b9)).shuffle(&mut order);
-        opt.set_learning_rate(ckpt.train.lr * 0.5 * (1.0 + (std::f64::consts::PI * epoch as f64 / tc.epochs as f64).cos()));
+        let decay = 0.5 * (1.0 + (std::f64::consts::PI * epoch as f64 / tc.epochs as f64).cos());
+        opt.set_learning_rate(ckpt.train.lr * decay);
+        encoder_opt.set_learning_rate(encoder_lr * decay);
         let steps = order.len().div_ceil(bs);
         progress(Event::Start { epoch, steps });
         let mut total = 0.0;
         for chunk in order.chunks(bs) {
             let (l, _, _) = loss(&model, &train_data.batch(chunk, na)?)?;
-            opt.backward_step(&l)?;
+            let grads = l.backward()?;
+            opt.step(&grads)?;
+            encoder_opt.step(&grads)?;
             let l = l.to_scalar::<f32>()?;
             if !l.is_finite() {
                 return Err(Error::Training(format!("the loss became {l} in epoch {epoch}; try a lower --lr")));
