@@ -109,9 +109,11 @@ impl CaptionLogProbs {
             matvec(&self.out, &hh, &mut logits);
             logits.iter_mut().zip(self.out_bias.iter()).for_each(|(l, b)| *l += b);
             let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+            let mut probs: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+            let sum: f32 = probs.iter().sum();
             lp.push(logits[target as usize] - max - sum.ln());
-            tr.probs.push(logits.iter().map(|l| (l - max).exp() / sum).collect());
+            probs.iter_mut().for_each(|p| *p /= sum);
+            tr.probs.push(probs);
             tr.gates.push(gates);
             tr.cells.push(c);
             tr.tanh_cells.push(tc);

@@ -95,6 +95,21 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Median milliseconds of `a` and of `b` over `iters` runs, interleaved so that load from other
+/// processes hits both alike (no warm-up).
+fn interleaved(iters: usize, mut a: impl FnMut() -> anyhow::Result<()>, mut b: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<(f64, f64)> {
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        a()?;
+        ta.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        b()?;
+        tb.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok((median(ta), median(tb)))
+}
+
 /// Median milliseconds of `f` over `iters` runs after one warm-up.
 fn time_ms(iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
     f()?;
@@ -176,19 +191,9 @@ fn caption(model: &std::path::Path, images: &[std::path::PathBuf], iters: usize,
             }
             Ok(())
         };
-        // Interleaved, so that load from other processes hits both alike.
-        let (mut g, mut e) = (Vec::new(), Vec::new());
         generate()?;
         explain()?;
-        for _ in 0..iters.max(1) {
-            let t = Instant::now();
-            generate()?;
-            g.push(t.elapsed().as_secs_f64() * 1e3);
-            let t = Instant::now();
-            explain()?;
-            e.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        let (generate_ms, explain_ms) = (median(g), median(e));
+        let (generate_ms, explain_ms) = interleaved(iters, || generate().map(|_| ()), explain)?;
         let ratio = explain_ms / generate_ms;
         worst = worst.max(ratio);
         if detail {
@@ -326,17 +331,7 @@ fn classify(model: ModelArgs, iters: usize, json: bool) -> anyhow::Result<ExitCo
         forward()?;
         gradcam()?;
     }
-    // Interleaved, so that load from other processes hits both alike.
-    let (mut f, mut g) = (Vec::new(), Vec::new());
-    for _ in 0..iters.max(1) {
-        let t = Instant::now();
-        forward()?;
-        f.push(t.elapsed().as_secs_f64() * 1e3);
-        let t = Instant::now();
-        gradcam()?;
-        g.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    let (forward_ms, gradcam_ms) = (median(f), median(g));
+    let (forward_ms, gradcam_ms) = interleaved(iters, &forward, &gradcam)?;
     let r = BenchResult {
         model: net.arch(),
         threads: rayon::current_num_threads(),

@@ -600,24 +600,14 @@ fn depthwise_channel_backward(
     }
 }
 
-/// `x . y` over the shorter of the two, with AVX2 + FMA when the CPU has them (detected at run
-/// time; the build targets baseline x86-64).
-pub fn dot(x: &[f32], y: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports the features the function is compiled for.
-        return unsafe { dot_avx2(x, y) };
-    }
-    dot_portable(x, y)
-}
-
 /// `out = W x` for row-major `W` `[out.len(), x.len()]`: the small matrix-vector products of
-/// recurrent heads, where a GEMM's setup costs more than the product. AVX2 + FMA as [`dot`].
+/// recurrent heads, where a GEMM's setup costs more than the product. With AVX2 + FMA when the
+/// CPU has them (detected at run time; the build targets baseline x86-64).
 pub fn matvec(w: &[f32], x: &[f32], out: &mut [f32]) {
     assert!(w.len() >= out.len() * x.len(), "matvec: W too small");
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
-        // SAFETY: as in `dot`.
+        // SAFETY: the CPU supports the features the function is compiled for.
         return unsafe { matvec_avx2(w, x, out) };
     }
     for (o, row) in out.iter_mut().zip(w.chunks_exact(x.len().max(1))) {
@@ -650,12 +640,6 @@ fn matvec_avx2(w: &[f32], x: &[f32], out: &mut [f32]) {
     for (o, row) in out.iter_mut().zip(w.chunks_exact(x.len().max(1))) {
         *o = dot_fma(row, x);
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot_avx2(x: &[f32], y: &[f32]) -> f32 {
-    dot_fma(x, y)
 }
 
 #[cfg(target_arch = "x86_64")]
