@@ -206,3 +206,28 @@ fn caption_benchmark_reports_every_image() {
         assert!(r["words"].as_u64().unwrap() > 0 && r["ratio"].as_f64().unwrap() > 0.0, "{r}");
     }
 }
+
+/// `--eval` scores the method `--method` names (its maps, not Grad-CAM's), says which, and
+/// refuses what it cannot score.
+#[test]
+fn eval_scores_the_method_asked_for() {
+    let eval = |method: &str| -> Value {
+        let o = gradcam(&["--threads", "1", "caption", "--eval", "data/shapescenes/train", "--limit", "16", "--method", method]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let (plain, hires) = (eval("gradcam"), eval("hirescam"));
+    assert_eq!((plain["method"].as_str(), hires["method"].as_str()), (Some("gradcam"), Some("hirescam")));
+    let hits = |m: &Value| ["color", "shape"].map(|k| m["pointing"][k]["hits"].as_u64().unwrap());
+    let count = |m: &Value| ["color", "shape"].map(|k| m["pointing"][k]["count"].as_u64().unwrap());
+    assert_eq!(count(&plain), count(&hires), "the same captions and words");
+    assert_ne!(hits(&plain), hits(&hires), "different maps point differently on these scenes");
+    for (args, error) in [
+        (&["caption", "--eval", "data/shapescenes/train", "--method", "gradcam,hirescam"][..], "one method at a time"),
+        (&["vqa", "--eval", "data/shapescenes/train", "--method", "scorecam"][..], "not scorecam"),
+        (&["vqa", "--eval", "data/shapescenes/train", "--aug-smooth"][..], "--aug-smooth"),
+    ] {
+        let o = gradcam(args);
+        assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains(error), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+}

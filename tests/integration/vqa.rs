@@ -146,6 +146,56 @@ fn a_vqa_model_can_start_from_a_trained_encoder_and_keep_it_fixed() {
     assert!(err.to_string().contains("encoder"), "{err}");
 }
 
+/// `drop_background_units` leaves out exactly the encoder units active at more than half of
+/// the positions of the training images (two planted ones, whose bias makes them fire
+/// everywhere, among them), and copies the others' weights unchanged.
+#[test]
+fn background_units_are_left_out_of_the_loaded_encoder() {
+    let data = tempfile::tempdir().unwrap();
+    let cfg = gradcam_scenes::Config { n: 30, seed: 6, fractions: [0.8, 0.2, 0.0], size: 64 };
+    gradcam_scenes::dataset::write(data.path(), &cfg, &|| {}).unwrap();
+    let captioner = tempfile::tempdir().unwrap();
+    let tc = gradcam_captioner::train::TrainConfig { epochs: 1, batch_size: 8, hidden: 16, val_images: 2, ..Default::default() };
+    gradcam_captioner::train::train(data.path(), captioner.path(), &tc, false, &mut |_| {}).unwrap();
+    // Units 3 and 40 fire everywhere.
+    let weights = captioner.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let mut bias = tensors["encoder.conv4.bias"].to_vec1::<f32>().unwrap();
+    let channels = bias.len();
+    (bias[3], bias[40]) = (50.0, 50.0);
+    tensors.insert("encoder.conv4.bias".into(), Tensor::new(bias, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+
+    // Each unit's share of active positions on the training images, computed here.
+    let (cnn, size) = gradcam_encoders::scene_cnn::load_encoder(captioner.path()).unwrap();
+    let split = gradcam_scenes::Split::read(&data.path().join("train")).unwrap();
+    let inputs: Vec<Tensor> = split.examples().iter().map(|ex| gradcam_encoders::scene_cnn::SceneCnn::preprocess(&image::open(&ex.path).unwrap().to_rgb8(), size).unwrap()).collect();
+    let a = cnn.forward(&Tensor::stack(&inputs, 0).unwrap()).unwrap();
+    let active = a.gt(0.0).unwrap().to_dtype(DType::F32).unwrap().mean((0, 2, 3)).unwrap().to_vec1::<f32>().unwrap();
+    let expected: Vec<u32> = (0..channels as u32).filter(|&u| active[u as usize] > 0.5).collect();
+    assert!(expected.contains(&3) && expected.contains(&40), "{active:?}");
+
+    let out = tempfile::tempdir().unwrap();
+    let tc = TrainConfig { epochs: 1, batch_size: 8, encoder_from: Some(captioner.path().to_path_buf()), freeze_encoder: true, drop_background_units: true, ..Default::default() };
+    let ckpt = train(data.path(), out.path(), &tc, false, &mut |_| {}).unwrap();
+    assert_eq!(ckpt.dropped_units.iter().map(|&(u, _)| u).collect::<Vec<_>>(), expected);
+    for &(u, share) in &ckpt.dropped_units {
+        assert!((share - active[u as usize] as f64).abs() < 1e-6, "unit {u}: {share} vs {}", active[u as usize]);
+    }
+    let model = Vqa::load(out.path()).unwrap();
+    assert_eq!(model.cfg.channels, channels - expected.len());
+    let ours = candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    let keep: Vec<u32> = (0..channels as u32).filter(|u| !expected.contains(u)).collect();
+    let keep = Tensor::new(keep.as_slice(), &Device::Cpu).unwrap();
+    for name in ["encoder.conv1.weight", "encoder.conv3.bias", "encoder.conv4.weight", "encoder.conv4.bias"] {
+        let theirs = if name.starts_with("encoder.conv4") { tensors[name].index_select(&keep, 0).unwrap() } else { tensors[name].clone() };
+        let diff = (&ours[name] - &theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "{name}");
+    }
+    let err = train(data.path(), out.path(), &TrainConfig { encoder_from: None, freeze_encoder: false, ..tc }, false, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("background units"), "{err}");
+}
+
 fn gradcam(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_gradcam")).args(args).current_dir(crate::repo("")).output().unwrap()
 }

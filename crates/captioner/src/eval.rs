@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use candle_core::Tensor;
 use gradcam_core::metrics::Pointing;
-use gradcam_core::{explain, CamResult, GradCam, Map, Request, Target};
+use gradcam_core::{explain, CamMethod, CamResult, GradCam, Map, Request, Target};
 use gradcam_neurons::{report, Dissection, UnitNames};
 use gradcam_scenes::coco::Instance;
 use gradcam_scenes::scene::{COLORS, SHAPES};
@@ -63,6 +63,8 @@ pub fn bleu4(candidates: &[Vec<String>], references: &[Vec<Vec<String>>]) -> f64
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Metrics {
+    /// The CAM method whose maps the pointing game and the neuron report use.
+    pub method: String,
     pub images: usize,
     /// Fraction of images whose caption names exactly the image's (colour, shape) set.
     pub exact_match: f64,
@@ -94,8 +96,9 @@ impl NeuronHits {
 
 /// Greedy captions for up to `limit` images of a split, with exact match, BLEU-4 and the
 /// per-word pointing game (tolerance 1/16 of the image side); with a dissection table, also
-/// whether each colour or shape word's concept names its top-5 / bottom-5 units.
-pub fn evaluate(model: &Captioner, split: &Split, limit: usize, dissection: Option<&Dissection>, mut progress: impl FnMut(usize)) -> Result<Metrics> {
+/// whether each colour or shape word's concept names its top-5 / bottom-5 units. The maps and
+/// the alphas are `method`'s (Grad-CAM for the figures in the model cards).
+pub fn evaluate(model: &Captioner, split: &Split, limit: usize, dissection: Option<&Dissection>, method: &dyn CamMethod, mut progress: impl FnMut(usize)) -> Result<Metrics> {
     let examples: Vec<_> = split.examples().into_iter().take(limit).collect();
     let mut exact = 0;
     let (mut cands, mut refs) = (Vec::new(), Vec::new());
@@ -120,7 +123,7 @@ pub fn evaluate(model: &Captioner, split: &Split, limit: usize, dissection: Opti
 
         let (h, w) = (img.height() as usize, img.width() as usize);
         tolerance = h.max(w) as f32 / 16.0;
-        let results = word_explanations(model, &a, &cap.tokens)?;
+        let results = word_explanations_with(model, &a, &cap.tokens, method)?;
         for (t, word) in cap.words.iter().enumerate() {
             let (kind, pair) = if COLORS.contains(&word.as_str()) {
                 ("color", cap.words.get(t + 1).map(|s| (word.clone(), s.clone())))
@@ -148,6 +151,7 @@ pub fn evaluate(model: &Captioner, split: &Split, limit: usize, dissection: Opti
         progress(i + 1);
     }
     Ok(Metrics {
+        method: method.name().to_string(),
         images: examples.len(),
         exact_match: exact as f64 / examples.len().max(1) as f64,
         bleu4: bleu4(&cands, &refs),

@@ -191,6 +191,17 @@ pub fn guided_picture(g: &Tensor, width: u32, height: u32) -> anyhow::Result<Rgb
     Ok(if p.dimensions() == (width, height) { p } else { image::imageops::resize(&p, width, height, image::imageops::FilterType::Triangle) })
 }
 
+/// The method an `--eval` run scores: one gradient-based method, with eigen-smoothing if asked
+/// (augmentation smoothing and the perturbation and guided methods are not evaluated).
+pub fn eval_method(methods: &[String], smoothing: Smoothing) -> anyhow::Result<Box<dyn gradcam_core::CamMethod>> {
+    let [method] = methods else { anyhow::bail!("--eval scores one method at a time; --method names {}", methods.join(", ")) };
+    if smoothing.aug_smooth {
+        anyhow::bail!("--eval does not take --aug-smooth");
+    }
+    let m = gradcam_core::method_by_name(method).with_context(|| format!("--eval scores the gradient-based methods, not {method}"))?;
+    Ok(if smoothing.eigen_smooth { Box::new(gradcam_core::EigenSmooth(m)) } else { m })
+}
+
 /// A gradient-based CAM method's name, checked.
 pub fn parse_gradient_method(s: &str) -> Result<String, String> {
     parse_method(s, &[])
@@ -251,10 +262,11 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     let model = Captioner::load(&args.model).with_context(|| format!("loading the captioner from {}", args.model.display()))?;
     let dissection = load_dissection(args.dissection.as_deref(), &args.model, args.neurons)?;
     if let Some(dir) = &args.eval {
+        let method = eval_method(&args.method, args.smoothing)?;
         let split = Split::read(dir)?;
         let n = split.instances.images.len().min(args.limit);
         let bar = bar(n as u64, "images");
-        let metrics = evaluate(&model, &split, args.limit, dissection.as_ref(), |i| bar.set_position(i as u64))?;
+        let metrics = evaluate(&model, &split, args.limit, dissection.as_ref(), method.as_ref(), |i| bar.set_position(i as u64))?;
         bar.finish_and_clear();
         println!("{}", serde_json::to_string_pretty(&metrics)?);
         return Ok(ExitCode::SUCCESS);
@@ -383,8 +395,8 @@ pub struct TrainCaptionerArgs {
     /// Label smoothing of the word targets (keeps word gradients informative).
     #[arg(long, default_value_t = 0.0)]
     label_smoothing: f64,
-    /// Weight of the auxiliary loss that predicts, from the averaged `conv4`, which words the
-    /// image's captions use (0 = off).
+    /// Weight of the auxiliary loss that predicts, from `conv4` alone (a head at every position,
+    /// max-pooled over space), which words the image's captions use (0 = off).
     #[arg(long, default_value_t = 0.0)]
     word_loss: f64,
     /// LSTM hidden size (explaining costs grow with it).
@@ -426,7 +438,7 @@ pub fn train_captioner(args: TrainCaptionerArgs) -> anyhow::Result<ExitCode> {
         let split = Split::read(&test_dir)?;
         let n = split.instances.images.len().min(1000);
         let b = bar(n as u64, "test images");
-        let m = evaluate(&model, &split, n, None, |i| b.set_position(i as u64))?;
+        let m = evaluate(&model, &split, n, None, &gradcam_core::GradCam, |i| b.set_position(i as u64))?;
         b.finish_and_clear();
         Some(m)
     } else {

@@ -110,9 +110,10 @@ struct QuestionJson {
 pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
     let model = Vqa::load(&args.model).with_context(|| format!("loading the VQA model from {}", args.model.display()))?;
     if let Some(dir) = &args.eval {
+        let method = crate::caption::eval_method(&args.method, args.smoothing)?;
         let split = Split::read(dir)?;
         let bar = bar(args.limit as u64, "questions");
-        let m = evaluate(&model, &split, args.limit, |i| bar.set_position(i as u64))?;
+        let m = evaluate(&model, &split, args.limit, method.as_ref(), |i| bar.set_position(i as u64))?;
         bar.finish_and_clear();
         println!("{}", serde_json::to_string_pretty(&m)?);
         return Ok(ExitCode::SUCCESS);
@@ -311,6 +312,10 @@ pub struct TrainVqaArgs {
     /// The encoder's own learning rate (default: --lr), for fine-tuning it more gently.
     #[arg(long, conflicts_with = "freeze_encoder")]
     encoder_lr: Option<f64>,
+    /// Leave out that encoder's units that are active at more than half of all positions of
+    /// the training images: units that fire over the background put a floor under every map.
+    #[arg(long, requires = "encoder_from")]
+    drop_background_units: bool,
     #[arg(long)]
     resume: bool,
 }
@@ -324,6 +329,7 @@ pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
         encoder_from: args.encoder_from.clone(),
         freeze_encoder: args.freeze_encoder,
         encoder_lr: args.encoder_lr,
+        drop_background_units: args.drop_background_units,
         ..Default::default()
     };
     let start = std::time::Instant::now();
@@ -345,7 +351,7 @@ pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
         let split = Split::read(&test_dir)?;
         let n = split.vqa.as_ref().map_or(0, |v| v.questions.len());
         let b = bar(n as u64, "test questions");
-        let m = evaluate(&model, &split, n, |i| b.set_position(i as u64))?;
+        let m = evaluate(&model, &split, n, &gradcam_core::GradCam, |i| b.set_position(i as u64))?;
         b.finish_and_clear();
         Some(m)
     } else {
@@ -368,6 +374,9 @@ pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(lr) = args.encoder_lr {
         command.push_str(&format!(" --encoder-lr {lr}"));
+    }
+    if args.drop_background_units {
+        command.push_str(" --drop-background-units");
     }
     let cfg: gradcam_vqa::Config = serde_json::from_str(&std::fs::read_to_string(args.out.join("config.json"))?)?;
     let side = cfg.image_size / 4;
@@ -392,6 +401,15 @@ pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
                 (false, Some(lr)) => format!(" and is fine-tuned with learning rate {lr}"),
                 (false, None) => " and is fine-tuned".to_string(),
             }
+        ));
+    }
+    if ckpt.train.drop_background_units {
+        let units: Vec<String> = ckpt.dropped_units.iter().map(|(u, share)| format!("unit {u}, active at {:.1}% of positions", 100.0 * share)).collect();
+        s.push_str(&format!(
+            "Left out of that encoder: the units active at more than {:.0}% of the `conv4` positions of the first {} training images, which fire over the background ({}). ",
+            100.0 * gradcam_vqa::train::BACKGROUND_SHARE,
+            gradcam_vqa::train::SCANNED_IMAGES,
+            if units.is_empty() { "none found".to_string() } else { units.join("; ") }
         ));
     }
     s.push_str("An answer is explained by backpropagating its pre-softmax score into `conv4` (Grad-CAM paper, section 8.2); its negation gives the counterfactual map.\n\n");

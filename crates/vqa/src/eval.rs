@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use gradcam_core::metrics::Pointing;
-use gradcam_core::{explain, ClassLogit, Counterfactual, GradCam, Map, Request, Target};
+use gradcam_core::{explain, CamMethod, ClassLogit, Counterfactual, Map, Request, Target};
 use gradcam_scenes::rle::Mask;
 use gradcam_scenes::vqa::Vqa as VqaFile;
 use gradcam_scenes::Split;
@@ -39,6 +39,8 @@ pub struct CounterfactualCheck {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Metrics {
+    /// The CAM method whose maps the pointing game and the counterfactual check use.
+    pub method: String,
     pub overall: Accuracy,
     pub per_type: BTreeMap<String, Accuracy>,
     pub pointing: Pointing,
@@ -62,8 +64,9 @@ pub fn mass_on(map: &Map, mask: &Mask) -> f64 {
     inside / total.max(f64::MIN_POSITIVE)
 }
 
-/// Answers and explains up to `limit` questions of a split.
-pub fn evaluate(model: &Vqa, split: &Split, limit: usize, mut progress: impl FnMut(usize)) -> Result<Metrics> {
+/// Answers and explains up to `limit` questions of a split with `method`'s maps (Grad-CAM for the
+/// figures in the model cards).
+pub fn evaluate(model: &Vqa, split: &Split, limit: usize, method: &dyn CamMethod, mut progress: impl FnMut(usize)) -> Result<Metrics> {
     let mut overall = Accuracy::default();
     let mut per_type: BTreeMap<String, Accuracy> = BTreeMap::new();
     let mut pointing = Pointing::default();
@@ -100,7 +103,7 @@ pub fn evaluate(model: &Vqa, split: &Split, limit: usize, mut progress: impl FnM
             }
             let mask = evidence[0];
             let predicted = ClassLogit(pred);
-            let map = &explain(&split_q, &a, &[Request { image: 0, target: &predicted }], &GradCam)?[0].cam;
+            let map = &explain(&split_q, &a, &[Request { image: 0, target: &predicted }], method)?[0].cam;
             let (py, px) = map.normalized().0.resize_bilinear(h, w).argmax();
             let (hit, centre) = (mask.near(py, px, tolerance), mask.near(h / 2, w / 2, tolerance));
             pointing.add(hit, centre);
@@ -108,7 +111,7 @@ pub fn evaluate(model: &Vqa, split: &Split, limit: usize, mut progress: impl FnM
             if let (true, Ok(correct)) = (ex.objects.len() >= 2, model.answer_index(&ann.multiple_choice_answer)) {
                 let (t, c) = (ClassLogit(correct), Counterfactual(ClassLogit(correct)));
                 let targets: [&dyn Target; 2] = [&t, &c];
-                let maps = explain(&split_q, &a, &targets.map(|target| Request { image: 0, target }), &GradCam)?;
+                let maps = explain(&split_q, &a, &targets.map(|target| Request { image: 0, target }), method)?;
                 let less = (mass_on(&maps[1].cam, mask) < mass_on(&maps[0].cam, mask)) as usize;
                 let empty = !maps[1].cam.normalized().1 as usize;
                 for c in [&mut cf, cf_per_type.entry(qtype.clone()).or_default()] {
@@ -121,5 +124,5 @@ pub fn evaluate(model: &Vqa, split: &Split, limit: usize, mut progress: impl FnM
             progress(done);
         }
     }
-    Ok(Metrics { overall, per_type, pointing, pointing_per_type, counterfactual: cf, counterfactual_per_type: cf_per_type, tolerance_px: tolerance })
+    Ok(Metrics { method: method.name().to_string(), overall, per_type, pointing, pointing_per_type, counterfactual: cf, counterfactual_per_type: cf_per_type, tolerance_px: tolerance })
 }

@@ -35,11 +35,24 @@ pub struct TrainConfig {
     /// the rest; `None`: `lr`.
     #[serde(default)]
     pub encoder_lr: Option<f64>,
+    /// Leave out the loaded encoder's units that are active at more than half of all `conv4`
+    /// positions of the training images (only with `encoder_from`). Objects cover a small part
+    /// of a scene, so such a unit fires over the background: under Grad-CAM it adds a floor
+    /// over the whole image to every map that weights it positively, and the model can read
+    /// areas ("how many", "what shape") from it instead of from the objects.
+    #[serde(default)]
+    pub drop_background_units: bool,
 }
+
+/// Share of `conv4` positions above which a unit counts as a background unit.
+pub const BACKGROUND_SHARE: f64 = 0.5;
+
+/// Training images scanned for background units (the first ones of the split).
+pub const SCANNED_IMAGES: usize = 2000;
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { epochs: 10, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0, encoder_from: None, freeze_encoder: false, encoder_lr: None }
+        TrainConfig { epochs: 10, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0, encoder_from: None, freeze_encoder: false, encoder_lr: None, drop_background_units: false }
     }
 }
 
@@ -55,14 +68,19 @@ fn match_encoder(cfg: &mut Config, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Copies `encoder.*` of `dir/model.safetensors` into `varmap`.
-fn load_encoder_weights(varmap: &VarMap, dir: &Path) -> Result<()> {
+/// Copies `encoder.*` of `dir/model.safetensors` into `varmap`, `conv4` cut to the units `keep`
+/// (all units when `None`).
+fn load_encoder_weights(varmap: &VarMap, dir: &Path, keep: Option<&[u32]>) -> Result<()> {
     let weights = dir.join("model.safetensors");
     let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|e| Error::Training(format!("{}: {e}", weights.display())))?;
     let data = varmap.data().lock().map_err(|_| Error::Training("parameter map poisoned".into()))?;
     let mut copied = 0;
     for (name, var) in data.iter().filter(|(n, _)| n.starts_with("encoder.")) {
         let t = tensors.get(name).ok_or_else(|| Error::Training(format!("{}: no tensor {name}", weights.display())))?;
+        let t = match keep {
+            Some(units) if name.starts_with("encoder.conv4.") => &t.index_select(&Tensor::new(units, &Device::Cpu)?, 0)?,
+            _ => t,
+        };
         if t.dims() != var.dims() {
             return Err(Error::Training(format!("{}: {name} has shape {:?}, expected {:?}", weights.display(), t.dims(), var.dims())));
         }
@@ -97,6 +115,29 @@ pub struct Checkpoint {
     pub data: PathBuf,
     pub epochs_done: usize,
     pub log: Vec<EpochLog>,
+    /// With `drop_background_units`: the loaded encoder's units left out, and each one's share
+    /// of active positions.
+    #[serde(default)]
+    pub dropped_units: Vec<(u32, f64)>,
+}
+
+/// Each `conv4` unit's share of active (> 0) positions over the first `limit` images of `data`.
+fn active_shares(cnn: &gradcam_encoders::scene_cnn::SceneCnn, data: &Data, limit: usize) -> Result<Vec<f64>> {
+    let ids: Vec<usize> = (0..data.questions.len().min(limit)).collect();
+    let mut active: Option<Tensor> = None;
+    let mut positions = 0usize;
+    for chunk in ids.chunks(64) {
+        let a = cnn.forward(&data.images(chunk)?).map_err(|e| Error::Training(e.to_string()))?; // [b, C, h, w]
+        let (b, _, h, w) = a.dims4()?;
+        positions += b * h * w;
+        let on = a.gt(0.0)?.to_dtype(DType::F32)?.sum((0, 2, 3))?;
+        active = Some(match active {
+            Some(t) => (t + on)?,
+            None => on,
+        });
+    }
+    let active = active.ok_or_else(|| Error::Training("no training images to scan for background units".into()))?;
+    Ok(active.to_vec1::<f32>()?.into_iter().map(|n| n as f64 / positions as f64).collect())
 }
 
 /// Images as u8 planes, and each image's (question tokens, answer index) pairs.
@@ -131,10 +172,15 @@ impl Data {
         Ok(Data { size: s as usize, pixels, questions })
     }
 
-    /// Images, rows, tokens, mask and one-hot answers (zero rows for answers outside the vocabulary).
-    fn batch(&self, ids: &[usize], n_answers: usize) -> Result<[Tensor; 5]> {
+    /// The images `ids` as the network's input, `[n, 3, s, s]`.
+    fn images(&self, ids: &[usize]) -> Result<Tensor> {
         let plane = 3 * self.size * self.size;
         let px: Vec<f32> = ids.iter().flat_map(|&i| self.pixels[i * plane..(i + 1) * plane].iter().map(|&v| v as f32 / 127.5 - 1.0)).collect();
+        Ok(Tensor::from_vec(px, (ids.len(), 3, self.size, self.size), &Device::Cpu)?)
+    }
+
+    /// Images, rows, tokens, mask and one-hot answers (zero rows for answers outside the vocabulary).
+    fn batch(&self, ids: &[usize], n_answers: usize) -> Result<[Tensor; 5]> {
         let qs: Vec<(u32, &(Vec<u32>, Option<usize>))> = ids.iter().enumerate().flat_map(|(b, &i)| self.questions[i].iter().map(move |q| (b as u32, q))).collect();
         let t = qs.iter().map(|(_, q)| q.0.len()).max().unwrap_or(1);
         let (mut tokens, mut mask) = (Vec::new(), Vec::new());
@@ -151,7 +197,7 @@ impl Data {
         let n = qs.len();
         let cpu = &Device::Cpu;
         Ok([
-            Tensor::from_vec(px, (ids.len(), 3, self.size, self.size), cpu)?,
+            self.images(ids)?,
             Tensor::new(qs.iter().map(|(b, _)| *b).collect::<Vec<u32>>().as_slice(), cpu)?,
             Tensor::from_vec(tokens, (n, t), cpu)?,
             Tensor::from_vec(mask, (n, t), cpu)?,
@@ -198,7 +244,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         let mut answers: Vec<(&str, usize)> = counts.into_iter().collect();
         answers.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(y.0)));
         let cfg = Config::new(vocab.len(), answers.into_iter().map(|(a, _)| a.to_string()).collect());
-        (cfg, vocab, Checkpoint { train: tc.clone(), data: data.to_path_buf(), epochs_done: 0, log: Vec::new() })
+        (cfg, vocab, Checkpoint { train: tc.clone(), data: data.to_path_buf(), epochs_done: 0, log: Vec::new(), dropped_units: Vec::new() })
     };
     ckpt.train.epochs = tc.epochs;
     if ckpt.train.freeze_encoder && ckpt.train.encoder_lr.is_some() {
@@ -207,9 +253,26 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
     if ckpt.train.freeze_encoder && ckpt.train.encoder_from.is_none() {
         return Err(Error::Training("freezing the encoder needs a trained one to start from (encoder_from)".into()));
     }
+    if ckpt.train.drop_background_units && ckpt.train.encoder_from.is_none() {
+        return Err(Error::Training("leaving out background units needs a trained encoder to start from (encoder_from)".into()));
+    }
+    let train_data = Data::load(&train_split, &vocab, &cfg.answers, &cfg)?;
+    let val_data = Data::load(&val_split, &vocab, &cfg.answers, &cfg)?;
     let mut varmap = VarMap::new();
+    let mut keep = None;
     if let (false, Some(dir)) = (resuming, &ckpt.train.encoder_from) {
         match_encoder(&mut cfg, dir)?;
+        if ckpt.train.drop_background_units {
+            let (cnn, _) = gradcam_encoders::scene_cnn::load_encoder(dir).map_err(|e| Error::Training(e.to_string()))?;
+            let shares = active_shares(&cnn, &train_data, SCANNED_IMAGES)?;
+            let (kept, dropped): (Vec<(u32, f64)>, Vec<(u32, f64)>) = (0u32..).zip(shares).partition(|&(_, s)| s <= BACKGROUND_SHARE);
+            if kept.is_empty() {
+                return Err(Error::Training(format!("every unit of {} is active at more than half of its positions; no object units to keep", dir.display())));
+            }
+            cfg.channels = kept.len();
+            keep = Some(kept.into_iter().map(|(u, _)| u).collect::<Vec<u32>>());
+            ckpt.dropped_units = dropped;
+        }
     }
     let model = Trainable::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), ckpt.train.freeze_encoder)?;
     if resuming {
@@ -217,14 +280,12 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
     } else {
         init_parameters(&varmap, ckpt.train.seed)?;
         if let Some(dir) = &ckpt.train.encoder_from {
-            load_encoder_weights(&varmap, dir)?;
+            load_encoder_weights(&varmap, dir, keep.as_deref())?;
         }
         vocab.save(&out.join("tokenizer.json"))?;
         let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Training(e.to_string()))?;
         gradcam_scenes::write_atomic(&out.join("config.json"), text.as_bytes())?;
     }
-    let train_data = Data::load(&train_split, &vocab, &cfg.answers, &cfg)?;
-    let val_data = Data::load(&val_split, &vocab, &cfg.answers, &cfg)?;
     // The encoder's parameters (unless frozen) and the rest, each sorted by name.
     let (encoder_vars, head_vars): (Vec<candle_core::Var>, Vec<candle_core::Var>) = {
         let data = varmap.data().lock().map_err(|_| Error::Training("parameter map poisoned".into()))?;
