@@ -107,14 +107,25 @@ fn a_tiny_vqa_model_learns() {
     assert!(err.contains("elephant") && err.contains("yes"), "{err}");
 }
 
-#[test]
-fn a_vqa_model_can_start_from_a_trained_encoder_and_keep_it_fixed() {
+/// A 30-scene dataset and a captioner trained on it for one epoch (an encoder to start from).
+fn scenes_and_a_captioner() -> (tempfile::TempDir, tempfile::TempDir) {
     let data = tempfile::tempdir().unwrap();
     let cfg = gradcam_scenes::Config { n: 30, seed: 6, fractions: [0.8, 0.2, 0.0], size: 64 };
     gradcam_scenes::dataset::write(data.path(), &cfg, &|| {}).unwrap();
     let captioner = tempfile::tempdir().unwrap();
     let tc = gradcam_captioner::train::TrainConfig { epochs: 1, batch_size: 8, hidden: 16, val_images: 2, ..Default::default() };
     gradcam_captioner::train::train(data.path(), captioner.path(), &tc, false, &mut |_| {}).unwrap();
+    (data, captioner)
+}
+
+/// The largest absolute difference of two tensors of one shape.
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn a_vqa_model_can_start_from_a_trained_encoder_and_keep_it_fixed() {
+    let (data, captioner) = scenes_and_a_captioner();
     let out = tempfile::tempdir().unwrap();
     let tc = TrainConfig { epochs: 2, batch_size: 8, encoder_from: Some(captioner.path().to_path_buf()), freeze_encoder: true, ..Default::default() };
     train(data.path(), out.path(), &tc, false, &mut |_| {}).unwrap();
@@ -122,7 +133,7 @@ fn a_vqa_model_can_start_from_a_trained_encoder_and_keep_it_fixed() {
     let (theirs, ours) = (load(captioner.path()), load(out.path()));
     let mut compared = 0;
     for (name, t) in ours.iter().filter(|(n, _)| n.starts_with("encoder.")) {
-        let diff = (t - &theirs[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = max_diff(t, &theirs[name]);
         assert_eq!(diff, 0.0, "{name} changed");
         compared += 1;
     }
@@ -131,13 +142,13 @@ fn a_vqa_model_can_start_from_a_trained_encoder_and_keep_it_fixed() {
     let out2 = tempfile::tempdir().unwrap();
     train(data.path(), out2.path(), &TrainConfig { freeze_encoder: false, ..tc.clone() }, false, &mut |_| {}).unwrap();
     let moved = load(out2.path());
-    let diff = (&moved["encoder.conv1.weight"] - &theirs["encoder.conv1.weight"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = max_diff(&moved["encoder.conv1.weight"], &theirs["encoder.conv1.weight"]);
     assert!(diff > 0.0);
     // Its own learning rate: a tiny one moves it much less than the rest's.
     let out3 = tempfile::tempdir().unwrap();
     train(data.path(), out3.path(), &TrainConfig { freeze_encoder: false, encoder_lr: Some(1e-7), ..tc.clone() }, false, &mut |_| {}).unwrap();
     let slow = load(out3.path());
-    let slow_diff = (&slow["encoder.conv1.weight"] - &theirs["encoder.conv1.weight"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let slow_diff = max_diff(&slow["encoder.conv1.weight"], &theirs["encoder.conv1.weight"]);
     assert!(slow_diff > 0.0 && slow_diff < diff / 100.0, "{slow_diff} vs {diff}");
     let err = train(data.path(), out3.path(), &TrainConfig { encoder_lr: Some(1e-4), ..tc.clone() }, false, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("frozen encoder"), "{err}");
@@ -151,12 +162,7 @@ fn a_vqa_model_can_start_from_a_trained_encoder_and_keep_it_fixed() {
 /// everywhere, among them), and copies the others' weights unchanged.
 #[test]
 fn background_units_are_left_out_of_the_loaded_encoder() {
-    let data = tempfile::tempdir().unwrap();
-    let cfg = gradcam_scenes::Config { n: 30, seed: 6, fractions: [0.8, 0.2, 0.0], size: 64 };
-    gradcam_scenes::dataset::write(data.path(), &cfg, &|| {}).unwrap();
-    let captioner = tempfile::tempdir().unwrap();
-    let tc = gradcam_captioner::train::TrainConfig { epochs: 1, batch_size: 8, hidden: 16, val_images: 2, ..Default::default() };
-    gradcam_captioner::train::train(data.path(), captioner.path(), &tc, false, &mut |_| {}).unwrap();
+    let (data, captioner) = scenes_and_a_captioner();
     // Units 3 and 40 fire everywhere.
     let weights = captioner.path().join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
@@ -189,7 +195,7 @@ fn background_units_are_left_out_of_the_loaded_encoder() {
     let keep = Tensor::new(keep.as_slice(), &Device::Cpu).unwrap();
     for name in ["encoder.conv1.weight", "encoder.conv3.bias", "encoder.conv4.weight", "encoder.conv4.bias"] {
         let theirs = if name.starts_with("encoder.conv4") { tensors[name].index_select(&keep, 0).unwrap() } else { tensors[name].clone() };
-        let diff = (&ours[name] - &theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = max_diff(&ours[name], &theirs);
         assert_eq!(diff, 0.0, "{name}");
     }
     let err = train(data.path(), out.path(), &TrainConfig { encoder_from: None, freeze_encoder: false, ..tc }, false, &mut |_| {}).unwrap_err();
