@@ -2,7 +2,7 @@
 //! `tests/fixtures/make_goldens.py` on the same weights and the same input tensor.
 
 use candle_core::{Device, Tensor};
-use gradcam_core::{explain, ClassLogit, Explainable, GradCam, Request, Target};
+use gradcam_core::{explain, ClassLogit, Explainable, GradCam, Request, Score};
 use gradcam_encoders::{efficientnet_lite0_weights, ModelKind, Weights};
 use serde_json::Value;
 
@@ -37,7 +37,7 @@ fn check_against_golden(kind: ModelKind, weights: &Weights) {
 
     let classes: Vec<usize> = g["classes"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
     let targets: Vec<ClassLogit> = classes.iter().map(|&c| ClassLogit(c)).collect();
-    let requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t as &dyn Target }).collect();
+    let requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t as &dyn Score }).collect();
     let results = explain(&split, &a, &requests, &GradCam).unwrap();
     for (r, golden) in results.iter().zip(g["cams"].as_array().unwrap()) {
         let golden: Vec<f32> = golden.as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect();
@@ -108,7 +108,7 @@ fn cam_family_matches_pytorch_grad_cam_on_efficientnet_lite0() {
     let a = split.features(&input()).unwrap();
     let target = ClassLogit(class);
     for name in ["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam"] {
-        let method = gradcam_core::method_by_name(name).unwrap();
+        let method = name.parse::<gradcam_core::Method>().unwrap().cam_method().unwrap();
         let r = &explain(&split, &a, &[Request { image: 0, target: &target }], method.as_ref()).unwrap()[0];
         let ours = pytorch_grad_cam_scaled(&r.cam, 224, 224);
         let theirs = golden[name].to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -145,7 +145,7 @@ fn check_guided(kind: ModelKind, weights: &Weights) {
     let split = net.split(net.layer_index(net.default_layer()).unwrap());
     let x = input();
     let target = ClassLogit(class);
-    let requests = [Request { image: 0, target: &target as &dyn Target }];
+    let requests = [Request { image: 0, target: &target as &dyn Score }];
     let gb = gradcam_core::guided_backprop(&split, &x, &requests).unwrap().squeeze(0).unwrap(); // [3, 224, 224]
     let cam = &explain(&split, &split.features(&x).unwrap(), &requests, &GradCam).unwrap()[0].cam;
     let gg = gradcam_core::guided_gradcam(&gb, cam).unwrap();
@@ -180,7 +180,7 @@ fn smoothing_matches_pytorch_grad_cam_on_efficientnet_lite0() {
     let class = golden["class"].to_vec1::<i64>().unwrap()[0] as usize;
     let x = input();
     let target = ClassLogit(class);
-    let requests = [Request { image: 0, target: &target as &dyn Target }];
+    let requests = [Request { image: 0, target: &target as &dyn Score }];
     let eigen = &explain(&split, &split.features(&x).unwrap(), &requests, &gradcam_core::EigenSmooth(Box::new(GradCam))).unwrap()[0];
     let aug = &gradcam_core::augmentation_smoothing(&split, &x, &requests, &GradCam).unwrap()[0];
     assert_eq!((aug.cam.h, aug.cam.w), (224, 224));

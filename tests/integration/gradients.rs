@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Tensor, Var};
 use gradcam_core::ops::{Activation, AdaptiveAvgPool2d, Conv2d, Linear, MaxPool2d, Padding};
-use gradcam_core::{explain, ClassLogit, Counterfactual, Explainable, GradCam, Request, Target};
+use gradcam_core::{explain, ClassLogit, Counterfactual, Explainable, GradCam, Request, Score};
 
 /// Deterministic values in [-1, 1) with no ties (so max-pool has a unique maximum).
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -206,7 +206,7 @@ fn several_targets_and_images_in_one_backward_equal_separate_ones() {
     let t0 = ClassLogit(0);
     let t3 = ClassLogit(3);
     let c3 = Counterfactual(ClassLogit(3));
-    let targets: [(usize, &dyn Target); 4] = [(0, &t0), (1, &t3), (0, &t3), (1, &c3)];
+    let targets: [(usize, &dyn Score); 4] = [(0, &t0), (1, &t3), (0, &t3), (1, &c3)];
     let requests: Vec<Request> = targets.iter().map(|&(image, target)| Request { image, target }).collect();
     let together = explain(&model, &a, &requests, &GradCam).unwrap();
     for (i, &(image, target)) in targets.iter().enumerate() {

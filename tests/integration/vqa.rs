@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use gradcam_core::{explain, ClassLogit, Counterfactual, Explainable, GradCam, Request, Target};
+use gradcam_core::{explain, ClassLogit, Counterfactual, Explainable, GradCam, Request, Score};
 use gradcam_encoders::scene_cnn::init_parameters;
 use gradcam_scenes::vocab::Vocab;
 use gradcam_vqa::model::Trainable;
@@ -51,7 +51,7 @@ fn answer_gradient_matches_finite_differences() {
     let a = split.features(&image(2)).unwrap(); // [1, 96, 4, 4]
     let (_, k, h, w) = a.dims4().unwrap();
     let (t, c) = (ClassLogit(1), Counterfactual(ClassLogit(1)));
-    let targets: [&dyn Target; 2] = [&t, &c];
+    let targets: [&dyn Score; 2] = [&t, &c];
     let r = explain(&split, &a, &targets.map(|target| Request { image: 0, target }), &GradCam).unwrap();
     let y = |a: &Tensor| split.head(a).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap()[1] as f64;
     // Shifting channel c everywhere by s changes y by s * hw * alpha_c (central differences,

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use candle_core::Tensor;
 use gradcam_core::metrics::Pointing;
-use gradcam_core::{explain, CamMethod, CamResult, GradCam, Map, Request, Target};
+use gradcam_core::{explain, CamMethod, CamResult, GradCam, Map, Request, Score};
 use gradcam_neurons::{report, Dissection, UnitNames};
 use gradcam_scenes::coco::Instance;
 use gradcam_scenes::scene::{COLORS, SHAPES};
@@ -85,15 +85,6 @@ pub struct NeuronHits {
     pub in_bottom5: usize,
 }
 
-impl NeuronHits {
-    pub fn top_rate(&self) -> f64 {
-        self.in_top5 as f64 / self.count.max(1) as f64
-    }
-    pub fn bottom_rate(&self) -> f64 {
-        self.in_bottom5 as f64 / self.count.max(1) as f64
-    }
-}
-
 /// Greedy captions for up to `limit` images of a split, with exact match, BLEU-4 and the
 /// per-word pointing game (tolerance 1/16 of the image side); with a dissection table, also
 /// whether each colour or shape word's concept names its top-5 / bottom-5 units. The maps and
@@ -133,10 +124,9 @@ pub fn evaluate(model: &Captioner, split: &Split, limit: usize, dissection: Opti
                 continue;
             };
             let Some(object) = pair.and_then(|p| find(&ex.objects, split, &p)) else { continue };
-            let (peak_y, peak_x) = results[t].cam.normalized().0.resize_bilinear(h, w).argmax();
+            let (hit, centre) = Pointing::hits(&results[t].cam.resize_bilinear(h, w), |y, x| object.mask.near(y, x, tolerance));
             for key in [kind.to_string(), word.clone()] {
-                let p = pointing.entry(key).or_default();
-                p.add(object.mask.near(peak_y, peak_x, tolerance), object.mask.near(h / 2, w / 2, tolerance));
+                pointing.entry(key).or_default().add(hit, centre);
             }
             if let Some(d) = dissection {
                 let r = report(&results[t].alpha, &UnitNames::Dissection(d), word, 5);
@@ -175,7 +165,7 @@ pub fn word_explanations(model: &Captioner, a: &Tensor, tokens: &[u32]) -> Resul
 pub fn word_explanations_with(model: &Captioner, a: &Tensor, tokens: &[u32], method: &dyn gradcam_core::CamMethod) -> Result<Vec<CamResult>> {
     let split = CaptionSplit::new(model, tokens);
     let targets: Vec<WordLogProb> = (0..tokens.len()).map(|step| WordLogProb { step }).collect();
-    let requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t as &dyn Target }).collect();
+    let requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t as &dyn Score }).collect();
     Ok(explain(&split, a, &requests, method)?)
 }
 

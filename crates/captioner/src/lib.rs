@@ -1,6 +1,7 @@
 //! Show-and-Tell LSTM captioner with word-by-word Grad-CAM (paper section 8.1): each word's
 //! log-probability is backpropagated into the encoder's last convolutional layer.
 
+pub mod card;
 pub mod eval;
 pub mod model;
 mod scores;

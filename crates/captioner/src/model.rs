@@ -10,7 +10,7 @@ use std::path::Path;
 use candle_core::{DType, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
 use gradcam_core::ops::{Activation, Linear, LstmCell};
-use gradcam_core::{Explainable, Target};
+use gradcam_core::{Explainable, Score};
 use gradcam_encoders::scene_cnn::{self, Pooling, SceneCnn};
 use serde::{Deserialize, Serialize};
 
@@ -229,7 +229,7 @@ impl Captioner {
     /// Activations of the explained layer (`conv4`).
     ///
     /// # Shapes
-    /// `[b, 3, s, s]` -> `[b, 128, s / 4, s / 4]`.
+    /// `[b, 3, s, s]` -> `[b, channels, s / 4, s / 4]` (`channels` from config.json).
     pub fn features(&self, images: &Tensor) -> Result<Tensor> {
         Ok(self.cnn.forward(images)?)
     }
@@ -433,7 +433,7 @@ pub struct WordLogProb {
     pub step: usize,
 }
 
-impl Target for WordLogProb {
+impl Score for WordLogProb {
     fn score(&self, row: &Tensor) -> gradcam_core::Result<Tensor> {
         Ok(row.get(self.step)?)
     }

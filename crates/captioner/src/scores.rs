@@ -180,14 +180,14 @@ impl CaptionLogProbs {
                 }
             }
             // dh[m, H] = dpre[m, 4H] @ W_hh[4H, H] flows back.
-            matmul(&mut dx, &dpre, ((4 * h) as isize, 1), &self.w_hh, (h as isize, 1), m, h, 4 * h);
+            matmul(&mut dx, &dpre, (4 * h, 1), &self.w_hh, (h, 1), m, h, 4 * h);
             for (a, &r) in active.iter().enumerate() {
                 dh[r * h..(r + 1) * h].copy_from_slice(&dx[a * h..(a + 1) * h]);
                 dpre_sum[r * 4 * h..(r + 1) * 4 * h].iter_mut().zip(&dpre[a * 4 * h..(a + 1) * 4 * h]).for_each(|(s, d)| *s += d);
             }
         }
         let mut dimg = vec![0.0f32; n * e];
-        matmul(&mut dimg, &dpre_sum, ((4 * h) as isize, 1), &self.w_img, (e as isize, 1), n, e, 4 * h);
+        matmul(&mut dimg, &dpre_sum, (4 * h, 1), &self.w_img, (e, 1), n, e, 4 * h);
         dimg
     }
 
@@ -305,7 +305,7 @@ impl CaptionHead {
         let (e_dim, p_dim, plane) = (self.scores.e, self.width(c), h * w);
         let n = de.len() / e_dim;
         let mut dp = vec![0.0f32; n * p_dim];
-        matmul(&mut dp, de, (e_dim as isize, 1), &self.proj_w, (p_dim as isize, 1), n, p_dim, e_dim);
+        matmul(&mut dp, de, (e_dim, 1), &self.proj_w, (p_dim, 1), n, p_dim, e_dim);
         let (xs, ys) = (axis(w), axis(h));
         out.reserve(n * c * plane);
         for dp in dp.chunks_exact(p_dim) {

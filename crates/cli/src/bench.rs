@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{Device, Tensor};
-use gradcam_core::{explain, ClassLogit, Explainable, GradCam, Request};
+use gradcam_core::{Cam, Explainable, Method, Target};
 use serde::Serialize;
 
 use crate::ModelArgs;
@@ -35,7 +35,7 @@ pub enum BenchCommand {
         iters: usize,
         /// Methods to time, comma-separated (default: all ten).
         #[arg(long, value_delimiter = ',')]
-        methods: Vec<String>,
+        methods: Vec<Method>,
         /// A preprocessed input `[1, 3, 224, 224]` in a safetensors file (tensor `input`), e.g.
         /// tests/fixtures/input.safetensors (a photo); default: a synthetic image-like pattern.
         #[arg(long)]
@@ -237,14 +237,8 @@ struct MethodsResult {
     methods: Vec<(String, f64)>,
 }
 
-pub const ALL_METHODS: [&str; 10] =
-    ["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "ablationcam", "scorecam", "guided-backprop", "guided-gradcam"];
-
-fn methods_bench(model: ModelArgs, iters: usize, methods: Vec<String>, input: Option<&std::path::Path>, json: bool) -> anyhow::Result<ExitCode> {
-    let methods: Vec<String> = if methods.is_empty() { ALL_METHODS.iter().map(|m| m.to_string()).collect() } else { methods };
-    if let Some(bad) = methods.iter().find(|m| !ALL_METHODS.contains(&m.as_str())) {
-        anyhow::bail!("unknown method {bad:?}; one of {}", ALL_METHODS.join(", "));
-    }
+fn methods_bench(model: ModelArgs, iters: usize, methods: Vec<Method>, input: Option<&std::path::Path>, json: bool) -> anyhow::Result<ExitCode> {
+    let methods = if methods.is_empty() { Method::ALL.to_vec() } else { methods };
     let net = model.load()?;
     let split = net.split(net.layer_index(net.default_layer())?);
     let input = match input {
@@ -259,30 +253,20 @@ fn methods_bench(model: ModelArgs, iters: usize, methods: Vec<String>, input: Op
         None => bench_input()?,
     };
     let mut timings = Vec::new();
-    for m in &methods {
+    for &m in &methods {
         let run = || -> anyhow::Result<()> {
             let a = split.features(&input)?;
             let logits = split.head(&a)?.squeeze(0)?.to_vec1::<f32>()?;
             let top = (0..logits.len()).max_by(|&i, &j| logits[i].total_cmp(&logits[j])).unwrap_or(0);
-            let target = ClassLogit(top);
-            let requests = [Request { image: 0, target: &target }];
-            let r = match m.as_str() {
-                "ablationcam" => gradcam_core::methods::ablation_cam(&split, &a, &requests, 128, &mut |_| ())?,
-                "scorecam" => gradcam_core::methods::score_cam(&split, &input, &a, &requests, 2, &mut |_| ())?,
-                other => {
-                    let (r, guided) = crate::caption::gradient_results(other, Default::default(), &split, &input, &a, &requests)?;
-                    if let Some(g) = guided {
-                        std::hint::black_box(gradcam_core::gradient_image(&g[0])?);
-                    }
-                    r
-                }
-            };
-            let (norm, _) = r[0].cam.normalized();
+            let r = Cam::new(&split).method(m).explain_with(&input, &a, &[(0, Target::class(top))])?;
+            if let Some(g) = &r[0].guided {
+                std::hint::black_box(gradcam_core::gradient_image(&Tensor::from_slice(g, (3, 224, 224), &Device::Cpu)?)?);
+            }
+            let (norm, _) = r[0].cam().normalized();
             std::hint::black_box(norm.resize_bilinear(224, 224));
             Ok(())
         };
-        let slow = m == "ablationcam" || m == "scorecam";
-        let ms = if slow {
+        let ms = if m.is_perturbation() {
             let t = Instant::now();
             run()?;
             t.elapsed().as_secs_f64() * 1e3
@@ -290,7 +274,7 @@ fn methods_bench(model: ModelArgs, iters: usize, methods: Vec<String>, input: Op
             time_ms(iters, run)?
         };
         eprintln!("{m}: {ms:.1} ms");
-        timings.push((m.clone(), ms));
+        timings.push((m.to_string(), ms));
     }
     let r = MethodsResult { model: net.arch(), threads: rayon::current_num_threads(), iters, methods: timings };
     let mut out = std::io::stdout().lock();
@@ -321,9 +305,8 @@ fn classify(model: ModelArgs, iters: usize, json: bool) -> anyhow::Result<ExitCo
         let a = split.features(&input)?;
         let logits = split.head(&a)?.squeeze(0)?.to_vec1::<f32>()?;
         let top = (0..logits.len()).max_by(|&i, &j| logits[i].total_cmp(&logits[j])).unwrap_or(0);
-        let target = ClassLogit(top);
-        let r = explain(&split, &a, &[Request { image: 0, target: &target }], &GradCam)?;
-        let (norm, _) = r[0].cam.normalized();
+        let r = Cam::new(&split).explain_with(&input, &a, &[(0, Target::class(top))])?;
+        let (norm, _) = r[0].cam().normalized();
         std::hint::black_box(norm.resize_bilinear(224, 224));
         Ok(())
     };

@@ -5,10 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
-use candle_core::Tensor;
-use gradcam_encoders::scene_cnn::{self, SceneCnn};
-use gradcam_neurons::{concepts, dissect, image_concepts, Dissection, Options};
+use gradcam_neurons::{dissect_model, split_dir, Dissection, Options};
 use gradcam_scenes::coco::Instances;
 
 use crate::progress::bar;
@@ -36,53 +33,12 @@ pub struct DissectArgs {
     iou_threshold: f32,
 }
 
-/// The split folder of `--data`: itself when it has `instances.json`, else its `val/`.
-fn split_dir(data: &Path) -> PathBuf {
-    if data.join("instances.json").exists() || !data.join("val").join("instances.json").exists() {
-        data.to_path_buf()
-    } else {
-        data.join("val")
-    }
-}
-
 pub fn run(args: DissectArgs) -> anyhow::Result<ExitCode> {
-    let (cnn, size) = scene_cnn::load_encoder(&args.model)?;
-    let dir = split_dir(&args.data);
-    let instances = Instances::read(&dir.join("instances.json"))?;
-    let concepts = concepts(&instances);
-    if concepts.is_empty() {
-        anyhow::bail!("{}: no categories, colours or sizes to dissect against", dir.join("instances.json").display());
-    }
-    let mut by_image: std::collections::HashMap<u64, Vec<&gradcam_scenes::coco::Instance>> = Default::default();
-    for a in &instances.annotations {
-        by_image.entry(a.image_id).or_default().push(a);
-    }
-    let images: Vec<_> = instances.images.iter().take(args.limit).collect();
-    let pb = bar(images.len() as u64, "images");
-    let mut activations = Vec::with_capacity(images.len());
-    let mut masks = Vec::with_capacity(images.len());
-    let mut dims = (0, 0, 0);
-    for chunk in images.chunks(64) {
-        let mut inputs = Vec::with_capacity(chunk.len());
-        for info in chunk {
-            let path = dir.join("images").join(&info.file_name);
-            let img = image::open(&path).with_context(|| format!("reading {}", path.display()))?.to_rgb8();
-            inputs.push(SceneCnn::preprocess(&img, size)?);
-            let objects = by_image.get(&info.id).map(Vec::as_slice).unwrap_or(&[]);
-            masks.push(image_concepts(objects, &concepts, &instances, (img.height() as usize, img.width() as usize)));
-        }
-        let a = cnn.forward(&Tensor::stack(&inputs, 0)?)?; // [b, K, h, w]
-        let (_, k, h, w) = a.dims4()?;
-        dims = (k, h, w);
-        for row in a.flatten_from(1)?.to_vec2::<f32>()? {
-            activations.push(row);
-        }
-        pb.inc(chunk.len() as u64);
-    }
-    pb.finish_and_clear();
     let options = Options { quantile: args.quantile, iou_threshold: args.iou_threshold };
-    let units = dissect(&activations, dims, &masks, &concepts, options)?;
-    let table = Dissection { layer: scene_cnn::LAYER.into(), data: dir.display().to_string(), images: images.len(), options, concepts, units };
+    let n = args.limit.min(Instances::read(&split_dir(&args.data).join("instances.json"))?.images.len());
+    let pb = bar(n as u64, "images");
+    let table = dissect_model(&args.model, &args.data, args.limit, options, &|k| pb.inc(k as u64))?;
+    pb.finish_and_clear();
     let out = args.out.clone().unwrap_or_else(|| args.model.join("dissection.json"));
     table.save(&out)?;
     print_summary(&table, &out)?;

@@ -13,7 +13,7 @@ use gradcam_encoders::ModelKind;
 use gradcam_scenes::write_atomic;
 use gradcam_vqa::Vqa;
 
-use crate::caption::parse_gradient_method;
+use crate::common::parse_gradient_method;
 use crate::ModelArgs;
 
 #[derive(clap::Args)]
@@ -39,7 +39,7 @@ pub struct EvalArgs {
     data: PathBuf,
     /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam or eigencam.
     #[arg(long, default_value = "gradcam", value_parser = parse_gradient_method)]
-    method: String,
+    method: gradcam_core::Method,
     /// Evaluate at most this many images.
     #[arg(long)]
     limit: Option<usize>,
@@ -131,7 +131,7 @@ pub fn run_eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn evaluate<S: Subject>(subject: &S, args: &EvalArgs, tasks: Vec<Task>) -> anyhow::Result<ExitCode> {
-    let method = gradcam_core::method_by_name(&args.method).context("unknown method")?;
+    let method = args.method.cam_method().context("a gradient-based method")?;
     let options = Options {
         tasks,
         method: method.as_ref(),

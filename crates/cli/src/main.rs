@@ -3,6 +3,7 @@
 mod bench;
 mod caption;
 mod classify;
+mod common;
 mod dissect;
 mod eval;
 mod progress;

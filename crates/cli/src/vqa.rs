@@ -6,18 +6,20 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use gradcam_core::map::{overlay, write_png_atomic, Region};
-use gradcam_core::{ClassLogit, Counterfactual, Request, Target};
+use gradcam_core::map::Region;
+use gradcam_core::render::{render, write_method_strips, Output, Stems, Subject};
+use gradcam_core::Target;
 use gradcam_encoders::preprocess::load_image;
+use gradcam_neurons::UnitNames;
 use gradcam_scenes::vqa::Vqa as VqaFile;
 use gradcam_scenes::Split;
 use gradcam_vqa::eval::evaluate;
 use gradcam_vqa::train::{train, Event, TrainConfig};
 use gradcam_vqa::{Vqa, VqaSplit};
-use gradcam_neurons::{report, NeuronReport, UnitNames};
-
-use crate::progress::{bar, EpochBar};
 use serde::Serialize;
+
+use crate::common::{dissection_report, load_dissection, MapJson, MethodArgs, Progress};
+use crate::progress::{bar, EpochBar};
 
 pub const DEFAULT_MODEL: &str = "models/vqa";
 
@@ -67,13 +69,9 @@ pub struct VqaArgs {
     /// Dissection table for --neurons (default: MODEL/dissection.json).
     #[arg(long)]
     dissection: Option<PathBuf>,
-    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ablationcam,
-    /// scorecam, guided-backprop or guided-gradcam. Several, comma-separated, also write a
-    /// comparison strip per answer (`..._methods.png`).
-    #[arg(long, default_value = "gradcam", value_parser = crate::caption::parse_any_method, value_delimiter = ',')]
-    method: Vec<String>,
+    /// Several methods also write a comparison strip per answer (`..._methods.png`).
     #[command(flatten)]
-    smoothing: crate::caption::Smoothing,
+    methods: MethodArgs,
 }
 
 #[derive(Serialize)]
@@ -85,15 +83,8 @@ struct AnswerJson {
 #[derive(Serialize)]
 struct ExplanationJson {
     answer: String,
-    method: &'static str,
-    counterfactual: bool,
-    cam_size: [usize; 2],
-    cam: Vec<Vec<f32>>,
-    overlay: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    neurons: Option<NeuronReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    text: Option<String>,
+    #[serde(flatten)]
+    map: MapJson,
 }
 
 #[derive(Serialize)]
@@ -110,7 +101,7 @@ struct QuestionJson {
 pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
     let model = Vqa::load(&args.model).with_context(|| format!("loading the VQA model from {}", args.model.display()))?;
     if let Some(dir) = &args.eval {
-        let method = crate::caption::eval_method(&args.method, args.smoothing)?;
+        let method = args.methods.eval_method()?;
         let split = Split::read(dir)?;
         let bar = bar(args.limit as u64, "questions");
         let m = evaluate(&model, &split, args.limit, method.as_ref(), |i| bar.set_position(i as u64))?;
@@ -119,15 +110,16 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let dissection = if args.neurons { crate::caption::load_dissection(args.dissection.as_deref(), &args.model, true)? } else { None };
-    let names = dissection.as_ref().map(UnitNames::Dissection);
+    let dissection = if args.neurons { load_dissection(args.dissection.as_deref(), &args.model, true)? } else { None };
+    let names = dissection.as_ref().map(|d| UnitNames::Dissection(d));
     let mut stdout = std::io::stdout().lock();
+    let mut stems = Stems::default();
     if let (Some(qfile), Some(dir)) = (&args.questions, &args.images) {
-        return batch(&model, qfile, dir, &args, names.as_ref(), &mut stdout);
+        return batch(&model, qfile, dir, &args, names.as_ref(), &mut stems, &mut stdout);
     }
     let (image, question) = (args.image.as_ref().expect("clap requires it"), args.question.as_deref().expect("clap requires it"));
     let img = load_image(image)?;
-    let r = answer_one(&model, &img, image, question, &args, "", names.as_ref())?;
+    let r = answer_one(&model, &img, image, question, &args, &stems.unique(image), names.as_ref())?;
     print(&mut stdout, &r, args.json)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -137,9 +129,9 @@ fn print(out: &mut impl Write, r: &QuestionJson, json: bool) -> std::io::Result<
         serde_json::to_writer(&mut *out, r)?;
         return writeln!(out);
     }
-    writeln!(out, "{}: {}", r.image, r.question)?;
+    writeln!(out, "{}: {}", r.image, r.question.escape_debug())?;
     if !r.unknown_words.is_empty() {
-        writeln!(out, "  note: unknown words read as <unk>: {}", r.unknown_words.join(", "))?;
+        writeln!(out, "  note: unknown words read as <unk>: {}", r.unknown_words.join(", ").escape_debug())?;
     }
     if r.truncated {
         writeln!(out, "  note: the question was cut to the model's maximum length")?;
@@ -148,20 +140,15 @@ fn print(out: &mut impl Write, r: &QuestionJson, json: bool) -> std::io::Result<
         writeln!(out, "  {:<16} p {:.4}", a.answer, a.prob)?;
     }
     for e in &r.explanations {
-        let kind = match (e.counterfactual, e.method) {
-            (true, m) => format!("counterfactual ({m}) for"),
-            (false, "gradcam") => "Grad-CAM for".to_string(),
-            (false, m) => format!("{m} for"),
-        };
-        writeln!(out, "  {kind} {:?}: {}", e.answer, e.overlay)?;
-        if let Some(text) = &e.text {
+        writeln!(out, "  {} {:?}: {}", e.map.kind(), e.answer, e.map.overlay)?;
+        if let Some(text) = &e.map.text {
             writeln!(out, "    {text}")?;
         }
     }
     Ok(())
 }
 
-fn answer_one(model: &Vqa, img: &image::RgbImage, path: &Path, question: &str, args: &VqaArgs, prefix: &str, names: Option<&UnitNames>) -> anyhow::Result<QuestionJson> {
+fn answer_one(model: &Vqa, img: &image::RgbImage, path: &Path, question: &str, args: &VqaArgs, stem: &str, names: Option<&UnitNames>) -> anyhow::Result<QuestionJson> {
     let q = model.question(question)?;
     let input = model.preprocess(img)?.unsqueeze(0)?;
     let a = model.features(&input)?;
@@ -175,57 +162,20 @@ fn answer_one(model: &Vqa, img: &image::RgbImage, path: &Path, question: &str, a
             explained.push(i);
         }
     }
-    let mut targets: Vec<(usize, Box<dyn Target>)> = Vec::new();
-    for &i in &explained {
-        targets.push((i, Box::new(ClassLogit(i))));
-        if args.counterfactual {
-            targets.push((i, Box::new(Counterfactual(ClassLogit(i)))));
-        }
+    let subjects: Vec<Subject> = explained.iter().flat_map(|&i| Subject::new(Target::answer(i), model.cfg.answers[i].clone()).and_counterfactual(args.counterfactual)).collect();
+    let out = Output { dir: &args.out, stem, image: img, region: Region { x: 0, y: 0, width: img.width(), height: img.height() } };
+    let neurons = names.map(dissection_report);
+    let bar = Progress::new(args.json);
+    let rendered = render(&args.methods.cam(&split, &bar), &args.methods.method, &input, &a, &subjects, &out, neurons.as_ref().map(|f| f as _))?;
+    if args.methods.method.len() > 1 {
+        write_method_strips(&rendered, &subjects, &out, img.height().max(64))?;
     }
-    let requests: Vec<Request> = targets.iter().map(|(_, t)| Request { image: 0, target: t.as_ref() }).collect();
-    let stem = format!("{prefix}{}", path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into()));
-    let region = Region { x: 0, y: 0, width: img.width(), height: img.height() };
-    let mut explanations = Vec::new();
-    let mut panels: Vec<Vec<image::RgbImage>> = vec![Vec::new(); targets.len()];
-    for method in &args.method {
-        let (results, guided) = crate::caption::method_results(method, args.smoothing, &split, &input, &a, &requests, args.json)?;
-        let (label, tag) = (crate::caption::method_label(method), format!("{}{}", crate::caption::method_tag(method), args.smoothing.tag()));
-        for (k, (r, (i, t))) in results.iter().zip(&targets).enumerate() {
-            let answer = model.cfg.answers[*i].clone();
-            let cf = if t.counterfactual() { "_counterfactual" } else { "" };
-            let file = args.out.join(format!("{stem}_{}{cf}{tag}.png", answer.replace(' ', "_")));
-            let picture = match &guided {
-                Some(g) => crate::caption::guided_picture(&g[k], img.width(), img.height())?,
-                None => overlay(img, &r.cam.normalized().0, region),
-            };
-            write_png_atomic(&picture, &file)?;
-            panels[k].push(picture);
-            let subject = if r.counterfactual { format!("not {answer}") } else { answer.clone() };
-            let neurons = names.map(|n| report(&r.alpha, n, &subject, 5));
-            explanations.push(ExplanationJson {
-                answer,
-                method: label,
-                counterfactual: r.counterfactual,
-                cam_size: [r.cam.h, r.cam.w],
-                cam: r.cam.rows(),
-                overlay: file.display().to_string(),
-                text: neurons.as_ref().map(|n| n.text.clone()),
-                neurons,
-            });
-        }
-    }
-    if args.method.len() > 1 {
-        for (panels, (i, t)) in panels.iter().zip(&targets) {
-            let cf = if t.counterfactual() { "_counterfactual" } else { "" };
-            let file = args.out.join(format!("{stem}_{}{cf}_methods.png", model.cfg.answers[*i].replace(' ', "_")));
-            write_png_atomic(&crate::classify::comparison_strip(panels, img.height().max(64)), &file)?;
-        }
-    }
+    let explanations = rendered.iter().flatten().map(|r| ExplanationJson { answer: model.cfg.answers[r.explanation.target.index().expect("an answer")].clone(), map: MapJson::new(r) });
     Ok(QuestionJson {
         image: path.display().to_string(),
         question: question.to_string(),
         answers: top.iter().map(|&(i, p)| AnswerJson { answer: model.cfg.answers[i].clone(), prob: p }).collect(),
-        explanations,
+        explanations: explanations.collect(),
         unknown_words: q.unknown,
         truncated: q.truncated,
     })
@@ -246,7 +196,7 @@ fn images_by_id(dir: &Path) -> anyhow::Result<HashMap<u64, PathBuf>> {
     Ok(m)
 }
 
-fn batch(model: &Vqa, qfile: &Path, dir: &Path, args: &VqaArgs, names: Option<&UnitNames>, out: &mut impl Write) -> anyhow::Result<ExitCode> {
+fn batch(model: &Vqa, qfile: &Path, dir: &Path, args: &VqaArgs, names: Option<&UnitNames>, stems: &mut Stems, out: &mut impl Write) -> anyhow::Result<ExitCode> {
     let file = VqaFile::read(qfile, args.annotations.as_deref(), None)?;
     let files = images_by_id(dir)?;
     let ann: HashMap<u64, &gradcam_scenes::vqa::Annotation> = file.annotations.iter().map(|a| (a.question_id, a)).collect();
@@ -260,7 +210,8 @@ fn batch(model: &Vqa, qfile: &Path, dir: &Path, args: &VqaArgs, names: Option<&U
                 cache = Some((q.image_id, load_image(path)?));
             }
             let img = &cache.as_ref().expect("just set").1;
-            answer_one(model, img, path, &q.question, args, &format!("q{}_", q.question_id), names)
+            let stem = stems.unique(Path::new(&format!("q{}_{}", q.question_id, path.file_stem().unwrap_or_default().to_string_lossy())));
+            answer_one(model, img, path, &q.question, args, &stem, names)
         })();
         match result {
             Ok(r) => {
@@ -344,110 +295,14 @@ pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
     })?;
     let minutes = start.elapsed().as_secs_f64() / 60.0;
     eprintln!("trained {} epochs in {minutes:.1} min; model in {}", ckpt.epochs_done, args.out.display());
-
-    let test_dir = args.data.join("test");
-    let metrics = if test_dir.join("questions.json").exists() {
-        let model = Vqa::load(&args.out)?;
-        let split = Split::read(&test_dir)?;
-        let n = split.vqa.as_ref().map_or(0, |v| v.questions.len());
-        let b = bar(n as u64, "test questions");
-        let m = evaluate(&model, &split, n, &gradcam_core::GradCam, |i| b.set_position(i as u64))?;
-        b.finish_and_clear();
-        Some(m)
-    } else {
-        None
-    };
-    let mut command = format!(
-        "gradcam train vqa --data {} --out {} --epochs {} --batch-size {} --lr {} --seed {}",
-        args.data.display(),
-        args.out.display(),
-        args.epochs,
-        args.batch_size,
-        args.lr,
-        args.seed
-    );
-    if let Some(dir) = &args.encoder_from {
-        command.push_str(&format!(" --encoder-from {}", dir.display()));
-    }
-    if args.freeze_encoder {
-        command.push_str(" --freeze-encoder");
-    }
-    if let Some(lr) = args.encoder_lr {
-        command.push_str(&format!(" --encoder-lr {lr}"));
-    }
-    if args.drop_background_units {
-        command.push_str(" --drop-background-units");
-    }
-    let cfg: gradcam_vqa::Config = serde_json::from_str(&std::fs::read_to_string(args.out.join("config.json"))?)?;
-    let side = cfg.image_size / 4;
-    let mut s = String::from("# VQA fusion model for ShapeScenes\n\n");
-    s.push_str(&format!(
-        "Question words through embeddings ({}) and an LSTM ({}); the image through the scene CNN (explained layer `conv4`, {} x {side} x {side} at {} px{}), {}; both projected to {} with tanh, fused by element-wise product, then an MLP ({}, ReLU) over the answers. ",
-        cfg.embed,
-        cfg.hidden,
-        cfg.channels,
-        cfg.image_size,
-        if cfg.coord_conv { ", CoordConv before `conv4`" } else { "" },
-        if cfg.pool_moments { "average-, max- and spatial-moment-pooled" } else { "average- and max-pooled" },
-        cfg.joint,
-        cfg.mlp
-    ));
-    if let Some(dir) = &ckpt.train.encoder_from {
-        s.push_str(&format!(
-            "The encoder starts from the trained model in `{}`{}. ",
-            dir.display(),
-            match (ckpt.train.freeze_encoder, ckpt.train.encoder_lr) {
-                (true, _) => " and stays fixed".to_string(),
-                (false, Some(lr)) => format!(" and is fine-tuned with learning rate {lr}"),
-                (false, None) => " and is fine-tuned".to_string(),
-            }
-        ));
-    }
-    if ckpt.train.drop_background_units {
-        let units: Vec<String> = ckpt.dropped_units.iter().map(|(u, share)| format!("unit {u}, active at {:.1}% of positions", 100.0 * share)).collect();
-        s.push_str(&format!(
-            "Left out of that encoder: the units active at more than {:.0}% of the `conv4` positions of the first {} training images, which fire over the background ({}). ",
-            100.0 * gradcam_vqa::train::BACKGROUND_SHARE,
-            gradcam_vqa::train::SCANNED_IMAGES,
-            if units.is_empty() { "none found".to_string() } else { units.join("; ") }
-        ));
-    }
-    s.push_str("An answer is explained by backpropagating its pre-softmax score into `conv4` (Grad-CAM paper, section 8.2); its negation gives the counterfactual map.\n\n");
-    s.push_str(&format!("## Training\n\nData: `{}` (VQA v2 questions + annotations, COCO instances).\n\n```sh\n{command}\n```\n\n", args.data.display()));
-    s.push_str(&format!(
-        "AdamW (lr {}, weight decay {}, cosine decay), batch {} images with all their questions, seed {}; {} epochs in {minutes:.1} min on a 2-core CPU.\n\n",
-        ckpt.train.lr, ckpt.train.weight_decay, ckpt.train.batch_size, ckpt.train.seed, ckpt.epochs_done
-    ));
-    s.push_str("| epoch | train loss | val loss | val accuracy | seconds |\n|---|---|---|---|---|\n");
-    for l in &ckpt.log {
-        s.push_str(&format!("| {} | {:.4} | {:.4} | {:.3} | {:.0} |\n", l.epoch, l.train_loss, l.val_loss, l.val_accuracy, l.seconds));
-    }
+    let b = bar(0, "test questions");
+    let metrics = gradcam_vqa::card::write(&args.data, &args.out, &tc, &ckpt, minutes, &|i, n| {
+        b.set_length(n as u64);
+        b.set_position(i as u64)
+    })?;
+    b.finish_and_clear();
     if let Some(m) = &metrics {
-        s.push_str(&format!("\n## Test metrics ({} questions)\n\n| question type | questions | VQA accuracy |\n|---|---|---|\n", m.overall.questions));
-        s.push_str(&format!("| all | {} | **{:.3}** |\n", m.overall.questions, m.overall.accuracy));
-        for (k, a) in &m.per_type {
-            s.push_str(&format!("| {k} | {} | {:.3} |\n", a.questions, a.accuracy));
-        }
-        s.push_str(&format!(
-            "\nAnswer pointing game on the {} questions whose evidence is one object (peak of the predicted answer's map within {:.0} px of the object's mask): **{:.3}**, centre baseline {:.3}.\n\n",
-            m.pointing.count, m.tolerance_px, m.pointing.accuracy(), m.pointing.centre_accuracy()
-        ));
-        s.push_str(&format!(
-            "Counterfactual check on the {} questions about one object in scenes of two or more: the counterfactual map of the correct answer puts less of its mass on the object than the answer's own map in **{:.3}** of them. {} of those counterfactual maps are empty (nothing argues against the answer; an empty map has no mass anywhere and counts as less); over the others alone: {:.3}.\n\n",
-            m.counterfactual.questions,
-            m.counterfactual.less_mass as f64 / m.counterfactual.questions.max(1) as f64,
-            m.counterfactual.empty,
-            m.counterfactual.less_mass_nonempty as f64 / (m.counterfactual.questions - m.counterfactual.empty).max(1) as f64
-        ));
-        s.push_str("| question type | pointing (questions) | centre baseline | counterfactual less mass (questions) |\n|---|---|---|---|\n");
-        for (k, p) in &m.pointing_per_type {
-            let c = m.counterfactual_per_type.get(k).cloned().unwrap_or_default();
-            let cf = if c.questions > 0 { format!("{:.3} ({})", c.less_mass as f64 / c.questions as f64, c.questions) } else { "-".into() };
-            s.push_str(&format!("| {k} | {:.3} ({}) | {:.3} | {cf} |\n", p.accuracy(), p.count, p.centre_accuracy()));
-        }
-        s.push_str(&format!("\nReproduce with `gradcam vqa --model DIR --eval DATA/test --limit {}`.\n", m.overall.questions));
         eprintln!("test: VQA accuracy {:.3}, pointing {:.3} (centre {:.3})", m.overall.accuracy, m.pointing.accuracy(), m.pointing.centre_accuracy());
     }
-    gradcam_scenes::write_atomic(&args.out.join("README.md"), s.as_bytes())?;
     Ok(ExitCode::SUCCESS)
 }

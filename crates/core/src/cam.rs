@@ -22,7 +22,7 @@ pub trait Explainable {
     /// The gradients of several scores of one image at once, for heads with a hand-written
     /// backward that takes many seeds in one pass (cheaper than replicating the activations once
     /// per score and running candle's backward): `seeds` are `(index, sign)` into the flattened
-    /// output row, as [`Target::element`] gives them.
+    /// output row, as [`Score::element`] gives them.
     ///
     /// Returns `sign * row[index]` for each seed and their gradients, or `None` (the default) to
     /// let [`explain`] take the general path. Must equal that path: a test per implementation
@@ -35,8 +35,9 @@ pub trait Explainable {
     }
 }
 
-/// Picks the score y^c to explain from one row of the head's output.
-pub trait Target {
+/// Picks the score y^c to explain from one row of the head's output. [`Target`] covers classes,
+/// words and answers; implement this for any other score.
+pub trait Score {
     /// A scalar tensor, differentiable with respect to `row`.
     fn score(&self, row: &Tensor) -> Result<Tensor>;
     /// Whether this is a counterfactual target (negated score, paper section 3.3).
@@ -55,7 +56,7 @@ pub trait Target {
 #[derive(Debug, Clone, Copy)]
 pub struct ClassLogit(pub usize);
 
-impl Target for ClassLogit {
+impl Score for ClassLogit {
     fn score(&self, row: &Tensor) -> Result<Tensor> {
         let num_classes = row.elem_count();
         if self.0 >= num_classes {
@@ -73,7 +74,7 @@ impl Target for ClassLogit {
 #[derive(Debug, Clone, Copy)]
 pub struct Counterfactual<T>(pub T);
 
-impl<T: Target> Target for Counterfactual<T> {
+impl<T: Score> Score for Counterfactual<T> {
     fn score(&self, row: &Tensor) -> Result<Tensor> {
         Ok(self.0.score(row)?.neg()?)
     }
@@ -92,7 +93,7 @@ pub trait CamMethod {
     /// alpha: `[n, K, h, w]` x2 -> `[n, K]`.
     fn weights(&self, activations: &Tensor, grads: &Tensor) -> Result<Tensor>;
 
-    /// The map before upsampling: ReLU(sum_k alpha_k A^k).
+    /// The map at the layer's resolution: by default ReLU(sum_k alpha_k A^k).
     ///
     /// # Shapes
     /// `activations`, `grads`: `[n, K, h, w]`; `alpha`: `[n, K]` -> `[n, h, w]`.
@@ -159,8 +160,10 @@ impl CamMethod for GradCam {
 
 /// One explanation to compute: which image of the batch, and which score.
 pub struct Request<'a> {
+    /// The image's row in the batch.
     pub image: usize,
-    pub target: &'a dyn Target,
+    /// The score explained.
+    pub target: &'a dyn Score,
 }
 
 /// One explanation: the target's score, the weights and the raw map.
@@ -171,7 +174,8 @@ pub struct CamResult {
     pub counterfactual: bool,
     /// alpha_k for each of the K channels of the explained layer.
     pub alpha: Vec<f32>,
-    /// The map after ReLU, before upsampling and normalisation, at the layer's resolution.
+    /// The map after ReLU, before normalisation: at the layer's resolution, or at the input's
+    /// with augmentation smoothing (which averages maps upsampled to the input).
     pub cam: Map,
 }
 

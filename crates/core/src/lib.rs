@@ -1,57 +1,92 @@
 //! Gradient-capture core of gradcam (Selvaraju et al., "Grad-CAM: Visual Explanations from Deep
 //! Networks via Gradient-based Localization").
 //!
-//! A model is split at the explained layer ([`Explainable`]): its `features` give the activations
-//! A, which are detached and wrapped in a `Var`; its `head` runs from there to scores; a
-//! [`Target`] picks y^c; the backward runs through the head only and dy/dA is read from the `Var`.
-//! A [`CamMethod`] turns (A, dy/dA) into the weights alpha_k and a map. This crate knows nothing
-//! about captions, questions or file formats.
+//! A model is split at the explained layer ([`Explainable`], or [`Split`] of two closures): its
+//! `features` give the activations A, which are detached and wrapped in a `Var`; its `head` runs
+//! from there to scores; a [`Target`] picks y^c; the backward runs through the head only and
+//! dy/dA is read from the `Var`. A [`Method`] turns (A, dy/dA) into the weights alpha_k and a map;
+//! [`Cam`] runs it and gives [`Explanation`]s. This crate knows nothing about captions, questions
+//! or file formats.
 
 pub mod cam;
+pub mod explainer;
 pub mod guided;
 pub mod map;
+pub mod method;
 pub mod methods;
 pub mod metrics;
 pub mod ops;
+pub mod render;
+pub mod report;
 
-pub use cam::{explain, ClassLogit, CamMethod, CamResult, Counterfactual, Explainable, GradCam, Request, Target};
+pub use cam::{explain, CamMethod, CamResult, ClassLogit, Counterfactual, Explainable, GradCam, Request, Score};
+pub use explainer::{Cam, Explanation, Split, Target};
 pub use guided::{gradient_image, guided_backprop, guided_gradcam};
 pub use map::Map;
+pub use method::{Method, UnknownMethod};
 pub use methods::{augmentation_smoothing, EigenCam, EigenSmooth, GradCamPlusPlus, HiResCam, LayerCam, XGradCam};
-
-/// The gradient-based CAM methods by name (`gradcam`, `gradcam++`, `hirescam`, `xgradcam`,
-/// `layercam`, `eigencam`).
-pub fn method_by_name(name: &str) -> Option<Box<dyn CamMethod>> {
-    Some(match name {
-        "gradcam" => Box::new(GradCam),
-        "gradcam++" | "gradcampp" => Box::new(GradCamPlusPlus),
-        "hirescam" => Box::new(HiResCam),
-        "xgradcam" => Box::new(XGradCam),
-        "layercam" => Box::new(LayerCam),
-        "eigencam" => Box::new(EigenCam),
-        _ => return None,
-    })
-}
+pub use report::{class_named_report, report, Neuron, NeuronReport, UnitNames, UnitTable};
 
 /// Errors of the gradient-capture core.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A target names a score the output row does not have.
     #[error("class {class} is out of range: the model has {num_classes} classes (0..={})", num_classes.saturating_sub(1))]
-    ClassOutOfRange { class: usize, num_classes: usize },
+    ClassOutOfRange {
+        /// The index asked for.
+        class: usize,
+        /// The row's length.
+        num_classes: usize,
+    },
+    /// A request names an image the batch does not have.
     #[error("request for image {image} but the batch has {batch} images")]
-    ImageOutOfRange { image: usize, batch: usize },
+    ImageOutOfRange {
+        /// The row asked for.
+        image: usize,
+        /// The batch size.
+        batch: usize,
+    },
+    /// The explained score is NaN or infinite.
     #[error("the target score is not finite ({value}); the map would be meaningless")]
-    NonFiniteScore { value: f32 },
+    NonFiniteScore {
+        /// The score.
+        value: f32,
+    },
+    /// A map or weights came out NaN or infinite.
     #[error("the {what} contains NaN or infinite values")]
-    NonFinite { what: &'static str },
+    NonFinite {
+        /// What it was.
+        what: &'static str,
+    },
+    /// The head's output does not depend on the activations.
     #[error("the head did not produce a gradient for the explained activations; is the head connected to them?")]
     NoGradient,
+    /// A tensor has the wrong shape for where it is used.
+    #[error("{0}")]
+    Shape(String),
+    /// A combination of options that does not exist.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A file could not be written.
     #[error("cannot write {path}: {source}")]
-    Write { path: std::path::PathBuf, source: std::io::Error },
+    Write {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An image could not be encoded.
     #[error("cannot encode {path}: {source}")]
-    Encode { path: std::path::PathBuf, source: image::ImageError },
+    Encode {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: image::ImageError,
+    },
 }
 
+/// The core's result type.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -124,26 +124,21 @@ pub fn overlay(image: &RgbImage, normalized: &Map, region: Region) -> RgbImage {
     out
 }
 
-/// A map as a grayscale-like jet image of its own size (for strips and raw previews).
-pub fn colorize(normalized: &Map) -> RgbImage {
-    RgbImage::from_fn(normalized.w as u32, normalized.h as u32, |x, y| {
-        Rgb(jet(normalized.data[y as usize * normalized.w + x as usize]))
-    })
+/// Writes a PNG through a temporary file in the same folder renamed into place ([`write_atomic`]).
+pub fn write_png_atomic(img: &RgbImage, path: &Path) -> Result<()> {
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut bytes, image::ImageFormat::Png).map_err(|source| Error::Encode { path: path.to_path_buf(), source })?;
+    write_atomic(path, bytes.get_ref())
 }
 
-/// Writes a PNG through a temporary file in the same folder and renames it into place, so that a
-/// failure never leaves a half-written file behind.
-pub fn write_png_atomic(img: &RgbImage, path: &Path) -> Result<()> {
+/// Writes `bytes` through a temporary file in the same folder and renames it into place, so that
+/// a failure never leaves a half-written file behind.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = img
-        .save_with_format(&tmp, image::ImageFormat::Png)
-        .map_err(|source| match source {
-            image::ImageError::IoError(source) => Error::Write { path: path.to_path_buf(), source },
-            source => Error::Encode { path: path.to_path_buf(), source },
-        })
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(|source| Error::Write { path: path.to_path_buf(), source }));
+    let write = |source| Error::Write { path: path.to_path_buf(), source };
+    let result = std::fs::write(&tmp, bytes).map_err(write).and_then(|()| std::fs::rename(&tmp, path).map_err(write));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

@@ -213,7 +213,7 @@ pub fn ablation_cam<M: crate::Explainable + ?Sized>(
 }
 
 /// The target's score of every row of a head output.
-fn score_rows(out: &Tensor, target: &dyn crate::Target) -> Result<Vec<f32>> {
+fn score_rows(out: &Tensor, target: &dyn crate::Score) -> Result<Vec<f32>> {
     (0..out.dim(0)?).map(|i| Ok(target.score(&out.get(i)?)?.to_scalar::<f32>()?)).collect()
 }
 

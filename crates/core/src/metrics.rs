@@ -10,6 +10,16 @@ pub struct Pointing {
 }
 
 impl Pointing {
+    /// The pointing game for one map at the image's resolution (`h x w`, e.g. the raw map
+    /// upsampled): whether its peak lands on the object (`near(y, x)`: on its mask or within the
+    /// tolerance), and whether the image's centre does (the baseline). The one implementation
+    /// behind `eval`, `caption --eval` and `vqa --eval`.
+    pub fn hits(map: &crate::Map, near: impl Fn(usize, usize) -> bool) -> (bool, bool) {
+        let (py, px) = map.argmax();
+        (near(py, px), near(map.h / 2, map.w / 2))
+    }
+
+    /// Counts one case: a hit at the peak, and one at the centre.
     pub fn add(&mut self, hit: bool, centre_hit: bool) {
         self.count += 1;
         self.hits += hit as usize;

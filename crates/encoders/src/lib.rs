@@ -7,6 +7,7 @@ pub mod hashed;
 pub mod imagenet;
 pub mod network;
 pub mod preprocess;
+pub mod prune;
 pub mod pth;
 pub mod resnet;
 pub mod scene_cnn;
@@ -45,6 +46,8 @@ pub enum Error {
     UnknownModel(String),
     #[error("no weights given for {model}, and {reason}")]
     NoWeights { model: String, reason: String },
+    #[error("{0}")]
+    Data(String),
 }
 
 impl Error {

@@ -88,7 +88,7 @@ impl Network {
         })
     }
 
-    /// Canonical name of a layer given by name or alias.
+    /// Canonical name of the layer at `index` (as [`Network::layer_index`] gives it).
     pub fn layer_name(&self, index: usize) -> &str {
         &self.layers[index].0
     }

@@ -303,8 +303,8 @@ fn evaluate_example<S: Subject>(subject: &S, ex: &Example<S::State>, options: &O
             energy: None,
         };
         if options.has(Task::Pointing) && present {
-            r.pointing_hit = Some(case.objects.iter().any(|o| o.mask.near(py, px, tolerance)));
-            r.centre_hit = Some(case.objects.iter().any(|o| o.mask.near(h / 2, w / 2, tolerance)));
+            let (hit, centre) = Pointing::hits(&up, |y, x| case.objects.iter().any(|o| o.mask.near(y, x, tolerance)));
+            (r.pointing_hit, r.centre_hit) = (Some(hit), Some(centre));
         }
         if options.has(Task::Localization) && (present || case.rank.is_some()) {
             r.bbox = threshold_box(&up, options.box_threshold);

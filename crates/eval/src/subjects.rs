@@ -9,7 +9,7 @@ use candle_core::{Tensor, D};
 use gradcam_captioner::eval::{named_objects, word_explanations_with};
 use gradcam_captioner::Captioner;
 use gradcam_core::metrics::BoundingBox;
-use gradcam_core::{explain, CamMethod, ClassLogit, Explainable, Map, Request, Target};
+use gradcam_core::{explain, CamMethod, ClassLogit, Explainable, Map, Request, Score};
 use gradcam_encoders::preprocess::{load_image, prepare, Resize};
 use gradcam_encoders::{imagenet, Network};
 use gradcam_scenes::coco::{Instance, Instances};
@@ -162,7 +162,7 @@ impl Subject for ClassifierSubject {
 
     fn maps(&self, ex: &Example<ClassifierState>, method: &dyn CamMethod) -> Result<Vec<Map>> {
         let classes: Vec<ClassLogit> = ex.state.classes.iter().map(|&c| ClassLogit(c)).collect();
-        let requests: Vec<Request> = classes.iter().map(|t| Request { image: 0, target: t as &dyn Target }).collect();
+        let requests: Vec<Request> = classes.iter().map(|t| Request { image: 0, target: t as &dyn Score }).collect();
         Ok(explain(&self.net.split(self.layer), &ex.state.activations, &requests, method)?.into_iter().map(|r| r.cam).collect())
     }
 

@@ -1,13 +1,21 @@
 //! Textual explanations (Grad-CAM paper, section 7): name the explained layer's units by network
 //! dissection (Bau et al., "Network Dissection", 2017) or, for ImageNet classifiers, by the classes
 //! they push up; then report the 5 units with the largest and the 5 with the smallest alpha_k of
-//! an explanation, with their names, as data and as a sentence.
+//! an explanation, with their names, as data and as a sentence (the report itself lives in the
+//! core, beside the explanations it reads).
 
 pub mod dissect;
-pub mod report;
+pub mod model;
 
+pub use model::{dissect_model, split_dir};
 pub use dissect::{concepts, dissect, image_concepts, Concept, Dissection, ImageMasks, Options, UnitName};
-pub use report::{report, Neuron, NeuronReport, UnitNames};
+pub use gradcam_core::report::{report, Neuron, NeuronReport, UnitNames};
+
+impl gradcam_core::UnitTable for Dissection {
+    fn unit_name(&self, unit: usize) -> Option<(&str, f32)> {
+        self.name(unit)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use gradcam_core::metrics::Pointing;
-use gradcam_core::{explain, CamMethod, ClassLogit, Counterfactual, Map, Request, Target};
+use gradcam_core::{explain, CamMethod, ClassLogit, Counterfactual, Map, Request, Score};
 use gradcam_scenes::rle::Mask;
 use gradcam_scenes::vqa::Vqa as VqaFile;
 use gradcam_scenes::Split;
@@ -104,13 +104,12 @@ pub fn evaluate(model: &Vqa, split: &Split, limit: usize, method: &dyn CamMethod
             let mask = evidence[0];
             let predicted = ClassLogit(pred);
             let map = &explain(&split_q, &a, &[Request { image: 0, target: &predicted }], method)?[0].cam;
-            let (py, px) = map.normalized().0.resize_bilinear(h, w).argmax();
-            let (hit, centre) = (mask.near(py, px, tolerance), mask.near(h / 2, w / 2, tolerance));
+            let (hit, centre) = Pointing::hits(&map.resize_bilinear(h, w), |y, x| mask.near(y, x, tolerance));
             pointing.add(hit, centre);
             pointing_per_type.entry(qtype.clone()).or_default().add(hit, centre);
             if let (true, Ok(correct)) = (ex.objects.len() >= 2, model.answer_index(&ann.multiple_choice_answer)) {
                 let (t, c) = (ClassLogit(correct), Counterfactual(ClassLogit(correct)));
-                let targets: [&dyn Target; 2] = [&t, &c];
+                let targets: [&dyn Score; 2] = [&t, &c];
                 let maps = explain(&split_q, &a, &targets.map(|target| Request { image: 0, target }), method)?;
                 let less = (mass_on(&maps[1].cam, mask) < mass_on(&maps[0].cam, mask)) as usize;
                 let empty = !maps[1].cam.normalized().1 as usize;

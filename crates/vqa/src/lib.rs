@@ -3,6 +3,7 @@
 //! pre-softmax score is backpropagated into the CNN's last convolutional layer; its negation gives
 //! the counterfactual map.
 
+pub mod card;
 pub mod eval;
 pub mod model;
 pub mod train;

@@ -189,7 +189,9 @@ impl Vqa {
             cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv, cfg.channels)?,
             embed: vb.pp("embed").get((cfg.vocab_size, e), "weight")?,
             lstm: LstmCell::new(&lstm.get((4 * h, e), "weight_ih")?, &lstm.get((4 * h, h), "weight_hh")?, &lstm.get(4 * h, "bias_ih")?, &lstm.get(4 * h, "bias_hh")?)?,
-            image_proj: linear("image_proj", j, cfg.pooling().width(cfg.channels), Activation::Identity)?,
+            // ReLU fused into the op, so that Guided Backpropagation's rule holds in it (candle's
+            // `relu` would pass negative gradients).
+            image_proj: linear("image_proj", j, cfg.pooling().width(cfg.channels), Activation::Relu)?,
             question_proj: linear("question_proj", j, h, Activation::Identity)?,
             fc1: linear("classifier.0", m, j, Activation::Relu)?,
             fc2: linear("classifier.2", a, m, Activation::Identity)?,
@@ -202,7 +204,8 @@ impl Vqa {
         Ok(SceneCnn::preprocess(img, self.cfg.image_size)?)
     }
 
-    /// Activations of the explained layer (`conv4`), `[b, 96, s / 4, s / 4]`.
+    /// Activations of the explained layer (`conv4`), `[b, channels, s / 4, s / 4]` (`channels`
+    /// from config.json).
     pub fn features(&self, images: &Tensor) -> Result<Tensor> {
         Ok(self.cnn.forward(images)?)
     }
@@ -241,7 +244,7 @@ impl Vqa {
     /// # Shapes
     /// `a`: `[n, C, h, w]`, `q`: `[1, joint]` -> `[n, answers]`.
     pub fn logits(&self, a: &Tensor, q: &Tensor) -> Result<Tensor> {
-        let v = self.image_proj.forward(&self.cfg.pooling().forward(a)?)?.relu()?; // [n, J]
+        let v = self.image_proj.forward(&self.cfg.pooling().forward(a)?)?; // [n, J], ReLU fused
         Ok(self.fc2.forward(&self.fc1.forward(&v.broadcast_mul(q)?)?)?)
     }
 

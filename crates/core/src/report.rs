@@ -3,12 +3,17 @@
 
 use serde::Serialize;
 
-use crate::Dissection;
+/// A table of unit names with a score each, such as network dissection's (`gradcam_neurons::
+/// Dissection`): the concept whose masks a unit's activations overlap best, with that IoU.
+pub trait UnitTable {
+    /// The unit's name and its IoU, or `None` when it is unnamed.
+    fn unit_name(&self, unit: usize) -> Option<(&str, f32)>;
+}
 
 /// Where unit names come from.
 pub enum UnitNames<'a> {
     /// Network dissection against concept masks: names with IoUs.
-    Dissection(&'a Dissection),
+    Dissection(&'a dyn UnitTable),
     /// For classifiers without concept masks: each unit's name lists the classes it most
     /// supports through the classifier (`classes_of(unit)`), with no IoU.
     Classes(&'a dyn Fn(usize) -> Option<String>),
@@ -28,7 +33,7 @@ impl UnitNames<'_> {
 
     fn name(&self, unit: usize) -> (Option<String>, Option<f32>) {
         match self {
-            UnitNames::Dissection(d) => match d.name(unit) {
+            UnitNames::Dissection(d) => match d.unit_name(unit) {
                 Some((c, iou)) => (Some(c.to_string()), Some(iou)),
                 None => (None, None),
             },
@@ -38,14 +43,20 @@ impl UnitNames<'_> {
     }
 }
 
+/// One reported unit of the explained layer.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Neuron {
+    /// The unit's (channel's) index k.
     pub unit: usize,
+    /// Its importance weight alpha_k in the explanation.
     pub alpha: f32,
+    /// Its name, when the names know one.
     pub name: Option<String>,
+    /// The IoU behind a dissection name.
     pub iou: Option<f32>,
 }
 
+/// The textual explanation of one decision (the paper's section 7).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct NeuronReport {
     /// The units with the largest alpha_k, largest first.
@@ -54,6 +65,7 @@ pub struct NeuronReport {
     pub bottom: Vec<Neuron>,
     /// `dissection`, `classifier-weights` or `none`.
     pub names: &'static str,
+    /// The sentence: which named units support the subject and which argue against it.
     pub text: String,
 }
 
@@ -100,4 +112,37 @@ pub fn report(alpha: &[f32], names: &UnitNames, subject: &str, n: usize) -> Neur
         (false, false) => format!("\"{subject}\" is supported by {}; most against it: {}", describe(&support), describe(&against)),
     };
     NeuronReport { top, bottom, names: names.kind(), text }
+}
+
+/// The report of a classifier's explanation, each reported unit named by the 3 classes whose
+/// scores rise most when only that unit is on (1.0 at every position) rather than all units off:
+/// for a global-average-pool + linear head these are exactly the unit's largest classifier
+/// weights. `activations` (`[1, K, h, w]`) give the probe's shape; `class_name` names a class.
+pub fn class_named_report<M: crate::Explainable + ?Sized>(
+    model: &M,
+    activations: &candle_core::Tensor,
+    alpha: &[f32],
+    subject: &str,
+    class_name: &dyn Fn(usize) -> String,
+) -> crate::Result<NeuronReport> {
+    let plain = report(alpha, &UnitNames::None, subject, 5);
+    let units: Vec<usize> = plain.top.iter().chain(&plain.bottom).map(|n| n.unit).collect();
+    let (_, k, h, w) = activations.dims4()?;
+    let mut probe = vec![0f32; (units.len() + 1) * k * h * w];
+    for (i, &u) in units.iter().enumerate() {
+        let start = ((i + 1) * k + u) * h * w;
+        probe[start..start + h * w].fill(1.0);
+    }
+    let probe = candle_core::Tensor::from_vec(probe, (units.len() + 1, k, h, w), activations.device())?;
+    let scores = model.head(&probe)?.flatten_from(1)?.to_vec2::<f32>()?; // row 0: all units off
+    let mut names = std::collections::HashMap::new();
+    for (i, &u) in units.iter().enumerate() {
+        let rise: Vec<f32> = scores[i + 1].iter().zip(&scores[0]).map(|(a, b)| a - b).collect();
+        let mut order: Vec<usize> = (0..rise.len()).collect();
+        order.sort_by(|&a, &b| rise[b].total_cmp(&rise[a]));
+        let classes: Vec<String> = order.iter().take(3).map(|&c| class_name(c)).collect();
+        names.insert(u, format!("raises {}", classes.join(" / ")));
+    }
+    let lookup = |u: usize| names.get(&u).cloned();
+    Ok(report(alpha, &UnitNames::Classes(&lookup), subject, 5))
 }

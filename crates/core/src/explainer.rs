@@ -1,0 +1,369 @@
+//! The user-facing pipeline: [`Split`] makes any two closures an explainable model, [`Target`]
+//! names what to explain, [`Cam`] runs any [`Method`] and gives [`Explanation`]s.
+
+use std::fmt;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use image::{DynamicImage, RgbImage};
+
+use crate::map::{overlay, Region};
+use crate::methods::{ablation_cam, augmentation_smoothing, score_cam, EigenSmooth};
+use crate::report::{report, NeuronReport, UnitNames};
+use crate::{explain, guided_backprop, guided_gradcam, CamMethod, CamResult, Error, Explainable, Map, Method, Request, Result, Score};
+
+/// A model given as two functions: `features` (input -> activations A `[n, K, h, w]` of the
+/// explained layer) and `head` (A -> scores `[n, ...]`, one row per input). This is all a candle
+/// model needs to be explained: run its layers up to the one you explain in `features`, the
+/// rest in `head`.
+///
+/// Guided Backpropagation follows the guided rule only through the ReLUs of [`crate::ops`]
+/// ([`crate::ops::Activation::forward`]): use those in a model you explain with the guided
+/// methods (candle's own `relu` lets negative gradients through).
+pub struct Split<F, H> {
+    features: F,
+    head: H,
+}
+
+impl<F, H> Split<F, H>
+where
+    F: Fn(&Tensor) -> candle_core::Result<Tensor>,
+    H: Fn(&Tensor) -> candle_core::Result<Tensor>,
+{
+    /// The model split into `features` and `head`.
+    pub fn new(features: F, head: H) -> Self {
+        Split { features, head }
+    }
+}
+
+impl<F, H> Explainable for Split<F, H>
+where
+    F: Fn(&Tensor) -> candle_core::Result<Tensor>,
+    H: Fn(&Tensor) -> candle_core::Result<Tensor>,
+{
+    fn features(&self, input: &Tensor) -> Result<Tensor> {
+        let a = (self.features)(input)?;
+        if a.rank() != 4 {
+            return Err(Error::Shape(format!("features must give activations [n, K, h, w]; got {:?}", a.dims())));
+        }
+        Ok(a)
+    }
+
+    fn head(&self, activations: &Tensor) -> Result<Tensor> {
+        Ok((self.head)(activations)?)
+    }
+}
+
+/// What to explain: one score of the head's output row, or its negation (the paper's
+/// counterfactual, section 3.3: the regions whose removal would raise the score).
+#[derive(Clone)]
+pub struct Target {
+    kind: TargetKind,
+    counterfactual: bool,
+}
+
+#[derive(Clone)]
+enum TargetKind {
+    Class(usize),
+    Word(usize),
+    Answer(usize),
+    Custom(Arc<dyn Score + Send + Sync>),
+}
+
+impl Target {
+    /// The pre-softmax logit of class `k` (a classifier's output row holds its logits).
+    pub fn class(k: usize) -> Self {
+        Target { kind: TargetKind::Class(k), counterfactual: false }
+    }
+
+    /// The log-probability of the caption's word at step `t` (the captioner's head gives one
+    /// log-probability per word of the caption it explains).
+    pub fn word(t: usize) -> Self {
+        Target { kind: TargetKind::Word(t), counterfactual: false }
+    }
+
+    /// The pre-softmax score of answer `k` of a VQA model.
+    pub fn answer(k: usize) -> Self {
+        Target { kind: TargetKind::Answer(k), counterfactual: false }
+    }
+
+    /// Any other score of the output row.
+    pub fn custom(score: impl Score + Send + Sync + 'static) -> Self {
+        Target { kind: TargetKind::Custom(Arc::new(score)), counterfactual: false }
+    }
+
+    /// The counterfactual of this target: its negated score.
+    pub fn counterfactual(self) -> Self {
+        Target { counterfactual: !self.counterfactual, ..self }
+    }
+
+    /// Whether this is a counterfactual target.
+    pub fn is_counterfactual(&self) -> bool {
+        self.counterfactual
+    }
+
+    /// The class, word step or answer index; `None` for a custom score.
+    pub fn index(&self) -> Option<usize> {
+        match self.kind {
+            TargetKind::Class(i) | TargetKind::Word(i) | TargetKind::Answer(i) => Some(i),
+            TargetKind::Custom(_) => None,
+        }
+    }
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let cf = if self.counterfactual { "counterfactual " } else { "" };
+        match self.kind {
+            TargetKind::Class(k) => write!(f, "{cf}class {k}"),
+            TargetKind::Word(t) => write!(f, "{cf}word {t}"),
+            TargetKind::Answer(k) => write!(f, "{cf}answer {k}"),
+            TargetKind::Custom(_) => write!(f, "{cf}custom score"),
+        }
+    }
+}
+
+impl Score for Target {
+    fn score(&self, row: &Tensor) -> Result<Tensor> {
+        let s = match (&self.kind, self.index()) {
+            (TargetKind::Custom(score), _) => score.score(row)?,
+            (_, Some(i)) => {
+                let flat = row.flatten_all()?;
+                if i >= flat.elem_count() {
+                    return Err(Error::ClassOutOfRange { class: i, num_classes: flat.elem_count() });
+                }
+                flat.get(i)?
+            }
+            (_, None) => unreachable!("only custom targets have no index"),
+        };
+        Ok(if self.counterfactual { s.neg()? } else { s })
+    }
+
+    fn counterfactual(&self) -> bool {
+        self.counterfactual
+    }
+
+    fn element(&self) -> Option<(usize, f32)> {
+        let (i, sign) = match &self.kind {
+            TargetKind::Custom(score) => score.element()?,
+            _ => (self.index()?, 1.0),
+        };
+        Some((i, if self.counterfactual { -sign } else { sign }))
+    }
+}
+
+/// One explanation of one target.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    /// The method that made it.
+    pub method: Method,
+    /// What was explained.
+    pub target: Target,
+    /// The image's row in the input batch.
+    pub image: usize,
+    /// The target's score y^c (for a counterfactual target, the score itself, not its negation).
+    pub score: f32,
+    /// The raw map, row-major `map_size.0 x map_size.1`: after the method's ReLU, before
+    /// normalisation, at the explained layer's resolution (with augmentation smoothing, at the
+    /// input's).
+    pub map: Vec<f32>,
+    /// (height, width) of `map`.
+    pub map_size: (usize, usize),
+    /// alpha_k for each of the K channels of the explained layer: the importance weights behind
+    /// the map, ranked by the neuron report.
+    pub weights: Option<Vec<f32>>,
+    /// For the guided methods, the guided image `[3, H, W]` at the input's resolution (Guided
+    /// Backpropagation, or its product with the upsampled Grad-CAM map), row-major per channel.
+    pub guided: Option<Vec<f32>>,
+    /// (height, width) of the guided image.
+    pub guided_size: (usize, usize),
+}
+
+impl Explanation {
+    /// The raw map as a [`Map`].
+    pub fn cam(&self) -> Map {
+        Map::new(self.map_size.0, self.map_size.1, self.map.clone())
+    }
+
+    /// Whether this explains a counterfactual target.
+    pub fn is_counterfactual(&self) -> bool {
+        self.target.is_counterfactual()
+    }
+
+    /// False when the map is zero everywhere: nothing in the layer supports the target.
+    pub fn nonzero(&self) -> bool {
+        self.cam().normalized().1
+    }
+
+    /// The map, min-max normalised, coloured with jet and blended over the whole image (which is
+    /// taken to be what the model saw).
+    pub fn overlay(&self, image: &DynamicImage) -> RgbImage {
+        let rgb = image.to_rgb8();
+        let region = Region { x: 0, y: 0, width: rgb.width(), height: rgb.height() };
+        overlay(&rgb, &self.cam().normalized().0, region)
+    }
+
+    /// The picture of this explanation on `image`: the guided image for the guided methods
+    /// (resized to the image), else the map blended over `region` (the part of the image the
+    /// model saw; the rest is dimmed).
+    pub fn picture(&self, image: &RgbImage, region: Region) -> Result<RgbImage> {
+        match &self.guided {
+            Some(g) => {
+                let (h, w) = self.guided_size;
+                let p = crate::gradient_image(&Tensor::from_slice(g, (3, h, w), &candle_core::Device::Cpu)?)?;
+                Ok(if p.dimensions() == image.dimensions() {
+                    p
+                } else {
+                    image::imageops::resize(&p, image.width(), image.height(), image::imageops::FilterType::Triangle)
+                })
+            }
+            None => Ok(overlay(image, &self.cam().normalized().0, region)),
+        }
+    }
+
+    /// The textual explanation: the 5 units with the largest and the 5 with the smallest
+    /// alpha_k, named by `names`, in a sentence about `subject` (a class, a word, an answer).
+    /// `None` when the method gives no weights.
+    pub fn neurons(&self, names: &UnitNames, subject: &str) -> Option<NeuronReport> {
+        self.weights.as_ref().map(|alpha| report(alpha, names, subject, 5))
+    }
+}
+
+/// Explains a model with one method: `Cam::new(&model).method(Method::GradCamPlusPlus)
+/// .explain(&input, &targets)`.
+pub struct Cam<'m, M: ?Sized> {
+    model: &'m M,
+    method: Method,
+    eigen_smooth: bool,
+    aug_smooth: bool,
+    progress: Option<&'m (dyn Fn(usize, usize) + Sync)>,
+}
+
+impl<M: ?Sized> Clone for Cam<'_, M> {
+    fn clone(&self) -> Self {
+        Cam { ..*self }
+    }
+}
+
+impl<'m, M: Explainable + ?Sized> Cam<'m, M> {
+    /// Grad-CAM of `model`, no smoothing.
+    pub fn new(model: &'m M) -> Self {
+        Cam { model, method: Method::GradCam, eigen_smooth: false, aug_smooth: false, progress: None }
+    }
+
+    /// The method to run.
+    pub fn method(self, method: Method) -> Self {
+        Cam { method, ..self }
+    }
+
+    /// Eigen-smoothing (pytorch-grad-cam's `eigen_smooth`): each map is the first principal
+    /// component of the weighted activations alpha_k A^k instead of their sum. Gradient-based
+    /// methods only.
+    pub fn eigen_smooth(self, on: bool) -> Self {
+        Cam { eigen_smooth: on, ..self }
+    }
+
+    /// Augmentation smoothing (pytorch-grad-cam's `aug_smooth`): the mean map over the input
+    /// flipped or not and scaled by 0.9, 1 and 1.1, at the input's resolution (6x the work).
+    /// Gradient-based methods only.
+    pub fn aug_smooth(self, on: bool) -> Self {
+        Cam { aug_smooth: on, ..self }
+    }
+
+    /// Hears (channels done, channels) while Ablation-CAM or Score-CAM work through the layer.
+    pub fn on_progress(self, progress: &'m (dyn Fn(usize, usize) + Sync)) -> Self {
+        Cam { progress: Some(progress), ..self }
+    }
+
+    /// The method in use.
+    pub fn current_method(&self) -> Method {
+        self.method
+    }
+
+    /// The part of an output file name that tells this method and smoothing apart (empty for
+    /// plain Grad-CAM): `_gradcampp`, `_eigen`, `_scorecam`, ...
+    pub fn file_tag(&self) -> String {
+        let smoothing = match (self.eigen_smooth, self.aug_smooth) {
+            (false, false) => "",
+            (true, false) => "_eigen",
+            (false, true) => "_aug",
+            (true, true) => "_eigen_aug",
+        };
+        format!("{}{smoothing}", self.method.file_tag())
+    }
+
+    /// One explanation per target, all of image 0 of `input` (`[1, C, H, W]`, or `[C, H, W]`).
+    pub fn explain(&self, input: &Tensor, targets: &[Target]) -> Result<Vec<Explanation>> {
+        let input = if input.rank() == 3 { input.unsqueeze(0)? } else { input.clone() };
+        let activations = self.model.features(&input)?;
+        let requests: Vec<(usize, Target)> = targets.iter().map(|t| (0, t.clone())).collect();
+        self.explain_with(&input, &activations, &requests)
+    }
+
+    /// One explanation per (image row, target) of a batch, from activations already computed
+    /// with [`Explainable::features`] (so that a caller who also needs the predictions runs the
+    /// backbone once).
+    ///
+    /// # Shapes
+    /// `input`: `[B, C, H, W]`; `activations`: `[B, K, h, w]`.
+    pub fn explain_with(&self, input: &Tensor, activations: &Tensor, requests: &[(usize, Target)]) -> Result<Vec<Explanation>> {
+        let method = self.method;
+        if method.is_perturbation() && (self.eigen_smooth || self.aug_smooth) {
+            return Err(Error::Unsupported(format!("eigen- and augmentation smoothing work with the gradient-based methods, not {method}")));
+        }
+        let reqs: Vec<Request> = requests.iter().map(|(image, t)| Request { image: *image, target: t as &dyn Score }).collect();
+        let k = activations.dim(1)?;
+        let mut tell = |done: usize| {
+            if let Some(p) = self.progress {
+                p(done, k)
+            }
+        };
+        let results = match method {
+            Method::AblationCam => ablation_cam(self.model, activations, &reqs, 128, &mut tell)?,
+            Method::ScoreCam => score_cam(self.model, input, activations, &reqs, 2, &mut tell)?,
+            _ => {
+                let mut m: Box<dyn CamMethod> = method.cam_method().expect("a gradient-based method");
+                if self.eigen_smooth {
+                    m = Box::new(EigenSmooth(m));
+                }
+                if self.aug_smooth {
+                    augmentation_smoothing(self.model, input, &reqs, m.as_ref())?
+                } else {
+                    explain(self.model, activations, &reqs, m.as_ref())?
+                }
+            }
+        };
+        let guided = if method.is_guided() { Some(guided_backprop(self.model, input, &reqs)?) } else { None };
+        results
+            .into_iter()
+            .zip(requests)
+            .enumerate()
+            .map(|(i, (r, (_, target)))| {
+                let (guided, guided_size) = match &guided {
+                    Some(gb) => {
+                        let g = gb.get(i)?;
+                        let g = if method == Method::GuidedGradCam { guided_gradcam(&g, &r.cam)? } else { g };
+                        let (_, h, w) = g.dims3()?;
+                        (Some(g.flatten_all()?.to_vec1::<f32>()?), (h, w))
+                    }
+                    None => (None, (0, 0)),
+                };
+                Ok(from_result(method, target.clone(), r, guided, guided_size))
+            })
+            .collect()
+    }
+}
+
+fn from_result(method: Method, target: Target, r: CamResult, guided: Option<Vec<f32>>, guided_size: (usize, usize)) -> Explanation {
+    Explanation {
+        method,
+        target,
+        image: r.image,
+        score: r.score,
+        map_size: (r.cam.h, r.cam.w),
+        map: r.cam.data,
+        weights: Some(r.alpha),
+        guided,
+        guided_size,
+    }
+}

@@ -1,0 +1,112 @@
+//! Pointwise activations as differentiable ops with exact backward (ReLU passes no gradient at
+//! 0), and the Guided Backpropagation switch ([`guided`]) that their backward obeys.
+
+use std::cell::Cell;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{f32_slice, CResult};
+
+/// The pointwise non-linearity fused after a convolution or linear layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    Relu,
+    Relu6,
+}
+
+impl Activation {
+    #[inline]
+    pub(super) fn apply(self, v: f32) -> f32 {
+        match self {
+            Activation::Identity => v,
+            Activation::Relu => v.max(0.0),
+            Activation::Relu6 => v.clamp(0.0, 6.0),
+        }
+    }
+
+    /// Derivative, read from the activation's output (its input is not kept). ReLU6's output is
+    /// 0 or 6 exactly where the input was clipped, so both derivatives are exact from the output.
+    #[inline]
+    pub(super) fn derivative_from_output(self, out: f32) -> f32 {
+        match self {
+            Activation::Identity => 1.0,
+            Activation::Relu => (out > 0.0) as u8 as f32,
+            Activation::Relu6 => (out > 0.0 && out < 6.0) as u8 as f32,
+        }
+    }
+
+    /// The gradient through the activation, read from its output; with Guided Backpropagation's
+    /// rule a ReLU or ReLU6 also stops every negative gradient.
+    #[inline]
+    pub(super) fn backward(self, out: f32, grad: f32, guided: bool) -> f32 {
+        if guided && self != Activation::Identity && grad <= 0.0 {
+            return 0.0;
+        }
+        grad * self.derivative_from_output(out)
+    }
+
+    /// Applies the activation as a standalone differentiable op.
+    pub fn forward(self, x: &Tensor) -> CResult<Tensor> {
+        if self == Activation::Identity {
+            return Ok(x.clone());
+        }
+        x.contiguous()?.apply_op1(ActivationOp(self))
+    }
+}
+
+thread_local! {
+    static GUIDED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with Guided Backpropagation's rule (Springenberg et al. 2015; the paper's section
+/// 3.2) in the backward of every ReLU and ReLU6 of these ops on this thread: the gradient passes
+/// only where it is positive and the unit's input was positive (for ReLU6, also below 6). The
+/// forward is unchanged; run the backward inside `f`. The previous rule is restored afterwards,
+/// even on a panic.
+pub fn guided<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GUIDED.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GUIDED.with(|g| g.replace(true)));
+    f()
+}
+
+/// Whether [`guided`] is in force on this thread (read once per backward, before any work is
+/// handed to other threads).
+pub(super) fn is_guided() -> bool {
+    GUIDED.with(Cell::get)
+}
+
+struct ActivationOp(Activation);
+
+impl CustomOp1 for ActivationOp {
+    fn name(&self) -> &'static str {
+        "gradcam-activation"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout, self.name())?;
+        let act = self.0;
+        let out: Vec<f32> = x.par_iter().with_min_len(4096).map(|&v| act.apply(v)).collect();
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> CResult<Option<Tensor>> {
+        let out = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (act, guided) = (self.0, is_guided());
+        let g: Vec<f32> = out
+            .par_iter()
+            .zip(grad.par_iter())
+            .with_min_len(4096)
+            .map(|(&o, &g)| act.backward(o, g, guided))
+            .collect();
+        Ok(Some(Tensor::from_vec(g, res.shape(), res.device())?))
+    }
+}
+

@@ -1,0 +1,337 @@
+//! 2-D convolutions: [`Conv2d`] for frozen layers (input gradient only) and [`TrainableConv2d`]
+//! for training (input, weight and bias gradients), both by im2col + GEMM, depthwise ones by a
+//! direct kernel, with TensorFlow "SAME" padding and a fused bias and activation.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{f32_slice, CResult};
+use super::kernels::{col2im, depthwise_channel, depthwise_channel_backward, im2col, matmul};
+use super::{is_guided, planes_per_task, Activation};
+
+/// Spatial padding of a convolution or pooling window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// The same number of pixels on every side (PyTorch's `padding=p`).
+    Symmetric(usize),
+    /// TensorFlow "SAME": output = ceil(input / stride), the odd pixel of padding goes to the
+    /// bottom and right. Computed from the actual input size, so any image size works.
+    Same,
+}
+
+impl Padding {
+    /// (before, after) padding and output length along one axis.
+    fn resolve(self, input: usize, kernel: usize, stride: usize) -> (usize, usize, usize) {
+        match self {
+            Padding::Symmetric(p) => {
+                let out = (input + 2 * p).saturating_sub(kernel) / stride + 1;
+                (p, p, out)
+            }
+            Padding::Same => {
+                let out = input.div_ceil(stride);
+                let total = ((out - 1) * stride + kernel).saturating_sub(input);
+                (total / 2, total - total / 2, out)
+            }
+        }
+    }
+}
+
+
+/// A frozen 2-D convolution with bias and fused activation. Weights are `[out, in / groups, kh, kw]`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Arc<Vec<f32>>,
+    bias: Arc<Vec<f32>>,
+    out_channels: usize,
+    in_channels: usize,
+    groups: usize,
+    kernel: (usize, usize),
+    stride: usize,
+    padding: Padding,
+    activation: Activation,
+}
+
+/// Geometry of one convolution call, resolved from the input size.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ConvGeometry {
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) stride: usize,
+    pub(super) batch: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
+    pub(super) pad_top: usize,
+    pub(super) pad_left: usize,
+}
+
+impl Conv2d {
+    /// `weight`: `[out, in / groups, kh, kw]`; `bias`: `[out]` (zeros when `None`).
+    pub fn new(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        groups: usize,
+        stride: usize,
+        padding: Padding,
+        activation: Activation,
+    ) -> CResult<Self> {
+        let (out_channels, in_per_group, kh, kw) = weight.dims4()?;
+        if groups == 0 || out_channels % groups != 0 || stride == 0 {
+            candle_core::bail!("conv2d: {out_channels} output channels, {groups} groups, stride {stride}");
+        }
+        let bias = match bias {
+            Some(b) => {
+                let b = b.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+                if b.len() != out_channels {
+                    candle_core::bail!("conv2d bias has {} values for {out_channels} channels", b.len());
+                }
+                b
+            }
+            None => vec![0.0; out_channels],
+        };
+        Ok(Self {
+            weight: Arc::new(weight.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?),
+            bias: Arc::new(bias),
+            out_channels,
+            in_channels: in_per_group * groups,
+            groups,
+            kernel: (kh, kw),
+            stride,
+            padding,
+            activation,
+        })
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    /// # Shapes
+    /// `x`: `[batch, in, h, w]` -> `[batch, out, oh, ow]`.
+    pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        x.contiguous()?.apply_op1(self.clone())
+    }
+
+    fn geometry(&self, dims: &[usize]) -> CResult<ConvGeometry> {
+        geometry(dims, self.in_channels, self.kernel, self.stride, self.padding)
+    }
+
+    fn is_depthwise(&self) -> bool {
+        self.groups > 1 && self.groups == self.in_channels && self.groups == self.out_channels
+    }
+
+    fn is_pointwise(&self, g: &ConvGeometry) -> bool {
+        self.kernel == (1, 1) && self.stride == 1 && g.oh == g.h && g.ow == g.w && g.pad_top == 0
+    }
+
+    fn forward_image(&self, x: &[f32], g: &ConvGeometry, out: &mut [f32]) {
+        let (kh, kw) = self.kernel;
+        let plane = g.oh * g.ow;
+        if self.is_depthwise() {
+            let act = self.activation;
+            out.par_chunks_mut(plane).enumerate().with_min_len(planes_per_task(plane)).for_each_init(Default::default, |buf, (c, dst)| {
+                let src = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+                let wk = &self.weight[c * kh * kw..(c + 1) * kh * kw];
+                depthwise_channel(src, wk, self.bias[c], act, g, self.stride, kh, kw, dst, buf);
+            });
+            return;
+        } else {
+            let cg = g.c / self.groups;
+            let og = self.out_channels / self.groups;
+            let k = cg * kh * kw;
+            let mut col = Vec::new();
+            for grp in 0..self.groups {
+                let (rhs, rhs_len) = if self.is_pointwise(g) {
+                    (&x[grp * cg * plane..(grp + 1) * cg * plane], k)
+                } else {
+                    col.resize(k * plane, 0.0);
+                    im2col(x, g, grp * cg, &mut col);
+                    (&col[..], k)
+                };
+                let w = &self.weight[grp * og * k..(grp + 1) * og * k];
+                let dst = &mut out[grp * og * plane..(grp + 1) * og * plane];
+                // dst[og, plane] = w[og, k] @ rhs[k, plane]
+                matmul(dst, w, (k, 1), rhs, (plane, 1), og, plane, rhs_len);
+            }
+        }
+        let act = self.activation;
+        out.par_chunks_mut(plane).enumerate().with_min_len(planes_per_task(plane)).for_each(|(o, dst)| {
+            let b = self.bias[o];
+            dst.iter_mut().for_each(|v| *v = act.apply(*v + b));
+        });
+    }
+
+    /// Input gradient of one image, given the gradient at the pre-activation output.
+    fn backward_image(&self, gpre: &[f32], g: &ConvGeometry, dx: &mut [f32]) {
+        let (kh, kw) = self.kernel;
+        let plane = g.oh * g.ow;
+        if self.is_depthwise() {
+            dx.par_chunks_mut(g.h * g.w).enumerate().with_min_len(planes_per_task(g.h * g.w)).for_each(|(c, dst)| {
+                let src = &gpre[c * plane..(c + 1) * plane];
+                let wk = &self.weight[c * kh * kw..(c + 1) * kh * kw];
+                depthwise_channel_backward(src, wk, g, self.stride, kh, kw, dst);
+            });
+            return;
+        }
+        let cg = g.c / self.groups;
+        let og = self.out_channels / self.groups;
+        let k = cg * kh * kw;
+        let mut col = vec![0.0f32; k * plane];
+        for grp in 0..self.groups {
+            let w = &self.weight[grp * og * k..(grp + 1) * og * k];
+            let go = &gpre[grp * og * plane..(grp + 1) * og * plane];
+            // col[k, plane] = w^T[k, og] @ go[og, plane]
+            matmul(&mut col, w, (1, k), go, (plane, 1), k, plane, og);
+            if self.is_pointwise(g) {
+                dx[grp * cg * plane..(grp + 1) * cg * plane].copy_from_slice(&col);
+            } else {
+                col2im(&col, g, grp * cg, cg, dx);
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Conv2d {
+    fn name(&self) -> &'static str {
+        "gradcam-conv2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout, self.name())?;
+        let g = self.geometry(layout.dims())?;
+        let (in_len, out_len) = (g.c * g.h * g.w, self.out_channels * g.oh * g.ow);
+        let mut out = vec![0.0f32; g.batch * out_len];
+        for b in 0..g.batch {
+            self.forward_image(&x[b * in_len..(b + 1) * in_len], &g, &mut out[b * out_len..(b + 1) * out_len]);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((g.batch, self.out_channels, g.oh, g.ow))))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> CResult<Option<Tensor>> {
+        let g = self.geometry(arg.dims())?;
+        let out = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (act, guided) = (self.activation, is_guided());
+        let gpre: Vec<f32> = if act == Activation::Identity {
+            grad
+        } else {
+            out.par_iter().zip(grad.par_iter()).map(|(&o, &d)| act.backward(o, d, guided)).collect()
+        };
+        let (in_len, out_len) = (g.c * g.h * g.w, self.out_channels * g.oh * g.ow);
+        let mut dx = vec![0.0f32; g.batch * in_len];
+        for b in 0..g.batch {
+            self.backward_image(&gpre[b * out_len..(b + 1) * out_len], &g, &mut dx[b * in_len..(b + 1) * in_len]);
+        }
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// A dense (ungrouped) convolution whose weight and bias are inputs too, for training, with the
+/// activation fused: the backward gives the input, weight and bias gradients by im2col + GEMM
+/// (candle's input gradient goes through a naive transposed convolution, and separate bias and
+/// ReLU ops cost a pass over memory each, forward and backward).
+#[derive(Debug, Clone, Copy)]
+pub struct TrainableConv2d {
+    pub stride: usize,
+    pub padding: Padding,
+    pub activation: Activation,
+}
+
+impl TrainableConv2d {
+    /// # Shapes
+    /// `x`: `[batch, in, h, w]`, `weight`: `[out, in, kh, kw]`, `bias`: `[out]` ->
+    /// `[batch, out, oh, ow]`.
+    pub fn forward(&self, x: &Tensor, weight: &Tensor, bias: &Tensor) -> CResult<Tensor> {
+        x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, *self)
+    }
+
+    fn geometry(&self, x: &[usize], w: &[usize]) -> CResult<(ConvGeometry, usize)> {
+        let &[out, cin, kh, kw] = w else {
+            candle_core::bail!("conv2d weight must be [out, in, kh, kw], got {w:?}");
+        };
+        Ok((geometry(x, cin, (kh, kw), self.stride, self.padding)?, out))
+    }
+}
+
+impl candle_core::CustomOp3 for TrainableConv2d {
+    fn name(&self) -> &'static str {
+        "gradcam-trainable-conv2d"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (x, w, bias) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
+        let (g, out) = self.geometry(l1.dims(), l2.dims())?;
+        if bias.len() != out {
+            candle_core::bail!("conv2d bias has {} values for {out} channels", bias.len());
+        }
+        let (k, plane) = (g.c * g.kh * g.kw, g.oh * g.ow);
+        let mut y = vec![0.0f32; g.batch * out * plane];
+        let mut col = vec![0.0f32; k * plane];
+        for b in 0..g.batch {
+            im2col(&x[b * g.c * g.h * g.w..(b + 1) * g.c * g.h * g.w], &g, 0, &mut col);
+            matmul(&mut y[b * out * plane..(b + 1) * out * plane], w, (k, 1), &col, (plane, 1), out, plane, k);
+        }
+        let act = self.activation;
+        y.par_chunks_mut(plane).enumerate().with_min_len(planes_per_task(plane)).for_each(|(i, dst)| {
+            let b = bias[i % out];
+            dst.iter_mut().for_each(|v| *v = act.apply(*v + b));
+        });
+        Ok((CpuStorage::F32(y), Shape::from((g.batch, out, g.oh, g.ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, bias: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (g, out) = self.geometry(x.dims(), w.dims())?;
+        let (k, plane, in_len) = (g.c * g.kh * g.kw, g.oh * g.ow, g.c * g.h * g.w);
+        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let ws = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let ys = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (act, guided) = (self.activation, is_guided());
+        gs.par_iter_mut().zip(ys.par_iter()).for_each(|(d, &o)| *d = act.backward(o, *d, guided));
+        let mut db = vec![0.0f32; out];
+        for (i, chunk) in gs.chunks(plane).enumerate() {
+            db[i % out] += chunk.iter().sum::<f32>();
+        }
+        let mut dx = vec![0.0f32; g.batch * in_len];
+        let mut dw = vec![0.0f32; out * k];
+        let mut dw_b = vec![0.0f32; out * k];
+        let mut col = vec![0.0f32; k * plane];
+        for b in 0..g.batch {
+            let go = &gs[b * out * plane..(b + 1) * out * plane];
+            // dW += g[out, plane] @ col^T[plane, k]
+            im2col(&xs[b * in_len..(b + 1) * in_len], &g, 0, &mut col);
+            matmul(&mut dw_b, go, (plane, 1), &col, (1, plane), out, k, plane);
+            dw.iter_mut().zip(&dw_b).for_each(|(a, b)| *a += b);
+            // dcol[k, plane] = W^T[k, out] @ g[out, plane], scattered back by col2im.
+            matmul(&mut col, &ws, (1, k), go, (plane, 1), k, plane, out);
+            col2im(&col, &g, 0, g.c, &mut dx[b * in_len..(b + 1) * in_len]);
+        }
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            Some(Tensor::from_vec(db, bias.shape(), bias.device())?),
+        ))
+    }
+}
+
+/// Resolves the output size and padding of a convolution for an input of `dims`.
+pub(super) fn geometry(dims: &[usize], in_channels: usize, kernel: (usize, usize), stride: usize, padding: Padding) -> CResult<ConvGeometry> {
+    let &[batch, c, h, w] = dims else {
+        candle_core::bail!("conv2d expects a [batch, channels, h, w] input, got {dims:?}");
+    };
+    if c != in_channels {
+        candle_core::bail!("conv2d expects {in_channels} input channels, got {c}");
+    }
+    let (kh, kw) = kernel;
+    let (pad_top, pad_bottom, oh) = padding.resolve(h, kh, stride);
+    let (pad_left, pad_right, ow) = padding.resolve(w, kw, stride);
+    if h + pad_top + pad_bottom < kh || w + pad_left + pad_right < kw {
+        candle_core::bail!("conv2d: input {h}x{w} is smaller than the {kh}x{kw} kernel");
+    }
+    Ok(ConvGeometry { kh, kw, stride, batch, c, h, w, oh, ow, pad_top, pad_left })
+}
+

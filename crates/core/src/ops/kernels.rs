@@ -1,0 +1,276 @@
+//! The numeric kernels behind the ops, and every `unsafe` block of the crate: im2col / col2im,
+//! the depthwise convolution planes, GEMM (through the `gemm` crate) and the AVX2/FMA
+//! matrix-vector product of recurrent heads.
+
+use rayon::prelude::*;
+
+use super::conv::ConvGeometry;
+use super::{planes_per_task, Activation};
+
+/// im2col for one group (channels from `c0`) of one image: `[cg * kh * kw, oh * ow]`.
+pub(super) fn im2col(x: &[f32], g: &ConvGeometry, c0: usize, col: &mut [f32]) {
+    let (kh, kw, stride) = (g.kh, g.kw, g.stride);
+    let plane = g.oh * g.ow;
+    col.par_chunks_mut(plane).enumerate().with_min_len(planes_per_task(plane)).for_each(|(row, dst)| {
+        let ci = c0 + row / (kh * kw);
+        let ky = (row / kw) % kh;
+        let kx = row % kw;
+        let src = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for oy in 0..g.oh {
+            let iy = (oy * stride + ky) as isize - g.pad_top as isize;
+            let drow = &mut dst[oy * g.ow..(oy + 1) * g.ow];
+            if iy < 0 || iy >= g.h as isize {
+                drow.fill(0.0);
+                continue;
+            }
+            let srow = &src[iy as usize * g.w..(iy as usize + 1) * g.w];
+            for (ox, d) in drow.iter_mut().enumerate() {
+                let ix = (ox * stride + kx) as isize - g.pad_left as isize;
+                *d = if ix >= 0 && (ix as usize) < g.w { srow[ix as usize] } else { 0.0 };
+            }
+        }
+    });
+}
+
+/// col2im, the adjoint of [`Self::im2col`]: accumulates `col` into `dx`.
+pub(super) fn col2im(col: &[f32], g: &ConvGeometry, c0: usize, cg: usize, dx: &mut [f32]) {
+    let (kh, kw, stride) = (g.kh, g.kw, g.stride);
+    let plane = g.oh * g.ow;
+    dx[c0 * g.h * g.w..(c0 + cg) * g.h * g.w]
+        .par_chunks_mut(g.h * g.w)
+        .enumerate()
+        .for_each(|(cl, dst)| {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let row = (cl * kh + ky) * kw + kx;
+                    let src = &col[row * plane..(row + 1) * plane];
+                    for oy in 0..g.oh {
+                        let iy = (oy * stride + ky) as isize - g.pad_top as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
+                        }
+                        let drow = &mut dst[iy as usize * g.w..(iy as usize + 1) * g.w];
+                        for ox in 0..g.ow {
+                            let ix = (ox * stride + kx) as isize - g.pad_left as isize;
+                            if ix >= 0 && (ix as usize) < g.w {
+                                drow[ix as usize] += src[oy * g.ow + ox];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
+
+/// One channel of a depthwise convolution with its bias and activation. The input is first copied
+/// into zero-padded planes split by row and column phase (`stride^2` planes; phase (p, q) holds
+/// the padded pixels (p + stride i, q + stride j)), so that for every kernel tap the whole output
+/// plane reads one contiguous run of one phase plane: computed on a grid as wide as the phase
+/// planes (the extra columns are thrown away), each tap is a single long multiply-add that
+/// vectorises even for 7x7 outputs. `buf` and `ext` are scratch space reused across channels.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn depthwise_channel(
+    src: &[f32],
+    wk: &[f32],
+    bias: f32,
+    act: Activation,
+    g: &ConvGeometry,
+    stride: usize,
+    kh: usize,
+    kw: usize,
+    dst: &mut [f32],
+    (buf, ext): &mut (Vec<f32>, Vec<f32>),
+) {
+    let s = stride;
+    let (rows, cols) = ((g.oh - 1) * s + kh, (g.ow - 1) * s + kw); // padded extent used
+    let (prow, pcol) = (rows.div_ceil(s), cols.div_ceil(s)); // one phase plane
+    let plane = prow * pcol;
+    buf.clear();
+    buf.resize(s * s * plane, 0.0);
+    let n = g.w.min(cols.saturating_sub(g.pad_left)); // input columns inside the padded extent
+    for r in 0..rows {
+        let iy = r as isize - g.pad_top as isize;
+        if iy < 0 || iy >= g.h as isize {
+            continue;
+        }
+        let srow = &src[iy as usize * g.w..iy as usize * g.w + n];
+        let (rp, ri) = (r % s, r / s);
+        for q in 0..s {
+            let dst = &mut buf[(rp * s + q) * plane + ri * pcol..(rp * s + q) * plane + (ri + 1) * pcol];
+            // Padded column j = c * s + q holds input column j - pad_left.
+            let c0 = g.pad_left.saturating_sub(q).div_ceil(s);
+            let first = (c0 * s + q).saturating_sub(g.pad_left).min(n);
+            for (d, &v) in dst[c0..].iter_mut().zip(srow[first..].iter().step_by(s)) {
+                *d = v;
+            }
+        }
+    }
+    let len = (g.oh - 1) * pcol + g.ow;
+    ext.clear();
+    ext.resize(len, bias);
+    for ky in 0..kh {
+        for kx in 0..kw {
+            let wv = wk[ky * kw + kx];
+            let start = ((ky % s) * s + kx % s) * plane + (ky / s) * pcol + kx / s;
+            for (d, &v) in ext.iter_mut().zip(&buf[start..start + len]) {
+                *d += wv * v;
+            }
+        }
+    }
+    for (oy, drow) in dst.chunks_mut(g.ow).enumerate() {
+        for (d, &v) in drow.iter_mut().zip(&ext[oy * pcol..oy * pcol + g.ow]) {
+            *d = act.apply(v);
+        }
+    }
+}
+
+pub(super) fn depthwise_channel_backward(
+    gout: &[f32],
+    wk: &[f32],
+    g: &ConvGeometry,
+    stride: usize,
+    kh: usize,
+    kw: usize,
+    dst: &mut [f32],
+) {
+    dst.fill(0.0);
+    for oy in 0..g.oh {
+        let grow = &gout[oy * g.ow..(oy + 1) * g.ow];
+        for ky in 0..kh {
+            let iy = (oy * stride + ky) as isize - g.pad_top as isize;
+            if iy < 0 || iy >= g.h as isize {
+                continue;
+            }
+            let drow = &mut dst[iy as usize * g.w..(iy as usize + 1) * g.w];
+            for kx in 0..kw {
+                let wv = wk[ky * kw + kx];
+                let first = (g.pad_left.saturating_sub(kx)).div_ceil(stride);
+                let last = ((g.w + g.pad_left).saturating_sub(kx + 1) / stride + 1).min(g.ow);
+                for ox in first..last {
+                    drow[ox * stride + kx - g.pad_left] += wv * grow[ox];
+                }
+            }
+        }
+    }
+}
+
+
+/// `out = W x` for row-major `W` `[out.len(), x.len()]`: the small matrix-vector products of
+/// recurrent heads, where a GEMM's setup costs more than the product. With AVX2 + FMA when the
+/// CPU has them (detected at run time; the build targets baseline x86-64).
+pub fn matvec(w: &[f32], x: &[f32], out: &mut [f32]) {
+    assert!(w.len() >= out.len() * x.len(), "matvec: W too small");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        return unsafe { matvec_avx2(w, x, out) };
+    }
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(x.len().max(1))) {
+        *o = dot_portable(row, x);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Eight partial sums, so that the compiler vectorises the reduction.
+#[inline(always)]
+fn dot_portable(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let tail: f32 = xc.remainder().iter().zip(yc.remainder()).map(|(a, b)| a * b).sum();
+    for (a, b) in xc.zip(yc) {
+        for i in 0..8 {
+            acc[i] += a[i] * b[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn matvec_avx2(w: &[f32], x: &[f32], out: &mut [f32]) {
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(x.len().max(1))) {
+        // SAFETY: this function's own contract.
+        *o = unsafe { dot_fma(row, x) };
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_fma(x: &[f32], y: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len().min(y.len());
+    let (px, py) = (x.as_ptr(), y.as_ptr());
+    let mut i = 0;
+    // SAFETY: the caller guarantees AVX2 + FMA; every load reads 8 floats below n of both
+    // slices, and `lanes` holds 8.
+    unsafe {
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(i + 8)), _mm256_loadu_ps(py.add(i + 8)), acc1);
+            i += 16;
+        }
+        if i + 8 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)), acc0);
+            i += 8;
+        }
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc0, acc1));
+        lanes.iter().sum::<f32>() + x[i..n].iter().zip(&y[i..n]).map(|(a, b)| a * b).sum::<f32>()
+    }
+}
+
+/// `dst[m, n] = lhs[m, k] @ rhs[k, n]` with (row stride, column stride) for the operands;
+/// `dst` is row-major and overwritten. Panics if a slice is too small for the sizes and strides.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(dst: &mut [f32], lhs: &[f32], lhs_strides: (usize, usize), rhs: &[f32], rhs_strides: (usize, usize), m: usize, n: usize, k: usize) {
+    // The largest offset each operand addresses, with overflow counted as out of bounds.
+    let reach = |(rs, cs): (usize, usize), rows: usize, cols: usize| -> Option<usize> {
+        rows.saturating_sub(1).checked_mul(rs)?.checked_add(cols.saturating_sub(1).checked_mul(cs)?)
+    };
+    let fits = |len: usize, strides: (usize, usize), rows: usize, cols: usize| rows * cols == 0 || reach(strides, rows, cols).is_some_and(|r| r < len);
+    assert!(m.checked_mul(n).is_some_and(|mn| dst.len() >= mn), "matmul: dst too small");
+    assert!(fits(lhs.len(), lhs_strides, m, k), "matmul: lhs too small");
+    assert!(fits(rhs.len(), rhs_strides, k, n), "matmul: rhs too small");
+    let as_isize = |v: usize| isize::try_from(v).expect("a stride within a slice fits isize");
+    // Below about 2M multiply-adds, waking the pool costs more than a second thread saves.
+    let parallelism = if m * n * k > 128 * 128 * 128 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above check that the slices cover every element addressed by the sizes
+    // and (non-negative) strides; dst is a distinct &mut, so it does not alias the operands.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            as_isize(lhs_strides.1),
+            as_isize(lhs_strides.0),
+            rhs.as_ptr(),
+            as_isize(rhs_strides.1),
+            as_isize(rhs_strides.0),
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}

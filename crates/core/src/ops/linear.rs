@@ -1,0 +1,209 @@
+//! Fully-connected layers and the fused LSTM cell, frozen: their backward gives the input
+//! gradient only.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+use super::{f32_slice, CResult};
+use super::kernels::matmul;
+use super::{is_guided, Activation};
+
+
+/// A frozen fully-connected layer `y = x W^T + b`, W `[out, in]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Arc<Vec<f32>>,
+    bias: Arc<Vec<f32>>,
+    out_features: usize,
+    in_features: usize,
+    activation: Activation,
+}
+
+impl Linear {
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>, activation: Activation) -> CResult<Self> {
+        let (out_features, in_features) = weight.dims2()?;
+        let bias = match bias {
+            Some(b) => b.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
+            None => vec![0.0; out_features],
+        };
+        if bias.len() != out_features {
+            candle_core::bail!("linear bias has {} values for {out_features} outputs", bias.len());
+        }
+        Ok(Self {
+            weight: Arc::new(weight.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?),
+            bias: Arc::new(bias),
+            out_features,
+            in_features,
+            activation,
+        })
+    }
+
+    /// # Shapes
+    /// `x`: `[batch, in]` -> `[batch, out]`.
+    pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        x.contiguous()?.apply_op1(self.clone())
+    }
+}
+
+impl CustomOp1 for Linear {
+    fn name(&self) -> &'static str {
+        "gradcam-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout, self.name())?;
+        let &[batch, inf] = layout.dims() else {
+            candle_core::bail!("linear expects a [batch, features] input, got {:?}", layout.dims());
+        };
+        if inf != self.in_features {
+            candle_core::bail!("linear expects {} input features, got {inf}", self.in_features);
+        }
+        let n = self.out_features;
+        let mut out = vec![0.0f32; batch * n];
+        // out[batch, n] = x[batch, in] @ W^T[in, n]
+        matmul(&mut out, x, (inf, 1), &self.weight, (1, inf), batch, n, inf);
+        let act = self.activation;
+        out.chunks_mut(n).for_each(|row| {
+            row.iter_mut().zip(self.bias.iter()).for_each(|(v, b)| *v = act.apply(*v + b));
+        });
+        Ok((CpuStorage::F32(out), Shape::from((batch, n))))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> CResult<Option<Tensor>> {
+        let batch = arg.dim(0)?;
+        let out = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (act, guided) = (self.activation, is_guided());
+        let gpre: Vec<f32> = out.iter().zip(&grad).map(|(&o, &d)| act.backward(o, d, guided)).collect();
+        let mut dx = vec![0.0f32; batch * self.in_features];
+        // dx[batch, in] = g[batch, out] @ W[out, in]
+        let (n, k) = (self.in_features, self.out_features);
+        matmul(&mut dx, &gpre, (k, 1), &self.weight, (n, 1), batch, n, k);
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+
+/// A frozen LSTM cell (PyTorch's gate order i, f, g, o) fused into one op, so that decoding and
+/// explaining a caption cost one op per step instead of a dozen, with an input-only backward.
+#[derive(Debug, Clone)]
+pub struct LstmCell {
+    /// `[4 * hidden, input + hidden]`: PyTorch's `weight_ih` and `weight_hh` side by side.
+    weight: Arc<Vec<f32>>,
+    /// `bias_ih + bias_hh`, `[4 * hidden]`.
+    bias: Arc<Vec<f32>>,
+    input: usize,
+    hidden: usize,
+}
+
+#[inline]
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+impl LstmCell {
+    pub fn new(weight_ih: &Tensor, weight_hh: &Tensor, bias_ih: &Tensor, bias_hh: &Tensor) -> CResult<Self> {
+        let (four_h, input) = weight_ih.dims2()?;
+        let hidden = four_h / 4;
+        if weight_hh.dims() != [four_h, hidden] || four_h % 4 != 0 {
+            candle_core::bail!("LSTM weights {:?} and {:?} do not match", weight_ih.dims(), weight_hh.dims());
+        }
+        let weight = Tensor::cat(&[weight_ih, weight_hh], 1)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        let bias = (bias_ih + bias_hh)?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        Ok(Self { weight: Arc::new(weight), bias: Arc::new(bias), input, hidden })
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    /// One step.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, input]`, `h`, `c`: `[batch, hidden]` -> (`h'`, `c'`), each `[batch, hidden]`.
+    pub fn step(&self, x: &Tensor, h: &Tensor, c: &Tensor) -> CResult<(Tensor, Tensor)> {
+        let packed = Tensor::cat(&[x, h, c], 1)?.apply_op1(self.clone())?; // [batch, 2 hidden]
+        Ok((packed.narrow(1, 0, self.hidden)?, packed.narrow(1, self.hidden, self.hidden)?))
+    }
+
+    /// Gate activations (i, f, g, o) of each row: `[batch, 4 hidden]`.
+    fn gates(&self, xhc: &[f32], batch: usize) -> Vec<f32> {
+        let (k, hh) = (self.input + self.hidden, self.hidden);
+        let width = k + hh;
+        let mut xh = vec![0.0f32; batch * k];
+        for b in 0..batch {
+            xh[b * k..(b + 1) * k].copy_from_slice(&xhc[b * width..b * width + k]);
+        }
+        let mut gates = vec![0.0f32; batch * 4 * hh];
+        // gates[batch, 4h] = xh[batch, k] @ W^T[k, 4h]
+        matmul(&mut gates, &xh, (k, 1), &self.weight, (1, k), batch, 4 * hh, k);
+        for row in gates.chunks_mut(4 * hh) {
+            for (j, v) in row.iter_mut().enumerate() {
+                let z = *v + self.bias[j];
+                *v = if (2 * hh..3 * hh).contains(&j) { z.tanh() } else { sigmoid(z) };
+            }
+        }
+        gates
+    }
+}
+
+impl CustomOp1 for LstmCell {
+    fn name(&self) -> &'static str {
+        "gradcam-lstm-cell"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let xhc = f32_slice(storage, layout, self.name())?;
+        let (batch, width) = layout.shape().dims2()?;
+        let hh = self.hidden;
+        if width != self.input + 2 * hh {
+            candle_core::bail!("LSTM cell expects [x, h, c] of width {}, got {width}", self.input + 2 * hh);
+        }
+        let gates = self.gates(xhc, batch);
+        let mut out = vec![0.0f32; batch * 2 * hh];
+        for b in 0..batch {
+            let (g, c) = (&gates[b * 4 * hh..(b + 1) * 4 * hh], &xhc[b * width + self.input + hh..(b + 1) * width]);
+            for j in 0..hh {
+                let c2 = g[hh + j] * c[j] + g[j] * g[2 * hh + j];
+                out[b * 2 * hh + hh + j] = c2;
+                out[b * 2 * hh + j] = g[3 * hh + j] * c2.tanh();
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((batch, 2 * hh))))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> CResult<Option<Tensor>> {
+        let (batch, width) = arg.dims2()?;
+        let (hh, k) = (self.hidden, self.input + self.hidden);
+        let xhc = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let out = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let gates = self.gates(&xhc, batch);
+        let mut dpre = vec![0.0f32; batch * 4 * hh];
+        let mut dx = vec![0.0f32; batch * width];
+        for b in 0..batch {
+            let g = &gates[b * 4 * hh..(b + 1) * 4 * hh];
+            let c = &xhc[b * width + k..(b + 1) * width];
+            let (dh2, dc2) = (&grad[b * 2 * hh..b * 2 * hh + hh], &grad[b * 2 * hh + hh..(b + 1) * 2 * hh]);
+            let d = &mut dpre[b * 4 * hh..(b + 1) * 4 * hh];
+            for j in 0..hh {
+                let (i, f, gg, o) = (g[j], g[hh + j], g[2 * hh + j], g[3 * hh + j]);
+                let tc = out[b * 2 * hh + hh + j].tanh();
+                let dc = dc2[j] + dh2[j] * o * (1.0 - tc * tc);
+                d[j] = dc * gg * i * (1.0 - i);
+                d[hh + j] = dc * c[j] * f * (1.0 - f);
+                d[2 * hh + j] = dc * i * (1.0 - gg * gg);
+                d[3 * hh + j] = dh2[j] * tc * o * (1.0 - o);
+                dx[b * width + k + j] = dc * f;
+            }
+        }
+        // d[x, h] = dpre[batch, 4h] @ W[4h, k]
+        let mut dxh = vec![0.0f32; batch * k];
+        matmul(&mut dxh, &dpre, (4 * hh, 1), &self.weight, (k, 1), batch, k, 4 * hh);
+        for b in 0..batch {
+            dx[b * width..b * width + k].copy_from_slice(&dxh[b * k..(b + 1) * k]);
+        }
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}

@@ -1,0 +1,52 @@
+//! Differentiable CPU ops, written because stock candle gets them wrong or slow on the paths we
+//! differentiate, one file per family (as candle-nn splits its layers):
+//!
+//! - [`activation`]: ReLU / ReLU6 with an exact backward (no gradient at 0) that obeys
+//!   Guided Backpropagation's rule inside [`guided`] (the paper's section 3.2).
+//! - [`conv`]: [`Conv2d`] (frozen weights: im2col + GEMM for dense convolutions, a direct kernel
+//!   for depthwise ones where candle loops over groups, ~30x slower; TensorFlow "SAME" padding;
+//!   bias and activation fused; a backward that computes the input gradient only, where candle's
+//!   always pays for a weight gradient nobody reads) and [`TrainableConv2d`] (weights as inputs,
+//!   for training).
+//! - [`linear`]: [`Linear`] and the fused [`LstmCell`], frozen, input gradient only.
+//! - [`pool`]: [`MaxPool2d`] (candle's max-pool backward scales by 1/k^2 and fails when kernel !=
+//!   stride; ours routes the gradient to the first maximum of each window, as PyTorch does, with
+//!   padding), [`AdaptiveAvgPool2d`] and [`GlobalAvgMaxPool`].
+//! - [`kernels`]: the numeric kernels behind them ([`matmul`], [`matvec`], im2col, depthwise
+//!   planes) and every `unsafe` block of the crate.
+//!
+//! Every backward here is checked against finite differences in `tests/integration/gradients.rs`.
+
+pub mod activation;
+pub mod conv;
+pub mod kernels;
+pub mod linear;
+pub mod pool;
+
+pub use activation::{guided, Activation};
+pub use conv::{Conv2d, Padding, TrainableConv2d};
+pub use kernels::{matmul, matvec};
+pub use linear::{Linear, LstmCell};
+pub use pool::{AdaptiveAvgPool2d, GlobalAvgMaxPool, MaxPool2d};
+
+use activation::is_guided;
+use candle_core::{CpuStorage, Layout};
+
+type CResult<T> = candle_core::Result<T>;
+
+/// Planes per rayon task when work is split by channel plane: enough for about 16k values, so
+/// that the 7x7 and 14x14 planes of a network's last stages do not pay a task per channel.
+fn planes_per_task(plane: usize) -> usize {
+    (16384 / plane.max(1)).max(1)
+}
+
+/// The contiguous f32 data of a custom op's input.
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> CResult<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op} supports f32 tensors only");
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op} needs a contiguous input"),
+    }
+}

@@ -1,0 +1,213 @@
+//! Pooling with PyTorch's semantics and exact backward: global average + max, max pooling (the
+//! first maximum of a window gets the gradient) and adaptive average pooling.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{f32_slice, CResult};
+use super::planes_per_task;
+
+
+/// Global average and max pooling side by side, in one pass with one backward (candle's max
+/// backward builds an equality mask over the whole input); the first maximum gets the gradient.
+#[derive(Debug, Clone, Copy)]
+pub struct GlobalAvgMaxPool;
+
+impl GlobalAvgMaxPool {
+    /// # Shapes
+    /// `[n, C, h, w]` -> `[n, 2C]`: averages, then maxima.
+    pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        x.contiguous()?.apply_op1(*self)
+    }
+}
+
+impl CustomOp1 for GlobalAvgMaxPool {
+    fn name(&self) -> &'static str {
+        "gradcam-global-avg-max-pool"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout, self.name())?;
+        let (n, c, h, w) = layout.shape().dims4()?;
+        let plane = h * w;
+        let mut out = vec![0.0f32; n * 2 * c];
+        for (p, src) in x.chunks(plane).enumerate() {
+            let (b, k) = (p / c, p % c);
+            out[b * 2 * c + k] = src.iter().sum::<f32>() / plane as f32;
+            out[b * 2 * c + c + k] = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, 2 * c))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let (n, c, h, w) = arg.dims4()?;
+        let plane = h * w;
+        let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0.0f32; n * c * plane];
+        for (p, (dst, src)) in dx.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
+            let (b, k) = (p / c, p % c);
+            dst.fill(g[b * 2 * c + k] / plane as f32);
+            let arg = src.iter().enumerate().fold(0, |best, (i, &v)| if v > src[best] { i } else { best });
+            dst[arg] += g[b * 2 * c + c + k];
+        }
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// Max pooling with PyTorch semantics (padding counts as -inf, the first maximum of a window
+/// receives the gradient).
+#[derive(Debug, Clone, Copy)]
+pub struct MaxPool2d {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl MaxPool2d {
+    pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        x.contiguous()?.apply_op1(*self)
+    }
+
+    fn out_size(&self, n: usize) -> CResult<usize> {
+        if n + 2 * self.padding < self.kernel || self.stride == 0 {
+            candle_core::bail!("max-pool: input side {n} is smaller than the kernel {}", self.kernel);
+        }
+        Ok((n + 2 * self.padding - self.kernel) / self.stride + 1)
+    }
+
+    /// Index (within the plane) of the first maximum of window (oy, ox).
+    #[inline]
+    fn argmax(&self, src: &[f32], h: usize, w: usize, oy: usize, ox: usize) -> usize {
+        let mut best = f32::NEG_INFINITY;
+        let mut best_i = usize::MAX;
+        for ky in 0..self.kernel {
+            let iy = (oy * self.stride + ky) as isize - self.padding as isize;
+            if iy < 0 || iy >= h as isize {
+                continue;
+            }
+            for kx in 0..self.kernel {
+                let ix = (ox * self.stride + kx) as isize - self.padding as isize;
+                if ix < 0 || ix >= w as isize {
+                    continue;
+                }
+                let i = iy as usize * w + ix as usize;
+                let v = src[i];
+                if best_i == usize::MAX || v > best || v.is_nan() {
+                    best = v;
+                    best_i = i;
+                    if v.is_nan() {
+                        return i;
+                    }
+                }
+            }
+        }
+        best_i
+    }
+}
+
+impl CustomOp1 for MaxPool2d {
+    fn name(&self) -> &'static str {
+        "gradcam-max-pool2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout, self.name())?;
+        let (b, c, h, w) = layout.shape().dims4()?;
+        let (oh, ow) = (self.out_size(h)?, self.out_size(w)?);
+        let mut out = vec![0.0f32; b * c * oh * ow];
+        out.par_chunks_mut(oh * ow).enumerate().with_min_len(planes_per_task(oh * ow)).for_each(|(p, dst)| {
+            let src = &x[p * h * w..(p + 1) * h * w];
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    dst[oy * ow + ox] = src[self.argmax(src, h, w, oy, ox)];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, oh, ow))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> CResult<Option<Tensor>> {
+        let (b, c, h, w) = arg.dims4()?;
+        let (oh, ow) = (self.out_size(h)?, self.out_size(w)?);
+        let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0.0f32; b * c * h * w];
+        dx.par_chunks_mut(h * w).enumerate().with_min_len(planes_per_task(h * w)).for_each(|(p, dst)| {
+            let src = &x[p * h * w..(p + 1) * h * w];
+            let g = &grad[p * oh * ow..(p + 1) * oh * ow];
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    dst[self.argmax(src, h, w, oy, ox)] += g[oy * ow + ox];
+                }
+            }
+        });
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// PyTorch's `AdaptiveAvgPool2d`: bin i covers [floor(i*H/OH), ceil((i+1)*H/OH)).
+#[derive(Debug, Clone, Copy)]
+pub struct AdaptiveAvgPool2d {
+    pub out_h: usize,
+    pub out_w: usize,
+}
+
+impl AdaptiveAvgPool2d {
+    pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        if h == self.out_h && w == self.out_w {
+            return Ok(x.clone());
+        }
+        x.contiguous()?.apply_op1(*self)
+    }
+
+    fn bins(n: usize, out: usize) -> Vec<(usize, usize)> {
+        (0..out).map(|i| (i * n / out, ((i + 1) * n).div_ceil(out))).collect()
+    }
+}
+
+impl CustomOp1 for AdaptiveAvgPool2d {
+    fn name(&self) -> &'static str {
+        "gradcam-adaptive-avg-pool2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout, self.name())?;
+        let (b, c, h, w) = layout.shape().dims4()?;
+        let (ys, xs) = (Self::bins(h, self.out_h), Self::bins(w, self.out_w));
+        let mut out = vec![0.0f32; b * c * self.out_h * self.out_w];
+        out.par_chunks_mut(self.out_h * self.out_w).enumerate().for_each(|(p, dst)| {
+            let src = &x[p * h * w..(p + 1) * h * w];
+            for (oy, &(y0, y1)) in ys.iter().enumerate() {
+                for (ox, &(x0, x1)) in xs.iter().enumerate() {
+                    let mut s = 0.0;
+                    for y in y0..y1 {
+                        s += src[y * w + x0..y * w + x1].iter().sum::<f32>();
+                    }
+                    dst[oy * self.out_w + ox] = s / ((y1 - y0) * (x1 - x0)) as f32;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, self.out_h, self.out_w))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> CResult<Option<Tensor>> {
+        let (b, c, h, w) = arg.dims4()?;
+        let (ys, xs) = (Self::bins(h, self.out_h), Self::bins(w, self.out_w));
+        let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0.0f32; b * c * h * w];
+        dx.par_chunks_mut(h * w).enumerate().with_min_len(planes_per_task(h * w)).for_each(|(p, dst)| {
+            let g = &grad[p * self.out_h * self.out_w..(p + 1) * self.out_h * self.out_w];
+            for (oy, &(y0, y1)) in ys.iter().enumerate() {
+                for (ox, &(x0, x1)) in xs.iter().enumerate() {
+                    let share = g[oy * self.out_w + ox] / ((y1 - y0) * (x1 - x0)) as f32;
+                    for y in y0..y1 {
+                        dst[y * w + x0..y * w + x1].iter_mut().for_each(|d| *d += share);
+                    }
+                }
+            }
+        });
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}

@@ -1,0 +1,217 @@
+//! The per-image loop written once, for every front end (the CLI's `classify`, `caption` and
+//! `vqa`, the examples): every method for every target of one image, each explanation pictured,
+//! written as a PNG under one naming rule and, if asked, reported as text; and the strips that
+//! put them side by side.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use image::RgbImage;
+
+use crate::map::{write_png_atomic, Region};
+use crate::report::NeuronReport;
+use crate::{Cam, Explainable, Explanation, Method, Result, Target};
+
+/// One thing to explain on an image: its target and its name (`tabby`, `red`, the word
+/// `circle`), which reports use and, after `file_prefix`, file names.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    /// What to explain.
+    pub target: Target,
+    /// The class, word or answer, as people read it.
+    pub name: String,
+    /// What comes before the name in file names (`281` for a class, `03` for a word's step).
+    pub file_prefix: String,
+}
+
+impl Subject {
+    /// A subject named `name`.
+    pub fn new(target: Target, name: impl Into<String>) -> Self {
+        Subject { target, name: name.into(), file_prefix: String::new() }
+    }
+
+    /// The same subject with `prefix` before its name in file names.
+    pub fn file_prefix(self, prefix: impl Into<String>) -> Self {
+        Subject { file_prefix: prefix.into(), ..self }
+    }
+
+    /// This subject, followed by its counterfactual when `counterfactual` is set.
+    pub fn and_counterfactual(self, counterfactual: bool) -> Vec<Subject> {
+        let cf = counterfactual.then(|| Subject { target: self.target.clone().counterfactual(), ..self.clone() });
+        std::iter::once(self).chain(cf).collect()
+    }
+
+    /// The subject of the neuron report's sentence: the name, or "not NAME" for a
+    /// counterfactual.
+    pub fn report_subject(&self) -> String {
+        if self.target.is_counterfactual() {
+            format!("not {}", self.name)
+        } else {
+            self.name.clone()
+        }
+    }
+
+    /// The file name of this subject's picture by `tag` (method and smoothing):
+    /// `STEM[_PREFIX]_NAME[_counterfactual]TAG.png`, every part sanitised.
+    pub fn file_name(&self, stem: &str, tag: &str) -> String {
+        let cf = if self.target.is_counterfactual() { "_counterfactual" } else { "" };
+        let prefix = match sanitize(&self.file_prefix) {
+            p if p.is_empty() => String::new(),
+            p => format!("{p}_"),
+        };
+        format!("{stem}_{prefix}{}{cf}{tag}.png", sanitize(&self.name))
+    }
+}
+
+/// Where and on what the pictures of one image go.
+pub struct Output<'a> {
+    /// The folder written to.
+    pub dir: &'a Path,
+    /// The image's unique stem ([`Stems::unique`]).
+    pub stem: &'a str,
+    /// The original image.
+    pub image: &'a RgbImage,
+    /// The part of it the model saw.
+    pub region: Region,
+}
+
+/// The neuron report of an explanation of a subject (given its report subject, e.g. "not red").
+pub type Neurons<'a> = &'a dyn Fn(&Explanation, &str) -> Result<NeuronReport>;
+
+/// One explanation, its picture and the file it was written to.
+pub struct Rendered {
+    /// The explanation.
+    pub explanation: Explanation,
+    /// Its picture: the overlay, or the guided image.
+    pub picture: RgbImage,
+    /// Where the picture was written.
+    pub file: PathBuf,
+    /// Its textual explanation, when asked for.
+    pub neurons: Option<NeuronReport>,
+}
+
+/// Every method's explanation of every subject of one image, pictured and written:
+/// `result[method][subject]`. `activations` are the model's features of `input` (`[1, ...]`).
+pub fn render<M: Explainable + ?Sized>(
+    cam: &Cam<'_, M>,
+    methods: &[Method],
+    input: &Tensor,
+    activations: &Tensor,
+    subjects: &[Subject],
+    out: &Output<'_>,
+    neurons: Option<Neurons<'_>>,
+) -> Result<Vec<Vec<Rendered>>> {
+    let requests: Vec<(usize, Target)> = subjects.iter().map(|s| (0, s.target.clone())).collect();
+    let mut all = Vec::with_capacity(methods.len());
+    for &method in methods {
+        let cam = cam.clone().method(method);
+        let explanations = cam.explain_with(input, activations, &requests)?;
+        let mut row = Vec::with_capacity(subjects.len());
+        for (explanation, subject) in explanations.into_iter().zip(subjects) {
+            let picture = explanation.picture(out.image, out.region)?;
+            let file = out.dir.join(subject.file_name(out.stem, &cam.file_tag()));
+            write_png_atomic(&picture, &file)?;
+            let neurons = neurons.map(|f| f(&explanation, &subject.report_subject())).transpose()?;
+            row.push(Rendered { explanation, picture, file, neurons });
+        }
+        all.push(row);
+    }
+    Ok(all)
+}
+
+/// Writes, for each subject, the comparison strip of its pictures by every method
+/// (`STEM[_PREFIX]_NAME[_counterfactual]_methods.png`, `height` px high) and returns the files.
+pub fn write_method_strips(rendered: &[Vec<Rendered>], subjects: &[Subject], out: &Output<'_>, height: u32) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::with_capacity(subjects.len());
+    for (i, subject) in subjects.iter().enumerate() {
+        let panels: Vec<RgbImage> = rendered.iter().map(|row| row[i].picture.clone()).collect();
+        let file = out.dir.join(subject.file_name(out.stem, "_methods"));
+        write_png_atomic(&comparison_strip(&panels, height), &file)?;
+        files.push(file);
+    }
+    Ok(files)
+}
+
+/// Pictures side by side, each scaled to `height` px, 4 px of white between them.
+pub fn comparison_strip(panels: &[RgbImage], height: u32) -> RgbImage {
+    let scaled: Vec<RgbImage> = panels
+        .iter()
+        .map(|p| {
+            let w = ((p.width() as u64 * height as u64) / p.height().max(1) as u64).max(1) as u32;
+            image::imageops::resize(p, w, height, image::imageops::FilterType::Triangle)
+        })
+        .collect();
+    let width = scaled.iter().map(|p| p.width()).sum::<u32>() + 4 * scaled.len().saturating_sub(1) as u32;
+    let mut out = RgbImage::from_pixel(width.max(1), height, image::Rgb([255, 255, 255]));
+    let mut x = 0;
+    for p in &scaled {
+        image::imageops::replace(&mut out, p, x as i64, 0);
+        x += p.width() + 4;
+    }
+    out
+}
+
+/// One row per method: the image followed by that method's picture of every subject (a caption's
+/// words, left to right), the rows stacked.
+pub fn grid(image: &RgbImage, rendered: &[Vec<Rendered>]) -> RgbImage {
+    let (w, h) = image.dimensions();
+    let cols = rendered.iter().map(Vec::len).max().unwrap_or(0) as u32 + 1;
+    let mut out = RgbImage::new(w * cols, h * rendered.len().max(1) as u32);
+    for (r, row) in rendered.iter().enumerate() {
+        let y = (r as u32 * h) as i64;
+        image::imageops::replace(&mut out, image, 0, y);
+        for (i, item) in row.iter().enumerate() {
+            image::imageops::replace(&mut out, &item.picture, (w * (i as u32 + 1)) as i64, y);
+        }
+    }
+    out
+}
+
+/// The file stems of one run's images, made unique (`img`, `img-2`, ...) so that two inputs
+/// with the same name never overwrite each other's outputs.
+#[derive(Debug, Default)]
+pub struct Stems(HashSet<String>);
+
+impl Stems {
+    /// The sanitised, unique stem of `path`.
+    pub fn unique(&mut self, path: &Path) -> String {
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let base = match sanitize(&name) {
+            s if s.is_empty() => "image".to_string(),
+            s => s,
+        };
+        let mut stem = base.clone();
+        let mut n = 2;
+        while !self.0.insert(stem.clone()) {
+            stem = format!("{base}-{n}");
+            n += 1;
+        }
+        stem
+    }
+}
+
+/// A file-name part: ASCII letters, digits and `-` kept, anything else `_`, no `_` at either end
+/// (so no hidden files, separators, control or direction characters).
+pub fn sanitize(s: &str) -> String {
+    let s: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    s.trim_matches('_').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_naming_rule_for_every_command() {
+        let s = Subject::new(Target::class(281), "tabby, tabby cat").file_prefix("281");
+        assert_eq!(s.file_name("cat", ""), "cat_281_tabby__tabby_cat.png");
+        let cf = Subject::new(Target::answer(3).counterfactual(), "red").file_name("q1_scene", "_gradcampp");
+        assert_eq!(cf, "q1_scene_red_counterfactual_gradcampp.png");
+        let mut stems = Stems::default();
+        assert_eq!(stems.unique(Path::new("a/img.png")), "img");
+        assert_eq!(stems.unique(Path::new("b/img.png")), "img-2");
+        assert_eq!(stems.unique(Path::new("x/.\u{202e}gnp.png")), "gnp");
+        assert_eq!(stems.unique(Path::new("x/\n.png")), "image");
+    }
+}
