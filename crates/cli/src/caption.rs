@@ -7,17 +7,16 @@ use std::process::ExitCode;
 use anyhow::Context;
 use gradcam_captioner::eval::evaluate;
 use gradcam_captioner::train::{train, Event, TrainConfig};
-use gradcam_captioner::{CaptionSplit, Captioner};
-use gradcam_core::map::{write_png_atomic, Region};
-use gradcam_core::render::{grid, render, Output, Stems, Subject};
-use gradcam_core::Target;
+use gradcam::pipeline::caption::{caption, Options, Record};
+use gradcam::pipeline::Files;
+use gradcam::render::Stems;
+use gradcam_captioner::Captioner;
 use gradcam_encoders::preprocess::load_image;
 use gradcam_neurons::UnitNames;
 use gradcam_scenes::Split;
 use indicatif::ProgressBar;
-use serde::Serialize;
 
-use crate::common::{load_dissection, MapJson, MethodArgs, Progress};
+use crate::common::{load_dissection, MethodArgs, Progress};
 use crate::progress::{bar, EpochBar};
 
 /// The shipped model, relative to the repository (and to the binary's working directory).
@@ -62,23 +61,6 @@ pub struct CaptionArgs {
     methods: MethodArgs,
 }
 
-#[derive(Serialize)]
-struct WordJson {
-    t: usize,
-    word: String,
-    logprob: f32,
-    #[serde(flatten)]
-    map: MapJson,
-}
-
-#[derive(Serialize)]
-struct CaptionJson {
-    image: String,
-    caption: String,
-    words: Vec<WordJson>,
-    strip: String,
-}
-
 pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     let model = Captioner::load(&args.model).with_context(|| format!("loading the captioner from {}", args.model.display()))?;
     let dissection = load_dissection(args.dissection.as_deref(), &args.model, args.neurons)?;
@@ -111,7 +93,7 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-fn print(out: &mut impl Write, r: &CaptionJson, json: bool) -> std::io::Result<()> {
+fn print(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result<()> {
     if json {
         serde_json::to_writer(&mut *out, r)?;
         return writeln!(out);
@@ -126,36 +108,11 @@ fn print(out: &mut impl Write, r: &CaptionJson, json: bool) -> std::io::Result<(
     writeln!(out, "  strip: {}", r.strip)
 }
 
-fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs, names: Option<&UnitNames>, stems: &mut Stems) -> anyhow::Result<CaptionJson> {
+fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs, names: Option<&UnitNames>, stems: &mut Stems) -> anyhow::Result<Record> {
     let img = load_image(path)?;
-    let input = model.preprocess(&img)?.unsqueeze(0)?; // [1, 3, s, s]
-    let a = model.features(&input)?;
-    let tokens = match &args.caption {
-        Some(text) => model.vocab.encode_known(text)?,
-        None if args.beam > 1 => model.beam(&a, args.beam)?.tokens,
-        None => model.greedy(&a)?.remove(0).tokens,
-    };
-    let words = model.vocab.decode(&tokens);
-    let logprobs = model.word_logprobs(&a, &tokens, false)?.squeeze(0)?.to_vec1::<f32>()?;
-    let split = CaptionSplit::new(model, &tokens);
-    let subjects: Vec<Subject> = words.iter().enumerate().map(|(t, w)| Subject::new(Target::word(t), w.clone()).file_prefix(format!("{t:02}"))).collect();
-    let stem = stems.unique(path);
-    let out = Output { dir: &args.out, stem: &stem, image: &img, region: Region { x: 0, y: 0, width: img.width(), height: img.height() } };
-    let neurons = names.map(crate::common::dissection_report);
+    let options = Options { beam: args.beam, caption: args.caption.clone(), settings: args.methods.settings() };
     let bar = Progress::new(args.json);
-    let rendered = render(&args.methods.cam(&split, &bar), &args.methods.method, &input, &a, &subjects, &out, neurons.as_ref().map(|f| f as _))?;
-    // One row per method, stacked.
-    let tag = match args.methods.method[..] {
-        [m] => args.methods.cam(&split, &bar).method(m).file_tag(),
-        _ => "_methods".to_string(),
-    };
-    let strip = args.out.join(format!("{stem}_strip{tag}.png"));
-    write_png_atomic(&grid(&img, &rendered), &strip)?;
-    let words_json = rendered.iter().flatten().enumerate().map(|(i, r)| {
-        let t = i % words.len().max(1);
-        WordJson { t, word: words[t].clone(), logprob: logprobs[t], map: MapJson::new(r) }
-    });
-    Ok(CaptionJson { image: path.display().to_string(), caption: words.join(" "), words: words_json.collect(), strip: strip.display().to_string() })
+    Ok(caption(model, &img, &path.display().to_string(), Files { dir: &args.out, stem: &stems.unique(path) }, &options, names, Some(&*bar.0))?)
 }
 
 #[derive(clap::Args)]

@@ -5,14 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use candle_core::D;
-use gradcam_core::render::{render, write_method_strips, Output, Stems, Subject};
-use gradcam_core::{class_named_report, Explainable, Target};
-use gradcam_encoders::preprocess::{load_image, prepare, Resize};
-use gradcam_encoders::{imagenet, Network};
-use serde::Serialize;
+use gradcam::pipeline::classify::{classify, Options, Record};
+use gradcam::pipeline::Files;
+use gradcam::render::Stems;
+use gradcam_encoders::preprocess::{load_image, Resize};
+use gradcam_encoders::Network;
 
-use crate::common::{MapJson, MethodArgs, Progress};
+use crate::common::{MethodArgs, Progress};
 use crate::progress::bar;
 use crate::ModelArgs;
 
@@ -53,32 +52,6 @@ pub struct ClassifyArgs {
     neurons: bool,
 }
 
-#[derive(Serialize)]
-struct Prediction {
-    class: usize,
-    label: &'static str,
-    logit: f32,
-    prob: f32,
-}
-
-#[derive(Serialize)]
-struct ExplanationJson {
-    class: usize,
-    label: &'static str,
-    #[serde(flatten)]
-    map: MapJson,
-}
-
-#[derive(Serialize)]
-struct ImageJson {
-    image: String,
-    model: &'static str,
-    layer: String,
-    input_size: [usize; 2],
-    predictions: Vec<Prediction>,
-    explanations: Vec<ExplanationJson>,
-}
-
 pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     let net = args.model.load()?;
     let index = net.layer_index(args.layer.as_deref().unwrap_or(net.default_layer()))?;
@@ -104,7 +77,7 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-fn print_result(out: &mut impl Write, r: &ImageJson, json: bool) -> std::io::Result<()> {
+fn print_result(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result<()> {
     if json {
         serde_json::to_writer(&mut *out, r)?;
         return writeln!(out);
@@ -123,45 +96,9 @@ fn print_result(out: &mut impl Write, r: &ImageJson, json: bool) -> std::io::Res
     Ok(())
 }
 
-fn classify_one(net: &Network, index: usize, path: &Path, args: &ClassifyArgs, stems: &mut Stems) -> anyhow::Result<ImageJson> {
+fn classify_one(net: &Network, index: usize, path: &Path, args: &ClassifyArgs, stems: &mut Stems) -> anyhow::Result<Record> {
     let img = load_image(path)?;
-    let prepared = prepare(&img, args.resize)?;
-    let input = prepared.tensor.unsqueeze(0)?; // [1, 3, h, w]
-    let (_, _, h, w) = input.dims4()?;
-    let split = net.split(index);
-    let activations = split.features(&input)?; // [1, K, h', w']
-    let logits = split.head(&activations)?.squeeze(0)?; // [classes]
-    let max = logits.max_keepdim(D::Minus1)?;
-    let e = logits.broadcast_sub(&max)?.exp()?;
-    let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_vec1::<f32>()?;
-    let logits = logits.to_vec1::<f32>()?;
-    if logits.iter().any(|v| !v.is_finite()) {
-        anyhow::bail!("the model produced non-finite logits; are the weights corrupt?");
-    }
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    let label = |c: usize| imagenet::class_name(c).unwrap_or("?");
-    let predictions = order.iter().take(args.top_k).map(|&c| Prediction { class: c, label: label(c), logit: logits[c], prob: probs[c] }).collect();
-
-    let classes = if args.classes.is_empty() { vec![order[0]] } else { args.classes.clone() };
-    let subjects: Vec<Subject> = classes.iter().flat_map(|&c| Subject::new(Target::class(c), label(c)).file_prefix(c.to_string()).and_counterfactual(args.counterfactual)).collect();
-    let stem = stems.unique(path);
-    let out = Output { dir: &args.out, stem: &stem, image: &img, region: prepared.region };
-    let class_name = |c: usize| label(c).to_string();
-    let neurons = |e: &gradcam_core::Explanation, subject: &str| class_named_report(&split, &activations, e.weights.as_deref().unwrap_or(&[]), subject, &class_name);
+    let options = Options { classes: args.classes.clone(), top_k: args.top_k, counterfactual: args.counterfactual, resize: args.resize, neurons: args.neurons, settings: args.methods.settings() };
     let bar = Progress::new(args.json);
-    let cam = args.methods.cam(&split, &bar);
-    let rendered = render(&cam, &args.methods.method, &input, &activations, &subjects, &out, args.neurons.then_some(&neurons as _))?;
-    if args.methods.method.len() > 1 {
-        write_method_strips(&rendered, &subjects, &out, 224)?;
-    }
-    let explanations = rendered
-        .iter()
-        .flatten()
-        .map(|r| {
-            let class = r.explanation.target.index().expect("a class target");
-            ExplanationJson { class, label: label(class), map: MapJson::new(r) }
-        })
-        .collect();
-    Ok(ImageJson { image: path.display().to_string(), model: net.arch(), layer: net.layer_name(index).to_string(), input_size: [h, w], predictions, explanations })
+    Ok(classify(net, index, &img, &path.display().to_string(), Files { dir: &args.out, stem: &stems.unique(path) }, &options, Some(&*bar.0))?)
 }

@@ -1,14 +1,14 @@
 //! What `classify`, `caption` and `vqa` share: the method and smoothing flags, the dissection
-//! table, the progress of the perturbation methods and the JSON of one map.
+//! table and the progress bar of the perturbation methods.
 
 use std::path::Path;
 
 use anyhow::Context;
-use gradcam_core::render::Rendered;
-use gradcam_core::{Cam, CamMethod, EigenSmooth, Explainable, Explanation, Method, NeuronReport, UnitNames};
+use gradcam::pipeline::Settings;
+use gradcam::{CamMethod, Method};
+use gradcam_core::EigenSmooth;
 use gradcam_neurons::Dissection;
 use indicatif::ProgressBar;
-use serde::Serialize;
 
 /// The method flags every explaining command takes.
 #[derive(clap::Args, Clone)]
@@ -30,9 +30,8 @@ pub struct MethodArgs {
 }
 
 impl MethodArgs {
-    /// The explainer of `model` with these flags; Ablation-CAM and Score-CAM report to `bar`.
-    pub fn cam<'m, M: Explainable + ?Sized>(&self, model: &'m M, bar: &'m Progress) -> Cam<'m, M> {
-        Cam::new(model).eigen_smooth(self.eigen_smooth).aug_smooth(self.aug_smooth).on_progress(&bar.0)
+    pub fn settings(&self) -> Settings {
+        Settings { methods: self.method.clone(), eigen_smooth: self.eigen_smooth, aug_smooth: self.aug_smooth }
     }
 
     /// The method an `--eval` run scores: one whose map comes from the gradients, with
@@ -57,7 +56,7 @@ pub fn parse_gradient_method(s: &str) -> Result<Method, String> {
 }
 
 /// The progress bar of Ablation-CAM and Score-CAM over the layer's channels: (done, channels).
-pub struct Progress(pub Box<dyn Fn(usize, usize) + Sync>);
+pub struct Progress(pub Box<gradcam::pipeline::Progress>);
 
 impl Progress {
     /// A bar on stderr, or none when `quiet`.
@@ -93,53 +92,4 @@ pub fn load_dissection(explicit: Option<&Path>, model: &Path, required: bool) ->
         anyhow::bail!("{} has no dissection.json; make one with `gradcam dissect --model {} --data DATA` or pass --dissection FILE", model.display(), model.display());
     }
     Ok(None)
-}
-
-/// The neuron report of an explanation by a dissection table's names.
-pub fn dissection_report<'a>(names: &'a UnitNames<'a>) -> impl Fn(&Explanation, &str) -> gradcam_core::Result<NeuronReport> + 'a {
-    move |e, subject| e.neurons(names, subject).ok_or_else(|| gradcam_core::Error::Unsupported(format!("{} gives no weights to report", e.method)))
-}
-
-/// One map as every command's `--json` reports it.
-#[derive(Serialize)]
-pub struct MapJson {
-    pub method: &'static str,
-    pub counterfactual: bool,
-    pub score: f32,
-    pub cam_size: [usize; 2],
-    pub cam: Vec<Vec<f32>>,
-    /// False when the map is zero everywhere: nothing in the layer supports the target.
-    pub nonzero: bool,
-    pub overlay: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub neurons: Option<NeuronReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub text: Option<String>,
-}
-
-impl MapJson {
-    pub fn new(r: &Rendered) -> Self {
-        let e = &r.explanation;
-        MapJson {
-            method: e.method.name(),
-            counterfactual: e.is_counterfactual(),
-            score: e.score,
-            cam_size: [e.map_size.0, e.map_size.1],
-            cam: e.cam().rows(),
-            nonzero: e.nonzero(),
-            overlay: r.file.display().to_string(),
-            text: r.neurons.as_ref().map(|n| n.text.clone()),
-            neurons: r.neurons.clone(),
-        }
-    }
-
-    /// "Grad-CAM for", "gradcam++ for", "counterfactual (gradcam) for": how text output
-    /// introduces the map.
-    pub fn kind(&self) -> String {
-        match (self.counterfactual, self.method) {
-            (true, m) => format!("counterfactual ({m}) for"),
-            (false, "gradcam") => "Grad-CAM for".to_string(),
-            (false, m) => format!("{m} for"),
-        }
-    }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use gradcam_captioner::Captioner;
-use gradcam_eval::report::{markdown, write_failures, Failure};
+use gradcam_eval::report::{markdown, worst, write_failures};
 use gradcam_eval::subjects::{CaptionerSubject, ClassifierSubject, VqaSubject};
 use gradcam_eval::{run, ExampleResult, Options, Subject, Task, Tolerance};
 use gradcam_encoders::ModelKind;
@@ -14,7 +14,6 @@ use gradcam_scenes::write_atomic;
 use gradcam_vqa::Vqa;
 
 use crate::common::parse_gradient_method;
-use crate::ModelArgs;
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -80,32 +79,13 @@ pub struct EvalArgs {
     batch: usize,
 }
 
-fn tasks(names: &[String]) -> anyhow::Result<Vec<Task>> {
-    let mut tasks = Vec::new();
-    for n in names {
-        match n.trim() {
-            "all" => tasks.extend(Task::ALL),
-            other => tasks.push(other.parse::<Task>().map_err(anyhow::Error::msg)?),
-        }
-    }
-    tasks.sort();
-    tasks.dedup();
-    Ok(tasks)
-}
-
 pub fn run_eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
-    let tasks = tasks(&args.tasks)?;
-    if !(0.0..=1.0).contains(&args.box_threshold) || !(0.0..=1.0).contains(&args.iou) || !(0.0..=1.0).contains(&args.reject_below) {
-        anyhow::bail!("--box-threshold, --iou and --reject-below are fractions between 0 and 1");
-    }
-    if args.steps == 0 || args.batch == 0 || args.patch == Some(0) || args.stride == Some(0) {
-        anyhow::bail!("--steps, --batch, --patch and --stride must be at least 1");
-    }
+    let tasks = Task::parse_list(&args.tasks)?;
     if args.failures > 0 && args.out.is_none() {
         anyhow::bail!("--failures writes a page: give --out DIR");
     }
     if let Ok(kind) = args.model.parse::<ModelKind>() {
-        let net = ModelArgs { model: kind, weights: args.weights.clone() }.load()?;
+        let net = kind.load(args.weights.as_deref())?;
         let layer = net.layer_index(args.layer.as_deref().unwrap_or(net.default_layer()))?;
         let subject = ClassifierSubject::new(net, layer, &args.data).with_context(|| format!("reading the dataset {}", args.data.display()))?;
         return evaluate(&subject, &args, tasks);
@@ -145,6 +125,7 @@ fn evaluate<S: Subject>(subject: &S, args: &EvalArgs, tasks: Vec<Task>) -> anyho
         reject_below: args.reject_below,
         batch: args.batch,
     };
+    options.check()?;
     let n = subject.len().min(options.limit);
     if n == 0 {
         anyhow::bail!("{} has no images to evaluate", args.data.display());
@@ -170,14 +151,7 @@ fn evaluate<S: Subject>(subject: &S, args: &EvalArgs, tasks: Vec<Task>) -> anyho
         write_atomic(&out.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
         write_atomic(&out.join("summary.md"), table.as_bytes())?;
         if args.failures > 0 {
-            qualities.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-            let mut failures = Vec::new();
-            for &(quality, i) in qualities.iter().take(args.failures) {
-                let ex = subject.example(i)?;
-                let maps = subject.maps(&ex, options.method)?;
-                let maps = ex.cases.iter().zip(maps).map(|(c, m)| (c.label.clone(), m)).collect();
-                failures.push(Failure { name: ex.name, summary: ex.summary, quality, image: ex.image, maps });
-            }
+            let failures = worst(subject, &qualities, args.failures, options.method)?;
             let title = format!("{} worst-predicted images of {} ({}, {})", failures.len(), args.data.display(), subject.kind(), summary.method);
             write_failures(&out.join("failures"), &failures, &title)?;
         }

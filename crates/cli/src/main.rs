@@ -17,7 +17,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use gradcam_encoders::{ModelKind, Network, Weights, WeightsSource};
+use gradcam_encoders::{ModelKind, Network, Weights};
 
 #[derive(Parser)]
 #[command(name = "gradcam", version, about = "Grad-CAM visual explanations for CNN classifiers, captioners and VQA models")]
@@ -94,14 +94,7 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<Network> {
-        let source = match &self.weights {
-            Some(w) => WeightsSource::parse(w),
-            None => self.model.default_weights()?,
-        };
-        let path = source.resolve()?;
-        let weights = Weights::load(&path).with_context(|| format!("loading {} weights", self.model.name()))?;
-        let net = self.model.build(&weights).with_context(|| format!("building {} from {}", self.model.name(), path.display()))?;
-        Ok(net)
+        self.model.load(self.weights.as_deref()).with_context(|| format!("loading {}", self.model.name()))
     }
 }
 

@@ -6,19 +6,18 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use gradcam_core::map::Region;
-use gradcam_core::render::{render, write_method_strips, Output, Stems, Subject};
-use gradcam_core::Target;
+use gradcam::pipeline::vqa::{answer, Options, Record};
+use gradcam::pipeline::Files;
+use gradcam::render::Stems;
 use gradcam_encoders::preprocess::load_image;
 use gradcam_neurons::UnitNames;
 use gradcam_scenes::vqa::Vqa as VqaFile;
 use gradcam_scenes::Split;
 use gradcam_vqa::eval::evaluate;
 use gradcam_vqa::train::{train, Event, TrainConfig};
-use gradcam_vqa::{Vqa, VqaSplit};
-use serde::Serialize;
+use gradcam_vqa::Vqa;
 
-use crate::common::{dissection_report, load_dissection, MapJson, MethodArgs, Progress};
+use crate::common::{load_dissection, MethodArgs, Progress};
 use crate::progress::{bar, EpochBar};
 
 pub const DEFAULT_MODEL: &str = "models/vqa";
@@ -74,30 +73,6 @@ pub struct VqaArgs {
     methods: MethodArgs,
 }
 
-#[derive(Serialize)]
-struct AnswerJson {
-    answer: String,
-    prob: f32,
-}
-
-#[derive(Serialize)]
-struct ExplanationJson {
-    answer: String,
-    #[serde(flatten)]
-    map: MapJson,
-}
-
-#[derive(Serialize)]
-struct QuestionJson {
-    image: String,
-    question: String,
-    answers: Vec<AnswerJson>,
-    explanations: Vec<ExplanationJson>,
-    /// Words the model does not know (read as <unk>).
-    unknown_words: Vec<String>,
-    truncated: bool,
-}
-
 pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
     let model = Vqa::load(&args.model).with_context(|| format!("loading the VQA model from {}", args.model.display()))?;
     if let Some(dir) = &args.eval {
@@ -124,7 +99,7 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print(out: &mut impl Write, r: &QuestionJson, json: bool) -> std::io::Result<()> {
+fn print(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result<()> {
     if json {
         serde_json::to_writer(&mut *out, r)?;
         return writeln!(out);
@@ -148,63 +123,21 @@ fn print(out: &mut impl Write, r: &QuestionJson, json: bool) -> std::io::Result<
     Ok(())
 }
 
-fn answer_one(model: &Vqa, img: &image::RgbImage, path: &Path, question: &str, args: &VqaArgs, stem: &str, names: Option<&UnitNames>) -> anyhow::Result<QuestionJson> {
-    let q = model.question(question)?;
-    let input = model.preprocess(img)?.unsqueeze(0)?;
-    let a = model.features(&input)?;
-    let split = VqaSplit { model, question: model.encode(&q)? };
-    let logits = model.logits(&a, &split.question)?;
-    let top = model.top_answers(&logits, args.top_k.max(1))?;
-    let mut explained = vec![top[0].0];
-    for name in &args.answers {
-        let i = model.answer_index(name)?;
-        if !explained.contains(&i) {
-            explained.push(i);
-        }
-    }
-    let subjects: Vec<Subject> = explained.iter().flat_map(|&i| Subject::new(Target::answer(i), model.cfg.answers[i].clone()).and_counterfactual(args.counterfactual)).collect();
-    let out = Output { dir: &args.out, stem, image: img, region: Region { x: 0, y: 0, width: img.width(), height: img.height() } };
-    let neurons = names.map(dissection_report);
+fn answer_one(model: &Vqa, img: &image::RgbImage, path: &Path, question: &str, args: &VqaArgs, stem: &str, names: Option<&UnitNames>) -> anyhow::Result<Record> {
+    let options = Options { answers: args.answers.clone(), counterfactual: args.counterfactual, top_k: args.top_k, settings: args.methods.settings() };
     let bar = Progress::new(args.json);
-    let rendered = render(&args.methods.cam(&split, &bar), &args.methods.method, &input, &a, &subjects, &out, neurons.as_ref().map(|f| f as _))?;
-    if args.methods.method.len() > 1 {
-        write_method_strips(&rendered, &subjects, &out, img.height().max(64))?;
-    }
-    let explanations = rendered.iter().flatten().map(|r| ExplanationJson { answer: model.cfg.answers[r.explanation.target.index().expect("an answer")].clone(), map: MapJson::new(r) });
-    Ok(QuestionJson {
-        image: path.display().to_string(),
-        question: question.to_string(),
-        answers: top.iter().map(|&(i, p)| AnswerJson { answer: model.cfg.answers[i].clone(), prob: p }).collect(),
-        explanations: explanations.collect(),
-        unknown_words: q.unknown,
-        truncated: q.truncated,
-    })
-}
-
-/// Image files of a folder by the number at the end of their name (`000123.png`,
-/// `COCO_val2014_000000000123.jpg`).
-fn images_by_id(dir: &Path) -> anyhow::Result<HashMap<u64, PathBuf>> {
-    let mut m = HashMap::new();
-    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let p = e?.path();
-        let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let digits: String = stem.chars().rev().take_while(char::is_ascii_digit).collect::<Vec<_>>().into_iter().rev().collect();
-        if let Ok(id) = digits.parse() {
-            m.insert(id, p);
-        }
-    }
-    Ok(m)
+    Ok(answer(model, img, &path.display().to_string(), question, Files { dir: &args.out, stem }, &options, names, Some(&*bar.0))?)
 }
 
 fn batch(model: &Vqa, qfile: &Path, dir: &Path, args: &VqaArgs, names: Option<&UnitNames>, stems: &mut Stems, out: &mut impl Write) -> anyhow::Result<ExitCode> {
     let file = VqaFile::read(qfile, args.annotations.as_deref(), None)?;
-    let files = images_by_id(dir)?;
+    let files = gradcam_scenes::vqa::images_by_id(dir)?;
     let ann: HashMap<u64, &gradcam_scenes::vqa::Annotation> = file.annotations.iter().map(|a| (a.question_id, a)).collect();
     let bar = bar(file.questions.len() as u64, "questions");
     let (mut failures, mut per_type): (usize, BTreeMap<String, (usize, f64)>) = (0, BTreeMap::new());
     let mut cache: Option<(u64, image::RgbImage)> = None;
     for q in &file.questions {
-        let result = (|| -> anyhow::Result<QuestionJson> {
+        let result = (|| -> anyhow::Result<Record> {
             let path = files.get(&q.image_id).with_context(|| format!("no image for image_id {} in {}", q.image_id, dir.display()))?;
             if cache.as_ref().map(|c| c.0) != Some(q.image_id) {
                 cache = Some((q.image_id, load_image(path)?));

@@ -203,19 +203,14 @@ impl Explanation {
         overlay(&rgb, &self.cam().normalized().0, region)
     }
 
-    /// The picture of this explanation on `image`: the guided image for the guided methods
-    /// (resized to the image), else the map blended over `region` (the part of the image the
-    /// model saw; the rest is dimmed).
+    /// The picture of this explanation on `image`: for the guided methods the guided image at the
+    /// input's resolution, else the map blended over `region` (the part of the image the model
+    /// saw; the rest is dimmed).
     pub fn picture(&self, image: &RgbImage, region: Region) -> Result<RgbImage> {
         match &self.guided {
             Some(g) => {
                 let (h, w) = self.guided_size;
-                let p = crate::gradient_image(&Tensor::from_slice(g, (3, h, w), &candle_core::Device::Cpu)?)?;
-                Ok(if p.dimensions() == image.dimensions() {
-                    p
-                } else {
-                    image::imageops::resize(&p, image.width(), image.height(), image::imageops::FilterType::Triangle)
-                })
+                crate::gradient_image(&Tensor::from_slice(g, (3, h, w), &candle_core::Device::Cpu)?)
             }
             None => Ok(overlay(image, &self.cam().normalized().0, region)),
         }

@@ -153,7 +153,7 @@ pub fn comparison_strip(panels: &[RgbImage], height: u32) -> RgbImage {
 }
 
 /// One row per method: the image followed by that method's picture of every subject (a caption's
-/// words, left to right), the rows stacked.
+/// words, left to right, each scaled to the image's size), the rows stacked.
 pub fn grid(image: &RgbImage, rendered: &[Vec<Rendered>]) -> RgbImage {
     let (w, h) = image.dimensions();
     let cols = rendered.iter().map(Vec::len).max().unwrap_or(0) as u32 + 1;
@@ -162,7 +162,11 @@ pub fn grid(image: &RgbImage, rendered: &[Vec<Rendered>]) -> RgbImage {
         let y = (r as u32 * h) as i64;
         image::imageops::replace(&mut out, image, 0, y);
         for (i, item) in row.iter().enumerate() {
-            image::imageops::replace(&mut out, &item.picture, (w * (i as u32 + 1)) as i64, y);
+            let x = (w * (i as u32 + 1)) as i64;
+            match item.picture.dimensions() == (w, h) {
+                true => image::imageops::replace(&mut out, &item.picture, x, y),
+                false => image::imageops::replace(&mut out, &image::imageops::resize(&item.picture, w, h, image::imageops::FilterType::Triangle), x, y),
+            }
         }
     }
     out

@@ -72,6 +72,16 @@ pub enum ModelKind {
 }
 
 impl ModelKind {
+    /// The network with `weights` (a .safetensors / .pth file, or `hf:OWNER/REPO`), or with its
+    /// default weights ([`ModelKind::default_weights`]).
+    pub fn load(self, weights: Option<&str>) -> Result<Network> {
+        let source = match weights {
+            Some(w) => WeightsSource::parse(w),
+            None => self.default_weights()?,
+        };
+        self.build(&Weights::load(&source.resolve()?)?)
+    }
+
     pub const ALL: [ModelKind; 4] = [ModelKind::EfficientNetLite0, ModelKind::Vgg16, ModelKind::ResNet18, ModelKind::ResNet50];
 
     pub fn name(self) -> &'static str {

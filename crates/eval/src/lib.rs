@@ -41,6 +41,8 @@ pub enum Error {
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
+    Options(String),
+    #[error("{0}")]
     Data(String),
 }
 
@@ -70,6 +72,22 @@ impl Task {
             Task::Insertion => "insertion",
             Task::Energy => "energy",
         }
+    }
+}
+
+impl Task {
+    /// Task names as the CLI takes them (`all` for every one), sorted and without repeats.
+    pub fn parse_list(names: &[String]) -> Result<Vec<Task>> {
+        let mut tasks = Vec::new();
+        for n in names {
+            match n.trim() {
+                "all" => tasks.extend(Task::ALL),
+                other => tasks.push(other.parse::<Task>().map_err(Error::Options)?),
+            }
+        }
+        tasks.sort();
+        tasks.dedup();
+        Ok(tasks)
     }
 }
 

@@ -95,6 +95,23 @@ pub struct Failure {
     pub maps: Vec<(String, Map)>,
 }
 
+/// The `k` examples of lowest quality (`qualities`: (quality, example index) of every example
+/// run), each with its maps by `method`, for [`write_failures`].
+pub fn worst<S: crate::Subject>(subject: &S, qualities: &[(f64, usize)], k: usize, method: &dyn gradcam_core::CamMethod) -> Result<Vec<Failure>> {
+    let mut order = qualities.to_vec();
+    order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    order
+        .iter()
+        .take(k)
+        .map(|&(quality, i)| {
+            let ex = subject.example(i)?;
+            let maps = subject.maps(&ex, method)?;
+            let maps = ex.cases.iter().zip(maps).map(|(c, m)| (c.label.clone(), m)).collect();
+            Ok(Failure { name: ex.name, summary: ex.summary, quality, image: ex.image, maps })
+        })
+        .collect()
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }

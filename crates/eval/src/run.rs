@@ -36,6 +36,18 @@ pub struct Options<'a> {
 }
 
 impl Options<'_> {
+    /// Refuses options that measure nothing: fractions outside [0, 1], zero steps, batches,
+    /// patches or strides.
+    pub fn check(&self) -> Result<()> {
+        if ![self.box_threshold, self.iou, self.reject_below].iter().all(|v| (0.0..=1.0).contains(v)) {
+            return Err(crate::Error::Options("--box-threshold, --iou and --reject-below are fractions between 0 and 1".into()));
+        }
+        if self.steps == 0 || self.batch == 0 || self.patch == Some(0) || self.stride == Some(0) {
+            return Err(crate::Error::Options("--steps, --batch, --patch and --stride must be at least 1".into()));
+        }
+        Ok(())
+    }
+
     fn has(&self, t: Task) -> bool {
         self.tasks.contains(&t)
     }

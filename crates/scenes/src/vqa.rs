@@ -3,10 +3,28 @@
 //! depends on).
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::json::{read, Record};
-use crate::Result;
+use crate::{Error, Result};
+
+/// The image files of a folder by the number at the end of their name (`000123.png`,
+/// `COCO_val2014_000000000123.jpg`), as VQA v2's questions name images. Two files with the same
+/// number are an error: which one a question means would be a guess.
+pub fn images_by_id(dir: &Path) -> Result<HashMap<u64, PathBuf>> {
+    let io = |source| Error::Io { path: dir.to_path_buf(), source };
+    let mut m: HashMap<u64, PathBuf> = HashMap::new();
+    for e in std::fs::read_dir(dir).map_err(io)? {
+        let p = e.map_err(io)?.path();
+        let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let digits: String = stem.chars().rev().take_while(char::is_ascii_digit).collect::<Vec<_>>().into_iter().rev().collect();
+        let Ok(id) = digits.parse() else { continue };
+        if let Some(other) = m.insert(id, p.clone()) {
+            return Err(Error::Config(format!("{} and {} both end in image id {id}; keep one of them in {}", other.display(), p.display(), dir.display())));
+        }
+    }
+    Ok(m)
+}
 
 /// An entry of a questions file.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,0 +1,220 @@
+//! The measurements behind `gradcam bench`: times taken side by side in one process (medians of
+//! interleaved runs, so that load from other processes hits both sides alike).
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use gradcam_core::ops::{Activation, Conv2d, Padding};
+use gradcam_core::{Cam, Explainable, Method, Target};
+use gradcam_encoders::Network;
+use serde::Serialize;
+
+use crate::pipeline::Result;
+
+/// The median of `v` (NaN for none).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Median milliseconds of `a` and of `b` over `iters` runs, interleaved (no warm-up).
+pub fn interleaved<E>(iters: usize, mut a: impl FnMut() -> std::result::Result<(), E>, mut b: impl FnMut() -> std::result::Result<(), E>) -> std::result::Result<(f64, f64), E> {
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for _ in 0..iters.max(1) {
+        ta.push(millis(&mut a)?);
+        tb.push(millis(&mut b)?);
+    }
+    Ok((median(ta), median(tb)))
+}
+
+/// Median milliseconds of `f` over `iters` runs after one warm-up.
+pub fn time_ms<E>(iters: usize, mut f: impl FnMut() -> std::result::Result<(), E>) -> std::result::Result<f64, E> {
+    f()?;
+    (0..iters.max(1)).map(|_| millis(&mut f)).collect::<std::result::Result<Vec<_>, E>>().map(median)
+}
+
+fn millis<E>(f: &mut impl FnMut() -> std::result::Result<(), E>) -> std::result::Result<f64, E> {
+    let t = Instant::now();
+    f()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// A fixed, image-like input `[1, 3, 224, 224]`: smooth gradients plus a pattern, so activations
+/// are not trivial (bench/pytorch_gradcam.py makes the same).
+pub fn image_like_input() -> candle_core::Result<Tensor> {
+    let data: Vec<f32> = (0..3 * 224 * 224)
+        .map(|i| {
+            let (c, y, x) = (i / (224 * 224), (i / 224) % 224, i % 224);
+            ((x as f32 * 0.05 + c as f32).sin() + (y as f32 * 0.03).cos()) * 0.8
+        })
+        .collect();
+    Tensor::from_vec(data, (1, 3, 224, 224), &Device::Cpu)
+}
+
+/// A classifier's plain forward against its whole Grad-CAM explanation.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassifyTiming {
+    /// The architecture.
+    pub model: &'static str,
+    /// Worker threads.
+    pub threads: usize,
+    /// Timed runs of each.
+    pub iters: usize,
+    /// Median forward pass, ms.
+    pub forward_ms: f64,
+    /// Median Grad-CAM of the top-1 class from the input to the 224x224 map, ms.
+    pub gradcam_ms: f64,
+    /// `gradcam_ms / forward_ms`.
+    pub ratio: f64,
+}
+
+/// Explains the top-1 class of `input` with `method` at the default layer and upsamples the map
+/// to the input, as pytorch-grad-cam's `cam(...)` call does.
+fn explain_top1(split: &impl Explainable, input: &Tensor, method: Method) -> Result<()> {
+    let a = split.features(input)?;
+    let logits = split.head(&a)?.squeeze(0)?.to_vec1::<f32>()?;
+    let top = (0..logits.len()).max_by(|&i, &j| logits[i].total_cmp(&logits[j])).unwrap_or(0);
+    let r = Cam::new(split).method(method).explain_with(input, &a, &[(0, Target::class(top))])?;
+    if let Some(g) = &r[0].guided {
+        let (h, w) = r[0].guided_size;
+        std::hint::black_box(gradcam_core::gradient_image(&Tensor::from_slice(g, (3, h, w), &Device::Cpu)?)?);
+    }
+    let (_, _, h, w) = input.dims4()?;
+    std::hint::black_box(r[0].cam().normalized().0.resize_bilinear(h, w));
+    Ok(())
+}
+
+/// `net`'s forward against its Grad-CAM at the default layer on [`image_like_input`], after two
+/// warm-up runs of each.
+pub fn classify(net: &Network, iters: usize) -> Result<ClassifyTiming> {
+    let split = net.split(net.layer_index(net.default_layer())?);
+    let input = image_like_input()?;
+    let forward = || -> Result<()> {
+        std::hint::black_box(net.forward(&input)?.to_vec2::<f32>()?);
+        Ok(())
+    };
+    let gradcam = || explain_top1(&split, &input, Method::GradCam);
+    for _ in 0..2 {
+        forward()?;
+        gradcam()?;
+    }
+    let (forward_ms, gradcam_ms) = interleaved(iters, forward, gradcam)?;
+    Ok(ClassifyTiming { model: net.arch(), threads: rayon::current_num_threads(), iters, forward_ms, gradcam_ms, ratio: gradcam_ms / forward_ms })
+}
+
+/// The median milliseconds of each method on `input` (`[1, 3, H, W]`) from the input to the map
+/// at the input's size; the perturbation methods run once. `each` hears every result.
+pub fn methods(net: &Network, input: &Tensor, methods: &[Method], iters: usize, each: &mut dyn FnMut(Method, f64)) -> Result<Vec<(Method, f64)>> {
+    let split = net.split(net.layer_index(net.default_layer())?);
+    let mut timings = Vec::with_capacity(methods.len());
+    for &m in methods {
+        let run = || explain_top1(&split, input, m);
+        let ms = if m.is_perturbation() { millis(&mut { run })? } else { time_ms(iters, run)? };
+        each(m, ms);
+        timings.push((m, ms));
+    }
+    Ok(timings)
+}
+
+/// The captioner generating a caption against generating and explaining all its words.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaptionTiming {
+    /// Words of the caption.
+    pub words: usize,
+    /// Median greedy decoding from the image, ms.
+    pub generate_ms: f64,
+    /// Median decoding plus every word's map at the image's size, ms.
+    pub explain_ms: f64,
+    /// `explain_ms / generate_ms`.
+    pub ratio: f64,
+    /// With `detail`: the encoder, greedy decoding and word maps alone, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parts_ms: Option<[f64; 3]>,
+}
+
+/// Times the captioner on the image at `path`.
+pub fn caption(model: &gradcam_captioner::Captioner, path: &Path, iters: usize, detail: bool) -> Result<CaptionTiming> {
+    use gradcam_captioner::eval::word_maps;
+    let img = gradcam_encoders::preprocess::load_image(path)?;
+    let input = model.preprocess(&img)?.unsqueeze(0)?;
+    let (h, w) = (img.height() as usize, img.width() as usize);
+    let generate = || -> Result<Vec<u32>> { Ok(model.greedy(&model.features(&input)?)?.remove(0).tokens) };
+    let explain = || -> Result<()> {
+        let a = model.features(&input)?;
+        let tokens = model.greedy(&a)?.remove(0).tokens;
+        for m in word_maps(model, &a, &tokens)? {
+            std::hint::black_box(m.normalized().0.resize_bilinear(h, w));
+        }
+        Ok(())
+    };
+    let words = generate()?.len();
+    explain()?;
+    let (generate_ms, explain_ms) = interleaved(iters, || generate().map(|_| ()), explain)?;
+    let parts_ms = if detail {
+        let a = model.features(&input)?;
+        let tokens = model.greedy(&a)?.remove(0).tokens;
+        Some([
+            time_ms(iters, || model.features(&input).map(|_| ()))?,
+            time_ms(iters, || model.greedy(&a).map(|_| ()))?,
+            time_ms(iters, || word_maps(model, &a, &tokens).map(|_| ()))?,
+        ])
+    } else {
+        None
+    };
+    Ok(CaptionTiming { words, generate_ms, explain_ms, ratio: explain_ms / generate_ms, parts_ms })
+}
+
+/// One convolution timed on candle's ops and on ours.
+#[derive(Debug, Clone)]
+pub struct OpTiming {
+    /// What was timed, with the input's shape.
+    pub label: String,
+    /// candle's median ms, or why it failed.
+    pub candle: std::result::Result<f64, String>,
+    /// Our median ms.
+    pub ours: f64,
+}
+
+/// Our convolution kernels against stock candle's on EfficientNet-Lite0's depthwise 5x5 at 56 px
+/// and VGG-16's conv4 / conv5 sizes, forward and forward + input gradient.
+pub fn ops(iters: usize) -> Result<Vec<OpTiming>> {
+    let ramp = |shape: &[usize], seed: usize| {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|i| (((i * 7919 + seed * 104729) % 1000) as f32 / 500.0) - 1.0).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu)
+    };
+    // Runs f on x, and with `backward` also its input gradient.
+    let step = |x: &Tensor, backward: bool, f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| -> candle_core::Result<()> {
+        if backward {
+            let v = Var::from_tensor(x)?;
+            let g = f(v.as_tensor())?.sum_all()?.backward()?;
+            std::hint::black_box(g.get(v.as_tensor()).map(|t| t.dims().len()));
+        } else {
+            std::hint::black_box(f(x)?);
+        }
+        Ok(())
+    };
+    // (what, input, kernel, groups, backward)
+    let cases = [
+        ("depthwise 5x5 forward", [1, 144, 56, 56], 5, 144, false),
+        ("depthwise 5x5 forward+backward", [1, 144, 56, 56], 5, 144, true),
+        ("dense 3x3 forward", [1, 256, 56, 56], 3, 1, false),
+        ("dense 3x3 forward+backward", [1, 256, 28, 28], 3, 1, true),
+    ];
+    let mut out = Vec::new();
+    for (i, (what, shape, k, groups, backward)) in cases.into_iter().enumerate() {
+        let c = shape[1];
+        let x = ramp(&shape, 2 * i)?;
+        let w = ramp(&[c, c / groups, k, k], 2 * i + 1)?;
+        let conv = Conv2d::new(&w, None, groups, 1, Padding::Symmetric(k / 2), Activation::Identity)?;
+        let candle = time_ms(iters, || step(&x, backward, &|x| x.conv2d(&w, k / 2, 1, 1, groups))).map_err(|e| e.to_string());
+        let ours = time_ms(iters, || step(&x, backward, &|x| conv.forward(x)))?;
+        out.push(OpTiming { label: format!("{what} {shape:?}"), candle, ours });
+    }
+    Ok(out)
+}

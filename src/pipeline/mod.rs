@@ -1,0 +1,150 @@
+//! What the `classify`, `caption` and `vqa` commands do with one image, as library calls that
+//! return the same records the CLI prints with `--json` (and that a server or a notebook-free
+//! script can serialise as they are): predictions, and every method's map of every target,
+//! pictured and written to a folder.
+
+pub mod caption;
+pub mod classify;
+pub mod vqa;
+
+use std::path::{Path, PathBuf};
+
+use gradcam_core::render::Rendered;
+use gradcam_core::{Cam, Explainable, Method, NeuronReport};
+use serde::Serialize;
+
+/// Errors of the pipelines.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// From the core (explaining, writing pictures).
+    #[error(transparent)]
+    Core(#[from] gradcam_core::Error),
+    /// From candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// From loading or running an ImageNet classifier.
+    #[error(transparent)]
+    Encoders(#[from] gradcam_encoders::Error),
+    /// From the captioner.
+    #[error(transparent)]
+    Captioner(#[from] gradcam_captioner::Error),
+    /// From the VQA model.
+    #[error(transparent)]
+    Vqa(#[from] gradcam_vqa::Error),
+    /// From a tokenizer or dataset file.
+    #[error(transparent)]
+    Scenes(#[from] gradcam_scenes::Error),
+    /// A request the model cannot answer (a class out of range, non-finite scores).
+    #[error("{0}")]
+    Request(String),
+}
+
+/// The pipelines' result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How to explain: the methods (one map each per target) and pytorch-grad-cam's smoothings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The methods, in order; several make comparison strips.
+    pub methods: Vec<Method>,
+    /// Eigen-smoothing ([`Cam::eigen_smooth`]).
+    pub eigen_smooth: bool,
+    /// Augmentation smoothing ([`Cam::aug_smooth`]).
+    pub aug_smooth: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { methods: vec![Method::GradCam], eigen_smooth: false, aug_smooth: false }
+    }
+}
+
+impl Settings {
+    /// The explainer of `model` with these settings; Ablation-CAM and Score-CAM report (channels
+    /// done, channels) to `progress`.
+    pub fn cam<'m, M: Explainable + ?Sized>(&self, model: &'m M, progress: Option<&'m Progress>) -> Cam<'m, M> {
+        let cam = Cam::new(model).eigen_smooth(self.eigen_smooth).aug_smooth(self.aug_smooth);
+        match progress {
+            Some(p) => cam.on_progress(p),
+            None => cam,
+        }
+    }
+}
+
+/// Hears (channels done, channels) while a perturbation method works.
+pub type Progress = dyn Fn(usize, usize) + Sync;
+
+/// Where one image's pictures go: `dir/STEM_...png` ([`gradcam_core::render::Stems`] makes the
+/// stems of a run unique).
+#[derive(Debug, Clone, Copy)]
+pub struct Files<'a> {
+    /// The folder (created by the caller).
+    pub dir: &'a Path,
+    /// The image's stem.
+    pub stem: &'a str,
+}
+
+impl Files<'_> {
+    /// `dir/STEM_SUFFIX.png`.
+    pub fn path(&self, suffix: &str) -> PathBuf {
+        self.dir.join(format!("{}_{suffix}.png", self.stem))
+    }
+}
+
+/// One map as every command's `--json` record holds it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MapRecord {
+    /// The method's name.
+    pub method: &'static str,
+    /// Whether the target is a counterfactual.
+    pub counterfactual: bool,
+    /// The target's score y^c.
+    pub score: f32,
+    /// (height, width) of `cam`.
+    pub cam_size: [usize; 2],
+    /// The raw map, rows of the explained layer's resolution.
+    pub cam: Vec<Vec<f32>>,
+    /// False when the map is zero everywhere: nothing in the layer supports the target.
+    pub nonzero: bool,
+    /// The picture's file.
+    pub overlay: String,
+    /// The textual explanation, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub neurons: Option<NeuronReport>,
+    /// Its sentence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+impl MapRecord {
+    /// The record of one rendered explanation.
+    pub fn new(r: &Rendered) -> Self {
+        let e = &r.explanation;
+        MapRecord {
+            method: e.method.name(),
+            counterfactual: e.is_counterfactual(),
+            score: e.score,
+            cam_size: [e.map_size.0, e.map_size.1],
+            cam: e.cam().rows(),
+            nonzero: e.nonzero(),
+            overlay: r.file.display().to_string(),
+            text: r.neurons.as_ref().map(|n| n.text.clone()),
+            neurons: r.neurons.clone(),
+        }
+    }
+
+    /// How text output introduces the map: "Grad-CAM for", "gradcam++ for", "counterfactual
+    /// (gradcam) for".
+    pub fn kind(&self) -> String {
+        match (self.counterfactual, self.method) {
+            (true, m) => format!("counterfactual ({m}) for"),
+            (false, "gradcam") => "Grad-CAM for".to_string(),
+            (false, m) => format!("{m} for"),
+        }
+    }
+}
+
+/// The neuron report of an explanation by a table's unit names.
+pub(crate) fn named_report<'a>(names: &'a gradcam_core::UnitNames<'a>) -> impl Fn(&gradcam_core::Explanation, &str) -> gradcam_core::Result<NeuronReport> + 'a {
+    move |e, subject| e.neurons(names, subject).ok_or_else(|| gradcam_core::Error::Unsupported(format!("{} gives no weights to report", e.method)))
+}

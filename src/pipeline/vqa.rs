@@ -1,0 +1,103 @@
+//! The VQA model on one image and question: the top answers and every method's map of the
+//! predicted answer (and any other asked for), with their counterfactuals, as `gradcam vqa --json`
+//! prints them.
+
+use gradcam_core::map::Region;
+use gradcam_core::render::{render, write_method_strips, Output, Subject};
+use gradcam_core::{Target, UnitNames};
+use gradcam_vqa::{Vqa, VqaSplit};
+use image::RgbImage;
+use serde::Serialize;
+
+use super::{named_report, Files, MapRecord, Progress, Result, Settings};
+
+/// What to answer and explain.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Also explain these answers ("why would it say yellow?").
+    pub answers: Vec<String>,
+    /// Also explain each answer's counterfactual.
+    pub counterfactual: bool,
+    /// How many answers to report.
+    pub top_k: usize,
+    /// Methods and smoothing.
+    pub settings: Settings,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { answers: Vec::new(), counterfactual: false, top_k: 3, settings: Settings::default() }
+    }
+}
+
+/// One answer and its probability.
+#[derive(Debug, Clone, Serialize)]
+pub struct Answer {
+    /// The answer.
+    pub answer: String,
+    /// Its softmax probability.
+    pub prob: f32,
+}
+
+/// One map of one answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnswerMap {
+    /// The answer explained.
+    pub answer: String,
+    /// The map.
+    #[serde(flatten)]
+    pub map: MapRecord,
+}
+
+/// The record of one question.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    /// The image's name (its path).
+    pub image: String,
+    /// The question as asked.
+    pub question: String,
+    /// The top answers.
+    pub answers: Vec<Answer>,
+    /// Every method's map of every explained answer, method by method.
+    pub explanations: Vec<AnswerMap>,
+    /// Words the model does not know (read as `<unk>`).
+    pub unknown_words: Vec<String>,
+    /// Whether the question was cut to the model's maximum length.
+    pub truncated: bool,
+}
+
+/// Answers `question` about `img` and explains the answers, writing the pictures to `files`;
+/// with `names`, each map gets its neuron report.
+#[allow(clippy::too_many_arguments)]
+pub fn answer(model: &Vqa, img: &RgbImage, name: &str, question: &str, files: Files<'_>, options: &Options, names: Option<&UnitNames>, progress: Option<&Progress>) -> Result<Record> {
+    let q = model.question(question)?;
+    let input = model.preprocess(img)?.unsqueeze(0)?;
+    let a = model.features(&input)?;
+    let split = VqaSplit { model, question: model.encode(&q)? };
+    let logits = model.logits(&a, &split.question)?;
+    let top = model.top_answers(&logits, options.top_k.max(1))?;
+    let mut explained = vec![top[0].0];
+    for name in &options.answers {
+        let i = model.answer_index(name)?;
+        if !explained.contains(&i) {
+            explained.push(i);
+        }
+    }
+    let subjects: Vec<Subject> = explained.iter().flat_map(|&i| Subject::new(Target::answer(i), model.cfg.answers[i].clone()).and_counterfactual(options.counterfactual)).collect();
+    let out = Output { dir: files.dir, stem: files.stem, image: img, region: Region { x: 0, y: 0, width: img.width(), height: img.height() } };
+    let neurons = names.map(named_report);
+    let cam = options.settings.cam(&split, progress);
+    let rendered = render(&cam, &options.settings.methods, &input, &a, &subjects, &out, neurons.as_ref().map(|f| f as _))?;
+    if options.settings.methods.len() > 1 {
+        write_method_strips(&rendered, &subjects, &out, img.height().max(64))?;
+    }
+    let explanations = rendered.iter().flatten().map(|r| AnswerMap { answer: model.cfg.answers[r.explanation.target.index().expect("an answer")].clone(), map: MapRecord::new(r) });
+    Ok(Record {
+        image: name.to_string(),
+        question: question.to_string(),
+        answers: top.iter().map(|&(i, p)| Answer { answer: model.cfg.answers[i].clone(), prob: p }).collect(),
+        explanations: explanations.collect(),
+        unknown_words: q.unknown,
+        truncated: q.truncated,
+    })
+}
