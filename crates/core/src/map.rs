@@ -10,25 +10,32 @@ use crate::{Error, Result};
 /// A single-channel map, row-major `h x w`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Map {
+    /// Rows.
     pub h: usize,
+    /// Columns.
     pub w: usize,
+    /// The values, row-major.
     pub data: Vec<f32>,
 }
 
 impl Map {
+    /// A map of `h x w` values; panics if `data` has another length.
     pub fn new(h: usize, w: usize, data: Vec<f32>) -> Self {
         assert_eq!(data.len(), h * w, "map data does not match its size");
         Self { h, w, data }
     }
 
+    /// Whether every value is finite.
     pub fn is_finite(&self) -> bool {
         self.data.iter().all(|v| v.is_finite())
     }
 
+    /// The largest value (-inf for an empty map).
     pub fn max(&self) -> f32 {
         self.data.iter().copied().fold(f32::NEG_INFINITY, f32::max)
     }
 
+    /// The smallest value (+inf for an empty map).
     pub fn min(&self) -> f32 {
         self.data.iter().copied().fold(f32::INFINITY, f32::min)
     }
@@ -100,9 +107,13 @@ pub fn jet(v: f32) -> [u8; 3] {
 /// Where on the original image the explained input came from (a crop, or the whole image).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Region {
+    /// Left edge, in pixels of the original image.
     pub x: u32,
+    /// Top edge.
     pub y: u32,
+    /// Width.
     pub width: u32,
+    /// Height.
     pub height: u32,
 }
 

@@ -4,8 +4,11 @@
 /// target object, beside the centre-point baseline.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Pointing {
+    /// Cases counted.
     pub count: usize,
+    /// Cases whose map's peak hit the object.
     pub hits: usize,
+    /// Cases where the image's centre hit it (the baseline).
     pub centre_hits: usize,
 }
 
@@ -26,10 +29,12 @@ impl Pointing {
         self.centre_hits += centre_hit as usize;
     }
 
+    /// The share of hits.
     pub fn accuracy(&self) -> f64 {
         self.hits as f64 / self.count.max(1) as f64
     }
 
+    /// The share of centre hits.
     pub fn centre_accuracy(&self) -> f64 {
         self.centre_hits as f64 / self.count.max(1) as f64
     }
@@ -38,9 +43,13 @@ impl Pointing {
 /// An axis-aligned box in pixel edges: it covers the pixels x0 <= x < x1, y0 <= y < y1.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct BoundingBox {
+    /// Left edge.
     pub x0: f32,
+    /// Top edge.
     pub y0: f32,
+    /// Right edge (exclusive).
     pub x1: f32,
+    /// Bottom edge (exclusive).
     pub y1: f32,
 }
 
@@ -50,6 +59,7 @@ impl BoundingBox {
         Self { x0: b[0] as f32, y0: b[1] as f32, x1: (b[0] + b[2]) as f32, y1: (b[1] + b[3]) as f32 }
     }
 
+    /// Area in pixels (0 for an empty box).
     pub fn area(&self) -> f32 {
         (self.x1 - self.x0).max(0.0) * (self.y1 - self.y0).max(0.0)
     }

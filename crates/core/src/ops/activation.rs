@@ -11,8 +11,11 @@ use super::{f32_slice, CResult};
 /// The pointwise non-linearity fused after a convolution or linear layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
+    /// None.
     Identity,
+    /// max(x, 0).
     Relu,
+    /// min(max(x, 0), 6), as MobileNets and EfficientNet-Lite use.
     Relu6,
 }
 

@@ -106,6 +106,7 @@ impl Conv2d {
         })
     }
 
+    /// Output channels.
     pub fn out_channels(&self) -> usize {
         self.out_channels
     }
@@ -236,8 +237,11 @@ impl CustomOp1 for Conv2d {
 /// ReLU ops cost a pass over memory each, forward and backward).
 #[derive(Debug, Clone, Copy)]
 pub struct TrainableConv2d {
+    /// Stride in both directions.
     pub stride: usize,
+    /// Spatial padding.
     pub padding: Padding,
+    /// Fused after the bias.
     pub activation: Activation,
 }
 

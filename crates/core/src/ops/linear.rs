@@ -21,6 +21,7 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// The layer from PyTorch's `weight` `[out, in]` and `bias` `[out]` (zeros when `None`).
     pub fn new(weight: &Tensor, bias: Option<&Tensor>, activation: Activation) -> CResult<Self> {
         let (out_features, in_features) = weight.dims2()?;
         let bias = match bias {
@@ -103,6 +104,7 @@ fn sigmoid(v: f32) -> f32 {
 }
 
 impl LstmCell {
+    /// The cell from PyTorch's `LSTMCell` parameters.
     pub fn new(weight_ih: &Tensor, weight_hh: &Tensor, bias_ih: &Tensor, bias_hh: &Tensor) -> CResult<Self> {
         let (four_h, input) = weight_ih.dims2()?;
         let hidden = four_h / 4;
@@ -114,6 +116,7 @@ impl LstmCell {
         Ok(Self { weight: Arc::new(weight), bias: Arc::new(bias), input, hidden })
     }
 
+    /// The hidden size.
     pub fn hidden(&self) -> usize {
         self.hidden
     }

@@ -59,12 +59,16 @@ impl CustomOp1 for GlobalAvgMaxPool {
 /// receives the gradient).
 #[derive(Debug, Clone, Copy)]
 pub struct MaxPool2d {
+    /// Window side.
     pub kernel: usize,
+    /// Step between windows.
     pub stride: usize,
+    /// Padding on every side (counts as -inf).
     pub padding: usize,
 }
 
 impl MaxPool2d {
+    /// `[n, c, h, w]` -> `[n, c, out_h, out_w]`.
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         x.contiguous()?.apply_op1(*self)
     }
@@ -149,11 +153,14 @@ impl CustomOp1 for MaxPool2d {
 /// PyTorch's `AdaptiveAvgPool2d`: bin i covers [floor(i*H/OH), ceil((i+1)*H/OH)).
 #[derive(Debug, Clone, Copy)]
 pub struct AdaptiveAvgPool2d {
+    /// Output rows.
     pub out_h: usize,
+    /// Output columns.
     pub out_w: usize,
 }
 
 impl AdaptiveAvgPool2d {
+    /// `[n, c, h, w]` -> `[n, c, out_h, out_w]`.
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         if h == self.out_h && w == self.out_w {
