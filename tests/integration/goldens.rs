@@ -116,23 +116,18 @@ fn cam_family_matches_pytorch_grad_cam_on_efficientnet_lite0() {
         eprintln!("{name}: mean absolute difference {mae:.2e}");
         assert!(mae <= 0.01, "{name}: mean absolute difference {mae}");
     }
-    let mut done = 0;
-    let r = &gradcam_core::methods::ablation_cam(&split, &a, &[Request { image: 0, target: &target }], 128, &mut |n| done = n).unwrap()[0];
-    assert_eq!(done, 1280);
-    let ours = pytorch_grad_cam_scaled(&r.cam, 224, 224);
-    let theirs = golden["ablationcam"].to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let mae = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
-    eprintln!("ablationcam: mean absolute difference {mae:.2e}");
-    assert!(mae <= 0.03, "ablationcam: mean absolute difference {mae}");
-
-    let mut done = 0;
-    let r = &gradcam_core::methods::score_cam(&split, &input(), &a, &[Request { image: 0, target: &target }], 16, &mut |n| done = n).unwrap()[0];
-    assert_eq!(done, 1280);
-    let ours = pytorch_grad_cam_scaled(&r.cam, 224, 224);
-    let theirs = golden["scorecam"].to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let mae = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
-    eprintln!("scorecam: mean absolute difference {mae:.2e}");
-    assert!(mae <= 0.03, "scorecam: mean absolute difference {mae}");
+    // Ablation-CAM and Score-CAM through the library's one pipeline, progress over all channels.
+    for method in [gradcam::Method::AblationCam, gradcam::Method::ScoreCam] {
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let progress = |n: usize, _: usize| done.store(n, std::sync::atomic::Ordering::Relaxed);
+        let r = &gradcam::Cam::new(&split).method(method).on_progress(&progress).explain_with(&input(), &a, &[(0, gradcam::Target::class(class))]).unwrap()[0];
+        assert_eq!(done.into_inner(), 1280, "{method}");
+        let ours = pytorch_grad_cam_scaled(&r.cam(), 224, 224);
+        let theirs = golden[method.name()].to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mae = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
+        eprintln!("{method}: mean absolute difference {mae:.2e}");
+        assert!(mae <= 0.03, "{method}: mean absolute difference {mae}");
+    }
 }
 
 /// Guided Backpropagation and Guided Grad-CAM against `tests/fixtures/make_guided_goldens.py`
@@ -192,9 +187,9 @@ fn smoothing_matches_pytorch_grad_cam_on_efficientnet_lite0() {
     let target = ClassLogit(class);
     let requests = [Request { image: 0, target: &target as &dyn Score }];
     let eigen = &explain(&split, &split.features(&x).unwrap(), &requests, &gradcam_core::EigenSmooth(Box::new(GradCam))).unwrap()[0];
-    let aug = &gradcam_core::augmentation_smoothing(&split, &x, &requests, &GradCam).unwrap()[0];
-    assert_eq!((aug.cam.h, aug.cam.w), (224, 224));
-    for (name, ours) in [("gradcam+eigen_smooth", pytorch_grad_cam_scaled(&eigen.cam, 224, 224)), ("gradcam+aug_smooth", aug.cam.data.clone())] {
+    let aug = &gradcam::Cam::new(&split).aug_smooth(true).explain(&x, &[gradcam::Target::class(class)]).unwrap()[0];
+    assert_eq!(aug.map_size, (224, 224));
+    for (name, ours) in [("gradcam+eigen_smooth", pytorch_grad_cam_scaled(&eigen.cam, 224, 224)), ("gradcam+aug_smooth", aug.map.clone())] {
         let theirs = golden[name].to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let mae = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
         eprintln!("{name}: mean absolute difference {mae:.2e}");

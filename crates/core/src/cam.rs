@@ -159,6 +159,46 @@ impl CamMethod for GradCam {
     }
 }
 
+/// What a method is given: the model, its input batch, the explained layer's activations of that
+/// batch (`[B, K, h, w]`), and where to report progress (units of work done, such as channels).
+/// Gradients are computed by the methods that read them (through [`explain`]: one backward pass
+/// through the head).
+pub struct Context<'a> {
+    /// The model.
+    pub model: &'a dyn Explainable,
+    /// Its input batch `[B, C, H, W]`.
+    pub input: &'a Tensor,
+    /// The explained layer's activations of the batch.
+    pub activations: &'a Tensor,
+    /// Hears the units of work done.
+    pub progress: &'a dyn Fn(usize),
+}
+
+/// A way of explaining: the results of `requests`, from what the context gives. Every method
+/// is one, so the pipeline around them ([`crate::Cam`]) is written once: the gradient-based
+/// family through [`Gradient`], augmentation smoothing ([`crate::methods::AugSmooth`]),
+/// Ablation-CAM and Score-CAM ([`crate::perturbation`]).
+pub trait Explainer {
+    /// The method's name.
+    fn name(&self) -> &'static str;
+
+    /// One result per request.
+    fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> Result<Vec<CamResult>>;
+}
+
+/// A [`CamMethod`] run from one backward pass through the head ([`explain`]).
+pub struct Gradient(pub Box<dyn CamMethod>);
+
+impl Explainer for Gradient {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> Result<Vec<CamResult>> {
+        explain(cx.model, cx.activations, requests, self.0.as_ref())
+    }
+}
+
 /// One explanation to compute: which image of the batch, and which score.
 pub struct Request<'a> {
     /// The image's row in the batch.

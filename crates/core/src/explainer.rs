@@ -8,9 +8,9 @@ use candle_core::Tensor;
 use image::{DynamicImage, RgbImage};
 
 use crate::map::{overlay, Region};
-use crate::methods::{ablation_cam, augmentation_smoothing, score_cam, EigenSmooth};
+use crate::cam::Context;
 use crate::report::{report, NeuronReport, UnitNames};
-use crate::{explain, guided_backprop, guided_gradcam, CamMethod, CamResult, Error, Explainable, Map, Method, Request, Result, Score};
+use crate::{guided_backprop, guided_gradcam, CamResult, Error, Explainable, Map, Method, Request, Result, Score};
 
 /// A model given as two functions: `features` (input -> activations A `[n, K, h, w]` of the
 /// explained layer) and `head` (A -> scores `[n, ...]`, one row per input). This is all a candle
@@ -303,31 +303,16 @@ impl<'m, M: Explainable + ?Sized> Cam<'m, M> {
     /// `input`: `[B, C, H, W]`; `activations`: `[B, K, h, w]`.
     pub fn explain_with(&self, input: &Tensor, activations: &Tensor, requests: &[(usize, Target)]) -> Result<Vec<Explanation>> {
         let method = self.method;
-        if method.is_perturbation() && (self.eigen_smooth || self.aug_smooth) {
-            return Err(Error::Unsupported(format!("eigen- and augmentation smoothing work with the gradient-based methods, not {method}")));
-        }
+        let explainer = method.explainer(self.eigen_smooth, self.aug_smooth)?;
         let reqs: Vec<Request> = requests.iter().map(|(image, t)| Request { image: *image, target: t as &dyn Score }).collect();
         let k = activations.dim(1)?;
-        let mut tell = |done: usize| {
+        let progress = |done: usize| {
             if let Some(p) = self.progress {
                 p(done, k)
             }
         };
-        let results = match method {
-            Method::AblationCam => ablation_cam(self.model, activations, &reqs, 128, &mut tell)?,
-            Method::ScoreCam => score_cam(self.model, input, activations, &reqs, 2, &mut tell)?,
-            _ => {
-                let mut m: Box<dyn CamMethod> = method.cam_method().expect("a gradient-based method");
-                if self.eigen_smooth {
-                    m = Box::new(EigenSmooth(m));
-                }
-                if self.aug_smooth {
-                    augmentation_smoothing(self.model, input, &reqs, m.as_ref())?
-                } else {
-                    explain(self.model, activations, &reqs, m.as_ref())?
-                }
-            }
-        };
+        let cx = Context { model: &ByRef(self.model), input, activations, progress: &progress };
+        let results = explainer.explain(&cx, &reqs)?;
         let guided = if method.is_guided() { Some(guided_backprop(self.model, input, &reqs)?) } else { None };
         results
             .into_iter()
@@ -346,6 +331,24 @@ impl<'m, M: Explainable + ?Sized> Cam<'m, M> {
                 Ok(from_result(method, target.clone(), r, guided, guided_size))
             })
             .collect()
+    }
+}
+
+/// A borrowed model as a sized [`Explainable`], so that any model (even unsized) can stand behind a
+/// `&dyn Explainable`.
+struct ByRef<'m, M: ?Sized>(&'m M);
+
+impl<M: Explainable + ?Sized> Explainable for ByRef<'_, M> {
+    fn features(&self, input: &Tensor) -> Result<Tensor> {
+        self.0.features(input)
+    }
+
+    fn head(&self, activations: &Tensor) -> Result<Tensor> {
+        self.0.head(activations)
+    }
+
+    fn head_gradients(&self, activations: &Tensor, seeds: &[(usize, f32)]) -> Result<Option<(Vec<f32>, Tensor)>> {
+        self.0.head_gradients(activations, seeds)
     }
 }
 

@@ -17,15 +17,17 @@ pub mod method;
 pub mod methods;
 pub mod metrics;
 pub mod ops;
+pub mod perturbation;
 pub mod render;
 pub mod report;
 
-pub use cam::{explain, CamMethod, CamResult, ClassLogit, Counterfactual, Explainable, GradCam, Request, Score};
+pub use cam::{explain, CamMethod, CamResult, ClassLogit, Context, Counterfactual, Explainable, Explainer, GradCam, Gradient, Request, Score};
 pub use explainer::{Cam, Explanation, Split, Target};
 pub use guided::{gradient_image, guided_backprop, guided_gradcam};
 pub use map::Map;
 pub use method::{Method, UnknownMethod};
-pub use methods::{augmentation_smoothing, EigenCam, EigenSmooth, GradCamPlusPlus, HiResCam, LayerCam, XGradCam};
+pub use methods::{AugSmooth, EigenCam, EigenSmooth, GradCamPlusPlus, HiResCam, LayerCam, XGradCam};
+pub use perturbation::{AblationCam, ScoreCam};
 pub use report::{class_named_report, report, Neuron, NeuronReport, UnitNames, UnitTable};
 
 /// Errors of the gradient-capture core.

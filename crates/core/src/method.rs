@@ -4,8 +4,10 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::methods::{EigenCam, GradCamPlusPlus, HiResCam, LayerCam, XGradCam};
-use crate::{CamMethod, GradCam};
+use crate::cam::{Explainer, Gradient};
+use crate::methods::{AugSmooth, EigenCam, EigenSmooth, GradCamPlusPlus, HiResCam, LayerCam, XGradCam};
+use crate::perturbation::{AblationCam, ScoreCam};
+use crate::{CamMethod, Error, GradCam, Result};
 
 /// A way of explaining a target, named as pytorch-grad-cam names it.
 ///
@@ -107,6 +109,25 @@ impl Method {
         })
     }
 
+    /// The method as an [`Explainer`], with pytorch-grad-cam's smoothings (for the
+    /// gradient-based methods only; an error for the others). The guided methods give their
+    /// Grad-CAM map here; [`crate::Cam`] adds their guided image.
+    pub fn explainer(self, eigen_smooth: bool, aug_smooth: bool) -> Result<Box<dyn Explainer>> {
+        let Some(mut m) = self.cam_method() else {
+            if eigen_smooth || aug_smooth {
+                return Err(Error::Unsupported(format!("eigen- and augmentation smoothing work with the gradient-based methods, not {self}")));
+            }
+            return Ok(match self {
+                Method::AblationCam => Box::new(AblationCam { chunk: 128 }),
+                _ => Box::new(ScoreCam { chunk: 2 }),
+            });
+        };
+        if eigen_smooth {
+            m = Box::new(EigenSmooth(m));
+        }
+        Ok(if aug_smooth { Box::new(AugSmooth(m)) } else { Box::new(Gradient(m)) })
+    }
+
     /// The methods whose map comes from (A, dy/dA) alone ([`Method::cam_method`] without the
     /// guided images): those that `--eval` and the evaluations score.
     pub fn is_gradient_map(self) -> bool {
@@ -132,7 +153,7 @@ impl FromStr for Method {
     type Err = UnknownMethod;
 
     /// The CLI's names; `gradcampp` is taken for `gradcam++` (it is how file names spell it).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
         let s = s.trim();
         Method::ALL
             .into_iter()
