@@ -2,7 +2,7 @@
 //! with the strip of all of them, as `gradcam caption --json` prints them.
 
 use gradcam_captioner::{CaptionSplit, Captioner};
-use gradcam_core::map::{write_png_atomic, Region};
+use gradcam_core::map::Region;
 use gradcam_core::render::{grid, render, Output, Subject};
 use gradcam_core::{Target, UnitNames};
 use image::RgbImage;
@@ -76,11 +76,10 @@ pub fn caption(model: &Captioner, img: &RgbImage, name: &str, files: Files<'_>, 
         [m] => cam.clone().method(m).file_tag(),
         _ => "_methods".to_string(),
     };
-    let strip = files.path(&format!("strip{tag}"));
-    write_png_atomic(&grid(img, &rendered), &strip)?;
+    let strip = files.keep(&grid(img, &rendered), &format!("strip{tag}"))?;
     let words_json = rendered.iter().flatten().enumerate().map(|(i, r)| {
         let t = i % words.len().max(1);
-        WordMap { t, word: words[t].clone(), logprob: logprobs[t], map: MapRecord::new(r) }
+        Ok(WordMap { t, word: words[t].clone(), logprob: logprobs[t], map: MapRecord::new(r)? })
     });
-    Ok(Record { image: name.to_string(), caption: words.join(" "), words: words_json.collect(), strip: strip.display().to_string() })
+    Ok(Record { image: name.to_string(), caption: words.join(" "), words: words_json.collect::<Result<_>>()?, strip })
 }

@@ -110,8 +110,8 @@ pub fn classify(net: &Network, layer: usize, img: &RgbImage, name: &str, files: 
         .flatten()
         .map(|r| {
             let class = r.explanation.target.index().expect("a class target");
-            ClassMap { class, label: label(class), map: MapRecord::new(r) }
+            Ok(ClassMap { class, label: label(class), map: MapRecord::new(r)? })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     Ok(Record { image: name.to_string(), model: net.arch(), layer: net.layer_name(layer).to_string(), input_size: [h, w], predictions, explanations })
 }

@@ -75,20 +75,41 @@ impl Settings {
 pub type Progress = dyn Fn(usize, usize) + Sync;
 
 /// Where one image's pictures go: `dir/STEM_...png` ([`gradcam_core::render::Stems`] makes the
-/// stems of a run unique).
+/// stems of a run unique), or nowhere (`dir: None`): the records then carry them as PNG data
+/// URLs.
 #[derive(Debug, Clone, Copy)]
 pub struct Files<'a> {
-    /// The folder (created by the caller).
-    pub dir: &'a Path,
+    /// The folder (created by the caller), or `None` to keep pictures in memory.
+    pub dir: Option<&'a Path>,
     /// The image's stem.
     pub stem: &'a str,
 }
 
 impl Files<'_> {
-    /// `dir/STEM_SUFFIX.png`.
-    pub fn path(&self, suffix: &str) -> PathBuf {
-        self.dir.join(format!("{}_{suffix}.png", self.stem))
+    /// `dir/STEM_SUFFIX.png`, when there is a folder.
+    pub fn path(&self, suffix: &str) -> Option<PathBuf> {
+        self.dir.map(|dir| dir.join(format!("{}_{suffix}.png", self.stem)))
     }
+
+    /// Writes `picture` to [`Files::path`] and returns the path; without a folder, returns the
+    /// picture as a PNG data URL.
+    pub fn keep(&self, picture: &image::RgbImage, suffix: &str) -> Result<String> {
+        match self.path(suffix) {
+            Some(path) => {
+                gradcam_core::map::write_png_atomic(picture, &path)?;
+                Ok(path.display().to_string())
+            }
+            None => data_url(picture),
+        }
+    }
+}
+
+/// A picture as a `data:image/png;base64,...` URL.
+pub fn data_url(picture: &image::RgbImage) -> Result<String> {
+    use base64::Engine;
+    let mut png = std::io::Cursor::new(Vec::new());
+    picture.write_to(&mut png, image::ImageFormat::Png).map_err(|e| Error::Request(format!("cannot encode a picture: {e}")))?;
+    Ok(format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png.get_ref())))
 }
 
 /// One map as every command's `--json` record holds it.
@@ -106,7 +127,7 @@ pub struct MapRecord {
     pub cam: Vec<Vec<f32>>,
     /// False when the map is zero everywhere: nothing in the layer supports the target.
     pub nonzero: bool,
-    /// The picture's file.
+    /// The picture's file, or the picture as a PNG data URL when kept in memory.
     pub overlay: String,
     /// The textual explanation, when asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -118,19 +139,22 @@ pub struct MapRecord {
 
 impl MapRecord {
     /// The record of one rendered explanation.
-    pub fn new(r: &Rendered) -> Self {
+    pub fn new(r: &Rendered) -> Result<Self> {
         let e = &r.explanation;
-        MapRecord {
+        Ok(MapRecord {
             method: e.method.name(),
             counterfactual: e.is_counterfactual(),
             score: e.score,
             cam_size: [e.map_size.0, e.map_size.1],
             cam: e.cam().rows(),
             nonzero: e.nonzero(),
-            overlay: r.file.display().to_string(),
+            overlay: match &r.file {
+                Some(file) => file.display().to_string(),
+                None => data_url(&r.picture)?,
+            },
             text: r.neurons.as_ref().map(|n| n.text.clone()),
             neurons: r.neurons.clone(),
-        }
+        })
     }
 
     /// How text output introduces the map: "Grad-CAM for", "gradcam++ for", "counterfactual

@@ -91,12 +91,12 @@ pub fn answer(model: &Vqa, img: &RgbImage, name: &str, question: &str, files: Fi
     if options.settings.methods.len() > 1 {
         write_method_strips(&rendered, &subjects, &out, img.height().max(64))?;
     }
-    let explanations = rendered.iter().flatten().map(|r| AnswerMap { answer: model.cfg.answers[r.explanation.target.index().expect("an answer")].clone(), map: MapRecord::new(r) });
+    let explanations = rendered.iter().flatten().map(|r| Ok(AnswerMap { answer: model.cfg.answers[r.explanation.target.index().expect("an answer")].clone(), map: MapRecord::new(r)? }));
     Ok(Record {
         image: name.to_string(),
         question: question.to_string(),
         answers: top.iter().map(|&(i, p)| Answer { answer: model.cfg.answers[i].clone(), prob: p }).collect(),
-        explanations: explanations.collect(),
+        explanations: explanations.collect::<Result<_>>()?,
         unknown_words: q.unknown,
         truncated: q.truncated,
     })

@@ -10,6 +10,7 @@ mod gradients;
 mod library;
 mod neurons;
 mod scenes;
+mod serve;
 mod vqa;
 
 use std::path::PathBuf;

@@ -112,7 +112,7 @@ fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs, names: Option
     let img = load_image(path)?;
     let options = Options { beam: args.beam, caption: args.caption.clone(), settings: args.methods.settings() };
     let bar = Progress::new(args.json);
-    Ok(caption(model, &img, &path.display().to_string(), Files { dir: &args.out, stem: &stems.unique(path) }, &options, names, Some(&*bar.0))?)
+    Ok(caption(model, &img, &path.display().to_string(), Files { dir: Some(&args.out), stem: &stems.unique(path) }, &options, names, Some(&*bar.0))?)
 }
 
 #[derive(clap::Args)]

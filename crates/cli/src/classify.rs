@@ -100,5 +100,5 @@ fn classify_one(net: &Network, index: usize, path: &Path, args: &ClassifyArgs, s
     let img = load_image(path)?;
     let options = Options { classes: args.classes.clone(), top_k: args.top_k, counterfactual: args.counterfactual, resize: args.resize, neurons: args.neurons, settings: args.methods.settings() };
     let bar = Progress::new(args.json);
-    Ok(classify(net, index, &img, &path.display().to_string(), Files { dir: &args.out, stem: &stems.unique(path) }, &options, Some(&*bar.0))?)
+    Ok(classify(net, index, &img, &path.display().to_string(), Files { dir: Some(&args.out), stem: &stems.unique(path) }, &options, Some(&*bar.0))?)
 }

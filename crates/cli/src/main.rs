@@ -58,6 +58,8 @@ enum Command {
     Prune(prune::PruneArgs),
     /// Measure the maps: localization, pointing game, faithfulness, deletion / insertion, energy.
     Eval(eval::EvalArgs),
+    /// Serve the explorer page and its JSON API (captions, answers, classes) on this machine.
+    Serve(gradcam_serve::cli::ServeArgs),
     /// Generate ShapeScenes, a synthetic dataset with masks, captions and questions.
     Scenes(scenes::ScenesArgs),
     /// Convert a PyTorch checkpoint (zip or legacy format) to safetensors.
@@ -115,6 +117,7 @@ fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Bench { what } => bench::run(what),
         Command::Scenes(args) => scenes::run(args),
+        Command::Serve(args) => gradcam_serve::cli::run(&args).map(|()| ExitCode::SUCCESS).map_err(Into::into),
         Command::Dissect(args) => dissect::run(args),
         Command::Prune(args) => prune::run(args),
         Command::Eval(args) => eval::run_eval(args),

@@ -126,7 +126,7 @@ fn print(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result<()> {
 fn answer_one(model: &Vqa, img: &image::RgbImage, path: &Path, question: &str, args: &VqaArgs, stem: &str, names: Option<&UnitNames>) -> anyhow::Result<Record> {
     let options = Options { answers: args.answers.clone(), counterfactual: args.counterfactual, top_k: args.top_k, settings: args.methods.settings() };
     let bar = Progress::new(args.json);
-    Ok(answer(model, img, &path.display().to_string(), question, Files { dir: &args.out, stem }, &options, names, Some(&*bar.0))?)
+    Ok(answer(model, img, &path.display().to_string(), question, Files { dir: Some(&args.out), stem }, &options, names, Some(&*bar.0))?)
 }
 
 fn batch(model: &Vqa, qfile: &Path, dir: &Path, args: &VqaArgs, names: Option<&UnitNames>, stems: &mut Stems, out: &mut impl Write) -> anyhow::Result<ExitCode> {

@@ -66,8 +66,8 @@ impl Subject {
 
 /// Where and on what the pictures of one image go.
 pub struct Output<'a> {
-    /// The folder written to.
-    pub dir: &'a Path,
+    /// The folder written to; `None` keeps the pictures in memory only (a server's responses).
+    pub dir: Option<&'a Path>,
     /// The image's unique stem ([`Stems::unique`]).
     pub stem: &'a str,
     /// The original image.
@@ -85,8 +85,8 @@ pub struct Rendered {
     pub explanation: Explanation,
     /// Its picture: the overlay, or the guided image.
     pub picture: RgbImage,
-    /// Where the picture was written.
-    pub file: PathBuf,
+    /// Where the picture was written (`None` when kept in memory).
+    pub file: Option<PathBuf>,
     /// Its textual explanation, when asked for.
     pub neurons: Option<NeuronReport>,
 }
@@ -110,8 +110,10 @@ pub fn render<M: Explainable + ?Sized>(
         let mut row = Vec::with_capacity(subjects.len());
         for (explanation, subject) in explanations.into_iter().zip(subjects) {
             let picture = explanation.picture(out.image, out.region)?;
-            let file = out.dir.join(subject.file_name(out.stem, &cam.file_tag()));
-            write_png_atomic(&picture, &file)?;
+            let file = out.dir.map(|dir| dir.join(subject.file_name(out.stem, &cam.file_tag())));
+            if let Some(file) = &file {
+                write_png_atomic(&picture, file)?;
+            }
             let neurons = neurons.map(|f| f(&explanation, &subject.report_subject())).transpose()?;
             row.push(Rendered { explanation, picture, file, neurons });
         }
@@ -121,12 +123,14 @@ pub fn render<M: Explainable + ?Sized>(
 }
 
 /// Writes, for each subject, the comparison strip of its pictures by every method
-/// (`STEM[_PREFIX]_NAME[_counterfactual]_methods.png`, `height` px high) and returns the files.
+/// (`STEM[_PREFIX]_NAME[_counterfactual]_methods.png`, `height` px high) and returns the files
+/// (none without a folder).
 pub fn write_method_strips(rendered: &[Vec<Rendered>], subjects: &[Subject], out: &Output<'_>, height: u32) -> Result<Vec<PathBuf>> {
+    let Some(dir) = out.dir else { return Ok(Vec::new()) };
     let mut files = Vec::with_capacity(subjects.len());
     for (i, subject) in subjects.iter().enumerate() {
         let panels: Vec<RgbImage> = rendered.iter().map(|row| row[i].picture.clone()).collect();
-        let file = out.dir.join(subject.file_name(out.stem, "_methods"));
+        let file = dir.join(subject.file_name(out.stem, "_methods"));
         write_png_atomic(&comparison_strip(&panels, height), &file)?;
         files.push(file);
     }

@@ -44,15 +44,30 @@ impl std::str::FromStr for Resize {
 /// Decodes an image file as RGB (grayscale is replicated, alpha dropped), with size and memory
 /// limits, naming the file in every error.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
-    let bad = |message: String| Error::Image { path: path.to_path_buf(), message };
     let meta = std::fs::metadata(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
     if meta.len() == 0 {
-        return Err(bad("the file is empty".into()));
+        return Err(Error::Image { path: path.to_path_buf(), message: "the file is empty".into() });
     }
-    let mut reader = image::ImageReader::open(path)
+    let reader = image::ImageReader::open(path)
         .map_err(|source| Error::Io { path: path.to_path_buf(), source })?
         .with_guessed_format()
         .map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    decode(reader, path)
+}
+
+/// Decodes an image held in memory (an upload) as [`load_image`] decodes a file; `name` stands for
+/// the file in errors.
+pub fn decode_image(bytes: &[u8], name: &str) -> Result<RgbImage> {
+    let path = Path::new(name);
+    if bytes.is_empty() {
+        return Err(Error::Image { path: path.to_path_buf(), message: "the image is empty".into() });
+    }
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    decode(reader, path)
+}
+
+fn decode<R: std::io::BufRead + std::io::Seek>(mut reader: image::ImageReader<R>, path: &Path) -> Result<RgbImage> {
+    let bad = |message: String| Error::Image { path: path.to_path_buf(), message };
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);

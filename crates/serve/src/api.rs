@@ -1,0 +1,156 @@
+//! The API's handlers: each reads a multipart form (the image is the field `image`), runs the
+//! library's pipeline for one image in the work queue and answers its record as the CLI's
+//! `--json` prints it, with the pictures as PNG data URLs instead of file names.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Multipart, Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use gradcam::pipeline::{caption, classify, vqa, Files, Settings};
+use gradcam::{Method, UnitNames};
+use image::RgbImage;
+
+use crate::{ApiError, App, SAMPLES};
+
+/// A request's form: the image's bytes and name, and the text fields.
+#[derive(Default)]
+struct Form {
+    image: Option<(String, Vec<u8>)>,
+    fields: HashMap<String, String>,
+}
+
+impl Form {
+    async fn read(mut multipart: Multipart) -> Result<Form, ApiError> {
+        let err = |e: axum::extract::multipart::MultipartError| match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "the upload is larger than the server's limit (--max-upload-mb)"),
+            status => ApiError::new(status, format!("cannot read the form: {}", e.body_text())),
+        };
+        let mut form = Form::default();
+        while let Some(field) = multipart.next_field().await.map_err(err)? {
+            let name = field.name().unwrap_or_default().to_string();
+            let file = field.file_name().map(str::to_string);
+            let bytes = field.bytes().await.map_err(err)?;
+            if name == "image" {
+                form.image = Some((file.unwrap_or_else(|| "upload".into()), bytes.to_vec()));
+            } else {
+                form.fields.insert(name, String::from_utf8_lossy(&bytes).trim().to_string());
+            }
+        }
+        Ok(form)
+    }
+
+    /// The image, decoded with the CLI's limits; 415 when the upload is not an image.
+    fn image(&self) -> Result<(String, RgbImage), ApiError> {
+        let (name, bytes) = self.image.as_ref().ok_or_else(|| ApiError::bad("the form has no field `image`"))?;
+        if image::guess_format(bytes).is_err() {
+            return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("{name} is not an image (PNG, JPEG, GIF, BMP, WebP or TIFF)")));
+        }
+        let img = gradcam_encoders::preprocess::decode_image(bytes, name).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+        Ok((name.clone(), img))
+    }
+
+    fn text(&self, name: &str) -> Option<String> {
+        self.fields.get(name).filter(|v| !v.is_empty()).cloned()
+    }
+
+    fn flag(&self, name: &str) -> bool {
+        self.text(name).is_some_and(|v| matches!(v.as_str(), "1" | "true" | "on" | "yes"))
+    }
+
+    /// `method`: one method, or several comma-separated; default Grad-CAM.
+    fn settings(&self) -> Result<Settings, ApiError> {
+        let methods = match self.text("method") {
+            Some(list) => list.split(',').map(|m| m.parse::<Method>().map_err(|e| ApiError::bad(e.to_string()))).collect::<Result<Vec<_>, _>>()?,
+            None => vec![Method::GradCam],
+        };
+        Ok(Settings { methods, ..Default::default() })
+    }
+}
+
+/// The pipelines' records with the image's name, as JSON.
+fn answer<T: serde::Serialize>(record: T) -> Response {
+    Json(record).into_response()
+}
+
+fn missing(what: &str, flag: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("this server has no {what} (start it with {flag})"))
+}
+
+const NOWHERE: Files<'static> = Files { dir: None, stem: "upload" };
+
+pub(crate) async fn caption(State(app): State<Arc<App>>, multipart: Multipart) -> Result<Response, ApiError> {
+    if app.models.captioner.is_none() {
+        return Err(missing("captioner", "--caption-model DIR"));
+    }
+    let form = Form::read(multipart).await?;
+    let (name, img) = form.image()?;
+    let options = caption::Options { beam: 1, caption: form.text("caption"), settings: form.settings()? };
+    let record = app
+        .run(move |app| {
+            let m = app.models.captioner.as_ref().expect("checked above");
+            let names = m.dissection.as_ref().map(|d| UnitNames::Dissection(d));
+            Ok(caption::caption(&m.model, &img, &name, NOWHERE, &options, names.as_ref(), None)?)
+        })
+        .await?;
+    Ok(answer(record))
+}
+
+pub(crate) async fn vqa(State(app): State<Arc<App>>, multipart: Multipart) -> Result<Response, ApiError> {
+    if app.models.vqa.is_none() {
+        return Err(missing("VQA model", "--vqa-model DIR"));
+    }
+    let form = Form::read(multipart).await?;
+    let (name, img) = form.image()?;
+    let question = form.text("question").ok_or_else(|| ApiError::bad("the form has no `question`"))?;
+    let options = vqa::Options { answers: form.text("answer").into_iter().collect(), counterfactual: form.flag("counterfactual"), top_k: 5, settings: form.settings()? };
+    let record = app
+        .run(move |app| {
+            let m = app.models.vqa.as_ref().expect("checked above");
+            let names = m.dissection.as_ref().map(|d| UnitNames::Dissection(d));
+            Ok(vqa::answer(&m.model, &img, &name, &question, NOWHERE, &options, names.as_ref(), None)?)
+        })
+        .await?;
+    Ok(answer(record))
+}
+
+pub(crate) async fn classify(State(app): State<Arc<App>>, multipart: Multipart) -> Result<Response, ApiError> {
+    if app.models.classifier.is_none() {
+        return Err(missing("classifier", "--classifier MODEL"));
+    }
+    let form = Form::read(multipart).await?;
+    let (name, img) = form.image()?;
+    let classes = match form.text("class") {
+        Some(c) => vec![c.parse::<usize>().map_err(|_| ApiError::bad(format!("class {c:?} is not a class number")))?],
+        None => Vec::new(),
+    };
+    let options = classify::Options { classes, top_k: 5, counterfactual: true, neurons: true, settings: form.settings()?, ..Default::default() };
+    let record = app
+        .run(move |app| {
+            let c = app.models.classifier.as_ref().expect("checked above");
+            Ok(classify::classify(&c.net, c.layer, &img, &name, NOWHERE, &options, None)?)
+        })
+        .await?;
+    Ok(answer(record))
+}
+
+/// What the server explains, for the page.
+pub(crate) async fn models(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    let m = &app.models;
+    Json(serde_json::json!({
+        "captioner": m.captioner.as_ref().map(|c| serde_json::json!({ "words": c.model.vocab.len(), "dissection": c.dissection.is_some() })),
+        "vqa": m.vqa.as_ref().map(|v| serde_json::json!({ "answers": v.model.cfg.answers, "dissection": v.dissection.is_some() })),
+        "classifier": m.classifier.as_ref().map(|c| serde_json::json!({ "model": c.net.arch(), "layer": c.net.layer_name(c.layer) })),
+        "methods": Method::ALL.map(Method::name),
+        "samples": SAMPLES.map(|(name, _)| name),
+        "limits": { "workers": app.limits.workers, "queue": app.limits.queue, "max_upload_bytes": app.limits.max_upload, "timeout_seconds": app.limits.timeout.as_secs() },
+    }))
+}
+
+/// An embedded sample image by name.
+pub(crate) async fn sample(Path(name): Path<String>) -> Result<Response, ApiError> {
+    let (_, bytes) = SAMPLES.iter().find(|(n, _)| *n == name).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no such sample"))?;
+    Ok(([(header::CONTENT_TYPE, "image/png")], *bytes).into_response())
+}

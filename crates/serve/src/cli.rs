@@ -1,0 +1,135 @@
+//! `gradcam serve`'s flags and start-up: which models to load, the limits, the address.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gradcam_encoders::ModelKind;
+
+use crate::{App, Classifier, Limits, Models, Named};
+
+/// `gradcam serve`: the explorer page and its JSON API.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on; anything but a loopback address exposes the server to the network.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
+    /// Port (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Captioner folder (`none` to leave it out).
+    #[arg(long, default_value = "models/captioner")]
+    pub caption_model: PathBuf,
+    /// VQA model folder (`none` to leave it out).
+    #[arg(long, default_value = "models/vqa")]
+    pub vqa_model: PathBuf,
+    /// ImageNet classifier: efficientnet-lite0, vgg16, resnet18, resnet50 or none.
+    #[arg(long, default_value = "efficientnet-lite0")]
+    pub classifier: String,
+    /// Classifier weights (see `gradcam classify --help`).
+    #[arg(long)]
+    pub weights: Option<String>,
+    /// Requests explained at once.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Requests that may wait for a worker; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 8)]
+    pub queue: usize,
+    /// Largest upload, MiB (more: 413).
+    #[arg(long, default_value_t = 20)]
+    pub max_upload_mb: usize,
+    /// Seconds a request may take from arrival to answer (more: 504).
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+}
+
+/// Errors at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A model named on the command line did not load.
+    #[error("{what} {path}: {message}")]
+    Model {
+        /// Which model.
+        what: &'static str,
+        /// From where.
+        path: String,
+        /// Why not.
+        message: String,
+    },
+    /// Bad flags.
+    #[error("{0}")]
+    Usage(String),
+    /// The address could not be served.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A model folder: `None` for `none`, and for the shipped default when it is absent (with a note).
+fn folder<'a>(path: &'a Path, default: &str, what: &str) -> Option<&'a Path> {
+    if path.as_os_str() == "none" {
+        return None;
+    }
+    if path == Path::new(default) && !path.join("config.json").exists() {
+        eprintln!("note: no {what} at {default} (run from the repository, or pass the folder); serving without it");
+        return None;
+    }
+    Some(path)
+}
+
+fn dissection(dir: &Path) -> Option<gradcam_neurons::Dissection> {
+    gradcam_neurons::Dissection::load(&dir.join("dissection.json")).ok()
+}
+
+/// Loads the models the flags name.
+pub fn load(args: &ServeArgs) -> Result<Models, StartError> {
+    let fail = |what, path: &Path, e: &dyn std::fmt::Display| StartError::Model { what, path: path.display().to_string(), message: e.to_string() };
+    let mut models = Models::default();
+    if let Some(dir) = folder(&args.caption_model, "models/captioner", "captioner") {
+        let model = gradcam_captioner::Captioner::load(dir).map_err(|e| fail("captioner", dir, &e))?;
+        models.captioner = Some(Named { model, dissection: dissection(dir) });
+    }
+    if let Some(dir) = folder(&args.vqa_model, "models/vqa", "VQA model") {
+        let model = gradcam_vqa::Vqa::load(dir).map_err(|e| fail("VQA model", dir, &e))?;
+        models.vqa = Some(Named { model, dissection: dissection(dir) });
+    }
+    if args.classifier != "none" {
+        let kind: ModelKind = args.classifier.parse().map_err(|e: gradcam_encoders::Error| StartError::Usage(e.to_string()))?;
+        match kind.load(args.weights.as_deref()) {
+            Ok(net) => {
+                let layer = net.layer_index(net.default_layer()).map_err(|e| StartError::Usage(e.to_string()))?;
+                models.classifier = Some(Classifier { net, layer });
+            }
+            // The default classifier is optional: its weights may not be installed.
+            Err(e) if args.weights.is_none() && kind == ModelKind::EfficientNetLite0 => eprintln!("note: serving without a classifier: {e}"),
+            Err(e) => return Err(fail("classifier", Path::new(&args.classifier), &e)),
+        }
+    }
+    if models.captioner.is_none() && models.vqa.is_none() && models.classifier.is_none() {
+        return Err(StartError::Usage("no model to serve: give --caption-model, --vqa-model or --classifier".into()));
+    }
+    Ok(models)
+}
+
+/// Loads the models, binds the address, prints it (`listening on http://ADDR/` on stdout) and
+/// serves until Ctrl-C.
+pub fn run(args: &ServeArgs) -> Result<(), StartError> {
+    if args.workers == 0 || args.max_upload_mb == 0 || args.timeout == 0 {
+        return Err(StartError::Usage("--workers, --max-upload-mb and --timeout must be at least 1".into()));
+    }
+    let models = load(args)?;
+    let limits = Limits { workers: args.workers, queue: args.queue, max_upload: args.max_upload_mb << 20, timeout: Duration::from_secs(args.timeout) };
+    let app = App::new(models, limits);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(args.host, args.port)).await?;
+        let addr = listener.local_addr()?;
+        if crate::is_public(&addr) {
+            eprintln!("warning: listening on {addr}, reachable from other machines; anyone who can reach it can use this machine's CPU");
+        }
+        let m = &app.models;
+        let names: Vec<&str> = [m.captioner.as_ref().map(|_| "captioner"), m.vqa.as_ref().map(|_| "vqa"), m.classifier.as_ref().map(|c| c.net.arch())].into_iter().flatten().collect();
+        println!("listening on http://{addr}/ ({}); Ctrl-C stops", names.join(", "));
+        crate::serve(listener, app).await
+    })?;
+    Ok(())
+}

@@ -1,0 +1,202 @@
+//! `gradcam serve`: the paper's web demo, local. One page (embedded in the binary) and a JSON API
+//! over the same library calls the CLI makes (`gradcam::pipeline`): captions explained word by
+//! word, answers and what argues against them, ImageNet classes.
+//!
+//! Safety, as a public-facing server needs it: uploads over the limit get 413, anything that is
+//! not an image 415; a bounded work queue (`workers` running, `queue` waiting, the rest 503 with
+//! `Retry-After`); a time limit per request (504); only the embedded assets and the API are routed
+//! (any other path, `..` included, is a JSON 404); every error is a JSON object `{"error": ...}`.
+
+mod api;
+pub mod cli;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gradcam_captioner::Captioner;
+use gradcam_encoders::Network;
+use gradcam_neurons::Dissection;
+use gradcam_vqa::Vqa;
+use tokio::sync::Semaphore;
+
+/// A model with the dissection table that names its units, if any.
+pub struct Named<M> {
+    /// The model.
+    pub model: M,
+    /// Its `dissection.json`.
+    pub dissection: Option<Dissection>,
+}
+
+/// An ImageNet classifier and the layer it is explained at.
+pub struct Classifier {
+    /// The network.
+    pub net: Network,
+    /// The explained layer's index.
+    pub layer: usize,
+}
+
+/// What the server explains; any of them may be absent (its API then answers 404).
+#[derive(Default)]
+pub struct Models {
+    /// The captioner (`--caption-model`).
+    pub captioner: Option<Named<Captioner>>,
+    /// The VQA model (`--vqa-model`).
+    pub vqa: Option<Named<Vqa>>,
+    /// The classifier (`--classifier`).
+    pub classifier: Option<Classifier>,
+}
+
+/// How much work the server takes on.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Requests explained at once.
+    pub workers: usize,
+    /// Requests waiting beyond those; more are refused with 503.
+    pub queue: usize,
+    /// Largest request body, bytes.
+    pub max_upload: usize,
+    /// Time from arrival to answer; later requests get 504.
+    pub timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { workers: 1, queue: 8, max_upload: 20 << 20, timeout: Duration::from_secs(120) }
+    }
+}
+
+/// The server's state.
+pub struct App {
+    /// The models.
+    pub models: Models,
+    /// The limits.
+    pub limits: Limits,
+    workers: Arc<Semaphore>,
+    admitted: AtomicUsize,
+}
+
+impl App {
+    /// A server over `models` with `limits`.
+    pub fn new(models: Models, limits: Limits) -> Arc<Self> {
+        let workers = Arc::new(Semaphore::new(limits.workers.max(1)));
+        Arc::new(App { models, limits, workers, admitted: AtomicUsize::new(0) })
+    }
+
+    /// Runs `work` on a worker thread when one is free, within the time limit; refuses it when the
+    /// queue is full.
+    async fn run<T: Send + 'static>(self: &Arc<Self>, work: impl FnOnce(&App) -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+        let capacity = self.limits.workers.max(1) + self.limits.queue;
+        if self.admitted.fetch_add(1, Ordering::SeqCst) >= capacity {
+            self.admitted.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::busy());
+        }
+        struct Leave<'a>(&'a AtomicUsize);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let _leave = Leave(&self.admitted);
+        let deadline = tokio::time::Instant::now() + self.limits.timeout;
+        let permit = tokio::time::timeout_at(deadline, self.workers.clone().acquire_owned()).await.map_err(|_| ApiError::timeout())?.map_err(|_| ApiError::busy())?;
+        let app = self.clone();
+        // The permit stays with the work: a request that times out still holds its worker until
+        // the work ends, so the number of running explanations never exceeds `workers`.
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work(&app)
+        });
+        match tokio::time::timeout_at(deadline, task).await {
+            Err(_) => Err(ApiError::timeout()),
+            Ok(Err(join)) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("the explanation failed: {join}"))),
+            Ok(Ok(result)) => result,
+        }
+    }
+}
+
+/// An error as the API answers it: a status and `{"error": message}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into() }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn busy() -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "the server is busy; try again in a moment")
+    }
+
+    fn timeout() -> Self {
+        Self::new(StatusCode::GATEWAY_TIMEOUT, "the explanation took longer than the server's time limit")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(serde_json::json!({ "error": self.message }));
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            return (self.status, [(header::RETRY_AFTER, "1")], body).into_response();
+        }
+        (self.status, body).into_response()
+    }
+}
+
+impl From<gradcam::pipeline::Error> for ApiError {
+    fn from(e: gradcam::pipeline::Error) -> Self {
+        ApiError::bad(e.to_string())
+    }
+}
+
+const PAGE: &str = include_str!("page.html");
+
+/// Sample images the page offers, embedded.
+pub const SAMPLES: [(&str, &[u8]); 4] = [
+    ("scene-000018.png", include_bytes!("../../../data/shapescenes/test/images/000018.png")),
+    ("scene-000019.png", include_bytes!("../../../data/shapescenes/test/images/000019.png")),
+    ("cat_and_coffee.png", include_bytes!("../../../data/photos/images/cat_and_coffee.png")),
+    ("chelsea.png", include_bytes!("../../../data/photos/images/chelsea.png")),
+];
+
+/// The routes: the page, the samples and the API. Nothing else, and nothing from the file system.
+pub fn router(app: Arc<App>) -> Router {
+    let max_upload = app.limits.max_upload;
+    Router::new()
+        .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE) }))
+        .route("/samples/{name}", get(api::sample))
+        .route("/api/health", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
+        .route("/api/models", get(api::models))
+        .route("/api/caption", post(api::caption))
+        .route("/api/vqa", post(api::vqa))
+        .route("/api/classify", post(api::classify))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such page") })
+        .layer(DefaultBodyLimit::max(max_upload))
+        .with_state(app)
+}
+
+/// Serves `app` on `listener` until Ctrl-C.
+pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>) -> std::io::Result<()> {
+    axum::serve(listener, router(app)).with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+}
+
+/// Whether serving on `addr` exposes the server beyond this machine.
+pub fn is_public(addr: &SocketAddr) -> bool {
+    !addr.ip().is_loopback()
+}

@@ -1,0 +1,229 @@
+//! `gradcam serve`, started on an ephemeral port: the three APIs answer the CLI's maps, the limits
+//! answer 413 / 415 / 404 / 503 with JSON, a load of 200 requests from 8 clients gets no error and
+//! no growing memory, and a real browser (headless Chromium) uses the page.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::repo;
+
+/// A running server, stopped when dropped.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gradcam"))
+            .arg("serve")
+            .args(["--port", "0"])
+            .args(args)
+            .current_dir(repo(""))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("gradcam serve starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) else {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).ok();
+            panic!("no address from gradcam serve: {line:?}\n{err}");
+        };
+        Server { url: url.trim_end_matches('/').to_string(), child }
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A multipart form: text fields and an image file.
+fn form(image: &[u8], fields: &[(&str, &str)]) -> (String, Vec<u8>) {
+    let boundary = "gradcam-test-boundary-7f3a";
+    let mut body = Vec::new();
+    for (k, v) in fields {
+        body.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n").as_bytes());
+    }
+    body.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"upload.png\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes());
+    body.extend(image);
+    body.extend(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// POSTs a form; returns the status, the JSON body and the Retry-After header.
+fn post(url: &str, image: &[u8], fields: &[(&str, &str)]) -> (u16, Value, Option<String>) {
+    let (content_type, body) = form(image, fields);
+    let response = match ureq::post(url).set("Content-Type", &content_type).send_bytes(&body) {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{url}: {e}"),
+    };
+    let (status, retry) = (response.status(), response.header("Retry-After").map(str::to_string));
+    let text = response.into_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url} answered {status} with no JSON ({e}): {text}")), retry)
+}
+
+fn get(url: &str) -> (u16, String) {
+    match ureq::get(url).call() {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap()),
+        Err(e) => panic!("{url}: {e}"),
+    }
+}
+
+/// The CLI's `--json` record of a command.
+fn cli_json(args: &[&str]) -> Value {
+    let out = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_gradcam")).args(args).args(["--json", "--out"]).arg(out.path()).current_dir(repo("")).output().unwrap();
+    assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn maps(list: &Value) -> Vec<(bool, Value)> {
+    list.as_array().unwrap().iter().map(|e| (e["counterfactual"].as_bool().unwrap(), e["cam"].clone())).collect()
+}
+
+#[test]
+fn the_three_apis_answer_the_same_maps_as_the_cli() {
+    let server = Server::start(&[]);
+    let (status, health) = get(&format!("{}/api/health", server.url));
+    assert_eq!((status, health.as_str()), (200, r#"{"status":"ok"}"#));
+    let scene = std::fs::read(repo("data/shapescenes/test/images/000019.png")).unwrap();
+
+    let (status, caption, _) = post(&format!("{}/api/caption", server.url), &scene, &[]);
+    assert_eq!(status, 200, "{caption}");
+    let cli = cli_json(&["caption", "data/shapescenes/test/images/000019.png", "--neurons"]);
+    assert_eq!(caption["caption"], cli["caption"]);
+    assert_eq!(maps(&caption["words"]), maps(&cli["words"]), "caption maps differ from the CLI's");
+    assert_eq!(caption["words"][4]["text"], cli["words"][4]["text"], "neuron report");
+    assert!(caption["words"][0]["overlay"].as_str().unwrap().starts_with("data:image/png;base64,"));
+    assert!(caption["strip"].as_str().unwrap().starts_with("data:image/png;base64,"));
+
+    let q = "what color is the triangle?";
+    let (status, vqa, _) = post(&format!("{}/api/vqa", server.url), &scene, &[("question", q), ("counterfactual", "true"), ("method", "gradcam++")]);
+    assert_eq!(status, 200, "{vqa}");
+    let cli = cli_json(&["vqa", "data/shapescenes/test/images/000019.png", q, "--counterfactual", "--method", "gradcam++"]);
+    assert_eq!(vqa["answers"][0], cli["answers"][0]);
+    assert_eq!(maps(&vqa["explanations"]), maps(&cli["explanations"]), "VQA maps differ from the CLI's");
+    assert_eq!(maps(&vqa["explanations"]).len(), 2, "the answer and its counterfactual");
+
+    let photo = std::fs::read(repo("data/photos/images/chelsea.png")).unwrap();
+    let (status, classes, _) = post(&format!("{}/api/classify", server.url), &photo, &[("class", "281")]);
+    assert_eq!(status, 200, "{classes}");
+    let cli = cli_json(&["classify", "data/photos/images/chelsea.png", "--class", "281", "--counterfactual"]);
+    assert_eq!(classes["predictions"], cli["predictions"]);
+    assert_eq!(maps(&classes["explanations"]), maps(&cli["explanations"]), "classifier maps differ from the CLI's");
+    assert!(classes["explanations"][0]["text"].as_str().unwrap().contains("is supported by unit"));
+}
+
+#[test]
+fn bad_requests_get_clear_json_errors() {
+    let server = Server::start(&["--classifier", "none", "--max-upload-mb", "1", "--workers", "1", "--queue", "0"]);
+    let scene = std::fs::read(repo("data/shapescenes/test/images/000019.png")).unwrap();
+    let url = |path: &str| format!("{}{path}", server.url);
+
+    let (status, body, _) = post(&url("/api/caption"), &vec![7u8; 2 << 20], &[]);
+    assert_eq!(status, 413, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("limit"), "{body}");
+    let (status, body, _) = post(&url("/api/caption"), b"just some text, not an image", &[]);
+    assert_eq!(status, 415, "{body}");
+    let (status, body, _) = post(&url("/api/caption"), &scene[..200], &[]);
+    assert_eq!(status, 422, "a truncated PNG: {body}");
+    let (status, body, _) = post(&url("/api/caption"), &scene, &[("method", "gradcam+")]);
+    assert!(status == 400 && body["error"].as_str().unwrap().contains("guided-gradcam"), "{status} {body}");
+    let (status, body, _) = post(&url("/api/vqa"), &scene, &[]);
+    assert!(status == 400 && body["error"].as_str().unwrap().contains("question"), "{status} {body}");
+    let (status, body, _) = post(&url("/api/classify"), &scene, &[]);
+    assert!(status == 404 && body["error"].as_str().unwrap().contains("--classifier"), "{status} {body}");
+    for path in ["/../Cargo.toml", "/samples/..%2F..%2FCargo.toml", "/samples/../../README.md", "/models/vqa/config.json", "/static/page.html"] {
+        let (status, body) = get(&url(path));
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(body.contains("\"error\""), "{path}: {body}");
+    }
+    let (status, _) = get(&url("/samples/scene-000018.png"));
+    assert_eq!(status, 200);
+
+    // One worker, no queue: while Score-CAM of every word runs, the next request is refused.
+    let slow = std::thread::spawn({
+        let (u, s) = (url("/api/caption"), scene.clone());
+        move || post(&u, &s, &[("method", "scorecam,ablationcam,scorecam,ablationcam,scorecam")])
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    let (status, body, retry) = post(&url("/api/caption"), &scene, &[]);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert_eq!(slow.join().unwrap().0, 200);
+}
+
+#[test]
+fn two_hundred_requests_from_eight_clients_get_no_error_and_memory_stays_flat() {
+    let server = Server::start(&["--classifier", "none", "--workers", "2"]);
+    let scene = std::fs::read(repo("data/shapescenes/test/images/000018.png")).unwrap();
+    let url = format!("{}/api/caption", server.url);
+    let run = |n: usize| -> Vec<(u16, f64)> {
+        let per_client = n / 8;
+        let clients: Vec<_> = (0..8)
+            .map(|_| {
+                let (url, scene) = (url.clone(), scene.clone());
+                std::thread::spawn(move || {
+                    (0..per_client)
+                        .map(|_| {
+                            let t = Instant::now();
+                            let (status, _, _) = post(&url, &scene, &[]);
+                            (status, t.elapsed().as_secs_f64() * 1e3)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        clients.into_iter().flat_map(|c| c.join().unwrap()).collect()
+    };
+    let warm = run(8);
+    let first: Vec<(u16, f64)> = (0..2).flat_map(|_| run(8)).take(10).collect();
+    assert!(warm.iter().chain(&first).all(|(s, _)| *s == 200));
+    let rss_first = server.rss_kib();
+    let mut results = run(200);
+    let rss_after = server.rss_kib();
+    let errors = results.iter().filter(|(s, _)| *s != 200).count();
+    results.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let (p50, p99) = (results[results.len() / 2].1, results[results.len() * 99 / 100].1);
+    eprintln!("200 requests, 8 clients: {errors} errors, p50 {p50:.1} ms, p99 {p99:.1} ms, RSS {rss_first} KiB after the first requests, {rss_after} KiB after 200");
+    assert_eq!(errors, 0);
+    assert!(rss_after as f64 <= 1.2 * rss_first as f64, "RSS grew from {rss_first} KiB to {rss_after} KiB");
+}
+
+/// The page in headless Chromium (tests/browser/page_test.py, Selenium): upload a scene, caption
+/// it, click a word, and the overlay shown is that word's; the screenshot goes to docs/serve.png.
+#[test]
+fn the_page_works_in_a_real_browser() {
+    let server = Server::start(&["--classifier", "none"]);
+    let shot = tempfile::tempdir().unwrap();
+    let png = shot.path().join("serve.png");
+    let o = Command::new("python3")
+        .arg(repo("tests/browser/page_test.py"))
+        .arg(&server.url)
+        .arg(repo("data/shapescenes/test/images/000018.png"))
+        .arg(&png)
+        .output()
+        .expect("python3 runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "the browser test failed (it needs chromium, chromium-driver and selenium; .ci/run installs them):\n{stdout}\n{stderr}");
+    assert!(stdout.contains("word overlay matches"), "{stdout}");
+    assert!(std::fs::metadata(&png).unwrap().len() > 10_000, "no screenshot");
+    if std::env::var_os("GRADCAM_UPDATE_SCREENSHOT").is_some() {
+        std::fs::copy(&png, repo("docs/serve.png")).unwrap();
+    }
+}
