@@ -227,3 +227,32 @@ fn the_page_works_in_a_real_browser() {
         std::fs::copy(&png, repo("docs/serve.png")).unwrap();
     }
 }
+
+/// `--html FILE`: one self-contained page (no reference to the written files), which Chromium
+/// renders with the caption's words as buttons, each word's picture inline.
+#[test]
+fn html_export_is_one_self_contained_page() {
+    let out = tempfile::tempdir().unwrap();
+    let page = out.path().join("report.html");
+    let o = Command::new(env!("CARGO_BIN_EXE_gradcam"))
+        .args(["caption", "data/shapescenes/test/images/000018.png", "data/shapescenes/test/images/000019.png", "--json", "--out"])
+        .arg(out.path())
+        .arg("--html")
+        .arg(&page)
+        .current_dir(repo(""))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let second = out.path().join("report_000019.html");
+    for file in [&page, &second] {
+        let html = std::fs::read_to_string(file).unwrap();
+        assert!(html.contains("window.GRADCAM_DATA"), "{}", file.display());
+        assert!(!html.contains(&out.path().display().to_string()), "{} refers to the written files", file.display());
+    }
+    let record: Value = serde_json::from_slice(o.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
+    let words = record["words"].as_array().unwrap().len();
+    let dom = Command::new("chromium").args(["--headless=new", "--no-sandbox", "--disable-gpu", "--dump-dom"]).arg(format!("file://{}", page.display())).output().expect("chromium runs (apt-get install chromium)");
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert_eq!(dom.matches("class=\"word").count(), words, "the page shows the caption's words as buttons");
+    assert!(dom.contains("id=\"caption-overlay\"") && dom.contains("data-word="), "a word's picture is shown");
+}

@@ -12,11 +12,12 @@ use gradcam::pipeline::Files;
 use gradcam::render::Stems;
 use gradcam_captioner::Captioner;
 use gradcam_encoders::preprocess::load_image;
-use gradcam_neurons::UnitNames;
+use gradcam_neurons::{Dissection, UnitNames};
 use gradcam_scenes::Split;
 use indicatif::ProgressBar;
 
-use crate::common::{load_dissection, MethodArgs, Progress};
+use crate::common::{HtmlArg, MethodArgs};
+use gradcam_serve::html::View;
 use crate::progress::{bar, EpochBar};
 
 /// The shipped model, relative to the repository (and to the binary's working directory).
@@ -59,11 +60,13 @@ pub struct CaptionArgs {
     /// Several methods make the strip one row per method.
     #[command(flatten)]
     methods: MethodArgs,
+    #[command(flatten)]
+    html: HtmlArg,
 }
 
 pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     let model = Captioner::load(&args.model).with_context(|| format!("loading the captioner from {}", args.model.display()))?;
-    let dissection = load_dissection(args.dissection.as_deref(), &args.model, args.neurons)?;
+    let dissection = Dissection::of_model(args.dissection.as_deref(), &args.model, args.neurons)?;
     if let Some(dir) = &args.eval {
         let method = args.methods.eval_method()?;
         let split = Split::read(dir)?;
@@ -111,8 +114,9 @@ fn print(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result<()> {
 fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs, names: Option<&UnitNames>, stems: &mut Stems) -> anyhow::Result<Record> {
     let img = load_image(path)?;
     let options = Options { beam: args.beam, caption: args.caption.clone(), settings: args.methods.settings() };
-    let bar = Progress::new(args.json);
-    Ok(caption(model, &img, &path.display().to_string(), Files { dir: Some(&args.out), stem: &stems.unique(path) }, &options, names, Some(&*bar.0))?)
+    let (bar, stem) = (crate::progress::channels(args.json), stems.unique(path));
+    let record = caption(model, &img, &path.display().to_string(), Files { dir: Some(&args.out), stem: &stem }, &options, names, Some(&*bar))?;
+    args.html.write(&stem, path, View::Caption, &record).map(|()| record)
 }
 
 #[derive(clap::Args)]

@@ -11,7 +11,8 @@ use gradcam::render::Stems;
 use gradcam_encoders::preprocess::{load_image, Resize};
 use gradcam_encoders::Network;
 
-use crate::common::{MethodArgs, Progress};
+use crate::common::{HtmlArg, MethodArgs};
+use gradcam_serve::html::View;
 use crate::progress::bar;
 use crate::ModelArgs;
 
@@ -33,6 +34,8 @@ pub struct ClassifyArgs {
     top_k: usize,
     #[command(flatten)]
     methods: MethodArgs,
+    #[command(flatten)]
+    html: HtmlArg,
     /// Also write the counterfactual map of each class (negated gradients: what argues against it).
     #[arg(long)]
     counterfactual: bool,
@@ -99,6 +102,7 @@ fn print_result(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result
 fn classify_one(net: &Network, index: usize, path: &Path, args: &ClassifyArgs, stems: &mut Stems) -> anyhow::Result<Record> {
     let img = load_image(path)?;
     let options = Options { classes: args.classes.clone(), top_k: args.top_k, counterfactual: args.counterfactual, resize: args.resize, neurons: args.neurons, settings: args.methods.settings() };
-    let bar = Progress::new(args.json);
-    Ok(classify(net, index, &img, &path.display().to_string(), Files { dir: Some(&args.out), stem: &stems.unique(path) }, &options, Some(&*bar.0))?)
+    let (bar, stem) = (crate::progress::channels(args.json), stems.unique(path));
+    let record = classify(net, index, &img, &path.display().to_string(), Files { dir: Some(&args.out), stem: &stem }, &options, Some(&*bar))?;
+    args.html.write(&stem, path, View::Classify, &record).map(|()| record)
 }

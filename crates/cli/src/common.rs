@@ -7,8 +7,6 @@ use anyhow::Context;
 use gradcam::pipeline::Settings;
 use gradcam::{CamMethod, Method};
 use gradcam_core::EigenSmooth;
-use gradcam_neurons::Dissection;
-use indicatif::ProgressBar;
 
 /// The method flags every explaining command takes.
 #[derive(clap::Args, Clone)]
@@ -46,6 +44,25 @@ impl MethodArgs {
     }
 }
 
+/// `--html FILE`: the explorer's view of each result as one self-contained page.
+#[derive(clap::Args, Default)]
+pub struct HtmlArg {
+    /// Also write the explorer's view of the result as one self-contained HTML file (images
+    /// inline), to share without a server; with several images, FILE then FILE_STEM.html.
+    #[arg(long)]
+    html: Option<std::path::PathBuf>,
+    #[arg(skip)]
+    written: std::cell::Cell<bool>,
+}
+
+impl HtmlArg {
+    pub fn write(&self, stem: &str, image: &Path, view: gradcam_serve::html::View, record: &impl serde::Serialize) -> anyhow::Result<()> {
+        let Some(file) = &self.html else { return Ok(()) };
+        let file = gradcam_serve::html::file_for(file, stem, !self.written.replace(true));
+        gradcam_serve::html::write(&file, image, view, record).with_context(|| format!("writing {}", file.display()))
+    }
+}
+
 /// A gradient-based method's name, checked (for commands that score maps).
 pub fn parse_gradient_method(s: &str) -> Result<Method, String> {
     let m: Method = s.parse().map_err(|e: gradcam_core::UnknownMethod| e.to_string())?;
@@ -55,41 +72,4 @@ pub fn parse_gradient_method(s: &str) -> Result<Method, String> {
     Ok(m)
 }
 
-/// The progress bar of Ablation-CAM and Score-CAM over the layer's channels: (done, channels).
-pub struct Progress(pub Box<gradcam::pipeline::Progress>);
 
-impl Progress {
-    /// A bar on stderr, or none when `quiet`.
-    pub fn new(quiet: bool) -> Self {
-        if quiet {
-            return Progress(Box::new(|_, _| ()));
-        }
-        let bar = ProgressBar::hidden();
-        bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} channels [{elapsed_precise}<{eta_precise}]").expect("valid template"));
-        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        Progress(Box::new(move |done, k| {
-            bar.set_length(k as u64);
-            bar.set_position(done as u64);
-            if done >= k {
-                bar.finish_and_clear();
-                bar.reset();
-            }
-        }))
-    }
-}
-
-/// The dissection table: `--dissection`, else the model folder's `dissection.json` if any;
-/// `required` turns a missing default into an error that says how to make one.
-pub fn load_dissection(explicit: Option<&Path>, model: &Path, required: bool) -> anyhow::Result<Option<Dissection>> {
-    if let Some(p) = explicit {
-        return Ok(Some(Dissection::load(p)?));
-    }
-    let default = model.join("dissection.json");
-    if default.exists() {
-        return Ok(Some(Dissection::load(&default)?));
-    }
-    if required {
-        anyhow::bail!("{} has no dissection.json; make one with `gradcam dissect --model {} --data DATA` or pass --dissection FILE", model.display(), model.display());
-    }
-    Ok(None)
-}

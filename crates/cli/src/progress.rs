@@ -34,3 +34,19 @@ impl EpochBar {
         self.0.finish_and_clear();
     }
 }
+
+/// The progress of Ablation-CAM and Score-CAM over the layer's channels (none when `quiet`).
+pub fn channels(quiet: bool) -> Box<gradcam::pipeline::Progress> {
+    if quiet {
+        return Box::new(|_, _| ());
+    }
+    let b = bar(0, "channels");
+    Box::new(move |done, k| {
+        b.set_length(k as u64);
+        b.set_position(done as u64);
+        if done >= k {
+            b.finish_and_clear();
+            b.reset();
+        }
+    })
+}

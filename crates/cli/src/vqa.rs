@@ -1,6 +1,5 @@
 //! `gradcam vqa` (answers with Grad-CAM and counterfactual maps) and `gradcam train vqa`.
 
-use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,14 +9,15 @@ use gradcam::pipeline::vqa::{answer, Options, Record};
 use gradcam::pipeline::Files;
 use gradcam::render::Stems;
 use gradcam_encoders::preprocess::load_image;
-use gradcam_neurons::UnitNames;
+use gradcam_neurons::{Dissection, UnitNames};
 use gradcam_scenes::vqa::Vqa as VqaFile;
 use gradcam_scenes::Split;
 use gradcam_vqa::eval::evaluate;
 use gradcam_vqa::train::{train, Event, TrainConfig};
 use gradcam_vqa::Vqa;
 
-use crate::common::{load_dissection, MethodArgs, Progress};
+use crate::common::{HtmlArg, MethodArgs};
+use gradcam_serve::html::View;
 use crate::progress::{bar, EpochBar};
 
 pub const DEFAULT_MODEL: &str = "models/vqa";
@@ -71,6 +71,8 @@ pub struct VqaArgs {
     /// Several methods also write a comparison strip per answer (`..._methods.png`).
     #[command(flatten)]
     methods: MethodArgs,
+    #[command(flatten)]
+    html: HtmlArg,
 }
 
 pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
@@ -85,7 +87,7 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let dissection = if args.neurons { load_dissection(args.dissection.as_deref(), &args.model, true)? } else { None };
+    let dissection = if args.neurons { Dissection::of_model(args.dissection.as_deref(), &args.model, true)? } else { None };
     let names = dissection.as_ref().map(|d| UnitNames::Dissection(d));
     let mut stdout = std::io::stdout().lock();
     let mut stems = Stems::default();
@@ -125,16 +127,16 @@ fn print(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result<()> {
 
 fn answer_one(model: &Vqa, img: &image::RgbImage, path: &Path, question: &str, args: &VqaArgs, stem: &str, names: Option<&UnitNames>) -> anyhow::Result<Record> {
     let options = Options { answers: args.answers.clone(), counterfactual: args.counterfactual, top_k: args.top_k, settings: args.methods.settings() };
-    let bar = Progress::new(args.json);
-    Ok(answer(model, img, &path.display().to_string(), question, Files { dir: Some(&args.out), stem }, &options, names, Some(&*bar.0))?)
+    let bar = crate::progress::channels(args.json);
+    let record = answer(model, img, &path.display().to_string(), question, Files { dir: Some(&args.out), stem }, &options, names, Some(&*bar))?;
+    args.html.write(stem, path, View::Vqa, &record).map(|()| record)
 }
 
 fn batch(model: &Vqa, qfile: &Path, dir: &Path, args: &VqaArgs, names: Option<&UnitNames>, stems: &mut Stems, out: &mut impl Write) -> anyhow::Result<ExitCode> {
     let file = VqaFile::read(qfile, args.annotations.as_deref(), None)?;
     let files = gradcam_scenes::vqa::images_by_id(dir)?;
-    let ann: HashMap<u64, &gradcam_scenes::vqa::Annotation> = file.annotations.iter().map(|a| (a.question_id, a)).collect();
     let bar = bar(file.questions.len() as u64, "questions");
-    let (mut failures, mut per_type): (usize, BTreeMap<String, (usize, f64)>) = (0, BTreeMap::new());
+    let (mut failures, mut tally) = (0, file.tally());
     let mut cache: Option<(u64, image::RgbImage)> = None;
     for q in &file.questions {
         let result = (|| -> anyhow::Result<Record> {
@@ -148,14 +150,7 @@ fn batch(model: &Vqa, qfile: &Path, dir: &Path, args: &VqaArgs, names: Option<&U
         })();
         match result {
             Ok(r) => {
-                if let Some(a) = ann.get(&q.question_id) {
-                    let acc = VqaFile::accuracy(a, &r.answers[0].answer);
-                    for key in ["overall".to_string(), a.question_type.clone().unwrap_or_else(|| a.answer_type.clone())] {
-                        let e = per_type.entry(key).or_default();
-                        e.0 += 1;
-                        e.1 += acc;
-                    }
-                }
+                tally.add(q.question_id, &r.answers[0].answer);
                 bar.suspend(|| print(out, &r, args.json))?;
             }
             Err(e) => {
@@ -166,8 +161,8 @@ fn batch(model: &Vqa, qfile: &Path, dir: &Path, args: &VqaArgs, names: Option<&U
         bar.inc(1);
     }
     bar.finish_and_clear();
-    for (k, (n, sum)) in &per_type {
-        eprintln!("VQA accuracy {k}: {:.4} over {n} questions", sum / *n as f64);
+    for (k, n, accuracy) in tally.rows() {
+        eprintln!("VQA accuracy {k}: {accuracy:.4} over {n} questions");
     }
     Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

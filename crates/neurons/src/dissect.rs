@@ -117,6 +117,24 @@ impl Dissection {
         self.units.iter().filter(|u| u.named).count()
     }
 
+    /// The table for the model folder `model`: `explicit` when given, else the folder's
+    /// `dissection.json` if any; `required` turns a missing default into an error that says how
+    /// to make one.
+    pub fn of_model(explicit: Option<&std::path::Path>, model: &std::path::Path, required: bool) -> Result<Option<Self>> {
+        if let Some(p) = explicit {
+            return Self::load(p).map(Some);
+        }
+        let default = model.join("dissection.json");
+        if default.exists() {
+            return Self::load(&default).map(Some);
+        }
+        if required {
+            let m = model.display();
+            return Err(Error::Data(format!("{m} has no dissection.json; make one with `gradcam dissect --model {m} --data DATA` or pass --dissection FILE")));
+        }
+        Ok(None)
+    }
+
     pub fn load(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
         serde_json::from_str(&text).map_err(|e| Error::Data(format!("{}: not a dissection table: {e}", path.display())))

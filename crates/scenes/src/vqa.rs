@@ -111,9 +111,39 @@ impl Vqa {
         Ok(Vqa { questions: qs, annotations: anns })
     }
 
+    /// The running VQA accuracy of answers to this file's questions, overall and per question type
+    /// (or answer type when the annotations have none).
+    pub fn tally(&self) -> Tally<'_> {
+        Tally { annotations: self.annotations.iter().map(|a| (a.question_id, a)).collect(), per_type: Default::default() }
+    }
+
     /// VQA accuracy of one predicted answer: min(#annotators who gave it / 3, 1).
     pub fn accuracy(annotation: &Annotation, predicted: &str) -> f64 {
         let n = annotation.answers.iter().filter(|a| a.as_str() == predicted).count();
         (n as f64 / 3.0).min(1.0)
+    }
+}
+
+/// VQA accuracy of answers as they come ([`Vqa::tally`]).
+pub struct Tally<'a> {
+    annotations: HashMap<u64, &'a Annotation>,
+    per_type: std::collections::BTreeMap<String, (usize, f64)>,
+}
+
+impl Tally<'_> {
+    /// Counts `answer` to question `question_id` (nothing when it has no annotation).
+    pub fn add(&mut self, question_id: u64, answer: &str) {
+        let Some(a) = self.annotations.get(&question_id) else { return };
+        let accuracy = Vqa::accuracy(a, answer);
+        for key in ["overall".to_string(), a.question_type.clone().unwrap_or_else(|| a.answer_type.clone())] {
+            let e = self.per_type.entry(key).or_default();
+            e.0 += 1;
+            e.1 += accuracy;
+        }
+    }
+
+    /// (`overall` or the type, questions, mean accuracy), by name.
+    pub fn rows(&self) -> impl Iterator<Item = (&str, usize, f64)> {
+        self.per_type.iter().map(|(k, &(n, sum))| (k.as_str(), n, sum / n as f64))
     }
 }

@@ -9,6 +9,7 @@
 
 mod api;
 pub mod cli;
+pub mod html;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -162,7 +163,8 @@ impl From<gradcam::pipeline::Error> for ApiError {
     }
 }
 
-const PAGE: &str = include_str!("page.html");
+/// The explorer page.
+pub const PAGE: &str = include_str!("page.html");
 
 /// Sample images the page offers, embedded.
 pub const SAMPLES: [(&str, &[u8]); 4] = [
