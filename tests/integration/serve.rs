@@ -256,3 +256,22 @@ fn html_export_is_one_self_contained_page() {
     assert_eq!(dom.matches("class=\"word").count(), words, "the page shows the caption's words as buttons");
     assert!(dom.contains("id=\"caption-overlay\"") && dom.contains("data-word="), "a word's picture is shown");
 }
+
+/// A request that outlives `--timeout` gets 504, and the server still answers the next one.
+#[test]
+fn a_request_over_the_time_limit_gets_504() {
+    let server = Server::start(&["--classifier", "none", "--vqa-model", "none", "--timeout", "1"]);
+    let scene = std::fs::read(repo("data/shapescenes/test/images/000018.png")).unwrap();
+    let url = format!("{}/api/caption", server.url);
+    let slow = ["scorecam"; 12].join(",");
+    let t = Instant::now();
+    let (status, body, _) = post(&url, &scene, &[("method", &slow)]);
+    assert_eq!(status, 504, "{body}");
+    assert!(t.elapsed() < Duration::from_secs(3), "the answer waited for the work");
+    // The worker stays busy until the abandoned work ends; then requests are answered again.
+    let start = Instant::now();
+    while post(&url, &scene, &[]).0 != 200 {
+        assert!(start.elapsed() < Duration::from_secs(60), "the server never recovered");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

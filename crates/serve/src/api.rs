@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Multipart, Path, State};
+use axum::body::Body;
+use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use http_body_util::BodyExt;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -23,11 +25,28 @@ struct Form {
 }
 
 impl Form {
-    async fn read(mut multipart: Multipart) -> Result<Form, ApiError> {
-        let err = |e: axum::extract::multipart::MultipartError| match e.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "the upload is larger than the server's limit (--max-upload-mb)"),
-            status => ApiError::new(status, format!("cannot read the form: {}", e.body_text())),
-        };
+    /// Reads the request's multipart form, at most `max` bytes. A larger body is read on (up to
+    /// 4x the limit) and dropped, so that the client, still sending, hears the 413 instead of a
+    /// reset connection; beyond that the connection is closed.
+    async fn read(request: Request, max: usize) -> Result<Form, ApiError> {
+        let (parts, mut body) = request.into_parts();
+        let (mut kept, mut seen) = (Vec::new(), 0usize);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ApiError::bad(format!("cannot read the request: {e}")))?;
+            let Ok(data) = frame.into_data() else { continue };
+            seen += data.len();
+            if seen <= max {
+                kept.extend_from_slice(&data);
+            } else if seen > 4 * max + (1 << 20) {
+                break;
+            }
+        }
+        if seen > max {
+            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the upload ({seen} bytes or more) is larger than the server's limit of {max} bytes (--max-upload-mb)")));
+        }
+        let request = Request::from_parts(parts, Body::from(kept));
+        let mut multipart = Multipart::from_request(request, &()).await.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+        let err = |e: axum::extract::multipart::MultipartError| ApiError::new(e.status(), format!("cannot read the form: {}", e.body_text()));
         let mut form = Form::default();
         while let Some(field) = multipart.next_field().await.map_err(err)? {
             let name = field.name().unwrap_or_default().to_string();
@@ -81,11 +100,13 @@ fn missing(what: &str, flag: &str) -> ApiError {
 
 const NOWHERE: Files<'static> = Files { dir: None, stem: "upload" };
 
-pub(crate) async fn caption(State(app): State<Arc<App>>, multipart: Multipart) -> Result<Response, ApiError> {
+pub(crate) async fn caption(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
+    // The form is read first, even for a request that will be refused: a connection closed
+    // while the client is still sending would reach it as an error, not as our answer.
+    let form = Form::read(request, app.limits.max_upload).await?;
     if app.models.captioner.is_none() {
         return Err(missing("captioner", "--caption-model DIR"));
     }
-    let form = Form::read(multipart).await?;
     let (name, img) = form.image()?;
     let options = caption::Options { beam: 1, caption: form.text("caption"), settings: form.settings()? };
     let record = app
@@ -98,11 +119,13 @@ pub(crate) async fn caption(State(app): State<Arc<App>>, multipart: Multipart) -
     Ok(answer(record))
 }
 
-pub(crate) async fn vqa(State(app): State<Arc<App>>, multipart: Multipart) -> Result<Response, ApiError> {
+pub(crate) async fn vqa(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
+    // The form is read first, even for a request that will be refused: a connection closed
+    // while the client is still sending would reach it as an error, not as our answer.
+    let form = Form::read(request, app.limits.max_upload).await?;
     if app.models.vqa.is_none() {
         return Err(missing("VQA model", "--vqa-model DIR"));
     }
-    let form = Form::read(multipart).await?;
     let (name, img) = form.image()?;
     let question = form.text("question").ok_or_else(|| ApiError::bad("the form has no `question`"))?;
     let options = vqa::Options { answers: form.text("answer").into_iter().collect(), counterfactual: form.flag("counterfactual"), top_k: 5, settings: form.settings()? };
@@ -116,11 +139,13 @@ pub(crate) async fn vqa(State(app): State<Arc<App>>, multipart: Multipart) -> Re
     Ok(answer(record))
 }
 
-pub(crate) async fn classify(State(app): State<Arc<App>>, multipart: Multipart) -> Result<Response, ApiError> {
+pub(crate) async fn classify(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
+    // The form is read first, even for a request that will be refused: a connection closed
+    // while the client is still sending would reach it as an error, not as our answer.
+    let form = Form::read(request, app.limits.max_upload).await?;
     if app.models.classifier.is_none() {
         return Err(missing("classifier", "--classifier MODEL"));
     }
-    let form = Form::read(multipart).await?;
     let (name, img) = form.image()?;
     let classes = match form.text("class") {
         Some(c) => vec![c.parse::<usize>().map_err(|_| ApiError::bad(format!("class {c:?} is not a class number")))?],

@@ -176,7 +176,6 @@ pub const SAMPLES: [(&str, &[u8]); 4] = [
 
 /// The routes: the page, the samples and the API. Nothing else, and nothing from the file system.
 pub fn router(app: Arc<App>) -> Router {
-    let max_upload = app.limits.max_upload;
     Router::new()
         .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE) }))
         .route("/samples/{name}", get(api::sample))
@@ -186,7 +185,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/vqa", post(api::vqa))
         .route("/api/classify", post(api::classify))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such page") })
-        .layer(DefaultBodyLimit::max(max_upload))
+        // The API reads bodies itself, to its own limit (see `api::Form::read`).
+        .layer(DefaultBodyLimit::disable())
         .with_state(app)
 }
 
