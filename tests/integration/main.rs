@@ -6,6 +6,7 @@ mod cli;
 mod eval;
 mod examples;
 mod goldens;
+mod hostile;
 mod gradients;
 mod library;
 mod neurons;

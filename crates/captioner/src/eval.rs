@@ -97,7 +97,7 @@ pub fn evaluate(model: &Captioner, split: &Split, limit: usize, dissection: Opti
     let mut tolerance = 0.0;
     let mut neurons: BTreeMap<String, NeuronHits> = BTreeMap::new();
     for (i, ex) in examples.iter().enumerate() {
-        let img = image::open(&ex.path).map_err(|e| crate::Error::Model(format!("{}: {e}", ex.path.display())))?.to_rgb8();
+        let img = gradcam_encoders::preprocess::load_image(&ex.path)?;
         let input = model.preprocess(&img)?.unsqueeze(0)?;
         let a = model.features(&input)?;
         let cap = model.greedy(&a)?.remove(0);
@@ -183,7 +183,7 @@ pub fn exact_match(model: &Captioner, split: &Split, limit: usize) -> Result<f64
         let inputs = chunk
             .iter()
             .map(|ex| {
-                let img = image::open(&ex.path).map_err(|e| crate::Error::Model(format!("{}: {e}", ex.path.display())))?.to_rgb8();
+                let img = gradcam_encoders::preprocess::load_image(&ex.path)?;
                 model.preprocess(&img)
             })
             .collect::<Result<Vec<_>>>()?;

@@ -115,7 +115,7 @@ impl Data {
         let mut pixels = Vec::with_capacity(examples.len() * 3 * s * s);
         let mut captions = Vec::with_capacity(examples.len());
         for ex in &examples {
-            let img = image::open(&ex.path).map_err(|e| Error::Training(format!("{}: {e}", ex.path.display())))?.to_rgb8();
+            let img = gradcam_encoders::preprocess::load_image(&ex.path)?;
             let img = if img.dimensions() == (size, size) { img } else { image::imageops::resize(&img, size, size, image::imageops::FilterType::Triangle) };
             for c in 0..3 {
                 pixels.extend(img.pixels().map(|p| p[c]));

@@ -138,7 +138,8 @@ fn run() -> anyhow::Result<ExitCode> {
 }
 
 fn rayon_threads(n: usize) -> anyhow::Result<()> {
-    rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global().context("setting the thread count")
+    anyhow::ensure!((1..=1024).contains(&n), "--threads {n}: give 1 to 1024 (this machine has {} cores)", std::thread::available_parallelism().map_or(1, |c| c.get()));
+    rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting the thread count")
 }
 
 /// glibc hands allocations above 128 KiB back to the kernel when they are freed, and trims the

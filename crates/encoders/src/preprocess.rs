@@ -45,6 +45,10 @@ impl std::str::FromStr for Resize {
 /// limits, naming the file in every error.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
     let meta = std::fs::metadata(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    // A FIFO, socket or device would block the read or never end.
+    if !meta.is_file() {
+        return Err(Error::Image { path: path.to_path_buf(), message: "not a regular file".into() });
+    }
     if meta.len() == 0 {
         return Err(Error::Image { path: path.to_path_buf(), message: "the file is empty".into() });
     }

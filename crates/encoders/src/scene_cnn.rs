@@ -20,6 +20,10 @@ use crate::Result;
 /// The explained layer's name.
 pub const LAYER: &str = "conv4";
 
+/// The input sizes a scene-CNN model may declare (`image_size` in config.json): beyond these, a
+/// damaged or hostile config would make every image a huge allocation.
+pub const IMAGE_SIZES: std::ops::RangeInclusive<u64> = 8..=1024;
+
 /// (out channels, stride) of conv1..conv4 (conv4's width is the model's `channels`).
 const CONVS: [(usize, usize); 4] = [(16, 1), (32, 2), (64, 2), (CHANNELS, 1)];
 
@@ -213,8 +217,8 @@ impl EncoderSpec {
         if cfg.get("encoder").and_then(|v| v.as_str()) != Some("scene-cnn") {
             return Err(crate::Error::Checkpoint(format!("{}: not a model with the scene CNN encoder", path.display())));
         }
-        let size = cfg.get("image_size").and_then(|v| v.as_u64()).filter(|&s| (8..=4096).contains(&s));
-        let image_size = size.ok_or_else(|| crate::Error::Checkpoint(format!("{}: no valid image_size", path.display())))? as u32;
+        let size = cfg.get("image_size").and_then(|v| v.as_u64()).filter(|&s| IMAGE_SIZES.contains(&s));
+        let image_size = size.ok_or_else(|| crate::Error::Checkpoint(format!("{}: image_size must be a number of pixels in {IMAGE_SIZES:?}", path.display())))? as u32;
         let channels = cfg.get("channels").map_or(Some(CHANNELS as u64), |v| v.as_u64().filter(|&c| c > 0)).ok_or_else(|| crate::Error::Checkpoint(format!("{}: channels must be a positive integer", path.display())))?;
         Ok(Self { image_size, coord_conv: cfg.get("coord_conv").and_then(|v| v.as_bool()).unwrap_or(true), channels: channels as usize })
     }

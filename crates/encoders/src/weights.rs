@@ -82,16 +82,23 @@ impl Weights {
     /// Loads a `.safetensors` file or a PyTorch checkpoint (zip or legacy format, detected from
     /// the content, whatever the extension).
     pub fn load(path: &Path) -> Result<Self> {
-        let mut head = [0u8; 8];
-        {
+        let mut head = [0u8; 9];
+        let len = {
             use std::io::Read;
-            let mut f = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-            let n = f.read(&mut head).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-            if n == 0 {
-                return Err(Error::Checkpoint(format!("{}: the file is empty", path.display())));
-            }
+            let io = |source| Error::Io { path: path.to_path_buf(), source };
+            let mut f = std::fs::File::open(path).map_err(io)?;
+            let len = f.metadata().map_err(io)?.len();
+            f.read_exact(&mut head[..len.min(9) as usize]).map_err(io)?;
+            len
+        };
+        if len == 0 {
+            return Err(Error::Checkpoint(format!("{}: the file is empty", path.display())));
         }
-        let is_pickle = head[0] == 0x80 || head.starts_with(b"PK\x03\x04");
+        // A safetensors file is its header's length (8 bytes, little-endian) and then that JSON
+        // header: a length whose first byte is 0x80 must not be taken for a pickle's protocol.
+        let header = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+        let is_safetensors = len >= 9 && head[8] == b'{' && header.checked_add(8).is_some_and(|end| end <= len);
+        let is_pickle = !is_safetensors && (head[0] == 0x80 || head.starts_with(b"PK\x03\x04"));
         let tensors = if is_pickle {
             pth::read_pth(path)?.into_iter().collect()
         } else {

@@ -37,10 +37,11 @@ impl Plane {
     }
 
     /// `steps + 1` inputs: the first `k / steps` of `order` (pixel indices) taken from `to`, the
-    /// rest from `from`, for k = 0..=steps.
-    pub fn sweep(from: &[f32], to: &[f32], plane: usize, order: &[usize], steps: usize) -> Vec<f32> {
+    /// rest from `from`, for k = 0..=steps; handed to `each` `batch` inputs at a time, so that
+    /// memory holds one batch whatever the number of steps.
+    pub fn sweep<E>(from: &[f32], to: &[f32], plane: usize, order: &[usize], steps: usize, batch: usize, mut each: impl FnMut(&[f32]) -> Result<(), E>) -> Result<(), E> {
         let channels = from.len() / plane;
-        let mut out = Vec::with_capacity((steps + 1) * from.len());
+        let mut out = Vec::with_capacity(batch.max(1).min(steps + 1) * from.len());
         let mut current = from.to_vec();
         let mut done = 0;
         for k in 0..=steps {
@@ -52,8 +53,12 @@ impl Plane {
             }
             done = target.min(order.len());
             out.extend_from_slice(&current);
+            if out.len() == batch.max(1) * from.len() || k == steps {
+                each(&out)?;
+                out.clear();
+            }
         }
-        out
+        Ok(())
     }
 
     /// A blurred copy (three box-blur passes of radius `r` per channel, about a Gaussian of sigma
@@ -97,8 +102,16 @@ mod tests {
     #[test]
     fn sweep_moves_pixels_in_order() {
         // One channel of 4 pixels, from zeros to ones, pixel 2 first, then 0, 3, 1.
-        let out = Plane::sweep(&[0.0; 4], &[1.0; 4], 4, &[2, 0, 3, 1], 2);
-        assert_eq!(out, vec![0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
+        for batch in [1, 2, 3, 10] {
+            let mut out = Vec::new();
+            Plane::sweep(&[0.0; 4], &[1.0; 4], 4, &[2, 0, 3, 1], 2, batch, |b| -> Result<(), ()> {
+                assert!(b.len() <= 4 * batch);
+                out.extend_from_slice(b);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(out, vec![0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
+        }
     }
 
     #[test]

@@ -290,6 +290,9 @@ fn score_all<S: Subject>(subject: &S, ex: &Example<S::State>, data: &[f32], dims
 fn evaluate_example<S: Subject>(subject: &S, ex: &Example<S::State>, options: &Options, patch: &mut usize, stride: &mut usize) -> Result<ExampleResult> {
     let (h, w) = (ex.image.height() as usize, ex.image.width() as usize);
     let (_, channels, ih, iw) = ex.input.dims4()?;
+    if (options.has(Task::Deletion) || options.has(Task::Insertion)) && options.steps > ih * iw {
+        return Err(crate::Error::Options(format!("--steps {}: more steps than the input has pixels ({ih}x{iw})", options.steps)));
+    }
     let maps = subject.maps(ex, options.method)?;
     let tolerance = options.tolerance.pixels(h, w);
     let mut results = Vec::with_capacity(ex.cases.len());
@@ -364,8 +367,11 @@ fn evaluate_example<S: Subject>(subject: &S, ex: &Example<S::State>, options: &O
             for (ci, cam) in &at_input {
                 let (ci, order) = (*ci, pixel_order(cam));
                 let curve = |from: &[f32], to: &[f32]| -> Result<f64> {
-                    let data = Plane::sweep(from, to, ih * iw, &order, options.steps);
-                    let probs: Vec<f32> = score_all(subject, ex, &data, dims, options.batch)?.iter().map(|row| row[ci].1).collect();
+                    let mut probs = Vec::with_capacity(options.steps + 1);
+                    Plane::sweep(from, to, ih * iw, &order, options.steps, options.batch, |data| -> Result<()> {
+                        probs.extend(score_all(subject, ex, data, dims, options.batch)?.iter().map(|row| row[ci].1));
+                        Ok(())
+                    })?;
                     Ok(auc(&probs))
                 };
                 if options.has(Task::Deletion) {

@@ -67,6 +67,9 @@ pub fn mass_on(map: &Map, mask: &Mask) -> f64 {
 /// Answers and explains up to `limit` questions of a split with `method`'s maps (Grad-CAM for the
 /// figures in the model cards).
 pub fn evaluate(model: &Vqa, split: &Split, limit: usize, method: &dyn CamMethod, mut progress: impl FnMut(usize)) -> Result<Metrics> {
+    if split.vqa.as_ref().is_none_or(|v| v.annotations.is_empty()) {
+        return Err(crate::Error::Model(format!("{}: no questions.json with annotations.json to evaluate against", split.dir.display())));
+    }
     let mut overall = Accuracy::default();
     let mut per_type: BTreeMap<String, Accuracy> = BTreeMap::new();
     let mut pointing = Pointing::default();
@@ -76,7 +79,7 @@ pub fn evaluate(model: &Vqa, split: &Split, limit: usize, method: &dyn CamMethod
     let mut tolerance = 0.0;
     let mut done = 0;
     'images: for ex in split.examples() {
-        let img = image::open(&ex.path).map_err(|e| crate::Error::Model(format!("{}: {e}", ex.path.display())))?.to_rgb8();
+        let img = gradcam_encoders::preprocess::load_image(&ex.path)?;
         let a = model.features(&model.preprocess(&img)?.unsqueeze(0)?)?;
         let (h, w) = (img.height() as usize, img.width() as usize);
         tolerance = h.max(w) as f32 / 16.0;

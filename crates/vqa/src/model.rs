@@ -167,6 +167,9 @@ impl Vqa {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
         let cfg: Config = serde_json::from_str(&text).map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+        if !scene_cnn::IMAGE_SIZES.contains(&(cfg.image_size as u64)) {
+            return Err(Error::Model(format!("{}: image_size {} is outside {:?} pixels", path.display(), cfg.image_size, scene_cnn::IMAGE_SIZES)));
+        }
         if cfg.encoder != "scene-cnn" {
             return Err(Error::Model(format!("{}: encoder {:?} is not supported; use \"scene-cnn\"", path.display(), cfg.encoder)));
         }

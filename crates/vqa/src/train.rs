@@ -153,7 +153,7 @@ impl Data {
         let mut pixels = Vec::new();
         let mut questions = Vec::new();
         for ex in split.examples() {
-            let img = image::open(&ex.path).map_err(|e| Error::Training(format!("{}: {e}", ex.path.display())))?.to_rgb8();
+            let img = gradcam_encoders::preprocess::load_image(&ex.path)?;
             let img = if img.dimensions() == (s, s) { img } else { image::imageops::resize(&img, s, s, image::imageops::FilterType::Triangle) };
             for c in 0..3 {
                 pixels.extend(img.pixels().map(|p| p[c]));
