@@ -8,7 +8,7 @@ use gradcam_core::{Target, UnitNames};
 use image::RgbImage;
 use serde::Serialize;
 
-use super::{named_report, Files, MapRecord, Progress, Result, Settings};
+use super::{named_report, Error, Files, MapRecord, Progress, Result, Settings};
 
 /// What to caption and explain.
 #[derive(Debug, Clone)]
@@ -60,6 +60,9 @@ pub fn caption(model: &Captioner, img: &RgbImage, name: &str, files: Files<'_>, 
     let input = model.preprocess(img)?.unsqueeze(0)?; // [1, 3, s, s]
     let a = model.features(&input)?;
     let tokens = match &options.caption {
+        Some(text) if text.split_whitespace().count() > model.cfg.max_len => {
+            return Err(Error::Request(format!("the caption has {} words; the model takes at most {}", text.split_whitespace().count(), model.cfg.max_len)));
+        }
         Some(text) => model.vocab.encode_known(text)?,
         None if options.beam > 1 => model.beam(&a, options.beam)?.tokens,
         None => model.greedy(&a)?.remove(0).tokens,

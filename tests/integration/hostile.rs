@@ -116,3 +116,74 @@ fn safetensors_whose_header_length_starts_with_0x80_load() {
     let w = gradcam_encoders::Weights::load(&path).unwrap();
     assert_eq!(w.names(), vec![name.clone()]);
 }
+
+/// A copy of a shipped model folder.
+fn model_copy(model: &str, dir: &Path) {
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(repo("models").join(model).join(f), dir.join(f)).unwrap();
+    }
+}
+
+#[test]
+fn non_finite_weights_are_refused_at_load() {
+    for (model, args) in [("captioner", vec!["caption", "data/shapescenes/test/images/000018.png"]), ("vqa", vec!["vqa", "data/shapescenes/test/images/000018.png", "what color is it?"])] {
+        for bad in [f32::NAN, f32::INFINITY] {
+            let dir = tempfile::tempdir().unwrap();
+            model_copy(model, dir.path());
+            let path = dir.path().join("model.safetensors");
+            let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+            let name = tensors.keys().find(|k| k.ends_with("weight")).unwrap().clone();
+            let t = &tensors[&name];
+            let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let middle = v.len() / 2;
+            v[middle] = bad;
+            tensors.insert(name.clone(), candle_core::Tensor::from_vec(v, t.shape(), &candle_core::Device::Cpu).unwrap());
+            candle_core::safetensors::save(&tensors, &path).unwrap();
+            let mut a = args.clone();
+            a.extend(["--model", dir.path().to_str().unwrap(), "--out", dir.path().to_str().unwrap()]);
+            fails_with(&a, &format!("tensor \"{name}\" holds NaN or infinite values"));
+        }
+    }
+}
+
+#[test]
+fn a_tokenizer_with_misplaced_special_tokens_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    model_copy("captioner", dir.path());
+    let path = dir.path().join("tokenizer.json");
+    let mut t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    // <end> and the word with id 7 trade places.
+    let vocab = t["model"]["vocab"].as_object_mut().unwrap();
+    let word = vocab.iter().find(|(_, id)| id.as_u64() == Some(7)).map(|(w, _)| w.clone()).unwrap();
+    vocab.insert("<end>".into(), serde_json::json!(7));
+    vocab.insert(word, serde_json::json!(2));
+    for a in t["added_tokens"].as_array_mut().unwrap() {
+        if a["content"] == "<end>" {
+            a["id"] = serde_json::json!(7);
+        }
+    }
+    std::fs::write(&path, serde_json::to_string(&t).unwrap()).unwrap();
+    fails_with(&["caption", "data/shapescenes/test/images/000018.png", "--model", dir.path().to_str().unwrap(), "--out", dir.path().to_str().unwrap()], "must have ids 0 to 3");
+}
+
+#[test]
+fn training_settings_that_cannot_train_are_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("model");
+    for lr in ["NaN", "inf", "1e30", "0", "-1"] {
+        for what in ["captioner", "vqa"] {
+            fails_with(&["train", what, "--data", "data/shapescenes", "--out", out.to_str().unwrap(), &format!("--lr={lr}")], "learning rate");
+            assert!(!out.exists(), "train {what} --lr {lr} wrote {}", out.display());
+        }
+    }
+    fails_with(&["train", "captioner", "--data", "data/shapescenes", "--out", out.to_str().unwrap(), "--batch-size", "0"], "at least 1");
+}
+
+#[test]
+fn a_caption_longer_than_the_model_takes_is_refused_at_once() {
+    let words = vec!["red"; 24_000].join(" ");
+    let dir = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    fails_with(&["caption", "data/shapescenes/test/images/000018.png", "--caption", &words, "--out", dir.path().to_str().unwrap()], "the caption has 24000 words; the model takes at most 20");
+    assert!(t.elapsed() < Duration::from_secs(10));
+}

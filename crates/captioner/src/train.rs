@@ -48,6 +48,24 @@ pub struct TrainConfig {
     pub word_pairs: bool,
 }
 
+impl TrainConfig {
+    /// Refuses settings that cannot train: a learning rate that is not a positive number below
+    /// 10, no epochs, empty batches, a zero-width LSTM, weights and smoothing out of range.
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Training(m));
+        if !(self.lr > 0.0 && self.lr <= 10.0) {
+            return bad(format!("--lr {}: give a learning rate above 0 and at most 10", self.lr));
+        }
+        if self.epochs == 0 || self.batch_size == 0 || self.hidden == 0 {
+            return bad("--epochs, --batch-size and --hidden must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) || ![self.word_loss, self.activation_l1, self.weight_decay].iter().all(|v| v.is_finite() && *v >= 0.0) {
+            return bad("--label-smoothing is in [0, 1); --word-loss and --activation-l1 are finite and not negative".into());
+        }
+        Ok(())
+    }
+}
+
 fn default_hidden() -> usize {
     256
 }
@@ -109,7 +127,9 @@ fn bigram_vocab(captions: &[Vec<Vec<u32>>], min_count: usize, offset: usize) -> 
 type Batch = (Tensor, Tensor, Tensor, Tensor, f32, Tensor);
 
 impl Data {
-    fn load(split: &Split, vocab: &Vocab, size: u32) -> Result<Self> {
+    /// The split's images and captions, each caption cut to `max_len` words (the longest the
+    /// model generates; a longer one would only cost memory and time).
+    fn load(split: &Split, vocab: &Vocab, size: u32, max_len: usize) -> Result<Self> {
         let examples = split.examples();
         let s = size as usize;
         let mut pixels = Vec::with_capacity(examples.len() * 3 * s * s);
@@ -120,7 +140,10 @@ impl Data {
             for c in 0..3 {
                 pixels.extend(img.pixels().map(|p| p[c]));
             }
-            captions.push(ex.captions.iter().map(|c| vocab.encode(c)).collect::<std::result::Result<Vec<_>, _>>()?);
+            captions.push(ex.captions.iter().map(|c| vocab.encode(c).map(|mut ids| {
+                ids.truncate(max_len);
+                ids
+            })).collect::<std::result::Result<Vec<_>, _>>()?);
         }
         Ok(Data { size: s, pixels, captions, bigrams: Default::default() })
     }
@@ -217,6 +240,7 @@ fn loss(model: &Trainable, batch: &Batch, smoothing: f64, word_loss: f64, l1: f6
 /// (config.json, tokenizer.json, model.safetensors, checkpoint.json) after every epoch. With
 /// `resume`, continues from `out/checkpoint.json` (weights and epoch; AdamW's moments restart).
 pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: &mut dyn FnMut(Event)) -> Result<Checkpoint> {
+    tc.check()?;
     std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
     let train_split = Split::read(&data.join("train"))?;
     let val_split = Split::read(&data.join("val"))?;
@@ -237,8 +261,8 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Training(e.to_string()))?;
         gradcam_scenes::write_atomic(&out.join("config.json"), text.as_bytes())?;
     }
-    let mut train_data = Data::load(&train_split, &vocab, cfg.image_size)?;
-    let mut val_data = Data::load(&val_split, &vocab, cfg.image_size)?;
+    let mut train_data = Data::load(&train_split, &vocab, cfg.image_size, cfg.max_len)?;
+    let mut val_data = Data::load(&val_split, &vocab, cfg.image_size, cfg.max_len)?;
     if ckpt.train.word_pairs {
         train_data.bigrams = bigram_vocab(&train_data.captions, 10, vocab.len());
         val_data.bigrams = train_data.bigrams.clone();
@@ -278,6 +302,10 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         let mut val_loss = 0.0;
         for chunk in ids.chunks(bs) {
             val_loss += loss(&model, &val_data.batch(chunk, &vocab)?, 0.0, 0.0, 0.0)?.to_scalar::<f32>()? * chunk.len() as f32;
+        }
+        // A step can make the weights non-finite after the last finite loss: never save them.
+        if !val_loss.is_finite() {
+            return Err(Error::Training(format!("the validation loss became {val_loss} in epoch {epoch}; nothing of this epoch saved; try a lower --lr")));
         }
         let frozen = Captioner::from_varbuilder(cfg.clone(), vocab.clone(), VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
         let exact = crate::eval::exact_match(&frozen, &val_split, ckpt.train.val_images)?;

@@ -194,9 +194,9 @@ pub fn model_weights(dir: &std::path::Path) -> Result<VarBuilder<'static>> {
     if !weights.is_file() {
         return Err(crate::Error::Io { path: weights, source: std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors") });
     }
-    // SAFETY: the file is only read; it is not expected to change while mapped.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }
-        .map_err(|e| crate::Error::Checkpoint(format!("{}: {e}", weights.display())))
+    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|e| crate::Error::Checkpoint(format!("{}: {e}", weights.display())))?;
+    crate::weights::check_finite(tensors.iter(), &weights.display().to_string())?;
+    Ok(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))
 }
 
 /// What a trained model folder's `config.json` says about its scene CNN: input size and whether

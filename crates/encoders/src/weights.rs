@@ -108,6 +108,7 @@ impl Weights {
                 .map(|(k, v)| Ok((k, v.to_dtype(candle_core::DType::F32)?)))
                 .collect::<Result<HashMap<_, _>>>()?
         };
+        check_finite(tensors.iter(), &path.display().to_string())?;
         Ok(Self::from_tensors(tensors, path.display().to_string()))
     }
 
@@ -196,4 +197,23 @@ impl Weights {
         }
         result
     }
+}
+
+/// Refuses weights with a NaN or an infinite value (one pass, no copy): they vanish at a ReLU and
+/// leave a confident wrong answer and all-zero maps instead of an error.
+pub fn check_finite<'a>(tensors: impl Iterator<Item = (&'a String, &'a Tensor)>, origin: &str) -> Result<()> {
+    for (name, t) in tensors {
+        let (storage, layout) = t.storage_and_layout();
+        let finite = match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => v[a..b].iter().all(|x| x.is_finite()),
+            _ => {
+                drop(storage);
+                t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite())
+            }
+        };
+        if !finite {
+            return Err(Error::Checkpoint(format!("{origin}: tensor {name:?} holds NaN or infinite values")));
+        }
+    }
+    Ok(())
 }

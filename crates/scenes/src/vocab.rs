@@ -57,7 +57,12 @@ impl Vocab {
 
     fn from_tokenizer(tokenizer: Tokenizer) -> Result<Self> {
         let id = |t: &str| tokenizer.token_to_id(t).ok_or_else(|| Error::Config(format!("the vocabulary lacks the special token {t}")));
-        Ok(Self { pad: id(PAD)?, start: id(START)?, end: id(END)?, unk: id(UNK)?, tokenizer })
+        let v = Self { pad: id(PAD)?, start: id(START)?, end: id(END)?, unk: id(UNK)?, tokenizer };
+        // Decoding takes ids above <unk> for words: the specials must be the first four.
+        if [v.pad, v.start, v.end, v.unk] != [0, 1, 2, 3] {
+            return Err(Error::Config(format!("the special tokens {PAD} {START} {END} {UNK} must have ids 0 to 3, not {:?}", [v.pad, v.start, v.end, v.unk])));
+        }
+        Ok(v)
     }
 
     pub fn load(path: &Path) -> Result<Self> {

@@ -222,6 +222,10 @@ fn loss(model: &Trainable, b: &[Tensor; 5]) -> Result<(Tensor, usize, usize)> {
 /// Trains on `data/train`, validating on `data/val`, writing config.json, tokenizer.json,
 /// model.safetensors and checkpoint.json into `out` after every epoch.
 pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: &mut dyn FnMut(Event)) -> Result<Checkpoint> {
+    let lr_ok = |lr: f64| lr > 0.0 && lr <= 10.0;
+    if !lr_ok(tc.lr) || tc.encoder_lr.is_some_and(|lr| !lr_ok(lr)) || tc.epochs == 0 || tc.batch_size == 0 {
+        return Err(Error::Training(format!("--lr {} / --encoder-lr {:?}: give learning rates above 0 and at most 10; --epochs and --batch-size at least 1", tc.lr, tc.encoder_lr)));
+    }
     std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
     let train_split = Split::read(&data.join("train"))?;
     let val_split = Split::read(&data.join("val"))?;
@@ -328,6 +332,10 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
             vl += l.to_scalar::<f32>()? * n as f32;
             correct += c;
             count += n;
+        }
+        // A step can make the weights non-finite after the last finite loss: never save them.
+        if !vl.is_finite() {
+            return Err(Error::Training(format!("the validation loss became {vl} in epoch {epoch}; nothing of this epoch saved; try a lower --lr")));
         }
         let tmp = out.join("model.safetensors.tmp");
         varmap.save(&tmp)?;
