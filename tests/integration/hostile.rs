@@ -187,3 +187,18 @@ fn a_caption_longer_than_the_model_takes_is_refused_at_once() {
     fails_with(&["caption", "data/shapescenes/test/images/000018.png", "--caption", &words, "--out", dir.path().to_str().unwrap()], "the caption has 24000 words; the model takes at most 20");
     assert!(t.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn smaller_things() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    for caption in ["<end> <end>", "<start> a red circle"] {
+        fails_with(&["caption", "data/shapescenes/test/images/000018.png", "--caption", caption, "--out", out], "not words to explain");
+    }
+    for (flag, value) in [("--iou-threshold", "NaN"), ("--quantile", "0"), ("--quantile", "1.5")] {
+        fails_with(&["dissect", "--data", "data/shapescenes/test", flag, value, "--out", &format!("{out}/d.json")], "must be in (0, 1)");
+    }
+    // The README's form of --split-fractions, with commas.
+    let o = gradcam(&["scenes", "--out", &format!("{out}/scenes"), "--n", "10", "--split-fractions", "0.8,0.1,0.1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

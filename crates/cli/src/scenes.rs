@@ -20,7 +20,7 @@ pub struct ScenesArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Fractions of train, val and test.
-    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [0.8, 0.1, 0.1])]
+    #[arg(long, value_delimiter = ',', default_values_t = [0.8, 0.1, 0.1])]
     split_fractions: Vec<f64>,
     /// Image side in pixels (64 to 128).
     #[arg(long, default_value_t = 64)]

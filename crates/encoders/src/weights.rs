@@ -188,6 +188,9 @@ impl Weights {
 
     /// Writes every tensor to a safetensors file (atomically: a temporary file renamed into place).
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
+        if self.tensors().is_empty() {
+            return Err(Error::Checkpoint(format!("{}: no floating-point tensors to write", self.origin)));
+        }
         let tmp = path.with_extension("safetensors.tmp");
         let result = candle_core::safetensors::save(&*self.tensors(), &tmp)
             .map_err(Error::from)

@@ -102,6 +102,9 @@ impl Vocab {
         if ids.is_empty() {
             return Err(Error::Config("the text is empty".into()));
         }
+        if ids.iter().any(|&i| i <= self.unk) {
+            return Err(Error::Config(format!("{PAD}, {START}, {END} and {UNK} mark the text's edges and gaps; they are not words to explain")));
+        }
         Ok(ids)
     }
 
