@@ -3,7 +3,7 @@
 
 use gradcam_captioner::{CaptionSplit, Captioner};
 use gradcam_core::map::Region;
-use gradcam_core::render::{grid, render, Output, Subject};
+use gradcam_core::render::{fit, grid, render, Output, Subject};
 use gradcam_core::{Target, UnitNames};
 use image::RgbImage;
 use serde::Serialize;
@@ -71,7 +71,8 @@ pub fn caption(model: &Captioner, img: &RgbImage, name: &str, files: Files<'_>, 
     let logprobs = model.word_logprobs(&a, &tokens, false)?.squeeze(0)?.to_vec1::<f32>()?;
     let split = CaptionSplit::new(model, &tokens);
     let subjects: Vec<Subject> = words.iter().enumerate().map(|(t, w)| Subject::new(Target::word(t), w.clone()).file_prefix(format!("{t:02}"))).collect();
-    let out = Output { dir: files.dir, stem: files.stem, image: img, region: Region { x: 0, y: 0, width: img.width(), height: img.height() } };
+    let (picture_base, region) = fit(img, Region { x: 0, y: 0, width: img.width(), height: img.height() });
+    let out = Output { dir: files.dir, stem: files.stem, image: &picture_base, region };
     let neurons = names.map(named_report);
     let cam = options.settings.cam(&split, progress);
     let rendered = render(&cam, &options.settings.methods, &input, &a, &subjects, &out, neurons.as_ref().map(|f| f as _))?;
@@ -79,7 +80,7 @@ pub fn caption(model: &Captioner, img: &RgbImage, name: &str, files: Files<'_>, 
         [m] => cam.clone().method(m).file_tag(),
         _ => "_methods".to_string(),
     };
-    let strip = files.keep(&grid(img, &rendered), &format!("strip{tag}"))?;
+    let strip = files.keep(&grid(&picture_base, &rendered), &format!("strip{tag}"))?;
     let words_json = rendered.iter().flatten().enumerate().map(|(i, r)| {
         let t = i % words.len().max(1);
         Ok(WordMap { t, word: words[t].clone(), logprob: logprobs[t], map: MapRecord::new(r)? })

@@ -2,7 +2,7 @@
 //! explained classes (and their counterfactuals), as `gradcam classify --json` prints them.
 
 use candle_core::D;
-use gradcam_core::render::{render, write_method_strips, Output, Subject};
+use gradcam_core::render::{fit, render, write_method_strips, Output, Subject};
 use gradcam_core::{class_named_report, Explainable, Explanation, Target};
 use gradcam_encoders::preprocess::{prepare, Resize};
 use gradcam_encoders::{imagenet, Network};
@@ -97,7 +97,8 @@ pub fn classify(net: &Network, layer: usize, img: &RgbImage, name: &str, files: 
     let classes = if options.classes.is_empty() { vec![order[0]] } else { options.classes.clone() };
     let subjects: Vec<Subject> =
         classes.iter().flat_map(|&c| Subject::new(Target::class(c), label(c)).file_prefix(c.to_string()).and_counterfactual(options.counterfactual)).collect();
-    let out = Output { dir: files.dir, stem: files.stem, image: img, region: prepared.region };
+    let (picture_base, region) = fit(img, prepared.region);
+    let out = Output { dir: files.dir, stem: files.stem, image: &picture_base, region };
     let class_name = |c: usize| label(c).to_string();
     let neurons = |e: &Explanation, subject: &str| class_named_report(&split, &activations, e.weights.as_deref().unwrap_or(&[]), subject, &class_name);
     let cam = options.settings.cam(&split, progress);

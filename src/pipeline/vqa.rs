@@ -3,7 +3,7 @@
 //! prints them.
 
 use gradcam_core::map::Region;
-use gradcam_core::render::{render, write_method_strips, Output, Subject};
+use gradcam_core::render::{fit, render, write_method_strips, Output, Subject};
 use gradcam_core::{Target, UnitNames};
 use gradcam_vqa::{Vqa, VqaSplit};
 use image::RgbImage;
@@ -84,12 +84,13 @@ pub fn answer(model: &Vqa, img: &RgbImage, name: &str, question: &str, files: Fi
         }
     }
     let subjects: Vec<Subject> = explained.iter().flat_map(|&i| Subject::new(Target::answer(i), model.cfg.answers[i].clone()).and_counterfactual(options.counterfactual)).collect();
-    let out = Output { dir: files.dir, stem: files.stem, image: img, region: Region { x: 0, y: 0, width: img.width(), height: img.height() } };
+    let (picture_base, region) = fit(img, Region { x: 0, y: 0, width: img.width(), height: img.height() });
+    let out = Output { dir: files.dir, stem: files.stem, image: &picture_base, region };
     let neurons = names.map(named_report);
     let cam = options.settings.cam(&split, progress);
     let rendered = render(&cam, &options.settings.methods, &input, &a, &subjects, &out, neurons.as_ref().map(|f| f as _))?;
     if options.settings.methods.len() > 1 {
-        write_method_strips(&rendered, &subjects, &out, img.height().max(64))?;
+        write_method_strips(&rendered, &subjects, &out, picture_base.height().max(64))?;
     }
     let explanations = rendered.iter().flatten().map(|r| Ok(AnswerMap { answer: model.cfg.answers[r.explanation.target.index().expect("an answer")].clone(), map: MapRecord::new(r)? }));
     Ok(Record {

@@ -202,3 +202,136 @@ fn smaller_things() {
     let o = gradcam(&["scenes", "--out", &format!("{out}/scenes"), "--n", "10", "--split-fractions", "0.8,0.1,0.1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// A black RGB PNG of `w` x `h`, written row by row (never held in memory whole).
+fn black_png(path: &Path, w: u32, h: u32) {
+    use std::io::Write;
+    let crc = |kind: &[u8], data: &[u8]| {
+        let mut c = 0xffff_ffffu32;
+        for &b in kind.iter().chain(data) {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    };
+    let chunk = |out: &mut Vec<u8>, kind: &[u8], data: &[u8]| {
+        out.extend((data.len() as u32).to_be_bytes());
+        out.extend(kind);
+        out.extend(data);
+        out.extend(crc(kind, data).to_be_bytes());
+    };
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    let row = vec![0u8; 1 + 3 * w as usize];
+    for _ in 0..h {
+        z.write_all(&row).unwrap();
+    }
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend(h.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    chunk(&mut png, b"IHDR", &ihdr);
+    chunk(&mut png, b"IDAT", &z.finish().unwrap());
+    chunk(&mut png, b"IEND", b"");
+    std::fs::write(path, png).unwrap();
+}
+
+/// Peak RSS of a finished child, from `/usr/bin/time -f %M` (KiB).
+fn run_measured(args: &[&str]) -> (Output, u64, Duration) {
+    let t = Instant::now();
+    let o = Command::new("/usr/bin/time").arg("-f").arg("rss %M").arg(env!("CARGO_BIN_EXE_gradcam")).args(args).current_dir(repo("")).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let rss = stderr.lines().rev().find_map(|l| l.strip_prefix("rss ")).and_then(|v| v.trim().parse().ok()).expect("GNU time's report");
+    (o, rss, t.elapsed())
+}
+
+#[test]
+fn huge_and_extreme_images_are_answered_in_seconds_at_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (huge, strip, photo) = (dir.path().join("huge.png"), dir.path().join("strip.png"), dir.path().join("photo.png"));
+    black_png(&huge, 16384, 16384);
+    black_png(&strip, 16384, 1);
+    black_png(&photo, 8000, 6000);
+    let out = dir.path().join("out");
+    let o = out.to_str().unwrap();
+    let q = "what color is it?";
+    for (args, ok) in [
+        (vec!["caption", huge.to_str().unwrap()], false),
+        (vec!["vqa", huge.to_str().unwrap(), q], false),
+        (vec!["classify", huge.to_str().unwrap()], false),
+        (vec!["classify", strip.to_str().unwrap()], true),
+        (vec!["caption", strip.to_str().unwrap()], true),
+        (vec!["vqa", strip.to_str().unwrap(), q], true),
+        (vec!["caption", photo.to_str().unwrap(), "--method", "gradcam,gradcam++"], true),
+        (vec!["vqa", photo.to_str().unwrap(), q, "--counterfactual"], true),
+    ] {
+        let mut args = args;
+        args.extend(["--out", o]);
+        let (output, rss, took) = run_measured(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.success(), ok, "{args:?}: {stderr}");
+        if !ok {
+            assert!(stderr.contains("megapixels; the limit is 50"), "{args:?}: {stderr}");
+        }
+        eprintln!("{args:?}: {:.2} s, {rss} KiB", took.as_secs_f64());
+        assert!(rss < 1 << 20 && took < Duration::from_secs(20), "{args:?}: {rss} KiB, {took:?}");
+    }
+    // Pictures on a large photo are drawn at most 1024 px on a side.
+    let word = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with("photo_00_")).expect("the first word's overlay");
+    assert_eq!(image::image_dimensions(&word).unwrap(), (1024, 768));
+}
+
+/// A PyTorch zip checkpoint of one float tensor `w`: a view with `size` and `stride` over a
+/// storage of four floats.
+fn zip_pth(path: &Path, size: [i32; 2], stride: [i32; 2]) {
+    use std::io::Write;
+    let text = |p: &mut Vec<u8>, s: &str| {
+        p.push(b'X');
+        p.extend((s.len() as u32).to_le_bytes());
+        p.extend(s.as_bytes());
+    };
+    let int = |p: &mut Vec<u8>, v: i32| {
+        p.push(b'J');
+        p.extend(v.to_le_bytes());
+    };
+    let mut p = vec![0x80, 2, b'}'];
+    text(&mut p, "w");
+    p.extend(b"ctorch._utils\n_rebuild_tensor_v2\n((");
+    text(&mut p, "storage");
+    p.extend(b"ctorch\nFloatStorage\n");
+    text(&mut p, "0");
+    text(&mut p, "cpu");
+    int(&mut p, 4);
+    p.extend(b"tQ");
+    int(&mut p, 0);
+    p.push(b'(');
+    size.iter().for_each(|&s| int(&mut p, s));
+    p.extend(b"t(");
+    stride.iter().for_each(|&s| int(&mut p, s));
+    p.extend(b"t\x89ccollections\nOrderedDict\n)RtRs.");
+    let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let stored = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    z.start_file("archive/data.pkl", stored).unwrap();
+    z.write_all(&p).unwrap();
+    z.start_file("archive/data/0", stored).unwrap();
+    z.write_all(&[0u8; 16]).unwrap();
+    z.finish().unwrap();
+}
+
+#[test]
+fn a_checkpoint_view_far_larger_than_its_storage_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = dir.path().join("ok.pth");
+    zip_pth(&ok, [2, 2], [2, 1]);
+    assert_eq!(gradcam_encoders::Weights::load(&ok).unwrap().names(), vec!["w".to_string()]);
+    let bad = dir.path().join("bad.pth");
+    zip_pth(&bad, [1 << 20, 1 << 20], [0, 0]);
+    let out = dir.path().join("out.safetensors");
+    let (o, rss, took) = run_measured(&["convert", bad.to_str().unwrap(), out.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("a view of 1099511627776 elements over a storage of 4"), "{stderr}");
+    assert!(rss < 100 << 10 && took < Duration::from_secs(10), "{rss} KiB, {took:?}");
+    assert!(!out.exists());
+}

@@ -64,6 +64,28 @@ impl Subject {
     }
 }
 
+/// Largest side of the pictures drawn on an image: the maps have tens of cells a side, so a larger
+/// picture shows nothing more and costs memory (a strip of a caption's words over an 8000-pixel
+/// photo would take gigabytes).
+pub const MAX_PICTURE_SIDE: u32 = 1024;
+
+/// `image` scaled down to fit [`MAX_PICTURE_SIDE`] (borrowed when it fits already), and `region`
+/// scaled with it: what the pictures are drawn on.
+pub fn fit(image: &RgbImage, region: Region) -> (std::borrow::Cow<'_, RgbImage>, Region) {
+    let (w, h) = image.dimensions();
+    if w.max(h) <= MAX_PICTURE_SIDE {
+        return (std::borrow::Cow::Borrowed(image), region);
+    }
+    let scale = MAX_PICTURE_SIDE as f64 / w.max(h) as f64;
+    let px = |v: u32| ((v as f64 * scale).round() as u32).max(1);
+    let small = image::imageops::resize(image, px(w), px(h), image::imageops::FilterType::Triangle);
+    let (sw, sh) = small.dimensions();
+    let x = px(region.x).min(sw - 1);
+    let y = px(region.y).min(sh - 1);
+    let region = Region { x, y, width: px(region.width).min(sw - x), height: px(region.height).min(sh - y) };
+    (std::borrow::Cow::Owned(small), region)
+}
+
 /// Where and on what the pictures of one image go.
 pub struct Output<'a> {
     /// The folder written to; `None` keeps the pictures in memory only (a server's responses).

@@ -15,6 +15,9 @@ pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// Largest side we decode; a bigger image is refused before any pixel memory is allocated.
 pub const MAX_SIDE: u32 = 16384;
+/// Most pixels we decode (50 megapixels, a large camera's photo): a bigger image is refused from
+/// its header, before any pixel memory is allocated; every model here sees at most 224 px of it.
+pub const MAX_PIXELS: u64 = 50_000_000;
 /// Smallest side the `none` mode accepts: five stride-2 stages need 32 pixels.
 pub const MIN_SIDE: u32 = 32;
 /// Largest side the `none` mode accepts: beyond it the activations alone take gigabytes.
@@ -52,11 +55,11 @@ pub fn load_image(path: &Path) -> Result<RgbImage> {
     if meta.len() == 0 {
         return Err(Error::Image { path: path.to_path_buf(), message: "the file is empty".into() });
     }
-    let reader = image::ImageReader::open(path)
-        .map_err(|source| Error::Io { path: path.to_path_buf(), source })?
-        .with_guessed_format()
-        .map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    decode(reader, path)
+    let open = || -> Result<image::ImageReader<std::io::BufReader<std::fs::File>>> {
+        let io = |source| Error::Io { path: path.to_path_buf(), source };
+        image::ImageReader::open(path).map_err(io)?.with_guessed_format().map_err(io)
+    };
+    decode(open()?, open()?, path)
 }
 
 /// Decodes an image held in memory (an upload) as [`load_image`] decodes a file; `name` stands for
@@ -66,23 +69,29 @@ pub fn decode_image(bytes: &[u8], name: &str) -> Result<RgbImage> {
     if bytes.is_empty() {
         return Err(Error::Image { path: path.to_path_buf(), message: "the image is empty".into() });
     }
-    let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    decode(reader, path)
+    let open = || image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|source| Error::Io { path: path.to_path_buf(), source });
+    decode(open()?, open()?, path)
 }
 
-fn decode<R: std::io::BufRead + std::io::Seek>(mut reader: image::ImageReader<R>, path: &Path) -> Result<RgbImage> {
+/// Decodes `reader` after reading the size from `header` (another reader of the same image), so
+/// that an image over [`MAX_PIXELS`] is refused before its pixels are.
+fn decode<R: std::io::BufRead + std::io::Seek>(header: image::ImageReader<R>, mut reader: image::ImageReader<R>, path: &Path) -> Result<RgbImage> {
     let bad = |message: String| Error::Image { path: path.to_path_buf(), message };
+    let decoding = |e: image::ImageError| match e {
+        image::ImageError::Limits(l) => bad(format!("too large to decode ({l}); the limit is {MAX_SIDE} px a side and 1 GiB")),
+        image::ImageError::Unsupported(u) => bad(format!("unsupported image format: {u}")),
+        other => bad(format!("cannot decode: {other}")),
+    };
+    let (w, h) = header.into_dimensions().map_err(decoding)?;
+    if w as u64 * h as u64 > MAX_PIXELS {
+        return Err(bad(format!("{w}x{h} is {:.0} megapixels; the limit is {} (downscale it first: the models see at most 224 px)", (w as f64 * h as f64) / 1e6, MAX_PIXELS / 1_000_000)));
+    }
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
     limits.max_alloc = Some(1 << 30);
     reader.limits(limits);
-    let img = reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(l) => bad(format!("too large to decode ({l}); the limit is {MAX_SIDE} px a side and 1 GiB")),
-        image::ImageError::Unsupported(u) => bad(format!("unsupported image format: {u}")),
-        other => bad(format!("cannot decode: {other}")),
-    })?;
-    Ok(img.to_rgb8())
+    Ok(reader.decode().map_err(decoding)?.to_rgb8())
 }
 
 /// A preprocessed image: the normalised input and where it lies on the original.
@@ -106,6 +115,14 @@ pub fn prepare(img: &RgbImage, mode: Resize) -> Result<Prepared> {
                 return Err(Error::TooLarge { width: w, height: h, max: MAX_NONE_SIDE });
             }
             (img.clone(), full)
+        }
+        // Beyond 16:1 only the centre of the long side can reach the 224-pixel crop: keep just it
+        // before resizing (a 16384x1 strip would otherwise become a 4-million-pixel-wide one).
+        Resize::CenterCrop if w.max(h) as u64 > 16 * w.min(h) as u64 => {
+            let (cw, ch) = if w > h { (16 * h, h) } else { (w, 16 * w) };
+            let (x0, y0) = ((w - cw) / 2, (h - ch) / 2);
+            let p = prepare(&image::imageops::crop_imm(img, x0, y0, cw, ch).to_image(), mode)?;
+            return Ok(Prepared { tensor: p.tensor, region: Region { x: p.region.x + x0, y: p.region.y + y0, ..p.region } });
         }
         Resize::CenterCrop => {
             // torchvision Resize(256): the shorter side to 256, the other truncated.

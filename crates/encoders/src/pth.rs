@@ -427,8 +427,18 @@ fn materialise(name: &str, t: &TensorRef, storage: &[u8]) -> Result<Option<Tenso
     }
     let es = t.dtype.element_size();
     let numel_storage = storage.len() / es;
-    let count: usize = t.size.iter().product();
-    let last = t.offset + t.size.iter().zip(&t.stride).map(|(s, st)| s.saturating_sub(1) * st).sum::<usize>();
+    let overflow = || Error::Checkpoint(format!("tensor {name}: its size {:?} and strides {:?} overflow", t.size, t.stride));
+    let count = t.size.iter().try_fold(1usize, |n, &s| n.checked_mul(s)).ok_or_else(overflow)?;
+    // A view may repeat storage elements (a zero stride); materialised, it needs memory for all of
+    // them. Beyond the storage itself, only small ones are believed: a 1.6 KB file must not ask
+    // for terabytes.
+    if count > numel_storage.max(1) && count > (64 << 20) / 4 {
+        return Err(Error::Checkpoint(format!(
+            "tensor {name}: a view of {count} elements over a storage of {numel_storage}; refusing to materialise it"
+        )));
+    }
+    let reach = t.size.iter().zip(&t.stride).try_fold(t.offset, |acc, (s, st)| s.saturating_sub(1).checked_mul(*st).and_then(|v| acc.checked_add(v)));
+    let last = reach.ok_or_else(overflow)?;
     if count > 0 && last >= numel_storage {
         return Err(Error::Checkpoint(format!(
             "tensor {name}: view reaches element {last} of a storage of {numel_storage}"
