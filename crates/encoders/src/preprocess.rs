@@ -84,7 +84,7 @@ fn decode<R: std::io::BufRead + std::io::Seek>(header: image::ImageReader<R>, mu
     };
     let (w, h) = header.into_dimensions().map_err(decoding)?;
     if w as u64 * h as u64 > MAX_PIXELS {
-        return Err(bad(format!("{w}x{h} is {:.0} megapixels; the limit is {} (downscale it first: the models see at most 224 px)", (w as f64 * h as f64) / 1e6, MAX_PIXELS / 1_000_000)));
+        return Err(bad(format!("too large: {w}x{h} is {:.0} megapixels; the limit is {} (downscale it first: the models see at most 224 px)", (w as f64 * h as f64) / 1e6, MAX_PIXELS / 1_000_000)));
     }
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
