@@ -335,3 +335,38 @@ fn a_checkpoint_view_far_larger_than_its_storage_is_refused() {
     assert!(rss < 100 << 10 && took < Duration::from_secs(10), "{rss} KiB, {took:?}");
     assert!(!out.exists());
 }
+
+/// SIGTERM or SIGINT in the middle of writing files: the temporaries in flight are removed, and
+/// the exit status says which signal stopped the run.
+#[test]
+fn an_interrupted_run_leaves_no_temporary_file() {
+    for (signal, status) in [("TERM", 143), ("INT", 130)] {
+        for attempt in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join("scenes");
+            let mut child = Command::new(env!("CARGO_BIN_EXE_gradcam"))
+                .args(["scenes", "--n", "100000", "--out", out.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(300 + 70 * attempt));
+            assert!(Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap().success());
+            let code = child.wait().unwrap().code();
+            assert_eq!(code, Some(status), "SIG{signal}");
+            let mut left = Vec::new();
+            let mut dirs = vec![dir.path().to_path_buf()];
+            while let Some(d) = dirs.pop() {
+                for e in std::fs::read_dir(&d).unwrap() {
+                    let p = e.unwrap().path();
+                    if p.is_dir() {
+                        dirs.push(p);
+                    } else if p.to_string_lossy().ends_with(".tmp") {
+                        left.push(p);
+                    }
+                }
+            }
+            assert!(left.is_empty(), "SIG{signal} left {left:?}");
+        }
+    }
+}

@@ -326,7 +326,6 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
 }
 
 fn save_weights(varmap: &VarMap, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("safetensors.tmp");
-    varmap.save(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+    let tensors = varmap.data().lock().map_err(|_| Error::Training("the weights' lock is poisoned".into()))?.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    Ok(gradcam_core::map::save_safetensors_atomic(&tensors, path)?)
 }

@@ -156,6 +156,7 @@ fn keep_freed_memory() {
 
 fn main() -> ExitCode {
     keep_freed_memory();
+    gradcam_core::map::remove_temporaries_on_signals(gradcam_scenes::remove_temporaries);
     // candle's element-wise ops run on its own pool of spinning threads; on a few cores they take
     // the CPU from our kernels (rayon + GEMM) and made explanations 2x slower. One thread for
     // candle unless the user says otherwise.

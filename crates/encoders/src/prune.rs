@@ -116,9 +116,7 @@ pub fn prune(model: &Path, data: &Path, out: &Path, progress: &dyn Fn(usize, usi
         move |source| Error::Io { path, source }
     };
     std::fs::create_dir_all(out).map_err(io(out))?;
-    let tmp = out.join(format!(".model.safetensors.{}.tmp", std::process::id()));
-    candle_core::safetensors::save(&pruned, &tmp)?;
-    std::fs::rename(&tmp, out.join("model.safetensors")).map_err(io(out))?;
+    gradcam_core::map::save_safetensors_atomic(&pruned, &out.join("model.safetensors")).map_err(|e| Error::Data(e.to_string()))?;
     let config = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Data(e.to_string()))?;
     write_atomic(&out.join("config.json"), config.as_bytes())?;
     for name in ["tokenizer.json", "README.md"] {

@@ -191,14 +191,7 @@ impl Weights {
         if self.tensors().is_empty() {
             return Err(Error::Checkpoint(format!("{}: no floating-point tensors to write", self.origin)));
         }
-        let tmp = path.with_extension("safetensors.tmp");
-        let result = candle_core::safetensors::save(&*self.tensors(), &tmp)
-            .map_err(Error::from)
-            .and_then(|()| std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_path_buf(), source }));
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        gradcam_core::map::save_safetensors_atomic(&self.tensors(), path).map_err(|e| Error::Checkpoint(e.to_string()))
     }
 }
 

@@ -337,9 +337,8 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         if !vl.is_finite() {
             return Err(Error::Training(format!("the validation loss became {vl} in epoch {epoch}; nothing of this epoch saved; try a lower --lr")));
         }
-        let tmp = out.join("model.safetensors.tmp");
-        varmap.save(&tmp)?;
-        std::fs::rename(&tmp, out.join("model.safetensors")).map_err(|source| Error::Io { path: out.join("model.safetensors"), source })?;
+        let tensors = varmap.data().lock().map_err(|_| Error::Training("the weights' lock is poisoned".into()))?.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        gradcam_core::map::save_safetensors_atomic(&tensors, &out.join("model.safetensors"))?;
         ckpt.epochs_done = epoch + 1;
         ckpt.log.push(EpochLog {
             epoch,
