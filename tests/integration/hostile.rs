@@ -370,3 +370,28 @@ fn an_interrupted_run_leaves_no_temporary_file() {
         }
     }
 }
+
+/// Pickles nested a million levels deep (list, dict, call) in a `.pth`: a clear error, not a
+/// stack overflow (the reader of real checkpoints is tested by the goldens and tests/fixtures).
+#[test]
+fn deeply_nested_pickles_are_refused_without_overflowing_the_stack() {
+    let dir = tempfile::tempdir().unwrap();
+    let legacy = |body: Vec<u8>| -> Vec<u8> {
+        // A legacy torch.save stream starts with its magic number; nesting is refused before.
+        let mut p = vec![0x80, 2];
+        p.extend(body);
+        p.push(b'.');
+        p
+    };
+    let n = 1_000_000;
+    let lists = legacy([b"]".repeat(n), b"a".repeat(n - 1)].concat());
+    let dicts = legacy([b"}K\x01".repeat(n), b"}".to_vec(), b"s".repeat(n)].concat());
+    let tuples = legacy([b"(".repeat(n), b")".to_vec(), b"t".repeat(n)].concat());
+    let calls = legacy([b"cbuiltins\nf\n)".repeat(n), b"R".repeat(n - 1)].concat());
+    for (what, bytes) in [("lists", lists), ("dicts", dicts), ("tuples", tuples), ("calls", calls)] {
+        let path = dir.path().join(format!("{what}.pth"));
+        std::fs::write(&path, bytes).unwrap();
+        let out = dir.path().join("out.safetensors");
+        fails_with(&["convert", path.to_str().unwrap(), out.to_str().unwrap()], "nested more than 1000 levels");
+    }
+}

@@ -32,6 +32,30 @@ enum Value {
     Mark,
 }
 
+/// Deepest nesting of values a checkpoint may build. State dicts nest a few levels; a pickle
+/// nested a million levels deep would overflow the stack when its values are dropped or cloned.
+const MAX_DEPTH: usize = 1000;
+
+/// The nesting depth of `v` (a scalar is 0), found without recursion.
+fn depth(v: &Value) -> usize {
+    let mut deepest = 0;
+    let mut todo = vec![(v, 0usize)];
+    while let Some((v, d)) = todo.pop() {
+        deepest = deepest.max(d);
+        match v {
+            Value::Tuple(items) | Value::List(items) => todo.extend(items.iter().map(|i| (i, d + 1))),
+            Value::Dict(pairs) => todo.extend(pairs.iter().flat_map(|(k, v)| [(k, d + 1), (v, d + 1)])),
+            Value::Call(callable, args) => {
+                todo.push((callable, d + 1));
+                todo.extend(args.iter().map(|i| (i, d + 1)));
+            }
+            Value::PersId(id) => todo.push((id, d + 1)),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 struct Unpickler<'a> {
     data: &'a [u8],
     pos: usize,
@@ -108,7 +132,17 @@ impl<'a> Unpickler<'a> {
         Ok(())
     }
 
+    /// Refuses to nest `items` in a container when that would exceed [`MAX_DEPTH`]: every value
+    /// is built by nesting, so checking here keeps every value of the machine within it.
+    fn nest<'v>(&self, items: impl IntoIterator<Item = &'v Value>) -> Result<()> {
+        if items.into_iter().any(|v| depth(v) + 1 > MAX_DEPTH) {
+            return Err(self.err(format!("values nested more than {MAX_DEPTH} levels deep; not a checkpoint")));
+        }
+        Ok(())
+    }
+
     fn set_items(&mut self, items: Vec<Value>) -> Result<()> {
+        self.nest(&items)?;
         if items.len() % 2 != 0 {
             return Err(self.err("odd number of dict items"));
         }
@@ -126,6 +160,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn append(&mut self, items: Vec<Value>) -> Result<()> {
+        self.nest(&items)?;
         let err = self.err("APPEND on a non-list");
         match self.top()? {
             Value::List(l) => {
@@ -195,6 +230,7 @@ impl<'a> Unpickler<'a> {
                 b')' => self.stack.push(Value::Tuple(Vec::new())),
                 b't' => {
                     let items = self.pop_mark()?;
+                    self.nest(&items)?;
                     self.stack.push(Value::Tuple(items));
                 }
                 0x85..=0x87 => {
@@ -203,6 +239,7 @@ impl<'a> Unpickler<'a> {
                         return Err(self.err("stack underflow"));
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
+                    self.nest(&items)?;
                     self.stack.push(Value::Tuple(items));
                 }
                 b'J' => {
@@ -275,6 +312,7 @@ impl<'a> Unpickler<'a> {
                 b']' => self.stack.push(Value::List(Vec::new())),
                 b'l' => {
                     let items = self.pop_mark()?;
+                    self.nest(&items)?;
                     self.stack.push(Value::List(items));
                 }
                 b'a' => {
@@ -287,6 +325,7 @@ impl<'a> Unpickler<'a> {
                 }
                 b'R' | 0x81 => {
                     let (args, callable) = (self.pop()?, self.pop()?);
+                    self.nest([&args, &callable])?;
                     self.stack.push(Self::call(callable, args));
                 }
                 b'b' => {
@@ -295,6 +334,7 @@ impl<'a> Unpickler<'a> {
                 }
                 b'Q' => {
                     let id = self.pop()?;
+                    self.nest([&id])?;
                     self.stack.push(Value::PersId(Box::new(id)));
                 }
                 b'.' => {
