@@ -6,6 +6,7 @@ pub mod efficientnet;
 pub mod hashed;
 pub mod imagenet;
 pub mod network;
+mod pickle;
 pub mod preprocess;
 pub mod prune;
 pub mod pth;
