@@ -395,3 +395,22 @@ fn deeply_nested_pickles_are_refused_without_overflowing_the_stack() {
         fails_with(&["convert", path.to_str().unwrap(), out.to_str().unwrap()], "nested more than 1000 levels");
     }
 }
+
+#[test]
+fn errors_name_the_reason_not_candle_internals() {
+    let dir = tempfile::tempdir().unwrap();
+    // dissect --out under a file: the reason, beside the path.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    fails_with(&["dissect", "--data", "data/shapescenes/test", "--limit", "2", "--out", file.join("d.json").to_str().unwrap()], "Not a directory");
+    // Training on a split without captions: said so, not "empty tensor for reduce".
+    let data = dir.path().join("data");
+    for split in ["train", "val"] {
+        split_copy(&data.join(split));
+    }
+    let captions = data.join("train/captions.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&captions).unwrap()).unwrap();
+    c["annotations"] = serde_json::json!([]);
+    std::fs::write(&captions, c.to_string()).unwrap();
+    fails_with(&["train", "captioner", "--data", data.to_str().unwrap(), "--out", dir.path().join("m").to_str().unwrap(), "--epochs", "1"], "has no captions to train on");
+}

@@ -244,6 +244,9 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
     std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
     let train_split = Split::read(&data.join("train"))?;
     let val_split = Split::read(&data.join("val"))?;
+    if train_split.captions.annotations.is_empty() {
+        return Err(Error::Training(format!("{} has no captions to train on", data.join("train").display())));
+    }
     let ckpt_path = out.join("checkpoint.json");
     let (vocab, mut ckpt) = if resume && ckpt_path.exists() {
         let text = std::fs::read_to_string(&ckpt_path).map_err(|source| Error::Io { path: ckpt_path.clone(), source })?;
