@@ -140,14 +140,14 @@ pub struct MapRecord {
 impl MapRecord {
     /// The record of one rendered explanation.
     pub fn new(r: &Rendered) -> Result<Self> {
-        let e = &r.explanation;
+        let (e, cam) = (&r.explanation, r.explanation.cam());
         Ok(MapRecord {
             method: e.method.name(),
             counterfactual: e.is_counterfactual(),
             score: e.score,
             cam_size: [e.map_size.0, e.map_size.1],
-            cam: e.cam().rows(),
-            nonzero: e.nonzero(),
+            nonzero: cam.normalized().1,
+            cam: cam.rows(),
             overlay: match &r.file {
                 Some(file) => file.display().to_string(),
                 None => data_url(&r.picture)?,

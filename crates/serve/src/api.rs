@@ -89,11 +89,6 @@ impl Form {
     }
 }
 
-/// The pipelines' records with the image's name, as JSON.
-fn answer<T: serde::Serialize>(record: T) -> Response {
-    Json(record).into_response()
-}
-
 fn missing(what: &str, flag: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, format!("this server has no {what} (start it with {flag})"))
 }
@@ -116,7 +111,7 @@ pub(crate) async fn caption(State(app): State<Arc<App>>, request: Request) -> Re
             Ok(caption::caption(&m.model, &img, &name, NOWHERE, &options, names.as_ref(), None)?)
         })
         .await?;
-    Ok(answer(record))
+    Ok(Json(record).into_response())
 }
 
 pub(crate) async fn vqa(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
@@ -136,7 +131,7 @@ pub(crate) async fn vqa(State(app): State<Arc<App>>, request: Request) -> Result
             Ok(vqa::answer(&m.model, &img, &name, &question, NOWHERE, &options, names.as_ref(), None)?)
         })
         .await?;
-    Ok(answer(record))
+    Ok(Json(record).into_response())
 }
 
 pub(crate) async fn classify(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
@@ -158,7 +153,7 @@ pub(crate) async fn classify(State(app): State<Arc<App>>, request: Request) -> R
             Ok(classify::classify(&c.net, c.layer, &img, &name, NOWHERE, &options, None)?)
         })
         .await?;
-    Ok(answer(record))
+    Ok(Json(record).into_response())
 }
 
 /// What the server explains, for the page.
