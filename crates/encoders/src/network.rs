@@ -4,6 +4,9 @@ use candle_core::Tensor;
 use gradcam_core::ops::{Activation, Conv2d, Padding};
 use gradcam_core::Explainable;
 
+use std::sync::Arc;
+
+use crate::preprocess::Preprocess;
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -34,6 +37,8 @@ pub struct Network {
     tail: Box<dyn Layer>,
     default_layer: String,
     num_classes: usize,
+    preprocess: Preprocess,
+    labels: Option<Arc<Vec<String>>>,
 }
 
 impl std::fmt::Debug for Network {
@@ -50,7 +55,33 @@ impl Network {
         default_layer: &str,
         num_classes: usize,
     ) -> Self {
-        Self { arch, layers, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes }
+        Self { arch, layers, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes, preprocess: Preprocess::default(), labels: None }
+    }
+
+    /// The input size and normalisation the network expects (default: ImageNet's at 224 x 224).
+    pub(crate) fn with_preprocess(mut self, preprocess: Preprocess) -> Self {
+        self.preprocess = preprocess;
+        self
+    }
+
+    /// Class names (default: ImageNet's when there are 1000 classes).
+    pub(crate) fn with_labels(mut self, labels: Arc<Vec<String>>) -> Self {
+        self.labels = Some(labels);
+        self
+    }
+
+    /// How an image becomes this network's input.
+    pub fn preprocess(&self) -> &Preprocess {
+        &self.preprocess
+    }
+
+    /// The name of class `c`: from the labels given, ImageNet's for 1000 classes, else "class c".
+    pub fn label(&self, c: usize) -> String {
+        match &self.labels {
+            Some(l) => l.get(c).cloned().unwrap_or_else(|| format!("class {c}")),
+            None if self.num_classes == 1000 => crate::imagenet::class_name(c).unwrap_or("?").to_string(),
+            None => format!("class {c}"),
+        }
     }
 
     /// Another accepted name for a layer (e.g. ResNet's `layer4` for its last block).

@@ -101,12 +101,38 @@ pub struct Prepared {
     pub region: Region,
 }
 
-/// Preprocesses one RGB image for an ImageNet classifier.
+/// A network's input: its size and per-channel normalisation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preprocess {
+    /// (height, width) of the input (`center-crop` and `stretch` make it).
+    pub size: (usize, usize),
+    /// Subtracted from each channel (of values in [0, 1]).
+    pub mean: [f32; 3],
+    /// Then divided by.
+    pub std: [f32; 3],
+}
+
+impl Default for Preprocess {
+    /// ImageNet's: 224 x 224, torchvision's mean and std.
+    fn default() -> Self {
+        Self { size: (224, 224), mean: IMAGENET_MEAN, std: IMAGENET_STD }
+    }
+}
+
+/// Preprocesses one RGB image for an ImageNet classifier (224 x 224, ImageNet mean and std).
 pub fn prepare(img: &RgbImage, mode: Resize) -> Result<Prepared> {
+    prepare_with(img, mode, &Preprocess::default())
+}
+
+/// Preprocesses one RGB image for a network's input: `center-crop` resizes the shorter side to
+/// 256/224 of the input's and takes the centre (torchvision's evaluation), `stretch` resizes to
+/// the input size, `none` keeps the image as it is.
+pub fn prepare_with(img: &RgbImage, mode: Resize, pp: &Preprocess) -> Result<Prepared> {
+    let (th, tw) = (pp.size.0 as u32, pp.size.1 as u32);
     let (w, h) = img.dimensions();
     let full = Region { x: 0, y: 0, width: w, height: h };
     let (view, region) = match mode {
-        Resize::Stretch => (image::imageops::resize(img, 224, 224, FilterType::Triangle), full),
+        Resize::Stretch => (image::imageops::resize(img, tw, th, FilterType::Triangle), full),
         Resize::None => {
             if w < MIN_SIDE || h < MIN_SIDE {
                 return Err(Error::TooSmall { width: w, height: h, min: MIN_SIDE });
@@ -121,38 +147,44 @@ pub fn prepare(img: &RgbImage, mode: Resize) -> Result<Prepared> {
         Resize::CenterCrop if w.max(h) as u64 > 16 * w.min(h) as u64 => {
             let (cw, ch) = if w > h { (16 * h, h) } else { (w, 16 * w) };
             let (x0, y0) = ((w - cw) / 2, (h - ch) / 2);
-            let p = prepare(&image::imageops::crop_imm(img, x0, y0, cw, ch).to_image(), mode)?;
+            let p = prepare_with(&image::imageops::crop_imm(img, x0, y0, cw, ch).to_image(), mode, pp)?;
             return Ok(Prepared { tensor: p.tensor, region: Region { x: p.region.x + x0, y: p.region.y + y0, ..p.region } });
         }
         Resize::CenterCrop => {
-            // torchvision Resize(256): the shorter side to 256, the other truncated.
-            let (rw, rh) = if w <= h { (256, (256u64 * h as u64 / w as u64) as u32) } else { ((256u64 * w as u64 / h as u64) as u32, 256) };
-            let (rw, rh) = (rw.max(224), rh.max(224));
+            // torchvision Resize(256): the shorter side to 256 (256/224 of the input), the other truncated.
+            let side = (th.max(tw) as u64 * 256 / 224) as u32;
+            let (rw, rh) = if w <= h { (side, (side as u64 * h as u64 / w as u64) as u32) } else { ((side as u64 * w as u64 / h as u64) as u32, side) };
+            let (rw, rh) = (rw.max(tw), rh.max(th));
             let resized = image::imageops::resize(img, rw, rh, FilterType::Triangle);
-            let left = ((rw - 224) as f64 / 2.0).round() as u32;
-            let top = ((rh - 224) as f64 / 2.0).round() as u32;
-            let crop = image::imageops::crop_imm(&resized, left, top, 224, 224).to_image();
+            let left = ((rw - tw) as f64 / 2.0).round() as u32;
+            let top = ((rh - th) as f64 / 2.0).round() as u32;
+            let crop = image::imageops::crop_imm(&resized, left, top, tw, th).to_image();
             let (sx, sy) = (w as f64 / rw as f64, h as f64 / rh as f64);
             let region = Region {
                 x: (left as f64 * sx).round() as u32,
                 y: (top as f64 * sy).round() as u32,
-                width: ((224.0 * sx).round() as u32).clamp(1, w),
-                height: ((224.0 * sy).round() as u32).clamp(1, h),
+                width: ((tw as f64 * sx).round() as u32).clamp(1, w),
+                height: ((th as f64 * sy).round() as u32).clamp(1, h),
             };
             (crop, region)
         }
     };
-    Ok(Prepared { tensor: normalize(&view)?, region })
+    Ok(Prepared { tensor: normalize_with(&view, pp)?, region })
 }
 
 /// `[3, h, w]` with ImageNet mean/std normalisation.
 pub fn normalize(img: &RgbImage) -> Result<Tensor> {
+    normalize_with(img, &Preprocess::default())
+}
+
+/// `[3, h, w]` with the network's mean/std normalisation.
+pub fn normalize_with(img: &RgbImage, pp: &Preprocess) -> Result<Tensor> {
     let (w, h) = img.dimensions();
     let plane = (w * h) as usize;
     let mut data = vec![0f32; 3 * plane];
     for (i, px) in img.pixels().enumerate() {
         for c in 0..3 {
-            data[c * plane + i] = (px[c] as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+            data[c * plane + i] = (px[c] as f32 / 255.0 - pp.mean[c]) / pp.std[c];
         }
     }
     Ok(Tensor::from_vec(data, (3, h as usize, w as usize), &Device::Cpu)?)

@@ -10,8 +10,8 @@ use gradcam_captioner::eval::{named_objects, word_explanations_with};
 use gradcam_captioner::Captioner;
 use gradcam_core::metrics::BoundingBox;
 use gradcam_core::{explain, CamMethod, ClassLogit, Explainable, Map, Request, Score};
-use gradcam_encoders::preprocess::{load_image, prepare, Resize};
-use gradcam_encoders::{imagenet, Network};
+use gradcam_encoders::preprocess::{load_image, prepare_with, Resize};
+use gradcam_encoders::Network;
 use gradcam_scenes::coco::{Instance, Instances};
 use gradcam_scenes::scene::{COLORS, SHAPES};
 use gradcam_scenes::vqa::{Annotation, Question, Vqa as VqaFile};
@@ -92,12 +92,12 @@ pub struct ClassifierState {
 impl ClassifierSubject {
     pub fn new(net: Network, layer: usize, dir: &Path) -> Result<Self> {
         let instances = Instances::read(&dir.join("instances.json"))?;
-        let names = imagenet::class_names();
+        let names: Vec<String> = (0..net.num_classes()).map(|c| net.label(c)).collect();
         let mut classes = BTreeMap::new();
         for c in &instances.categories {
             let class = names.iter().position(|n| n.eq_ignore_ascii_case(c.name.trim())).ok_or_else(|| {
                 Error::Data(format!(
-                    "{}: category {:?} is not an ImageNet class name; a classifier's ground truth must name its classes as ImageNet does (e.g. \"tabby\", \"espresso\")",
+                    "{}: category {:?} is not a class name of the model; a classifier's ground truth must name its classes as the model does (ImageNet's, e.g. \"tabby\", \"espresso\", or those of --labels)",
                     dir.join("instances.json").display(),
                     c.name
                 ))
@@ -123,7 +123,7 @@ impl Subject for ClassifierSubject {
         let info = &self.instances.images[i];
         let path = self.dir.join("images").join(&info.file_name);
         let image = load_checked(&path, info.width, info.height)?;
-        let input = prepare(&image, Resize::Stretch)?.tensor.unsqueeze(0)?; // [1, 3, 224, 224]
+        let input = prepare_with(&image, Resize::Stretch, self.net.preprocess())?.tensor.unsqueeze(0)?; // [1, 3, h, w]
         let split = self.net.split(self.layer);
         let activations = split.features(&input)?;
         let logits = split.head(&activations)?; // [1, classes]
@@ -140,7 +140,7 @@ impl Subject for ClassifierSubject {
         let top5 = &order[..5.min(order.len())];
         let mut classes: Vec<usize> = top5.to_vec();
         classes.extend(truth.keys().filter(|c| !top5.contains(c)));
-        let name = |c: usize| imagenet::class_name(c).unwrap_or("?").to_string();
+        let name = |c: usize| self.net.label(c);
         let cases = classes
             .iter()
             .map(|&c| {

@@ -19,12 +19,27 @@ pub enum Padding {
     /// TensorFlow "SAME": output = ceil(input / stride), the odd pixel of padding goes to the
     /// bottom and right. Computed from the actual input size, so any image size works.
     Same,
+    /// Explicit pixels before and after each axis, as ONNX's `pads` (top, left, bottom, right).
+    Explicit {
+        /// Rows above.
+        top: usize,
+        /// Columns on the left.
+        left: usize,
+        /// Rows below.
+        bottom: usize,
+        /// Columns on the right.
+        right: usize,
+    },
 }
 
 impl Padding {
     /// (before, after) padding and output length along one axis.
-    fn resolve(self, input: usize, kernel: usize, stride: usize) -> (usize, usize, usize) {
+    fn resolve(self, input: usize, kernel: usize, stride: usize, horizontal: bool) -> (usize, usize, usize) {
         match self {
+            Padding::Explicit { top, left, bottom, right } => {
+                let (a, b) = if horizontal { (left, right) } else { (top, bottom) };
+                (a, b, (input + a + b).saturating_sub(kernel) / stride + 1)
+            }
             Padding::Symmetric(p) => {
                 let out = (input + 2 * p).saturating_sub(kernel) / stride + 1;
                 (p, p, out)
@@ -331,8 +346,8 @@ pub(super) fn geometry(dims: &[usize], in_channels: usize, kernel: (usize, usize
         candle_core::bail!("conv2d expects {in_channels} input channels, got {c}");
     }
     let (kh, kw) = kernel;
-    let (pad_top, pad_bottom, oh) = padding.resolve(h, kh, stride);
-    let (pad_left, pad_right, ow) = padding.resolve(w, kw, stride);
+    let (pad_top, pad_bottom, oh) = padding.resolve(h, kh, stride, false);
+    let (pad_left, pad_right, ow) = padding.resolve(w, kw, stride, true);
     if h + pad_top + pad_bottom < kh || w + pad_left + pad_right < kw {
         candle_core::bail!("conv2d: input {h}x{w} is smaller than the {kh}x{kw} kernel");
     }

@@ -1,0 +1,462 @@
+//! Any ONNX CNN classifier as a [`Network`] split at one of its values: the graph up to the
+//! explained value runs forward only, the sub-graph from it to the output is the head that the
+//! explanation differentiates. Convolutions with constant weights run on the project's own kernels
+//! ([`gradcam_core::ops::Conv2d`]) with a following BatchNormalization folded in and a following
+//! Relu or Clip(0, 6) fused; every other op is a differentiable candle op ([`ops`]).
+//!
+//! The file is decoded by [`proto`], a protobuf reader of the fields a CNN needs (no protoc at
+//! build time). External-data tensors are read from files beside the model, never outside its
+//! folder.
+
+mod ops;
+mod plan;
+pub mod proto;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::network::Network;
+use crate::preprocess::Preprocess;
+use crate::{Error, Result};
+pub use ops::SUPPORTED;
+use plan::Plan;
+use proto::{Node, TensorProto};
+
+/// Largest ONNX file read (external data included); beyond it the file is refused before reading.
+pub const MAX_FILE_BYTES: u64 = 4 << 30;
+
+/// How an ONNX model's input is made, when the graph does not say.
+#[derive(Debug, Clone, Default)]
+pub struct OnnxOptions {
+    /// (height, width) when the graph's input size is dynamic (default 224 x 224).
+    pub input_size: Option<(usize, usize)>,
+    /// Per-channel mean and std of the normalisation (default ImageNet's).
+    pub mean: Option<[f32; 3]>,
+    pub std: Option<[f32; 3]>,
+    /// A file with one class name per line.
+    pub labels: Option<PathBuf>,
+}
+
+impl OnnxOptions {
+    /// From the command line's strings: `mean` and `std` as three numbers each, `input_size` as
+    /// `HxW` or one side.
+    pub fn parse(labels: Option<PathBuf>, mean: Option<&[f32]>, std: Option<&[f32]>, input_size: Option<&str>) -> Result<Self> {
+        let three = |v: Option<&[f32]>, what: &str| -> Result<Option<[f32; 3]>> {
+            v.map(|v| v.try_into().map_err(|_| Error::Data(format!("--{what} takes three numbers (R,G,B), got {}", v.len())))).transpose()
+        };
+        let input_size = input_size
+            .map(|s| {
+                let parse = |v: &str| v.trim().parse::<usize>().ok().filter(|&n| (8..=4096).contains(&n));
+                let size = match s.split_once(['x', 'X']) {
+                    Some((h, w)) => parse(h).zip(parse(w)),
+                    None => parse(s).map(|n| (n, n)),
+                };
+                size.ok_or_else(|| Error::Data(format!("--input-size {s:?}: give HxW or one side, each 8 to 4096")))
+            })
+            .transpose()?;
+        Ok(Self { input_size, mean: three(mean, "mean")?, std: three(std, "std")?, labels })
+    }
+}
+
+/// One value of the graph, as `gradcam layers --model FILE.onnx` lists it.
+#[derive(Debug, Clone)]
+pub struct ValueRow {
+    /// The value's name (what `--layer` takes).
+    pub name: String,
+    /// The op that produces it ("input" for the graph's input).
+    pub op: String,
+    /// Its shape on a batch of one image of the model's input size.
+    pub shape: Vec<usize>,
+}
+
+/// A loaded ONNX model: its nodes in topological order and its constants.
+pub struct OnnxModel {
+    name: String,
+    nodes: Vec<Node>,
+    constants: HashMap<String, Tensor>,
+    input: String,
+    output: String,
+    input_size: (usize, usize),
+    /// Shapes of every value on one image of `input_size` (from a run on zeros at load).
+    shapes: HashMap<String, Vec<usize>>,
+    producer: HashMap<String, usize>,
+    preprocess: Preprocess,
+    labels: Option<Arc<Vec<String>>>,
+    num_classes: usize,
+}
+
+impl std::fmt::Debug for OnnxModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnnxModel").field("name", &self.name).field("nodes", &self.nodes.len()).finish()
+    }
+}
+
+fn bad(path: &Path, message: impl std::fmt::Display) -> Error {
+    Error::Checkpoint(format!("{}: {message}", path.display()))
+}
+
+impl OnnxModel {
+    /// Reads and checks an ONNX file; every failure names the file and what is wrong.
+    pub fn load(path: &Path, options: &OnnxOptions) -> Result<OnnxModel> {
+        let meta = std::fs::metadata(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        if !meta.is_file() {
+            return Err(bad(path, "not a regular file"));
+        }
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(bad(path, format!("{} bytes; the limit is {MAX_FILE_BYTES}", meta.len())));
+        }
+        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let model = proto::Model::decode(&bytes).map_err(|e| bad(path, format!("not an ONNX model, or a truncated one ({})", e.0)))?;
+        drop(bytes);
+        let graph = model.graph.ok_or_else(|| bad(path, "not an ONNX model (no graph in the file)"))?;
+        if graph.nodes.is_empty() || graph.outputs.is_empty() {
+            return Err(bad(path, "not an ONNX model, or an empty one (the graph has no nodes or no output)"));
+        }
+        if graph.sparse_initializers > 0 {
+            return Err(bad(path, "sparse initializers are not supported"));
+        }
+        let opset = model.opsets.iter().find(|(d, _)| d.is_empty() || d == "ai.onnx").map(|(_, v)| *v).unwrap_or(0);
+        if !(7..=22).contains(&opset) {
+            return Err(bad(path, format!("opset {opset} of the ONNX domain is not supported (7 to 22 are)")));
+        }
+        for n in &graph.nodes {
+            if !(n.domain.is_empty() || n.domain == "ai.onnx") {
+                return Err(bad(path, format!("node {:?} uses op {}::{} of a custom domain; only standard ONNX ops are supported", n.name, n.domain, n.op_type)));
+            }
+            if !SUPPORTED.contains(&n.op_type.as_str()) {
+                return Err(bad(
+                    path,
+                    format!("op {} (node {:?}, producing {:?}) is not supported; supported ops: {}", n.op_type, n.name, n.outputs.first().cloned().unwrap_or_default(), SUPPORTED.join(", ")),
+                ));
+            }
+        }
+        let folder = path.parent().unwrap_or(Path::new("."));
+        let mut constants = HashMap::new();
+        for t in &graph.initializers {
+            constants.insert(t.name.clone(), tensor(t, folder).map_err(|e| bad(path, e))?);
+        }
+        let inputs: Vec<_> = graph.inputs.iter().filter(|i| !constants.contains_key(&i.name)).collect();
+        let [input] = inputs.as_slice() else {
+            let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
+            return Err(bad(path, format!("the graph has {} inputs ({}); gradcam explains models with one image input", names.len(), names.join(", "))));
+        };
+        let dims = input.shape.clone().unwrap_or_default();
+        let input_size = match dims.as_slice() {
+            [_, Some(3), Some(h), Some(w)] => {
+                if let Some((oh, ow)) = options.input_size {
+                    if (oh, ow) != (*h, *w) {
+                        return Err(bad(path, format!("--input-size {oh}x{ow}: the graph's input is fixed at {h}x{w}")));
+                    }
+                }
+                (*h, *w)
+            }
+            [_, Some(3), _, _] => options.input_size.unwrap_or((224, 224)),
+            [_, c, _, _] => return Err(bad(path, format!("the graph's input {:?} has {} channels; gradcam feeds RGB images (3 channels, NCHW)", input.name, c.map_or("a dynamic number of".into(), |c| c.to_string())))),
+            _ => return Err(bad(path, format!("the graph's input {:?} has shape {dims:?}; gradcam feeds images as [batch, 3, height, width]", input.name))),
+        };
+        if input_size.0 < 8 || input_size.1 < 8 || input_size.0 > 4096 || input_size.1 > 4096 {
+            return Err(bad(path, format!("input size {}x{} is outside 8..=4096", input_size.0, input_size.1)));
+        }
+        let mut producer = HashMap::new();
+        let mut known: HashSet<&str> = constants.keys().map(String::as_str).collect();
+        known.insert(&input.name);
+        known.insert("");
+        for (i, n) in graph.nodes.iter().enumerate() {
+            if let Some(missing) = n.inputs.iter().find(|v| !known.contains(v.as_str())) {
+                return Err(bad(path, format!("node {:?} ({}) reads {missing:?}, which no earlier node produces (the nodes are not in topological order, or the graph is cut)", n.name, n.op_type)));
+            }
+            for o in &n.outputs {
+                if producer.insert(o.clone(), i).is_some() {
+                    return Err(bad(path, format!("value {o:?} is produced twice")));
+                }
+                known.insert(o);
+            }
+        }
+        // Nodes that read only constants (Constant, shape arithmetic on weights) are evaluated once.
+        for n in &graph.nodes {
+            if n.inputs.iter().all(|v| v.is_empty() || constants.contains_key(v)) {
+                let args: Vec<Option<Tensor>> = n.inputs.iter().map(|v| constants.get(v).cloned()).collect();
+                let values = ops::eval(n, &args).map_err(|e| bad(path, format!("node {:?} ({}): {e}", n.name, n.op_type)))?;
+                for (o, v) in n.outputs.iter().zip(values) {
+                    constants.insert(o.clone(), v);
+                }
+            }
+        }
+        let output = graph.outputs[0].name.clone();
+        if !producer.contains_key(&output) {
+            return Err(bad(path, format!("the graph's output {output:?} is not produced by any node")));
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model.onnx".into());
+        let preprocess = Preprocess {
+            size: input_size,
+            mean: options.mean.unwrap_or(crate::preprocess::IMAGENET_MEAN),
+            std: options.std.unwrap_or(crate::preprocess::IMAGENET_STD),
+        };
+        if preprocess.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) || preprocess.mean.iter().any(|m| !m.is_finite()) {
+            return Err(bad(path, "--std must be three positive numbers and --mean three finite ones"));
+        }
+        let mut model = OnnxModel {
+            name,
+            nodes: graph.nodes,
+            constants,
+            input: input.name.clone(),
+            output,
+            input_size,
+            shapes: HashMap::new(),
+            producer,
+            preprocess,
+            labels: None,
+            num_classes: 0,
+        };
+        model.shapes = model.trace().map_err(|e| bad(path, format!("running the graph on a {}x{} input: {e}", input_size.0, input_size.1)))?;
+        let out_shape = &model.shapes[&model.output];
+        if out_shape.first() != Some(&1) || out_shape.iter().product::<usize>() < 2 {
+            return Err(bad(path, format!("the output {:?} has shape {out_shape:?}; a classifier's is [batch, classes]", model.output)));
+        }
+        model.num_classes = out_shape[1..].iter().product();
+        if let Some(file) = &options.labels {
+            let text = std::fs::read_to_string(file).map_err(|source| Error::Io { path: file.clone(), source })?;
+            let labels: Vec<String> = text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+            if labels.len() != model.num_classes {
+                return Err(bad(file, format!("{} labels for a model with {} classes", labels.len(), model.num_classes)));
+            }
+            model.labels = Some(Arc::new(labels));
+        }
+        Ok(model)
+    }
+
+    /// The file name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Number of classes of the output.
+    pub fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    /// Runs every node once on zeros and returns every value's shape.
+    fn trace(&self) -> Result<HashMap<String, Vec<usize>>> {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        let plan = Plan::compile(&self.nodes, &all, &self.constants, &self.input, &self.output, &HashSet::new(), true)?;
+        let x = Tensor::zeros((1, 3, self.input_size.0, self.input_size.1), DType::F32, &Device::Cpu)?;
+        let values = plan.run_keep_all(&x)?;
+        Ok(values.into_iter().map(|(k, v)| (k, v.dims().to_vec())).collect())
+    }
+
+    /// Every value of the graph in order (input first), with its op and shape.
+    pub fn values(&self) -> Vec<ValueRow> {
+        let mut rows = vec![ValueRow { name: self.input.clone(), op: "input".into(), shape: self.shapes.get(&self.input).cloned().unwrap_or_default() }];
+        for n in &self.nodes {
+            for o in &n.outputs {
+                if let Some(shape) = self.shapes.get(o) {
+                    rows.push(ValueRow { name: o.clone(), op: n.op_type.clone(), shape: shape.clone() });
+                }
+            }
+        }
+        rows
+    }
+
+    /// Nodes whose outputs the graph's output needs.
+    fn ancestors(&self, value: &str) -> HashSet<usize> {
+        let mut seen = HashSet::new();
+        let mut stack = vec![value.to_string()];
+        while let Some(v) = stack.pop() {
+            if let Some(&i) = self.producer.get(&v) {
+                if seen.insert(i) {
+                    stack.extend(self.nodes[i].inputs.iter().filter(|s| !s.is_empty()).cloned());
+                }
+            }
+        }
+        seen
+    }
+
+    /// Nodes that read `value`, directly or not.
+    fn descendants(&self, value: &str) -> HashSet<usize> {
+        let mut reached: HashSet<&str> = HashSet::from([value]);
+        let mut out = HashSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.inputs.iter().any(|v| reached.contains(v.as_str())) {
+                out.insert(i);
+                reached.extend(n.outputs.iter().map(String::as_str));
+            }
+        }
+        out
+    }
+
+    /// The default explained value: the last 4-D value with more than one spatial position on
+    /// the path from the input to the output that splits the graph (the input of the global pooling).
+    pub fn default_layer(&self) -> Result<String> {
+        let needed = self.ancestors(&self.output);
+        let from_input = self.descendants(&self.input);
+        for i in (0..self.nodes.len()).rev() {
+            if !(needed.contains(&i) && from_input.contains(&i)) {
+                continue;
+            }
+            for o in &self.nodes[i].outputs {
+                let Some(s) = self.shapes.get(o) else { continue };
+                if s.len() == 4 && s[2] * s[3] > 1 && self.head_nodes(o).is_ok() {
+                    return Ok(o.clone());
+                }
+            }
+        }
+        Err(Error::Data(format!("{}: no 4-D value with spatial size > 1 splits the graph; give --layer (see gradcam layers --model FILE.onnx)", self.name)))
+    }
+
+    /// Nodes of the head from `layer` to the output, and the constants it needs; an error when the
+    /// output does not depend on `layer`, or the head also reads another value of the image.
+    fn head_nodes(&self, layer: &str) -> Result<Vec<usize>> {
+        let needed = self.ancestors(&self.output);
+        let after = self.descendants(layer);
+        let head: Vec<usize> = (0..self.nodes.len()).filter(|i| needed.contains(i) && after.contains(i)).collect();
+        if head.is_empty() && layer != self.output {
+            return Err(Error::Data(format!("{}: the output {:?} is not reachable from {layer:?}; pick a value on the path to the output", self.name, self.output)));
+        }
+        let from_input = self.descendants(&self.input);
+        let head_set: HashSet<usize> = head.iter().copied().collect();
+        for &i in &head {
+            for v in &self.nodes[i].inputs {
+                let Some(&p) = self.producer.get(v) else { continue };
+                if v != layer && !head_set.contains(&p) && (from_input.contains(&p)) {
+                    return Err(Error::Data(format!(
+                        "{}: the head from {layer:?} also reads {v:?} (node {:?}), computed from the image without passing through {layer:?} (a skip connection around it); explain a value that everything after it passes through, such as a block's output",
+                        self.name, self.nodes[i].name
+                    )));
+                }
+            }
+        }
+        Ok(head)
+    }
+
+    /// The classifier split at `layer` (default: [`OnnxModel::default_layer`]).
+    pub fn network(self: &Arc<Self>, layer: Option<&str>) -> Result<Network> {
+        let layer = match layer {
+            Some(l) => l.to_string(),
+            None => self.default_layer()?,
+        };
+        let Some(shape) = self.shapes.get(&layer) else {
+            return Err(Error::UnknownLayer { layer: layer.clone(), model: self.name.clone(), valid: self.nearest(&layer) });
+        };
+        if shape.len() != 4 {
+            return Err(Error::Data(format!("--layer {layer:?} has shape {shape:?}; Grad-CAM needs a 4-D [batch, channels, h, w] value. 4-D values near it: {}", self.nearest(&layer).join(", "))));
+        }
+        let head = self.head_nodes(&layer)?;
+        let forward: Vec<usize> = {
+            let a = self.ancestors(&layer);
+            (0..self.nodes.len()).filter(|i| a.contains(i)).collect()
+        };
+        // Head nodes that read only constants (shape arithmetic) are part of it: the plan evaluates them.
+        let keep: HashSet<String> = HashSet::from([layer.clone(), self.output.clone()]);
+        let forward = Plan::compile(&self.nodes, &forward, &self.constants, &self.input, &layer, &keep, false)?;
+        let head = Plan::compile(&self.nodes, &head, &self.constants, &layer, &self.output, &keep, false)?;
+        let arch: &'static str = Box::leak(self.name.clone().into_boxed_str());
+        let (forward, head) = (Arc::new(forward), Arc::new(head));
+        let f = move |x: &Tensor| forward.run(x);
+        let h = move |a: &Tensor| head.run(a).and_then(|y| y.flatten_from(1));
+        let mut net = Network::new(arch, vec![(layer.clone(), Box::new(f))], Box::new(h), &layer, self.num_classes).with_preprocess(self.preprocess.clone());
+        if let Some(labels) = &self.labels {
+            net = net.with_labels(labels.clone());
+        }
+        Ok(net)
+    }
+
+    /// The 4-D values whose names are closest to `name` (edit distance), at most 8.
+    fn nearest(&self, name: &str) -> Vec<String> {
+        let mut rows: Vec<(usize, String)> =
+            self.values().into_iter().filter(|r| r.shape.len() == 4 && r.name != name).map(|r| (edit_distance(&r.name, name), r.name)).collect();
+        rows.sort();
+        rows.into_iter().take(8).map(|(_, n)| n).collect()
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + (ca != cb) as usize).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// A TensorProto as a candle tensor: floats (f32, f64, f16) as F32, integers and booleans as I64.
+pub(crate) fn tensor(t: &TensorProto, folder: &Path) -> std::result::Result<Tensor, String> {
+    let what = || format!("tensor {:?}", t.name);
+    let dims: Vec<usize> = t.dims.iter().map(|&d| usize::try_from(d).map_err(|_| format!("{} has a negative dimension {d}", what()))).collect::<std::result::Result<_, _>>()?;
+    let count = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| format!("{} has too many elements", what()))?;
+    let raw_owned;
+    let raw: Option<&[u8]> = if t.external_location || !t.external.is_empty() {
+        let get = |k: &str| t.external.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let location = get("location").ok_or_else(|| format!("{} is stored externally but names no file", what()))?;
+        let rel = Path::new(location);
+        if rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            return Err(format!("{} names external data {location:?} outside the model's folder", what()));
+        }
+        let file = folder.join(rel);
+        let offset: u64 = get("offset").map(str::parse).transpose().map_err(|_| format!("{}: bad external offset", what()))?.unwrap_or(0);
+        let data = std::fs::read(&file).map_err(|e| format!("{}: external data file {}: {e}", what(), file.display()))?;
+        let start = usize::try_from(offset).ok().filter(|&o| o <= data.len()).ok_or_else(|| format!("{}: offset {offset} is past the end of {}", what(), file.display()))?;
+        let length: usize = get("length").map(str::parse).transpose().map_err(|_| format!("{}: bad external length", what()))?.unwrap_or(data.len() - start);
+        if start + length > data.len() {
+            return Err(format!("{}: external data {} is truncated ({} bytes, {} needed)", what(), file.display(), data.len(), start + length));
+        }
+        raw_owned = data[start..start + length].to_vec();
+        Some(&raw_owned)
+    } else {
+        t.raw.as_deref()
+    };
+    let device = &Device::Cpu;
+    let check = |n: usize| if n == count { Ok(()) } else { Err(format!("{} has {n} values for shape {dims:?}", what())) };
+    let width = match t.data_type {
+        1 | 6 | 12 => 4,
+        7 | 11 | 13 => 8,
+        10 | 16 | 4 | 5 => 2,
+        2 | 3 | 9 => 1,
+        other => return Err(format!("{} has data type {other}, which is not supported", what())),
+    };
+    if let Some(raw) = raw {
+        if raw.len() != count * width {
+            return Err(format!("{} has {} bytes of data for shape {dims:?} ({} needed)", what(), raw.len(), count * width));
+        }
+        let chunks = raw.chunks_exact(width);
+        return match t.data_type {
+            1 => Tensor::from_vec(chunks.map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>(), dims, device),
+            11 => Tensor::from_vec(chunks.map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect::<Vec<_>>(), dims, device),
+            10 => Tensor::from_vec(chunks.map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f32()).collect::<Vec<_>>(), dims, device),
+            16 => Tensor::from_vec(chunks.map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32()).collect::<Vec<_>>(), dims, device),
+            6 => Tensor::from_vec(chunks.map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect::<Vec<_>>(), dims, device),
+            12 => Tensor::from_vec(chunks.map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i64).collect::<Vec<_>>(), dims, device),
+            7 | 13 => Tensor::from_vec(chunks.map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>(), dims, device),
+            5 => Tensor::from_vec(chunks.map(|c| i16::from_le_bytes(c.try_into().unwrap()) as i64).collect::<Vec<_>>(), dims, device),
+            4 => Tensor::from_vec(chunks.map(|c| u16::from_le_bytes(c.try_into().unwrap()) as i64).collect::<Vec<_>>(), dims, device),
+            3 => Tensor::from_vec(raw.iter().map(|&b| b as i8 as i64).collect::<Vec<_>>(), dims, device),
+            _ => Tensor::from_vec(raw.iter().map(|&b| b as i64).collect::<Vec<_>>(), dims, device),
+        }
+        .map_err(|e| e.to_string());
+    }
+    match t.data_type {
+        1 | 11 => {
+            check(t.floats.len())?;
+            Tensor::from_vec(t.floats.clone(), dims, device)
+        }
+        10 | 16 => {
+            // float16 data in int32_data, one value per entry.
+            check(t.ints.len())?;
+            let f = t.ints.iter().map(|&b| if t.data_type == 10 { half::f16::from_bits(b as u16).to_f32() } else { half::bf16::from_bits(b as u16).to_f32() });
+            Tensor::from_vec(f.collect::<Vec<_>>(), dims, device)
+        }
+        _ => {
+            check(t.ints.len())?;
+            Tensor::from_vec(t.ints.clone(), dims, device)
+        }
+    }
+    .map_err(|e| e.to_string())
+}

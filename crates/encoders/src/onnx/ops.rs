@@ -1,0 +1,511 @@
+//! ONNX ops as differentiable candle ops (plus the project's Relu / Relu6 and max-pool, whose
+//! backward is exact and obeys Guided Backpropagation). Floats are F32 tensors, integers
+//! (shapes, indices) I64 tensors.
+
+use candle_core::{DType, Tensor};
+use gradcam_core::ops::{Activation, MaxPool2d};
+
+use super::proto::{Attribute, Node};
+
+type R<T> = candle_core::Result<T>;
+
+/// The op types this evaluator runs.
+pub const SUPPORTED: &[&str] = &[
+    "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv", "Div", "Dropout", "Exp", "Flatten", "Gather",
+    "Gemm", "GlobalAveragePool", "GlobalMaxPool", "HardSigmoid", "HardSwish", "Identity", "LeakyRelu", "LogSoftmax", "MatMul", "MaxPool", "Mul", "Neg", "Pad",
+    "ReduceMean", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze",
+];
+
+fn fail<T>(msg: impl std::fmt::Display) -> R<T> {
+    Err(candle_core::Error::Msg(msg.to_string()))
+}
+
+pub(super) fn attr_int(node: &Node, name: &str, default: i64) -> i64 {
+    match node.attributes.get(name) {
+        Some(Attribute::Int(v)) => *v,
+        _ => default,
+    }
+}
+
+pub(super) fn attr_float(node: &Node, name: &str, default: f32) -> f32 {
+    match node.attributes.get(name) {
+        Some(Attribute::Float(v)) => *v,
+        _ => default,
+    }
+}
+
+pub(super) fn attr_ints(node: &Node, name: &str) -> Option<Vec<i64>> {
+    match node.attributes.get(name) {
+        Some(Attribute::Ints(v)) => Some(v.clone()),
+        _ => None,
+    }
+}
+
+pub(super) fn attr_str(node: &Node, name: &str) -> Option<String> {
+    match node.attributes.get(name) {
+        Some(Attribute::String(v)) => Some(v.clone()),
+        _ => None,
+    }
+}
+
+/// Clip's bounds when they are constants (inputs 1 and 2 since opset 11, attributes before).
+pub(super) fn clip_bounds(node: &Node, constants: &std::collections::HashMap<String, Tensor>) -> Option<(f32, f32)> {
+    let bound = |k: usize, attr: &str, default: f32| -> Option<f32> {
+        match node.inputs.get(k).filter(|s| !s.is_empty()) {
+            Some(name) => constants.get(name)?.to_dtype(DType::F32).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok()?.first().copied(),
+            None => Some(attr_float(node, attr, default)),
+        }
+    };
+    Some((bound(1, "min", f32::NEG_INFINITY)?, bound(2, "max", f32::INFINITY)?))
+}
+
+fn arg<'a>(args: &'a [Option<Tensor>], k: usize, node: &Node) -> R<&'a Tensor> {
+    match args.get(k) {
+        Some(Some(t)) => Ok(t),
+        _ => fail(format!("input {k} of {} is missing", node.op_type)),
+    }
+}
+
+fn opt(args: &[Option<Tensor>], k: usize) -> Option<&Tensor> {
+    args.get(k).and_then(|a| a.as_ref())
+}
+
+fn ints_of(t: &Tensor) -> R<Vec<i64>> {
+    t.to_dtype(DType::I64)?.flatten_all()?.to_vec1()
+}
+
+fn scalar_f32(t: &Tensor) -> R<f32> {
+    match t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.first() {
+        Some(v) => Ok(*v),
+        None => fail("empty scalar"),
+    }
+}
+
+fn axis(a: i64, rank: usize) -> R<usize> {
+    let r = rank as i64;
+    if a < -r || a >= r.max(1) {
+        return fail(format!("axis {a} out of range for rank {rank}"));
+    }
+    Ok(((a + r) % r.max(1)) as usize)
+}
+
+/// Same dtype for a binary op: integers meet floats as floats.
+fn align(a: &Tensor, b: &Tensor) -> R<(Tensor, Tensor)> {
+    if a.dtype() == b.dtype() {
+        return Ok((a.clone(), b.clone()));
+    }
+    Ok((a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?))
+}
+
+fn sigmoid(x: &Tensor) -> R<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
+}
+
+fn softmax(x: &Tensor, dim: usize, log: bool) -> R<Tensor> {
+    let shifted = x.broadcast_sub(&x.max_keepdim(dim)?.detach())?;
+    let e = shifted.exp()?;
+    let sum = e.sum_keepdim(dim)?;
+    if log {
+        shifted.broadcast_sub(&sum.log()?)
+    } else {
+        e.broadcast_div(&sum)
+    }
+}
+
+/// Runs one node on its inputs (`None` for an omitted optional input).
+pub(super) fn eval(node: &Node, args: &[Option<Tensor>]) -> R<Vec<Tensor>> {
+    let x = || arg(args, 0, node);
+    let one = |t: Tensor| Ok(vec![t]);
+    match node.op_type.as_str() {
+        "Identity" | "Dropout" => one(x()?.clone()),
+        "Relu" => one(Activation::Relu.forward(&x()?.to_dtype(DType::F32)?)?),
+        "LeakyRelu" => {
+            let x = x()?;
+            let alpha = attr_float(node, "alpha", 0.01) as f64;
+            one((x.relu()? - (x.neg()?.relu()? * alpha)?)?)
+        }
+        "Clip" => {
+            let x = x()?;
+            let lo = match opt(args, 1) {
+                Some(t) => scalar_f32(t)?,
+                None => attr_float(node, "min", f32::NEG_INFINITY),
+            };
+            let hi = match opt(args, 2) {
+                Some(t) => scalar_f32(t)?,
+                None => attr_float(node, "max", f32::INFINITY),
+            };
+            match (lo, hi) {
+                (0.0, 6.0) => one(Activation::Relu6.forward(x)?),
+                (0.0, f32::INFINITY) => one(Activation::Relu.forward(x)?),
+                (lo, f32::INFINITY) => one(x.maximum(lo)?),
+                (f32::NEG_INFINITY, hi) => one(x.minimum(hi)?),
+                (lo, hi) => one(x.clamp(lo, hi)?),
+            }
+        }
+        "Sigmoid" => one(sigmoid(x()?)?),
+        "HardSigmoid" => {
+            let (alpha, beta) = (attr_float(node, "alpha", 0.2) as f64, attr_float(node, "beta", 0.5) as f64);
+            one(x()?.affine(alpha, beta)?.clamp(0f32, 1f32)?)
+        }
+        "HardSwish" => {
+            let x = x()?;
+            one((x * (x.affine(1.0, 3.0)?.clamp(0f32, 6f32)? / 6.0)?)?)
+        }
+        "Tanh" => one(x()?.tanh()?),
+        "Exp" => one(x()?.exp()?),
+        "Sqrt" => one(x()?.sqrt()?),
+        "Neg" => one(x()?.neg()?),
+        "Add" | "Sub" | "Mul" | "Div" => {
+            let (a, b) = align(x()?, arg(args, 1, node)?)?;
+            one(match node.op_type.as_str() {
+                "Add" => a.broadcast_add(&b)?,
+                "Sub" => a.broadcast_sub(&b)?,
+                "Mul" => a.broadcast_mul(&b)?,
+                _ => a.broadcast_div(&b)?,
+            })
+        }
+        "BatchNormalization" => {
+            let x = x()?;
+            let eps = attr_float(node, "epsilon", 1e-5) as f64;
+            let c = x.dim(1)?;
+            let p = |k| -> R<Tensor> { arg(args, k, node)?.to_dtype(DType::F32)?.reshape(c) };
+            let (gamma, beta, mean, var) = (p(1)?, p(2)?, p(3)?, p(4)?);
+            let scale = (gamma / (var + eps)?.sqrt()?)?;
+            let shift = (beta - (mean * &scale)?)?;
+            let mut shape = vec![1; x.rank()];
+            shape[1] = c;
+            one(x.broadcast_mul(&scale.reshape(shape.clone())?)?.broadcast_add(&shift.reshape(shape)?)?)
+        }
+        "Conv" => conv(node, x()?, arg(args, 1, node)?, opt(args, 2)),
+        "MaxPool" => {
+            let (k, s, p) = pool_geometry(node)?;
+            if attr_int(node, "ceil_mode", 0) != 0 || attr_ints(node, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1)) || node.outputs.len() > 1 {
+                return fail("MaxPool with ceil_mode, dilations or an indices output is not supported");
+            }
+            one(MaxPool2d { kernel: k, stride: s, padding: p }.forward(x()?)?)
+        }
+        "AveragePool" => {
+            let (k, s, p) = pool_geometry(node)?;
+            if attr_int(node, "ceil_mode", 0) != 0 {
+                return fail("AveragePool with ceil_mode is not supported");
+            }
+            let x = x()?;
+            if p == 0 && k == s {
+                return one(x.avg_pool2d_with_stride(k, s)?);
+            }
+            // A depthwise convolution of ones, divided by the window's size (or by the number of
+            // real pixels in it without count_include_pad).
+            let c = x.dim(1)?;
+            let ones = Tensor::ones((c, 1, k, k), DType::F32, x.device())?;
+            let padded = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+            let sum = padded.conv2d(&ones, 0, s, 1, c)?;
+            if attr_int(node, "count_include_pad", 0) != 0 || p == 0 {
+                return one((sum / (k * k) as f64)?);
+            }
+            let (h, w) = (x.dim(2)?, x.dim(3)?);
+            let count = Tensor::ones((1, 1, h, w), DType::F32, x.device())?.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?.conv2d(&Tensor::ones((1, 1, k, k), DType::F32, x.device())?, 0, s, 1, 1)?;
+            one(sum.broadcast_div(&count)?)
+        }
+        "GlobalAveragePool" | "GlobalMaxPool" => {
+            let x = x()?;
+            let (n, c) = (x.dim(0)?, x.dim(1)?);
+            let flat = x.flatten_from(2)?;
+            let pooled = if node.op_type == "GlobalAveragePool" { flat.mean_keepdim(2)? } else { flat.max_keepdim(2)? };
+            let mut shape = vec![n, c];
+            shape.resize(x.rank(), 1);
+            one(pooled.reshape(shape)?)
+        }
+        "ReduceMean" => {
+            let x = x()?;
+            let axes = match opt(args, 1) {
+                Some(t) => ints_of(t)?,
+                None => attr_ints(node, "axes").unwrap_or_else(|| (0..x.rank() as i64).collect()),
+            };
+            let mut axes: Vec<usize> = axes.iter().map(|&a| axis(a, x.rank())).collect::<R<_>>()?;
+            axes.sort_unstable();
+            axes.dedup();
+            let mut y = x.clone();
+            for &a in axes.iter().rev() {
+                y = y.mean_keepdim(a)?;
+            }
+            if attr_int(node, "keepdims", 1) == 0 {
+                for &a in axes.iter().rev() {
+                    y = y.squeeze(a)?;
+                }
+            }
+            one(y)
+        }
+        "Flatten" => {
+            let x = x()?;
+            let a = axis(attr_int(node, "axis", 1), x.rank() + 1)?;
+            let outer: usize = x.dims()[..a].iter().product();
+            one(x.reshape((outer, x.elem_count() / outer.max(1)))?)
+        }
+        "Reshape" => {
+            let x = x()?;
+            let spec = match opt(args, 1) {
+                Some(t) => ints_of(t)?,
+                None => attr_ints(node, "shape").unwrap_or_default(),
+            };
+            let allow_zero = attr_int(node, "allowzero", 0) != 0;
+            let mut dims = Vec::with_capacity(spec.len());
+            let mut infer = None;
+            for (i, &d) in spec.iter().enumerate() {
+                dims.push(match d {
+                    0 if !allow_zero => *x.dims().get(i).ok_or_else(|| candle_core::Error::Msg(format!("Reshape copies dimension {i} of a rank-{} input", x.rank())))?,
+                    -1 if infer.is_none() => {
+                        infer = Some(i);
+                        1
+                    }
+                    d if d >= 0 => d as usize,
+                    d => return fail(format!("Reshape to {spec:?}: dimension {d}")),
+                });
+            }
+            if let Some(i) = infer {
+                let known: usize = dims.iter().product();
+                if known == 0 || x.elem_count() % known != 0 {
+                    return fail(format!("Reshape of {:?} to {spec:?}", x.dims()));
+                }
+                dims[i] = x.elem_count() / known;
+            }
+            one(x.reshape(dims)?)
+        }
+        "Gemm" => {
+            let (mut a, mut b) = (x()?.to_dtype(DType::F32)?, arg(args, 1, node)?.to_dtype(DType::F32)?);
+            if attr_int(node, "transA", 0) != 0 {
+                a = a.t()?;
+            }
+            if attr_int(node, "transB", 0) != 0 {
+                b = b.t()?;
+            }
+            let mut y = a.matmul(&b.contiguous()?)?;
+            let alpha = attr_float(node, "alpha", 1.0);
+            if alpha != 1.0 {
+                y = (y * alpha as f64)?;
+            }
+            if let Some(c) = opt(args, 2) {
+                let beta = attr_float(node, "beta", 1.0) as f64;
+                y = y.broadcast_add(&(c.to_dtype(DType::F32)? * beta)?)?;
+            }
+            one(y)
+        }
+        "MatMul" => {
+            let (a, b) = align(x()?, arg(args, 1, node)?)?;
+            one(if a.rank() == 2 && b.rank() == 2 { a.matmul(&b)? } else { a.broadcast_matmul(&b)? })
+        }
+        "Transpose" => {
+            let x = x()?;
+            let perm: Vec<usize> = match attr_ints(node, "perm") {
+                Some(p) => p.iter().map(|&a| axis(a, x.rank())).collect::<R<_>>()?,
+                None => (0..x.rank()).rev().collect(),
+            };
+            one(x.permute(perm)?.contiguous()?)
+        }
+        "Concat" => {
+            let parts: Vec<&Tensor> = args.iter().flatten().collect();
+            let first = parts.first().ok_or_else(|| candle_core::Error::Msg("Concat of nothing".into()))?;
+            let a = axis(attr_int(node, "axis", 0), first.rank())?;
+            let dtype = if parts.iter().all(|p| p.dtype() == first.dtype()) { first.dtype() } else { DType::F32 };
+            let parts: Vec<Tensor> = parts.iter().map(|p| p.to_dtype(dtype)).collect::<R<_>>()?;
+            one(Tensor::cat(&parts, a)?)
+        }
+        "Pad" => {
+            let x = x()?;
+            let pads = match opt(args, 1) {
+                Some(t) => ints_of(t)?,
+                None => attr_ints(node, "pads").unwrap_or_default(),
+            };
+            let value = match opt(args, 2) {
+                Some(t) => scalar_f32(t)?,
+                None => attr_float(node, "value", 0.0),
+            };
+            let mode = attr_str(node, "mode").unwrap_or_else(|| "constant".into());
+            let r = x.rank();
+            let axes: Vec<usize> = match opt(args, 3) {
+                Some(t) => ints_of(t)?.iter().map(|&a| axis(a, r)).collect::<R<_>>()?,
+                None => (0..r).collect(),
+            };
+            if pads.len() != 2 * axes.len() {
+                return fail(format!("Pad has {} pads for {} axes", pads.len(), axes.len()));
+            }
+            let mut y = x.clone();
+            for (i, &a) in axes.iter().enumerate() {
+                let (before, after) = (pads[i], pads[i + axes.len()]);
+                if before < 0 || after < 0 {
+                    let n = y.dim(a)? as i64;
+                    let (s, e) = ((-before).max(0), n - (-after).max(0));
+                    y = y.narrow(a, s as usize, (e - s).max(0) as usize)?;
+                }
+                let (before, after) = (before.max(0) as usize, after.max(0) as usize);
+                if before + after == 0 {
+                    continue;
+                }
+                y = match mode.as_str() {
+                    "constant" if value == 0.0 => y.pad_with_zeros(a, before, after)?,
+                    "constant" => {
+                        let mut shape = y.dims().to_vec();
+                        let mut parts = Vec::new();
+                        shape[a] = before;
+                        parts.push((Tensor::ones(shape.clone(), y.dtype(), y.device())? * value as f64)?);
+                        parts.push(y.clone());
+                        shape[a] = after;
+                        parts.push((Tensor::ones(shape, y.dtype(), y.device())? * value as f64)?);
+                        Tensor::cat(&parts, a)?
+                    }
+                    "edge" => y.pad_with_same(a, before, after)?,
+                    other => return fail(format!("Pad mode {other:?} is not supported (constant and edge are)")),
+                };
+            }
+            one(y)
+        }
+        "Constant" => {
+            let t = match node.attributes.get("value").or_else(|| node.attributes.get("value_float")).or_else(|| node.attributes.get("value_floats")).or_else(|| node.attributes.get("value_int")).or_else(|| node.attributes.get("value_ints")) {
+                Some(Attribute::Tensor(t)) => super::tensor(t, std::path::Path::new(".")).map_err(candle_core::Error::Msg)?,
+                Some(Attribute::Float(v)) => Tensor::new(*v, &candle_core::Device::Cpu)?,
+                Some(Attribute::Floats(v)) => Tensor::new(v.as_slice(), &candle_core::Device::Cpu)?,
+                Some(Attribute::Int(v)) => Tensor::new(*v, &candle_core::Device::Cpu)?,
+                Some(Attribute::Ints(v)) => Tensor::new(v.as_slice(), &candle_core::Device::Cpu)?,
+                _ => return fail("Constant without a supported value attribute"),
+            };
+            one(t)
+        }
+        "ConstantOfShape" => {
+            let shape: Vec<usize> = ints_of(x()?)?.iter().map(|&d| d.max(0) as usize).collect();
+            let value = match node.attributes.get("value") {
+                Some(Attribute::Tensor(t)) => super::tensor(t, std::path::Path::new(".")).map_err(candle_core::Error::Msg)?,
+                _ => Tensor::new(&[0f32], &candle_core::Device::Cpu)?,
+            };
+            one(value.flatten_all()?.narrow(0, 0, 1)?.reshape(())?.broadcast_as(shape)?.contiguous()?)
+        }
+        "Shape" => {
+            let dims: Vec<i64> = x()?.dims().iter().map(|&d| d as i64).collect();
+            let r = dims.len() as i64;
+            let clampi = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+            let (s, e) = (clampi(attr_int(node, "start", 0)), clampi(attr_int(node, "end", r)));
+            one(Tensor::new(&dims[s..e.max(s)], &candle_core::Device::Cpu)?)
+        }
+        "Gather" => {
+            let (data, idx) = (x()?, arg(args, 1, node)?);
+            let a = axis(attr_int(node, "axis", 0), data.rank())?;
+            let n = data.dim(a)? as i64;
+            let raw = ints_of(idx)?;
+            let fixed: Vec<i64> = raw.iter().map(|&i| if i < 0 { i + n } else { i }).collect();
+            if let Some(bad) = fixed.iter().find(|&&i| i < 0 || i >= n) {
+                return fail(format!("Gather index {bad} out of range for {n}"));
+            }
+            let flat = Tensor::new(fixed.as_slice(), data.device())?;
+            let picked = data.index_select(&flat, a)?;
+            let mut shape = data.dims()[..a].to_vec();
+            shape.extend(idx.dims());
+            shape.extend(&data.dims()[a + 1..]);
+            one(picked.reshape(shape)?)
+        }
+        "Unsqueeze" => {
+            let x = x()?;
+            let axes = match opt(args, 1) {
+                Some(t) => ints_of(t)?,
+                None => attr_ints(node, "axes").unwrap_or_default(),
+            };
+            let out_rank = x.rank() + axes.len();
+            let mut axes: Vec<usize> = axes.iter().map(|&a| axis(a, out_rank)).collect::<R<_>>()?;
+            axes.sort_unstable();
+            let mut y = x.clone();
+            for a in axes {
+                y = y.unsqueeze(a)?;
+            }
+            one(y)
+        }
+        "Squeeze" => {
+            let x = x()?;
+            let axes = match opt(args, 1) {
+                Some(t) => Some(ints_of(t)?),
+                None => attr_ints(node, "axes"),
+            };
+            let mut axes: Vec<usize> = match axes {
+                Some(a) => a.iter().map(|&a| axis(a, x.rank())).collect::<R<_>>()?,
+                None => (0..x.rank()).filter(|&d| x.dims()[d] == 1).collect(),
+            };
+            axes.sort_unstable();
+            let mut y = x.clone();
+            for a in axes.into_iter().rev() {
+                y = y.squeeze(a)?;
+            }
+            one(y)
+        }
+        "Slice" => {
+            let x = x()?;
+            let get = |k: usize, attr: &str| -> R<Option<Vec<i64>>> {
+                match opt(args, k) {
+                    Some(t) => Ok(Some(ints_of(t)?)),
+                    None => Ok(attr_ints(node, attr)),
+                }
+            };
+            let starts = get(1, "starts")?.unwrap_or_default();
+            let ends = get(2, "ends")?.unwrap_or_default();
+            let axes = get(3, "axes")?.unwrap_or_else(|| (0..starts.len() as i64).collect());
+            let steps = get(4, "steps")?.unwrap_or_else(|| vec![1; starts.len()]);
+            if steps.iter().any(|&s| s != 1) {
+                return fail("Slice with steps other than 1 is not supported");
+            }
+            let mut y = x.clone();
+            for ((&s, &e), &a) in starts.iter().zip(&ends).zip(&axes) {
+                let a = axis(a, x.rank())?;
+                let n = y.dim(a)? as i64;
+                let fix = |v: i64| (if v < 0 { v + n } else { v }).clamp(0, n);
+                let (s, e) = (fix(s), fix(e));
+                y = y.narrow(a, s as usize, (e - s).max(0) as usize)?;
+            }
+            one(y)
+        }
+        "Softmax" | "LogSoftmax" => {
+            let x = x()?;
+            let a = axis(attr_int(node, "axis", -1), x.rank())?;
+            one(softmax(x, a, node.op_type == "LogSoftmax")?)
+        }
+        "Cast" => {
+            let to = attr_int(node, "to", 1);
+            one(match to {
+                1 | 10 | 11 | 16 => x()?.to_dtype(DType::F32)?,
+                6 | 7 | 12 | 13 => x()?.to_dtype(DType::I64)?,
+                9 => x()?.ne(0f32)?.to_dtype(DType::I64)?,
+                other => return fail(format!("Cast to data type {other} is not supported")),
+            })
+        }
+        other => fail(format!("op {other} is not supported")),
+    }
+}
+
+/// (kernel, stride, padding) of a square pooling window with the same padding on every side.
+fn pool_geometry(node: &Node) -> R<(usize, usize, usize)> {
+    let k = attr_ints(node, "kernel_shape").unwrap_or_default();
+    let s = attr_ints(node, "strides").unwrap_or_else(|| vec![1; k.len()]);
+    let p = attr_ints(node, "pads").unwrap_or_else(|| vec![0; 2 * k.len()]);
+    let auto = attr_str(node, "auto_pad").unwrap_or_else(|| "NOTSET".into());
+    if k.len() != 2 || k[0] != k[1] || s.len() != 2 || s[0] != s[1] || p.iter().any(|&v| v != p[0]) || !(auto == "NOTSET" || auto == "VALID") || k[0] < 1 || s[0] < 1 || p[0] < 0 {
+        return fail(format!("{} with kernel {k:?}, strides {s:?}, pads {p:?}, auto_pad {auto}: only square windows with equal strides and padding are supported", node.op_type));
+    }
+    Ok((k[0] as usize, s[0] as usize, p[0] as usize))
+}
+
+/// A convolution whose weights are not constants, or that our kernel does not run (dilation):
+/// candle's, differentiable.
+fn conv(node: &Node, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> R<Vec<Tensor>> {
+    if w.rank() != 4 {
+        return fail("only 2-D convolutions are supported");
+    }
+    let s = attr_ints(node, "strides").unwrap_or_else(|| vec![1, 1]);
+    let d = attr_ints(node, "dilations").unwrap_or_else(|| vec![1, 1]);
+    let p = attr_ints(node, "pads").unwrap_or_else(|| vec![0; 4]);
+    let auto = attr_str(node, "auto_pad").unwrap_or_else(|| "NOTSET".into());
+    if s.len() != 2 || s[0] != s[1] || d.len() != 2 || d[0] != d[1] || p.len() != 4 || p.iter().any(|&v| v < 0) || auto != "NOTSET" {
+        return fail(format!("Conv with strides {s:?}, dilations {d:?}, pads {p:?}, auto_pad {auto} is not supported"));
+    }
+    let groups = attr_int(node, "group", 1) as usize;
+    let x = x.pad_with_zeros(2, p[0] as usize, p[2] as usize)?.pad_with_zeros(3, p[1] as usize, p[3] as usize)?;
+    let mut y = x.conv2d(&w.to_dtype(DType::F32)?, 0, s[0] as usize, d[0] as usize, groups)?;
+    if let Some(b) = b {
+        y = y.broadcast_add(&b.to_dtype(DType::F32)?.reshape((1, (), 1, 1))?)?;
+    }
+    Ok(vec![y])
+}
+

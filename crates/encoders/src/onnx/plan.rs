@@ -1,0 +1,285 @@
+//! A part of an ONNX graph compiled for execution: convolutions with constant weights become the
+//! project's [`Conv2d`] kernels (a zero Pad before them and a BatchNormalization and Relu /
+//! Clip(0, 6) after them folded in, when nothing else reads the values in between), every other
+//! node runs through [`super::ops::eval`]; values are dropped after their last use.
+
+use std::collections::{HashMap, HashSet};
+
+use candle_core::Tensor;
+use gradcam_core::ops::{Activation, Conv2d, Padding};
+
+use super::ops::{self, attr_int, attr_ints, attr_str};
+use super::proto::Node;
+use crate::{Error, Result};
+
+enum Kernel {
+    Conv(Conv2d),
+    Op(Node),
+}
+
+struct Step {
+    kernel: Kernel,
+    /// Name of the first node of the step, and its op (for errors).
+    label: String,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    /// Values no later step reads.
+    free: Vec<String>,
+}
+
+/// Compiled nodes from one value (the input) to another (the output).
+pub(super) struct Plan {
+    steps: Vec<Step>,
+    constants: HashMap<String, Tensor>,
+    input: String,
+    output: String,
+}
+
+fn constant_f32(constants: &HashMap<String, Tensor>, name: &str) -> Option<Vec<f32>> {
+    constants.get(name)?.to_dtype(candle_core::DType::F32).ok()?.flatten_all().ok()?.to_vec1().ok()
+}
+
+impl Plan {
+    /// Compiles the nodes `set` (indices into `nodes`, in graph order). `keep`: values that must
+    /// stay visible (not fused away); `trace`: no fusion at all (every value is materialised).
+    pub(super) fn compile(
+        nodes: &[Node],
+        set: &[usize],
+        constants: &HashMap<String, Tensor>,
+        input: &str,
+        output: &str,
+        keep: &HashSet<String>,
+        trace: bool,
+    ) -> Result<Plan> {
+        let mut readers: HashMap<&str, usize> = HashMap::new();
+        for n in nodes {
+            for v in &n.inputs {
+                *readers.entry(v.as_str()).or_default() += 1;
+            }
+        }
+        // The one node of the set that reads `value`, when nothing else does and it may vanish.
+        let sole_reader = |value: &str| -> Option<usize> {
+            if trace || keep.contains(value) || value == output || readers.get(value) != Some(&1) {
+                return None;
+            }
+            set.iter().copied().find(|&j| nodes[j].inputs.iter().any(|v| v == value))
+        };
+        let ours = |conv: &Node, extra: [usize; 4]| -> Option<(Tensor, Tensor, Padding)> {
+            let (w, b) = conv_weights(conv, constants)?;
+            let padding = conv_padding(conv, &w, extra).ok()??;
+            Some((w, b, padding))
+        };
+        let mut skip: HashSet<usize> = HashSet::new();
+        let mut steps = Vec::new();
+        for &i in set {
+            if skip.contains(&i) || nodes[i].outputs.iter().all(|o| constants.contains_key(o)) {
+                continue;
+            }
+            let node = &nodes[i];
+            let label = format!("node {:?} ({})", node.name, node.op_type);
+            // A convolution on our kernel, with a zero Pad before it that nothing else reads.
+            let conv = match node.op_type.as_str() {
+                "Pad" => zero_spatial_pads(node, constants).zip(sole_reader(&node.outputs[0])).and_then(|(pads, j)| {
+                    let c = &nodes[j];
+                    (c.op_type == "Conv" && c.inputs[0] == node.outputs[0]).then_some(())?;
+                    ours(c, pads).map(|found| (j, found))
+                }),
+                "Conv" => ours(node, [0; 4]).map(|found| (i, found)),
+                _ => None,
+            };
+            let Some((j, (mut weight, mut bias, padding))) = conv else {
+                steps.push(Step { kernel: Kernel::Op(node.clone()), label, inputs: node.inputs.clone(), outputs: node.outputs.clone(), free: vec![] });
+                continue;
+            };
+            skip.insert(j);
+            let conv_node = &nodes[j];
+            let mut out = conv_node.outputs[0].clone();
+            // BatchNormalization (inference) folded into the weights.
+            if let Some(k) = sole_reader(&out).filter(|&k| nodes[k].op_type == "BatchNormalization" && nodes[k].inputs[0] == out) {
+                if let Some((w2, b2)) = fold_bn(&nodes[k], constants, &weight, &bias)? {
+                    (weight, bias) = (w2, b2);
+                    out = nodes[k].outputs[0].clone();
+                    skip.insert(k);
+                }
+            }
+            let mut activation = Activation::Identity;
+            if let Some(k) = sole_reader(&out).filter(|&k| nodes[k].inputs[0] == out) {
+                if let Some(a) = fusable_activation(&nodes[k], constants) {
+                    activation = a;
+                    out = nodes[k].outputs[0].clone();
+                    skip.insert(k);
+                }
+            }
+            let groups = attr_int(conv_node, "group", 1) as usize;
+            let conv = Conv2d::new(&weight, Some(&bias), groups, conv_stride(conv_node)?, padding, activation).map_err(|e| Error::Data(format!("{label}: {e}")))?;
+            steps.push(Step { kernel: Kernel::Conv(conv), label, inputs: vec![node.inputs[0].clone()], outputs: vec![out], free: vec![] });
+        }
+        // Free each value after its last reader.
+        let mut last: HashMap<String, usize> = HashMap::new();
+        for (k, s) in steps.iter().enumerate() {
+            for v in &s.inputs {
+                last.insert(v.clone(), k);
+            }
+        }
+        for (v, k) in last {
+            if v != output && !trace {
+                steps[k].free.push(v);
+            }
+        }
+        let mut needed = HashMap::new();
+        for s in &steps {
+            for v in &s.inputs {
+                if let Some(t) = constants.get(v) {
+                    needed.insert(v.clone(), t.clone());
+                }
+            }
+        }
+        if output != input && !steps.iter().any(|s| s.outputs.iter().any(|o| o == output)) && !constants.contains_key(output) {
+            return Err(Error::Data(format!("no node of this part of the graph produces {output:?}")));
+        }
+        Ok(Plan { steps, constants: needed, input: input.to_string(), output: output.to_string() })
+    }
+
+    fn execute(&self, x: &Tensor, keep_all: bool) -> candle_core::Result<HashMap<String, Tensor>> {
+        let mut env: HashMap<String, Tensor> = HashMap::from([(self.input.clone(), x.clone())]);
+        for s in &self.steps {
+            let args: Vec<Option<Tensor>> = s.inputs.iter().map(|v| if v.is_empty() { None } else { env.get(v).or_else(|| self.constants.get(v)).cloned() }).collect();
+            let result = match &s.kernel {
+                Kernel::Conv(c) => {
+                    let x = args[0].as_ref().ok_or_else(|| candle_core::Error::Msg(format!("{}: its input {:?} was not computed", s.label, s.inputs[0])))?;
+                    c.forward(x).map(|y| vec![y])
+                }
+                Kernel::Op(node) => ops::eval(node, &args),
+            }
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", s.label)))?;
+            for (name, value) in s.outputs.iter().zip(result) {
+                env.insert(name.clone(), value);
+            }
+            if !keep_all {
+                for v in &s.free {
+                    if v != &self.input {
+                        env.remove(v);
+                    }
+                }
+            }
+        }
+        Ok(env)
+    }
+
+    /// The output for input `x`.
+    pub(super) fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut env = self.execute(x, false)?;
+        env.remove(&self.output).or_else(|| self.constants.get(&self.output).cloned()).ok_or_else(|| candle_core::Error::Msg(format!("the graph did not produce {:?}", self.output)))
+    }
+
+    /// Every value, for shapes.
+    pub(super) fn run_keep_all(&self, x: &Tensor) -> Result<HashMap<String, Tensor>> {
+        Ok(self.execute(x, true)?)
+    }
+}
+
+/// (weight, bias) of a convolution whose weights (and bias) are constants.
+fn conv_weights(node: &Node, constants: &HashMap<String, Tensor>) -> Option<(Tensor, Tensor)> {
+    let w = constants.get(node.inputs.get(1)?)?.to_dtype(candle_core::DType::F32).ok()?;
+    if w.rank() != 4 {
+        return None;
+    }
+    let out = w.dim(0).ok()?;
+    let b = match node.inputs.get(2).filter(|s| !s.is_empty()) {
+        Some(name) => constants.get(name)?.to_dtype(candle_core::DType::F32).ok()?,
+        None => Tensor::zeros(out, candle_core::DType::F32, w.device()).ok()?,
+    };
+    Some((w, b))
+}
+
+fn conv_stride(node: &Node) -> Result<usize> {
+    let s = attr_ints(node, "strides").unwrap_or_else(|| vec![1, 1]);
+    Ok(s.first().copied().unwrap_or(1).max(1) as usize)
+}
+
+/// The convolution's padding on our kernel, or `None` when our kernel cannot run it (dilation,
+/// unequal strides, SAME_LOWER): then it runs through candle.
+fn conv_padding(node: &Node, weight: &Tensor, extra: [usize; 4]) -> Result<Option<Padding>> {
+    let (_, _, kh, kw) = weight.dims4()?;
+    let dil = attr_ints(node, "dilations").unwrap_or_else(|| vec![1, 1]);
+    let strides = attr_ints(node, "strides").unwrap_or_else(|| vec![1, 1]);
+    if dil.iter().any(|&d| d != 1) || strides.len() != 2 || strides[0] != strides[1] {
+        return Ok(None);
+    }
+    if let Some(k) = attr_ints(node, "kernel_shape") {
+        if k != [kh as i64, kw as i64] {
+            return Ok(None);
+        }
+    }
+    let pads = match attr_str(node, "auto_pad").as_deref().unwrap_or("NOTSET") {
+        "NOTSET" => attr_ints(node, "pads").unwrap_or_else(|| vec![0; 4]),
+        "VALID" => vec![0; 4],
+        "SAME_UPPER" if extra == [0; 4] => return Ok(Some(Padding::Same)),
+        _ => return Ok(None),
+    };
+    if pads.len() != 4 || pads.iter().any(|&p| p < 0) {
+        return Ok(None);
+    }
+    let p: Vec<usize> = pads.iter().zip(extra).map(|(&a, b)| a as usize + b).collect();
+    Ok(Some(if p.iter().all(|&v| v == p[0]) { Padding::Symmetric(p[0]) } else { Padding::Explicit { top: p[0], left: p[1], bottom: p[2], right: p[3] } }))
+}
+
+/// A Pad node that adds zeros on the two spatial axes only: (top, left, bottom, right).
+fn zero_spatial_pads(node: &Node, constants: &HashMap<String, Tensor>) -> Option<[usize; 4]> {
+    if attr_str(node, "mode").as_deref().unwrap_or("constant") != "constant" {
+        return None;
+    }
+    let pads: Vec<i64> = match node.inputs.get(1).filter(|s| !s.is_empty()) {
+        Some(name) => constants.get(name)?.to_dtype(candle_core::DType::I64).ok()?.to_vec1().ok()?,
+        None => attr_ints(node, "pads")?,
+    };
+    if let Some(name) = node.inputs.get(2).filter(|s| !s.is_empty()) {
+        if constant_f32(constants, name)?.iter().any(|&v| v != 0.0) {
+            return None;
+        }
+    }
+    if node.inputs.get(3).is_some_and(|s| !s.is_empty()) || node.attributes.get("value").is_some_and(|v| !matches!(v, super::proto::Attribute::Float(f) if *f == 0.0)) {
+        return None;
+    }
+    match pads.as_slice() {
+        [0, 0, t, l, 0, 0, b, r] if [t, l, b, r].iter().all(|&&v| v >= 0) => Some([*t as usize, *l as usize, *b as usize, *r as usize]),
+        _ => None,
+    }
+}
+
+/// A BatchNormalization with constant parameters folded into a convolution's weight and bias.
+fn fold_bn(bn: &Node, constants: &HashMap<String, Tensor>, weight: &Tensor, bias: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    let get = |k: usize| bn.inputs.get(k).and_then(|n| constant_f32(constants, n));
+    let (Some(gamma), Some(beta), Some(mean), Some(var)) = (get(1), get(2), get(3), get(4)) else { return Ok(None) };
+    let eps = match bn.attributes.get("epsilon") {
+        Some(super::proto::Attribute::Float(e)) => *e,
+        _ => 1e-5,
+    };
+    let out = weight.dim(0)?;
+    if [&gamma, &beta, &mean, &var].iter().any(|v| v.len() != out) {
+        return Ok(None);
+    }
+    let scale: Vec<f32> = gamma.iter().zip(&var).map(|(g, v)| g / (v + eps).sqrt()).collect();
+    let b = bias.to_vec1::<f32>()?;
+    let new_bias: Vec<f32> = (0..out).map(|c| beta[c] + (b[c] - mean[c]) * scale[c]).collect();
+    let scale_t = Tensor::from_vec(scale, (out, 1, 1, 1), weight.device())?;
+    Ok(Some((weight.broadcast_mul(&scale_t)?, Tensor::from_vec(new_bias, out, weight.device())?)))
+}
+
+/// Relu, or Clip to [0, 6], as the convolution's fused activation.
+fn fusable_activation(node: &Node, constants: &HashMap<String, Tensor>) -> Option<Activation> {
+    match node.op_type.as_str() {
+        "Relu" => Some(Activation::Relu),
+        "Clip" => {
+            let (lo, hi) = ops::clip_bounds(node, constants)?;
+            if lo == 0.0 && hi == 6.0 {
+                Some(Activation::Relu6)
+            } else if lo == 0.0 && hi == f32::INFINITY {
+                Some(Activation::Relu)
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
+}
