@@ -47,13 +47,18 @@ fn millis<E>(f: &mut impl FnMut() -> std::result::Result<(), E>) -> std::result:
 /// A fixed, image-like input `[1, 3, 224, 224]`: smooth gradients plus a pattern, so activations
 /// are not trivial (bench/pytorch_gradcam.py makes the same).
 pub fn image_like_input() -> candle_core::Result<Tensor> {
-    let data: Vec<f32> = (0..3 * 224 * 224)
+    image_like_input_sized(224, 224)
+}
+
+/// [`image_like_input`] at `h` x `w`.
+pub fn image_like_input_sized(h: usize, w: usize) -> candle_core::Result<Tensor> {
+    let data: Vec<f32> = (0..3 * h * w)
         .map(|i| {
-            let (c, y, x) = (i / (224 * 224), (i / 224) % 224, i % 224);
+            let (c, y, x) = (i / (h * w), (i / w) % h, i % w);
             ((x as f32 * 0.05 + c as f32).sin() + (y as f32 * 0.03).cos()) * 0.8
         })
         .collect();
-    Tensor::from_vec(data, (1, 3, 224, 224), &Device::Cpu)
+    Tensor::from_vec(data, (1, 3, h, w), &Device::Cpu)
 }
 
 /// A classifier's plain forward against its whole Grad-CAM explanation.
@@ -61,13 +66,15 @@ pub fn image_like_input() -> candle_core::Result<Tensor> {
 pub struct ClassifyTiming {
     /// The architecture.
     pub model: &'static str,
+    /// (height, width) of the input.
+    pub size: (usize, usize),
     /// Worker threads.
     pub threads: usize,
     /// Timed runs of each.
     pub iters: usize,
     /// Median forward pass, ms.
     pub forward_ms: f64,
-    /// Median Grad-CAM of the top-1 class from the input to the 224x224 map, ms.
+    /// Median Grad-CAM of the top-1 class from the input to the map at the input's size, ms.
     pub gradcam_ms: f64,
     /// `gradcam_ms / forward_ms`.
     pub ratio: f64,
@@ -93,7 +100,8 @@ fn explain_top1(split: &impl Explainable, input: &Tensor, method: Method) -> Res
 /// warm-up runs of each.
 pub fn classify(net: &Network, iters: usize) -> Result<ClassifyTiming> {
     let split = net.split(net.layer_index(net.default_layer())?);
-    let input = image_like_input()?;
+    let (h, w) = net.preprocess().size;
+    let input = image_like_input_sized(h, w)?;
     let forward = || -> Result<()> {
         std::hint::black_box(net.forward(&input)?.to_vec2::<f32>()?);
         Ok(())
@@ -104,7 +112,22 @@ pub fn classify(net: &Network, iters: usize) -> Result<ClassifyTiming> {
         gradcam()?;
     }
     let (forward_ms, gradcam_ms) = interleaved(iters, forward, gradcam)?;
-    Ok(ClassifyTiming { model: net.arch(), threads: rayon::current_num_threads(), iters, forward_ms, gradcam_ms, ratio: gradcam_ms / forward_ms })
+    Ok(ClassifyTiming { model: net.arch(), size: (h, w), threads: rayon::current_num_threads(), iters, forward_ms, gradcam_ms, ratio: gradcam_ms / forward_ms })
+}
+
+/// Two classifiers' Grad-CAM (default layer, top-1 class) on the same input, timed in
+/// alternation: the medians of `a` and `b`, ms.
+pub fn gradcam_pair(a: &Network, b: &Network, iters: usize) -> Result<(f64, f64)> {
+    let (h, w) = a.preprocess().size;
+    let input = image_like_input_sized(h, w)?;
+    let (sa, sb) = (a.split(a.layer_index(a.default_layer())?), b.split(b.layer_index(b.default_layer())?));
+    let run_a = || explain_top1(&sa, &input, Method::GradCam);
+    let run_b = || explain_top1(&sb, &input, Method::GradCam);
+    for _ in 0..2 {
+        run_a()?;
+        run_b()?;
+    }
+    interleaved(iters, run_a, run_b)
 }
 
 /// The median milliseconds of each method on `input` (`[1, 3, H, W]`) from the input to the map

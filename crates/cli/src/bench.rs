@@ -20,6 +20,9 @@ pub enum BenchCommand {
         iters: usize,
         #[arg(long)]
         json: bool,
+        /// Also time this model's Grad-CAM in alternation with --model's and print the ratio.
+        #[arg(long)]
+        against: Option<gradcam_encoders::ModelName>,
     },
     /// Every CAM method on a classifier at 224x224, batch 1: the median time from the input
     /// tensor to the map at 224x224 (top-1 class), as pytorch-grad-cam's `cam(...)` call measures
@@ -67,12 +70,21 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let threads = rayon::current_num_threads();
     match cmd {
-        BenchCommand::Classify { model, iters, json } => {
+        BenchCommand::Classify { model, iters, json, against: Some(other) } => {
+            let (a, b) = (model.load()?, ModelArgs { model: other, weights: None, onnx: model.onnx.clone() }.load()?);
+            let (ta, tb) = bench::gradcam_pair(&a, &b, iters)?;
+            let line = serde_json::json!({"model": a.arch(), "against": b.arch(), "threads": threads, "iters": iters, "gradcam_ms": ta, "against_gradcam_ms": tb, "ratio": ta / tb});
+            match json {
+                true => writeln!(out, "{line}")?,
+                false => writeln!(out, "grad-cam, median of {iters} alternating runs, {threads} threads: {} {ta:.2} ms, {} {tb:.2} ms, ratio {:.3}", a.arch(), b.arch(), ta / tb)?,
+            }
+        }
+        BenchCommand::Classify { model, iters, json, against: None } => {
             let r = bench::classify(&model.load()?, iters)?;
             if json {
                 writeln!(out, "{}", serde_json::to_string(&r)?)?;
             } else {
-                writeln!(out, "{} at 224x224, batch 1, {} threads, median of {} runs", r.model, r.threads, r.iters)?;
+                writeln!(out, "{} at {}x{}, batch 1, {} threads, median of {} runs", r.model, r.size.1, r.size.0, r.threads, r.iters)?;
                 writeln!(out, "  forward   {:>8.2} ms", r.forward_ms)?;
                 writeln!(out, "  grad-cam  {:>8.2} ms  ({:.3}x the forward)", r.gradcam_ms, r.ratio)?;
             }

@@ -22,7 +22,7 @@ use crate::network::Network;
 use crate::preprocess::Preprocess;
 use crate::{Error, Result};
 pub use ops::SUPPORTED;
-use plan::Plan;
+use plan::{Part, Plan};
 use proto::{Node, TensorProto};
 
 /// Largest ONNX file read (external data included); beyond it the file is refused before reading.
@@ -75,7 +75,7 @@ pub struct ValueRow {
 /// A loaded ONNX model: its nodes in topological order and its constants.
 pub struct OnnxModel {
     name: String,
-    nodes: Vec<Node>,
+    nodes: Arc<Vec<Node>>,
     constants: HashMap<String, Tensor>,
     input: String,
     output: String,
@@ -200,7 +200,7 @@ impl OnnxModel {
         }
         let mut model = OnnxModel {
             name,
-            nodes: graph.nodes,
+            nodes: Arc::new(graph.nodes),
             constants,
             input: input.name.clone(),
             output,
@@ -250,7 +250,7 @@ impl OnnxModel {
     /// Every value of the graph in order (input first), with its op and shape.
     pub fn values(&self) -> Vec<ValueRow> {
         let mut rows = vec![ValueRow { name: self.input.clone(), op: "input".into(), shape: self.shapes.get(&self.input).cloned().unwrap_or_default() }];
-        for n in &self.nodes {
+        for n in self.nodes.iter() {
             for o in &n.outputs {
                 if let Some(shape) = self.shapes.get(o) {
                     rows.push(ValueRow { name: o.clone(), op: n.op_type.clone(), shape: shape.clone() });
@@ -350,8 +350,8 @@ impl OnnxModel {
         };
         // Head nodes that read only constants (shape arithmetic) are part of it: the plan evaluates them.
         let keep: HashSet<String> = HashSet::from([layer.clone(), self.output.clone()]);
-        let forward = Plan::compile(&self.nodes, &forward, &self.constants, &self.input, &layer, &keep, false)?;
-        let head = Plan::compile(&self.nodes, &head, &self.constants, &layer, &self.output, &keep, false)?;
+        let forward = Part::new(self.nodes.clone(), forward, &self.constants, &self.input, &layer, keep.clone())?;
+        let head = Part::new(self.nodes.clone(), head, &self.constants, &layer, &self.output, keep)?;
         let arch: &'static str = Box::leak(self.name.clone().into_boxed_str());
         let (forward, head) = (Arc::new(forward), Arc::new(head));
         let f = move |x: &Tensor| forward.run(x);

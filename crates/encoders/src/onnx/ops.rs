@@ -444,16 +444,23 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>]) -> R<Vec<Tensor>> {
             let ends = get(2, "ends")?.unwrap_or_default();
             let axes = get(3, "axes")?.unwrap_or_else(|| (0..starts.len() as i64).collect());
             let steps = get(4, "steps")?.unwrap_or_else(|| vec![1; starts.len()]);
-            if steps.iter().any(|&s| s != 1) {
-                return fail("Slice with steps other than 1 is not supported");
-            }
             let mut y = x.clone();
-            for ((&s, &e), &a) in starts.iter().zip(&ends).zip(&axes) {
-                let a = axis(a, x.rank())?;
+            for (k, (&s, &e)) in starts.iter().zip(&ends).enumerate() {
+                let a = axis(*axes.get(k).unwrap_or(&(k as i64)), x.rank())?;
+                let step = *steps.get(k).unwrap_or(&1);
                 let n = y.dim(a)? as i64;
-                let fix = |v: i64| (if v < 0 { v + n } else { v }).clamp(0, n);
-                let (s, e) = (fix(s), fix(e));
-                y = y.narrow(a, s as usize, (e - s).max(0) as usize)?;
+                let fix = |v: i64, lo: i64, hi: i64| (if v < 0 { v.saturating_add(n) } else { v }).clamp(lo, hi);
+                if step == 1 {
+                    let (s, e) = (fix(s, 0, n), fix(e, 0, n));
+                    y = y.narrow(a, s as usize, (e - s).max(0) as usize)?;
+                    continue;
+                }
+                if step == 0 {
+                    return fail("Slice with step 0");
+                }
+                let (s, e) = if step > 0 { (fix(s, 0, n), fix(e, 0, n)) } else { (fix(s, 0, n - 1), fix(e, -1, n - 1)) };
+                let picked: Vec<i64> = std::iter::successors(Some(s), |&i| Some(i + step)).take_while(|&i| if step > 0 { i < e } else { i > e }).collect();
+                y = y.index_select(&Tensor::new(picked.as_slice(), y.device())?, a)?;
             }
             one(y)
         }

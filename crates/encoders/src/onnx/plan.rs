@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 
 use candle_core::Tensor;
-use gradcam_core::ops::{Activation, Conv2d, Padding};
+use gradcam_core::ops::{Activation, Conv2d, Linear, Padding};
 
 use super::ops::{self, attr_int, attr_ints, attr_str};
 use super::proto::Node;
@@ -14,6 +14,7 @@ use crate::{Error, Result};
 
 enum Kernel {
     Conv(Conv2d),
+    Linear(Linear),
     Op(Node),
 }
 
@@ -87,6 +88,10 @@ impl Plan {
                 "Conv" => ours(node, [0; 4]).map(|found| (i, found)),
                 _ => None,
             };
+            if let Some(linear) = linear_of(node, constants)? {
+                steps.push(Step { kernel: Kernel::Linear(linear), label, inputs: vec![node.inputs[0].clone()], outputs: node.outputs.clone(), free: vec![] });
+                continue;
+            }
             let Some((j, (mut weight, mut bias, padding))) = conv else {
                 steps.push(Step { kernel: Kernel::Op(node.clone()), label, inputs: node.inputs.clone(), outputs: node.outputs.clone(), free: vec![] });
                 continue;
@@ -142,16 +147,26 @@ impl Plan {
 
     fn execute(&self, x: &Tensor, keep_all: bool) -> candle_core::Result<HashMap<String, Tensor>> {
         let mut env: HashMap<String, Tensor> = HashMap::from([(self.input.clone(), x.clone())]);
+        let profile = std::env::var_os("GRADCAM_ONNX_PROFILE").is_some();
         for s in &self.steps {
+            let t0 = std::time::Instant::now();
             let args: Vec<Option<Tensor>> = s.inputs.iter().map(|v| if v.is_empty() { None } else { env.get(v).or_else(|| self.constants.get(v)).cloned() }).collect();
             let result = match &s.kernel {
                 Kernel::Conv(c) => {
                     let x = args[0].as_ref().ok_or_else(|| candle_core::Error::Msg(format!("{}: its input {:?} was not computed", s.label, s.inputs[0])))?;
                     c.forward(x).map(|y| vec![y])
                 }
+                Kernel::Linear(l) => match args[0].as_ref() {
+                    Some(x) if x.rank() == 2 && x.dtype() == candle_core::DType::F32 => l.forward(x).map(|y| vec![y]),
+                    Some(x) => Err(candle_core::Error::Msg(format!("{}: expects a 2-D float input, got {:?}", s.label, x.dims()))),
+                    None => Err(candle_core::Error::Msg(format!("{}: its input {:?} was not computed", s.label, s.inputs[0]))),
+                },
                 Kernel::Op(node) => ops::eval(node, &args),
             }
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", s.label)))?;
+            if profile {
+                eprintln!("{:8.3} ms {} {}", t0.elapsed().as_secs_f64() * 1e3, s.label, matches!(s.kernel, Kernel::Conv(_)));
+            }
             for (name, value) in s.outputs.iter().zip(result) {
                 env.insert(name.clone(), value);
             }
@@ -175,6 +190,94 @@ impl Plan {
     /// Every value, for shapes.
     pub(super) fn run_keep_all(&self, x: &Tensor) -> Result<HashMap<String, Tensor>> {
         Ok(self.execute(x, true)?)
+    }
+}
+
+/// Gemm (no transposed A, alpha = beta = 1) or MatMul of a 2-D input by constant weights, as our
+/// frozen [`Linear`] (whose backward computes the input gradient only).
+fn linear_of(node: &Node, constants: &HashMap<String, Tensor>) -> Result<Option<Linear>> {
+    let gemm = node.op_type == "Gemm";
+    if !(gemm || node.op_type == "MatMul") {
+        return Ok(None);
+    }
+    let Some(b) = node.inputs.get(1).and_then(|n| constants.get(n)) else { return Ok(None) };
+    if b.rank() != 2 || (gemm && (attr_int(node, "transA", 0) != 0 || ops::attr_float(node, "alpha", 1.0) != 1.0 || ops::attr_float(node, "beta", 1.0) != 1.0)) {
+        return Ok(None);
+    }
+    let b = b.to_dtype(candle_core::DType::F32)?;
+    let weight = if gemm && attr_int(node, "transB", 0) != 0 { b } else { b.t()?.contiguous()? }; // [out, in]
+    let bias = match node.inputs.get(2).filter(|s| gemm && !s.is_empty()) {
+        Some(name) => match constants.get(name) {
+            Some(c) if c.elem_count() == weight.dim(0)? && c.dims().iter().rev().skip(1).all(|&d| d == 1) => Some(c.clone()),
+            _ => return Ok(None),
+        },
+        None => None,
+    };
+    Ok(Some(Linear::new(&weight, bias.as_ref(), Activation::Identity)?))
+}
+
+/// A part of the graph specialised to each input shape it meets: values computed from shapes
+/// only (Shape -> Gather -> ... -> Pad's pads, Reshape's shape) become constants, so a padding
+/// that PyTorch exports as shape arithmetic folds into the convolution as a constant one does.
+pub(super) struct Part {
+    nodes: std::sync::Arc<Vec<Node>>,
+    set: Vec<usize>,
+    constants: HashMap<String, Tensor>,
+    input: String,
+    output: String,
+    keep: HashSet<String>,
+    generic: Plan,
+    /// Outputs of the nodes that read shapes only.
+    shape_values: Vec<String>,
+    /// Specialised plans by input shape (at most [`Part::CACHE`]).
+    cache: std::sync::Mutex<Vec<(Vec<usize>, std::sync::Arc<Plan>)>>,
+}
+
+impl Part {
+    const CACHE: usize = 16;
+
+    pub(super) fn new(nodes: std::sync::Arc<Vec<Node>>, set: Vec<usize>, constants: &HashMap<String, Tensor>, input: &str, output: &str, keep: HashSet<String>) -> Result<Part> {
+        let generic = Plan::compile(&nodes, &set, constants, input, output, &keep, false)?;
+        let mut shape_only: HashSet<&str> = HashSet::new();
+        let mut shape_values = Vec::new();
+        for &i in &set {
+            let n = &nodes[i];
+            let derived = n.op_type == "Shape"
+                || (n.inputs.iter().any(|v| shape_only.contains(v.as_str())) && n.inputs.iter().all(|v| v.is_empty() || constants.contains_key(v) || shape_only.contains(v.as_str())));
+            if derived && !n.outputs.iter().any(|o| constants.contains_key(o)) {
+                for o in &n.outputs {
+                    shape_only.insert(o);
+                    shape_values.push(o.clone());
+                }
+            }
+        }
+        Ok(Part { set, constants: constants.clone(), input: input.into(), output: output.into(), keep, generic, shape_values, cache: Default::default(), nodes })
+    }
+
+    pub(super) fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.shape_values.is_empty() {
+            return self.generic.run(x);
+        }
+        let dims = x.dims().to_vec();
+        let hit = self.cache.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(d, _)| *d == dims).map(|(_, p)| p.clone());
+        if let Some(plan) = hit {
+            return plan.run(x);
+        }
+        // First input of this shape: the generic plan answers, and leaves the shape values behind.
+        let mut env = self.generic.execute(x, true)?;
+        let mut constants = self.constants.clone();
+        for v in &self.shape_values {
+            if let Some(t) = env.get(v) {
+                constants.insert(v.clone(), t.clone());
+            }
+        }
+        let plan = Plan::compile(&self.nodes, &self.set, &constants, &self.input, &self.output, &self.keep, false).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= Self::CACHE {
+            cache.remove(0);
+        }
+        cache.push((dims, std::sync::Arc::new(plan)));
+        env.remove(&self.output).or_else(|| self.constants.get(&self.output).cloned()).ok_or_else(|| candle_core::Error::Msg(format!("the graph did not produce {:?}", self.output)))
     }
 }
 
