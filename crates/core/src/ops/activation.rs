@@ -113,3 +113,95 @@ impl CustomOp1 for ActivationOp {
     }
 }
 
+
+/// The smooth pointwise activations of newer CNNs (EfficientNet's SiLU, MobileNetV3's hard
+/// swish and hard sigmoid, squeeze-and-excitation gates), each one pass over the data with an
+/// exact backward computed from the input. Guided Backpropagation leaves them alone, as it does
+/// in PyTorch (its rule is for ReLUs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pointwise {
+    /// 1 / (1 + e^-x).
+    Sigmoid,
+    /// x * sigmoid(x).
+    Silu,
+    /// x * min(max(x + 3, 0), 6) / 6.
+    HardSwish,
+    /// min(max(alpha * x + beta, 0), 1).
+    HardSigmoid {
+        /// Slope.
+        alpha: f32,
+        /// Offset.
+        beta: f32,
+    },
+}
+
+impl Pointwise {
+    #[inline]
+    fn apply(self, v: f32) -> f32 {
+        match self {
+            Pointwise::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+            Pointwise::Silu => v / (1.0 + (-v).exp()),
+            Pointwise::HardSwish => v * (v + 3.0).clamp(0.0, 6.0) / 6.0,
+            Pointwise::HardSigmoid { alpha, beta } => (alpha * v + beta).clamp(0.0, 1.0),
+        }
+    }
+
+    /// d apply / dx at `v`.
+    #[inline]
+    fn derivative(self, v: f32) -> f32 {
+        match self {
+            Pointwise::Sigmoid => {
+                let s = 1.0 / (1.0 + (-v).exp());
+                s * (1.0 - s)
+            }
+            Pointwise::Silu => {
+                let s = 1.0 / (1.0 + (-v).exp());
+                s * (1.0 + v * (1.0 - s))
+            }
+            // PyTorch's hardswish_backward: 0 below -3, 1 above 3, (2x + 3) / 6 between (ends included).
+            Pointwise::HardSwish => {
+                if v < -3.0 {
+                    0.0
+                } else if v <= 3.0 {
+                    (2.0 * v + 3.0) / 6.0
+                } else {
+                    1.0
+                }
+            }
+            Pointwise::HardSigmoid { alpha, beta } => {
+                let y = alpha * v + beta;
+                if y > 0.0 && y < 1.0 {
+                    alpha
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+
+    /// Applies it as a differentiable op (f32).
+    pub fn forward(self, x: &Tensor) -> CResult<Tensor> {
+        x.contiguous()?.apply_op1(self)
+    }
+}
+
+impl CustomOp1 for Pointwise {
+    fn name(&self) -> &'static str {
+        "gradcam-pointwise"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout, self.name())?;
+        let op = *self;
+        let out: Vec<f32> = x.par_iter().with_min_len(4096).map(|&v| op.apply(v)).collect();
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> CResult<Option<Tensor>> {
+        let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let op = *self;
+        let g: Vec<f32> = x.par_iter().zip(grad.par_iter()).with_min_len(4096).map(|(&v, &g)| g * op.derivative(v)).collect();
+        Ok(Some(Tensor::from_vec(g, arg.shape(), arg.device())?))
+    }
+}

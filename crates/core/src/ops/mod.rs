@@ -23,7 +23,7 @@ pub mod kernels;
 pub mod linear;
 pub mod pool;
 
-pub use activation::{guided, Activation};
+pub use activation::{guided, Activation, Pointwise};
 pub use conv::{Conv2d, Padding, TrainableConv2d};
 pub use kernels::{matmul, matvec};
 pub use linear::{Linear, LstmCell};

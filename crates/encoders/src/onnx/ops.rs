@@ -3,7 +3,7 @@
 //! (shapes, indices) I64 tensors.
 
 use candle_core::{DType, Tensor};
-use gradcam_core::ops::{Activation, MaxPool2d};
+use gradcam_core::ops::{Activation, MaxPool2d, Pointwise};
 
 use super::proto::{Attribute, Node};
 
@@ -97,10 +97,6 @@ fn align(a: &Tensor, b: &Tensor) -> R<(Tensor, Tensor)> {
     Ok((a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?))
 }
 
-fn sigmoid(x: &Tensor) -> R<Tensor> {
-    (x.neg()?.exp()? + 1.0)?.recip()
-}
-
 fn softmax(x: &Tensor, dim: usize, log: bool) -> R<Tensor> {
     let shifted = x.broadcast_sub(&x.max_keepdim(dim)?.detach())?;
     let e = shifted.exp()?;
@@ -142,15 +138,12 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>]) -> R<Vec<Tensor>> {
                 (lo, hi) => one(x.clamp(lo, hi)?),
             }
         }
-        "Sigmoid" => one(sigmoid(x()?)?),
+        "Sigmoid" => one(Pointwise::Sigmoid.forward(&x()?.to_dtype(DType::F32)?)?),
         "HardSigmoid" => {
-            let (alpha, beta) = (attr_float(node, "alpha", 0.2) as f64, attr_float(node, "beta", 0.5) as f64);
-            one(x()?.affine(alpha, beta)?.clamp(0f32, 1f32)?)
+            let (alpha, beta) = (attr_float(node, "alpha", 0.2), attr_float(node, "beta", 0.5));
+            one(Pointwise::HardSigmoid { alpha, beta }.forward(&x()?.to_dtype(DType::F32)?)?)
         }
-        "HardSwish" => {
-            let x = x()?;
-            one((x * (x.affine(1.0, 3.0)?.clamp(0f32, 6f32)? / 6.0)?)?)
-        }
+        "HardSwish" => one(Pointwise::HardSwish.forward(&x()?.to_dtype(DType::F32)?)?),
         "Tanh" => one(x()?.tanh()?),
         "Exp" => one(x()?.exp()?),
         "Sqrt" => one(x()?.sqrt()?),

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 
 use candle_core::Tensor;
-use gradcam_core::ops::{Activation, Conv2d, Linear, Padding};
+use gradcam_core::ops::{Activation, Conv2d, Linear, Padding, Pointwise};
 
 use super::ops::{self, attr_int, attr_ints, attr_str};
 use super::proto::Node;
@@ -15,6 +15,7 @@ use crate::{Error, Result};
 enum Kernel {
     Conv(Conv2d),
     Linear(Linear),
+    Pointwise(Pointwise),
     Op(Node),
 }
 
@@ -88,6 +89,15 @@ impl Plan {
                 "Conv" => ours(node, [0; 4]).map(|found| (i, found)),
                 _ => None,
             };
+            // Sigmoid(x) * x, read by nothing else: SiLU in one pass.
+            if node.op_type == "Sigmoid" {
+                let x = &node.inputs[0];
+                if let Some(j) = sole_reader(&node.outputs[0]).filter(|&j| nodes[j].op_type == "Mul" && nodes[j].inputs.contains(x) && nodes[j].inputs.contains(&node.outputs[0])) {
+                    skip.insert(j);
+                    steps.push(Step { kernel: Kernel::Pointwise(Pointwise::Silu), label, inputs: vec![x.clone()], outputs: nodes[j].outputs.clone(), free: vec![] });
+                    continue;
+                }
+            }
             if let Some(linear) = linear_of(node, constants)? {
                 steps.push(Step { kernel: Kernel::Linear(linear), label, inputs: vec![node.inputs[0].clone()], outputs: node.outputs.clone(), free: vec![] });
                 continue;
@@ -156,6 +166,10 @@ impl Plan {
                     let x = args[0].as_ref().ok_or_else(|| candle_core::Error::Msg(format!("{}: its input {:?} was not computed", s.label, s.inputs[0])))?;
                     c.forward(x).map(|y| vec![y])
                 }
+                Kernel::Pointwise(p) => match args[0].as_ref() {
+                    Some(x) => p.forward(&x.to_dtype(candle_core::DType::F32)?).map(|y| vec![y]),
+                    None => Err(candle_core::Error::Msg(format!("{}: its input {:?} was not computed", s.label, s.inputs[0]))),
+                },
                 Kernel::Linear(l) => match args[0].as_ref() {
                     Some(x) if x.rank() == 2 && x.dtype() == candle_core::DType::F32 => l.forward(x).map(|y| vec![y]),
                     Some(x) => Err(candle_core::Error::Msg(format!("{}: expects a 2-D float input, got {:?}", s.label, x.dims()))),
