@@ -2,7 +2,7 @@
 //! gradient-capture pipeline.
 
 use candle_core::{Device, Tensor, Var};
-use gradcam_core::ops::{Activation, AdaptiveAvgPool2d, Conv2d, Linear, MaxPool2d, Padding};
+use gradcam_core::ops::{Activation, AdaptiveAvgPool2d, Conv2d, Linear, MaxPool2d, Padding, Pointwise};
 use gradcam_core::{explain, ClassLogit, Counterfactual, Explainable, GradCam, Request, Score};
 
 /// Deterministic values in [-1, 1) with no ties (so max-pool has a unique maximum).
@@ -78,6 +78,8 @@ fn conv2d_input_gradient_matches_finite_differences() {
         ("depthwise 3x3 stride 1 SAME", [4, 1, 3, 3], 4, 1, Padding::Same, Activation::Identity),
         ("grouped", [6, 2, 3, 3], 2, 1, Padding::Symmetric(1), Activation::Identity),
         ("7x7 stride 2 pad 3", [2, 4, 7, 7], 1, 2, Padding::Symmetric(3), Activation::Identity),
+        ("explicit pads (ONNX)", [5, 4, 3, 3], 1, 2, Padding::Explicit { top: 0, left: 1, bottom: 2, right: 1 }, Activation::Identity),
+        ("depthwise explicit pads", [4, 1, 5, 5], 4, 2, Padding::Explicit { top: 1, left: 2, bottom: 2, right: 1 }, Activation::Identity),
     ];
     for (name, shape, groups, stride, padding, act) in cases {
         let w = tensor(&shape, 7);
@@ -97,6 +99,28 @@ fn conv2d_forward_matches_candle() {
         let theirs = x.conv2d(&w, pad, stride, 1, groups).unwrap();
         let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-4, "groups {groups} stride {stride} pad {pad} k {k}: {diff}");
+    }
+}
+
+#[test]
+fn pointwise_activations_match_finite_differences_and_their_definitions() {
+    // Spread over [-6, 6]: both sides of hard swish's and hard sigmoid's kinks.
+    let x = (tensor(&[2, 3, 5, 5], 11) * 6.0).unwrap();
+    let ops = [Pointwise::Sigmoid, Pointwise::Silu, Pointwise::HardSwish, Pointwise::HardSigmoid { alpha: 1.0 / 6.0, beta: 0.5 }];
+    for op in ops {
+        check_gradient(&format!("{op:?}"), &x, |x| op.forward(x));
+        let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = op.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in v.iter().zip(&y) {
+            let s = 1.0 / (1.0 + (-a).exp());
+            let expected = match op {
+                Pointwise::Sigmoid => s,
+                Pointwise::Silu => a * s,
+                Pointwise::HardSwish => a * (a + 3.0).clamp(0.0, 6.0) / 6.0,
+                Pointwise::HardSigmoid { alpha, beta } => (alpha * a + beta).clamp(0.0, 1.0),
+            };
+            assert!((expected - b).abs() < 1e-6, "{op:?}({a}) = {b}, expected {expected}");
+        }
     }
 }
 

@@ -10,6 +10,7 @@ mod hostile;
 mod gradients;
 mod library;
 mod neurons;
+mod onnx;
 mod scenes;
 mod serve;
 mod vqa;

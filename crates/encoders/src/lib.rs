@@ -50,6 +50,8 @@ pub enum Error {
     NoWeights { model: String, reason: String },
     #[error("{0}")]
     Data(String),
+    #[error("{0}")]
+    Onnx(String),
 }
 
 impl Error {

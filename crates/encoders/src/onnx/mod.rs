@@ -95,7 +95,7 @@ impl std::fmt::Debug for OnnxModel {
 }
 
 fn bad(path: &Path, message: impl std::fmt::Display) -> Error {
-    Error::Checkpoint(format!("{}: {message}", path.display()))
+    Error::Onnx(format!("{}: {message}", path.display()))
 }
 
 impl OnnxModel {
