@@ -101,7 +101,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
                     }
                     t
                 }
-                None => bench::image_like_input()?,
+                None => bench::image_like_input_sized(net.preprocess().size.0, net.preprocess().size.1)?,
             };
             let timings = bench::methods(&net, &input, &methods, iters, &mut |m, ms| eprintln!("{m}: {ms:.1} ms"))?;
             if json {

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use gradcam_encoders::onnx::{OnnxModel, OnnxOptions};
+use gradcam_encoders::onnx::OnnxOptions;
 use gradcam_encoders::{ModelKind, ModelName, Network, Weights};
 
 #[derive(Parser)]
@@ -141,17 +141,8 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Classify(args) => classify::run(args),
         Command::Layers(args) => {
             let mut out = std::io::stdout().lock();
-            let (rows, default) = match &args.model {
-                ModelName::Builtin(kind) => (kind.layer_names(), kind.default_layer().to_string()),
-                ModelName::Onnx(path) => {
-                    let model = OnnxModel::load(path, &args.onnx.options()?).with_context(|| format!("loading {}", path.display()))?;
-                    let rows = model.values().into_iter().map(|r| format!("{}\t{}\t{:?}", r.name, r.op, r.shape)).collect();
-                    (rows, model.default_layer().map(|l| l.to_string()).unwrap_or_default())
-                }
-            };
-            for row in rows {
-                let default = if row.split('\t').next() == Some(default.as_str()) { "  (default)" } else { "" };
-                writeln!(out, "{row}{default}")?;
+            for (row, default) in args.model.layer_rows(&args.onnx.options()?)? {
+                writeln!(out, "{row}{}", if default { "  (default)" } else { "" })?;
             }
             Ok(ExitCode::SUCCESS)
         }

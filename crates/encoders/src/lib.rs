@@ -182,6 +182,19 @@ impl std::str::FromStr for ModelName {
 }
 
 impl ModelName {
+    /// What `gradcam layers` prints, a row per layer, and whether it is the default: the names
+    /// `--layer` accepts; for ONNX every value as `name<TAB>op<TAB>shape`.
+    pub fn layer_rows(&self, onnx: &onnx::OnnxOptions) -> Result<Vec<(String, bool)>> {
+        match self {
+            ModelName::Builtin(kind) => Ok(kind.layer_names().into_iter().map(|n| (n.clone(), n == kind.default_layer())).collect()),
+            ModelName::Onnx(path) => {
+                let model = onnx::OnnxModel::load(path, onnx)?;
+                let default = model.default_layer().ok();
+                Ok(model.values().into_iter().map(|r| (format!("{}\t{}\t{:?}", r.name, r.op, r.shape), Some(&r.name) == default.as_ref())).collect())
+            }
+        }
+    }
+
     /// The classifier and the index of its explained layer (`layer`, or the model's default):
     /// a built-in one with `weights` (see [`ModelKind::load`]), or an ONNX file split at `layer`.
     pub fn load(&self, weights: Option<&str>, onnx: &onnx::OnnxOptions, layer: Option<&str>) -> Result<(Network, usize)> {

@@ -75,6 +75,11 @@ impl Network {
         &self.preprocess
     }
 
+    /// Whether class names were given (an ONNX model's `--labels`).
+    pub fn has_labels(&self) -> bool {
+        self.labels.is_some()
+    }
+
     /// The name of class `c`: from the labels given, ImageNet's for 1000 classes, else "class c".
     pub fn label(&self, c: usize) -> String {
         match &self.labels {

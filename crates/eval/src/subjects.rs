@@ -96,11 +96,12 @@ impl ClassifierSubject {
         let mut classes = BTreeMap::new();
         for c in &instances.categories {
             let class = names.iter().position(|n| n.eq_ignore_ascii_case(c.name.trim())).ok_or_else(|| {
-                Error::Data(format!(
-                    "{}: category {:?} is not a class name of the model; a classifier's ground truth must name its classes as the model does (ImageNet's, e.g. \"tabby\", \"espresso\", or those of --labels)",
-                    dir.join("instances.json").display(),
-                    c.name
-                ))
+                let why = if net.num_classes() == 1000 && !net.has_labels() {
+                    "is not an ImageNet class name; a classifier's ground truth must name its classes as ImageNet does (e.g. \"tabby\", \"espresso\"), or give the model's names with --labels"
+                } else {
+                    "is not one of the model's class names (an ONNX model's come from --labels, one per line)"
+                };
+                Error::Data(format!("{}: category {:?} {why}", dir.join("instances.json").display(), c.name))
             })?;
             classes.insert(c.id, class);
         }
