@@ -11,7 +11,7 @@ use crate::ModelArgs;
 
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
-    /// A classifier at 224x224, batch 1.
+    /// A classifier at its input size (224x224 for the built-in ones), batch 1.
     Classify {
         #[command(flatten)]
         model: ModelArgs,
@@ -24,8 +24,8 @@ pub enum BenchCommand {
         #[arg(long)]
         against: Option<gradcam_encoders::ModelName>,
     },
-    /// Every CAM method on a classifier at 224x224, batch 1: the median time from the input
-    /// tensor to the map at 224x224 (top-1 class), as pytorch-grad-cam's `cam(...)` call measures
+    /// Every CAM method on a classifier at its input size, batch 1: the median time from the input
+    /// tensor to the map at the input size (top-1 class), as pytorch-grad-cam's `cam(...)` call measures
     /// it (bench/compare_methods.sh runs both).
     Methods {
         #[command(flatten)]
@@ -108,7 +108,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
                 let methods: Vec<(String, f64)> = timings.iter().map(|(m, ms)| (m.to_string(), *ms)).collect();
                 writeln!(out, "{}", serde_json::json!({"model": net.arch(), "threads": threads, "iters": iters, "methods": methods}))?;
             } else {
-                writeln!(out, "{} at 224x224, batch 1, {threads} threads (median of {iters} runs; ablationcam and scorecam: one run)", net.arch())?;
+                writeln!(out, "{} at {}x{}, batch 1, {threads} threads (median of {iters} runs; ablationcam and scorecam: one run)", net.arch(), input.dim(3)?, input.dim(2)?)?;
                 for (m, ms) in &timings {
                     writeln!(out, "  {:<16} {ms:>10.1} ms", m.name())?;
                 }
