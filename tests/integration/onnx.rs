@@ -190,6 +190,8 @@ fn bad_onnx_files_and_layers_are_clear_errors() {
     fails_with(&classify(&model, &["--layer", "/Flatten_output_0"]), &["[1, 48]", "4-D"]);
     fails_with(&classify(&fixture("dead_branch.onnx"), &["--layer", "side"]), &["not reachable from \"side\""]);
     fails_with(&classify(&model, &["--layer", "/layer4/layer4.0/relu/Relu_output_0"]), &["skip connection", "also reads"]);
+    // A shape that would need 120 GB: refused at load.
+    fails_with(&classify(&fixture("huge_constant.onnx"), &[]), &["ConstantOfShape would create a tensor of shape [1, 3, 100000, 100000]"]);
     // The same checks hold for `layers`.
     fails_with(&gradcam(&["layers", "--model", &write("junk.onnx", &[0xff; 64])]), &["junk.onnx"]);
 }

@@ -16,6 +16,17 @@ pub const SUPPORTED: &[&str] = &[
     "ReduceMean", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze",
 ];
 
+/// Most elements an op may create from shapes it reads (ConstantOfShape, Pad): 2^28 (1 GiB of
+/// f32), far above any CNN's activations, far below an allocation that would abort the process.
+const MAX_CREATED: usize = 1 << 28;
+
+fn check_size(dims: &[usize], op: &str) -> R<()> {
+    match dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
+        Some(n) if n <= MAX_CREATED => Ok(()),
+        _ => fail(format!("{op} would create a tensor of shape {dims:?}, more than {MAX_CREATED} elements")),
+    }
+}
+
 fn fail<T>(msg: impl std::fmt::Display) -> R<T> {
     Err(candle_core::Error::Msg(msg.to_string()))
 }
@@ -321,6 +332,12 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>]) -> R<Vec<Tensor>> {
             if pads.len() != 2 * axes.len() {
                 return fail(format!("Pad has {} pads for {} axes", pads.len(), axes.len()));
             }
+            let mut out_dims = x.dims().to_vec();
+            for (i, &a) in axes.iter().enumerate() {
+                let d = out_dims[a] as i64 + pads[i].max(0).min(1 << 40) + pads[i + axes.len()].max(0).min(1 << 40);
+                out_dims[a] = usize::try_from(d).unwrap_or(usize::MAX);
+            }
+            check_size(&out_dims, "Pad")?;
             let mut y = x.clone();
             for (i, &a) in axes.iter().enumerate() {
                 let (before, after) = (pads[i], pads[i + axes.len()]);
@@ -364,6 +381,7 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>]) -> R<Vec<Tensor>> {
         }
         "ConstantOfShape" => {
             let shape: Vec<usize> = ints_of(x()?)?.iter().map(|&d| d.max(0) as usize).collect();
+            check_size(&shape, "ConstantOfShape")?;
             let value = match node.attributes.get("value") {
                 Some(Attribute::Tensor(t)) => super::tensor(t, std::path::Path::new(".")).map_err(candle_core::Error::Msg)?,
                 _ => Tensor::new(&[0f32], &candle_core::Device::Cpu)?,
