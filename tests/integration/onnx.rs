@@ -132,6 +132,11 @@ fn labels_input_size_and_normalisation_options() {
     let p = &r["predictions"][0];
     assert_eq!(p["label"].as_str().unwrap(), format!("thing {}", p["class"]));
     assert_eq!(r["explanations"][0]["label"], p["label"]);
+    // Labels are text from a file: printed with control characters escaped, never raw.
+    std::fs::write(&labels, (0..10).map(|i| format!("\x1b[31mred {i}\n")).collect::<String>()).unwrap();
+    let o = gradcam(&["classify", &image, "--model", &resnet, "--resize", "none", "--labels", labels.to_str().unwrap(), "--out", dir]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains("\\u{1b}[31mred") && !text.contains('\x1b'), "{text}");
     // Labels are named by number without a file.
     let r = ok_json(&gradcam(&["classify", &image, "--model", &resnet, "--resize", "none", "--json", "--out", dir]));
     assert_eq!(r["predictions"][0]["label"].as_str().unwrap(), format!("class {}", r["predictions"][0]["class"]));

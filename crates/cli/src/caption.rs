@@ -101,9 +101,9 @@ fn print(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result<()> {
         serde_json::to_writer(&mut *out, r)?;
         return writeln!(out);
     }
-    writeln!(out, "{}: {}", r.image, r.caption)?;
+    writeln!(out, "{}: {}", r.image, r.caption.escape_debug())?;
     for w in &r.words {
-        writeln!(out, "  {:>2} {:<10} log p {:>7.3}  {}", w.t, w.word, w.logprob, w.map.overlay)?;
+        writeln!(out, "  {:>2} {:<10} log p {:>7.3}  {}", w.t, w.word.escape_debug().to_string(), w.logprob, w.map.overlay)?;
         if let Some(text) = &w.map.text {
             writeln!(out, "     {text}")?;
         }

@@ -87,11 +87,11 @@ fn print_result(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result
     }
     writeln!(out, "{} ({}, layer {}, input {}x{})", r.image, r.model, r.layer, r.input_size[1], r.input_size[0])?;
     for (i, p) in r.predictions.iter().enumerate() {
-        writeln!(out, "  {}. {:>4} {:<30} logit {:>7.3}  p {:.4}", i + 1, p.class, p.label, p.logit, p.prob)?;
+        writeln!(out, "  {}. {:>4} {:<30} logit {:>7.3}  p {:.4}", i + 1, p.class, p.label.escape_debug().to_string(), p.logit, p.prob)?;
     }
     for e in &r.explanations {
         let note = if e.map.nonzero { "" } else { " (map is zero everywhere: nothing in this layer supports it)" };
-        writeln!(out, "  {} {} {}: {}{note}", e.map.kind(), e.class, e.label, e.map.overlay)?;
+        writeln!(out, "  {} {} {}: {}{note}", e.map.kind(), e.class, e.label.escape_debug(), e.map.overlay)?;
         if let Some(text) = &e.map.text {
             writeln!(out, "    {text}")?;
         }

@@ -114,7 +114,7 @@ fn print(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result<()> {
         writeln!(out, "  note: the question was cut to the model's maximum length")?;
     }
     for a in &r.answers {
-        writeln!(out, "  {:<16} p {:.4}", a.answer, a.prob)?;
+        writeln!(out, "  {:<16} p {:.4}", a.answer.escape_debug().to_string(), a.prob)?;
     }
     for e in &r.explanations {
         writeln!(out, "  {} {:?}: {}", e.map.kind(), e.answer, e.map.overlay)?;
