@@ -7,7 +7,11 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let path = common::file_with(data, "instances.json");
     if let Ok(instances) = gradcam_scenes::coco::Instances::read(&path) {
-        let _ = instances.by_image();
+        for a in &instances.annotations {
+            let _ = instances.category_name(a.category_id);
+        }
     }
-    let _ = gradcam_scenes::coco::Captions::read(&path);
+    if let Ok(captions) = gradcam_scenes::coco::Captions::read(&path) {
+        let _ = captions.by_image();
+    }
 });
