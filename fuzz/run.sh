@@ -28,7 +28,7 @@ seed onnx ../tests/fixtures/onnx/*.onnx
 mkdir -p corpus/vqa
 { cat ../data/shapescenes/test/questions.json; printf '\0'; cat ../data/shapescenes/test/annotations.json; } | head -c 1048576 > corpus/vqa/shapescenes
 
-cargo +nightly fuzz build -O "${targets[@]}" >/dev/null 2>&1 || cargo +nightly fuzz build -O "${targets[@]}"
+cargo +nightly fuzz build -O >/dev/null 2>&1 || cargo +nightly fuzz build -O
 mkdir -p logs
 printf '%s\n' "${targets[@]}" | xargs -P "$jobs" -I{} sh -c \
     "cargo +nightly fuzz run -O {} corpus/{} -- -max_total_time=$seconds -rss_limit_mb=2048 -timeout=60 -print_final_stats=1 > logs/{}.log 2>&1; echo \$? > logs/{}.exit"

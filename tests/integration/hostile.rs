@@ -198,6 +198,10 @@ fn smaller_things() {
     for (flag, value) in [("--iou-threshold", "NaN"), ("--quantile", "0"), ("--quantile", "1.5")] {
         fails_with(&["dissect", "--data", "data/shapescenes/test", flag, value, "--out", &format!("{out}/d.json")], "must be in (0, 1)");
     }
+    // An evaluation of nothing is refused, not reported as zeros.
+    for cmd in ["caption", "vqa"] {
+        fails_with(&[cmd, "--eval", "data/shapescenes/test", "--limit", "0"], "at least 1");
+    }
     // The README's form of --split-fractions, with commas.
     let o = gradcam(&["scenes", "--out", &format!("{out}/scenes"), "--n", "10", "--split-fractions", "0.8,0.1,0.1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -48,7 +48,7 @@ pub struct CaptionArgs {
     #[arg(long)]
     eval: Option<PathBuf>,
     /// Images evaluated with --eval.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = crate::common::positive)]
     limit: usize,
     /// Add each word's textual explanation: the 5 units with the largest and the 5 with the
     /// smallest alpha_k, named by the model's dissection table.

@@ -73,3 +73,8 @@ pub fn parse_gradient_method(s: &str) -> Result<Method, String> {
 }
 
 
+
+/// A count that must be at least 1 (`--limit`).
+pub fn positive(s: &str) -> Result<usize, String> {
+    s.parse::<usize>().ok().filter(|&n| n >= 1).ok_or_else(|| format!("{s:?}: give a whole number of at least 1"))
+}

@@ -59,7 +59,7 @@ pub struct VqaArgs {
     #[arg(long)]
     eval: Option<PathBuf>,
     /// Questions evaluated with --eval.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = crate::common::positive)]
     limit: usize,
     /// Add each explanation's textual explanation: the 5 units with the largest and the 5 with
     /// the smallest alpha_k, named by the model's dissection table.
