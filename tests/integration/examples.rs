@@ -125,3 +125,11 @@ fn a_program_outside_the_repository_explains_its_own_cnn() {
         assert!(out.join(format!("{method}.png")).exists(), "no picture for {method}:\n{stdout}");
     }
 }
+
+#[test]
+fn onnx_model_example_explains_an_exported_cnn() {
+    let out = tempfile::tempdir().unwrap();
+    let stdout = run("onnx_model", &[&repo("tests/fixtures/onnx/densenet.onnx"), &repo("data/photos/images/chelsea.png"), out.path()]);
+    assert!(stdout.contains("explained layer: /final_relu/Relu_output_0"), "{stdout}");
+    check_written("onnx_model", &stdout, 2);
+}
