@@ -65,7 +65,7 @@ pub fn image_like_input_sized(h: usize, w: usize) -> candle_core::Result<Tensor>
 #[derive(Debug, Clone, Serialize)]
 pub struct ClassifyTiming {
     /// The architecture.
-    pub model: &'static str,
+    pub model: String,
     /// (height, width) of the input.
     pub size: (usize, usize),
     /// Worker threads.
@@ -112,7 +112,7 @@ pub fn classify(net: &Network, iters: usize) -> Result<ClassifyTiming> {
         gradcam()?;
     }
     let (forward_ms, gradcam_ms) = interleaved(iters, forward, gradcam)?;
-    Ok(ClassifyTiming { model: net.arch(), size: (h, w), threads: rayon::current_num_threads(), iters, forward_ms, gradcam_ms, ratio: gradcam_ms / forward_ms })
+    Ok(ClassifyTiming { model: net.arch().to_string(), size: (h, w), threads: rayon::current_num_threads(), iters, forward_ms, gradcam_ms, ratio: gradcam_ms / forward_ms })
 }
 
 /// Two classifiers' Grad-CAM (default layer, top-1 class) on the same input, timed in

@@ -59,7 +59,7 @@ pub struct Record {
     /// The image's name (its path).
     pub image: String,
     /// The architecture.
-    pub model: &'static str,
+    pub model: String,
     /// The explained layer.
     pub layer: String,
     /// (height, width) of the network's input.
@@ -114,5 +114,5 @@ pub fn classify(net: &Network, layer: usize, img: &RgbImage, name: &str, files: 
             Ok(ClassMap { class, label: label(class), map: MapRecord::new(r)? })
         })
         .collect::<Result<_>>()?;
-    Ok(Record { image: name.to_string(), model: net.arch(), layer: net.layer_name(layer).to_string(), input_size: [h, w], predictions, explanations })
+    Ok(Record { image: name.to_string(), model: net.arch().to_string(), layer: net.layer_name(layer).to_string(), input_size: [h, w], predictions, explanations })
 }

@@ -418,3 +418,33 @@ fn errors_name_the_reason_not_candle_internals() {
     std::fs::write(&captions, c.to_string()).unwrap();
     fails_with(&["train", "captioner", "--data", data.to_str().unwrap(), "--out", dir.path().join("m").to_str().unwrap(), "--epochs", "1"], "has no captions to train on");
 }
+
+/// Found by fuzz/fuzz_targets/tokenizer.rs: a JSON syntax error inside "decoder" made the
+/// tokenizers crate panic ("Helper: Error(expected value)") instead of returning an error.
+#[test]
+fn fuzz_regression_a_tokenizer_with_broken_json_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    model_copy("captioner", dir.path());
+    let path = dir.path().join("tokenizer.json");
+    let text = std::fs::read_to_string(&path).unwrap().replace("\"decoder\":null", "\"decoder\":oull");
+    assert!(text.contains("oull"), "the shipped tokenizer has a null decoder");
+    std::fs::write(&path, text).unwrap();
+    fails_with(&["caption", "data/shapescenes/test/images/000018.png", "--model", dir.path().to_str().unwrap(), "--out", dir.path().to_str().unwrap()], "not valid JSON");
+}
+
+/// Found by fuzz/fuzz_targets/coco.rs: an instances file declaring a 51222222 x 512 image made
+/// each of its annotations allocate a 26 GB mask (an abort).
+#[test]
+fn fuzz_regression_an_annotation_file_declaring_a_giant_image_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    split_copy(dir.path());
+    let path = dir.path().join("instances.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["images"][0]["width"] = serde_json::json!(51222222u64);
+    std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+    let (o, rss, _) = run_measured(&["caption", "--eval", dir.path().to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(matches!(o.status.code(), Some(1 | 2)) && !stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("51222222x64 is larger than any image gradcam decodes"), "{stderr}");
+    assert!(rss < 200_000, "{rss} KiB");
+}

@@ -31,7 +31,7 @@ impl Layer for Conv2d {
 
 /// A classifier: named feature layers, then a tail (pooling and classifier) giving logits.
 pub struct Network {
-    arch: &'static str,
+    arch: std::borrow::Cow<'static, str>,
     layers: Vec<(String, Box<dyn Layer>)>,
     aliases: Vec<(String, String)>,
     tail: Box<dyn Layer>,
@@ -49,13 +49,13 @@ impl std::fmt::Debug for Network {
 
 impl Network {
     pub(crate) fn new(
-        arch: &'static str,
+        arch: impl Into<std::borrow::Cow<'static, str>>,
         layers: Vec<(String, Box<dyn Layer>)>,
         tail: Box<dyn Layer>,
         default_layer: &str,
         num_classes: usize,
     ) -> Self {
-        Self { arch, layers, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes, preprocess: Preprocess::default(), labels: None }
+        Self { arch: arch.into(), layers, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes, preprocess: Preprocess::default(), labels: None }
     }
 
     /// The input size and normalisation the network expects (default: ImageNet's at 224 x 224).
@@ -95,8 +95,8 @@ impl Network {
         self
     }
 
-    pub fn arch(&self) -> &'static str {
-        self.arch
+    pub fn arch(&self) -> &str {
+        &self.arch
     }
 
     pub fn num_classes(&self) -> usize {

@@ -66,6 +66,12 @@ pub struct Instances {
     pub annotations: Vec<Instance>,
 }
 
+/// Largest image side an annotation file may declare, and largest image: those the image decoder
+/// accepts (gradcam_encoders::preprocess). Each annotation's mask is a full-image bitmap, so a
+/// declared 51222222 x 512 image would otherwise allocate 26 GB for one mask.
+pub const MAX_SIDE: u64 = 16384;
+pub const MAX_PIXELS: u64 = 50_000_000;
+
 fn read_images(file: &Path, root: &Value) -> Result<Vec<ImageInfo>> {
     let mut seen = HashSet::new();
     Record::list(file, root, "images")?
@@ -79,7 +85,11 @@ fn read_images(file: &Path, root: &Value) -> Result<Vec<ImageInfo>> {
                 let v = r.u64(k)?;
                 u32::try_from(v).ok().filter(|&v| v > 0).ok_or_else(|| r.err(k, format!("{v} is not a valid image side")))
             };
-            Ok(ImageInfo { id, file_name: r.str("file_name")?.to_string(), width: side("width")?, height: side("height")? })
+            let (width, height) = (side("width")?, side("height")?);
+            if width as u64 > MAX_SIDE || height as u64 > MAX_SIDE || width as u64 * height as u64 > MAX_PIXELS {
+                return Err(r.err("width", format!("{width}x{height} is larger than any image gradcam decodes ({MAX_SIDE} px a side, {} megapixels)", MAX_PIXELS / 1_000_000)));
+            }
+            Ok(ImageInfo { id, file_name: r.str("file_name")?.to_string(), width, height })
         })
         .collect()
 }

@@ -66,7 +66,16 @@ impl Vocab {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let t = Tokenizer::from_file(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let bad = |e: &dyn std::fmt::Display| Error::Config(format!("{}: {e}", path.display()));
+        let size = std::fs::metadata(path).map_err(|e| bad(&e))?.len();
+        if size > 64 << 20 {
+            return Err(bad(&format!("{size} bytes; a tokenizer file here is at most 64 MiB")));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| bad(&e))?;
+        // The tokenizers crate panics on some JSON syntax errors (inside "decoder"): check the
+        // syntax first (found by fuzz/fuzz_targets/tokenizer.rs).
+        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| bad(&format!("not valid JSON: {e}")))?;
+        let t: Tokenizer = text.parse().map_err(|e| bad(&e))?;
         Self::from_tokenizer(t)
     }
 

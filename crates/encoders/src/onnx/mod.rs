@@ -352,11 +352,10 @@ impl OnnxModel {
         let keep: HashSet<String> = HashSet::from([layer.clone(), self.output.clone()]);
         let forward = Part::new(self.nodes.clone(), forward, &self.constants, &self.input, &layer, keep.clone())?;
         let head = Part::new(self.nodes.clone(), head, &self.constants, &layer, &self.output, keep)?;
-        let arch: &'static str = Box::leak(self.name.clone().into_boxed_str());
         let (forward, head) = (Arc::new(forward), Arc::new(head));
         let f = move |x: &Tensor| forward.run(x);
         let h = move |a: &Tensor| head.run(a).and_then(|y| y.flatten_from(1));
-        let mut net = Network::new(arch, vec![(layer.clone(), Box::new(f))], Box::new(h), &layer, self.num_classes).with_preprocess(self.preprocess.clone());
+        let mut net = Network::new(self.name.clone(), vec![(layer.clone(), Box::new(f))], Box::new(h), &layer, self.num_classes).with_preprocess(self.preprocess.clone());
         if let Some(labels) = &self.labels {
             net = net.with_labels(labels.clone());
         }
