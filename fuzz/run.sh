@@ -36,5 +36,6 @@ for t in "${targets[@]}"; do
     runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "logs/$t.log" | grep -o '[0-9]*$' || echo '?')
     cov=$(grep -o 'cov: [0-9]*' "logs/$t.log" | tail -1 | grep -o '[0-9]*' || echo '?')
     crashes=$(ls "artifacts/$t" 2>/dev/null | wc -l)
-    echo "$t: exit $(cat "logs/$t.exit"), ${seconds} s, $runs runs, coverage $cov, corpus $(ls "corpus/$t" | wc -l) inputs, $crashes crash files"
+    took=$(grep -o 'Done [0-9]* runs in [0-9]* second' "logs/$t.log" | grep -o 'in [0-9]*' | grep -o '[0-9]*' || echo 'stopped early')
+    echo "$t: exit $(cat "logs/$t.exit"), ran $took s, $runs runs, coverage $cov, corpus $(ls "corpus/$t" | wc -l) inputs, $crashes crash files"
 done

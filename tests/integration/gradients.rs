@@ -125,6 +125,27 @@ fn pointwise_activations_match_finite_differences_and_their_definitions() {
 }
 
 #[test]
+fn convolutions_with_a_fused_smooth_activation_match_finite_differences_and_the_unfused_ops() {
+    // Small inputs keep the pre-activations off hard swish's kinks at +-3 (the pointwise test covers them).
+    let x = (tensor(&[2, 4, 6, 5], 12) * 0.3).unwrap();
+    let ops = [Pointwise::Silu, Pointwise::HardSwish, Pointwise::Sigmoid, Pointwise::HardSigmoid { alpha: 1.0 / 6.0, beta: 0.5 }];
+    for (shape, groups, stride) in [([5, 4, 3, 3], 1, 1), ([4, 1, 3, 3], 4, 2), ([3, 4, 1, 1], 1, 1)] {
+        let (w, b) = (tensor(&shape, 13), tensor(&[shape[0]], 14));
+        let plain = Conv2d::new(&w, Some(&b), groups, stride, Padding::Symmetric(shape[2] / 2), Activation::Identity).unwrap();
+        for op in ops {
+            let fused = plain.clone().with_pointwise(op).unwrap();
+            let name = format!("{op:?} after conv {shape:?} groups {groups}");
+            check_gradient(&name, &x, |x| fused.forward(x));
+            let apart = op.forward(&plain.forward(&x).unwrap()).unwrap();
+            let diff = (fused.forward(&x).unwrap() - apart).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-6, "{name}: fused and unfused differ by {diff}");
+        }
+    }
+    let relu = Conv2d::new(&tensor(&[3, 4, 1, 1], 15), None, 1, 1, Padding::Same, Activation::Relu).unwrap();
+    assert!(relu.with_pointwise(Pointwise::Silu).is_err(), "an activation and a pointwise epilogue at once");
+}
+
+#[test]
 fn fused_activations_have_exact_gradients() {
     // Shifted so that no input sits at a kink within eps.
     let x = (tensor(&[1, 3, 5, 5], 5) * 4.0).unwrap();

@@ -137,7 +137,7 @@ pub enum Pointwise {
 
 impl Pointwise {
     #[inline]
-    fn apply(self, v: f32) -> f32 {
+    pub(super) fn apply(self, v: f32) -> f32 {
         match self {
             Pointwise::Sigmoid => 1.0 / (1.0 + (-v).exp()),
             Pointwise::Silu => v / (1.0 + (-v).exp()),
@@ -148,7 +148,7 @@ impl Pointwise {
 
     /// d apply / dx at `v`.
     #[inline]
-    fn derivative(self, v: f32) -> f32 {
+    pub(super) fn derivative(self, v: f32) -> f32 {
         match self {
             Pointwise::Sigmoid => {
                 let s = 1.0 / (1.0 + (-v).exp());

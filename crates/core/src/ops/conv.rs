@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::{f32_slice, CResult};
 use super::kernels::{col2im, depthwise_channel, depthwise_channel_backward, im2col, matmul};
-use super::{is_guided, planes_per_task, Activation};
+use super::{is_guided, planes_per_task, Activation, Pointwise};
 
 /// Spatial padding of a convolution or pooling window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +66,9 @@ pub struct Conv2d {
     stride: usize,
     padding: Padding,
     activation: Activation,
+    /// A smooth activation (SiLU, hard swish) fused after the bias instead of `activation`; its
+    /// derivative needs the pre-activation, which the backward recomputes.
+    smooth: Option<Pointwise>,
 }
 
 /// Geometry of one convolution call, resolved from the input size.
@@ -118,7 +121,18 @@ impl Conv2d {
             stride,
             padding,
             activation,
+            smooth: None,
         })
+    }
+
+    /// The same convolution with `p` (SiLU, hard swish, a sigmoid) fused after the bias, in place
+    /// of the activation given to [`Conv2d::new`] (which must be `Identity`).
+    pub fn with_pointwise(mut self, p: Pointwise) -> CResult<Self> {
+        if self.activation != Activation::Identity {
+            candle_core::bail!("conv2d: a pointwise epilogue replaces the activation, which is {:?}", self.activation);
+        }
+        self.smooth = Some(p);
+        Ok(self)
     }
 
     /// Output channels.
@@ -149,10 +163,14 @@ impl Conv2d {
         let plane = g.oh * g.ow;
         if self.is_depthwise() {
             let act = self.activation;
+            let smooth = self.smooth;
             out.par_chunks_mut(plane).enumerate().with_min_len(planes_per_task(plane)).for_each_init(Default::default, |buf, (c, dst)| {
                 let src = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
                 let wk = &self.weight[c * kh * kw..(c + 1) * kh * kw];
                 depthwise_channel(src, wk, self.bias[c], act, g, self.stride, kh, kw, dst, buf);
+                if let Some(p) = smooth {
+                    dst.iter_mut().for_each(|v| *v = p.apply(*v));
+                }
             });
             return;
         } else {
@@ -174,10 +192,13 @@ impl Conv2d {
                 matmul(dst, w, (k, 1), rhs, (plane, 1), og, plane, rhs_len);
             }
         }
-        let act = self.activation;
+        let (act, smooth) = (self.activation, self.smooth);
         out.par_chunks_mut(plane).enumerate().with_min_len(planes_per_task(plane)).for_each(|(o, dst)| {
             let b = self.bias[o];
-            dst.iter_mut().for_each(|v| *v = act.apply(*v + b));
+            match smooth {
+                Some(p) => dst.iter_mut().for_each(|v| *v = p.apply(*v + b)),
+                None => dst.iter_mut().for_each(|v| *v = act.apply(*v + b)),
+            }
         });
     }
 
@@ -232,7 +253,12 @@ impl CustomOp1 for Conv2d {
         let out = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let (act, guided) = (self.activation, is_guided());
-        let gpre: Vec<f32> = if act == Activation::Identity {
+        let gpre: Vec<f32> = if let Some(p) = self.smooth {
+            // The pre-activation, recomputed: the derivative of a smooth activation needs it.
+            let plain = Conv2d { smooth: None, ..self.clone() };
+            let pre = plain.forward(&arg.detach())?.flatten_all()?.to_vec1::<f32>()?;
+            pre.par_iter().zip(grad.par_iter()).map(|(&z, &d)| d * p.derivative(z)).collect()
+        } else if act == Activation::Identity {
             grad
         } else {
             out.par_iter().zip(grad.par_iter()).map(|(&o, &d)| act.backward(o, d, guided)).collect()

@@ -59,6 +59,16 @@ pub(super) fn attr_str(node: &Node, name: &str) -> Option<String> {
     }
 }
 
+/// The pointwise op a node is, for fusing after a convolution.
+pub(super) fn pointwise_of(node: &Node) -> Option<Pointwise> {
+    match node.op_type.as_str() {
+        "Sigmoid" => Some(Pointwise::Sigmoid),
+        "HardSwish" => Some(Pointwise::HardSwish),
+        "HardSigmoid" => Some(Pointwise::HardSigmoid { alpha: attr_float(node, "alpha", 0.2), beta: attr_float(node, "beta", 0.5) }),
+        _ => None,
+    }
+}
+
 /// Clip's bounds when they are constants (inputs 1 and 2 since opset 11, attributes before).
 pub(super) fn clip_bounds(node: &Node, constants: &std::collections::HashMap<String, Tensor>) -> Option<(f32, f32)> {
     let bound = |k: usize, attr: &str, default: f32| -> Option<f32> {

@@ -125,8 +125,26 @@ impl Plan {
                     skip.insert(k);
                 }
             }
+            // Or a smooth activation: HardSwish, HardSigmoid, Sigmoid, or Sigmoid(x) * x (SiLU).
+            let mut smooth = None;
+            if activation == Activation::Identity {
+                if let Some(k) = sole_reader(&out).filter(|&k| nodes[k].inputs[0] == out) {
+                    smooth = ops::pointwise_of(&nodes[k]);
+                    if smooth.is_some() {
+                        out = nodes[k].outputs[0].clone();
+                        skip.insert(k);
+                    }
+                } else if let Some((s, m)) = silu_after(nodes, set, &out, &readers, keep, output, trace) {
+                    smooth = Some(Pointwise::Silu);
+                    out = nodes[m].outputs[0].clone();
+                    skip.extend([s, m]);
+                }
+            }
             let groups = attr_int(conv_node, "group", 1) as usize;
-            let conv = Conv2d::new(&weight, Some(&bias), groups, conv_stride(conv_node)?, padding, activation).map_err(|e| Error::Data(format!("{label}: {e}")))?;
+            let mut conv = Conv2d::new(&weight, Some(&bias), groups, conv_stride(conv_node)?, padding, activation).map_err(|e| Error::Data(format!("{label}: {e}")))?;
+            if let Some(p) = smooth {
+                conv = conv.with_pointwise(p)?;
+            }
             steps.push(Step { kernel: Kernel::Conv(conv), label, inputs: vec![node.inputs[0].clone()], outputs: vec![out], free: vec![] });
         }
         // Free each value after its last reader.
@@ -151,6 +169,11 @@ impl Plan {
         }
         if output != input && !steps.iter().any(|s| s.outputs.iter().any(|o| o == output)) && !constants.contains_key(output) {
             return Err(Error::Data(format!("no node of this part of the graph produces {output:?}")));
+        }
+        if std::env::var_os("GRADCAM_ONNX_PROFILE").is_some() {
+            let convs = steps.iter().filter(|s| matches!(s.kernel, Kernel::Conv(_))).count();
+            let ops: Vec<&str> = steps.iter().filter_map(|s| if let Kernel::Op(n) = &s.kernel { Some(n.op_type.as_str()) } else { None }).collect();
+            eprintln!("plan {input:?} -> {output:?}: {} steps, {convs} on our convolution kernel, other ops: {ops:?}", steps.len());
         }
         Ok(Plan { steps, constants: needed, input: input.to_string(), output: output.to_string() })
     }
@@ -205,6 +228,21 @@ impl Plan {
     pub(super) fn run_keep_all(&self, x: &Tensor) -> Result<HashMap<String, Tensor>> {
         Ok(self.execute(x, true)?)
     }
+}
+
+/// The Sigmoid and Mul nodes (indices) that make `value` into SiLU(value), when nothing else reads
+/// `value` or the sigmoid.
+fn silu_after(nodes: &[Node], set: &[usize], value: &str, readers: &HashMap<&str, usize>, keep: &HashSet<String>, output: &str, trace: bool) -> Option<(usize, usize)> {
+    if trace || keep.contains(value) || value == output || readers.get(value) != Some(&2) {
+        return None;
+    }
+    let s = set.iter().copied().find(|&j| nodes[j].op_type == "Sigmoid" && nodes[j].inputs[0] == value)?;
+    let sig = &nodes[s].outputs[0];
+    if keep.contains(sig) || sig == output || readers.get(sig.as_str()) != Some(&1) {
+        return None;
+    }
+    let m = set.iter().copied().find(|&j| nodes[j].op_type == "Mul" && nodes[j].inputs.iter().any(|v| v == value) && nodes[j].inputs.contains(sig))?;
+    Some((s, m))
 }
 
 /// Gemm (no transposed A, alpha = beta = 1) or MatMul of a 2-D input by constant weights, as our
