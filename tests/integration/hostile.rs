@@ -176,7 +176,10 @@ fn training_settings_that_cannot_train_are_refused_before_anything_is_written() 
             assert!(!out.exists(), "train {what} --lr {lr} wrote {}", out.display());
         }
     }
-    fails_with(&["train", "captioner", "--data", "data/shapescenes", "--out", out.to_str().unwrap(), "--batch-size", "0"], "at least 1");
+    for (flag, value) in [("--batch-size", "0"), ("--hidden", "0"), ("--epochs", "0")] {
+        fails_with(&["train", "captioner", "--data", "data/shapescenes", "--out", out.to_str().unwrap(), flag, value], "at least 1");
+        assert!(!out.exists());
+    }
 }
 
 #[test]
