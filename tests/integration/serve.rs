@@ -275,3 +275,16 @@ fn a_request_over_the_time_limit_gets_504() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+#[test]
+fn an_onnx_classifier_is_served_like_the_built_in_ones() {
+    let model = repo("tests/fixtures/onnx/regnet.onnx");
+    let server = Server::start(&["--classifier", model.to_str().unwrap(), "--caption-model", "none", "--vqa-model", "none"]);
+    let image = std::fs::read(repo("tests/fixtures/onnx/input96.png")).unwrap();
+    let (status, classes, _) = post(&format!("{}/api/classify", server.url), &image, &[("class", "3")]);
+    assert_eq!(status, 200, "{classes}");
+    let cli = cli_json(&["classify", "tests/fixtures/onnx/input96.png", "--model", model.to_str().unwrap(), "--class", "3", "--counterfactual"]);
+    assert_eq!(classes["predictions"], cli["predictions"]);
+    assert_eq!(classes["layer"], cli["layer"]);
+    assert_eq!(maps(&classes["explanations"]), maps(&cli["explanations"]), "ONNX classifier maps differ from the CLI's");
+}

@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gradcam_encoders::ModelKind;
+use gradcam_encoders::onnx::OnnxOptions;
+use gradcam_encoders::{ModelKind, ModelName};
 
 use crate::{App, Classifier, Limits, Models, Named};
 
@@ -23,7 +24,8 @@ pub struct ServeArgs {
     /// VQA model folder (`none` to leave it out).
     #[arg(long, default_value = "models/vqa")]
     pub vqa_model: PathBuf,
-    /// ImageNet classifier: efficientnet-lite0, vgg16, resnet18, resnet50 or none.
+    /// Classifier: efficientnet-lite0, vgg16, resnet18, resnet50, an ONNX file (FILE.onnx, at
+    /// its default layer) or none.
     #[arg(long, default_value = "efficientnet-lite0")]
     pub classifier: String,
     /// Classifier weights (see `gradcam classify --help`).
@@ -93,14 +95,11 @@ pub fn load(args: &ServeArgs) -> Result<Models, StartError> {
         models.vqa = Some(Named { model, dissection: dissection(dir) });
     }
     if args.classifier != "none" {
-        let kind: ModelKind = args.classifier.parse().map_err(|e: gradcam_encoders::Error| StartError::Usage(e.to_string()))?;
-        match kind.load(args.weights.as_deref()) {
-            Ok(net) => {
-                let layer = net.layer_index(net.default_layer()).map_err(|e| StartError::Usage(e.to_string()))?;
-                models.classifier = Some(Classifier { net, layer });
-            }
+        let name: ModelName = args.classifier.parse().map_err(|e: gradcam_encoders::Error| StartError::Usage(e.to_string()))?;
+        match name.load(args.weights.as_deref(), &OnnxOptions::default(), None) {
+            Ok((net, layer)) => models.classifier = Some(Classifier { net, layer }),
             // The default classifier is optional: its weights may not be installed.
-            Err(e) if args.weights.is_none() && kind == ModelKind::EfficientNetLite0 => eprintln!("note: serving without a classifier: {e}"),
+            Err(e) if args.weights.is_none() && name == ModelName::Builtin(ModelKind::EfficientNetLite0) => eprintln!("note: serving without a classifier: {e}"),
             Err(e) => return Err(fail("classifier", Path::new(&args.classifier), &e)),
         }
     }
