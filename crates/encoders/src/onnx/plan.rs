@@ -170,7 +170,7 @@ impl Plan {
         if output != input && !steps.iter().any(|s| s.outputs.iter().any(|o| o == output)) && !constants.contains_key(output) {
             return Err(Error::Data(format!("no node of this part of the graph produces {output:?}")));
         }
-        if std::env::var_os("GRADCAM_ONNX_PROFILE").is_some() {
+        if profiling() {
             let convs = steps.iter().filter(|s| matches!(s.kernel, Kernel::Conv(_))).count();
             let ops: Vec<&str> = steps.iter().filter_map(|s| if let Kernel::Op(n) = &s.kernel { Some(n.op_type.as_str()) } else { None }).collect();
             eprintln!("plan {input:?} -> {output:?}: {} steps, {convs} on our convolution kernel, other ops: {ops:?}", steps.len());
@@ -178,41 +178,39 @@ impl Plan {
         Ok(Plan { steps, constants: needed, input: input.to_string(), output: output.to_string() })
     }
 
-    fn execute(&self, x: &Tensor, keep_all: bool) -> candle_core::Result<HashMap<String, Tensor>> {
+    /// Runs the steps on `x`; values are dropped after their last reader unless `retain` says
+    /// to keep them (the output always stays).
+    fn execute(&self, x: &Tensor, retain: &dyn Fn(&str) -> bool) -> candle_core::Result<HashMap<String, Tensor>> {
         let mut env: HashMap<String, Tensor> = HashMap::from([(self.input.clone(), x.clone())]);
-        let profile = std::env::var_os("GRADCAM_ONNX_PROFILE").is_some();
+        let profile = profiling();
         for s in &self.steps {
-            let t0 = std::time::Instant::now();
+            let t0 = profile.then(std::time::Instant::now);
             let args: Vec<Option<Tensor>> = s.inputs.iter().map(|v| if v.is_empty() { None } else { env.get(v).or_else(|| self.constants.get(v)).cloned() }).collect();
+            let first = || args[0].as_ref().ok_or_else(|| candle_core::Error::Msg(format!("its input {:?} was not computed", s.inputs[0])));
             let result = match &s.kernel {
-                Kernel::Conv(c) => {
-                    let x = args[0].as_ref().ok_or_else(|| candle_core::Error::Msg(format!("{}: its input {:?} was not computed", s.label, s.inputs[0])))?;
-                    c.forward(x).map(|y| vec![y])
-                }
-                Kernel::Pointwise(p) => match args[0].as_ref() {
-                    Some(x) => p.forward(&x.to_dtype(candle_core::DType::F32)?).map(|y| vec![y]),
-                    None => Err(candle_core::Error::Msg(format!("{}: its input {:?} was not computed", s.label, s.inputs[0]))),
-                },
-                Kernel::Linear(l) => match args[0].as_ref() {
-                    Some(x) if x.rank() == 2 && x.dtype() == candle_core::DType::F32 => l.forward(x).map(|y| vec![y]),
-                    Some(x) => Err(candle_core::Error::Msg(format!("{}: expects a 2-D float input, got {:?}", s.label, x.dims()))),
-                    None => Err(candle_core::Error::Msg(format!("{}: its input {:?} was not computed", s.label, s.inputs[0]))),
+                Kernel::Conv(c) => c.forward(first()?).map(|y| vec![y]),
+                Kernel::Pointwise(p) => p.forward(&first()?.to_dtype(candle_core::DType::F32)?).map(|y| vec![y]),
+                Kernel::Linear(l) => match first()? {
+                    x if x.rank() == 2 && x.dtype() == candle_core::DType::F32 => l.forward(x).map(|y| vec![y]),
+                    x => Err(candle_core::Error::Msg(format!("expects a 2-D float input, got {:?}", x.dims()))),
                 },
                 Kernel::Op(node) => ops::eval(node, &args),
             }
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", s.label)))?;
-            if profile {
-                eprintln!("{:8.3} ms {} {}", t0.elapsed().as_secs_f64() * 1e3, s.label, matches!(s.kernel, Kernel::Conv(_)));
+            if let Some(t0) = t0 {
+                let kernel = match s.kernel {
+                    Kernel::Conv(_) => "conv kernel",
+                    Kernel::Linear(_) => "linear kernel",
+                    Kernel::Pointwise(_) => "pointwise kernel",
+                    Kernel::Op(_) => "op",
+                };
+                eprintln!("{:8.3} ms {} ({kernel})", t0.elapsed().as_secs_f64() * 1e3, s.label);
             }
             for (name, value) in s.outputs.iter().zip(result) {
                 env.insert(name.clone(), value);
             }
-            if !keep_all {
-                for v in &s.free {
-                    if v != &self.input {
-                        env.remove(v);
-                    }
-                }
+            for v in s.free.iter().filter(|v| *v != &self.input && !retain(v)) {
+                env.remove(v);
             }
         }
         Ok(env)
@@ -220,14 +218,20 @@ impl Plan {
 
     /// The output for input `x`.
     pub(super) fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut env = self.execute(x, false)?;
+        let mut env = self.execute(x, &|_| false)?;
         env.remove(&self.output).or_else(|| self.constants.get(&self.output).cloned()).ok_or_else(|| candle_core::Error::Msg(format!("the graph did not produce {:?}", self.output)))
     }
 
     /// Every value, for shapes.
     pub(super) fn run_keep_all(&self, x: &Tensor) -> Result<HashMap<String, Tensor>> {
-        Ok(self.execute(x, true)?)
+        Ok(self.execute(x, &|_| true)?)
     }
+}
+
+/// Whether `GRADCAM_ONNX_PROFILE` is set (read once): each compiled part and step time to stderr.
+fn profiling() -> bool {
+    static PROFILE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PROFILE.get_or_init(|| std::env::var_os("GRADCAM_ONNX_PROFILE").is_some())
 }
 
 /// The Sigmoid and Mul nodes (indices) that make `value` into SiLU(value), when nothing else reads
@@ -315,8 +319,10 @@ impl Part {
         if let Some(plan) = hit {
             return plan.run(x);
         }
-        // First input of this shape: the generic plan answers, and leaves the shape values behind.
-        let mut env = self.generic.execute(x, true)?;
+        // First input of this shape: the generic plan answers, and keeps the shape values (only
+        // them: every activation of a batch kept at once could take gigabytes).
+        let shape_values: HashSet<&str> = self.shape_values.iter().map(String::as_str).collect();
+        let mut env = self.generic.execute(x, &|v| shape_values.contains(v))?;
         let mut constants = self.constants.clone();
         for v in &self.shape_values {
             if let Some(t) = env.get(v) {
