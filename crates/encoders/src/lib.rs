@@ -12,6 +12,7 @@ pub mod preprocess;
 pub mod prune;
 pub mod pth;
 pub mod resnet;
+pub mod scene_classifier;
 pub mod scene_cnn;
 pub mod vgg;
 pub mod weights;
@@ -44,7 +45,7 @@ pub enum Error {
     Hub { repo: String, message: String },
     #[error("unknown layer {layer:?} for {model}; valid layers: {}", valid.join(", "))]
     UnknownLayer { layer: String, model: String, valid: Vec<String> },
-    #[error("unknown model {0:?}: use efficientnet-lite0, vgg16, resnet18, resnet50 or an ONNX file (FILE.onnx)")]
+    #[error("unknown model {0:?}: use efficientnet-lite0, vgg16, resnet18, resnet50, an ONNX file (FILE.onnx) or a folder made by `gradcam train classifier`")]
     UnknownModel(String),
     #[error("no weights given for {model}, and {reason}")]
     NoWeights { model: String, reason: String },
@@ -169,6 +170,8 @@ pub enum ModelName {
     Builtin(ModelKind),
     /// An ONNX classifier.
     Onnx(PathBuf),
+    /// A classifier folder made by `gradcam train classifier`.
+    Folder(PathBuf),
 }
 
 impl std::str::FromStr for ModelName {
@@ -176,6 +179,9 @@ impl std::str::FromStr for ModelName {
     fn from_str(s: &str) -> Result<Self> {
         if s.to_ascii_lowercase().ends_with(".onnx") {
             return Ok(ModelName::Onnx(PathBuf::from(s)));
+        }
+        if std::path::Path::new(s).is_dir() {
+            return Ok(ModelName::Folder(PathBuf::from(s)));
         }
         s.parse().map(ModelName::Builtin)
     }
@@ -191,6 +197,10 @@ impl ModelName {
                 let model = onnx::OnnxModel::load(path, onnx)?;
                 let default = model.default_layer().ok();
                 Ok(model.values().into_iter().map(|r| (format!("{}\t{}\t{:?}", r.name, r.op, r.shape), Some(&r.name) == default.as_ref())).collect())
+            }
+            ModelName::Folder(dir) => {
+                let net = scene_classifier::load(dir)?;
+                Ok(net.layer_names().into_iter().map(|n| (n.clone(), n == net.default_layer())).collect())
             }
         }
     }
@@ -213,6 +223,14 @@ impl ModelName {
                 }
                 let model = std::sync::Arc::new(onnx::OnnxModel::load(path, onnx)?);
                 Ok((model.network(layer)?, 0))
+            }
+            ModelName::Folder(dir) => {
+                if weights.is_some() || onnx.labels.is_some() || onnx.mean.is_some() || onnx.std.is_some() || onnx.input_size.is_some() {
+                    return Err(Error::Data(format!("--weights, --labels, --mean, --std and --input-size do not apply to {}: the folder holds its weights, classes and input size", dir.display())));
+                }
+                let net = scene_classifier::load(dir)?;
+                let index = net.layer_index(layer.unwrap_or(net.default_layer()))?;
+                Ok((net, index))
             }
         }
     }

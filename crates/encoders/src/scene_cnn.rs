@@ -31,6 +31,13 @@ const CONVS: [(usize, usize); 4] = [(16, 1), (32, 2), (64, 2), (CHANNELS, 1)];
 /// that never fire; `channels` in `config.json` gives the width of a model's layer).
 pub const CHANNELS: usize = 96;
 
+/// (out channels, stride) of conv1..conv4 of a scene CNN whose `conv4` has `channels` units.
+pub fn conv_shapes(channels: usize) -> [(usize, usize); 4] {
+    let mut c = CONVS;
+    c[3].0 = channels;
+    c
+}
+
 pub fn default_channels() -> usize {
     CHANNELS
 }

@@ -10,11 +10,14 @@ use serde_json::json;
 
 use crate::coco::{Caption, Captions, Category, ImageInfo, Instance, Instances};
 use crate::rle::encode_counts;
-use crate::scene::{generate, Scene, SHAPES};
+use crate::scene::{generate, generate_biased, Bias, Scene, SHAPES};
 use crate::vqa::{Annotation, Question, Vqa};
 use crate::{Error, Result};
 
 pub const SPLITS: [&str; 3] = ["train", "val", "test"];
+
+/// The category id of spurious cues in a biased classification set (name `cue`; never a class).
+pub const CUE_CATEGORY: u64 = 4;
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -26,11 +29,13 @@ pub struct Config {
     pub fractions: [f64; 3],
     /// Image side in pixels, 64 to 128.
     pub size: u32,
+    /// The classification variant with a spurious cue (one object per scene).
+    pub bias: Option<Bias>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { n: 1000, seed: 0, fractions: [0.8, 0.1, 0.1], size: 64 }
+        Config { n: 1000, seed: 0, fractions: [0.8, 0.1, 0.1], size: 64, bias: None }
     }
 }
 
@@ -71,7 +76,10 @@ pub fn write(out: &Path, cfg: &Config, progress: &(dyn Fn() + Sync)) -> Result<[
             .clone()
             .into_par_iter()
             .map(|id| {
-                let scene = generate(cfg.seed, id as u64, cfg.size);
+                let scene = match cfg.bias {
+                    None => generate(cfg.seed, id as u64, cfg.size),
+                    Some(b) => generate_biased(cfg.seed, id as u64, cfg.size, b.cue, if s == 2 { Bias::TEST_P } else { b.p }),
+                };
                 let mut png = Vec::new();
                 scene
                     .image
@@ -102,8 +110,12 @@ struct InstanceJson {
 }
 
 fn write_split(dir: &Path, split: &str, cfg: &Config, scenes: &[Scene]) -> Result<()> {
-    let info = json!({"description": "ShapeScenes: synthetic scenes with ground-truth masks, captions and questions",
+    let mut info = json!({"description": "ShapeScenes: synthetic scenes with ground-truth masks, captions and questions",
                       "version": "1.0", "seed": cfg.seed, "split": split, "generator": concat!("gradcam-scenes ", env!("CARGO_PKG_VERSION"))});
+    if let Some(b) = cfg.bias {
+        // What the cue means, so that a reader of the files can tell (see `Bias`).
+        info["bias"] = json!({"cue": b.cue.name(), "p": if split == "test" { Bias::TEST_P } else { b.p }, "cue_colors": crate::scene::CUE_COLORS, "classes": SHAPES});
+    }
     let images: Vec<ImageInfo> = scenes.iter().map(|s| ImageInfo { id: s.id, file_name: file_name(s.id), width: cfg.size, height: cfg.size }).collect();
     let captions: Vec<Caption> = scenes
         .iter()
@@ -111,7 +123,10 @@ fn write_split(dir: &Path, split: &str, cfg: &Config, scenes: &[Scene]) -> Resul
         .collect();
     crate::json::write(&dir.join("captions.json"), &json!({"info": info, "licenses": [], "images": images, "annotations": captions}))?;
 
-    let categories: Vec<Category> = SHAPES.iter().enumerate().map(|(i, s)| Category { id: i as u64 + 1, name: s.to_string(), supercategory: "shape".into() }).collect();
+    let mut categories: Vec<Category> = SHAPES.iter().enumerate().map(|(i, s)| Category { id: i as u64 + 1, name: s.to_string(), supercategory: "shape".into() }).collect();
+    if cfg.bias.is_some() {
+        categories.push(Category { id: CUE_CATEGORY, name: "cue".into(), supercategory: "cue".into() });
+    }
     let instances: Vec<InstanceJson> = scenes
         .iter()
         .flat_map(|s| {
@@ -126,6 +141,17 @@ fn write_split(dir: &Path, split: &str, cfg: &Config, scenes: &[Scene]) -> Resul
                 color: o.color_name(),
                 size: o.size_name(),
             })
+            .chain(s.cue.iter().map(move |c| InstanceJson {
+                id: instance_id(s.id, s.objects.len()),
+                image_id: s.id,
+                category_id: CUE_CATEGORY,
+                bbox: c.mask.bbox(),
+                area: c.mask.area() as f64,
+                iscrowd: 0,
+                segmentation: json!({"size": [c.mask.height, c.mask.width], "counts": encode_counts(&c.mask.to_counts())}),
+                color: c.color_name(),
+                size: "small",
+            }))
         })
         .collect();
     crate::json::write(

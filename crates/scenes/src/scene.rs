@@ -117,6 +117,81 @@ pub struct Scene {
     pub objects: Vec<Object>,
     pub captions: Vec<String>,
     pub questions: Vec<Qa>,
+    /// The spurious cue of a classification scene ([`generate_biased`]).
+    pub cue: Option<Cue>,
+}
+
+/// Spurious cues the classification variant can add (`gradcam scenes --bias CUE:P`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CueKind {
+    /// A plus-shaped mark, 9 x 9 px, in a random corner; its colour goes with a shape.
+    Mark,
+}
+
+impl CueKind {
+    pub const ALL: [CueKind; 1] = [CueKind::Mark];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CueKind::Mark => "mark",
+        }
+    }
+}
+
+/// The bias of a classification dataset: in train and val, the cue carries the colour of the
+/// image's own class with probability `p` (else the colour of another class, uniformly); in test
+/// with probability 0.5. `p` = 1/3 makes the cue independent of the class (a balanced set).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bias {
+    pub cue: CueKind,
+    pub p: f64,
+}
+
+impl Bias {
+    /// The cue probability of the test split.
+    pub const TEST_P: f64 = 0.5;
+
+    /// The probability that makes the cue independent of the class.
+    pub fn balanced_p() -> f64 {
+        1.0 / SHAPES.len() as f64
+    }
+}
+
+impl std::str::FromStr for Bias {
+    type Err = String;
+    /// `CUE:P`, e.g. `mark:0.95`, or `mark:balanced` (P = 1/3).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let kinds = || CueKind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ");
+        let (cue, p) = s.split_once(':').ok_or_else(|| format!("--bias {s:?}: give CUE:P, e.g. mark:0.95 (cues: {})", kinds()))?;
+        let cue = CueKind::ALL.into_iter().find(|k| k.name() == cue).ok_or_else(|| format!("--bias: unknown cue {cue:?}; known cues: {}", kinds()))?;
+        let p = if p == "balanced" { Bias::balanced_p() } else { p.parse::<f64>().map_err(|_| format!("--bias: {p:?} is not a probability"))? };
+        if !(0.0..=1.0).contains(&p) {
+            return Err(format!("--bias: probability {p} is outside [0, 1]"));
+        }
+        Ok(Bias { cue, p })
+    }
+}
+
+/// Names and colours of the cue marks, one per shape class (none of them an object colour).
+pub const CUE_COLORS: [&str; 3] = ["cyan", "orange", "pink"];
+const CUE_RGB: [[u8; 3]; 3] = [[0, 215, 215], [250, 135, 0], [255, 80, 200]];
+/// Side of the cue mark and its distance from the image border, in pixels.
+pub const CUE_SIDE: usize = 9;
+const CUE_MARGIN: usize = 2;
+
+/// The spurious cue drawn in a classification scene.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cue {
+    /// The shape class whose colour the mark has (index into [`SHAPES`] and [`CUE_COLORS`]).
+    pub class: usize,
+    /// Exactly the pixels drawn.
+    pub mask: Mask,
+}
+
+impl Cue {
+    pub fn color_name(&self) -> &'static str {
+        CUE_COLORS[self.class]
+    }
 }
 
 /// Scene `id` of the dataset with this seed, `size` pixels square (64 to 128).
@@ -137,7 +212,63 @@ pub fn generate(seed: u64, id: u64, size: u32) -> Scene {
     }
     let captions = captions(&mut rng, &objects);
     let questions = questions(&mut rng, &objects);
-    Scene { id, image, objects, captions, questions }
+    Scene { id, image, objects, captions, questions, cue: None }
+}
+
+/// Scene `id` of a classification dataset: one object, whose shape is the image's class, away
+/// from the four corners, and a cue mark in one corner whose colour is the class's with
+/// probability `p` (else another class's, uniformly).
+pub fn generate_biased(seed: u64, id: u64, size: u32, cue: CueKind, p: f64) -> Scene {
+    let mut rng = Rng::new(seed ^ id.wrapping_mul(0xd134_2543_de82_ef95) ^ 0x5bd1_e995);
+    let mut image = background(&mut rng, size);
+    let n = size as usize;
+    let corner_box = |c: usize| -> [f32; 4] {
+        let x0 = if c % 2 == 0 { CUE_MARGIN } else { n - CUE_MARGIN - CUE_SIDE };
+        let y0 = if c < 2 { CUE_MARGIN } else { n - CUE_MARGIN - CUE_SIDE };
+        [x0 as f32, y0 as f32, (x0 + CUE_SIDE) as f32, (y0 + CUE_SIDE) as f32]
+    };
+    let s = size as f32;
+    let object = loop {
+        let (shape, color, sz) = (rng.below(SHAPES.len()), rng.below(COLORS.len()), rng.below(SIZES.len()));
+        let r = s * if sz == 0 { 0.1 } else { 0.16 } * rng.range(0.95, 1.05);
+        let center = (rng.range(r + 1.0, s - r - 1.0), rng.range(r + 1.0, s - r - 1.0));
+        let b = [center.0 - r - 2.0, center.1 - r - 2.0, center.0 + r + 2.0, center.1 + r + 2.0];
+        if (0..4).map(corner_box).any(|o| b[0] < o[2] && o[0] < b[2] && b[1] < o[3] && o[1] < b[3]) {
+            continue;
+        }
+        let mask = rasterize(shape, center, r, size);
+        let [x, y, w, h] = mask.bbox();
+        break Object { shape, color, size: sz, center: ((x + w / 2.0) as f32, (y + h / 2.0) as f32), mask };
+    };
+    let base = RGB[object.color];
+    let tint: [i32; 3] = std::array::from_fn(|_| rng.range(-14.0, 14.0) as i32);
+    for (i, &inside) in object.mask.data.iter().enumerate() {
+        if inside {
+            let noise = rng.range(-6.0, 6.0) as i32;
+            image.put_pixel((i % n) as u32, (i / n) as u32, Rgb(std::array::from_fn(|c| (base[c] as i32 + tint[c] + noise).clamp(0, 255) as u8)));
+        }
+    }
+    let class = if (rng.unit() as f64) < p { object.shape } else { (object.shape + 1 + rng.below(SHAPES.len() - 1)) % SHAPES.len() };
+    let [x0, y0, _, _] = corner_box(rng.below(4));
+    let mut mask = Mask::new(n, n);
+    match cue {
+        CueKind::Mark => {
+            let half = CUE_SIDE / 2;
+            for dy in 0..CUE_SIDE {
+                for dx in 0..CUE_SIDE {
+                    if dx.abs_diff(half) <= 1 || dy.abs_diff(half) <= 1 {
+                        let (x, y) = (x0 as usize + dx, y0 as usize + dy);
+                        mask.set(y, x);
+                        image.put_pixel(x as u32, y as u32, Rgb(CUE_RGB[class]));
+                    }
+                }
+            }
+        }
+    }
+    let objects = vec![object];
+    let captions = captions(&mut rng, &objects);
+    let questions = questions(&mut rng, &objects);
+    Scene { id, image, objects, captions, questions, cue: Some(Cue { class, mask }) }
 }
 
 /// A grey-ish shaded background with pixel noise and faint stripes: never flat, never as
