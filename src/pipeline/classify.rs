@@ -3,7 +3,7 @@
 
 use candle_core::D;
 use gradcam_core::render::{fit, render, write_method_strips, Output, Subject};
-use gradcam_core::{class_named_report, Explainable, Explanation, Target};
+use gradcam_core::{class_named_report, Explainable, Explanation, Target, UnitNames};
 use gradcam_encoders::preprocess::{prepare_with, Resize};
 use gradcam_encoders::Network;
 use image::RgbImage;
@@ -22,8 +22,10 @@ pub struct Options {
     pub counterfactual: bool,
     /// How the image becomes the 224-pixel input.
     pub resize: Resize,
-    /// Add each map's neuron report (units named by the classes they raise).
+    /// Add each map's neuron report (units named by the classes they raise, or by `dissection`).
     pub neurons: bool,
+    /// Unit names from network dissection (a trained classifier folder's `dissection.json`).
+    pub dissection: Option<std::sync::Arc<gradcam_neurons::Dissection>>,
     /// Methods and smoothing.
     pub settings: Settings,
 }
@@ -100,7 +102,11 @@ pub fn classify(net: &Network, layer: usize, img: &RgbImage, name: &str, files: 
     let (picture_base, region) = fit(img, prepared.region);
     let out = Output { dir: files.dir, stem: files.stem, image: &picture_base, region };
     let class_name = |c: usize| label(c);
-    let neurons = |e: &Explanation, subject: &str| class_named_report(&split, &activations, e.weights.as_deref().unwrap_or(&[]), subject, &class_name);
+    let names = options.dissection.as_deref().map(|d| UnitNames::Dissection(d));
+    let neurons = |e: &Explanation, subject: &str| match &names {
+        Some(names) => super::named_report(names)(e, subject),
+        None => class_named_report(&split, &activations, e.weights.as_deref().unwrap_or(&[]), subject, &class_name),
+    };
     let cam = options.settings.cam(&split, progress);
     let rendered = render(&cam, &options.settings.methods, &input, &activations, &subjects, &out, options.neurons.then_some(&neurons as _))?;
     if options.settings.methods.len() > 1 {

@@ -9,7 +9,8 @@ use gradcam::pipeline::classify::{classify, Options, Record};
 use gradcam::pipeline::Files;
 use gradcam::render::Stems;
 use gradcam_encoders::preprocess::{load_image, Resize};
-use gradcam_encoders::Network;
+use gradcam_encoders::{ModelName, Network};
+use gradcam_neurons::Dissection;
 
 use crate::common::{HtmlArg, MethodArgs};
 use gradcam_serve::html::View;
@@ -40,9 +41,11 @@ pub struct ClassifyArgs {
     /// Also write the counterfactual map of each class (negated gradients: what argues against it).
     #[arg(long)]
     counterfactual: bool,
-    /// center-crop (shorter side to 256, centre 224), stretch (to 224x224) or none (as it is).
-    #[arg(long, default_value = "center-crop")]
-    resize: Resize,
+    /// center-crop (shorter side to 256/224 of the input size, then its centre), stretch (to the
+    /// input size) or none (as it is). Default: center-crop; stretch for a trained classifier
+    /// folder (its images are the scenes it was trained on, whole).
+    #[arg(long)]
+    resize: Option<Resize>,
     /// Folder for the overlay PNGs.
     #[arg(long, default_value = "gradcam-out")]
     out: PathBuf,
@@ -51,13 +54,19 @@ pub struct ClassifyArgs {
     json: bool,
     /// Add a textual explanation: the 5 units with the largest and the 5 with the smallest
     /// alpha_k, each named by the 3 classes it raises most through the rest of the network
-    /// (ImageNet has no concept masks to dissect against).
+    /// (ImageNet has no concept masks to dissect against); for a trained classifier folder with a
+    /// dissection.json (`gradcam dissect`), by its concept names.
     #[arg(long)]
     neurons: bool,
 }
 
 pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     let (net, index) = args.model.load_at(args.layer.as_deref())?;
+    let dissection = match &args.model.model {
+        ModelName::Folder(dir) if args.neurons => Dissection::of_model(None, dir, false)?.map(std::sync::Arc::new),
+        _ => None,
+    };
+    let resize = args.resize.unwrap_or(if matches!(args.model.model, ModelName::Folder(_)) { Resize::Stretch } else { Resize::CenterCrop });
     if let Some(&bad) = args.classes.iter().find(|&&c| c >= net.num_classes()) {
         anyhow::bail!("--class {bad} is out of range: {} has classes 0..={}", net.arch(), net.num_classes() - 1);
     }
@@ -67,7 +76,7 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     for path in &args.images {
         progress.set_message(path.display().to_string());
-        match classify_one(&net, index, path, &args, &mut stems) {
+        match classify_one(&net, index, path, &args, (resize, dissection.clone()), &mut stems) {
             Ok(result) => progress.suspend(|| print_result(&mut stdout, &result, args.json))?,
             Err(err) => {
                 failures += 1;
@@ -99,9 +108,9 @@ fn print_result(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result
     Ok(())
 }
 
-fn classify_one(net: &Network, index: usize, path: &Path, args: &ClassifyArgs, stems: &mut Stems) -> anyhow::Result<Record> {
+fn classify_one(net: &Network, index: usize, path: &Path, args: &ClassifyArgs, (resize, dissection): (Resize, Option<std::sync::Arc<Dissection>>), stems: &mut Stems) -> anyhow::Result<Record> {
     let img = load_image(path)?;
-    let options = Options { classes: args.classes.clone(), top_k: args.top_k, counterfactual: args.counterfactual, resize: args.resize, neurons: args.neurons, settings: args.methods.settings() };
+    let options = Options { classes: args.classes.clone(), top_k: args.top_k, counterfactual: args.counterfactual, resize, neurons: args.neurons, dissection, settings: args.methods.settings() };
     let (bar, stem) = (crate::progress::channels(args.json), stems.unique(path));
     let record = classify(net, index, &img, &path.display().to_string(), Files { dir: Some(&args.out), stem: &stem }, &options, Some(&*bar))?;
     args.html.write(&stem, path, View::Classify, &record).map(|()| record)

@@ -1,5 +1,6 @@
 //! The `gradcam` binary: parses arguments, calls the library crates, prints.
 
+mod attack;
 mod bench;
 mod caption;
 mod classifier;
@@ -35,6 +36,9 @@ struct Cli {
 enum Command {
     /// Classify images and explain the decision with Grad-CAM overlays.
     Classify(classify::ClassifyArgs),
+    /// Attack a classifier with adversarial noise (PGD, L-infinity budget) and explain the
+    /// original class on the adversarial image.
+    Attack(attack::AttackArgs),
     /// List the layer names `--layer` accepts for a model (for ONNX: every value, its op and shape).
     Layers(ModelArgs),
     /// Time the plain forward pass against the full Grad-CAM explanation.
@@ -148,6 +152,7 @@ fn run() -> anyhow::Result<ExitCode> {
     }
     match cli.command {
         Command::Classify(args) => classify::run(args),
+        Command::Attack(args) => attack::run(args),
         Command::Layers(args) => {
             let mut out = std::io::stdout().lock();
             for (row, default) in args.model.layer_rows(&args.onnx.options()?)? {

@@ -99,6 +99,8 @@ pub struct Prepared {
     /// `[3, h, w]`, normalised.
     pub tensor: Tensor,
     pub region: Region,
+    /// The resized (or cropped) image before normalisation: what `tensor` was made from.
+    pub view: RgbImage,
 }
 
 /// A network's input: its size and per-channel normalisation.
@@ -148,7 +150,7 @@ pub fn prepare_with(img: &RgbImage, mode: Resize, pp: &Preprocess) -> Result<Pre
             let (cw, ch) = if w > h { (16 * h, h) } else { (w, 16 * w) };
             let (x0, y0) = ((w - cw) / 2, (h - ch) / 2);
             let p = prepare_with(&image::imageops::crop_imm(img, x0, y0, cw, ch).to_image(), mode, pp)?;
-            return Ok(Prepared { tensor: p.tensor, region: Region { x: p.region.x + x0, y: p.region.y + y0, ..p.region } });
+            return Ok(Prepared { tensor: p.tensor, region: Region { x: p.region.x + x0, y: p.region.y + y0, ..p.region }, view: p.view });
         }
         Resize::CenterCrop => {
             // torchvision Resize(256): the shorter side to 256 (256/224 of the input), the other truncated.
@@ -169,7 +171,7 @@ pub fn prepare_with(img: &RgbImage, mode: Resize, pp: &Preprocess) -> Result<Pre
             (crop, region)
         }
     };
-    Ok(Prepared { tensor: normalize_with(&view, pp)?, region })
+    Ok(Prepared { tensor: normalize_with(&view, pp)?, region, view })
 }
 
 /// `[3, h, w]` with ImageNet mean/std normalisation.

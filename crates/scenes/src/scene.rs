@@ -174,7 +174,7 @@ impl std::str::FromStr for Bias {
 
 /// Names and colours of the cue marks, one per shape class (none of them an object colour).
 pub const CUE_COLORS: [&str; 3] = ["cyan", "orange", "pink"];
-const CUE_RGB: [[u8; 3]; 3] = [[0, 215, 215], [250, 135, 0], [255, 80, 200]];
+pub const CUE_RGB: [[u8; 3]; 3] = [[0, 215, 215], [250, 135, 0], [255, 80, 200]];
 /// Side of the cue mark and its distance from the image border, in pixels.
 pub const CUE_SIDE: usize = 9;
 const CUE_MARGIN: usize = 2;
