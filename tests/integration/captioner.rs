@@ -139,7 +139,7 @@ fn many_seed_backward_matches_the_general_path() {
 #[test]
 fn a_tiny_captioner_learns() {
     let data = tempfile::tempdir().unwrap();
-    let cfg = gradcam_scenes::Config { n: 60, seed: 9, fractions: [0.8, 0.2, 0.0], size: 64 };
+    let cfg = gradcam_scenes::Config { n: 60, seed: 9, fractions: [0.8, 0.2, 0.0], size: 64, bias: None };
     gradcam_scenes::dataset::write(data.path(), &cfg, &|| {}).unwrap();
     let out = tempfile::tempdir().unwrap();
     let tc = TrainConfig { epochs: 4, batch_size: 8, lr: 5e-3, weight_decay: 0.0, seed: 1, val_images: 4, label_smoothing: 0.1, word_loss: 1.0, hidden: 64, activation_l1: 0.01, word_pairs: true };

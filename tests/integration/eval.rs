@@ -81,6 +81,7 @@ fn every_metric_matches_a_hand_computed_case() {
         steps: 4,
         reject_below: 0.5,
         batch: 3,
+        segment: Default::default(),
     };
     let mut results = Vec::new();
     let s = run(&Quadrant, &options, |_, r| results.push(r.clone())).unwrap();
@@ -194,4 +195,40 @@ fn eval_errors_name_the_problem() {
     let o = gradcam(&["eval", "pointing", "--model", "efficientnet-lite0", "--weights", weights.to_str().unwrap(), "--data", data.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("category \"circle\" is not an ImageNet class name"), "{err}");
+}
+
+#[test]
+fn seeded_segmentation_recovers_a_hand_made_object() {
+    use gradcam_eval::segment::{iou, random_walker, seeds, threshold, centre_prior, SegmentOptions};
+    // A 64 x 64 noisy grey image with a red disc of radius 10 at (20, 40); the "map" is a blob
+    // wider than the disc and off its centre by 3 px, as an upsampled 16 x 16 map is.
+    let (h, w) = (64usize, 64usize);
+    let mut state = 1u64;
+    let mut noise = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 33) % 37) as i32 - 18
+    };
+    let inside = |y: usize, x: usize| (y as f32 - 20.0).powi(2) + (x as f32 - 40.0).powi(2) <= 100.0;
+    let img = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        let n = noise();
+        if inside(y as usize, x as usize) {
+            image::Rgb([(215 + n / 3) as u8, (35 + n / 3) as u8, 35])
+        } else {
+            let g = (120 + n) as u8;
+            image::Rgb([g, g, g])
+        }
+    });
+    let truth: Vec<bool> = (0..h * w).map(|i| inside(i / w, i % w)).collect();
+    let map = gradcam_core::Map::new(h, w, (0..h * w).map(|i| {
+        let (y, x) = ((i / w) as f32, (i % w) as f32);
+        (-((y - 23.0).powi(2) + (x - 42.0).powi(2)) / (2.0 * 9.0f32.powi(2))).exp()
+    }).collect());
+    let o = SegmentOptions::default();
+    let seeded = random_walker(&img, &seeds(&map, &o), o.beta, o.max_side);
+    let (s, t, c) = (iou(&seeded, &truth), iou(&threshold(&map, o.threshold), &truth), iou(&centre_prior(h, w, o.centre_area), &truth));
+    assert!(s > 0.9, "seeded IoU {s}");
+    assert!(s > t && t > c, "seeded {s}, threshold {t}, centre {c}");
+    // A map that is zero everywhere seeds nothing: an empty segmentation.
+    let zero = gradcam_core::Map::new(h, w, vec![0.0; h * w]);
+    assert!(random_walker(&img, &seeds(&zero, &o), o.beta, o.max_side).iter().all(|&v| !v));
 }

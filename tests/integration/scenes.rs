@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use crate::repo;
 
 fn make(dir: &Path, n: usize, seed: u64) -> Config {
-    let cfg = Config { n, seed, fractions: [0.6, 0.2, 0.2], size: 64 };
+    let cfg = Config { n, seed, fractions: [0.6, 0.2, 0.2], size: 64, bias: None };
     write(dir, &cfg, &|| {}).unwrap();
     cfg
 }

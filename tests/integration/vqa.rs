@@ -80,7 +80,7 @@ fn answer_gradient_matches_finite_differences() {
 #[test]
 fn a_tiny_vqa_model_learns() {
     let data = tempfile::tempdir().unwrap();
-    let cfg = gradcam_scenes::Config { n: 60, seed: 4, fractions: [0.8, 0.2, 0.0], size: 64 };
+    let cfg = gradcam_scenes::Config { n: 60, seed: 4, fractions: [0.8, 0.2, 0.0], size: 64, bias: None };
     gradcam_scenes::dataset::write(data.path(), &cfg, &|| {}).unwrap();
     let out = tempfile::tempdir().unwrap();
     let tc = TrainConfig { epochs: 5, batch_size: 8, lr: 3e-3, weight_decay: 0.0, seed: 2, ..Default::default() };
@@ -110,7 +110,7 @@ fn a_tiny_vqa_model_learns() {
 /// A 30-scene dataset and a captioner trained on it for one epoch (an encoder to start from).
 fn scenes_and_a_captioner() -> (tempfile::TempDir, tempfile::TempDir) {
     let data = tempfile::tempdir().unwrap();
-    let cfg = gradcam_scenes::Config { n: 30, seed: 6, fractions: [0.8, 0.2, 0.0], size: 64 };
+    let cfg = gradcam_scenes::Config { n: 30, seed: 6, fractions: [0.8, 0.2, 0.0], size: 64, bias: None };
     gradcam_scenes::dataset::write(data.path(), &cfg, &|| {}).unwrap();
     let captioner = tempfile::tempdir().unwrap();
     let tc = gradcam_captioner::train::TrainConfig { epochs: 1, batch_size: 8, hidden: 16, val_images: 2, ..Default::default() };

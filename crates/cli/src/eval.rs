@@ -18,7 +18,7 @@ use crate::common::parse_gradient_method;
 #[derive(clap::Args)]
 pub struct EvalArgs {
     /// What to measure, comma-separated: localization, pointing, faithfulness, deletion, insertion,
-    /// energy, or all.
+    /// energy, segmentation, or all.
     #[arg(required = true, value_delimiter = ',')]
     tasks: Vec<String>,
     /// A captioner or VQA model folder (told apart by its config.json), or a classifier:
@@ -79,6 +79,16 @@ pub struct EvalArgs {
     /// Perturbed inputs per forward pass.
     #[arg(long, default_value_t = 32)]
     batch: usize,
+    /// Segmentation: foreground seeds where the upsampled map is at least this fraction of its
+    /// maximum.
+    #[arg(long, default_value_t = gradcam_eval::segment::SegmentOptions::default().high)]
+    seed_high: f32,
+    /// Segmentation: background seeds where it is below this fraction.
+    #[arg(long, default_value_t = gradcam_eval::segment::SegmentOptions::default().low)]
+    seed_low: f32,
+    /// Segmentation: the thresholded-map baseline's threshold (fraction of the maximum).
+    #[arg(long, default_value_t = gradcam_eval::segment::SegmentOptions::default().threshold)]
+    seg_threshold: f32,
 }
 
 pub fn run_eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
@@ -86,7 +96,8 @@ pub fn run_eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     if args.failures > 0 && args.out.is_none() {
         anyhow::bail!("--failures writes a page: give --out DIR");
     }
-    if let Ok(name) = args.model.parse::<ModelName>() {
+    let model_name = args.model.parse::<ModelName>().ok().filter(|n| !matches!(n, ModelName::Folder(d) if !gradcam_encoders::scene_classifier::is_classifier_dir(d)));
+    if let Some(name) = model_name {
         let (net, layer) = name.load(args.weights.as_deref(), &args.onnx.options()?, args.layer.as_deref()).with_context(|| format!("loading {}", args.model))?;
         let subject = ClassifierSubject::new(net, layer, &args.data).with_context(|| format!("reading the dataset {}", args.data.display()))?;
         return evaluate(&subject, &args, tasks);
@@ -125,6 +136,7 @@ fn evaluate<S: Subject>(subject: &S, args: &EvalArgs, tasks: Vec<Task>) -> anyho
         steps: args.steps,
         reject_below: args.reject_below,
         batch: args.batch,
+        segment: gradcam_eval::segment::SegmentOptions { high: args.seed_high, low: args.seed_low, threshold: args.seg_threshold, ..Default::default() },
     };
     options.check()?;
     let n = subject.len().min(options.limit);

@@ -10,6 +10,7 @@
 
 pub mod attack;
 mod perturb;
+pub mod segment;
 pub mod report;
 mod run;
 pub mod subjects;
@@ -59,10 +60,11 @@ pub enum Task {
     Deletion,
     Insertion,
     Energy,
+    Segmentation,
 }
 
 impl Task {
-    pub const ALL: [Task; 6] = [Task::Localization, Task::Pointing, Task::Faithfulness, Task::Deletion, Task::Insertion, Task::Energy];
+    pub const ALL: [Task; 7] = [Task::Localization, Task::Pointing, Task::Faithfulness, Task::Deletion, Task::Insertion, Task::Energy, Task::Segmentation];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -72,6 +74,7 @@ impl Task {
             Task::Deletion => "deletion",
             Task::Insertion => "insertion",
             Task::Energy => "energy",
+            Task::Segmentation => "segmentation",
         }
     }
 }

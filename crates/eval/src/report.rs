@@ -63,6 +63,12 @@ pub fn markdown(s: &Summary) -> String {
         row("energy in box, mean inside / outside".into(), &|t| mean(&t.energy_ratio));
         row("energy in box, share of the map's mass".into(), &|t| mean(&t.energy_fraction));
     }
+    if has(Task::Segmentation) {
+        let seg = |f: fn(&crate::run::Segmentation) -> f64| move |t: &Tally| if t.segmentation.count == 0 { "–".to_string() } else { format!("{:.3} (n={})", f(&t.segmentation), t.segmentation.count) };
+        row(format!("segmentation mIoU, random walker from seeds (map ≥ {} / < {} of max)", s.protocol.segment.high, s.protocol.segment.low), &seg(|g| g.miou_seeded));
+        row(format!("segmentation mIoU, map thresholded at {} of max", s.protocol.segment.threshold), &seg(|g| g.miou_threshold));
+        row(format!("segmentation mIoU, centre box ({:.0}% of the image)", s.protocol.segment.centre_area * 100.0), &seg(|g| g.miou_centre));
+    }
     if let Some(r) = &s.ranked {
         let _ = writeln!(out);
         let _ = writeln!(out, "| per image ({} images) | |", r.images);

@@ -33,6 +33,8 @@ pub struct Options<'a> {
     pub reject_below: f32,
     /// Perturbed inputs per forward pass.
     pub batch: usize,
+    /// Seeds and baselines of the segmentation task.
+    pub segment: crate::segment::SegmentOptions,
 }
 
 impl Options<'_> {
@@ -45,7 +47,7 @@ impl Options<'_> {
         if self.steps == 0 || self.batch == 0 || self.patch == Some(0) || self.stride == Some(0) {
             return Err(crate::Error::Options("--steps, --batch, --patch and --stride must be at least 1".into()));
         }
-        Ok(())
+        self.segment.check()
     }
 
     fn has(&self, t: Task) -> bool {
@@ -99,6 +101,30 @@ pub struct Tally {
     pub energy_ratio: Mean,
     /// Share of the map's mass inside the objects' boxes.
     pub energy_fraction: Mean,
+    /// Segmentation from the map's seeds, beside the thresholded map and a centre prior.
+    pub segmentation: Segmentation,
+}
+
+/// Mean IoUs with the objects' masks of the three segmentations of each case.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Segmentation {
+    pub count: usize,
+    /// The random walker from the map's seeds.
+    pub miou_seeded: f64,
+    /// The map thresholded alone.
+    pub miou_threshold: f64,
+    /// A centred box.
+    pub miou_centre: f64,
+}
+
+impl Segmentation {
+    pub fn add(&mut self, [seeded, threshold, centre]: [f64; 3]) {
+        self.count += 1;
+        let k = self.count as f64;
+        self.miou_seeded += (seeded - self.miou_seeded) / k;
+        self.miou_threshold += (threshold - self.miou_threshold) / k;
+        self.miou_centre += (centre - self.miou_centre) / k;
+    }
 }
 
 /// Classifier-only figures, per image, as ILSVRC and the paper report them.
@@ -145,6 +171,7 @@ pub struct Protocol {
     pub reject_below: f32,
     pub removed_pixels: &'static str,
     pub insertion_start: &'static str,
+    pub segment: crate::segment::SegmentOptions,
 }
 
 /// What was measured for one case.
@@ -176,6 +203,9 @@ pub struct CaseResult {
     pub insertion_auc: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub energy: Option<Energy>,
+    /// IoU with the objects' masks: seeded random walker, thresholded map, centre prior.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segmentation: Option<[f64; 3]>,
 }
 
 /// What was measured for one image.
@@ -219,6 +249,9 @@ pub fn run<S: Subject>(subject: &S, options: &Options, mut progress: impl FnMut(
                     if let Some(v) = v {
                         m.add(v);
                     }
+                }
+                if let Some(ious) = c.segmentation {
+                    t.segmentation.add(ious);
                 }
             }
         }
@@ -272,6 +305,7 @@ pub fn run<S: Subject>(subject: &S, options: &Options, mut progress: impl FnMut(
             reject_below: options.reject_below,
             removed_pixels: "0 in the normalised input (the mean colour for ImageNet models, mid-grey for the scene CNN)",
             insertion_start: "the input blurred by three box filters of radius 1/32 of its side",
+            segment: options.segment,
         },
     })
 }
@@ -316,6 +350,7 @@ fn evaluate_example<S: Subject>(subject: &S, ex: &Example<S::State>, options: &O
             deletion_auc: None,
             insertion_auc: None,
             energy: None,
+            segmentation: None,
         };
         if options.has(Task::Pointing) && present {
             let (hit, centre) = Pointing::hits(&up, |y, x| case.objects.iter().any(|o| o.mask.near(y, x, tolerance)));
@@ -330,6 +365,13 @@ fn evaluate_example<S: Subject>(subject: &S, ex: &Example<S::State>, options: &O
         if options.has(Task::Energy) && present {
             let inside: Vec<bool> = (0..h * w).map(|i| case.objects.iter().any(|o| o.bbox.contains(i / w, i % w))).collect();
             r.energy = Some(energy(&up, &inside));
+        }
+        if options.has(Task::Segmentation) && present {
+            use crate::segment::{centre_prior, iou, random_walker, seeds, threshold};
+            let o = &options.segment;
+            let truth: Vec<bool> = (0..h * w).map(|i| case.objects.iter().any(|ob| ob.mask.height == h && ob.mask.width == w && ob.mask.get(i / w, i % w))).collect();
+            let seeded = random_walker(&ex.image, &seeds(&up, o), o.beta, o.max_side);
+            r.segmentation = Some([iou(&seeded, &truth), iou(&threshold(&up, o.threshold), &truth), iou(&centre_prior(h, w, o.centre_area), &truth)]);
         }
         results.push(r);
     }
