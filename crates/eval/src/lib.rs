@@ -8,6 +8,7 @@
 //! refers to, produces the raw maps, and scores perturbed copies of its input. [`run`] does the
 //! rest, the same way for classifiers, captioners and VQA models.
 
+pub mod adversarial;
 pub mod attack;
 mod perturb;
 pub mod segment;

@@ -1,0 +1,254 @@
+//! Grad-CAM under adversarial noise (the paper's section 6.2), measured over a dataset: every
+//! ground-truth class of every image is attacked (untargeted: until its probability is below
+//! 1e-3; targeted: until a random other class's is above 0.9), and the original class's map on
+//! the adversarial image is scored against its objects beside the map on the clean image.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use gradcam_core::metrics::{energy, threshold_box, BoundingBox, Pointing};
+use gradcam_core::{explain, CamMethod, ClassLogit, Explainable, Map, Request, Score};
+use gradcam_encoders::preprocess::{prepare_with, Resize};
+use gradcam_encoders::Network;
+use gradcam_scenes::coco::Instances;
+use gradcam_scenes::scene::Rng;
+use serde::Serialize;
+
+use crate::attack::{attack, Goal, Pgd};
+use crate::run::{Hits, Mean};
+use crate::{Error, Result, Tolerance};
+
+/// How to attack and measure.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdversarialOptions {
+    pub eps: f32,
+    pub steps: usize,
+    pub step_size: f32,
+    /// Attack towards a random other class (seeded) instead of away from the true one.
+    pub targeted: bool,
+    pub seed: u64,
+    /// The goal: untargeted, the class's probability below this; targeted, the target's above.
+    pub until: f32,
+    pub limit: usize,
+    #[serde(skip)]
+    pub tolerance: Tolerance,
+    pub box_threshold: f32,
+    pub iou: f32,
+}
+
+/// Pointing, localization and energy of one set of maps.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MapTally {
+    pub pointing: Pointing,
+    pub localization: Hits,
+    pub energy_fraction: Mean,
+}
+
+/// One attacked class of one image.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttackCase {
+    pub image: String,
+    pub class: usize,
+    pub label: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<usize>,
+    pub success: bool,
+    pub steps: usize,
+    pub linf: f32,
+    pub l2: f32,
+    /// The class's probability on the clean and the adversarial image.
+    pub prob_clean: f32,
+    pub prob_adversarial: f32,
+    /// The adversarial image's top-1 class.
+    pub top1_adversarial: usize,
+    pub pointing_clean: bool,
+    pub pointing_adversarial: bool,
+    pub iou_clean: f32,
+    pub iou_adversarial: f32,
+    pub energy_clean: Option<f64>,
+    pub energy_adversarial: Option<f64>,
+    #[serde(skip)]
+    pub maps: (Map, Map),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AdversarialSummary {
+    pub images: usize,
+    pub cases: usize,
+    /// Share of attacks whose goal holds on the 8-bit adversarial image.
+    pub success_rate: f64,
+    pub mean_linf: f64,
+    pub mean_l2: f64,
+    pub mean_steps: f64,
+    /// The original class's maps on the clean images and on the adversarial ones (all cases).
+    pub clean: MapTally,
+    pub adversarial: MapTally,
+    /// The same over successful attacks only.
+    pub adversarial_successful: MapTally,
+    pub method: &'static str,
+    pub options: AdversarialOptions,
+    pub tolerance: String,
+}
+
+/// Each category's class in `net` by name; categories named `cue` (the spurious marks of a biased
+/// ShapeScenes set) are not objects and are left out unless the model has such a class.
+pub fn category_classes(net: &Network, instances: &Instances, file: &Path) -> Result<BTreeMap<u64, usize>> {
+    let names: Vec<String> = (0..net.num_classes()).map(|c| net.label(c)).collect();
+    let mut classes = BTreeMap::new();
+    for c in &instances.categories {
+        match names.iter().position(|n| n.eq_ignore_ascii_case(c.name.trim())) {
+            Some(class) => {
+                classes.insert(c.id, class);
+            }
+            None if c.name == "cue" => {}
+            None => {
+                let why = if net.num_classes() == 1000 && !net.has_labels() {
+                    "is not an ImageNet class name; a classifier's ground truth must name its classes as ImageNet does (e.g. \"tabby\", \"espresso\"), or give the model's names with --labels"
+                } else {
+                    "is not one of the model's class names (an ONNX model's come from --labels, one per line)"
+                };
+                return Err(Error::Data(format!("{}: category {:?} {why}", file.display(), c.name)));
+            }
+        }
+    }
+    Ok(classes)
+}
+
+fn cam(net: &Network, layer: usize, pixels: &candle_core::Tensor, class: usize, method: &dyn CamMethod) -> Result<Map> {
+    let pp = net.preprocess();
+    let mean = candle_core::Tensor::new(&pp.mean, pixels.device())?.reshape((1, 3, 1, 1))?;
+    let std = candle_core::Tensor::new(&pp.std, pixels.device())?.reshape((1, 3, 1, 1))?;
+    let input = pixels.broadcast_sub(&mean)?.broadcast_div(&std)?;
+    let split = net.split(layer);
+    let activations = split.features(&input)?;
+    let target = ClassLogit(class);
+    let requests = [Request { image: 0, target: &target as &dyn Score }];
+    Ok(explain(&split, &activations, &requests, method)?.remove(0).cam)
+}
+
+/// Attacks and measures the first `limit` images of the COCO set in `dir` (instances.json and
+/// images/). `progress` hears (images done, images).
+pub fn run(net: &Network, layer: usize, dir: &Path, method: &dyn CamMethod, o: &AdversarialOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<(AdversarialSummary, Vec<AttackCase>)> {
+    let file = dir.join("instances.json");
+    let instances = Instances::read(&file)?;
+    let classes = category_classes(net, &instances, &file)?;
+    let n = instances.images.len().min(o.limit);
+    let mut rng = Rng::new(o.seed);
+    let mut cases = Vec::new();
+    for (i, info) in instances.images.iter().take(n).enumerate() {
+        let path = dir.join("images").join(&info.file_name);
+        let image = gradcam_encoders::preprocess::load_image(&path)?;
+        if image.dimensions() != (info.width, info.height) {
+            return Err(Error::Data(format!("{} is {}x{} but its annotations say {}x{}", path.display(), image.width(), image.height(), info.width, info.height)));
+        }
+        let (h, w) = (info.height as usize, info.width as usize);
+        let view = prepare_with(&image, Resize::Stretch, net.preprocess())?.view;
+        let x0 = crate::attack::pixels_of(&view)?;
+        let clean_probs = crate::attack::probabilities(net, &x0)?;
+        let mut truth: BTreeMap<usize, Vec<&gradcam_scenes::coco::Instance>> = BTreeMap::new();
+        for a in instances.annotations.iter().filter(|a| a.image_id == info.id && !a.iscrowd) {
+            if let Some(&c) = classes.get(&a.category_id) {
+                truth.entry(c).or_default().push(a);
+            }
+        }
+        for (&class, objects) in &truth {
+            let goal = if o.targeted {
+                let target = (class + 1 + rng.below(net.num_classes() - 1)) % net.num_classes();
+                Goal::Targeted { class, target, until: o.until }
+            } else {
+                Goal::Untargeted { class, until: o.until }
+            };
+            let adv = attack(net, &x0, &Pgd { eps: o.eps, steps: o.steps, step_size: o.step_size, goal })?;
+            let maps = (cam(net, layer, &x0, class, method)?, cam(net, layer, &adv.pixels, class, method)?);
+            let score = |m: &Map| -> (bool, f32, Option<f64>) {
+                let up = m.resize_bilinear(h, w);
+                let tol = o.tolerance.pixels(h, w);
+                let (hit, _) = Pointing::hits(&up, |y, x| objects.iter().any(|a| a.mask.near(y, x, tol)));
+                let boxes: Vec<BoundingBox> = objects.iter().map(|a| BoundingBox::from_coco(a.bbox)).collect();
+                let iou = threshold_box(&up, o.box_threshold).map_or(0.0, |b| boxes.iter().map(|t| b.iou(t)).fold(0.0, f32::max));
+                let inside: Vec<bool> = (0..h * w).map(|p| boxes.iter().any(|b| b.contains(p / w, p % w))).collect();
+                (hit, iou, energy(&up, &inside).fraction)
+            };
+            let (pc, ic, ec) = score(&maps.0);
+            let (pa, ia, ea) = score(&maps.1);
+            let top1 = (0..adv.probs.len()).max_by(|&a, &b| adv.probs[a].total_cmp(&adv.probs[b])).unwrap_or(0);
+            cases.push(AttackCase {
+                image: info.file_name.clone(),
+                class,
+                label: net.label(class),
+                target: match goal {
+                    Goal::Targeted { target, .. } => Some(target),
+                    Goal::Untargeted { .. } => None,
+                },
+                success: adv.success,
+                steps: adv.steps,
+                linf: adv.linf,
+                l2: adv.l2,
+                prob_clean: clean_probs[class],
+                prob_adversarial: adv.probs[class],
+                top1_adversarial: top1,
+                pointing_clean: pc,
+                pointing_adversarial: pa,
+                iou_clean: ic,
+                iou_adversarial: ia,
+                energy_clean: ec,
+                energy_adversarial: ea,
+                maps,
+            });
+        }
+        progress(i + 1, n);
+    }
+    let tally = |pick: &dyn Fn(&AttackCase) -> (bool, f32, Option<f64>), only_success: bool| {
+        let mut t = MapTally::default();
+        for c in cases.iter().filter(|c| !only_success || c.success) {
+            let (hit, iou, e) = pick(c);
+            t.pointing.add(hit, false);
+            t.localization.add(iou >= o.iou);
+            if let Some(e) = e {
+                t.energy_fraction.add(e);
+            }
+        }
+        t
+    };
+    let k = cases.len().max(1) as f64;
+    let summary = AdversarialSummary {
+        images: n,
+        cases: cases.len(),
+        success_rate: cases.iter().filter(|c| c.success).count() as f64 / k,
+        mean_linf: cases.iter().map(|c| c.linf as f64).sum::<f64>() / k,
+        mean_l2: cases.iter().map(|c| c.l2 as f64).sum::<f64>() / k,
+        mean_steps: cases.iter().map(|c| c.steps as f64).sum::<f64>() / k,
+        clean: tally(&|c| (c.pointing_clean, c.iou_clean, c.energy_clean), false),
+        adversarial: tally(&|c| (c.pointing_adversarial, c.iou_adversarial, c.energy_adversarial), false),
+        adversarial_successful: tally(&|c| (c.pointing_adversarial, c.iou_adversarial, c.energy_adversarial), true),
+        method: method.name(),
+        options: o.clone(),
+        tolerance: o.tolerance.to_string(),
+    };
+    Ok((summary, cases))
+}
+
+/// The summary as a Markdown table.
+pub fn markdown(s: &AdversarialSummary) -> String {
+    let o = &s.options;
+    let kind = if o.targeted { format!("targeted at a random class until p > {}", o.until) } else { format!("untargeted until p < {}", o.until) };
+    let mut out = format!(
+        "| adversarial ({}, {} images, {} attacked classes; PGD eps {:.4} = {:.1}/255, ≤ {} steps, {kind}) | clean | adversarial | adversarial, successful attacks |\n|---|---|---|---|\n",
+        s.method, s.images, s.cases, o.eps, o.eps * 255.0, o.steps
+    );
+    let row = |name: String, f: &dyn Fn(&MapTally) -> String| format!("| {name} | {} | {} | {} |\n", f(&s.clean), f(&s.adversarial), f(&s.adversarial_successful));
+    out.push_str(&row(format!("pointing game ({}), original class", s.tolerance), &|t| format!("{:.3} (n={})", t.pointing.accuracy(), t.pointing.count)));
+    out.push_str(&row(format!("localization, box at {:.0}% of max, IoU ≥ {}", o.box_threshold * 100.0, o.iou), &|t| format!("{:.3}", t.localization.rate())));
+    out.push_str(&row("energy in box, share of the map's mass".into(), &|t| format!("{:.3}", t.energy_fraction.mean)));
+    out.push_str(&format!(
+        "\nattack success {:.3} ({} of {}); mean L-inf {:.4} ({:.2}/255), mean L2 {:.3}, mean steps {:.1}\n",
+        s.success_rate,
+        (s.success_rate * s.cases as f64).round(),
+        s.cases,
+        s.mean_linf,
+        s.mean_linf * 255.0,
+        s.mean_l2,
+        s.mean_steps
+    ));
+    out
+}
