@@ -24,6 +24,8 @@ runs=(
     "efficientnet-lite0|$bin eval all --model efficientnet-lite0 --data data/photos --out $out/efficientnet-lite0 --failures 5"
     "captioner|$bin eval all --model models/captioner --data $data/test --limit $limit --tolerance 0.0625 --out $out/captioner --failures 20"
     "vqa|$bin eval all --model models/vqa --data $data/test --limit $limit --tolerance 0.0625 --out $out/vqa --failures 20"
+    "adversarial|$bin eval adversarial --model efficientnet-lite0 --data data/photos --out $out/adversarial --failures 6"
+    "adversarial-targeted|$bin eval adversarial --model efficientnet-lite0 --data data/photos --target random --out $out/adversarial-targeted --failures 6"
 )
 {
     echo "Produced by \`scripts/results.sh $limit\` at commit $commit on $date (Grad-CAM, 2-core machine)."

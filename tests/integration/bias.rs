@@ -171,6 +171,15 @@ fn a_tiny_demo_writes_every_file_and_its_models_are_explained_like_the_imagenet_
     ok(&gradcam(&["dissect", "--model", model, "--data", out.join("data/biased/val").to_str().unwrap()]));
     let o = ok(&gradcam(&["classify", "--model", model, image, "--neurons", "--out", maps.to_str().unwrap()]));
     assert!(o.contains("IoU"), "the neuron report names units by the dissection: {o}");
+    // The paper's evaluations and the attack take it too (the cue marks are not objects).
+    let test = out.join("data/biased/test");
+    let o = ok(&gradcam(&["eval", "pointing,energy,segmentation", "--model", model, "--data", test.to_str().unwrap(), "--json"]));
+    let s: Value = serde_json::from_str(&o).unwrap();
+    assert_eq!(s["kind"], "classifier");
+    assert!(s["overall"]["pointing"]["count"].as_u64().unwrap() > 0, "{s}");
+    let o = ok(&gradcam(&["eval", "adversarial", "--model", model, "--data", test.to_str().unwrap(), "--limit", "3", "--json"]));
+    let s: Value = serde_json::from_str(&o).unwrap();
+    assert_eq!(s["cases"], 3, "one true class per scene: {s}");
     let layers = ok(&gradcam(&["layers", "--model", model]));
     assert_eq!(layers.lines().collect::<Vec<_>>(), ["conv1", "conv2", "conv3", "conv4  (default)"]);
     assert!(err(&gradcam(&["classify", "--model", model, image, "--class", "3"])).contains("out of range"));

@@ -1,5 +1,6 @@
 //! gradcam's integration tests, one binary for the whole workspace.
 
+mod adversarial;
 mod bias;
 mod captioner;
 mod checkpoints;

@@ -92,19 +92,7 @@ pub struct ClassifierState {
 impl ClassifierSubject {
     pub fn new(net: Network, layer: usize, dir: &Path) -> Result<Self> {
         let instances = Instances::read(&dir.join("instances.json"))?;
-        let names: Vec<String> = (0..net.num_classes()).map(|c| net.label(c)).collect();
-        let mut classes = BTreeMap::new();
-        for c in &instances.categories {
-            let class = names.iter().position(|n| n.eq_ignore_ascii_case(c.name.trim())).ok_or_else(|| {
-                let why = if net.num_classes() == 1000 && !net.has_labels() {
-                    "is not an ImageNet class name; a classifier's ground truth must name its classes as ImageNet does (e.g. \"tabby\", \"espresso\"), or give the model's names with --labels"
-                } else {
-                    "is not one of the model's class names (an ONNX model's come from --labels, one per line)"
-                };
-                Error::Data(format!("{}: category {:?} {why}", dir.join("instances.json").display(), c.name))
-            })?;
-            classes.insert(c.id, class);
-        }
+        let classes = crate::adversarial::category_classes(&net, &instances, &dir.join("instances.json"))?;
         Ok(Self { net, layer, dir: dir.to_path_buf(), instances, classes })
     }
 }
@@ -136,7 +124,9 @@ impl Subject for ClassifierSubject {
         order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
         let mut truth: BTreeMap<usize, Vec<Object>> = BTreeMap::new();
         for o in self.instances.annotations.iter().filter(|o| o.image_id == info.id && !o.iscrowd) {
-            truth.entry(self.classes[&o.category_id]).or_default().push(object(o));
+            if let Some(&c) = self.classes.get(&o.category_id) {
+                truth.entry(c).or_default().push(object(o));
+            }
         }
         let top5 = &order[..5.min(order.len())];
         let mut classes: Vec<usize> = top5.to_vec();
