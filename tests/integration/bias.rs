@@ -145,6 +145,10 @@ fn a_tiny_demo_writes_every_file_and_its_models_are_explained_like_the_imagenet_
         }
     }
     json_fields(&report, "report", &["trust_rate", "agreeing_cases"]);
+    for m in ["biased", "balanced"] {
+        assert!(report["neurons"][m].is_string(), "the textual explanation of the {m} model: {}", report["neurons"]);
+        assert!(out.join("models").join(m).join("dissection.json").is_file());
+    }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("cue_peak_rate") && md.contains("grid.png"), "{md}");
     let grid = image::open(out.join("grid.png")).unwrap();

@@ -62,9 +62,19 @@ pub struct Report {
     pub trust_rate: f64,
     pub agreeing_cases: usize,
     pub test_images: usize,
+    /// The textual explanation (section 7) of each model's prediction on the grid's first image:
+    /// `conv4`'s units named by network dissection on the model's validation split.
+    pub neurons: Neurons,
     pub config: DemoConfig,
     pub seconds: f64,
     pub data: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Neurons {
+    pub image: String,
+    pub biased: String,
+    pub balanced: String,
 }
 
 /// What the progress callback hears.
@@ -93,6 +103,7 @@ pub fn run(out: &Path, cfg: &DemoConfig, progress: &mut dyn FnMut(Stage)) -> Res
     let data = out.join("data");
     let mut figures = Vec::new();
     let mut all_cases = Vec::new();
+    let mut dissections = Vec::new();
     for (name, p) in [("biased", cfg.p), ("balanced", Bias::balanced_p())] {
         let dir = data.join(name);
         progress(Stage::Begin(&format!("{name} scenes"), cfg.scenes));
@@ -118,6 +129,10 @@ pub fn run(out: &Path, cfg: &DemoConfig, progress: &mut dyn FnMut(Stage)) -> Res
         if cs.is_empty() {
             return Err(Error::Data("the test split has no labelled images; give more scenes".into()));
         }
+        progress(Stage::Begin(&format!("dissecting the {name} model's conv4"), 1));
+        let dissection = gradcam_neurons::dissect_model(&model, &dir.join("val"), 1000, gradcam_neurons::Options::default(), &|_| {}).map_err(|e| Error::Data(e.to_string()))?;
+        dissection.save(&model.join("dissection.json")).map_err(|e| Error::Data(e.to_string()))?;
+        dissections.push(dissection);
         let val_accuracy = ckpt.log.last().map_or(0.0, |l| l.val_accuracy);
         figures.push(figures_of(&cs, &model_cfg, val_accuracy, model));
         all_cases.push(cs);
@@ -126,17 +141,24 @@ pub fn run(out: &Path, cfg: &DemoConfig, progress: &mut dyn FnMut(Stage)) -> Res
     let agreeing: Vec<(&Case, &Case)> = biased_cases.iter().zip(&balanced_cases).filter(|(a, b)| a.correct() && b.correct()).collect();
     let trusted = agreeing.iter().filter(|(a, b)| b.object_share() > a.object_share()).count();
     let (balanced, biased) = (figures.pop().expect("two"), figures.pop().expect("two"));
+    let rows = grid_rows(&biased_cases, cfg.grid_rows);
+    let first = rows.first().copied().unwrap_or(0);
+    let neurons = Neurons {
+        image: biased_cases[first].file.clone(),
+        biased: neuron_text(&biased.model, &dissections[0], &data.join("biased/test/images").join(&biased_cases[first].file), biased_cases[first].predicted)?,
+        balanced: neuron_text(&balanced.model, &dissections[1], &data.join("biased/test/images").join(&balanced_cases[first].file), balanced_cases[first].predicted)?,
+    };
     let report = Report {
         biased,
         balanced,
         trust_rate: trusted as f64 / agreeing.len().max(1) as f64,
         agreeing_cases: agreeing.len(),
         test_images: biased_cases.len(),
+        neurons,
         config: cfg.clone(),
         seconds: start.elapsed().as_secs_f64(),
         data: data.clone(),
     };
-    let rows = grid_rows(&biased_cases, cfg.grid_rows);
     let grid = grid(&data.join("biased").join("test").join("images"), &rows, &biased_cases, &balanced_cases)?;
     gradcam_core::map::write_png_atomic(&grid, &out.join("grid.png"))?;
     let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Data(e.to_string()))?;
@@ -144,6 +166,17 @@ pub fn run(out: &Path, cfg: &DemoConfig, progress: &mut dyn FnMut(Stage)) -> Res
     let md = markdown(&report, &rows, &biased_cases, &balanced_cases);
     gradcam_scenes::write_atomic(&out.join("report.md"), md.as_bytes())?;
     Ok(report)
+}
+
+/// The neuron report of `model`'s Grad-CAM for `class` on one image, units named by `dissection`.
+fn neuron_text(model: &Path, dissection: &gradcam_neurons::Dissection, image: &Path, class: usize) -> Result<String> {
+    let net = crate::load(model)?;
+    let img = gradcam_encoders::preprocess::load_image(image)?;
+    let input = gradcam_encoders::preprocess::prepare_with(&img, gradcam_encoders::preprocess::Resize::Stretch, net.preprocess())?.tensor;
+    let split = net.split(net.layer_index(net.default_layer())?);
+    let e = gradcam_core::Cam::new(&split).explain(&input, &[gradcam_core::Target::class(class)])?.remove(0);
+    let names = gradcam_core::UnitNames::Dissection(dissection);
+    Ok(e.neurons(&names, &net.label(class)).map(|r| r.text).unwrap_or_default())
 }
 
 fn figures_of(cs: &[Case], cfg: &Config, val_accuracy: f64, model: PathBuf) -> ModelFigures {
@@ -214,6 +247,10 @@ fn markdown(r: &Report, rows: &[usize], biased: &[Case], balanced: &[Case]) -> S
     s.push_str(&format!(
         "\n**Trust (section 5.2):** on the {} test images both models classify correctly, the balanced model's map puts more of its mass on the object than the biased model's in **{:.1}%** of cases: the explanation tells the better model apart where their answers do not.\n\n",
         r.agreeing_cases, r.trust_rate * 100.0
+    ));
+    s.push_str(&format!(
+        "**Textual explanations (section 7)** of the first row's image ({}), `conv4`'s units named by network dissection on each model's validation split (`models/*/dissection.json`):\n\n- biased: {}\n- balanced: {}\n\n",
+        r.neurons.image, r.neurons.biased, r.neurons.balanced
     ));
     s.push_str("`grid.png`: each row is a test image, then the Grad-CAM map of the biased model's predicted class, then the balanced model's.\n\n| row | image | class | mark colour | biased predicts | balanced predicts |\n|---|---|---|---|---|---|\n");
     for (k, &i) in rows.iter().enumerate() {
