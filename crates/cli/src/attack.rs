@@ -10,7 +10,7 @@ use gradcam::pipeline::classify::{classify, ClassMap, Options};
 use gradcam::pipeline::Files;
 use gradcam::render::Stems;
 use gradcam_encoders::preprocess::{load_image, prepare_with, Resize};
-use gradcam_encoders::{ModelName, Network};
+use gradcam_encoders::Network;
 use gradcam_eval::attack::{attack, image_of, pixels_of, probabilities, Goal, Pgd};
 use serde::Serialize;
 
@@ -101,7 +101,7 @@ fn top5(net: &Network, probs: &[f32]) -> Vec<ClassProb> {
 
 pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     let (net, index) = args.model.load_at(args.layer.as_deref())?;
-    let resize = args.resize.unwrap_or(if matches!(args.model.model, ModelName::Folder(_)) { Resize::Stretch } else { Resize::CenterCrop });
+    let resize = args.resize.unwrap_or(net.default_resize());
     // The options are checked once, before any image.
     let check = |class: usize| -> anyhow::Result<Pgd> {
         let step_size = args.step_size.unwrap_or(Pgd::default_step(args.eps, args.steps));

@@ -66,7 +66,7 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
         ModelName::Folder(dir) if args.neurons => Dissection::of_model(None, dir, false)?.map(std::sync::Arc::new),
         _ => None,
     };
-    let resize = args.resize.unwrap_or(if matches!(args.model.model, ModelName::Folder(_)) { Resize::Stretch } else { Resize::CenterCrop });
+    let resize = args.resize.unwrap_or(net.default_resize());
     if let Some(&bad) = args.classes.iter().find(|&&c| c >= net.num_classes()) {
         anyhow::bail!("--class {bad} is out of range: {} has classes 0..={}", net.arch(), net.num_classes() - 1);
     }

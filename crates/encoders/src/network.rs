@@ -39,6 +39,7 @@ pub struct Network {
     num_classes: usize,
     preprocess: Preprocess,
     labels: Option<Arc<Vec<String>>>,
+    resize: crate::preprocess::Resize,
 }
 
 impl std::fmt::Debug for Network {
@@ -55,7 +56,7 @@ impl Network {
         default_layer: &str,
         num_classes: usize,
     ) -> Self {
-        Self { arch: arch.into(), layers, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes, preprocess: Preprocess::default(), labels: None }
+        Self { arch: arch.into(), layers, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes, preprocess: Preprocess::default(), labels: None, resize: crate::preprocess::Resize::CenterCrop }
     }
 
     /// The input size and normalisation the network expects (default: ImageNet's at 224 x 224).
@@ -67,6 +68,17 @@ impl Network {
     /// Class names (default: ImageNet's when there are 1000 classes).
     pub(crate) fn with_labels(mut self, labels: Arc<Vec<String>>) -> Self {
         self.labels = Some(labels);
+        self
+    }
+
+    /// How images are resized when the user does not say: center-crop for ImageNet classifiers,
+    /// stretch for the scene classifiers trained here (whose scenes matter to their corners).
+    pub fn default_resize(&self) -> crate::preprocess::Resize {
+        self.resize
+    }
+
+    pub(crate) fn with_default_resize(mut self, resize: crate::preprocess::Resize) -> Self {
+        self.resize = resize;
         self
     }
 

@@ -107,5 +107,6 @@ pub fn load(dir: &Path) -> Result<Network> {
     let size = cfg.image_size as usize;
     Ok(Network::new(name, layers, Box::new(Head { fc }), scene_cnn::LAYER, classes)
         .with_preprocess(Preprocess { size: (size, size), mean: [0.5; 3], std: [0.5; 3] })
-        .with_labels(Arc::new(cfg.labels)))
+        .with_labels(Arc::new(cfg.labels))
+        .with_default_resize(crate::preprocess::Resize::Stretch))
 }

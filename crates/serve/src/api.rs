@@ -146,7 +146,8 @@ pub(crate) async fn classify(State(app): State<Arc<App>>, request: Request) -> R
         Some(c) => vec![c.parse::<usize>().map_err(|_| ApiError::bad(format!("class {c:?} is not a class number")))?],
         None => Vec::new(),
     };
-    let options = classify::Options { classes, top_k: 5, counterfactual: true, neurons: true, settings: form.settings()?, ..Default::default() };
+    let resize = app.models.classifier.as_ref().map(|c| c.net.default_resize()).unwrap_or_default();
+    let options = classify::Options { classes, top_k: 5, counterfactual: true, neurons: true, settings: form.settings()?, resize, ..Default::default() };
     let record = app
         .run(move |app| {
             let c = app.models.classifier.as_ref().expect("checked above");
