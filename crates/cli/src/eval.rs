@@ -23,7 +23,8 @@ pub struct EvalArgs {
     #[arg(required = true, value_delimiter = ',')]
     tasks: Vec<String>,
     /// A captioner or VQA model folder (told apart by its config.json), or a classifier:
-    /// efficientnet-lite0, vgg16, resnet18, resnet50 or an ONNX file (FILE.onnx).
+    /// efficientnet-lite0, vgg16, resnet18, resnet50, an ONNX file (FILE.onnx) or a folder made
+    /// by `gradcam train classifier`.
     #[arg(long)]
     model: String,
     /// Classifier weights (see `gradcam classify --help`); default: the architecture's own.

@@ -25,7 +25,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "models/vqa")]
     pub vqa_model: PathBuf,
     /// Classifier: efficientnet-lite0, vgg16, resnet18, resnet50, an ONNX file (FILE.onnx, at
-    /// its default layer) or none.
+    /// its default layer), a folder made by `gradcam train classifier`, or none.
     #[arg(long, default_value = "efficientnet-lite0")]
     pub classifier: String,
     /// Classifier weights (see `gradcam classify --help`).
