@@ -167,8 +167,12 @@ fn eval_adversarial_reports_clean_and_adversarial_maps() {
 
 #[test]
 fn eval_segmentation_reports_every_field_for_captions_and_answers() {
+    let dir = tempfile::tempdir().unwrap();
     for model in ["models/captioner", "models/vqa"] {
-        let o = ok(&gradcam(&["eval", "segmentation", "--model", repo(model).to_str().unwrap(), "--data", repo("data/shapescenes/test").to_str().unwrap(), "--json"]));
+        let out = dir.path().join(model.replace('/', "_"));
+        let o = ok(&gradcam(&["eval", "segmentation", "--model", repo(model).to_str().unwrap(), "--data", repo("data/shapescenes/test").to_str().unwrap(), "--json", "--out", out.to_str().unwrap(), "--failures", "1"]));
+        let page = std::fs::read_to_string(out.join("failures/index.html")).unwrap();
+        assert!(page.contains("seeded segmentation"), "the failure page shows the segmentation");
         let s: Value = serde_json::from_str(&o).unwrap();
         let seg = &s["overall"]["segmentation"];
         assert!(seg["count"].as_u64().unwrap() > 0, "{model}: {seg}");

@@ -165,12 +165,12 @@ fn a_tiny_demo_writes_every_file_and_its_models_are_explained_like_the_imagenet_
     let image = out.join("data/biased/test/images/000054.png");
     let image = image.to_str().unwrap();
     let maps = dir.path().join("maps");
-    let o = ok(&gradcam(&["classify", "--model", model, image, "--json", "--method", "gradcam,gradcam++,scorecam", "--out", maps.to_str().unwrap()]));
+    let o = ok(&gradcam(&["classify", "--model", model, image, "--json", "--method", "gradcam,gradcam++,hirescam,xgradcam,layercam,eigencam,ablationcam,scorecam,guided-backprop,guided-gradcam", "--out", maps.to_str().unwrap()]));
     let record: Value = serde_json::from_str(o.trim()).unwrap();
     assert_eq!(record["layer"], "conv4");
     assert_eq!(record["input_size"], serde_json::json!([64, 64]));
     assert!(SHAPES.contains(&record["predictions"][0]["label"].as_str().unwrap()));
-    assert_eq!(record["explanations"].as_array().unwrap().len(), 3);
+    assert_eq!(record["explanations"].as_array().unwrap().len(), 10);
     assert_eq!(record["explanations"][0]["cam_size"], serde_json::json!([16, 16]));
     ok(&gradcam(&["dissect", "--model", model, "--data", out.join("data/biased/val").to_str().unwrap()]));
     let o = ok(&gradcam(&["classify", "--model", model, image, "--neurons", "--out", maps.to_str().unwrap()]));

@@ -192,7 +192,8 @@ fn evaluate<S: Subject>(subject: &S, args: &EvalArgs, tasks: Vec<Task>) -> anyho
         write_atomic(&out.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
         write_atomic(&out.join("summary.md"), table.as_bytes())?;
         if args.failures > 0 {
-            let failures = worst(subject, &qualities, args.failures, options.method)?;
+            let segment = options.tasks.contains(&Task::Segmentation).then_some(&options.segment);
+            let failures = worst(subject, &qualities, args.failures, options.method, segment)?;
             let title = format!("{} worst-predicted images of {} ({}, {})", failures.len(), args.data.display(), subject.kind(), summary.method);
             write_failures(&out.join("failures"), &failures, &title)?;
         }

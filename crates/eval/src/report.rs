@@ -103,7 +103,9 @@ pub struct Failure {
 
 /// The `k` examples of lowest quality (`qualities`: (quality, example index) of every example
 /// run), each with its maps by `method`, for [`write_failures`].
-pub fn worst<S: crate::Subject>(subject: &S, qualities: &[(f64, usize)], k: usize, method: &dyn gradcam_core::CamMethod) -> Result<Vec<Failure>> {
+/// With `segment`, each case's seeded segmentation follows its map (drawn as a map that is 1
+/// inside the segment).
+pub fn worst<S: crate::Subject>(subject: &S, qualities: &[(f64, usize)], k: usize, method: &dyn gradcam_core::CamMethod, segment: Option<&crate::segment::SegmentOptions>) -> Result<Vec<Failure>> {
     let mut order = qualities.to_vec();
     order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     order
@@ -112,7 +114,19 @@ pub fn worst<S: crate::Subject>(subject: &S, qualities: &[(f64, usize)], k: usiz
         .map(|&(quality, i)| {
             let ex = subject.example(i)?;
             let maps = subject.maps(&ex, method)?;
-            let maps = ex.cases.iter().zip(maps).map(|(c, m)| (c.label.clone(), m)).collect();
+            let (h, w) = (ex.image.height() as usize, ex.image.width() as usize);
+            let mut pictures = Vec::new();
+            for (c, m) in ex.cases.iter().zip(maps) {
+                if let (Some(o), false) = (segment, c.objects.is_empty()) {
+                    let up = m.resize_bilinear(h, w);
+                    let seg = crate::segment::random_walker(&ex.image, &crate::segment::seeds(&up, o), o.beta, o.max_side);
+                    pictures.push((c.label.clone(), m));
+                    pictures.push((format!("{}: seeded segmentation", c.label), Map::new(h, w, seg.iter().map(|&v| v as u8 as f32).collect())));
+                } else {
+                    pictures.push((c.label.clone(), m));
+                }
+            }
+            let maps = pictures;
             Ok(Failure { name: ex.name, summary: ex.summary, quality, image: ex.image, maps })
         })
         .collect()
