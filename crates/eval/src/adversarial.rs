@@ -115,10 +115,7 @@ pub fn category_classes(net: &Network, instances: &Instances, file: &Path) -> Re
 }
 
 fn cam(net: &Network, layer: usize, pixels: &candle_core::Tensor, class: usize, method: &dyn CamMethod) -> Result<Map> {
-    let pp = net.preprocess();
-    let mean = candle_core::Tensor::new(&pp.mean, pixels.device())?.reshape((1, 3, 1, 1))?;
-    let std = candle_core::Tensor::new(&pp.std, pixels.device())?.reshape((1, 3, 1, 1))?;
-    let input = pixels.broadcast_sub(&mean)?.broadcast_div(&std)?;
+    let input = crate::attack::normalize(net, pixels)?;
     let split = net.split(layer);
     let activations = split.features(&input)?;
     let target = ClassLogit(class);

@@ -131,7 +131,7 @@ pub fn image_of(pixels: &Tensor) -> Result<RgbImage> {
 }
 
 /// The network's normalisation of pixel values, differentiably.
-fn normalize(net: &Network, x: &Tensor) -> Result<Tensor> {
+pub(crate) fn normalize(net: &Network, x: &Tensor) -> Result<Tensor> {
     let pp = net.preprocess();
     let mean = Tensor::new(&pp.mean, x.device())?.reshape((1, 3, 1, 1))?;
     let std = Tensor::new(&pp.std, x.device())?.reshape((1, 3, 1, 1))?;
