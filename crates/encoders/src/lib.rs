@@ -180,10 +180,12 @@ impl std::str::FromStr for ModelName {
         if s.to_ascii_lowercase().ends_with(".onnx") {
             return Ok(ModelName::Onnx(PathBuf::from(s)));
         }
-        if std::path::Path::new(s).is_dir() {
-            return Ok(ModelName::Folder(PathBuf::from(s)));
+        // The built-in names first: a folder that happens to be called `vgg16` does not hide them.
+        match s.parse() {
+            Ok(kind) => Ok(ModelName::Builtin(kind)),
+            Err(_) if std::path::Path::new(s).is_dir() => Ok(ModelName::Folder(PathBuf::from(s))),
+            Err(e) => Err(e),
         }
-        s.parse().map(ModelName::Builtin)
     }
 }
 
