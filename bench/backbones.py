@@ -12,6 +12,7 @@ benchmark machine), with the same weights, input and thread count as `gradcam be
 """
 
 import argparse
+import importlib.metadata
 import json
 import os
 import statistics
@@ -64,14 +65,13 @@ def main():
     os.makedirs(args.out, exist_ok=True)
 
     import onnxruntime as ort
-    import pytorch_grad_cam
     import torchcam
     from pytorch_grad_cam import GradCAM
     from torchcam.methods import GradCAM as TorchCamGradCAM
 
     inp = _bench_input()
     results = {"threads": args.threads, "iters": args.iters, "torch": torch.__version__, "onnxruntime": ort.__version__,
-               "pytorch_grad_cam": getattr(pytorch_grad_cam, "__version__", "?"), "torchcam": torchcam.__version__, "models": {}}
+               "pytorch_grad_cam": importlib.metadata.version("grad-cam"), "torchcam": torchcam.__version__, "models": {}}
     for name in args.models.split(","):
         model, layer = build(name)
         model = no_inplace(model).eval()
