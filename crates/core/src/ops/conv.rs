@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{f32_slice, CResult};
-use super::kernels::{col2im, depthwise_channel, depthwise_channel_backward, im2col, matmul};
+use super::kernels::{col2im, conv_tiled, depthwise_channel, depthwise_channel_backward, im2col, matmul, tiling_pays};
 use super::{is_guided, planes_per_task, Activation, Pointwise};
 
 /// Spatial padding of a convolution or pooling window.
@@ -177,6 +177,22 @@ impl Conv2d {
             let cg = g.c / self.groups;
             let og = self.out_channels / self.groups;
             let k = cg * kh * kw;
+            if !self.is_pointwise(g) && tiling_pays(k, plane) {
+                let (act, smooth) = (self.activation, self.smooth);
+                for grp in 0..self.groups {
+                    let bias = &self.bias[grp * og..(grp + 1) * og];
+                    let epilogue = |o: usize, row: &mut [f32]| {
+                        let b = bias[o];
+                        match smooth {
+                            Some(p) => row.iter_mut().for_each(|v| *v = p.apply(*v + b)),
+                            None => row.iter_mut().for_each(|v| *v = act.apply(*v + b)),
+                        }
+                    };
+                    let w = &self.weight[grp * og * k..(grp + 1) * og * k];
+                    conv_tiled(x, g, grp * cg, cg, w, og, &epilogue, &mut out[grp * og * plane..(grp + 1) * og * plane]);
+                }
+                return;
+            }
             let mut col = Vec::new();
             for grp in 0..self.groups {
                 let (rhs, rhs_len) = if self.is_pointwise(g) {

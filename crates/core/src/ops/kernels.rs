@@ -32,6 +32,76 @@ pub(super) fn im2col(x: &[f32], g: &ConvGeometry, c0: usize, col: &mut [f32]) {
     });
 }
 
+/// im2col of output columns `p0..p0 + n` only: `[cg * kh * kw, n]`.
+fn im2col_columns(x: &[f32], g: &ConvGeometry, c0: usize, rows: usize, p0: usize, n: usize, col: &mut [f32]) {
+    let (kh, kw, stride) = (g.kh, g.kw, g.stride);
+    for row in 0..rows {
+        let ci = c0 + row / (kh * kw);
+        let ky = (row / kw) % kh;
+        let kx = row % kw;
+        let src = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        let dst = &mut col[row * n..(row + 1) * n];
+        let mut p = p0;
+        while p < p0 + n {
+            let (oy, ox0) = (p / g.ow, p % g.ow);
+            let len = (g.ow - ox0).min(p0 + n - p);
+            let drow = &mut dst[p - p0..p - p0 + len];
+            let iy = (oy * stride + ky) as isize - g.pad_top as isize;
+            if iy < 0 || iy >= g.h as isize {
+                drow.fill(0.0);
+            } else {
+                let srow = &src[iy as usize * g.w..(iy as usize + 1) * g.w];
+                for (j, d) in drow.iter_mut().enumerate() {
+                    let ix = ((ox0 + j) * stride + kx) as isize - g.pad_left as isize;
+                    *d = if ix >= 0 && (ix as usize) < g.w { srow[ix as usize] } else { 0.0 };
+                }
+            }
+            p += len;
+        }
+    }
+}
+
+/// Output columns per tile of [`conv_tiled`]: the tile's im2col (`k` rows) stays within about
+/// 256 KiB, at least 64 and a multiple of 16 columns.
+fn tile_columns(k: usize, plane: usize) -> usize {
+    ((64 * 1024 / k.max(1)) / 16 * 16).clamp(64, plane.max(64))
+}
+
+/// Whether [`conv_tiled`] pays for a group: its whole im2col would not fit in the caches.
+pub(super) fn tiling_pays(k: usize, plane: usize) -> bool {
+    k * plane > 1 << 20 && plane >= 256
+}
+
+/// One group of a convolution as one GEMM per tile of output columns, the tiles spread over the
+/// threads: `dst[og, plane] = w[og, k] @ im2col(x)[k, plane]`, then `epilogue(o, row)` on each
+/// output channel's row of each tile (bias and activation). The im2col of a tile stays in
+/// cache, where the whole image's may be hundreds of megabytes.
+pub(super) fn conv_tiled(x: &[f32], g: &ConvGeometry, c0: usize, cg: usize, w: &[f32], og: usize, epilogue: &(dyn Fn(usize, &mut [f32]) + Sync), dst: &mut [f32]) {
+    let plane = g.oh * g.ow;
+    let k = cg * g.kh * g.kw;
+    let tn = tile_columns(k, plane);
+    let tiles: Vec<(usize, Vec<f32>)> = (0..plane.div_ceil(tn))
+        .into_par_iter()
+        .map_init(Vec::new, |col, t| {
+            let (p0, n) = (t * tn, tn.min(plane - t * tn));
+            col.resize(k * n, 0.0);
+            im2col_columns(x, g, c0, k, p0, n, col);
+            let mut out = vec![0f32; og * n];
+            gemm_serial(&mut out, w, (k, 1), col, (n, 1), og, n, k);
+            for (o, row) in out.chunks_mut(n).enumerate() {
+                epilogue(o, row);
+            }
+            (p0, out)
+        })
+        .collect();
+    dst.par_chunks_mut(plane).enumerate().for_each(|(o, row)| {
+        for (p0, out) in &tiles {
+            let n = out.len() / og;
+            row[*p0..p0 + n].copy_from_slice(&out[o * n..(o + 1) * n]);
+        }
+    });
+}
+
 /// col2im, the adjoint of [`Self::im2col`]: accumulates `col` into `dx`.
 pub(super) fn col2im(col: &[f32], g: &ConvGeometry, c0: usize, cg: usize, dx: &mut [f32]) {
     let (kh, kw, stride) = (g.kh, g.kw, g.stride);
@@ -233,6 +303,19 @@ unsafe fn dot_fma(x: &[f32], y: &[f32]) -> f32 {
 /// `dst` is row-major and overwritten. Panics if a slice is too small for the sizes and strides.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(dst: &mut [f32], lhs: &[f32], lhs_strides: (usize, usize), rhs: &[f32], rhs_strides: (usize, usize), m: usize, n: usize, k: usize) {
+    // Below about 2M multiply-adds, waking the pool costs more than a second thread saves.
+    let parallel = m * n * k > 128 * 128 * 128;
+    gemm_with(dst, lhs, lhs_strides, rhs, rhs_strides, m, n, k, parallel)
+}
+
+/// [`matmul`] on the calling thread only (for callers that spread work over threads themselves).
+#[allow(clippy::too_many_arguments)]
+fn gemm_serial(dst: &mut [f32], lhs: &[f32], lhs_strides: (usize, usize), rhs: &[f32], rhs_strides: (usize, usize), m: usize, n: usize, k: usize) {
+    gemm_with(dst, lhs, lhs_strides, rhs, rhs_strides, m, n, k, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_with(dst: &mut [f32], lhs: &[f32], lhs_strides: (usize, usize), rhs: &[f32], rhs_strides: (usize, usize), m: usize, n: usize, k: usize, parallel: bool) {
     // The largest offset each operand addresses, with overflow counted as out of bounds.
     let reach = |(rs, cs): (usize, usize), rows: usize, cols: usize| -> Option<usize> {
         rows.saturating_sub(1).checked_mul(rs)?.checked_add(cols.saturating_sub(1).checked_mul(cs)?)
@@ -242,8 +325,7 @@ pub fn matmul(dst: &mut [f32], lhs: &[f32], lhs_strides: (usize, usize), rhs: &[
     assert!(fits(lhs.len(), lhs_strides, m, k), "matmul: lhs too small");
     assert!(fits(rhs.len(), rhs_strides, k, n), "matmul: rhs too small");
     let as_isize = |v: usize| isize::try_from(v).expect("a stride within a slice fits isize");
-    // Below about 2M multiply-adds, waking the pool costs more than a second thread saves.
-    let parallelism = if m * n * k > 128 * 128 * 128 {
+    let parallelism = if parallel {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
