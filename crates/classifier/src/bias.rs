@@ -108,10 +108,7 @@ pub fn run(out: &Path, cfg: &DemoConfig, progress: &mut dyn FnMut(Stage)) -> Res
         let dir = data.join(name);
         progress(Stage::Begin(&format!("{name} scenes"), cfg.scenes));
         let scenes = gradcam_scenes::Config { n: cfg.scenes, seed: cfg.seed, fractions: cfg.fractions, size: cfg.train.image_size.clamp(64, 128), bias: Some(Bias { cue: CueKind::Mark, p }) };
-        let done = std::sync::atomic::AtomicUsize::new(0);
-        gradcam_scenes::dataset::write(&dir, &scenes, &|| {
-            done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        })?;
+        gradcam_scenes::dataset::write(&dir, &scenes, &|| {})?;
         progress(Stage::Done(cfg.scenes));
         let model = out.join("models").join(name);
         progress(Stage::Begin(&format!("training the {name} model"), cfg.train.epochs));
