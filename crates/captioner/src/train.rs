@@ -312,7 +312,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         }
         let frozen = Captioner::from_varbuilder(cfg.clone(), vocab.clone(), VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
         let exact = crate::eval::exact_match(&frozen, &val_split, ckpt.train.val_images)?;
-        save_weights(&varmap, &out.join("model.safetensors"))?;
+        gradcam_encoders::scene_cnn::save_parameters(&varmap, &out.join("model.safetensors"))?;
         ckpt.epochs_done = epoch + 1;
         ckpt.log.push(EpochLog {
             epoch,
@@ -328,7 +328,3 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
     Ok(ckpt)
 }
 
-fn save_weights(varmap: &VarMap, path: &Path) -> Result<()> {
-    let tensors = varmap.data().lock().map_err(|_| Error::Training("the weights' lock is poisoned".into()))?.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-    Ok(gradcam_core::map::save_safetensors_atomic(&tensors, path)?)
-}

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use gradcam_encoders::scene_cnn::{init_parameters, model_weights, SceneCnn};
+use gradcam_encoders::scene_cnn::{init_parameters, model_weights, save_parameters, SceneCnn};
 use gradcam_scenes::scene::Rng;
 use gradcam_scenes::Split;
 use serde::{Deserialize, Serialize};
@@ -194,7 +194,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         if !val_loss.is_finite() {
             return Err(Error::Training(format!("the validation loss became {val_loss} in epoch {epoch}; nothing of this epoch saved; try a lower --lr")));
         }
-        save_weights(&varmap, &out.join("model.safetensors"))?;
+        save_parameters(&varmap, &out.join("model.safetensors"))?;
         ckpt.epochs_done = epoch + 1;
         ckpt.log.push(EpochLog {
             epoch,
@@ -210,7 +210,3 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
     Ok(ckpt)
 }
 
-fn save_weights(varmap: &VarMap, path: &Path) -> Result<()> {
-    let tensors = varmap.data().lock().map_err(|_| Error::Training("the weights' lock is poisoned".into()))?.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-    Ok(gradcam_core::map::save_safetensors_atomic(&tensors, path)?)
-}

@@ -194,6 +194,13 @@ pub fn init_parameters(varmap: &candle_nn::VarMap, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// Writes every parameter of a model being trained (`model.safetensors` of its folder) through a
+/// temporary file, as the trainers do after each epoch.
+pub fn save_parameters(varmap: &candle_nn::VarMap, path: &std::path::Path) -> Result<()> {
+    let tensors = varmap.data().lock().map_err(|_| crate::Error::Checkpoint("parameter map poisoned".into()))?.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    gradcam_core::map::save_safetensors_atomic(&tensors, path).map_err(|e| crate::Error::Checkpoint(format!("{}: {e}", path.display())))
+}
+
 /// The weights of a trained model folder (`dir/model.safetensors`), memory-mapped, with an error
 /// naming the file when it is missing or not safetensors.
 pub fn model_weights(dir: &std::path::Path) -> Result<VarBuilder<'static>> {

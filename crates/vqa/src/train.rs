@@ -337,8 +337,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         if !vl.is_finite() {
             return Err(Error::Training(format!("the validation loss became {vl} in epoch {epoch}; nothing of this epoch saved; try a lower --lr")));
         }
-        let tensors = varmap.data().lock().map_err(|_| Error::Training("the weights' lock is poisoned".into()))?.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-        gradcam_core::map::save_safetensors_atomic(&tensors, &out.join("model.safetensors"))?;
+        gradcam_encoders::scene_cnn::save_parameters(&varmap, &out.join("model.safetensors"))?;
         ckpt.epochs_done = epoch + 1;
         ckpt.log.push(EpochLog {
             epoch,
