@@ -124,8 +124,7 @@ pub fn run_eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     if args.failures > 0 && args.out.is_none() {
         anyhow::bail!("--failures writes a page: give --out DIR");
     }
-    let model_name = args.model.parse::<ModelName>().ok().filter(|n| !matches!(n, ModelName::Folder(d) if !gradcam_encoders::scene_classifier::is_classifier_dir(d)));
-    if let Some(name) = model_name {
+    if let Some(name) = classifier_name(&args.model) {
         let (net, layer) = name.load(args.weights.as_deref(), &args.onnx.options()?, args.layer.as_deref()).with_context(|| format!("loading {}", args.model))?;
         let subject = ClassifierSubject::new(net, layer, &args.data).with_context(|| format!("reading the dataset {}", args.data.display()))?;
         return evaluate(&subject, &args, tasks);
@@ -214,6 +213,12 @@ fn evaluate<S: Subject>(subject: &S, args: &EvalArgs, tasks: Vec<Task>) -> anyho
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--model` as a classifier: a built-in name, an ONNX file or a trained classifier folder (not
+/// a captioner's or VQA model's folder).
+fn classifier_name(model: &str) -> Option<ModelName> {
+    model.parse::<ModelName>().ok().filter(|n| !matches!(n, ModelName::Folder(d) if !gradcam_encoders::scene_classifier::is_classifier_dir(d)))
+}
+
 fn run_adversarial(args: &EvalArgs) -> anyhow::Result<ExitCode> {
     use gradcam_eval::adversarial::{markdown, run, AdversarialOptions};
     let targeted = match args.target.as_deref() {
@@ -224,8 +229,7 @@ fn run_adversarial(args: &EvalArgs) -> anyhow::Result<ExitCode> {
     if args.failures > 0 && args.out.is_none() {
         anyhow::bail!("--failures writes a page: give --out DIR");
     }
-    let name = args.model.parse::<ModelName>().ok().filter(|n| !matches!(n, ModelName::Folder(d) if !gradcam_encoders::scene_classifier::is_classifier_dir(d)));
-    let Some(name) = name else {
+    let Some(name) = classifier_name(&args.model) else {
         anyhow::bail!("--model {}: the adversarial evaluation attacks classifiers (efficientnet-lite0, vgg16, resnet18, resnet50, FILE.onnx or a `gradcam train classifier` folder)", args.model);
     };
     let (net, layer) = name.load(args.weights.as_deref(), &args.onnx.options()?, args.layer.as_deref()).with_context(|| format!("loading {}", args.model))?;

@@ -63,9 +63,11 @@ impl Config {
     }
 }
 
-/// Whether `dir` is a classifier folder (its config.json names the architecture).
+/// Whether `dir` is a classifier folder: its config.json says `"architecture": "scene-classifier"`
+/// (a captioner's or VQA model's does not).
 pub fn is_classifier_dir(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("config.json")).is_ok_and(|t| t.contains(ARCHITECTURE))
+    let config = std::fs::read_to_string(dir.join("config.json")).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    config.is_some_and(|c| c.get("architecture").and_then(|a| a.as_str()) == Some(ARCHITECTURE))
 }
 
 struct Head {

@@ -90,30 +90,6 @@ pub struct AdversarialSummary {
     pub tolerance: String,
 }
 
-/// Each category's class in `net` by name; categories named `cue` (the spurious marks of a biased
-/// ShapeScenes set) are not objects and are left out unless the model has such a class.
-pub fn category_classes(net: &Network, instances: &Instances, file: &Path) -> Result<BTreeMap<u64, usize>> {
-    let names: Vec<String> = (0..net.num_classes()).map(|c| net.label(c)).collect();
-    let mut classes = BTreeMap::new();
-    for c in &instances.categories {
-        match names.iter().position(|n| n.eq_ignore_ascii_case(c.name.trim())) {
-            Some(class) => {
-                classes.insert(c.id, class);
-            }
-            None if c.name == "cue" => {}
-            None => {
-                let why = if net.num_classes() == 1000 && !net.has_labels() {
-                    "is not an ImageNet class name; a classifier's ground truth must name its classes as ImageNet does (e.g. \"tabby\", \"espresso\"), or give the model's names with --labels"
-                } else {
-                    "is not one of the model's class names (an ONNX model's come from --labels, one per line)"
-                };
-                return Err(Error::Data(format!("{}: category {:?} {why}", file.display(), c.name)));
-            }
-        }
-    }
-    Ok(classes)
-}
-
 fn cam(net: &Network, layer: usize, pixels: &candle_core::Tensor, class: usize, method: &dyn CamMethod) -> Result<Map> {
     let input = crate::attack::normalize(net, pixels)?;
     let split = net.split(layer);
@@ -128,7 +104,7 @@ fn cam(net: &Network, layer: usize, pixels: &candle_core::Tensor, class: usize, 
 pub fn run(net: &Network, layer: usize, dir: &Path, method: &dyn CamMethod, o: &AdversarialOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<(AdversarialSummary, Vec<AttackCase>)> {
     let file = dir.join("instances.json");
     let instances = Instances::read(&file)?;
-    let classes = category_classes(net, &instances, &file)?;
+    let classes = crate::subjects::category_classes(net, &instances, &file)?;
     let n = instances.images.len().min(o.limit);
     let mut rng = Rng::new(o.seed);
     let mut cases = Vec::new();

@@ -70,6 +70,30 @@ fn file_name(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
+/// Each category's class in `net` by name; categories named `cue` (the spurious marks of a biased
+/// ShapeScenes set) are not objects and are left out unless the model has such a class.
+pub fn category_classes(net: &Network, instances: &Instances, file: &Path) -> Result<BTreeMap<u64, usize>> {
+    let names: Vec<String> = (0..net.num_classes()).map(|c| net.label(c)).collect();
+    let mut classes = BTreeMap::new();
+    for c in &instances.categories {
+        match names.iter().position(|n| n.eq_ignore_ascii_case(c.name.trim())) {
+            Some(class) => {
+                classes.insert(c.id, class);
+            }
+            None if c.name == "cue" => {}
+            None => {
+                let why = if net.num_classes() == 1000 && !net.has_labels() {
+                    "is not an ImageNet class name; a classifier's ground truth must name its classes as ImageNet does (e.g. \"tabby\", \"espresso\"), or give the model's names with --labels"
+                } else {
+                    "is not one of the model's class names (an ONNX model's come from --labels, one per line)"
+                };
+                return Err(Error::Data(format!("{}: category {:?} {why}", file.display(), c.name)));
+            }
+        }
+    }
+    Ok(classes)
+}
+
 /// An ImageNet classifier. The dataset is `DIR/instances.json` (COCO instances; boxes, masks
 /// optional) and `DIR/images/`; each category is named by an ImageNet class name (`tabby`,
 /// `espresso`) so that its boxes are that class's ground truth. Images are stretched to 224x224 so
@@ -92,7 +116,7 @@ pub struct ClassifierState {
 impl ClassifierSubject {
     pub fn new(net: Network, layer: usize, dir: &Path) -> Result<Self> {
         let instances = Instances::read(&dir.join("instances.json"))?;
-        let classes = crate::adversarial::category_classes(&net, &instances, &dir.join("instances.json"))?;
+        let classes = category_classes(&net, &instances, &dir.join("instances.json"))?;
         Ok(Self { net, layer, dir: dir.to_path_buf(), instances, classes })
     }
 }
