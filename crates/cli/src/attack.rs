@@ -14,7 +14,7 @@ use gradcam_encoders::Network;
 use gradcam_eval::attack::{attack, image_of, pixels_of, probabilities, Goal, Pgd};
 use serde::Serialize;
 
-use crate::progress::bar;
+use crate::progress::each_image;
 use crate::ModelArgs;
 
 #[derive(clap::Args)]
@@ -116,21 +116,7 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     let probe = args.class.unwrap_or(if args.target == Some(0) { 1 } else { 0 });
     check(probe)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let progress = if args.images.len() > 1 { bar(args.images.len() as u64, "images") } else { indicatif::ProgressBar::hidden() };
-    let (mut stems, mut failures) = (Stems::default(), 0);
-    let mut stdout = std::io::stdout().lock();
-    for path in &args.images {
-        match attack_one(&net, index, path, &args, resize, &check, &mut stems) {
-            Ok(r) => progress.suspend(|| print(&mut stdout, &r, args.json))?,
-            Err(err) => {
-                failures += 1;
-                progress.suspend(|| eprintln!("error: {}: {err:#}", path.display()));
-            }
-        }
-        progress.inc(1);
-    }
-    progress.finish_and_clear();
-    Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    each_image(&args.images, |path, stems| attack_one(&net, index, path, &args, resize, &check, stems), |out, r| print(out, r, args.json))
 }
 
 fn attack_one(net: &Network, index: usize, path: &Path, args: &AttackArgs, resize: Resize, check: &dyn Fn(usize) -> anyhow::Result<Pgd>, stems: &mut Stems) -> anyhow::Result<Record> {

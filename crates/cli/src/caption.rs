@@ -14,11 +14,10 @@ use gradcam_captioner::Captioner;
 use gradcam_encoders::preprocess::load_image;
 use gradcam_neurons::{Dissection, UnitNames};
 use gradcam_scenes::Split;
-use indicatif::ProgressBar;
 
 use crate::common::{HtmlArg, MethodArgs};
 use gradcam_serve::html::View;
-use crate::progress::{bar, EpochBar};
+use crate::progress::{bar, each_image, EpochBar};
 
 /// The shipped model, relative to the repository (and to the binary's working directory).
 pub const DEFAULT_MODEL: &str = "models/captioner";
@@ -78,22 +77,8 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let bar = if args.images.len() > 1 { bar(args.images.len() as u64, "images") } else { ProgressBar::hidden() };
-    let (mut stems, mut failures) = (Stems::default(), 0);
-    let mut stdout = std::io::stdout().lock();
     let names = dissection.as_ref().filter(|_| args.neurons).map(|d| UnitNames::Dissection(d));
-    for path in &args.images {
-        match caption_one(&model, path, &args, names.as_ref(), &mut stems) {
-            Ok(r) => bar.suspend(|| print(&mut stdout, &r, args.json))?,
-            Err(e) => {
-                failures += 1;
-                bar.suspend(|| eprintln!("error: {}: {e:#}", path.display()));
-            }
-        }
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    each_image(&args.images, |path, stems| caption_one(&model, path, &args, names.as_ref(), stems), |out, r| print(out, r, args.json))
 }
 
 fn print(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result<()> {

@@ -14,7 +14,7 @@ use gradcam_neurons::Dissection;
 
 use crate::common::{HtmlArg, MethodArgs};
 use gradcam_serve::html::View;
-use crate::progress::bar;
+use crate::progress::each_image;
 use crate::ModelArgs;
 
 #[derive(clap::Args)]
@@ -71,22 +71,7 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--class {bad} is out of range: {} has classes 0..={}", net.arch(), net.num_classes() - 1);
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let progress = if args.images.len() > 1 { bar(args.images.len() as u64, "images") } else { indicatif::ProgressBar::hidden() };
-    let (mut stems, mut failures) = (Stems::default(), 0);
-    let mut stdout = std::io::stdout().lock();
-    for path in &args.images {
-        progress.set_message(path.display().to_string());
-        match classify_one(&net, index, path, &args, (resize, dissection.clone()), &mut stems) {
-            Ok(result) => progress.suspend(|| print_result(&mut stdout, &result, args.json))?,
-            Err(err) => {
-                failures += 1;
-                progress.suspend(|| eprintln!("error: {}: {err:#}", path.display()));
-            }
-        }
-        progress.inc(1);
-    }
-    progress.finish_and_clear();
-    Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    each_image(&args.images, |path, stems| classify_one(&net, index, path, &args, (resize, dissection.clone()), stems), |out, r| print_result(out, r, args.json))
 }
 
 fn print_result(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result<()> {
