@@ -2,7 +2,6 @@
 //! differences, its budget, its PNG, its errors; and `eval segmentation` on the shipped models.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -11,23 +10,8 @@ use gradcam_eval::attack::{attack, objective_gradient, pixels_of, probabilities,
 use gradcam_scenes::scene::SHAPES;
 use serde_json::Value;
 
-use crate::repo;
+use crate::{err, gradcam, ok, repo};
 
-fn gradcam(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gradcam")).args(args).output().expect("gradcam runs")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "failed: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn err(o: &Output) -> String {
-    assert!(!o.status.success(), "should fail: {}", String::from_utf8_lossy(&o.stdout));
-    let e = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(!e.contains("panicked"), "{e}");
-    e
-}
 
 /// A small scene classifier folder with seeded random weights (8 units at conv4, 3 classes).
 fn tiny_classifier(dir: &Path) -> gradcam_encoders::Network {

@@ -2,9 +2,8 @@
 //! folders in `classify`, and `gradcam demo bias`.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use gradcam_classifier::data::{classes, Data};
 use gradcam_classifier::train::Trainable;
@@ -13,21 +12,8 @@ use gradcam_scenes::scene::{generate_biased, Bias, CueKind, CUE_COLORS, CUE_RGB,
 use gradcam_scenes::{Config, Split};
 use serde_json::Value;
 
-fn gradcam(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gradcam")).args(args).output().expect("gradcam runs")
-}
+use crate::{err, gradcam, ok};
 
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "failed: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn err(o: &Output) -> String {
-    assert!(!o.status.success(), "should fail: {}", String::from_utf8_lossy(&o.stdout));
-    let e = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(!e.contains("panicked"), "{e}");
-    e
-}
 
 fn biased_set(dir: &Path, n: usize, p: f64) -> Config {
     let cfg = Config { n, seed: 3, fractions: [0.5, 0.25, 0.25], size: 64, bias: Some(Bias { cue: CueKind::Mark, p }) };
