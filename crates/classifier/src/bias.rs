@@ -104,6 +104,7 @@ pub fn run(out: &Path, cfg: &DemoConfig, progress: &mut dyn FnMut(Stage)) -> Res
     let mut figures = Vec::new();
     let mut all_cases = Vec::new();
     let mut dissections = Vec::new();
+    let mut nets = Vec::new();
     for (name, p) in [("biased", cfg.p), ("balanced", Bias::balanced_p())] {
         let dir = data.join(name);
         progress(Stage::Begin(&format!("{name} scenes"), cfg.scenes));
@@ -132,18 +133,19 @@ pub fn run(out: &Path, cfg: &DemoConfig, progress: &mut dyn FnMut(Stage)) -> Res
         dissections.push(dissection);
         let val_accuracy = ckpt.log.last().map_or(0.0, |l| l.val_accuracy);
         figures.push(figures_of(&cs, &model_cfg, val_accuracy, model));
+        nets.push(net);
         all_cases.push(cs);
     }
     let (balanced_cases, biased_cases) = (all_cases.pop().expect("two"), all_cases.pop().expect("two"));
     let agreeing: Vec<(&Case, &Case)> = biased_cases.iter().zip(&balanced_cases).filter(|(a, b)| a.correct() && b.correct()).collect();
-    let trusted = agreeing.iter().filter(|(a, b)| b.object_share() > a.object_share()).count();
+    let trusted = agreeing.iter().filter(|(a, b)| b.object_share > a.object_share).count();
     let (balanced, biased) = (figures.pop().expect("two"), figures.pop().expect("two"));
     let rows = grid_rows(&biased_cases, cfg.grid_rows);
     let first = rows.first().copied().unwrap_or(0);
     let neurons = Neurons {
         image: biased_cases[first].file.clone(),
-        biased: neuron_text(&biased.model, &dissections[0], &data.join("biased/test/images").join(&biased_cases[first].file), biased_cases[first].predicted)?,
-        balanced: neuron_text(&balanced.model, &dissections[1], &data.join("biased/test/images").join(&balanced_cases[first].file), balanced_cases[first].predicted)?,
+        biased: neuron_text(&nets[0], &dissections[0], &data.join("biased/test/images").join(&biased_cases[first].file), biased_cases[first].predicted)?,
+        balanced: neuron_text(&nets[1], &dissections[1], &data.join("biased/test/images").join(&balanced_cases[first].file), balanced_cases[first].predicted)?,
     };
     let report = Report {
         biased,
@@ -165,9 +167,8 @@ pub fn run(out: &Path, cfg: &DemoConfig, progress: &mut dyn FnMut(Stage)) -> Res
     Ok(report)
 }
 
-/// The neuron report of `model`'s Grad-CAM for `class` on one image, units named by `dissection`.
-fn neuron_text(model: &Path, dissection: &gradcam_neurons::Dissection, image: &Path, class: usize) -> Result<String> {
-    let net = crate::load(model)?;
+/// The neuron report of `net`'s Grad-CAM for `class` on one image, units named by `dissection`.
+fn neuron_text(net: &gradcam_encoders::Network, dissection: &gradcam_neurons::Dissection, image: &Path, class: usize) -> Result<String> {
     let img = gradcam_encoders::preprocess::load_image(image)?;
     let input = gradcam_encoders::preprocess::prepare_with(&img, gradcam_encoders::preprocess::Resize::Stretch, net.preprocess())?.tensor;
     let split = net.split(net.layer_index(net.default_layer())?);
@@ -185,7 +186,7 @@ fn figures_of(cs: &[Case], cfg: &Config, val_accuracy: f64, model: PathBuf) -> M
         val_accuracy,
         test_accuracy: accuracy(cs, &cfg.labels).accuracy,
         cue_peak_rate: peaks as f64 / with_cue.len().max(1) as f64,
-        object_energy_share: cs.iter().map(Case::object_share).sum::<f64>() / cs.len().max(1) as f64,
+        object_energy_share: cs.iter().map(|c| c.object_share).sum::<f64>() / cs.len().max(1) as f64,
         test_accuracy_cue_agrees: acc(cs.iter().filter(agrees).collect()),
         test_accuracy_cue_disagrees: acc(cs.iter().filter(|c| c.cue.is_some() && !agrees(c)).collect()),
         model,

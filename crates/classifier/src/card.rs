@@ -28,18 +28,13 @@ pub struct Case {
     pub object: [usize; 4],
     /// The cue's box and the class whose colour it has (a biased ShapeScenes set's `cue`).
     pub cue: Option<([usize; 4], usize)>,
+    /// The share of the map's mass inside the object's box (0 for a map that is zero everywhere).
+    pub object_share: f64,
 }
 
 impl Case {
     pub fn correct(&self) -> bool {
         self.label == self.predicted
-    }
-
-    /// The share of the map's mass inside the object's box (0 for a map that is zero everywhere).
-    pub fn object_share(&self) -> f64 {
-        let [x0, y0, x1, y1] = self.object;
-        let inside: Vec<bool> = (0..self.map.h * self.map.w).map(|i| (x0..x1).contains(&(i % self.map.w)) && (y0..y1).contains(&(i / self.map.w))).collect();
-        gradcam_core::metrics::energy(&self.map, &inside).fraction.unwrap_or(0.0)
     }
 
     /// Whether the map's peak lies in the cue's box.
@@ -94,7 +89,10 @@ pub fn cases(net: &Network, cfg: &Config, split: &Split, limit: usize, progress:
             if !map.is_finite() {
                 return Err(Error::Data(format!("{file}: the map is not finite; are the weights damaged?")));
             }
-            out.push(Case { file, label, predicted: p as usize, map, object, cue });
+            let [x0, y0, x1, y1] = object;
+            let inside: Vec<bool> = (0..h * w).map(|i| (x0..x1).contains(&(i % w)) && (y0..y1).contains(&(i / w))).collect();
+            let object_share = gradcam_core::metrics::energy(&map, &inside).fraction.unwrap_or(0.0);
+            out.push(Case { file, label, predicted: p as usize, map, object, cue, object_share });
         }
         progress((done * 64 + chunk.len()).min(examples.len()), examples.len());
     }

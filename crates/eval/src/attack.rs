@@ -141,7 +141,8 @@ pub(crate) fn normalize(net: &Network, x: &Tensor) -> Result<Tensor> {
 /// Class probabilities of pixel values `[1, 3, H, W]`.
 pub fn probabilities(net: &Network, x: &Tensor) -> Result<Vec<f32>> {
     let logits = net.forward(&normalize(net, x)?)?;
-    let probs = candle_nn::ops::softmax(&logits, D::Minus1)?.squeeze(0)?.to_vec1::<f32>()?;
+    // As the objective computes them, so that both agree on whether a goal holds.
+    let probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.exp()?.squeeze(0)?.to_vec1::<f32>()?;
     if probs.iter().any(|p| !p.is_finite()) {
         return Err(Error::Data("the model produced non-finite scores; are the weights corrupt?".into()));
     }
@@ -190,17 +191,23 @@ pub fn attack(net: &Network, x0: &Tensor, pgd: &Pgd) -> Result<Adversarial> {
     let mut x = x0.clone();
     let (mut steps, mut rounding_undid) = (0, 0);
     let (pixels, probs) = loop {
-        let (_, g, probs) = objective_gradient(net, &x, &pgd.goal)?;
-        if pgd.goal.reached(&probs) || steps == pgd.steps {
+        // The budget of steps is spent: the rounded image is the result, met goal or not.
+        if steps == pgd.steps {
             let q = quantize(&x, &lo8, &hi8)?;
             let qp = probabilities(net, &q)?;
-            let reached = pgd.goal.reached(&qp);
-            if reached || steps == pgd.steps {
+            break (q, qp);
+        }
+        let (_, g, probs) = objective_gradient(net, &x, &pgd.goal)?;
+        if pgd.goal.reached(&probs) {
+            let q = quantize(&x, &lo8, &hi8)?;
+            let qp = probabilities(net, &q)?;
+            if pgd.goal.reached(&qp) || rounding_undid >= pgd.steps {
                 break (q, qp);
             }
-            // Rounding undid it: go on from the rounded image.
+            // Rounding undid it: go on from the rounded image (its gradient is taken next).
             rounding_undid += 1;
             x = q;
+            continue;
         }
         x = (&x + (g.sign()? * (sign * pgd.step_size as f64))?)?.maximum(&lo)?.minimum(&hi)?;
         steps += 1;
