@@ -115,6 +115,42 @@ pub fn classify(net: &Network, iters: usize) -> Result<ClassifyTiming> {
     Ok(ClassifyTiming { model: net.arch().to_string(), size: (h, w), threads: rayon::current_num_threads(), iters, forward_ms, gradcam_ms, ratio: gradcam_ms / forward_ms })
 }
 
+/// One stage of [`layers`]: its name and median milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerTiming {
+    /// The layer's name (`head forward` / `head backward` for the parts of Grad-CAM after the
+    /// explained layer).
+    pub name: String,
+    /// Median time, ms.
+    pub ms: f64,
+}
+
+/// Where the time of a forward and of a Grad-CAM goes: each feature layer alone on its own input,
+/// the tail, and the head after the default layer (forward, and forward + backward) as Grad-CAM
+/// runs it; medians of `iters` runs after one warm-up.
+pub fn layers(net: &Network, iters: usize) -> Result<Vec<LayerTiming>> {
+    let (h, w) = net.preprocess().size;
+    let mut x = image_like_input_sized(h, w)?;
+    let mut out = Vec::new();
+    for i in 0..net.num_layers() {
+        let input = x.clone();
+        let ms = time_ms(iters, || net.layer_forward(i, &input).map(|_| ()))?;
+        out.push(LayerTiming { name: net.layer_name(i).to_string(), ms });
+        x = net.layer_forward(i, &input)?;
+    }
+    let last = net.num_layers() - 1;
+    let ms = time_ms(iters, || net.head_from(&x, last).map(|_| ()))?;
+    out.push(LayerTiming { name: "tail".into(), ms });
+    let index = net.layer_index(net.default_layer())?;
+    let split = net.split(index);
+    let a = net.features_at(&image_like_input_sized(h, w)?, index)?;
+    let ms = time_ms(iters, || net.head_from(&a, index).map(|_| ()))?;
+    out.push(LayerTiming { name: format!("head after {} forward", net.default_layer()), ms });
+    let ms = time_ms(iters, || Cam::new(&split).explain_with(&a.clone(), &a, &[(0, Target::class(0))]).map(|_| ()))?;
+    out.push(LayerTiming { name: format!("head after {} forward + backward", net.default_layer()), ms });
+    Ok(out)
+}
+
 /// Two classifiers' Grad-CAM (default layer, top-1 class) on the same input, timed in
 /// alternation: the medians of `a` and `b`, ms.
 pub fn gradcam_pair(a: &Network, b: &Network, iters: usize) -> Result<(f64, f64)> {

@@ -162,6 +162,17 @@ fn linear_input_gradient_matches_finite_differences() {
     let x = tensor(&[3, 10], 11);
     let l = Linear::new(&tensor(&[4, 10], 12), Some(&tensor(&[4], 13)), Activation::Identity).unwrap();
     check_gradient("linear", &x, |x| l.forward(x));
+    // Few rows take the weight-streaming kernels, more rows a GEMM; odd sizes reach the kernels'
+    // tails, and ReLU's silent units the rows the backward skips.
+    let (w, b) = (tensor(&[11, 37], 14), tensor(&[11], 15));
+    let relu = Linear::new(&w, Some(&b), Activation::Relu).unwrap();
+    for rows in [1, 3, 6] {
+        let x = tensor(&[rows, 37], 16 + rows as u64);
+        check_gradient("linear + relu", &x, |x| relu.forward(x));
+        let want = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap().relu().unwrap();
+        let diff = (relu.forward(&x).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{rows} rows: forward differs from candle's by {diff}");
+    }
 }
 
 #[test]

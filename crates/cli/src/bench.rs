@@ -23,6 +23,9 @@ pub enum BenchCommand {
         /// Also time this model's Grad-CAM in alternation with --model's and print the ratio.
         #[arg(long)]
         against: Option<gradcam_encoders::ModelName>,
+        /// Instead, time each layer alone and the head's forward and backward (where the time goes).
+        #[arg(long, conflicts_with = "against")]
+        layers: bool,
     },
     /// Every CAM method on a classifier at its input size, batch 1: the median time from the input
     /// tensor to the map at the input size (top-1 class), as pytorch-grad-cam's `cam(...)` call measures
@@ -70,7 +73,20 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let threads = rayon::current_num_threads();
     match cmd {
-        BenchCommand::Classify { model, iters, json, against: Some(other) } => {
+        BenchCommand::Classify { model, iters, json, layers: true, .. } => {
+            let net = model.load()?;
+            let timings = bench::layers(&net, iters)?;
+            if json {
+                writeln!(out, "{}", serde_json::json!({"model": net.arch(), "threads": threads, "iters": iters, "layers": timings}))?;
+            } else {
+                writeln!(out, "{}, batch 1, {threads} threads, median of {iters} runs of each layer on its own input", net.arch())?;
+                let width = timings.iter().map(|t| t.name.len()).max().unwrap_or(0);
+                for t in &timings {
+                    writeln!(out, "  {:<width$}  {:>8.2} ms", t.name, t.ms)?;
+                }
+            }
+        }
+        BenchCommand::Classify { model, iters, json, against: Some(other), .. } => {
             let (a, b) = (model.load()?, ModelArgs { model: other, weights: None, onnx: model.onnx.clone() }.load()?);
             let (ta, tb) = bench::gradcam_pair(&a, &b, iters)?;
             let line = serde_json::json!({"model": a.arch(), "against": b.arch(), "threads": threads, "iters": iters, "gradcam_ms": ta, "against_gradcam_ms": tb, "ratio": ta / tb});
@@ -79,7 +95,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
                 false => writeln!(out, "grad-cam, median of {iters} alternating runs, {threads} threads: {} {ta:.2} ms, {} {tb:.2} ms, ratio {:.3}", a.arch(), b.arch(), ta / tb)?,
             }
         }
-        BenchCommand::Classify { model, iters, json, against: None } => {
+        BenchCommand::Classify { model, iters, json, against: None, .. } => {
             let r = bench::classify(&model.load()?, iters)?;
             if json {
                 writeln!(out, "{}", serde_json::to_string(&r)?)?;

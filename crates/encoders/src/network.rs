@@ -159,6 +159,16 @@ impl Network {
         Ok(x)
     }
 
+    /// Layer `index` alone, on the previous layer's activations (for per-layer timings).
+    pub fn layer_forward(&self, index: usize, x: &Tensor) -> Result<Tensor> {
+        Ok(self.layers[index].1.forward(x)?)
+    }
+
+    /// Number of feature layers (the tail not counted).
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Logits from the activations of layer `index`.
     pub fn head_from(&self, a: &Tensor, index: usize) -> Result<Tensor> {
         let mut x = a.clone();

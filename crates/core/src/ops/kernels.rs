@@ -299,6 +299,143 @@ unsafe fn dot_fma(x: &[f32], y: &[f32]) -> f32 {
     }
 }
 
+/// Batches up to this size take [`linear_rows`] / [`linear_rows_backward`] instead of a GEMM: a
+/// fully-connected layer on a few rows is a stream over its weights, which a GEMM would first copy
+/// into its packed layout (VGG-16's fc6 is 411 MB).
+pub(super) const FEW_ROWS: usize = 4;
+
+/// `out[b, o] = x[b, :] . w[o, :]` for `batch` rows of `x` (`[batch, k]`) and row-major `w`
+/// (`[n, k]`), reading `w` once, its rows spread over the threads.
+pub(super) fn linear_rows(x: &[f32], batch: usize, w: &[f32], n: usize, k: usize, out: &mut [f32]) {
+    assert!(x.len() >= batch * k && w.len() >= n * k && out.len() >= batch * n, "linear_rows: sizes");
+    let block = (n / (8 * rayon::current_num_threads())).clamp(1, 256);
+    // Output transposed, [n, batch], so that each task owns a contiguous block.
+    let mut t = vec![0f32; n * batch];
+    t.par_chunks_mut(block * batch).enumerate().for_each(|(i, dst)| {
+        let rows = dst.len() / batch;
+        let w = &w[i * block * k..(i * block + rows) * k];
+        for b in 0..batch {
+            let xb = &x[b * k..(b + 1) * k];
+            let mut j = 0;
+            while j + 4 <= rows {
+                let d4 = dot4(&w[j * k..(j + 4) * k], k, xb);
+                for (r, v) in d4.into_iter().enumerate() {
+                    dst[(j + r) * batch + b] = v;
+                }
+                j += 4;
+            }
+            for j in j..rows {
+                dst[j * batch + b] = dot(&w[j * k..(j + 1) * k], xb);
+            }
+        }
+    });
+    for (o, vals) in t.chunks(batch).enumerate() {
+        for (b, &v) in vals.iter().enumerate() {
+            out[b * n + o] = v;
+        }
+    }
+}
+
+/// `dx[b, :] = sum_o g[b, o] w[o, :]`, the input gradient of [`linear_rows`]: columns of `w`
+/// spread over the threads, and the rows whose gradient is zero in every batch row (a ReLU's
+/// silent units) never read.
+pub(super) fn linear_rows_backward(g: &[f32], batch: usize, w: &[f32], n: usize, k: usize, dx: &mut [f32]) {
+    assert!(g.len() >= batch * n && w.len() >= n * k && dx.len() >= batch * k, "linear_rows_backward: sizes");
+    let live: Vec<usize> = (0..n).filter(|&o| (0..batch).any(|b| g[b * n + o] != 0.0)).collect();
+    let block = (k / (4 * rayon::current_num_threads())).div_ceil(16).max(64) * 16;
+    let parts: Vec<(usize, Vec<f32>)> = (0..k.div_ceil(block))
+        .into_par_iter()
+        .map(|i| {
+            let (c0, c1) = (i * block, ((i + 1) * block).min(k));
+            let mut acc = vec![0f32; batch * (c1 - c0)];
+            for &o in &live {
+                let row = &w[o * k + c0..o * k + c1];
+                for (b, a) in acc.chunks_mut(c1 - c0).enumerate() {
+                    let s = g[b * n + o];
+                    if s != 0.0 {
+                        axpy(s, row, a);
+                    }
+                }
+            }
+            (c0, acc)
+        })
+        .collect();
+    for (c0, acc) in parts {
+        let len = acc.len() / batch.max(1);
+        for (b, a) in acc.chunks(len.max(1)).enumerate() {
+            dx[b * k + c0..b * k + c0 + len].copy_from_slice(a);
+        }
+    }
+}
+
+/// The dot products of four consecutive rows of `w` (row length `k`) with `x`, reading `x` once.
+fn dot4(w: &[f32], k: usize, x: &[f32]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        return unsafe { dot4_fma(w, k, x) };
+    }
+    std::array::from_fn(|r| dot_portable(&w[r * k..(r + 1) * k], x))
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot4_fma(w: &[f32], k: usize, x: &[f32]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    assert!(w.len() >= 4 * k && x.len() >= k, "dot4: sizes");
+    let (pw, px) = (w.as_ptr(), x.as_ptr());
+    let mut i = 0;
+    let mut out = [0f32; 4];
+    // SAFETY: the caller guarantees AVX2 + FMA; every load reads 8 floats below k of x and of
+    // each of the four rows, which the assert keeps inside the slices.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        while i + 8 <= k {
+            let xv = _mm256_loadu_ps(px.add(i));
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(_mm256_loadu_ps(pw.add(r * k + i)), xv, *a);
+            }
+            i += 8;
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+            out[r] = lanes.iter().sum::<f32>() + w[r * k + i..(r + 1) * k].iter().zip(&x[i..k]).map(|(a, b)| a * b).sum::<f32>();
+        }
+    }
+    out
+}
+
+/// `x . y`, with AVX2 + FMA when the CPU has them.
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        return unsafe { dot_fma(x, y) };
+    }
+    dot_portable(x, y)
+}
+
+/// `y += a x`, with AVX2 + FMA when the CPU has them.
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        return unsafe { axpy_fma(a, x, y) };
+    }
+    y.iter_mut().zip(x).for_each(|(v, &u)| *v += a * u);
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_fma(a: f32, x: &[f32], y: &mut [f32]) {
+    y.iter_mut().zip(x).for_each(|(v, &u)| *v = u.mul_add(a, *v));
+}
+
 /// `dst[m, n] = lhs[m, k] @ rhs[k, n]` with (row stride, column stride) for the operands;
 /// `dst` is row-major and overwritten. Panics if a slice is too small for the sizes and strides.
 #[allow(clippy::too_many_arguments)]

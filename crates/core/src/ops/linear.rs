@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use super::{f32_slice, CResult};
-use super::kernels::matmul;
+use super::kernels::{linear_rows, linear_rows_backward, matmul, FEW_ROWS};
 use super::{is_guided, Activation};
 
 
@@ -62,8 +62,12 @@ impl CustomOp1 for Linear {
         }
         let n = self.out_features;
         let mut out = vec![0.0f32; batch * n];
-        // out[batch, n] = x[batch, in] @ W^T[in, n]
-        matmul(&mut out, x, (inf, 1), &self.weight, (1, inf), batch, n, inf);
+        if batch <= FEW_ROWS {
+            linear_rows(x, batch, &self.weight, n, inf, &mut out);
+        } else {
+            // out[batch, n] = x[batch, in] @ W^T[in, n]
+            matmul(&mut out, x, (inf, 1), &self.weight, (1, inf), batch, n, inf);
+        }
         let act = self.activation;
         out.chunks_mut(n).for_each(|row| {
             row.iter_mut().zip(self.bias.iter()).for_each(|(v, b)| *v = act.apply(*v + b));
@@ -80,7 +84,11 @@ impl CustomOp1 for Linear {
         let mut dx = vec![0.0f32; batch * self.in_features];
         // dx[batch, in] = g[batch, out] @ W[out, in]
         let (n, k) = (self.in_features, self.out_features);
-        matmul(&mut dx, &gpre, (k, 1), &self.weight, (n, 1), batch, n, k);
+        if batch <= FEW_ROWS {
+            linear_rows_backward(&gpre, batch, &self.weight, k, n, &mut dx);
+        } else {
+            matmul(&mut dx, &gpre, (k, 1), &self.weight, (n, 1), batch, n, k);
+        }
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
