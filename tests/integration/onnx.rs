@@ -50,6 +50,17 @@ fn relative(ours: &[f64], theirs: &[f64]) -> f64 {
 
 #[test]
 fn onnx_maps_match_pytorch_on_five_torchvision_families() {
+    check_onnx_goldens(&[]);
+}
+
+/// The same goldens through the portable kernels that CPUs without AVX-512 run.
+#[test]
+fn onnx_maps_match_pytorch_with_the_portable_kernels_too() {
+    check_onnx_goldens(&[("GRADCAM_NO_AVX512", "1")]);
+}
+
+fn check_onnx_goldens(env: &[(&str, &str)]) {
+    let gradcam = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_gradcam")).args(args).envs(env.iter().copied()).output().expect("gradcam runs");
     let goldens: Value = serde_json::from_str(&std::fs::read_to_string(fixture("goldens.json")).unwrap()).unwrap();
     let out = tempfile::tempdir().unwrap();
     let image = fixture("input96.png");

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use super::{f32_slice, CResult};
 use super::kernels::{col2im, conv_tiled, depthwise_channel, depthwise_channel_backward, im2col, matmul, tiling_pays};
+use super::packed::{self, Columns, PackedWeights};
 use super::{is_guided, planes_per_task, Activation, Pointwise};
 
 /// Spatial padding of a convolution or pooling window.
@@ -69,6 +70,9 @@ pub struct Conv2d {
     /// A smooth activation (SiLU, hard swish) fused after the bias instead of `activation`; its
     /// derivative needs the pre-activation, which the backward recomputes.
     smooth: Option<Pointwise>,
+    /// The weights packed for the AVX-512 kernels, one entry per group (dense convolutions on
+    /// CPUs that have AVX-512F).
+    packed: Option<Arc<Vec<PackedWeights>>>,
 }
 
 /// Geometry of one convolution call, resolved from the input size.
@@ -111,8 +115,15 @@ impl Conv2d {
             }
             None => vec![0.0; out_channels],
         };
+        let weight: Vec<f32> = weight.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        let depthwise = groups > 1 && groups == in_per_group * groups && groups == out_channels;
+        let packed = (!depthwise && packed::available()).then(|| {
+            let (og, k) = (out_channels / groups, in_per_group * kh * kw);
+            let packs = (0..groups).map(|grp| PackedWeights::new(&weight[grp * og * k..(grp + 1) * og * k], &bias[grp * og..(grp + 1) * og], og, k)).collect();
+            Arc::new(packs)
+        });
         Ok(Self {
-            weight: Arc::new(weight.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?),
+            weight: Arc::new(weight),
             bias: Arc::new(bias),
             out_channels,
             in_channels: in_per_group * groups,
@@ -122,6 +133,7 @@ impl Conv2d {
             padding,
             activation,
             smooth: None,
+            packed,
         })
     }
 
@@ -172,6 +184,18 @@ impl Conv2d {
                     dst.iter_mut().for_each(|v| *v = p.apply(*v));
                 }
             });
+            return;
+        } else if let Some(packs) = &self.packed {
+            let cg = g.c / self.groups;
+            let og = self.out_channels / self.groups;
+            let act = if self.smooth.is_some() { Activation::Identity } else { self.activation };
+            for (grp, pw) in packs.iter().enumerate() {
+                let cols = if self.is_pointwise(g) { Columns::Input(&x[grp * cg * plane..(grp + 1) * cg * plane]) } else { Columns::Im2col { x, g, c0: grp * cg } };
+                packed::conv(pw, cols, plane, act, &mut out[grp * og * plane..(grp + 1) * og * plane]);
+            }
+            if let Some(p) = self.smooth {
+                out.par_chunks_mut(plane).with_min_len(planes_per_task(plane)).for_each(|dst| dst.iter_mut().for_each(|v| *v = p.apply(*v)));
+            }
             return;
         } else {
             let cg = g.c / self.groups;

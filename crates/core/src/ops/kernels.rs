@@ -34,13 +34,20 @@ pub(super) fn im2col(x: &[f32], g: &ConvGeometry, c0: usize, col: &mut [f32]) {
 
 /// im2col of output columns `p0..p0 + n` only: `[cg * kh * kw, n]`.
 fn im2col_columns(x: &[f32], g: &ConvGeometry, c0: usize, rows: usize, p0: usize, n: usize, col: &mut [f32]) {
+    im2col_panel(x, g, c0, rows, p0, n, n, col)
+}
+
+/// im2col of output columns `p0..p0 + n` into rows `ld` values apart: `col[row * ld + j]`
+/// (values `n..ld` of each row are left as they are).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn im2col_panel(x: &[f32], g: &ConvGeometry, c0: usize, rows: usize, p0: usize, n: usize, ld: usize, col: &mut [f32]) {
     let (kh, kw, stride) = (g.kh, g.kw, g.stride);
     for row in 0..rows {
         let ci = c0 + row / (kh * kw);
         let ky = (row / kw) % kh;
         let kx = row % kw;
         let src = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-        let dst = &mut col[row * n..(row + 1) * n];
+        let dst = &mut col[row * ld..row * ld + n];
         let mut p = p0;
         while p < p0 + n {
             let (oy, ox0) = (p / g.ow, p % g.ow);
@@ -51,9 +58,20 @@ fn im2col_columns(x: &[f32], g: &ConvGeometry, c0: usize, rows: usize, p0: usize
                 drow.fill(0.0);
             } else {
                 let srow = &src[iy as usize * g.w..(iy as usize + 1) * g.w];
-                for (j, d) in drow.iter_mut().enumerate() {
-                    let ix = ((ox0 + j) * stride + kx) as isize - g.pad_left as isize;
-                    *d = if ix >= 0 && (ix as usize) < g.w { srow[ix as usize] } else { 0.0 };
+                // Output columns ox0 + j read input column (ox0 + j) * stride + kx - pad_left:
+                // inside the row for j in lo..hi, zero padding outside.
+                let first = (ox0 * stride + kx) as isize - g.pad_left as isize;
+                let lo = if first >= 0 { 0 } else { ((-first) as usize).div_ceil(stride).min(len) };
+                let hi = if first >= g.w as isize { lo } else { ((g.w as isize - first) as usize).div_ceil(stride).clamp(lo, len) };
+                drow[..lo].fill(0.0);
+                drow[hi..].fill(0.0);
+                let start = (first + (lo * stride) as isize) as usize;
+                if stride == 1 {
+                    drow[lo..hi].copy_from_slice(&srow[start..start + hi - lo]);
+                } else {
+                    for (d, &v) in drow[lo..hi].iter_mut().zip(srow[start..].iter().step_by(stride)) {
+                        *d = v;
+                    }
                 }
             }
             p += len;

@@ -21,6 +21,7 @@ pub mod activation;
 pub mod conv;
 pub mod kernels;
 pub mod linear;
+mod packed;
 pub mod pool;
 
 pub use activation::{guided, Activation, Pointwise};
