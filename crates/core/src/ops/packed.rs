@@ -66,12 +66,21 @@ pub(super) enum Columns<'a> {
     Im2col { x: &'a [f32], g: &'a ConvGeometry, c0: usize },
 }
 
+/// Steps of k per pass over a panel: its `KC x NR` slice (32 KiB) stays in the L1 cache while
+/// every row block of the item uses it.
+const KC: usize = 256;
+
 /// The output, shared by the tasks, which write disjoint (rows, columns) rectangles of it.
 struct Out(*mut f32);
 // SAFETY: every task writes only its own rectangle (see `conv`), so no two threads touch the
 // same element, and the pointer outlives the parallel loop that uses it.
 unsafe impl Sync for Out {}
 unsafe impl Send for Out {}
+
+/// Layers of at most this many panels (planes up to 128 values, a network's last stage) make
+/// their panels once and share them: each task takes a range of row blocks over every panel,
+/// so the weights (megabytes there) are read once instead of once per panel.
+const SHARED_PANELS: usize = 4;
 
 /// `dst[m, plane] = act(W @ B + bias)`, `dst` row-major `[m, plane]`.
 pub(super) fn conv(p: &PackedWeights, cols: Columns<'_>, plane: usize, act: Activation, dst: &mut [f32]) {
@@ -82,64 +91,92 @@ pub(super) fn conv(p: &PackedWeights, cols: Columns<'_>, plane: usize, act: Acti
     let tiles = plane.div_ceil(NR);
     let blocks = p.m.div_ceil(MR);
     let threads = rayon::current_num_threads();
-    // Enough items for the threads to balance (at least 8 per thread), but each item's panel
-    // serves as many row blocks as that allows.
-    let splits = (8 * threads).div_ceil(tiles).clamp(1, blocks);
-    let per = blocks.div_ceil(splits);
-    let splits = blocks.div_ceil(per);
-    let out = Out(dst.as_mut_ptr());
-    let out = &out;
-    (0..tiles * splits).into_par_iter().with_min_len((tiles * splits / (8 * threads)).max(1)).for_each_init(Vec::new, |panel, item| {
-        let (t, s) = (item / splits, item % splits);
+    let panel_len = p.k * NR;
+    let fill = |panel: &mut [f32], t: usize| {
         let (j0, n) = (t * NR, NR.min(plane - t * NR));
-        let (b, ldb): (&[f32], usize) = match cols {
-            Columns::Input(x) if n == NR => (&x[j0..], plane),
+        // k rows of NR columns (columns past n hold stale values, never stored).
+        match cols {
             Columns::Input(x) => {
-                panel.clear();
-                panel.resize(p.k * NR, 0.0);
                 for (kk, row) in panel.chunks_mut(NR).enumerate() {
                     row[..n].copy_from_slice(&x[kk * plane + j0..kk * plane + j0 + n]);
                 }
-                (&panel[..], NR)
             }
-            Columns::Im2col { x, g, c0 } => {
-                panel.resize(p.k * NR, 0.0);
-                super::kernels::im2col_panel(x, g, c0, p.k, j0, n, NR, panel);
-                (&panel[..], NR)
-            }
-        };
-        for blk in s * per..((s + 1) * per).min(blocks) {
-            let rows = MR.min(p.m - blk * MR);
-            let a = &p.data[blk * p.k * MR..(blk + 1) * p.k * MR];
-            let bias = &p.bias[blk * MR..(blk + 1) * MR];
-            // SAFETY: `available()` was checked when the weights were packed (callers only pack
-            // then); `a` holds k x MR values, `b` k rows of at least `n` values at stride `ldb`
-            // (the asserts above and the panel's size), and the rectangle rows blk*MR.. + rows,
-            // columns j0..j0 + n lies inside dst, written by this item only.
-            unsafe { tile(p.k, a, b, ldb, n, bias, act, out.0.add(blk * MR * plane + j0), plane, rows) };
+            Columns::Im2col { x, g, c0 } => super::kernels::im2col_panel(x, g, c0, p.k, j0, n, NR, panel),
         }
+    };
+    let out = Out(dst.as_mut_ptr());
+    let out = &out;
+    // Row blocks `blocks` of the panels of `tiles` (the slice `panels`, `tiles.len()` panels).
+    let run = |panels: &[f32], tiles: std::ops::Range<usize>, blocks: std::ops::Range<usize>| {
+        // k in passes of about KC steps.
+        let passes = p.k.div_ceil(KC);
+        let kc = p.k.div_ceil(passes);
+        for k0 in (0..p.k).step_by(kc) {
+            let len = kc.min(p.k - k0);
+            let pass = Pass { first: k0 == 0, last: k0 + len == p.k };
+            for (i, t) in tiles.clone().enumerate() {
+                let (j0, n) = (t * NR, NR.min(plane - t * NR));
+                let b = &panels[i * panel_len + k0 * NR..i * panel_len + (k0 + len) * NR];
+                for blk in blocks.clone() {
+                    let rows = MR.min(p.m - blk * MR);
+                    let a = &p.data[(blk * p.k + k0) * MR..(blk * p.k + k0 + len) * MR];
+                    let bias = &p.bias[blk * MR..(blk + 1) * MR];
+                    // SAFETY: `available()` was checked when the weights were packed (callers
+                    // only pack then); `a` holds len x MR values and `b` len x NR; the rectangle
+                    // rows blk*MR.. + rows, columns j0..j0 + n lies inside dst (asserted above)
+                    // and is written by this task only.
+                    unsafe { tile(len, a, b, n, bias, act, pass, out.0.add(blk * MR * plane + j0), plane, rows) };
+                }
+            }
+        }
+    };
+    if tiles <= SHARED_PANELS {
+        let mut panels = vec![0f32; tiles * panel_len];
+        panels.par_chunks_mut(panel_len).enumerate().for_each(|(t, panel)| fill(panel, t));
+        let per = blocks.div_ceil(4 * threads).max(1);
+        (0..blocks.div_ceil(per)).into_par_iter().for_each(|i| run(&panels, 0..tiles, i * per..((i + 1) * per).min(blocks)));
+        return;
+    }
+    // Otherwise each task makes its own panel and runs it through a range of row blocks: enough
+    // tasks for the threads to balance (at least 8 per thread), each panel serving as many row
+    // blocks as that allows.
+    let splits = (8 * threads).div_ceil(tiles).clamp(1, blocks);
+    let per = blocks.div_ceil(splits);
+    let splits = blocks.div_ceil(per);
+    (0..tiles * splits).into_par_iter().with_min_len((tiles * splits / (8 * threads)).max(1)).for_each_init(Vec::new, |panel, item| {
+        let (t, s) = (item / splits, item % splits);
+        panel.resize(panel_len, 0.0);
+        fill(panel, t);
+        run(panel, t..t + 1, s * per..((s + 1) * per).min(blocks));
     });
+}
+
+/// Which pass over k a micro-tile call is: the first starts from zero (else from the partial
+/// sums in the output), the last adds the bias and applies the activation.
+#[derive(Clone, Copy)]
+struct Pass {
+    first: bool,
+    last: bool,
 }
 
 /// One micro-tile, up to MR x NR, with AVX-512 when compiled for x86-64.
 ///
 /// # Safety
-/// The CPU must support AVX-512F; `a` holds `k * MR` values; `b` holds `k` rows of at least
-/// `n.next_multiple_of(16)` readable values (fewer only when `n` is a multiple of 16) at stride
-/// `ldb`; `c` addresses `rows` rows of `n` writable values at stride `ldc`.
+/// The CPU must support AVX-512F; `a` holds `k * MR` values and `b` `k * NR`; `c` addresses
+/// `rows` rows of `n` writable values at stride `ldc`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile(k: usize, a: &[f32], b: &[f32], ldb: usize, n: usize, bias: &[f32], act: Activation, c: *mut f32, ldc: usize, rows: usize) {
+unsafe fn tile(k: usize, a: &[f32], b: &[f32], n: usize, bias: &[f32], act: Activation, pass: Pass, c: *mut f32, ldc: usize, rows: usize) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the caller's contract.
     unsafe {
         if n > 16 {
-            tile_avx512::<2>(k, a, b, ldb, n, bias, act, c, ldc, rows)
+            tile_avx512::<2>(k, a, b, n, bias, act, pass, c, ldc, rows)
         } else {
-            tile_avx512::<1>(k, a, b, ldb, n, bias, act, c, ldc, rows)
+            tile_avx512::<1>(k, a, b, n, bias, act, pass, c, ldc, rows)
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("the packed kernels run on x86-64 only ({k} {} {} {ldb} {n} {} {act:?} {c:?} {ldc} {rows})", a.len(), b.len(), bias.len());
+    unreachable!("the packed kernels run on x86-64 only ({k} {} {} {n} {} {act:?} {c:?} {ldc} {rows} {})", a.len(), b.len(), bias.len(), pass.first);
 }
 
 /// # Safety
@@ -147,18 +184,27 @@ unsafe fn tile(k: usize, a: &[f32], b: &[f32], ldb: usize, n: usize, bias: &[f32
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_avx512<const NV: usize>(k: usize, a: &[f32], b: &[f32], ldb: usize, n: usize, bias: &[f32], act: Activation, c: *mut f32, ldc: usize, rows: usize) {
+unsafe fn tile_avx512<const NV: usize>(k: usize, a: &[f32], b: &[f32], n: usize, bias: &[f32], act: Activation, pass: Pass, c: *mut f32, ldc: usize, rows: usize) {
     use std::arch::x86_64::*;
-    debug_assert!(a.len() >= k * MR && bias.len() >= MR && n <= 16 * NV);
+    assert!(a.len() >= k * MR && b.len() >= k * NR && bias.len() >= MR && n <= 16 * NV && rows <= MR);
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    // Lanes of the last vector that are real columns.
-    let tail = n - 16 * (NV - 1);
-    let mask: __mmask16 = if tail >= 16 { 0xffff } else { (1u16 << tail) - 1 };
-    // SAFETY: the caller's contract bounds every pointer below.
+    // Lanes of each vector that are real columns.
+    let lanes = |v: usize| -> __mmask16 {
+        let real = n.saturating_sub(16 * v).min(16);
+        if real == 16 { 0xffff } else { (1u16 << real) - 1 }
+    };
+    // SAFETY: the assert and the caller's contract bound every pointer below.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        if !pass.first {
+            for (r, row) in acc.iter_mut().enumerate().take(rows) {
+                for (v, s) in row.iter_mut().enumerate() {
+                    *s = _mm512_maskz_loadu_ps(lanes(v), c.add(r * ldc + 16 * v));
+                }
+            }
+        }
         for kk in 0..k {
-            let bp = pb.add(kk * ldb);
+            let bp = pb.add(kk * NR);
             let mut bv = [_mm512_setzero_ps(); NV];
             for (v, slot) in bv.iter_mut().enumerate() {
                 *slot = _mm512_loadu_ps(bp.add(16 * v));
@@ -175,18 +221,17 @@ unsafe fn tile_avx512<const NV: usize>(k: usize, a: &[f32], b: &[f32], ldb: usiz
         for (r, row) in acc.iter().enumerate().take(rows) {
             let bias = _mm512_set1_ps(bias[r]);
             for (v, &s) in row.iter().enumerate() {
-                let mut y = _mm512_add_ps(s, bias);
-                y = match act {
-                    Activation::Identity => y,
-                    Activation::Relu => _mm512_max_ps(y, zero),
-                    Activation::Relu6 => _mm512_min_ps(_mm512_max_ps(y, zero), six),
-                };
-                let dst = c.add(r * ldc + 16 * v);
-                if v + 1 == NV && mask != 0xffff {
-                    _mm512_mask_storeu_ps(dst, mask, y);
+                let y = if !pass.last {
+                    s
                 } else {
-                    _mm512_storeu_ps(dst, y);
-                }
+                    let y = _mm512_add_ps(s, bias);
+                    match act {
+                        Activation::Identity => y,
+                        Activation::Relu => _mm512_max_ps(y, zero),
+                        Activation::Relu6 => _mm512_min_ps(_mm512_max_ps(y, zero), six),
+                    }
+                };
+                _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), lanes(v), y);
             }
         }
     }
