@@ -101,9 +101,9 @@ fn conv2d_forward_matches_candle() {
         assert!(diff < 1e-4, "groups {groups} stride {stride} pad {pad} k {k}: {diff}");
     }
     // Sizes that leave partial tiles in both directions of the packed kernels (19 output
-    // channels, 143 and 42 output columns), with a fused activation.
-    let x = tensor(&[2, 5, 13, 11], 5);
-    for (stride, pad, k) in [(1, 1, 3), (2, 1, 3), (1, 0, 1), (2, 0, 1)] {
+    // channels; rows of 11 and 6 outputs for the pixel-major kernel, of 37 and 19 for the
+    // column panels), with a fused activation.
+    for (x, stride, pad, k) in [(1, 1, 3), (2, 1, 3), (1, 0, 1), (2, 0, 1)].into_iter().flat_map(|c| [(tensor(&[2, 5, 13, 11], 5), c), (tensor(&[1, 5, 6, 37], 8), c)]).map(|(x, (s, p, k))| (x, s, p, k)) {
         let (w, b) = (tensor(&[19, 5, k, k], 6), tensor(&[19], 7));
         let ours = Conv2d::new(&w, Some(&b), 1, stride, Padding::Symmetric(pad), Activation::Relu6).unwrap().forward(&x).unwrap();
         let theirs = x.conv2d(&w, pad, stride, 1, 1).unwrap().broadcast_add(&b.reshape((1, 19, 1, 1)).unwrap()).unwrap().clamp(0f32, 6f32).unwrap();

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::{f32_slice, CResult};
 use super::kernels::{col2im, conv_tiled, depthwise_channel, depthwise_channel_backward, im2col, matmul, tiling_pays};
-use super::packed::{self, Columns, PackedWeights};
+use super::packed::{self, ChannelBlocks, Columns, PackedWeights};
 use super::{is_guided, planes_per_task, Activation, Pointwise};
 
 /// Spatial padding of a convolution or pooling window.
@@ -73,6 +73,8 @@ pub struct Conv2d {
     /// The weights packed for the AVX-512 kernels, one entry per group (dense convolutions on
     /// CPUs that have AVX-512F).
     packed: Option<Arc<Vec<PackedWeights>>>,
+    /// The weights for the pixel-major kernel (narrow outputs), one entry per group, alike.
+    pixel: Option<Arc<Vec<ChannelBlocks>>>,
 }
 
 /// Geometry of one convolution call, resolved from the input size.
@@ -122,6 +124,10 @@ impl Conv2d {
             let packs = (0..groups).map(|grp| PackedWeights::new(&weight[grp * og * k..(grp + 1) * og * k], &bias[grp * og..(grp + 1) * og], og, k)).collect();
             Arc::new(packs)
         });
+        let pixel = packed.as_ref().map(|_| {
+            let (og, k) = (out_channels / groups, in_per_group * kh * kw);
+            Arc::new((0..groups).map(|grp| ChannelBlocks::new(&weight[grp * og * k..(grp + 1) * og * k], &bias[grp * og..(grp + 1) * og], og, k)).collect())
+        });
         Ok(Self {
             weight: Arc::new(weight),
             bias: Arc::new(bias),
@@ -134,6 +140,7 @@ impl Conv2d {
             activation,
             smooth: None,
             packed,
+            pixel,
         })
     }
 
@@ -189,7 +196,12 @@ impl Conv2d {
             let cg = g.c / self.groups;
             let og = self.out_channels / self.groups;
             let act = if self.smooth.is_some() { Activation::Identity } else { self.activation };
+            let pixel = self.pixel.as_ref().filter(|_| packed::pixel_major_pays(g));
             for (grp, pw) in packs.iter().enumerate() {
+                if let Some(pixel) = pixel {
+                    packed::conv_pixel_major(&pixel[grp], x, g, grp * cg, act, &mut out[grp * og * plane..(grp + 1) * og * plane]);
+                    continue;
+                }
                 let cols = if self.is_pointwise(g) { Columns::Input(&x[grp * cg * plane..(grp + 1) * cg * plane]) } else { Columns::Im2col { x, g, c0: grp * cg } };
                 packed::conv(pw, cols, plane, act, &mut out[grp * og * plane..(grp + 1) * og * plane]);
             }

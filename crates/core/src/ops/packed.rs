@@ -236,3 +236,172 @@ unsafe fn tile_avx512<const NV: usize>(k: usize, a: &[f32], b: &[f32], n: usize,
         }
     }
 }
+
+/// Output channels per block of the pixel-major kernel: two 16-float vectors.
+const NC: usize = 32;
+/// Pixels per micro-tile of the pixel-major kernel at most (24 accumulators).
+const MAXP: usize = 12;
+
+/// One group's weights `[m, k]` for the pixel-major kernel: `ceil(m / NC)` blocks of `[k][NC]`
+/// (channels past `m` zero), and the bias padded alike.
+#[derive(Debug, Clone)]
+pub(super) struct ChannelBlocks {
+    data: Vec<f32>,
+    bias: Vec<f32>,
+    m: usize,
+    k: usize,
+}
+
+impl ChannelBlocks {
+    pub(super) fn new(w: &[f32], bias: &[f32], m: usize, k: usize) -> Self {
+        let blocks = m.div_ceil(NC);
+        let mut data = vec![0f32; blocks * k * NC];
+        for (blk, dst) in data.chunks_mut(k * NC).enumerate() {
+            for r in 0..NC.min(m - blk * NC) {
+                for (kk, &v) in w[(blk * NC + r) * k..(blk * NC + r + 1) * k].iter().enumerate() {
+                    dst[kk * NC + r] = v;
+                }
+            }
+        }
+        let mut b = bias.to_vec();
+        b.resize(blocks * NC, 0.0);
+        Self { data, bias: b, m, k }
+    }
+}
+
+/// Whether the pixel-major kernel takes a convolution of this geometry: narrow outputs (where
+/// the column panels of [`conv`] would waste lanes and their im2col costs more than it saves),
+/// strides 1 and 2.
+pub(super) fn pixel_major_pays(g: &ConvGeometry) -> bool {
+    g.ow <= 16 && (g.stride == 1 || g.stride == 2)
+}
+
+/// A convolution computed pixel by pixel with the output channels in the vector lanes (the
+/// orientation of oneDNN's and MLAS's blocked-layout kernels), reading the input straight from
+/// (a zero-padded copy of) the image, no im2col: each step of k broadcasts one input value per
+/// pixel of a row segment and multiplies it by 32 channels' weights. Channels `c0..` of `x`
+/// (`[c, h, w]`), output `dst` `[m, oh * ow]`.
+pub(super) fn conv_pixel_major(p: &ChannelBlocks, x: &[f32], g: &ConvGeometry, c0: usize, act: Activation, dst: &mut [f32]) {
+    let plane = g.oh * g.ow;
+    assert!(dst.len() >= p.m * plane && pixel_major_pays(g), "pixel-major conv: sizes");
+    let cg = p.k / (g.kh * g.kw);
+    // The padded extent the windows read.
+    let (hp, wp) = ((g.oh - 1) * g.stride + g.kh, (g.ow - 1) * g.stride + g.kw);
+    let needs_copy = g.pad_top > 0 || g.pad_left > 0 || hp > g.h || wp > g.w;
+    let padded: Vec<f32>;
+    let (src, hs, ws): (&[f32], usize, usize) = if needs_copy {
+        let mut buf = vec![0f32; cg * hp * wp];
+        buf.par_chunks_mut(hp * wp).enumerate().for_each(|(ci, plane_out)| {
+            let src = &x[(c0 + ci) * g.h * g.w..(c0 + ci + 1) * g.h * g.w];
+            for r in g.pad_top..hp.min(g.pad_top + g.h) {
+                let iy = r - g.pad_top;
+                let (l, n) = (g.pad_left, (wp - g.pad_left).min(g.w));
+                plane_out[r * wp + l..r * wp + l + n].copy_from_slice(&src[iy * g.w..iy * g.w + n]);
+            }
+        });
+        padded = buf;
+        (&padded[..], hp, wp)
+    } else {
+        (&x[c0 * g.h * g.w..(c0 + cg) * g.h * g.w], g.h, g.w)
+    };
+    let offsets: Vec<usize> = (0..p.k).map(|kk| (kk / (g.kh * g.kw)) * hs * ws + ((kk / g.kw) % g.kh) * ws + kk % g.kw).collect();
+    // The last window's last value is the largest address read.
+    assert!(offsets.last().is_none_or(|&o| o + ((g.oh - 1) * ws + g.ow - 1) * g.stride < src.len()), "pixel-major conv: window outside the input");
+    // Row segments of at most MAXP pixels, as even as possible.
+    let segments = g.ow.div_ceil(MAXP);
+    let seg = g.ow.div_ceil(segments);
+    let blocks = p.m.div_ceil(NC);
+    let threads = rayon::current_num_threads();
+    let chunks = (8 * threads).div_ceil(blocks).clamp(1, g.oh);
+    let rows_per = g.oh.div_ceil(chunks);
+    let chunks = g.oh.div_ceil(rows_per);
+    let out = Out(dst.as_mut_ptr());
+    let out = &out;
+    (0..blocks * chunks).into_par_iter().for_each(|item| {
+        let (blk, chunk) = (item / chunks, item % chunks);
+        let w = &p.data[blk * p.k * NC..(blk + 1) * p.k * NC];
+        let bias = &p.bias[blk * NC..(blk + 1) * NC];
+        let channels = NC.min(p.m - blk * NC);
+        let mut tmp = [0f32; MAXP * NC];
+        for oy in chunk * rows_per..((chunk + 1) * rows_per).min(g.oh) {
+            for ox0 in (0..g.ow).step_by(seg) {
+                let n = seg.min(g.ow - ox0);
+                let base = oy * g.stride * ws + ox0 * g.stride;
+                // SAFETY: `available()` was checked when the weights were packed; w holds k x NC
+                // values; every address base + offsets[kk] + j * stride (j < n) lies inside src
+                // (the assert above bounds the largest); tmp holds MAXP x NC values.
+                unsafe { pixels(n, g.stride, p.k, w, src[base..].as_ptr(), &offsets, bias, act, &mut tmp) };
+                for l in 0..channels {
+                    // SAFETY: channel blk*NC + l < m and pixels oy*ow + ox0 .. + n < plane:
+                    // inside dst, and this item's alone (its channel block and rows).
+                    let row = unsafe { std::slice::from_raw_parts_mut(out.0.add((blk * NC + l) * plane + oy * g.ow + ox0), n) };
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = tmp[j * NC + l];
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// # Safety
+/// As [`pixels_avx512`], with `1 <= n <= MAXP` and `stride` 1 or 2.
+#[allow(clippy::too_many_arguments)]
+unsafe fn pixels(n: usize, stride: usize, k: usize, w: &[f32], src: *const f32, offsets: &[usize], bias: &[f32], act: Activation, tmp: &mut [f32; MAXP * NC]) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract.
+    unsafe {
+        macro_rules! dispatch {
+            ($($p:literal)*) => {
+                match (n, stride) {
+                    $(($p, 1) => pixels_avx512::<$p, 1>(k, w, src, offsets, bias, act, tmp),)*
+                    $(($p, _) => pixels_avx512::<$p, 2>(k, w, src, offsets, bias, act, tmp),)*
+                    _ => unreachable!("{n} pixels"),
+                }
+            };
+        }
+        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the packed kernels run on x86-64 only ({n} {stride} {k} {} {src:?} {} {} {act:?} {})", w.len(), offsets.len(), bias.len(), tmp.len());
+}
+
+/// `tmp[j * NC + c] = act(sum_kk w[kk][c] src[offsets[kk] + j * S] + bias[c])` for `P` pixels.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `w` holds `k * NC` values, `offsets` `k`, `bias` `NC`; every
+/// `src + offsets[kk] + j * S` for `j < P` is readable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pixels_avx512<const P: usize, const S: usize>(k: usize, w: &[f32], src: *const f32, offsets: &[usize], bias: &[f32], act: Activation, tmp: &mut [f32; MAXP * NC]) {
+    use std::arch::x86_64::*;
+    assert!(w.len() >= k * NC && offsets.len() >= k && bias.len() >= NC && P <= MAXP);
+    let pw = w.as_ptr();
+    // SAFETY: the assert and the caller's contract bound every pointer below.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; P];
+        for (kk, &o) in offsets.iter().enumerate().take(k) {
+            let (w0, w1) = (_mm512_loadu_ps(pw.add(kk * NC)), _mm512_loadu_ps(pw.add(kk * NC + 16)));
+            let xp = src.add(o);
+            for (j, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*xp.add(j * S));
+                a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
+                a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+            }
+        }
+        let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
+        let b = [_mm512_loadu_ps(bias.as_ptr()), _mm512_loadu_ps(bias.as_ptr().add(16))];
+        for (j, a) in acc.iter().enumerate() {
+            for v in 0..2 {
+                let y = _mm512_add_ps(a[v], b[v]);
+                let y = match act {
+                    Activation::Identity => y,
+                    Activation::Relu => _mm512_max_ps(y, zero),
+                    Activation::Relu6 => _mm512_min_ps(_mm512_max_ps(y, zero), six),
+                };
+                _mm512_storeu_ps(tmp.as_mut_ptr().add(j * NC + 16 * v), y);
+            }
+        }
+    }
+}
