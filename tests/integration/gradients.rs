@@ -168,6 +168,34 @@ fn fused_activations_have_exact_gradients() {
 }
 
 #[test]
+fn residual_convolutions_match_the_separate_ops_and_finite_differences() {
+    // act(conv(x) + r) in one op, through every kernel: 3x3 and 1x1, narrow and wide outputs.
+    for (shape, k, pad) in [([1, 5, 6, 37], 3, 1), ([2, 5, 7, 9], 3, 1), ([1, 6, 5, 40], 1, 0), ([1, 6, 7, 7], 1, 0)] {
+        let x = tensor(&shape, 31);
+        let (w, b) = (tensor(&[19, shape[1], k, k], 32), tensor(&[19], 33));
+        let conv = Conv2d::new(&w, Some(&b), 1, 1, Padding::Symmetric(pad), Activation::Identity).unwrap();
+        let r = tensor(&[shape[0], 19, shape[2], shape[3]], 34);
+        for act in [Activation::Relu, Activation::Identity] {
+            let fused = conv.forward_residual(&x, &r, act).unwrap();
+            let separate = act.forward(&(conv.forward(&x).unwrap() + &r).unwrap()).unwrap();
+            let diff = (fused - separate).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "{shape:?} {k}x{k} {act:?}: {diff}");
+        }
+        // Each input value reaches up to 171 outputs, too many ReLU kinks for differences.
+        check_gradient("conv + residual, input", &x, |x| conv.forward_residual(x, &r, Activation::Identity));
+        // The residual moved off ReLU's kink: no pre-activation within 0.02 of 0.
+        let z = (conv.forward(&x).unwrap() + &r).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let off: Vec<f32> = r.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().zip(&z).map(|(&v, &z)| if z.abs() < 0.02 { v + 0.05 } else { v }).collect();
+        let r = Tensor::from_vec(off, r.dims(), &Device::Cpu).unwrap();
+        check_gradient("conv + residual, residual", &r, |r| conv.forward_residual(&x, r, Activation::Relu));
+    }
+    let relu = Conv2d::new(&tensor(&[4, 3, 1, 1], 35), None, 1, 1, Padding::Symmetric(0), Activation::Relu).unwrap();
+    assert!(relu.forward_residual(&tensor(&[1, 3, 4, 4], 36), &tensor(&[1, 4, 4, 4], 37), Activation::Relu).is_err());
+    let plain = Conv2d::new(&tensor(&[4, 3, 1, 1], 35), None, 1, 1, Padding::Symmetric(0), Activation::Identity).unwrap();
+    assert!(plain.forward_residual(&tensor(&[1, 3, 4, 4], 36), &tensor(&[1, 4, 4, 5], 37), Activation::Relu).is_err());
+}
+
+#[test]
 fn linear_input_gradient_matches_finite_differences() {
     let x = tensor(&[3, 10], 11);
     let l = Linear::new(&tensor(&[4, 10], 12), Some(&tensor(&[4], 13)), Activation::Identity).unwrap();

@@ -65,11 +65,11 @@ impl Layer for MbConvBlock {
             None => x.clone(),
         };
         let h = self.depthwise.forward(&h)?; // [b, hidden, h / s, w / s]
-        let h = self.project.forward(&h)?; // [b, out, h / s, w / s]
+        // [b, out, h / s, w / s], the skip connection added in the projection's epilogue
         if self.skip {
-            h + x
+            self.project.forward_residual(&h, x, Activation::Identity)
         } else {
-            Ok(h)
+            self.project.forward(&h)
         }
     }
 }

@@ -58,25 +58,25 @@ impl Bottleneck {
     }
 }
 
-fn residual(out: Tensor, x: &Tensor, downsample: &Option<Conv2d>) -> candle_core::Result<Tensor> {
-    let identity = match downsample {
-        Some(d) => d.forward(x)?,
-        None => x.clone(),
-    };
-    Activation::Relu.forward(&(out + identity)?)
+/// The skip connection: the block's input, or its downsampling.
+fn identity(x: &Tensor, downsample: &Option<Conv2d>) -> candle_core::Result<Tensor> {
+    match downsample {
+        Some(d) => d.forward(x),
+        None => Ok(x.clone()),
+    }
 }
 
 impl Layer for BasicBlock {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let out = self.conv2.forward(&self.conv1.forward(x)?)?; // [b, planes, h / s, w / s]
-        residual(out, x, &self.downsample)
+        // relu(conv2(.) + identity), the sum in conv2's epilogue: [b, planes, h / s, w / s]
+        self.conv2.forward_residual(&self.conv1.forward(x)?, &identity(x, &self.downsample)?, Activation::Relu)
     }
 }
 
 impl Layer for Bottleneck {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let out = self.conv3.forward(&self.conv2.forward(&self.conv1.forward(x)?)?)?; // [b, 4 planes, h / s, w / s]
-        residual(out, x, &self.downsample)
+        // relu(conv3(.) + identity), the sum in conv3's epilogue: [b, 4 planes, h / s, w / s]
+        self.conv3.forward_residual(&self.conv2.forward(&self.conv1.forward(x)?)?, &identity(x, &self.downsample)?, Activation::Relu)
     }
 }
 

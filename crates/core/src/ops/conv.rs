@@ -177,7 +177,18 @@ impl Conv2d {
         self.kernel == (1, 1) && self.stride == 1 && g.oh == g.h && g.ow == g.w && g.pad_top == 0
     }
 
-    fn forward_image(&self, x: &[f32], g: &ConvGeometry, out: &mut [f32]) {
+    /// `out = conv(x)`, or with `residual` = (r, act): `out = act(conv(x) + r)` (the convolution's
+    /// own activation is then the identity).
+    fn forward_image(&self, x: &[f32], g: &ConvGeometry, residual: Option<(&[f32], Activation)>, out: &mut [f32]) {
+        if !self.forward_fused(x, g, residual, out) {
+            if let Some((r, act)) = residual {
+                out.par_iter_mut().zip(r.par_iter()).for_each(|(v, &q)| *v = act.apply(*v + q));
+            }
+        }
+    }
+
+    /// [`Self::forward_image`]; false when the residual is left to the caller.
+    fn forward_fused(&self, x: &[f32], g: &ConvGeometry, residual: Option<(&[f32], Activation)>, out: &mut [f32]) -> bool {
         let (kh, kw) = self.kernel;
         let plane = g.oh * g.ow;
         if self.is_depthwise() {
@@ -191,24 +202,30 @@ impl Conv2d {
                     dst.iter_mut().for_each(|v| *v = p.apply(*v));
                 }
             });
-            return;
+            return false;
         } else if let Some(packs) = &self.packed {
             let cg = g.c / self.groups;
             let og = self.out_channels / self.groups;
-            let act = if self.smooth.is_some() { Activation::Identity } else { self.activation };
+            let act = match residual {
+                Some((_, act)) => act,
+                None if self.smooth.is_some() => Activation::Identity,
+                None => self.activation,
+            };
             let pixel = self.pixel.as_ref().filter(|_| packed::pixel_major_pays(g));
             for (grp, pw) in packs.iter().enumerate() {
+                let part = grp * og * plane..(grp + 1) * og * plane;
+                let res = residual.map(|(r, _)| &r[part.clone()]);
                 if let Some(pixel) = pixel {
-                    packed::conv_pixel_major(&pixel[grp], x, g, grp * cg, act, &mut out[grp * og * plane..(grp + 1) * og * plane]);
+                    packed::conv_pixel_major(&pixel[grp], x, g, grp * cg, act, res, &mut out[part]);
                     continue;
                 }
                 let cols = if self.is_pointwise(g) { Columns::Input(&x[grp * cg * plane..(grp + 1) * cg * plane]) } else { Columns::Im2col { x, g, c0: grp * cg } };
-                packed::conv(pw, cols, plane, act, &mut out[grp * og * plane..(grp + 1) * og * plane]);
+                packed::conv(pw, cols, plane, act, res, &mut out[part]);
             }
             if let Some(p) = self.smooth {
                 out.par_chunks_mut(plane).with_min_len(planes_per_task(plane)).for_each(|dst| dst.iter_mut().for_each(|v| *v = p.apply(*v)));
             }
-            return;
+            return true;
         } else {
             let cg = g.c / self.groups;
             let og = self.out_channels / self.groups;
@@ -227,7 +244,7 @@ impl Conv2d {
                     let w = &self.weight[grp * og * k..(grp + 1) * og * k];
                     conv_tiled(x, g, grp * cg, cg, w, og, &epilogue, &mut out[grp * og * plane..(grp + 1) * og * plane]);
                 }
-                return;
+                return false;
             }
             let mut col = Vec::new();
             for grp in 0..self.groups {
@@ -252,6 +269,20 @@ impl Conv2d {
                 None => dst.iter_mut().for_each(|v| *v = act.apply(*v + b)),
             }
         });
+        false
+    }
+
+    /// `act(conv(x) + residual)` in one op: a residual block's last convolution, its skip
+    /// connection and activation, with the sum added in the convolution's epilogue (ResNet's
+    /// `relu(bn3(conv3(.)) + identity)`). The convolution's own activation must be the identity.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, in, h, w]`, `residual`: `[batch, out, oh, ow]` -> `[batch, out, oh, ow]`.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor, act: Activation) -> CResult<Tensor> {
+        if self.activation != Activation::Identity || self.smooth.is_some() {
+            candle_core::bail!("conv2d with a residual: the convolution's own activation must be the identity");
+        }
+        x.contiguous()?.apply_op2(&residual.contiguous()?, ResidualConv { conv: self.clone(), act })
     }
 
     /// Input gradient of one image, given the gradient at the pre-activation output.
@@ -295,7 +326,7 @@ impl CustomOp1 for Conv2d {
         let (in_len, out_len) = (g.c * g.h * g.w, self.out_channels * g.oh * g.ow);
         let mut out = vec![0.0f32; g.batch * out_len];
         for b in 0..g.batch {
-            self.forward_image(&x[b * in_len..(b + 1) * in_len], &g, &mut out[b * out_len..(b + 1) * out_len]);
+            self.forward_image(&x[b * in_len..(b + 1) * in_len], &g, None, &mut out[b * out_len..(b + 1) * out_len]);
         }
         Ok((CpuStorage::F32(out), Shape::from((g.batch, self.out_channels, g.oh, g.ow))))
     }
@@ -321,6 +352,49 @@ impl CustomOp1 for Conv2d {
             self.backward_image(&gpre[b * out_len..(b + 1) * out_len], &g, &mut dx[b * in_len..(b + 1) * in_len]);
         }
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// [`Conv2d::forward_residual`]'s op.
+#[derive(Debug, Clone)]
+struct ResidualConv {
+    conv: Conv2d,
+    act: Activation,
+}
+
+impl candle_core::CustomOp2 for ResidualConv {
+    fn name(&self) -> &'static str {
+        "gradcam-conv2d-residual"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (x, r) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
+        let g = self.conv.geometry(l1.dims())?;
+        let shape = [g.batch, self.conv.out_channels, g.oh, g.ow];
+        if l2.dims() != shape {
+            candle_core::bail!("conv2d residual is {:?}, the output {shape:?}", l2.dims());
+        }
+        let (in_len, out_len) = (g.c * g.h * g.w, self.conv.out_channels * g.oh * g.ow);
+        let mut out = vec![0.0f32; g.batch * out_len];
+        for b in 0..g.batch {
+            let res = &r[b * out_len..(b + 1) * out_len];
+            self.conv.forward_image(&x[b * in_len..(b + 1) * in_len], &g, Some((res, self.act)), &mut out[b * out_len..(b + 1) * out_len]);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(shape.to_vec())))
+    }
+
+    fn bwd(&self, arg: &Tensor, residual: &Tensor, res: &Tensor, grad_res: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let g = self.conv.geometry(arg.dims())?;
+        let out = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (act, guided) = (self.act, is_guided());
+        let gpre: Vec<f32> = out.par_iter().zip(grad.par_iter()).map(|(&o, &d)| act.backward(o, d, guided)).collect();
+        let (in_len, out_len) = (g.c * g.h * g.w, self.conv.out_channels * g.oh * g.ow);
+        let mut dx = vec![0.0f32; g.batch * in_len];
+        for b in 0..g.batch {
+            self.conv.backward_image(&gpre[b * out_len..(b + 1) * out_len], &g, &mut dx[b * in_len..(b + 1) * in_len]);
+        }
+        Ok((Some(Tensor::from_vec(dx, arg.shape(), arg.device())?), Some(Tensor::from_vec(gpre, residual.shape(), residual.device())?)))
     }
 }
 

@@ -77,14 +77,30 @@ struct Out(*mut f32);
 unsafe impl Sync for Out {}
 unsafe impl Send for Out {}
 
+/// The residual added before the activation, or null.
+struct Residual(*const f32);
+// SAFETY: only read, while the slice it comes from is borrowed by `conv`.
+unsafe impl Sync for Residual {}
+unsafe impl Send for Residual {}
+
+impl Residual {
+    /// The residual's element `offset`, or null when there is none.
+    fn at(&self, offset: usize) -> *const f32 {
+        if self.0.is_null() { self.0 } else { self.0.wrapping_add(offset) }
+    }
+}
+
 /// Layers of at most this many panels (planes up to 128 values, a network's last stage) make
 /// their panels once and share them: each task takes a range of row blocks over every panel,
 /// so the weights (megabytes there) are read once instead of once per panel.
 const SHARED_PANELS: usize = 4;
 
-/// `dst[m, plane] = act(W @ B + bias)`, `dst` row-major `[m, plane]`.
-pub(super) fn conv(p: &PackedWeights, cols: Columns<'_>, plane: usize, act: Activation, dst: &mut [f32]) {
-    assert!(dst.len() >= p.m * plane, "packed conv: output too small");
+/// `dst[m, plane] = act(W @ B + bias + res)`, `dst` and `res` (a residual, when given)
+/// row-major `[m, plane]`.
+pub(super) fn conv(p: &PackedWeights, cols: Columns<'_>, plane: usize, act: Activation, res: Option<&[f32]>, dst: &mut [f32]) {
+    assert!(dst.len() >= p.m * plane && res.is_none_or(|r| r.len() >= p.m * plane), "packed conv: output too small");
+    let res = Residual(res.map_or(std::ptr::null(), |r| r.as_ptr()));
+    let res = &res;
     if let Columns::Input(x) = cols {
         assert!(x.len() >= p.k * plane, "packed conv: input too small");
     }
@@ -124,8 +140,9 @@ pub(super) fn conv(p: &PackedWeights, cols: Columns<'_>, plane: usize, act: Acti
                     // SAFETY: `available()` was checked when the weights were packed (callers
                     // only pack then); `a` holds len x MR values and `b` len x NR; the rectangle
                     // rows blk*MR.. + rows, columns j0..j0 + n lies inside dst (asserted above)
-                    // and is written by this task only.
-                    unsafe { tile(len, a, b, n, bias, act, pass, out.0.add(blk * MR * plane + j0), plane, rows) };
+                    // and is written by this task only; the residual's like it is inside res.
+                    let (c, r) = (out.0.wrapping_add(blk * MR * plane + j0), res.at(blk * MR * plane + j0));
+                    unsafe { tile(len, a, b, n, bias, act, pass, c, r, plane, rows) };
                 }
             }
         }
@@ -163,20 +180,20 @@ struct Pass {
 ///
 /// # Safety
 /// The CPU must support AVX-512F; `a` holds `k * MR` values and `b` `k * NR`; `c` addresses
-/// `rows` rows of `n` writable values at stride `ldc`.
+/// `rows` rows of `n` writable values at stride `ldc`, `res` (unless null) as many readable.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile(k: usize, a: &[f32], b: &[f32], n: usize, bias: &[f32], act: Activation, pass: Pass, c: *mut f32, ldc: usize, rows: usize) {
+unsafe fn tile(k: usize, a: &[f32], b: &[f32], n: usize, bias: &[f32], act: Activation, pass: Pass, c: *mut f32, res: *const f32, ldc: usize, rows: usize) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the caller's contract.
     unsafe {
         if n > 16 {
-            tile_avx512::<2>(k, a, b, n, bias, act, pass, c, ldc, rows)
+            tile_avx512::<2>(k, a, b, n, bias, act, pass, c, res, ldc, rows)
         } else {
-            tile_avx512::<1>(k, a, b, n, bias, act, pass, c, ldc, rows)
+            tile_avx512::<1>(k, a, b, n, bias, act, pass, c, res, ldc, rows)
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("the packed kernels run on x86-64 only ({k} {} {} {n} {} {act:?} {c:?} {ldc} {rows} {})", a.len(), b.len(), bias.len(), pass.first);
+    unreachable!("the packed kernels run on x86-64 only ({k} {} {} {n} {} {act:?} {c:?} {res:?} {ldc} {rows} {})", a.len(), b.len(), bias.len(), pass.first);
 }
 
 /// # Safety
@@ -184,7 +201,7 @@ unsafe fn tile(k: usize, a: &[f32], b: &[f32], n: usize, bias: &[f32], act: Acti
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_avx512<const NV: usize>(k: usize, a: &[f32], b: &[f32], n: usize, bias: &[f32], act: Activation, pass: Pass, c: *mut f32, ldc: usize, rows: usize) {
+unsafe fn tile_avx512<const NV: usize>(k: usize, a: &[f32], b: &[f32], n: usize, bias: &[f32], act: Activation, pass: Pass, c: *mut f32, res: *const f32, ldc: usize, rows: usize) {
     use std::arch::x86_64::*;
     assert!(a.len() >= k * MR && b.len() >= k * NR && bias.len() >= MR && n <= 16 * NV && rows <= MR);
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
@@ -224,7 +241,10 @@ unsafe fn tile_avx512<const NV: usize>(k: usize, a: &[f32], b: &[f32], n: usize,
                 let y = if !pass.last {
                     s
                 } else {
-                    let y = _mm512_add_ps(s, bias);
+                    let mut y = _mm512_add_ps(s, bias);
+                    if !res.is_null() {
+                        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(lanes(v), res.add(r * ldc + 16 * v)));
+                    }
                     match act {
                         Activation::Identity => y,
                         Activation::Relu => _mm512_max_ps(y, zero),
@@ -269,21 +289,25 @@ impl ChannelBlocks {
     }
 }
 
-/// Whether the pixel-major kernel takes a convolution of this geometry: narrow outputs (where
-/// the column panels of [`conv`] would waste lanes and their im2col costs more than it saves),
-/// strides 1 and 2.
+/// Whether the pixel-major kernel takes a convolution of this geometry (strides 1 and 2): every
+/// kernel larger than 1x1, whose im2col costs the column panels more than the pixel-major
+/// kernel's transposed stores, and 1x1 kernels on narrow outputs, where column panels would
+/// waste vector lanes (measured on ResNet-50 and VGG-16 with `bench classify --layers`).
 pub(super) fn pixel_major_pays(g: &ConvGeometry) -> bool {
-    g.ow <= 16 && (g.stride == 1 || g.stride == 2)
+    (g.kh * g.kw > 1 || g.ow <= 16) && (g.stride == 1 || g.stride == 2)
 }
 
 /// A convolution computed pixel by pixel with the output channels in the vector lanes (the
 /// orientation of oneDNN's and MLAS's blocked-layout kernels), reading the input straight from
 /// (a zero-padded copy of) the image, no im2col: each step of k broadcasts one input value per
 /// pixel of a row segment and multiplies it by 32 channels' weights. Channels `c0..` of `x`
-/// (`[c, h, w]`), output `dst` `[m, oh * ow]`.
-pub(super) fn conv_pixel_major(p: &ChannelBlocks, x: &[f32], g: &ConvGeometry, c0: usize, act: Activation, dst: &mut [f32]) {
+/// (`[c, h, w]`), output `dst` `[m, oh * ow]`; `res`, when given, is added before the
+/// activation.
+pub(super) fn conv_pixel_major(p: &ChannelBlocks, x: &[f32], g: &ConvGeometry, c0: usize, act: Activation, res: Option<&[f32]>, dst: &mut [f32]) {
     let plane = g.oh * g.ow;
-    assert!(dst.len() >= p.m * plane && pixel_major_pays(g), "pixel-major conv: sizes");
+    assert!(dst.len() >= p.m * plane && res.is_none_or(|r| r.len() >= p.m * plane) && pixel_major_pays(g), "pixel-major conv: sizes");
+    // With a residual the activation comes after it, outside the kernel.
+    let kernel_act = if res.is_some() { Activation::Identity } else { act };
     let cg = p.k / (g.kh * g.kw);
     // The padded extent the windows read.
     let (hp, wp) = ((g.oh - 1) * g.stride + g.kh, (g.ow - 1) * g.stride + g.kw);
@@ -330,13 +354,15 @@ pub(super) fn conv_pixel_major(p: &ChannelBlocks, x: &[f32], g: &ConvGeometry, c
                 // SAFETY: `available()` was checked when the weights were packed; w holds k x NC
                 // values; every address base + offsets[kk] + j * stride (j < n) lies inside src
                 // (the assert above bounds the largest); tmp holds MAXP x NC values.
-                unsafe { pixels(n, g.stride, p.k, w, src[base..].as_ptr(), &offsets, bias, act, &mut tmp) };
+                unsafe { pixels(n, g.stride, p.k, w, src[base..].as_ptr(), &offsets, bias, kernel_act, &mut tmp) };
                 for l in 0..channels {
+                    let at = (blk * NC + l) * plane + oy * g.ow + ox0;
                     // SAFETY: channel blk*NC + l < m and pixels oy*ow + ox0 .. + n < plane:
                     // inside dst, and this item's alone (its channel block and rows).
-                    let row = unsafe { std::slice::from_raw_parts_mut(out.0.add((blk * NC + l) * plane + oy * g.ow + ox0), n) };
-                    for (j, v) in row.iter_mut().enumerate() {
-                        *v = tmp[j * NC + l];
+                    let row = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), n) };
+                    match res {
+                        Some(r) => row.iter_mut().zip(&r[at..at + n]).enumerate().for_each(|(j, (v, &q))| *v = act.apply(tmp[j * NC + l] + q)),
+                        None => row.iter_mut().enumerate().for_each(|(j, v)| *v = tmp[j * NC + l]),
                     }
                 }
             }
