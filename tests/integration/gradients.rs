@@ -220,6 +220,18 @@ fn max_pool_gradient_matches_finite_differences_where_candle_fails() {
     check_gradient("max-pool 3/2 pad 1", &x, |x| overlapping.forward(x));
     let tiled = MaxPool2d { kernel: 2, stride: 2, padding: 0 };
     check_gradient("max-pool 2/2", &x, |x| tiled.forward(x));
+    // Forward values: candle's where it has them (no padding), and a NaN wins its windows.
+    for (k, st) in [(2, 2), (3, 2), (3, 1)] {
+        let ours = MaxPool2d { kernel: k, stride: st, padding: 0 }.forward(&x).unwrap();
+        let diff = (ours - x.max_pool2d_with_stride(k, st).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "max-pool {k}/{st}");
+    }
+    let mut v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v[8 * 3 + 5] = f32::NAN; // row 3, column 5 of the first plane
+    let nan = MaxPool2d { kernel: 3, stride: 2, padding: 1 }.forward(&Tensor::from_vec(v, x.dims(), &Device::Cpu).unwrap()).unwrap();
+    let first = nan.get(0).unwrap().get(0).unwrap().to_vec2::<f32>().unwrap();
+    let nans: Vec<(usize, usize)> = (0..5).flat_map(|r| (0..4).map(move |c| (r, c))).filter(|&(r, c)| first[r][c].is_nan()).collect();
+    assert_eq!(nans, vec![(1, 2), (1, 3), (2, 2), (2, 3)], "windows that hold the NaN");
     // candle's own backward: scaled by 1/k^2 for kernel == stride, an error otherwise.
     let var = Var::from_tensor(&x).unwrap();
     assert!(var.as_tensor().max_pool2d_with_stride(3, 2).unwrap().sum_all().unwrap().backward().is_err());

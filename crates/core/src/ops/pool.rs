@@ -80,6 +80,47 @@ impl MaxPool2d {
         Ok((n + 2 * self.padding - self.kernel) / self.stride + 1)
     }
 
+    /// One plane's maxima, row by row of windows (the same values as [`Self::argmax`] picks: a
+    /// NaN in a window wins, as in PyTorch).
+    fn forward_plane(&self, src: &[f32], h: usize, w: usize, ow: usize, dst: &mut [f32]) {
+        // max that keeps a NaN from either side.
+        #[inline(always)]
+        fn nanmax(a: f32, b: f32) -> f32 {
+            if b > a || b.is_nan() { b } else { a }
+        }
+        let (k, s, pad) = (self.kernel, self.stride, self.padding as isize);
+        for (oy, drow) in dst.chunks_mut(ow).enumerate() {
+            drow.fill(f32::NEG_INFINITY);
+            for ky in 0..k {
+                let iy = (oy * s + ky) as isize - pad;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                let srow = &src[iy as usize * w..(iy as usize + 1) * w];
+                if k == 2 && s == 2 && pad == 0 {
+                    for (d, pair) in drow.iter_mut().zip(srow.chunks_exact(2)) {
+                        *d = nanmax(nanmax(*d, pair[0]), pair[1]);
+                    }
+                    continue;
+                }
+                // Windows inside the row (ox in lo..hi) need no clipping.
+                let lo = (pad as usize).div_ceil(s).min(ow);
+                let hi = ((w + pad as usize).saturating_sub(k) / s + 1).clamp(lo, ow);
+                for (ox, d) in drow.iter_mut().enumerate() {
+                    let x0 = (ox * s) as isize - pad;
+                    if (lo..hi).contains(&ox) {
+                        let window = &srow[x0 as usize..x0 as usize + k];
+                        *d = window.iter().fold(*d, |m, &v| nanmax(m, v));
+                    } else {
+                        for ix in x0.max(0)..(x0 + k as isize).min(w as isize) {
+                            *d = nanmax(*d, srow[ix as usize]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Index (within the plane) of the first maximum of window (oy, ox).
     #[inline]
     fn argmax(&self, src: &[f32], h: usize, w: usize, oy: usize, ox: usize) -> usize {
@@ -121,12 +162,7 @@ impl CustomOp1 for MaxPool2d {
         let (oh, ow) = (self.out_size(h)?, self.out_size(w)?);
         let mut out = vec![0.0f32; b * c * oh * ow];
         out.par_chunks_mut(oh * ow).enumerate().with_min_len(planes_per_task(oh * ow)).for_each(|(p, dst)| {
-            let src = &x[p * h * w..(p + 1) * h * w];
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    dst[oy * ow + ox] = src[self.argmax(src, h, w, oy, ox)];
-                }
-            }
+            self.forward_plane(&x[p * h * w..(p + 1) * h * w], h, w, ow, dst);
         });
         Ok((CpuStorage::F32(out), Shape::from((b, c, oh, ow))))
     }
