@@ -87,6 +87,26 @@ fn built_networks_have_the_advertised_layer_names() {
 
 /// pytorch-grad-cam's output scaling: min-max to [0, 1] (with its 1e-7), bilinear resize (cv2,
 /// half-pixel centres), and min-max again after aggregating the layer.
+#[test]
+fn fused_convolutions_give_what_the_separate_layers_give() {
+    // VGG-16 runs each convolution with its ReLU as one op when a pass covers both; explaining
+    // at the convolution (before the ReLU) still sees its own output, and the head from there
+    // the same logits.
+    let net = ModelKind::Vgg16.build(&Weights::hashed()).unwrap();
+    let x = input().narrow(2, 0, 64).unwrap().narrow(3, 0, 64).unwrap().contiguous().unwrap();
+    let conv = net.layer_index("features.26").unwrap();
+    let pre = net.features_at(&x, conv).unwrap();
+    assert!(pre.flatten_all().unwrap().min(0).unwrap().to_scalar::<f32>().unwrap() < 0.0, "a convolution's output before its ReLU");
+    let separate = net.layer_forward(conv + 1, &pre).unwrap();
+    let fused = net.features_at(&x, conv + 1).unwrap();
+    let diff = (separate - fused).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0);
+    let from_conv = net.head_from(&pre, conv).unwrap();
+    let whole = net.forward(&x).unwrap();
+    let diff = (from_conv - whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0);
+}
+
 fn pytorch_grad_cam_scaled(map: &gradcam_core::Map, h: usize, w: usize) -> Vec<f32> {
     let scale = |v: &[f32]| -> Vec<f32> {
         let min = v.iter().copied().fold(f32::INFINITY, f32::min);

@@ -33,6 +33,9 @@ impl Layer for Conv2d {
 pub struct Network {
     arch: std::borrow::Cow<'static, str>,
     layers: Vec<(String, Box<dyn Layer>)>,
+    /// `fused[i]`: layers i and i + 1 in one op (a convolution and the ReLU after it), taken
+    /// when a pass runs through both.
+    fused: Vec<Option<Box<dyn Layer>>>,
     aliases: Vec<(String, String)>,
     tail: Box<dyn Layer>,
     default_layer: String,
@@ -56,7 +59,33 @@ impl Network {
         default_layer: &str,
         num_classes: usize,
     ) -> Self {
-        Self { arch: arch.into(), layers, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes, preprocess: Preprocess::default(), labels: None, resize: crate::preprocess::Resize::CenterCrop }
+        let fused = layers.iter().map(|_| None).collect();
+        Self { arch: arch.into(), layers, fused, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes, preprocess: Preprocess::default(), labels: None, resize: crate::preprocess::Resize::CenterCrop }
+    }
+
+    /// Layers `index` and `index + 1` as the one op `both`, for passes that run through both.
+    pub(crate) fn with_fused(mut self, index: usize, both: Box<dyn Layer>) -> Self {
+        self.fused[index] = Some(both);
+        self
+    }
+
+    /// Layers `range` in order, each fused pair as one op.
+    fn run(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
+        let mut x = x.clone();
+        let mut i = range.start;
+        while i < range.end {
+            match &self.fused[i] {
+                Some(both) if i + 1 < range.end => {
+                    x = both.forward(&x)?;
+                    i += 2;
+                }
+                _ => {
+                    x = self.layers[i].1.forward(&x)?;
+                    i += 1;
+                }
+            }
+        }
+        Ok(x)
     }
 
     /// The input size and normalisation the network expects (default: ImageNet's at 224 x 224).
@@ -152,11 +181,7 @@ impl Network {
 
     /// Activations of layer `index`.
     pub fn features_at(&self, x: &Tensor, index: usize) -> Result<Tensor> {
-        let mut x = x.clone();
-        for (_, layer) in &self.layers[..=index] {
-            x = layer.forward(&x)?;
-        }
-        Ok(x)
+        self.run(x, 0..index + 1)
     }
 
     /// Layer `index` alone, on the previous layer's activations (for per-layer timings).
@@ -171,10 +196,7 @@ impl Network {
 
     /// Logits from the activations of layer `index`.
     pub fn head_from(&self, a: &Tensor, index: usize) -> Result<Tensor> {
-        let mut x = a.clone();
-        for (_, layer) in &self.layers[index + 1..] {
-            x = layer.forward(&x)?;
-        }
+        let x = self.run(a, index + 1..self.layers.len())?;
         Ok(self.tail.forward(&x)?)
     }
 

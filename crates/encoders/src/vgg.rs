@@ -45,6 +45,8 @@ fn classifier_layer(w: &Weights, torchvision: &str, timm: &str, timm_shape: &[us
 pub fn vgg16(w: &Weights, num_classes: usize) -> Result<Network> {
     let mut layers: Vec<(String, Box<dyn Layer>)> = Vec::new();
     let mut cin = 3;
+    // Each convolution with its ReLU, for passes that run through both.
+    let mut fused = Vec::new();
     for cout in CONFIG {
         let i = layers.len();
         if cout == 0 {
@@ -52,6 +54,7 @@ pub fn vgg16(w: &Weights, num_classes: usize) -> Result<Network> {
             layers.push((format!("features.{i}"), Box::new(move |x: &Tensor| pool.forward(x))));
         } else {
             let c = conv(w, &format!("features.{i}"), [cout, cin, 3, 3], 1, Padding::Symmetric(1), Activation::Identity)?;
+            fused.push((i, c.with_activation(Activation::Relu)?));
             layers.push((format!("features.{i}"), Box::new(c)));
             layers.push((format!("features.{}", i + 1), Box::new(|x: &Tensor| Activation::Relu.forward(x))));
             cin = cout;
@@ -62,5 +65,6 @@ pub fn vgg16(w: &Weights, num_classes: usize) -> Result<Network> {
         fc7: classifier_layer(w, "classifier.3", "pre_logits.fc2", &[4096, 4096, 1, 1], Activation::Relu)?,
         fc8: classifier_layer(w, "classifier.6", "head.fc", &[num_classes, 4096], Activation::Identity)?,
     };
-    Ok(Network::new("vgg16", layers, Box::new(classifier), "features.29", num_classes))
+    let net = Network::new("vgg16", layers, Box::new(classifier), "features.29", num_classes);
+    Ok(fused.into_iter().fold(net, |net, (i, c)| net.with_fused(i, Box::new(c))))
 }

@@ -154,6 +154,14 @@ impl Conv2d {
         Ok(self)
     }
 
+    /// The same convolution (sharing its weights) with another activation fused after the bias.
+    pub fn with_activation(&self, activation: Activation) -> CResult<Self> {
+        if self.smooth.is_some() {
+            candle_core::bail!("conv2d: this convolution ends in a smooth activation");
+        }
+        Ok(Self { activation, ..self.clone() })
+    }
+
     /// Output channels.
     pub fn out_channels(&self) -> usize {
         self.out_channels
