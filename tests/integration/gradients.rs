@@ -168,6 +168,26 @@ fn fused_activations_have_exact_gradients() {
 }
 
 #[test]
+fn winograd_convolutions_match_candle() {
+    // 3x3 stride-1 convolutions with 256+ input channels on 14- to 28-wide planes take Winograd
+    // F(2x2, 3x3): odd output sizes (the last 2x2 tiles cut), 40 output channels (a partial
+    // block), padding 1 and 0, a residual.
+    let x = tensor(&[1, 256, 15, 17], 41);
+    let (w, b) = (tensor(&[40, 256, 3, 3], 42), tensor(&[40], 43));
+    for pad in [1, 0] {
+        let conv = Conv2d::new(&w, Some(&b), 1, 1, Padding::Symmetric(pad), Activation::Identity).unwrap();
+        let theirs = x.conv2d(&w, pad, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, 40, 1, 1)).unwrap()).unwrap();
+        let scale = theirs.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let r = tensor(theirs.dims(), 44);
+        let diff = (conv.forward(&x).unwrap() - &theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5 * scale, "pad {pad}: {diff} of {scale}");
+        let fused = conv.forward_residual(&x, &r, Activation::Relu).unwrap();
+        let diff = (fused - (theirs + r).unwrap().relu().unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5 * scale, "pad {pad}, residual: {diff} of {scale}");
+    }
+}
+
+#[test]
 fn residual_convolutions_match_the_separate_ops_and_finite_differences() {
     // act(conv(x) + r) in one op, through every kernel: 3x3 and 1x1, narrow and wide outputs.
     for (shape, k, pad) in [([1, 5, 6, 37], 3, 1), ([2, 5, 7, 9], 3, 1), ([1, 6, 5, 40], 1, 0), ([1, 6, 7, 7], 1, 0)] {

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::{f32_slice, CResult};
 use super::kernels::{col2im, conv_tiled, depthwise_channel, depthwise_channel_backward, im2col, matmul, tiling_pays};
-use super::packed::{self, ChannelBlocks, Columns, PackedWeights};
+use super::packed::{self, ChannelBlocks, Columns, PackedWeights, Winograd};
 use super::{is_guided, planes_per_task, Activation, Pointwise};
 
 /// Spatial padding of a convolution or pooling window.
@@ -75,6 +75,8 @@ pub struct Conv2d {
     packed: Option<Arc<Vec<PackedWeights>>>,
     /// The weights for the pixel-major kernel (narrow outputs), one entry per group, alike.
     pixel: Option<Arc<Vec<ChannelBlocks>>>,
+    /// The weights transformed for Winograd F(2x2, 3x3) (dense 3x3 stride-1 convolutions).
+    winograd: Option<Arc<Winograd>>,
 }
 
 /// Geometry of one convolution call, resolved from the input size.
@@ -128,6 +130,8 @@ impl Conv2d {
             let (og, k) = (out_channels / groups, in_per_group * kh * kw);
             Arc::new((0..groups).map(|grp| ChannelBlocks::new(&weight[grp * og * k..(grp + 1) * og * k], &bias[grp * og..(grp + 1) * og], og, k)).collect())
         });
+        let winograd = (packed.is_some() && groups == 1 && (kh, kw, stride) == (3, 3, 1) && in_per_group >= packed::WINOGRAD_MIN_CHANNELS)
+            .then(|| Arc::new(Winograd::new(&weight, &bias, out_channels, in_per_group)));
         Ok(Self {
             weight: Arc::new(weight),
             bias: Arc::new(bias),
@@ -141,6 +145,7 @@ impl Conv2d {
             smooth: None,
             packed,
             pixel,
+            winograd,
         })
     }
 
@@ -219,6 +224,13 @@ impl Conv2d {
                 None if self.smooth.is_some() => Activation::Identity,
                 None => self.activation,
             };
+            if let Some(wg) = self.winograd.as_ref().filter(|_| packed::winograd_pays(g)) {
+                packed::conv_winograd(wg, x, g, act, residual.map(|(r, _)| r), out);
+                if let Some(p) = self.smooth {
+                    out.par_iter_mut().for_each(|v| *v = p.apply(*v));
+                }
+                return true;
+            }
             let pixel = self.pixel.as_ref().filter(|_| packed::pixel_major_pays(g));
             for (grp, pw) in packs.iter().enumerate() {
                 let part = grp * og * plane..(grp + 1) * og * plane;

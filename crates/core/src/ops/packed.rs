@@ -371,7 +371,7 @@ pub(super) fn conv_pixel_major(p: &ChannelBlocks, x: &[f32], g: &ConvGeometry, c
 }
 
 /// # Safety
-/// As [`pixels_avx512`], with `1 <= n <= MAXP` and `stride` 1 or 2.
+/// As [`pixels_avx512`], with `1 <= n <= MAXP` pixels `stride` values apart.
 #[allow(clippy::too_many_arguments)]
 unsafe fn pixels(n: usize, stride: usize, k: usize, w: &[f32], src: *const f32, offsets: &[usize], bias: &[f32], act: Activation, tmp: &mut [f32; MAXP * NC]) {
     #[cfg(target_arch = "x86_64")]
@@ -380,8 +380,9 @@ unsafe fn pixels(n: usize, stride: usize, k: usize, w: &[f32], src: *const f32, 
         macro_rules! dispatch {
             ($($p:literal)*) => {
                 match (n, stride) {
-                    $(($p, 1) => pixels_avx512::<$p, 1>(k, w, src, offsets, bias, act, tmp),)*
-                    $(($p, _) => pixels_avx512::<$p, 2>(k, w, src, offsets, bias, act, tmp),)*
+                    $(($p, 1) => pixels_avx512::<$p, 1>(k, w, src, offsets, 1, bias, act, tmp),)*
+                    $(($p, 2) => pixels_avx512::<$p, 2>(k, w, src, offsets, 2, bias, act, tmp),)*
+                    $(($p, _) => pixels_avx512::<$p, 0>(k, w, src, offsets, stride, bias, act, tmp),)*
                     _ => unreachable!("{n} pixels"),
                 }
             };
@@ -392,7 +393,8 @@ unsafe fn pixels(n: usize, stride: usize, k: usize, w: &[f32], src: *const f32, 
     unreachable!("the packed kernels run on x86-64 only ({n} {stride} {k} {} {src:?} {} {} {act:?} {})", w.len(), offsets.len(), bias.len(), tmp.len());
 }
 
-/// `tmp[j * NC + c] = act(sum_kk w[kk][c] src[offsets[kk] + j * S] + bias[c])` for `P` pixels.
+/// `tmp[j * NC + c] = act(sum_kk w[kk][c] src[offsets[kk] + j * S] + bias[c])` for `P` pixels
+/// (`S` = 0: `step` apart).
 ///
 /// # Safety
 /// The CPU must support AVX-512F; `w` holds `k * NC` values, `offsets` `k`, `bias` `NC`; every
@@ -400,7 +402,7 @@ unsafe fn pixels(n: usize, stride: usize, k: usize, w: &[f32], src: *const f32, 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pixels_avx512<const P: usize, const S: usize>(k: usize, w: &[f32], src: *const f32, offsets: &[usize], bias: &[f32], act: Activation, tmp: &mut [f32; MAXP * NC]) {
+unsafe fn pixels_avx512<const P: usize, const S: usize>(k: usize, w: &[f32], src: *const f32, offsets: &[usize], step: usize, bias: &[f32], act: Activation, tmp: &mut [f32; MAXP * NC]) {
     use std::arch::x86_64::*;
     assert!(w.len() >= k * NC && offsets.len() >= k && bias.len() >= NC && P <= MAXP);
     let pw = w.as_ptr();
@@ -411,7 +413,7 @@ unsafe fn pixels_avx512<const P: usize, const S: usize>(k: usize, w: &[f32], src
             let (w0, w1) = (_mm512_loadu_ps(pw.add(kk * NC)), _mm512_loadu_ps(pw.add(kk * NC + 16)));
             let xp = src.add(o);
             for (j, a) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_ps(*xp.add(j * S));
+                let xv = _mm512_set1_ps(*xp.add(j * if S == 0 { step } else { S }));
                 a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
                 a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
             }
@@ -430,4 +432,161 @@ unsafe fn pixels_avx512<const P: usize, const S: usize>(k: usize, w: &[f32], src
             }
         }
     }
+}
+
+
+/// Winograd F(2x2, 3x3) (Lavin and Gray, 2016) for 3x3 stride-1 convolutions: each 2x2 block of
+/// outputs from a 4x4 input patch with 16 multiplications per (input, output) channel pair
+/// instead of 36. The weights are transformed once (`U = G g G^T`); per call the patches are
+/// transformed (`V = B^T d B`), multiplied channel-wise by the pixel-major kernel (16
+/// products of `[tiles, C] x [C, 32]`) and transformed back (`Y = A^T M A`) with the bias and
+/// activation. The transforms are exact in real arithmetic; in f32 the maps stay within the
+/// goldens' 1e-3.
+#[derive(Debug, Clone)]
+pub(super) struct Winograd {
+    /// Per block of NC output channels, per position xi of the 4x4 transform: `[C][NC]`.
+    data: Vec<f32>,
+    bias: Vec<f32>,
+    m: usize,
+    c: usize,
+}
+
+/// Input channels below which the transforms cost more than the products save.
+pub(super) const WINOGRAD_MIN_CHANNELS: usize = 256;
+
+impl Winograd {
+    /// From weights `[m, c, 3, 3]`.
+    pub(super) fn new(w: &[f32], bias: &[f32], m: usize, c: usize) -> Self {
+        let blocks = m.div_ceil(NC);
+        let mut data = vec![0f32; blocks * 16 * c * NC];
+        for o in 0..m {
+            for i in 0..c {
+                let g = &w[(o * c + i) * 9..(o * c + i + 1) * 9];
+                // G g (4x3), then (G g) G^T (4x4); G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1].
+                let mut gg = [[0f32; 3]; 4];
+                for col in 0..3 {
+                    let (a, b, d) = (g[col], g[3 + col], g[6 + col]);
+                    gg[0][col] = a;
+                    gg[1][col] = 0.5 * (a + b + d);
+                    gg[2][col] = 0.5 * (a - b + d);
+                    gg[3][col] = d;
+                }
+                for (r, row) in gg.iter().enumerate() {
+                    let (a, b, d) = (row[0], row[1], row[2]);
+                    let u = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
+                    for (q, &v) in u.iter().enumerate() {
+                        let xi = r * 4 + q;
+                        data[(((o / NC) * 16 + xi) * c + i) * NC + o % NC] = v;
+                    }
+                }
+            }
+        }
+        let mut b = bias.to_vec();
+        b.resize(blocks * NC, 0.0);
+        Self { data, bias: b, m, c }
+    }
+}
+
+/// Whether [`conv_winograd`] takes a convolution of this geometry: 3x3 stride 1 with at least
+/// 256 input channels on planes from 14 to 28 wide, where the products dominate the transforms
+/// (measured on VGG-16's and ResNet-50's layers with `bench classify --layers`: slower on larger
+/// planes, even at 56x56 with 256 channels, and on 7x7 ones, a quarter of whose 2x2 tiles is
+/// padding).
+pub(super) fn winograd_pays(g: &ConvGeometry) -> bool {
+    g.kh == 3 && g.kw == 3 && g.stride == 1 && g.c >= WINOGRAD_MIN_CHANNELS && g.ow >= 14 && g.oh * g.ow <= 28 * 28
+}
+
+/// `dst[m, oh * ow] = act(conv3x3(x) + bias + res)` by Winograd F(2x2, 3x3); `x` `[c, h, w]`.
+pub(super) fn conv_winograd(p: &Winograd, x: &[f32], g: &ConvGeometry, act: Activation, res: Option<&[f32]>, dst: &mut [f32]) {
+    let (c, plane) = (p.c, g.oh * g.ow);
+    assert!(winograd_pays(g) && g.c == c && x.len() >= c * g.h * g.w && dst.len() >= p.m * plane && res.is_none_or(|r| r.len() >= p.m * plane), "winograd conv: sizes");
+    let (th, tw) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
+    let tiles = th * tw;
+    // V[tile][xi][c]: each tile's 16 transformed values per channel.
+    let mut v = vec![0f32; tiles * 16 * c];
+    v.par_chunks_mut(16 * c).enumerate().for_each(|(t, vt)| {
+        let (ty, tx) = (t / tw, t % tw);
+        let (y0, x0) = ((2 * ty) as isize - g.pad_top as isize, (2 * tx) as isize - g.pad_left as isize);
+        for ci in 0..c {
+            let src = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+            let mut d = [[0f32; 4]; 4];
+            for (r, row) in d.iter_mut().enumerate() {
+                let iy = y0 + r as isize;
+                if iy < 0 || iy >= g.h as isize {
+                    continue;
+                }
+                let srow = &src[iy as usize * g.w..(iy as usize + 1) * g.w];
+                for (q, val) in row.iter_mut().enumerate() {
+                    let ix = x0 + q as isize;
+                    if ix >= 0 && ix < g.w as isize {
+                        *val = srow[ix as usize];
+                    }
+                }
+            }
+            // B^T d: rows; then (B^T d) B: columns. B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
+            let mut t4 = [[0f32; 4]; 4];
+            for q in 0..4 {
+                t4[0][q] = d[0][q] - d[2][q];
+                t4[1][q] = d[1][q] + d[2][q];
+                t4[2][q] = d[2][q] - d[1][q];
+                t4[3][q] = d[1][q] - d[3][q];
+            }
+            for (r, row) in t4.iter().enumerate() {
+                let vals = [row[0] - row[2], row[1] + row[2], row[2] - row[1], row[1] - row[3]];
+                for (q, &val) in vals.iter().enumerate() {
+                    vt[(r * 4 + q) * c + ci] = val;
+                }
+            }
+        }
+    });
+    let offsets: Vec<usize> = (0..c).collect();
+    let zero = [0f32; NC];
+    let blocks = p.m.div_ceil(NC);
+    let threads = rayon::current_num_threads();
+    let groups = tiles.div_ceil(MAXP);
+    let chunks = (8 * threads).div_ceil(blocks).clamp(1, groups);
+    let per = groups.div_ceil(chunks);
+    let chunks = groups.div_ceil(per);
+    let out = Out(dst.as_mut_ptr());
+    let out = &out;
+    (0..blocks * chunks).into_par_iter().for_each(|item| {
+        let (blk, chunk) = (item / chunks, item % chunks);
+        let u = &p.data[blk * 16 * c * NC..(blk + 1) * 16 * c * NC];
+        let bias = &p.bias[blk * NC..(blk + 1) * NC];
+        let channels = NC.min(p.m - blk * NC);
+        let mut m = [[0f32; MAXP * NC]; 16];
+        for grp in chunk * per..((chunk + 1) * per).min(groups) {
+            let (t0, n) = (grp * MAXP, MAXP.min(tiles - grp * MAXP));
+            for (xi, mx) in m.iter_mut().enumerate() {
+                // SAFETY: `available()` was checked when the weights were transformed; u's slice
+                // holds c x NC values; the n tiles' values t * 16c + xi * c + kk (kk < c) lie
+                // inside v; mx holds MAXP x NC values.
+                unsafe { pixels(n, 16 * c, c, &u[xi * c * NC..(xi + 1) * c * NC], v[(t0 * 16 + xi) * c..].as_ptr(), &offsets, &zero, Activation::Identity, mx) };
+            }
+            for j in 0..n {
+                let (ty, tx) = ((t0 + j) / tw, (t0 + j) % tw);
+                let (rows, cols) = ((g.oh - 2 * ty).min(2), (g.ow - 2 * tx).min(2));
+                for l in 0..channels {
+                    let mv = |xi: usize| m[xi][j * NC + l];
+                    // A^T M A, A^T = [1 1 1 0; 0 1 -1 -1].
+                    let mut s = [[0f32; 4]; 2];
+                    for q in 0..4 {
+                        s[0][q] = mv(q) + mv(4 + q) + mv(8 + q);
+                        s[1][q] = mv(4 + q) - mv(8 + q) - mv(12 + q);
+                    }
+                    let o = blk * NC + l;
+                    for (dy, row) in s.iter().enumerate().take(rows) {
+                        let y = [row[0] + row[1] + row[2], row[1] - row[2] - row[3]];
+                        for (dx, &val) in y.iter().enumerate().take(cols) {
+                            let at = o * plane + (2 * ty + dy) * g.ow + 2 * tx + dx;
+                            let r = res.map_or(0.0, |r| r[at]);
+                            // SAFETY: output channel o < m, pixel inside the plane: inside dst,
+                            // and in this item's channel block and tiles only.
+                            unsafe { *out.0.add(at) = act.apply(val + bias[l] + r) };
+                        }
+                    }
+                }
+            }
+        }
+    });
 }
