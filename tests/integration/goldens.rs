@@ -107,6 +107,40 @@ fn fused_convolutions_give_what_the_separate_layers_give() {
     assert_eq!(diff, 0.0);
 }
 
+#[test]
+fn the_head_pass_kept_from_the_logits_explains_as_the_general_path_does() {
+    // A split network keeps its last head pass; explaining one class of the same activations
+    // right after runs that pass's backward instead of a second forward. The maps must be the
+    // general path's (which other activations, or a fresh network, take).
+    let x = input().narrow(2, 0, 96).unwrap().narrow(3, 0, 96).unwrap().contiguous().unwrap();
+    for kind in [ModelKind::Vgg16, ModelKind::ResNet18] {
+        let net = kind.build(&Weights::hashed()).unwrap();
+        let split = net.split(net.layer_index(kind.default_layer()).unwrap());
+        let a = split.features(&x).unwrap();
+        let run = |class: usize| {
+            let target = ClassLogit(class);
+            explain(&split, &a, &[Request { image: 0, target: &target as &dyn Score }], &GradCam).unwrap().remove(0)
+        };
+        let general = run(3);
+        let logits = split.head(&a).unwrap();
+        assert_eq!(logits.dims(), [1, 1000]);
+        assert!(!logits.track_op(), "the logits handed out carry no graph");
+        let kept = run(3);
+        assert_eq!(general.score, kept.score, "{}", kind.name());
+        let diff = general.cam.data.iter().zip(&kept.cam.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-6 * general.cam.data.iter().fold(0f32, |m, v| m.max(*v)), "{}: {diff}", kind.name());
+        // Other activations than the kept pass's take the general path.
+        split.head(&a).unwrap();
+        let other = (&a * 2.0).unwrap();
+        let target = ClassLogit(3);
+        let doubled = explain(&split, &other, &[Request { image: 0, target: &target as &dyn Score }], &GradCam).unwrap().remove(0);
+        assert_ne!(doubled.score, general.score);
+        let out_of_range = ClassLogit(1000);
+        split.head(&a).unwrap();
+        assert!(explain(&split, &a, &[Request { image: 0, target: &out_of_range as &dyn Score }], &GradCam).is_err());
+    }
+}
+
 fn pytorch_grad_cam_scaled(map: &gradcam_core::Map, h: usize, w: usize) -> Vec<f32> {
     let scale = |v: &[f32]| -> Vec<f32> {
         let min = v.iter().copied().fold(f32::INFINITY, f32::min);

@@ -43,6 +43,21 @@ pub struct Network {
     preprocess: Preprocess,
     labels: Option<Arc<Vec<String>>>,
     resize: crate::preprocess::Resize,
+    /// The last head pass run through [`Split::head`], kept with its graph so that explaining
+    /// the same activations right after (what every caller does: logits first, then the
+    /// explanation of a class among them) runs the backward without a second forward. VGG-16's
+    /// head reads 480 MB of weights per forward.
+    last_head: std::sync::Mutex<Option<HeadPass>>,
+}
+
+/// A head pass: the layer it starts after, its input's values, the variable it ran on and the
+/// output (whose graph leads back to that variable).
+struct HeadPass {
+    index: usize,
+    values: Vec<f32>,
+    dims: Vec<usize>,
+    input: candle_core::Var,
+    output: Tensor,
 }
 
 impl std::fmt::Debug for Network {
@@ -60,7 +75,7 @@ impl Network {
         num_classes: usize,
     ) -> Self {
         let fused = layers.iter().map(|_| None).collect();
-        Self { arch: arch.into(), layers, fused, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes, preprocess: Preprocess::default(), labels: None, resize: crate::preprocess::Resize::CenterCrop }
+        Self { arch: arch.into(), layers, fused, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes, preprocess: Preprocess::default(), labels: None, resize: crate::preprocess::Resize::CenterCrop, last_head: std::sync::Mutex::new(None) }
     }
 
     /// Layers `index` and `index + 1` as the one op `both`, for passes that run through both.
@@ -218,7 +233,36 @@ impl Explainable for Split<'_> {
     }
 
     fn head(&self, activations: &Tensor) -> gradcam_core::Result<Tensor> {
-        self.network.head_from(activations, self.index).map_err(Error::into_core)
+        // A tensor already in a graph (explain's own pass) or a batch: the plain pass.
+        if activations.track_op() || activations.dim(0)? != 1 {
+            return self.network.head_from(activations, self.index).map_err(Error::into_core);
+        }
+        let input = candle_core::Var::from_tensor(activations)?;
+        let output = self.network.head_from(input.as_tensor(), self.index).map_err(Error::into_core)?;
+        let values = activations.flatten_all()?.to_vec1::<f32>()?;
+        let pass = HeadPass { index: self.index, values, dims: activations.dims().to_vec(), input, output: output.clone() };
+        if let Ok(mut last) = self.network.last_head.lock() {
+            *last = Some(pass);
+        }
+        Ok(output.detach())
+    }
+
+    /// One seed on the activations of the last [`Self::head`] call: the backward of that pass.
+    fn head_gradients(&self, activations: &Tensor, seeds: &[(usize, f32)]) -> gradcam_core::Result<Option<(Vec<f32>, Tensor)>> {
+        let &[(index, sign)] = seeds else { return Ok(None) };
+        let Some(pass) = self.network.last_head.lock().ok().and_then(|mut last| last.take()) else { return Ok(None) };
+        if pass.index != self.index || pass.dims != activations.dims() || pass.values != activations.flatten_all()?.to_vec1::<f32>()? {
+            return Ok(None);
+        }
+        let row = pass.output.flatten_all()?;
+        if index >= row.elem_count() {
+            return Err(gradcam_core::Error::ClassOutOfRange { class: index, num_classes: row.elem_count() });
+        }
+        let score = row.get(index)?;
+        let value = sign * score.to_scalar::<f32>()?;
+        let grads = (score * sign as f64)?.backward()?;
+        let grad = grads.get(pass.input.as_tensor()).ok_or(gradcam_core::Error::NoGradient)?.clone();
+        Ok(Some((vec![value], grad)))
     }
 }
 
