@@ -151,6 +151,16 @@ fn run() -> anyhow::Result<ExitCode> {
         rayon_threads(n)?;
     }
     match cli.command {
+        // The server's runtime must not hold one of the compute threads.
+        command @ Command::Serve(_) => dispatch(command),
+        // On a worker of the pool: each parallel loop of the kernels then starts from a thread of
+        // the pool instead of waking it from outside (a few percent per forward at 2 threads).
+        command => rayon::scope(|_| dispatch(command)),
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Classify(args) => classify::run(args),
         Command::Attack(args) => attack::run(args),
         Command::Layers(args) => {
