@@ -1,6 +1,7 @@
-//! The numeric kernels behind the ops, and every `unsafe` block of the crate: im2col / col2im,
-//! the depthwise convolution planes, GEMM (through the `gemm` crate) and the AVX2/FMA
-//! matrix-vector product of recurrent heads.
+//! The numeric kernels behind the ops, and (with `packed`, the AVX-512 convolutions) every
+//! `unsafe` block of the crate: im2col / col2im, the depthwise convolution planes, GEMM (through
+//! the `gemm` crate), the AVX2/FMA matrix-vector products of recurrent heads and the
+//! weight-streaming fully-connected rows.
 
 use rayon::prelude::*;
 

@@ -3,9 +3,10 @@
 //!
 //! - [`activation`]: ReLU / ReLU6 with an exact backward (no gradient at 0) that obeys
 //!   Guided Backpropagation's rule inside [`guided`] (the paper's section 3.2).
-//! - [`conv`]: [`Conv2d`] (frozen weights: im2col + GEMM for dense convolutions, a direct kernel
-//!   for depthwise ones where candle loops over groups, ~30x slower; TensorFlow "SAME" padding;
-//!   bias and activation fused; a backward that computes the input gradient only, where candle's
+//! - [`conv`]: [`Conv2d`] (frozen weights: the packed AVX-512 kernels of `packed` for dense
+//!   convolutions, im2col + GEMM without AVX-512, a direct kernel for depthwise ones where candle
+//!   loops over groups, ~30x slower; TensorFlow "SAME" padding; bias, activation and a residual
+//!   sum fused; a backward that computes the input gradient only, where candle's
 //!   always pays for a weight gradient nobody reads) and [`TrainableConv2d`] (weights as inputs,
 //!   for training).
 //! - [`linear`]: [`Linear`] and the fused [`LstmCell`], frozen, input gradient only.
@@ -13,7 +14,9 @@
 //!   stride; ours routes the gradient to the first maximum of each window, as PyTorch does, with
 //!   padding), [`AdaptiveAvgPool2d`] and [`GlobalAvgMaxPool`].
 //! - [`kernels`]: the numeric kernels behind them ([`matmul`], [`matvec`], im2col, depthwise
-//!   planes) and every `unsafe` block of the crate.
+//!   planes, the weight-streaming fully-connected rows) and, with `packed` (dense convolutions
+//!   on weights packed at load: column-panel GEMM, pixel-major and Winograd F(2x2, 3x3) AVX-512
+//!   kernels), every `unsafe` block of the crate.
 //!
 //! Every backward here is checked against finite differences in `tests/integration/gradients.rs`.
 

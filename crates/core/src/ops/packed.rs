@@ -29,30 +29,34 @@ pub(super) fn available() -> bool {
     }
 }
 
-/// One group's weights `[m, k]` as `ceil(m / MR)` blocks of `[k][MR]` (rows past `m` zero), and
-/// its bias padded alike.
+/// One group's weights `[m, k]` as `ceil(m / R)` blocks of `[k][R]` (rows past `m` zero), and
+/// its bias padded alike: R = MR rows for the column-panel GEMM ([`PackedWeights`]), NC output
+/// channels for the pixel-major kernel ([`ChannelBlocks`]).
 #[derive(Debug, Clone)]
-pub(super) struct PackedWeights {
+pub(super) struct Blocks<const R: usize> {
     data: Vec<f32>,
     bias: Vec<f32>,
     m: usize,
     k: usize,
 }
 
-impl PackedWeights {
+pub(super) type PackedWeights = Blocks<MR>;
+pub(super) type ChannelBlocks = Blocks<NC>;
+
+impl<const R: usize> Blocks<R> {
     pub(super) fn new(w: &[f32], bias: &[f32], m: usize, k: usize) -> Self {
-        let blocks = m.div_ceil(MR);
-        let mut data = vec![0f32; blocks * k * MR];
-        for (blk, dst) in data.chunks_mut(k * MR).enumerate() {
-            for r in 0..MR.min(m - blk * MR) {
-                let row = &w[(blk * MR + r) * k..(blk * MR + r + 1) * k];
+        let blocks = m.div_ceil(R);
+        let mut data = vec![0f32; blocks * k * R];
+        for (blk, dst) in data.chunks_mut(k * R).enumerate() {
+            for r in 0..R.min(m - blk * R) {
+                let row = &w[(blk * R + r) * k..(blk * R + r + 1) * k];
                 for (kk, &v) in row.iter().enumerate() {
-                    dst[kk * MR + r] = v;
+                    dst[kk * R + r] = v;
                 }
             }
         }
         let mut b = bias.to_vec();
-        b.resize(blocks * MR, 0.0);
+        b.resize(blocks * R, 0.0);
         Self { data, bias: b, m, k }
     }
 }
@@ -261,33 +265,6 @@ unsafe fn tile_avx512<const NV: usize>(k: usize, a: &[f32], b: &[f32], n: usize,
 const NC: usize = 32;
 /// Pixels per micro-tile of the pixel-major kernel at most (24 accumulators).
 const MAXP: usize = 12;
-
-/// One group's weights `[m, k]` for the pixel-major kernel: `ceil(m / NC)` blocks of `[k][NC]`
-/// (channels past `m` zero), and the bias padded alike.
-#[derive(Debug, Clone)]
-pub(super) struct ChannelBlocks {
-    data: Vec<f32>,
-    bias: Vec<f32>,
-    m: usize,
-    k: usize,
-}
-
-impl ChannelBlocks {
-    pub(super) fn new(w: &[f32], bias: &[f32], m: usize, k: usize) -> Self {
-        let blocks = m.div_ceil(NC);
-        let mut data = vec![0f32; blocks * k * NC];
-        for (blk, dst) in data.chunks_mut(k * NC).enumerate() {
-            for r in 0..NC.min(m - blk * NC) {
-                for (kk, &v) in w[(blk * NC + r) * k..(blk * NC + r + 1) * k].iter().enumerate() {
-                    dst[kk * NC + r] = v;
-                }
-            }
-        }
-        let mut b = bias.to_vec();
-        b.resize(blocks * NC, 0.0);
-        Self { data, bias: b, m, k }
-    }
-}
 
 /// Whether the pixel-major kernel takes a convolution of this geometry (strides 1 and 2): every
 /// kernel larger than 1x1, whose im2col costs the column panels more than the pixel-major
