@@ -478,49 +478,61 @@ pub(super) fn conv_winograd(p: &Winograd, x: &[f32], g: &ConvGeometry, act: Acti
     let (c, plane) = (p.c, g.oh * g.ow);
     assert!(winograd_pays(g) && g.c == c && x.len() >= c * g.h * g.w && dst.len() >= p.m * plane && res.is_none_or(|r| r.len() >= p.m * plane), "winograd conv: sizes");
     let (th, tw) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
-    let tiles = th * tw;
-    // V[tile][xi][c]: each tile's 16 transformed values per channel.
-    let mut v = vec![0f32; tiles * 16 * c];
-    v.par_chunks_mut(16 * c).enumerate().for_each(|(t, vt)| {
-        let (ty, tx) = (t / tw, t % tw);
-        let (y0, x0) = ((2 * ty) as isize - g.pad_top as isize, (2 * tx) as isize - g.pad_left as isize);
-        for ci in 0..c {
-            let src = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-            let mut d = [[0f32; 4]; 4];
-            for (r, row) in d.iter_mut().enumerate() {
-                let iy = y0 + r as isize;
-                if iy < 0 || iy >= g.h as isize {
-                    continue;
+
+    // V[ty][xi][tx][ci]: per tile row and position xi of the 4x4 transform, each tile's values
+    // of every channel (contiguous, so that the product kernel's steps walk along them).
+    let mut v = vec![0f32; th * 16 * tw * c];
+    // A tile row's four input rows of one channel, zero-padded to the tiles' extent, and B^T d.
+    let wp = 2 * tw + 2;
+    v.par_chunks_mut(16 * tw * c).enumerate().for_each_init(
+        || vec![0f32; 8 * wp],
+        |rows, (ty, vr)| {
+            let (n, l) = (g.w.min(wp.saturating_sub(g.pad_left)), g.pad_left.min(wp));
+            for ci in 0..c {
+                let src = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+                let (d, t) = rows.split_at_mut(4 * wp);
+                for (r, row) in d.chunks_mut(wp).enumerate() {
+                    row.fill(0.0);
+                    let iy = (2 * ty + r) as isize - g.pad_top as isize;
+                    if iy >= 0 && iy < g.h as isize {
+                        row[l..l + n].copy_from_slice(&src[iy as usize * g.w..iy as usize * g.w + n]);
+                    }
                 }
-                let srow = &src[iy as usize * g.w..(iy as usize + 1) * g.w];
-                for (q, val) in row.iter_mut().enumerate() {
-                    let ix = x0 + q as isize;
-                    if ix >= 0 && ix < g.w as isize {
-                        *val = srow[ix as usize];
+                // B^T d, row by row over the whole width. B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
+                let (d0, rest) = d.split_at(wp);
+                let (d1, rest) = rest.split_at(wp);
+                let (d2, d3) = rest.split_at(wp);
+                let (t0, rest) = t.split_at_mut(wp);
+                let (t1, rest) = rest.split_at_mut(wp);
+                let (t2, t3) = rest.split_at_mut(wp);
+                for j in 0..wp {
+                    t0[j] = d0[j] - d2[j];
+                    t1[j] = d1[j] + d2[j];
+                    t2[j] = d2[j] - d1[j];
+                    t3[j] = d1[j] - d3[j];
+                }
+                // (B^T d) B, column by column of each tile.
+                for (r, tr) in [&*t0, &*t1, &*t2, &*t3].into_iter().enumerate() {
+                    for tx in 0..tw {
+                        let q = &tr[2 * tx..2 * tx + 4];
+                        let at = |xi: usize| (xi * tw + tx) * c + ci;
+                        vr[at(r * 4)] = q[0] - q[2];
+                        vr[at(r * 4 + 1)] = q[1] + q[2];
+                        vr[at(r * 4 + 2)] = q[2] - q[1];
+                        vr[at(r * 4 + 3)] = q[1] - q[3];
                     }
                 }
             }
-            // B^T d: rows; then (B^T d) B: columns. B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
-            let mut t4 = [[0f32; 4]; 4];
-            for q in 0..4 {
-                t4[0][q] = d[0][q] - d[2][q];
-                t4[1][q] = d[1][q] + d[2][q];
-                t4[2][q] = d[2][q] - d[1][q];
-                t4[3][q] = d[1][q] - d[3][q];
-            }
-            for (r, row) in t4.iter().enumerate() {
-                let vals = [row[0] - row[2], row[1] + row[2], row[2] - row[1], row[1] - row[3]];
-                for (q, &val) in vals.iter().enumerate() {
-                    vt[(r * 4 + q) * c + ci] = val;
-                }
-            }
-        }
-    });
+        },
+    );
     let offsets: Vec<usize> = (0..c).collect();
     let zero = [0f32; NC];
     let blocks = p.m.div_ceil(NC);
     let threads = rayon::current_num_threads();
-    let groups = tiles.div_ceil(MAXP);
+    // Groups of up to MAXP tiles within a tile row.
+    let segments = tw.div_ceil(MAXP);
+    let seg = tw.div_ceil(segments);
+    let groups = th * segments;
     let chunks = (8 * threads).div_ceil(blocks).clamp(1, groups);
     let per = groups.div_ceil(chunks);
     let chunks = groups.div_ceil(per);
@@ -533,12 +545,14 @@ pub(super) fn conv_winograd(p: &Winograd, x: &[f32], g: &ConvGeometry, act: Acti
         let channels = NC.min(p.m - blk * NC);
         let mut m = [[0f32; MAXP * NC]; 16];
         for grp in chunk * per..((chunk + 1) * per).min(groups) {
-            let (t0, n) = (grp * MAXP, MAXP.min(tiles - grp * MAXP));
+            let (ty, tx0) = (grp / segments, (grp % segments) * seg);
+            let n = seg.min(tw - tx0);
+            let t0 = ty * tw + tx0;
             for (xi, mx) in m.iter_mut().enumerate() {
                 // SAFETY: `available()` was checked when the weights were transformed; u's slice
-                // holds c x NC values; the n tiles' values t * 16c + xi * c + kk (kk < c) lie
-                // inside v; mx holds MAXP x NC values.
-                unsafe { pixels(n, 16 * c, c, &u[xi * c * NC..(xi + 1) * c * NC], v[(t0 * 16 + xi) * c..].as_ptr(), &offsets, &zero, Activation::Identity, mx) };
+                // holds c x NC values; the n tiles' values ((ty * 16 + xi) * tw + tx0 + j) * c + kk
+                // (kk < c, j < n) lie inside v; mx holds MAXP x NC values.
+                unsafe { pixels(n, c, c, &u[xi * c * NC..(xi + 1) * c * NC], v[((ty * 16 + xi) * tw + tx0) * c..].as_ptr(), &offsets, &zero, Activation::Identity, mx) };
             }
             for j in 0..n {
                 let (ty, tx) = ((t0 + j) / tw, (t0 + j) % tw);
