@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, CResult};
+use super::{f32_slice, zeros, CResult};
 use super::kernels::{col2im, conv_tiled, depthwise_channel, depthwise_channel_backward, im2col, matmul, tiling_pays};
 use super::packed::{self, ChannelBlocks, Columns, PackedWeights, Winograd};
 use super::{is_guided, planes_per_task, Activation, Pointwise};
@@ -344,7 +344,7 @@ impl CustomOp1 for Conv2d {
         let x = f32_slice(storage, layout, self.name())?;
         let g = self.geometry(layout.dims())?;
         let (in_len, out_len) = (g.c * g.h * g.w, self.out_channels * g.oh * g.ow);
-        let mut out = vec![0.0f32; g.batch * out_len];
+        let mut out = zeros(g.batch * out_len);
         for b in 0..g.batch {
             self.forward_image(&x[b * in_len..(b + 1) * in_len], &g, None, &mut out[b * out_len..(b + 1) * out_len]);
         }
@@ -395,7 +395,7 @@ impl candle_core::CustomOp2 for ResidualConv {
             candle_core::bail!("conv2d residual is {:?}, the output {shape:?}", l2.dims());
         }
         let (in_len, out_len) = (g.c * g.h * g.w, self.conv.out_channels * g.oh * g.ow);
-        let mut out = vec![0.0f32; g.batch * out_len];
+        let mut out = zeros(g.batch * out_len);
         for b in 0..g.batch {
             let res = &r[b * out_len..(b + 1) * out_len];
             self.conv.forward_image(&x[b * in_len..(b + 1) * in_len], &g, Some((res, self.act)), &mut out[b * out_len..(b + 1) * out_len]);

@@ -291,7 +291,7 @@ pub(super) fn conv_pixel_major(p: &ChannelBlocks, x: &[f32], g: &ConvGeometry, c
     let needs_copy = g.pad_top > 0 || g.pad_left > 0 || hp > g.h || wp > g.w;
     let padded: Vec<f32>;
     let (src, hs, ws): (&[f32], usize, usize) = if needs_copy {
-        let mut buf = vec![0f32; cg * hp * wp];
+        let mut buf = super::zeros(cg * hp * wp);
         buf.par_chunks_mut(hp * wp).enumerate().for_each(|(ci, plane_out)| {
             let src = &x[(c0 + ci) * g.h * g.w..(c0 + ci + 1) * g.h * g.w];
             for r in g.pad_top..hp.min(g.pad_top + g.h) {
@@ -481,7 +481,7 @@ pub(super) fn conv_winograd(p: &Winograd, x: &[f32], g: &ConvGeometry, act: Acti
 
     // V[ty][xi][tx][ci]: per tile row and position xi of the 4x4 transform, each tile's values
     // of every channel (contiguous, so that the product kernel's steps walk along them).
-    let mut v = vec![0f32; th * 16 * tw * c];
+    let mut v = super::zeros(th * 16 * tw * c);
     // A tile row's four input rows of one channel, zero-padded to the tiles' extent, and B^T d.
     let wp = 2 * tw + 2;
     v.par_chunks_mut(16 * tw * c).enumerate().for_each_init(

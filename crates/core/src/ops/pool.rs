@@ -160,7 +160,7 @@ impl CustomOp1 for MaxPool2d {
         let x = f32_slice(storage, layout, self.name())?;
         let (b, c, h, w) = layout.shape().dims4()?;
         let (oh, ow) = (self.out_size(h)?, self.out_size(w)?);
-        let mut out = vec![0.0f32; b * c * oh * ow];
+        let mut out = super::zeros(b * c * oh * ow);
         out.par_chunks_mut(oh * ow).enumerate().with_min_len(planes_per_task(oh * ow)).for_each(|(p, dst)| {
             self.forward_plane(&x[p * h * w..(p + 1) * h * w], h, w, ow, dst);
         });
