@@ -2,14 +2,14 @@
 //! for training (input, weight and bias gradients), both by im2col + GEMM, depthwise ones by a
 //! direct kernel, with TensorFlow "SAME" padding and a fused bias and activation.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{f32_slice, zeros, CResult};
 use super::kernels::{col2im, conv_tiled, depthwise_channel, depthwise_channel_backward, im2col, matmul, tiling_pays};
-use super::packed::{self, ChannelBlocks, Columns, PackedWeights, Winograd};
+use super::packed::{self, Blocks, ChannelBlocks, Columns, PackedWeights, Winograd};
 use super::{is_guided, planes_per_task, Activation, Pointwise};
 
 /// Spatial padding of a convolution or pooling window.
@@ -70,13 +70,25 @@ pub struct Conv2d {
     /// A smooth activation (SiLU, hard swish) fused after the bias instead of `activation`; its
     /// derivative needs the pre-activation, which the backward recomputes.
     smooth: Option<Pointwise>,
-    /// The weights packed for the AVX-512 kernels, one entry per group (dense convolutions on
-    /// CPUs that have AVX-512F).
-    packed: Option<Arc<Vec<PackedWeights>>>,
-    /// The weights for the pixel-major kernel (narrow outputs), one entry per group, alike.
-    pixel: Option<Arc<Vec<ChannelBlocks>>>,
-    /// The weights transformed for Winograd F(2x2, 3x3) (dense 3x3 stride-1 convolutions).
-    winograd: Option<Arc<Winograd>>,
+    /// The weights in the AVX-512 kernels' layouts (dense convolutions on CPUs that have
+    /// AVX-512F), shared by the clones.
+    packs: Option<Arc<Packs>>,
+    /// Whether Winograd F(2x2, 3x3) may take this convolution (dense, 3x3, stride 1, enough
+    /// input channels); the input size decides.
+    winograd: bool,
+}
+
+/// The weights in the AVX-512 kernels' layouts, each made the first time a call needs it: a
+/// layer runs one kernel for a given input size, so only that layout is kept beside the
+/// original weights (which the backward reads).
+#[derive(Debug, Default)]
+struct Packs {
+    /// Per group, for the column-panel GEMM.
+    panels: OnceLock<Vec<PackedWeights>>,
+    /// Per group, for the pixel-major kernel.
+    pixel: OnceLock<Vec<ChannelBlocks>>,
+    /// Transformed for Winograd.
+    winograd: OnceLock<Winograd>,
 }
 
 /// Geometry of one convolution call, resolved from the input size.
@@ -121,17 +133,8 @@ impl Conv2d {
         };
         let weight: Vec<f32> = weight.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
         let depthwise = groups > 1 && groups == in_per_group * groups && groups == out_channels;
-        let packed = (!depthwise && packed::available()).then(|| {
-            let (og, k) = (out_channels / groups, in_per_group * kh * kw);
-            let packs = (0..groups).map(|grp| PackedWeights::new(&weight[grp * og * k..(grp + 1) * og * k], &bias[grp * og..(grp + 1) * og], og, k)).collect();
-            Arc::new(packs)
-        });
-        let pixel = packed.as_ref().map(|_| {
-            let (og, k) = (out_channels / groups, in_per_group * kh * kw);
-            Arc::new((0..groups).map(|grp| ChannelBlocks::new(&weight[grp * og * k..(grp + 1) * og * k], &bias[grp * og..(grp + 1) * og], og, k)).collect())
-        });
-        let winograd = (packed.is_some() && groups == 1 && (kh, kw, stride) == (3, 3, 1) && in_per_group >= packed::WINOGRAD_MIN_CHANNELS)
-            .then(|| Arc::new(Winograd::new(&weight, &bias, out_channels, in_per_group)));
+        let packs = (!depthwise && packed::available()).then(|| Arc::new(Packs::default()));
+        let winograd = groups == 1 && (kh, kw, stride) == (3, 3, 1) && in_per_group >= packed::WINOGRAD_MIN_CHANNELS;
         Ok(Self {
             weight: Arc::new(weight),
             bias: Arc::new(bias),
@@ -143,10 +146,16 @@ impl Conv2d {
             padding,
             activation,
             smooth: None,
-            packed,
-            pixel,
+            packs,
             winograd,
         })
+    }
+
+    /// Each group's weights packed in blocks of R rows.
+    fn group_blocks<const R: usize>(&self) -> Vec<Blocks<R>> {
+        let og = self.out_channels / self.groups;
+        let k = self.weight.len() / self.out_channels;
+        (0..self.groups).map(|grp| Blocks::new(&self.weight[grp * og * k..(grp + 1) * og * k], &self.bias[grp * og..(grp + 1) * og], og, k)).collect()
     }
 
     /// The same convolution with `p` (SiLU, hard swish, a sigmoid) fused after the bias, in place
@@ -216,7 +225,7 @@ impl Conv2d {
                 }
             });
             return false;
-        } else if let Some(packs) = &self.packed {
+        } else if let Some(packs) = &self.packs {
             let cg = g.c / self.groups;
             let og = self.out_channels / self.groups;
             let act = match residual {
@@ -224,23 +233,26 @@ impl Conv2d {
                 None if self.smooth.is_some() => Activation::Identity,
                 None => self.activation,
             };
-            if let Some(wg) = self.winograd.as_ref().filter(|_| packed::winograd_pays(g)) {
+            if self.winograd && packed::winograd_pays(g) {
+                let wg = packs.winograd.get_or_init(|| Winograd::new(&self.weight, &self.bias, self.out_channels, self.in_channels));
                 packed::conv_winograd(wg, x, g, act, residual.map(|(r, _)| r), out);
                 if let Some(p) = self.smooth {
                     out.par_iter_mut().for_each(|v| *v = p.apply(*v));
                 }
                 return true;
             }
-            let pixel = self.pixel.as_ref().filter(|_| packed::pixel_major_pays(g));
-            for (grp, pw) in packs.iter().enumerate() {
+            let pixel_major = packed::pixel_major_pays(g);
+            for grp in 0..self.groups {
                 let part = grp * og * plane..(grp + 1) * og * plane;
                 let res = residual.map(|(r, _)| &r[part.clone()]);
-                if let Some(pixel) = pixel {
+                if pixel_major {
+                    let pixel = packs.pixel.get_or_init(|| self.group_blocks());
                     packed::conv_pixel_major(&pixel[grp], x, g, grp * cg, act, res, &mut out[part]);
                     continue;
                 }
+                let panels = packs.panels.get_or_init(|| self.group_blocks());
                 let cols = if self.is_pointwise(g) { Columns::Input(&x[grp * cg * plane..(grp + 1) * cg * plane]) } else { Columns::Im2col { x, g, c0: grp * cg } };
-                packed::conv(pw, cols, plane, act, res, &mut out[part]);
+                packed::conv(&panels[grp], cols, plane, act, res, &mut out[part]);
             }
             if let Some(p) = self.smooth {
                 out.par_chunks_mut(plane).with_min_len(planes_per_task(plane)).for_each(|dst| dst.iter_mut().for_each(|v| *v = p.apply(*v)));
