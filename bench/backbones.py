@@ -15,9 +15,7 @@ import argparse
 import importlib.metadata
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torchvision
@@ -26,18 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from make_goldens import efficientnet_lite0, no_inplace  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pytorch_gradcam import bench_input as _bench_input  # noqa: E402  (the input gradcam's bench uses)
-
-
-def median_ms(f, iters):
-    for _ in range(2):
-        f()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        f()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+from pytorch_gradcam import bench_input as _bench_input, median_ms  # noqa: E402  (the input gradcam's bench uses)
 
 
 def build(name):

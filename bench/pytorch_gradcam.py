@@ -22,6 +22,18 @@ from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 
+def median_ms(f, iters, warmup=2):
+    """Median milliseconds of `iters` calls of `f`, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        f()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        f()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
 def bench_input():
     """The same image-like input as `gradcam bench classify` and `gradcam bench methods`."""
     i = torch.arange(3 * 224 * 224)

@@ -11,9 +11,7 @@ pytorch-grad-cam's GuidedBackpropReLUModel; Guided Grad-CAM is its recipe, GradC
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
@@ -25,7 +23,7 @@ from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, G
 from pytorch_grad_cam.utils.image import deprocess_image  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pytorch_gradcam import bench_input  # noqa: E402
+from pytorch_gradcam import bench_input, median_ms  # noqa: E402
 
 CAMS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM, "xgradcam": XGradCAM,
         "layercam": LayerCAM, "eigencam": EigenCAM, "ablationcam": AblationCAM, "scorecam": ScoreCAM}
@@ -65,14 +63,7 @@ def main():
                     gb = gb * np.stack([mask] * 3, axis=-1)
                 deprocess_image(gb)
         runs = 1 if name in ("ablationcam", "scorecam") else args.iters
-        if runs > 1:
-            run()
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t) * 1e3)
-        out[name] = statistics.median(times)
+        out[name] = median_ms(run, runs, warmup=1 if runs > 1 else 0)
         print(f"{name}: {out[name]:.1f} ms", file=sys.stderr)
     print(json.dumps({"model": "efficientnet-lite0", "threads": args.threads, "iters": args.iters, "torch": torch.__version__, "methods": out}))
 
