@@ -33,11 +33,6 @@ pub(super) fn im2col(x: &[f32], g: &ConvGeometry, c0: usize, col: &mut [f32]) {
     });
 }
 
-/// im2col of output columns `p0..p0 + n` only: `[cg * kh * kw, n]`.
-fn im2col_columns(x: &[f32], g: &ConvGeometry, c0: usize, rows: usize, p0: usize, n: usize, col: &mut [f32]) {
-    im2col_panel(x, g, c0, rows, p0, n, n, col)
-}
-
 /// im2col of output columns `p0..p0 + n` into rows `ld` values apart: `col[row * ld + j]`
 /// (values `n..ld` of each row are left as they are).
 #[allow(clippy::too_many_arguments)]
@@ -104,7 +99,7 @@ pub(super) fn conv_tiled(x: &[f32], g: &ConvGeometry, c0: usize, cg: usize, w: &
         .map_init(Vec::new, |col, t| {
             let (p0, n) = (t * tn, tn.min(plane - t * tn));
             col.resize(k * n, 0.0);
-            im2col_columns(x, g, c0, k, p0, n, col);
+            im2col_panel(x, g, c0, k, p0, n, n, col);
             let mut out = vec![0f32; og * n];
             gemm_serial(&mut out, w, (k, 1), col, (n, 1), og, n, k);
             for (o, row) in out.chunks_mut(n).enumerate() {
