@@ -130,14 +130,22 @@ pub struct LayerTiming {
 /// runs it; medians of `iters` runs after one warm-up.
 pub fn layers(net: &Network, iters: usize) -> Result<Vec<LayerTiming>> {
     let (h, w) = net.preprocess().size;
-    let mut x = image_like_input_sized(h, w)?;
-    let mut out = Vec::new();
-    for i in 0..net.num_layers() {
-        let input = x.clone();
-        let ms = time_ms(iters, || net.layer_forward(i, &input).map(|_| ()))?;
-        out.push(LayerTiming { name: net.layer_name(i).to_string(), ms });
-        x = net.layer_forward(i, &input)?;
+    let input = image_like_input_sized(h, w)?;
+    // Each layer timed inside whole passes, one after the other as a forward runs them (a layer
+    // run again and again on its own input finds its weights and input in the caches).
+    let mut times = vec![Vec::with_capacity(iters); net.num_layers()];
+    let mut x = input.clone();
+    for pass in 0..=iters.max(1) {
+        x = input.clone();
+        for (i, t) in times.iter_mut().enumerate() {
+            let start = Instant::now();
+            x = net.layer_forward(i, &x)?;
+            if pass > 0 {
+                t.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
     }
+    let mut out: Vec<LayerTiming> = times.into_iter().enumerate().map(|(i, t)| LayerTiming { name: net.layer_name(i).to_string(), ms: median(t) }).collect();
     let last = net.num_layers() - 1;
     let ms = time_ms(iters, || net.head_from(&x, last).map(|_| ()))?;
     out.push(LayerTiming { name: "tail".into(), ms });

@@ -110,6 +110,20 @@ fn conv2d_forward_matches_candle() {
         let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-4, "19 channels, stride {stride} pad {pad} k {k}: {diff}");
     }
+    // More than 256 steps of k (the pixel-major kernel's passes, with partial sums kept between
+    // them): 3x3 over 60 channels (k = 540: three passes) and 1x1 over 300 (two), on a 7x7 plane
+    // (1x1 stride 1 read as one 49-pixel row, tiles crossing rows) and a 9x5 one, with a residual.
+    for (c, k, stride, pad, (h, w)) in [(60, 3, 1, 1, (7, 7)), (60, 3, 2, 1, (9, 5)), (300, 1, 1, 0, (7, 7)), (300, 1, 1, 0, (9, 5)), (300, 1, 2, 0, (9, 5))] {
+        let x = tensor(&[1, c, h, w], 9);
+        let (wt, b) = (tensor(&[40, c, k, k], 10), tensor(&[40], 11));
+        let conv = Conv2d::new(&wt, Some(&b), 1, stride, Padding::Symmetric(pad), Activation::Identity).unwrap();
+        let theirs = x.conv2d(&wt, pad, stride, 1, 1).unwrap().broadcast_add(&b.reshape((1, 40, 1, 1)).unwrap()).unwrap();
+        let scale = theirs.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let r = tensor(theirs.dims(), 12);
+        let ours = conv.forward_residual(&x, &r, Activation::Relu).unwrap();
+        let diff = (ours - (theirs + r).unwrap().relu().unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5 * scale, "{c} channels {k}x{k} stride {stride} on {h}x{w}: {diff} of {scale}");
+    }
 }
 
 #[test]
@@ -169,11 +183,11 @@ fn fused_activations_have_exact_gradients() {
 
 #[test]
 fn winograd_convolutions_match_candle() {
-    // 3x3 stride-1 convolutions with 256+ input channels on 14- to 28-wide planes take Winograd
+    // 3x3 stride-1 convolutions with 512+ input channels on 28- to 32-wide planes take Winograd
     // F(2x2, 3x3): odd output sizes (the last 2x2 tiles cut), 40 output channels (a partial
     // block), padding 1 and 0, a residual.
-    let x = tensor(&[1, 256, 15, 17], 41);
-    let (w, b) = (tensor(&[40, 256, 3, 3], 42), tensor(&[40], 43));
+    let x = tensor(&[1, 512, 29, 31], 41);
+    let (w, b) = (tensor(&[40, 512, 3, 3], 42), tensor(&[40], 43));
     for pad in [1, 0] {
         let conv = Conv2d::new(&w, Some(&b), 1, 1, Padding::Symmetric(pad), Activation::Identity).unwrap();
         let theirs = x.conv2d(&w, pad, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, 40, 1, 1)).unwrap()).unwrap();
@@ -245,6 +259,16 @@ fn max_pool_gradient_matches_finite_differences_where_candle_fails() {
         let ours = MaxPool2d { kernel: k, stride: st, padding: 0 }.forward(&x).unwrap();
         let diff = (ours - x.max_pool2d_with_stride(k, st).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(diff, 0.0, "max-pool {k}/{st}");
+    }
+    // With padding: candle's on the input padded with a value below every input, windows cut on
+    // every side (9 rows and 8 columns: the last windows hang over by one and by none).
+    let padded = Tensor::full(-1e9f32, (2, 3, 11, 10), &Device::Cpu).unwrap().slice_assign(&[0..2, 0..3, 1..10, 1..9], &x).unwrap();
+    for (k, st) in [(3, 2), (2, 2), (3, 1)] {
+        let ours = MaxPool2d { kernel: k, stride: st, padding: 1 }.forward(&x).unwrap();
+        let theirs = padded.max_pool2d_with_stride(k, st).unwrap();
+        assert_eq!(ours.dims(), theirs.dims(), "max-pool {k}/{st} pad 1");
+        let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "max-pool {k}/{st} pad 1");
     }
     let mut v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     v[8 * 3 + 5] = f32::NAN; // row 3, column 5 of the first plane

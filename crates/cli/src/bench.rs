@@ -79,7 +79,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             if json {
                 writeln!(out, "{}", serde_json::json!({"model": net.arch(), "threads": threads, "iters": iters, "layers": timings}))?;
             } else {
-                writeln!(out, "{}, batch 1, {threads} threads, median of {iters} runs of each layer on its own input", net.arch())?;
+                writeln!(out, "{}, batch 1, {threads} threads, median of {iters} whole passes, each layer timed in turn", net.arch())?;
                 let width = timings.iter().map(|t| t.name.len()).max().unwrap_or(0);
                 for t in &timings {
                     writeln!(out, "  {:<width$}  {:>8.2} ms", t.name, t.ms)?;

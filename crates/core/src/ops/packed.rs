@@ -266,8 +266,7 @@ const NC: usize = 32;
 /// Pixels per micro-tile of the pixel-major kernel at most (28 accumulators): a whole row of a
 /// 14x14 plane.
 const MAXP: usize = 14;
-/// Pixels per micro-tile along longer rows (24 accumulators; 14 is slower there, measured on
-/// VGG-16).
+/// Winograd tiles per micro-tile of its products at most.
 const ROW_SEGMENT: usize = 12;
 
 /// Whether the pixel-major kernel takes a convolution of this geometry (strides 1 and 2): every
@@ -312,58 +311,80 @@ pub(super) fn conv_pixel_major(p: &ChannelBlocks, x: &[f32], g: &ConvGeometry, c
     let offsets: Vec<usize> = (0..p.k).map(|kk| (kk / (g.kh * g.kw)) * hs * ws + ((kk / g.kw) % g.kh) * ws + kk % g.kw).collect();
     // The last window's last value is the largest address read.
     assert!(offsets.last().is_none_or(|&o| o + ((g.oh - 1) * ws + g.ow - 1) * g.stride < src.len()), "pixel-major conv: window outside the input");
-    // Row segments of at most MAXP pixels, as even as possible.
-    let segments = if g.ow <= MAXP { 1 } else { g.ow.div_ceil(ROW_SEGMENT) };
-    let seg = g.ow.div_ceil(segments);
+    // Micro-tiles: (input offset of the first window, output pixel, pixels). A 1x1 stride-1
+    // convolution reads and writes its plane as one long row, so that narrow planes (7x7) still
+    // fill whole tiles; others go row by row, in as few segments of at most MAXP pixels as
+    // possible, as even as possible (14 each on 56-, 112- and 224-wide rows).
+    let flat = g.kh == 1 && g.kw == 1 && g.stride == 1 && (hs, ws) == (g.oh, g.ow);
+    let (rows, width) = if flat { (1, plane) } else { (g.oh, g.ow) };
+    let segments = width.div_ceil(MAXP);
+    let seg = width.div_ceil(segments);
+    let tiles: Vec<(usize, usize, usize)> = (0..rows)
+        .flat_map(|oy| (0..width).step_by(seg).map(move |ox0| (oy * g.stride * ws + ox0 * g.stride, oy * width + ox0, seg.min(width - ox0))))
+        .collect();
     let blocks = p.m.div_ceil(NC);
     let threads = rayon::current_num_threads();
-    let chunks = (8 * threads).div_ceil(blocks).clamp(1, g.oh);
-    let rows_per = g.oh.div_ceil(chunks);
-    let chunks = g.oh.div_ceil(rows_per);
+    let chunks = (8 * threads).div_ceil(blocks).clamp(1, tiles.len());
+    let per = tiles.len().div_ceil(chunks);
+    let chunks = tiles.len().div_ceil(per);
+    // k in passes whose weights (kc x NC values) stay in the L1 cache while every tile of the
+    // item uses them; the partial sums wait in `acc` between passes.
+    let passes = p.k.div_ceil(PIXEL_KC);
+    let kc = p.k.div_ceil(passes);
     let out = Out(dst.as_mut_ptr());
     let out = &out;
-    (0..blocks * chunks).into_par_iter().for_each(|item| {
+    (0..blocks * chunks).into_par_iter().for_each_init(Vec::new, |acc, item| {
         let (blk, chunk) = (item / chunks, item % chunks);
         let w = &p.data[blk * p.k * NC..(blk + 1) * p.k * NC];
         let bias = &p.bias[blk * NC..(blk + 1) * NC];
         let channels = NC.min(p.m - blk * NC);
-        let mut tmp = [0f32; MAXP * NC];
-        for oy in chunk * rows_per..((chunk + 1) * rows_per).min(g.oh) {
-            for ox0 in (0..g.ow).step_by(seg) {
-                let n = seg.min(g.ow - ox0);
-                let base = oy * g.stride * ws + ox0 * g.stride;
-                // SAFETY: `available()` was checked when the weights were packed; w holds k x NC
-                // values; every address base + offsets[kk] + j * stride (j < n) lies inside src
-                // (the assert above bounds the largest); tmp holds MAXP x NC values.
-                unsafe { pixels(n, g.stride, p.k, w, src[base..].as_ptr(), &offsets, bias, kernel_act, &mut tmp) };
-                for l in 0..channels {
-                    let at = (blk * NC + l) * plane + oy * g.ow + ox0;
-                    // SAFETY: channel blk*NC + l < m and pixels oy*ow + ox0 .. + n < plane:
-                    // inside dst, and this item's alone (its channel block and rows).
-                    let row = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), n) };
-                    match res {
-                        Some(r) => row.iter_mut().zip(&r[at..at + n]).enumerate().for_each(|(j, (v, &q))| *v = act.apply(tmp[j * NC + l] + q)),
-                        None => row.iter_mut().enumerate().for_each(|(j, v)| *v = tmp[j * NC + l]),
-                    }
+        let mine = &tiles[chunk * per..((chunk + 1) * per).min(tiles.len())];
+        acc.resize(mine.len() * MAXP * NC, 0.0);
+        for k0 in (0..p.k).step_by(kc) {
+            let len = kc.min(p.k - k0);
+            let pass = Pass { first: k0 == 0, last: k0 + len == p.k };
+            for (&(base, _, n), tmp) in mine.iter().zip(acc.chunks_exact_mut(MAXP * NC)) {
+                // SAFETY: `available()` was checked when the weights were packed; w's slice holds
+                // len x NC values; every address base + offsets[kk] + j * stride (j < n) lies
+                // inside src (the assert above bounds the largest); tmp holds MAXP x NC values.
+                unsafe { pixels(n, g.stride, len, &w[k0 * NC..(k0 + len) * NC], src[base..].as_ptr(), &offsets[k0..k0 + len], bias, kernel_act, pass, tmp) };
+            }
+        }
+        for (&(_, pixel, n), tmp) in mine.iter().zip(acc.chunks_exact(MAXP * NC)) {
+            for l in 0..channels {
+                let at = (blk * NC + l) * plane + pixel;
+                // SAFETY: channel blk*NC + l < m and pixels pixel .. pixel + n < plane: inside
+                // dst, and this item's alone (its channel block and tiles).
+                let row = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), n) };
+                match res {
+                    Some(r) => row.iter_mut().zip(&r[at..at + n]).enumerate().for_each(|(j, (v, &q))| *v = act.apply(tmp[j * NC + l] + q)),
+                    None => row.iter_mut().enumerate().for_each(|(j, v)| *v = tmp[j * NC + l]),
                 }
             }
         }
     });
 }
 
+/// Steps of k ahead that the pixel-major kernel prefetches its weights (4 KiB): they come from
+/// memory on a layer's first tile (measured on ResNet-50: about 1 ms of 37 in the forward).
+const PREFETCH: usize = 32;
+
+/// Steps of k per pass of the pixel-major kernel: 32 KiB of weights.
+const PIXEL_KC: usize = 256;
+
 /// # Safety
 /// As [`pixels_avx512`], with `1 <= n <= MAXP` pixels `stride` values apart.
 #[allow(clippy::too_many_arguments)]
-unsafe fn pixels(n: usize, stride: usize, k: usize, w: &[f32], src: *const f32, offsets: &[usize], bias: &[f32], act: Activation, tmp: &mut [f32; MAXP * NC]) {
+unsafe fn pixels(n: usize, stride: usize, k: usize, w: &[f32], src: *const f32, offsets: &[usize], bias: &[f32], act: Activation, pass: Pass, tmp: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the caller's contract.
     unsafe {
         macro_rules! dispatch {
             ($($p:literal)*) => {
                 match (n, stride) {
-                    $(($p, 1) => pixels_avx512::<$p, 1>(k, w, src, offsets, 1, bias, act, tmp),)*
-                    $(($p, 2) => pixels_avx512::<$p, 2>(k, w, src, offsets, 2, bias, act, tmp),)*
-                    $(($p, _) => pixels_avx512::<$p, 0>(k, w, src, offsets, stride, bias, act, tmp),)*
+                    $(($p, 1) => pixels_avx512::<$p, 1>(k, w, src, offsets, 1, bias, act, pass, tmp),)*
+                    $(($p, 2) => pixels_avx512::<$p, 2>(k, w, src, offsets, 2, bias, act, pass, tmp),)*
+                    $(($p, _) => pixels_avx512::<$p, 0>(k, w, src, offsets, stride, bias, act, pass, tmp),)*
                     _ => unreachable!("{n} pixels"),
                 }
             };
@@ -371,11 +392,12 @@ unsafe fn pixels(n: usize, stride: usize, k: usize, w: &[f32], src: *const f32, 
         dispatch!(1 2 3 4 5 6 7 8 9 10 11 12 13 14)
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("the packed kernels run on x86-64 only ({n} {stride} {k} {} {src:?} {} {} {act:?} {})", w.len(), offsets.len(), bias.len(), tmp.len());
+    unreachable!("the packed kernels run on x86-64 only ({n} {stride} {k} {} {src:?} {} {} {act:?} {} {})", w.len(), offsets.len(), bias.len(), tmp.len(), pass.first);
 }
 
-/// `tmp[j * NC + c] = act(sum_kk w[kk][c] src[offsets[kk] + j * S] + bias[c])` for `P` pixels
-/// (`S` = 0: `step` apart).
+/// `tmp[j * NC + c] (+)= sum_kk w[kk][c] src[offsets[kk] + j * S]` for `P` pixels (`S` = 0:
+/// `step` apart): from zero on the first pass over k, else onto the partial sums in `tmp`; the
+/// last pass adds the bias and applies the activation.
 ///
 /// # Safety
 /// The CPU must support AVX-512F; `w` holds `k * NC` values, `offsets` `k`, `bias` `NC`; every
@@ -383,14 +405,23 @@ unsafe fn pixels(n: usize, stride: usize, k: usize, w: &[f32], src: *const f32, 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pixels_avx512<const P: usize, const S: usize>(k: usize, w: &[f32], src: *const f32, offsets: &[usize], step: usize, bias: &[f32], act: Activation, tmp: &mut [f32; MAXP * NC]) {
+unsafe fn pixels_avx512<const P: usize, const S: usize>(k: usize, w: &[f32], src: *const f32, offsets: &[usize], step: usize, bias: &[f32], act: Activation, pass: Pass, tmp: &mut [f32]) {
     use std::arch::x86_64::*;
-    assert!(w.len() >= k * NC && offsets.len() >= k && bias.len() >= NC && P <= MAXP);
+    assert!(w.len() >= k * NC && offsets.len() >= k && bias.len() >= NC && P <= MAXP && tmp.len() >= P * NC);
     let pw = w.as_ptr();
     // SAFETY: the assert and the caller's contract bound every pointer below.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); 2]; P];
+        if !pass.first {
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = [_mm512_loadu_ps(tmp.as_ptr().add(j * NC)), _mm512_loadu_ps(tmp.as_ptr().add(j * NC + 16))];
+            }
+        }
         for (kk, &o) in offsets.iter().enumerate().take(k) {
+            if PREFETCH > 0 {
+                _mm_prefetch::<_MM_HINT_T0>(pw.wrapping_add((kk + PREFETCH) * NC) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(pw.wrapping_add((kk + PREFETCH) * NC + 16) as *const i8);
+            }
             let (w0, w1) = (_mm512_loadu_ps(pw.add(kk * NC)), _mm512_loadu_ps(pw.add(kk * NC + 16)));
             let xp = src.add(o);
             for (j, a) in acc.iter_mut().enumerate() {
@@ -403,6 +434,10 @@ unsafe fn pixels_avx512<const P: usize, const S: usize>(k: usize, w: &[f32], src
         let b = [_mm512_loadu_ps(bias.as_ptr()), _mm512_loadu_ps(bias.as_ptr().add(16))];
         for (j, a) in acc.iter().enumerate() {
             for v in 0..2 {
+                if !pass.last {
+                    _mm512_storeu_ps(tmp.as_mut_ptr().add(j * NC + 16 * v), a[v]);
+                    continue;
+                }
                 let y = _mm512_add_ps(a[v], b[v]);
                 let y = match act {
                     Activation::Identity => y,
@@ -433,7 +468,7 @@ pub(super) struct Winograd {
 }
 
 /// Input channels below which the transforms cost more than the products save.
-pub(super) const WINOGRAD_MIN_CHANNELS: usize = 256;
+pub(super) const WINOGRAD_MIN_CHANNELS: usize = 512;
 
 impl Winograd {
     /// From weights `[m, c, 3, 3]`.
@@ -469,12 +504,14 @@ impl Winograd {
 }
 
 /// Whether [`conv_winograd`] takes a convolution of this geometry: 3x3 stride 1 with at least
-/// 256 input channels on planes from 14 to 28 wide, where the products dominate the transforms
-/// (measured on VGG-16's and ResNet-50's layers with `bench classify --layers`: slower on larger
-/// planes, even at 56x56 with 256 channels, and on 7x7 ones, a quarter of whose 2x2 tiles is
-/// padding).
+/// 512 input channels on planes from 28 to 32 wide (VGG-16's conv4_2 and conv4_3), where the
+/// products dominate the transforms. Measured against the direct pixel-major kernel (k in
+/// passes) on single layers: 8.9-9.5 against 10.3-10.8 ms at 28x28 with 512 channels, but
+/// slower at 14x14 (1.0 against 0.67 ms with 256 channels, 3.0 against 2.7 ms with 512) and at
+/// 28x28 with 256 channels (3.1 against 2.7 ms), and on larger planes, where the transformed
+/// input is 4x the input.
 pub(super) fn winograd_pays(g: &ConvGeometry) -> bool {
-    g.kh == 3 && g.kw == 3 && g.stride == 1 && g.c >= WINOGRAD_MIN_CHANNELS && g.ow >= 14 && g.oh * g.ow <= 28 * 28
+    g.kh == 3 && g.kw == 3 && g.stride == 1 && g.c >= WINOGRAD_MIN_CHANNELS && g.ow >= 28 && g.oh * g.ow <= 32 * 32
 }
 
 /// `dst[m, oh * ow] = act(conv3x3(x) + bias + res)` by Winograd F(2x2, 3x3); `x` `[c, h, w]`.
@@ -556,7 +593,7 @@ pub(super) fn conv_winograd(p: &Winograd, x: &[f32], g: &ConvGeometry, act: Acti
                 // SAFETY: `available()` was checked when the weights were transformed; u's slice
                 // holds c x NC values; the n tiles' values ((ty * 16 + xi) * tw + tx0 + j) * c + kk
                 // (kk < c, j < n) lie inside v; mx holds MAXP x NC values.
-                unsafe { pixels(n, c, c, &u[xi * c * NC..(xi + 1) * c * NC], v[((ty * 16 + xi) * tw + tx0) * c..].as_ptr(), &offsets, &zero, Activation::Identity, mx) };
+                unsafe { pixels(n, c, c, &u[xi * c * NC..(xi + 1) * c * NC], v[((ty * 16 + xi) * tw + tx0) * c..].as_ptr(), &offsets, &zero, Activation::Identity, Pass { first: true, last: true }, mx) };
             }
             for j in 0..n {
                 let (ty, tx) = ((t0 + j) / tw, (t0 + j) % tw);

@@ -89,34 +89,27 @@ impl MaxPool2d {
             if b > a || b.is_nan() { b } else { a }
         }
         let (k, s, pad) = (self.kernel, self.stride, self.padding as isize);
+        // Separable: the maxima down each column of a row of windows (whole rows at a time,
+        // which vectorise) into a row padded with -inf, then across each window of that row.
+        let pad = pad as usize;
+        // Room for every window, and for the last one's pair-wise reads below to cover ow windows.
+        let wp = (ow * s + k).max(w + pad);
+        let mut col = vec![f32::NEG_INFINITY; wp];
         for (oy, drow) in dst.chunks_mut(ow).enumerate() {
-            drow.fill(f32::NEG_INFINITY);
+            let inner = &mut col[pad..pad + w];
+            inner.fill(f32::NEG_INFINITY);
             for ky in 0..k {
-                let iy = (oy * s + ky) as isize - pad;
+                let iy = (oy * s + ky) as isize - pad as isize;
                 if iy < 0 || iy >= h as isize {
                     continue;
                 }
                 let srow = &src[iy as usize * w..(iy as usize + 1) * w];
-                if k == 2 && s == 2 && pad == 0 {
-                    for (d, pair) in drow.iter_mut().zip(srow.chunks_exact(2)) {
-                        *d = nanmax(nanmax(*d, pair[0]), pair[1]);
-                    }
-                    continue;
-                }
-                // Windows inside the row (ox in lo..hi) need no clipping.
-                let lo = (pad as usize).div_ceil(s).min(ow);
-                let hi = ((w + pad as usize).saturating_sub(k) / s + 1).clamp(lo, ow);
-                for (ox, d) in drow.iter_mut().enumerate() {
-                    let x0 = (ox * s) as isize - pad;
-                    if (lo..hi).contains(&ox) {
-                        let window = &srow[x0 as usize..x0 as usize + k];
-                        *d = window.iter().fold(*d, |m, &v| nanmax(m, v));
-                    } else {
-                        for ix in x0.max(0)..(x0 + k as isize).min(w as isize) {
-                            *d = nanmax(*d, srow[ix as usize]);
-                        }
-                    }
-                }
+                inner.iter_mut().zip(srow).for_each(|(c, &v)| *c = nanmax(*c, v));
+            }
+            match (k, s) {
+                (3, 2) => drow.iter_mut().zip(col.chunks_exact(2)).zip(col[2..].chunks_exact(2)).for_each(|((d, a), b)| *d = nanmax(nanmax(a[0], a[1]), b[0])),
+                (2, 2) => drow.iter_mut().zip(col.chunks_exact(2)).for_each(|(d, a)| *d = nanmax(a[0], a[1])),
+                _ => drow.iter_mut().enumerate().for_each(|(ox, d)| *d = col[ox * s..ox * s + k].iter().fold(f32::NEG_INFINITY, |m, &v| nanmax(m, v))),
             }
         }
     }
