@@ -286,8 +286,6 @@ pub(super) fn pixel_major_pays(g: &ConvGeometry) -> bool {
 pub(super) fn conv_pixel_major(p: &ChannelBlocks, x: &[f32], g: &ConvGeometry, c0: usize, act: Activation, res: Option<&[f32]>, dst: &mut [f32]) {
     let plane = g.oh * g.ow;
     assert!(dst.len() >= p.m * plane && res.is_none_or(|r| r.len() >= p.m * plane) && pixel_major_pays(g), "pixel-major conv: sizes");
-    // With a residual the activation comes after it, outside the kernel.
-    let kernel_act = if res.is_some() { Activation::Identity } else { act };
     let cg = p.k / (g.kh * g.kw);
     // The padded extent the windows read.
     let (hp, wp) = ((g.oh - 1) * g.stride + g.kh, (g.ow - 1) * g.stride + g.kw);
@@ -343,48 +341,51 @@ pub(super) fn conv_pixel_major(p: &ChannelBlocks, x: &[f32], g: &ConvGeometry, c
         for k0 in (0..p.k).step_by(kc) {
             let len = kc.min(p.k - k0);
             let pass = Pass { first: k0 == 0, last: k0 + len == p.k };
-            for (&(base, _, n), tmp) in mine.iter().zip(acc.chunks_exact_mut(MAXP * NC)) {
+            // The weights of the next pass (this block's, else the next block's first): the
+            // second and third tiles bring them into L2 while the pass computes, one line per
+            // step each, so that the next pass does not wait on memory.
+            let next = if k0 + len < p.k { &w[(k0 + len) * NC..] } else { p.data.get((blk + 1) * p.k * NC..).unwrap_or(&[]) };
+            for (i, (&(base, pixel, n), tmp)) in mine.iter().zip(acc.chunks_exact_mut(MAXP * NC)).enumerate() {
+                let ahead = match i {
+                    1 | 2 => next.get((i - 1) * len * 16..).map_or(std::ptr::null(), |a| a.as_ptr()),
+                    _ => std::ptr::null(),
+                };
+                // The last pass writes the tile's pixels of the block's channels.
+                let at = blk * NC * plane + pixel;
+                let to = Planes { out: out.0.wrapping_add(at), res: res.map_or(std::ptr::null(), |r| r[at..].as_ptr()), ld: plane, channels };
                 // SAFETY: `available()` was checked when the weights were packed; w's slice holds
                 // len x NC values; every address base + offsets[kk] + j * stride (j < n) lies
-                // inside src (the assert above bounds the largest); tmp holds MAXP x NC values.
-                unsafe { pixels(n, g.stride, len, &w[k0 * NC..(k0 + len) * NC], src[base..].as_ptr(), &offsets[k0..k0 + len], bias, kernel_act, pass, tmp) };
-            }
-        }
-        for (&(_, pixel, n), tmp) in mine.iter().zip(acc.chunks_exact(MAXP * NC)) {
-            for l in 0..channels {
-                let at = (blk * NC + l) * plane + pixel;
-                // SAFETY: channel blk*NC + l < m and pixels pixel .. pixel + n < plane: inside
-                // dst, and this item's alone (its channel block and tiles).
-                let row = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), n) };
-                match res {
-                    Some(r) => row.iter_mut().zip(&r[at..at + n]).enumerate().for_each(|(j, (v, &q))| *v = act.apply(tmp[j * NC + l] + q)),
-                    None => row.iter_mut().enumerate().for_each(|(j, v)| *v = tmp[j * NC + l]),
-                }
+                // inside src (the assert above bounds the largest); tmp holds MAXP x NC values;
+                // `ahead` is only prefetched; channels blk*NC + c < m (c < channels) and pixels
+                // pixel .. pixel + n < plane are inside dst (and res), and dst's are this item's
+                // alone (its channel block and tiles).
+                unsafe { pixels(n, g.stride, len, &w[k0 * NC..(k0 + len) * NC], src[base..].as_ptr(), &offsets[k0..k0 + len], bias, act, pass, ahead, tmp, to) };
             }
         }
     });
 }
 
-/// Steps of k ahead that the pixel-major kernel prefetches its weights (4 KiB): they come from
-/// memory on a layer's first tile (measured on ResNet-50: about 1 ms of 37 in the forward).
+/// Steps of k ahead that the pixel-major kernel prefetches its weights (4 KiB) when the tile
+/// before did not bring them into L2.
 const PREFETCH: usize = 32;
 
-/// Steps of k per pass of the pixel-major kernel: 32 KiB of weights.
-const PIXEL_KC: usize = 256;
+/// Steps of k per pass of the pixel-major kernel: 16 KiB of weights, which share the L1 cache
+/// with the input rows of a tile.
+const PIXEL_KC: usize = 128;
 
 /// # Safety
 /// As [`pixels_avx512`], with `1 <= n <= MAXP` pixels `stride` values apart.
 #[allow(clippy::too_many_arguments)]
-unsafe fn pixels(n: usize, stride: usize, k: usize, w: &[f32], src: *const f32, offsets: &[usize], bias: &[f32], act: Activation, pass: Pass, tmp: &mut [f32]) {
+unsafe fn pixels(n: usize, stride: usize, k: usize, w: &[f32], src: *const f32, offsets: &[usize], bias: &[f32], act: Activation, pass: Pass, ahead: *const f32, tmp: &mut [f32], to: Planes) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the caller's contract.
     unsafe {
         macro_rules! dispatch {
             ($($p:literal)*) => {
                 match (n, stride) {
-                    $(($p, 1) => pixels_avx512::<$p, 1>(k, w, src, offsets, 1, bias, act, pass, tmp),)*
-                    $(($p, 2) => pixels_avx512::<$p, 2>(k, w, src, offsets, 2, bias, act, pass, tmp),)*
-                    $(($p, _) => pixels_avx512::<$p, 0>(k, w, src, offsets, stride, bias, act, pass, tmp),)*
+                    $(($p, 1) => pixels_avx512::<$p, 1>(k, w, src, offsets, 1, bias, act, pass, ahead, tmp, to),)*
+                    $(($p, 2) => pixels_avx512::<$p, 2>(k, w, src, offsets, 2, bias, act, pass, ahead, tmp, to),)*
+                    $(($p, _) => pixels_avx512::<$p, 0>(k, w, src, offsets, stride, bias, act, pass, ahead, tmp, to),)*
                     _ => unreachable!("{n} pixels"),
                 }
             };
@@ -392,20 +393,22 @@ unsafe fn pixels(n: usize, stride: usize, k: usize, w: &[f32], src: *const f32, 
         dispatch!(1 2 3 4 5 6 7 8 9 10 11 12 13 14)
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("the packed kernels run on x86-64 only ({n} {stride} {k} {} {src:?} {} {} {act:?} {} {})", w.len(), offsets.len(), bias.len(), tmp.len(), pass.first);
+    unreachable!("the packed kernels run on x86-64 only ({n} {stride} {k} {} {src:?} {} {} {act:?} {} {} {ahead:?} {:?})", w.len(), offsets.len(), bias.len(), tmp.len(), pass.first, to.out);
 }
 
 /// `tmp[j * NC + c] (+)= sum_kk w[kk][c] src[offsets[kk] + j * S]` for `P` pixels (`S` = 0:
-/// `step` apart): from zero on the first pass over k, else onto the partial sums in `tmp`; the
-/// last pass adds the bias and applies the activation.
+/// `step` apart): from zero on the first pass over k, else onto the partial sums in `tmp`. The
+/// last pass adds the bias (and `to`'s residual) and applies the activation, and writes `tmp`,
+/// or when `to.out` is not null, each channel's P pixels to its plane (transposed in registers).
 ///
 /// # Safety
 /// The CPU must support AVX-512F; `w` holds `k * NC` values, `offsets` `k`, `bias` `NC`; every
-/// `src + offsets[kk] + j * S` for `j < P` is readable.
+/// `src + offsets[kk] + j * S` for `j < P` is readable; unless null, `to.out + c * to.ld + j`
+/// (and `to.res` alike) for `c < to.channels`, `j < P` is writable (readable).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pixels_avx512<const P: usize, const S: usize>(k: usize, w: &[f32], src: *const f32, offsets: &[usize], step: usize, bias: &[f32], act: Activation, pass: Pass, tmp: &mut [f32]) {
+unsafe fn pixels_avx512<const P: usize, const S: usize>(k: usize, w: &[f32], src: *const f32, offsets: &[usize], step: usize, bias: &[f32], act: Activation, pass: Pass, ahead: *const f32, tmp: &mut [f32], to: Planes) {
     use std::arch::x86_64::*;
     assert!(w.len() >= k * NC && offsets.len() >= k && bias.len() >= NC && P <= MAXP && tmp.len() >= P * NC);
     let pw = w.as_ptr();
@@ -418,9 +421,11 @@ unsafe fn pixels_avx512<const P: usize, const S: usize>(k: usize, w: &[f32], src
             }
         }
         for (kk, &o) in offsets.iter().enumerate().take(k) {
-            if PREFETCH > 0 {
+            if ahead.is_null() {
                 _mm_prefetch::<_MM_HINT_T0>(pw.wrapping_add((kk + PREFETCH) * NC) as *const i8);
                 _mm_prefetch::<_MM_HINT_T0>(pw.wrapping_add((kk + PREFETCH) * NC + 16) as *const i8);
+            } else {
+                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(kk * 16) as *const i8);
             }
             let (w0, w1) = (_mm512_loadu_ps(pw.add(kk * NC)), _mm512_loadu_ps(pw.add(kk * NC + 16)));
             let xp = src.add(o);
@@ -432,22 +437,110 @@ unsafe fn pixels_avx512<const P: usize, const S: usize>(k: usize, w: &[f32], src
         }
         let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
         let b = [_mm512_loadu_ps(bias.as_ptr()), _mm512_loadu_ps(bias.as_ptr().add(16))];
+        let activate = |y: __m512| match act {
+            Activation::Identity => y,
+            Activation::Relu => _mm512_max_ps(y, zero),
+            Activation::Relu6 => _mm512_min_ps(_mm512_max_ps(y, zero), six),
+        };
+        if pass.last && !to.out.is_null() {
+            // Out of line, so that the loop above keeps its accumulators in registers.
+            let mut rows = [[zero; 16]; 2];
+            for j in 0..P {
+                rows[0][j] = _mm512_add_ps(acc[j][0], b[0]);
+                rows[1][j] = _mm512_add_ps(acc[j][1], b[1]);
+            }
+            store_planes(rows, P, act, to);
+            return;
+        }
         for (j, a) in acc.iter().enumerate() {
             for v in 0..2 {
                 if !pass.last {
                     _mm512_storeu_ps(tmp.as_mut_ptr().add(j * NC + 16 * v), a[v]);
                     continue;
                 }
-                let y = _mm512_add_ps(a[v], b[v]);
+                _mm512_storeu_ps(tmp.as_mut_ptr().add(j * NC + 16 * v), activate(_mm512_add_ps(a[v], b[v])));
+            }
+        }
+    }
+}
+
+/// Stores `rows[v][j]` (pixel j's channels 16v..16v+16) as `act(rows + res)` to `to`'s planes,
+/// `n` pixels each, transposed in registers.
+///
+/// # Safety
+/// As [`pixels_avx512`]'s `to`, with `n <= 16` and `to.out` not null.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+unsafe fn store_planes(rows: [[std::arch::x86_64::__m512; 16]; 2], n: usize, act: Activation, to: Planes) {
+    use std::arch::x86_64::*;
+    let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
+    let lanes = ((1u32 << n) - 1) as __mmask16;
+    for (v, half) in rows.into_iter().enumerate() {
+        for (l, col) in transpose16(half).into_iter().enumerate().take(to.channels.saturating_sub(16 * v)) {
+            let at = (16 * v + l) * to.ld;
+            // SAFETY: channel 16v + l < to.channels and the first n pixels: the caller's contract.
+            unsafe {
+                let y = if to.res.is_null() { col } else { _mm512_add_ps(col, _mm512_maskz_loadu_ps(lanes, to.res.add(at))) };
                 let y = match act {
                     Activation::Identity => y,
                     Activation::Relu => _mm512_max_ps(y, zero),
                     Activation::Relu6 => _mm512_min_ps(_mm512_max_ps(y, zero), six),
                 };
-                _mm512_storeu_ps(tmp.as_mut_ptr().add(j * NC + 16 * v), y);
+                _mm512_mask_storeu_ps(to.out.add(at), lanes, y);
             }
         }
     }
+}
+
+/// Where the pixel-major kernel's last pass writes: `channels` planes `ld` apart from `out`
+/// (null: to its buffer instead), with the residual `res` (or null) laid out alike.
+#[derive(Clone, Copy)]
+struct Planes {
+    out: *mut f32,
+    res: *const f32,
+    ld: usize,
+    channels: usize,
+}
+
+impl Planes {
+    const BUFFER: Planes = Planes { out: std::ptr::null_mut(), res: std::ptr::null(), ld: 0, channels: 0 };
+}
+
+/// The 16x16 transpose of `r` (rows to columns) in registers: pairs of rows interleaved, then
+/// quads of them, then 128-bit lanes across four vectors, twice.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    let zero = _mm512_setzero_ps();
+    let (mut lo, mut hi) = ([zero; 8], [zero; 8]);
+    for i in 0..8 {
+        // Per 128-bit lane q: rows 2i and 2i+1 of columns 4q, 4q+1 (lo) and 4q+2, 4q+3 (hi).
+        lo[i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        hi[i] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // s[i][m], lane q: rows 4i..4i+4 of column 4q + m.
+    let mut s = [[zero; 4]; 4];
+    for (i, si) in s.iter_mut().enumerate() {
+        si[0] = _mm512_shuffle_ps::<0x44>(lo[2 * i], lo[2 * i + 1]);
+        si[1] = _mm512_shuffle_ps::<0xEE>(lo[2 * i], lo[2 * i + 1]);
+        si[2] = _mm512_shuffle_ps::<0x44>(hi[2 * i], hi[2 * i + 1]);
+        si[3] = _mm512_shuffle_ps::<0xEE>(hi[2 * i], hi[2 * i + 1]);
+    }
+    // Column 4q + m gathers lane q of s[0..4][m].
+    let mut c = [zero; 16];
+    for m in 0..4 {
+        let x0 = _mm512_shuffle_f32x4::<0x44>(s[0][m], s[1][m]);
+        let x1 = _mm512_shuffle_f32x4::<0xEE>(s[0][m], s[1][m]);
+        let y0 = _mm512_shuffle_f32x4::<0x44>(s[2][m], s[3][m]);
+        let y1 = _mm512_shuffle_f32x4::<0xEE>(s[2][m], s[3][m]);
+        c[m] = _mm512_shuffle_f32x4::<0x88>(x0, y0);
+        c[4 + m] = _mm512_shuffle_f32x4::<0xDD>(x0, y0);
+        c[8 + m] = _mm512_shuffle_f32x4::<0x88>(x1, y1);
+        c[12 + m] = _mm512_shuffle_f32x4::<0xDD>(x1, y1);
+    }
+    c
 }
 
 
@@ -593,7 +686,7 @@ pub(super) fn conv_winograd(p: &Winograd, x: &[f32], g: &ConvGeometry, act: Acti
                 // SAFETY: `available()` was checked when the weights were transformed; u's slice
                 // holds c x NC values; the n tiles' values ((ty * 16 + xi) * tw + tx0 + j) * c + kk
                 // (kk < c, j < n) lie inside v; mx holds MAXP x NC values.
-                unsafe { pixels(n, c, c, &u[xi * c * NC..(xi + 1) * c * NC], v[((ty * 16 + xi) * tw + tx0) * c..].as_ptr(), &offsets, &zero, Activation::Identity, Pass { first: true, last: true }, mx) };
+                unsafe { pixels(n, c, c, &u[xi * c * NC..(xi + 1) * c * NC], v[((ty * 16 + xi) * tw + tx0) * c..].as_ptr(), &offsets, &zero, Activation::Identity, Pass { first: true, last: true }, std::ptr::null(), mx, Planes::BUFFER) };
             }
             for j in 0..n {
                 let (ty, tx) = ((t0 + j) / tw, (t0 + j) % tw);
