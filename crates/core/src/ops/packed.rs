@@ -29,12 +29,52 @@ pub(super) fn available() -> bool {
     }
 }
 
+/// f32 values that start on a cache line (64 bytes), so that no vector load of the kernels,
+/// whose offsets are multiples of 64 bytes, splits across two lines (large allocations start
+/// 16 bytes past a page).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Aligned {
+    buf: Vec<f32>,
+    start: usize,
+    len: usize,
+}
+
+impl Aligned {
+    pub(super) fn zeros(len: usize) -> Self {
+        let mut a = Self::default();
+        a.resize(len);
+        a
+    }
+
+    /// `len` values (zeros where new).
+    fn resize(&mut self, len: usize) {
+        if len + 15 > self.buf.len() {
+            self.buf = vec![0f32; len + 15];
+            self.start = self.buf.as_ptr().align_offset(64);
+        }
+        self.len = len;
+    }
+}
+
+impl std::ops::Deref for Aligned {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for Aligned {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[self.start..self.start + self.len]
+    }
+}
+
 /// One group's weights `[m, k]` as `ceil(m / R)` blocks of `[k][R]` (rows past `m` zero), and
 /// its bias padded alike: R = MR rows for the column-panel GEMM ([`PackedWeights`]), NC output
 /// channels for the pixel-major kernel ([`ChannelBlocks`]).
 #[derive(Debug, Clone)]
 pub(super) struct Blocks<const R: usize> {
-    data: Vec<f32>,
+    data: Aligned,
     bias: Vec<f32>,
     m: usize,
     k: usize,
@@ -46,7 +86,7 @@ pub(super) type ChannelBlocks = Blocks<NC>;
 impl<const R: usize> Blocks<R> {
     pub(super) fn new(w: &[f32], bias: &[f32], m: usize, k: usize) -> Self {
         let blocks = m.div_ceil(R);
-        let mut data = vec![0f32; blocks * k * R];
+        let mut data = Aligned::zeros(blocks * k * R);
         for (blk, dst) in data.chunks_mut(k * R).enumerate() {
             for r in 0..R.min(m - blk * R) {
                 let row = &w[(blk * R + r) * k..(blk * R + r + 1) * k];
@@ -152,7 +192,7 @@ pub(super) fn conv(p: &PackedWeights, cols: Columns<'_>, plane: usize, act: Acti
         }
     };
     if tiles <= SHARED_PANELS {
-        let mut panels = vec![0f32; tiles * panel_len];
+        let mut panels = Aligned::zeros(tiles * panel_len);
         panels.par_chunks_mut(panel_len).enumerate().for_each(|(t, panel)| fill(panel, t));
         let per = blocks.div_ceil(4 * threads).max(1);
         (0..blocks.div_ceil(per)).into_par_iter().for_each(|i| run(&panels, 0..tiles, i * per..((i + 1) * per).min(blocks)));
@@ -164,9 +204,9 @@ pub(super) fn conv(p: &PackedWeights, cols: Columns<'_>, plane: usize, act: Acti
     let splits = (8 * threads).div_ceil(tiles).clamp(1, blocks);
     let per = blocks.div_ceil(splits);
     let splits = blocks.div_ceil(per);
-    (0..tiles * splits).into_par_iter().with_min_len((tiles * splits / (8 * threads)).max(1)).for_each_init(Vec::new, |panel, item| {
+    (0..tiles * splits).into_par_iter().with_min_len((tiles * splits / (8 * threads)).max(1)).for_each_init(Aligned::default, |panel, item| {
         let (t, s) = (item / splits, item % splits);
-        panel.resize(panel_len, 0.0);
+        panel.resize(panel_len);
         fill(panel, t);
         run(panel, t..t + 1, s * per..((s + 1) * per).min(blocks));
     });
@@ -327,17 +367,17 @@ pub(super) fn conv_pixel_major(p: &ChannelBlocks, x: &[f32], g: &ConvGeometry, c
     let chunks = tiles.len().div_ceil(per);
     // k in passes whose weights (kc x NC values) stay in the L1 cache while every tile of the
     // item uses them; the partial sums wait in `acc` between passes.
-    let passes = p.k.div_ceil(PIXEL_KC);
+    let passes = if p.k <= PIXEL_ONE_PASS { 1 } else { p.k.div_ceil(PIXEL_KC) };
     let kc = p.k.div_ceil(passes);
     let out = Out(dst.as_mut_ptr());
     let out = &out;
-    (0..blocks * chunks).into_par_iter().for_each_init(Vec::new, |acc, item| {
+    (0..blocks * chunks).into_par_iter().for_each_init(Aligned::default, |acc, item| {
         let (blk, chunk) = (item / chunks, item % chunks);
         let w = &p.data[blk * p.k * NC..(blk + 1) * p.k * NC];
         let bias = &p.bias[blk * NC..(blk + 1) * NC];
         let channels = NC.min(p.m - blk * NC);
         let mine = &tiles[chunk * per..((chunk + 1) * per).min(tiles.len())];
-        acc.resize(mine.len() * MAXP * NC, 0.0);
+        acc.resize(mine.len() * MAXP * NC);
         for k0 in (0..p.k).step_by(kc) {
             let len = kc.min(p.k - k0);
             let pass = Pass { first: k0 == 0, last: k0 + len == p.k };
@@ -372,6 +412,9 @@ const PREFETCH: usize = 32;
 /// Steps of k per pass of the pixel-major kernel: 16 KiB of weights, which share the L1 cache
 /// with the input rows of a tile.
 const PIXEL_KC: usize = 128;
+
+/// Steps of k up to which one pass does (24 KiB of weights: a 7x7 convolution of an RGB image).
+const PIXEL_ONE_PASS: usize = 192;
 
 /// # Safety
 /// As [`pixels_avx512`], with `1 <= n <= MAXP` pixels `stride` values apart.
@@ -554,7 +597,7 @@ fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512
 #[derive(Debug, Clone)]
 pub(super) struct Winograd {
     /// Per block of NC output channels, per position xi of the 4x4 transform: `[C][NC]`.
-    data: Vec<f32>,
+    data: Aligned,
     bias: Vec<f32>,
     m: usize,
     c: usize,
@@ -567,7 +610,7 @@ impl Winograd {
     /// From weights `[m, c, 3, 3]`.
     pub(super) fn new(w: &[f32], bias: &[f32], m: usize, c: usize) -> Self {
         let blocks = m.div_ceil(NC);
-        let mut data = vec![0f32; blocks * 16 * c * NC];
+        let mut data = Aligned::zeros(blocks * 16 * c * NC);
         for o in 0..m {
             for i in 0..c {
                 let g = &w[(o * c + i) * 9..(o * c + i + 1) * 9];
