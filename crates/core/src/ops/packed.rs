@@ -186,6 +186,11 @@ pub(super) fn conv(p: &PackedWeights, cols: Columns<'_>, plane: usize, act: Acti
                     // rows blk*MR.. + rows, columns j0..j0 + n lies inside dst (asserted above)
                     // and is written by this task only; the residual's like it is inside res.
                     let (c, r) = (out.0.wrapping_add(blk * MR * plane + j0), res.at(blk * MR * plane + j0));
+                    // The next row block's output (and residual) lines, one per row and vector:
+                    // at a stride of a plane, they are misses the hardware does not foresee.
+                    if blk + 1 < blocks.end {
+                        prefetch_rows(out.0.wrapping_add((blk + 1) * MR * plane + j0), res.at((blk + 1) * MR * plane + j0), plane, MR.min(p.m - (blk + 1) * MR), n);
+                    }
                     unsafe { tile(len, a, b, n, bias, act, pass, c, r, plane, rows) };
                 }
             }
@@ -210,6 +215,28 @@ pub(super) fn conv(p: &PackedWeights, cols: Columns<'_>, plane: usize, act: Acti
         fill(panel, t);
         run(panel, t..t + 1, s * per..((s + 1) * per).min(blocks));
     });
+}
+
+/// Prefetches `rows` rows of `n` values `ld` apart from `c` (for writing) and from `res` (unless
+/// null); only hints, so any address will do.
+fn prefetch_rows(c: *mut f32, res: *const f32, ld: usize, rows: usize, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        for r in 0..rows {
+            for v in (0..n).step_by(16) {
+                // SAFETY: prefetches never fault and read nothing.
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_ET0>(c.wrapping_add(r * ld + v) as *const i8);
+                    if !res.is_null() {
+                        _mm_prefetch::<_MM_HINT_T0>(res.wrapping_add(r * ld + v) as *const i8);
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (c, res, ld, rows, n);
 }
 
 /// Which pass over k a micro-tile call is: the first starts from zero (else from the partial
