@@ -125,9 +125,9 @@ pub struct LayerTiming {
     pub ms: f64,
 }
 
-/// Where the time of a forward and of a Grad-CAM goes: each feature layer alone on its own input,
-/// the tail, and the head after the default layer (forward, and forward + backward) as Grad-CAM
-/// runs it; medians of `iters` runs after one warm-up.
+/// Where the time of a forward and of a Grad-CAM goes: each feature layer timed in turn inside
+/// whole passes (medians of `iters` passes after one warm-up), then the tail and the head after the
+/// default layer (forward, and forward + backward) as Grad-CAM runs it (medians of `iters` runs).
 pub fn layers(net: &Network, iters: usize) -> Result<Vec<LayerTiming>> {
     let (h, w) = net.preprocess().size;
     let input = image_like_input_sized(h, w)?;

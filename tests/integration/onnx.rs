@@ -271,4 +271,12 @@ fn efficientnet_lite0_from_onnx_gives_the_builtin_maps_and_evaluation() {
     let o = gradcam(&["bench", "classify", "--model", onnx, "--against", "efficientnet-lite0", "--iters", "2", "--json"]);
     let r = ok_json(&o);
     assert!(r["ratio"].as_f64().unwrap() > 0.0 && r["gradcam_ms"].as_f64().unwrap() > 0.0, "{r}");
+    // Where the time goes: every layer in order, timed inside whole passes, then the tail and the head.
+    let o = gradcam(&["bench", "classify", "--weights", &weights, "--layers", "--iters", "2", "--json"]);
+    let r = ok_json(&o);
+    let timings = r["layers"].as_array().unwrap();
+    let names: Vec<&str> = timings.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names.iter().filter(|n| n.starts_with("_blocks.")).count(), 16, "{names:?}");
+    assert_eq!(names[names.len() - 3..], ["tail", "head after _conv_head forward", "head after _conv_head forward + backward"]);
+    assert!(timings.iter().all(|t| t["ms"].as_f64().unwrap() > 0.0), "{r}");
 }

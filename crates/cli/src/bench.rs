@@ -23,7 +23,8 @@ pub enum BenchCommand {
         /// Also time this model's Grad-CAM in alternation with --model's and print the ratio.
         #[arg(long)]
         against: Option<gradcam_encoders::ModelName>,
-        /// Instead, time each layer alone and the head's forward and backward (where the time goes).
+        /// Instead, time each layer (in turn, inside whole forward passes) and the head's forward
+        /// and backward (where the time goes).
         #[arg(long, conflicts_with = "against")]
         layers: bool,
     },
