@@ -173,7 +173,7 @@ pub(super) fn conv(p: &PackedWeights, cols: Columns<'_>, plane: usize, act: Acti
         let kc = p.k.div_ceil(passes);
         for k0 in (0..p.k).step_by(kc) {
             let len = kc.min(p.k - k0);
-            let pass = Pass { first: k0 == 0, last: k0 + len == p.k };
+            let pass = Pass { first: k0 == 0, last: k0 + len == p.k, own: false };
             for (i, t) in tiles.clone().enumerate() {
                 let (j0, n) = (t * NR, NR.min(plane - t * NR));
                 let b = &panels[i * panel_len + k0 * NR..i * panel_len + (k0 + len) * NR];
@@ -245,6 +245,8 @@ fn prefetch_rows(c: *mut f32, res: *const f32, ld: usize, rows: usize, n: usize)
 struct Pass {
     first: bool,
     last: bool,
+    /// Whether the pixel-major kernel prefetches this pass's weights (its first tile).
+    own: bool,
 }
 
 /// One micro-tile, up to MR x NR, with AVX-512 when compiled for x86-64.
@@ -407,7 +409,7 @@ pub(super) fn conv_pixel_major(p: &ChannelBlocks, x: &[f32], g: &ConvGeometry, c
         acc.resize(mine.len() * MAXP * NC);
         for k0 in (0..p.k).step_by(kc) {
             let len = kc.min(p.k - k0);
-            let pass = Pass { first: k0 == 0, last: k0 + len == p.k };
+            let pass = Pass { first: k0 == 0, last: k0 + len == p.k, own: false };
             // The weights of the next pass (this block's, else the next block's first): the
             // second and third tiles bring them into L2 while the pass computes, one line per
             // step each, so that the next pass does not wait on memory.
@@ -426,6 +428,7 @@ pub(super) fn conv_pixel_major(p: &ChannelBlocks, x: &[f32], g: &ConvGeometry, c
                 // `ahead` is only prefetched; channels blk*NC + c < m (c < channels) and pixels
                 // pixel .. pixel + n < plane are inside dst (and res), and dst's are this item's
                 // alone (its channel block and tiles).
+                let pass = Pass { own: i == 0, ..pass };
                 unsafe { pixels(n, g.stride, len, &w[k0 * NC..(k0 + len) * NC], src[base..].as_ptr(), &offsets[k0..k0 + len], bias, act, pass, ahead, tmp, to) };
             }
         }
@@ -479,6 +482,7 @@ unsafe fn pixels(n: usize, stride: usize, k: usize, w: &[f32], src: *const f32, 
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn pixels_avx512<const P: usize, const S: usize>(k: usize, w: &[f32], src: *const f32, offsets: &[usize], step: usize, bias: &[f32], act: Activation, pass: Pass, ahead: *const f32, tmp: &mut [f32], to: Planes) {
+    let own = pass.own;
     use std::arch::x86_64::*;
     assert!(w.len() >= k * NC && offsets.len() >= k && bias.len() >= NC && P <= MAXP && tmp.len() >= P * NC);
     let pw = w.as_ptr();
@@ -490,20 +494,35 @@ unsafe fn pixels_avx512<const P: usize, const S: usize>(k: usize, w: &[f32], src
                 *a = [_mm512_loadu_ps(tmp.as_ptr().add(j * NC)), _mm512_loadu_ps(tmp.as_ptr().add(j * NC + 16))];
             }
         }
-        for (kk, &o) in offsets.iter().enumerate().take(k) {
-            if ahead.is_null() {
-                _mm_prefetch::<_MM_HINT_T0>(pw.wrapping_add((kk + PREFETCH) * NC) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(pw.wrapping_add((kk + PREFETCH) * NC + 16) as *const i8);
-            } else {
-                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(kk * 16) as *const i8);
-            }
-            let (w0, w1) = (_mm512_loadu_ps(pw.add(kk * NC)), _mm512_loadu_ps(pw.add(kk * NC + 16)));
-            let xp = src.add(o);
-            for (j, a) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_ps(*xp.add(j * if S == 0 { step } else { S }));
-                a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
-                a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
-            }
+        // One step of k: the weights' prefetch (this pass's, 32 steps ahead, into L1 on the
+        // first tile of a pass; the next pass's into L2 when `ahead` is given), then 2P FMAs.
+        macro_rules! step_k {
+            ($kk:expr) => {{
+                let kk = $kk;
+                if !ahead.is_null() {
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(kk * 16) as *const i8);
+                } else if own {
+                    _mm_prefetch::<_MM_HINT_T0>(pw.wrapping_add((kk + PREFETCH) * NC) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(pw.wrapping_add((kk + PREFETCH) * NC + 16) as *const i8);
+                }
+                let (w0, w1) = (_mm512_loadu_ps(pw.add(kk * NC)), _mm512_loadu_ps(pw.add(kk * NC + 16)));
+                let xp = src.add(*offsets.get_unchecked(kk));
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_set1_ps(*xp.add(j * if S == 0 { step } else { S }));
+                    a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
+                    a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+                }
+            }};
+        }
+        // Two steps per iteration: half the loop's own instructions.
+        let mut kk = 0;
+        while kk + 2 <= k {
+            step_k!(kk);
+            step_k!(kk + 1);
+            kk += 2;
+        }
+        if kk < k {
+            step_k!(kk);
         }
         let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
         let b = [_mm512_loadu_ps(bias.as_ptr()), _mm512_loadu_ps(bias.as_ptr().add(16))];
@@ -683,8 +702,9 @@ pub(super) fn conv_winograd(p: &Winograd, x: &[f32], g: &ConvGeometry, act: Acti
     assert!(winograd_pays(g) && g.c == c && x.len() >= c * g.h * g.w && dst.len() >= p.m * plane && res.is_none_or(|r| r.len() >= p.m * plane), "winograd conv: sizes");
     let (th, tw) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
 
-    // V[ty][xi][tx][ci]: per tile row and position xi of the 4x4 transform, each tile's values
-    // of every channel (contiguous, so that the product kernel's steps walk along them).
+    // V[ty][xi][ci][tx]: per tile row and position xi of the 4x4 transform, each channel's values
+    // of the row's tiles (contiguous, so that the product kernel broadcasts neighbouring values
+    // with immediate offsets).
     let mut v = super::zeros(th * 16 * tw * c);
     // A tile row's four input rows of one channel, zero-padded to the tiles' extent, and B^T d.
     let wp = 2 * tw + 2;
@@ -719,7 +739,7 @@ pub(super) fn conv_winograd(p: &Winograd, x: &[f32], g: &ConvGeometry, act: Acti
                 for (r, tr) in [&*t0, &*t1, &*t2, &*t3].into_iter().enumerate() {
                     for tx in 0..tw {
                         let q = &tr[2 * tx..2 * tx + 4];
-                        let at = |xi: usize| (xi * tw + tx) * c + ci;
+                        let at = |xi: usize| (xi * c + ci) * tw + tx;
                         vr[at(r * 4)] = q[0] - q[2];
                         vr[at(r * 4 + 1)] = q[1] + q[2];
                         vr[at(r * 4 + 2)] = q[2] - q[1];
@@ -729,7 +749,7 @@ pub(super) fn conv_winograd(p: &Winograd, x: &[f32], g: &ConvGeometry, act: Acti
             }
         },
     );
-    let offsets: Vec<usize> = (0..c).collect();
+    let offsets: Vec<usize> = (0..c).map(|ci| ci * tw).collect();
     let zero = [0f32; NC];
     let blocks = p.m.div_ceil(NC);
     let threads = rayon::current_num_threads();
@@ -754,9 +774,9 @@ pub(super) fn conv_winograd(p: &Winograd, x: &[f32], g: &ConvGeometry, act: Acti
             let t0 = ty * tw + tx0;
             for (xi, mx) in m.iter_mut().enumerate() {
                 // SAFETY: `available()` was checked when the weights were transformed; u's slice
-                // holds c x NC values; the n tiles' values ((ty * 16 + xi) * tw + tx0 + j) * c + kk
+                // holds c x NC values; the n tiles' values ((ty * 16 + xi) * c + kk) * tw + tx0 + j
                 // (kk < c, j < n) lie inside v; mx holds MAXP x NC values.
-                unsafe { pixels(n, c, c, &u[xi * c * NC..(xi + 1) * c * NC], v[((ty * 16 + xi) * tw + tx0) * c..].as_ptr(), &offsets, &zero, Activation::Identity, Pass { first: true, last: true }, std::ptr::null(), mx, Planes::BUFFER) };
+                unsafe { pixels(n, 1, c, &u[xi * c * NC..(xi + 1) * c * NC], v[(ty * 16 + xi) * c * tw + tx0..].as_ptr(), &offsets, &zero, Activation::Identity, Pass { first: true, last: true, own: true }, std::ptr::null(), mx, Planes::BUFFER) };
             }
             for j in 0..n {
                 let (ty, tx) = ((t0 + j) / tw, (t0 + j) % tw);
