@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 threads=${1:-2}
 iters=${2:-10}
 # Alternating rounds of onnxruntime's forward and gradcam's Grad-CAM per model.
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 python=${PYTHON:-python3}
 models=efficientnet-lite0,resnet50,vgg16
 cargo build --release -q -p gradcam-cli
