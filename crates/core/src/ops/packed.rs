@@ -361,15 +361,26 @@ pub(super) fn conv_pixel_major(p: &ChannelBlocks, x: &[f32], g: &ConvGeometry, c
     let needs_copy = g.pad_top > 0 || g.pad_left > 0 || hp > g.h || wp > g.w;
     let padded: Vec<f32>;
     let (src, hs, ws): (&[f32], usize, usize) = if needs_copy {
-        let mut buf = super::zeros(cg * hp * wp);
-        buf.par_chunks_mut(hp * wp).enumerate().for_each(|(ci, plane_out)| {
+        // Every value written once, padding included, in one parallel pass (no zeroing first).
+        let mut buf: Vec<f32> = Vec::with_capacity(cg * hp * wp);
+        buf.spare_capacity_mut()[..cg * hp * wp].par_chunks_mut(hp * wp).enumerate().for_each(|(ci, plane_out)| {
             let src = &x[(c0 + ci) * g.h * g.w..(c0 + ci + 1) * g.h * g.w];
-            for r in g.pad_top..hp.min(g.pad_top + g.h) {
-                let iy = r - g.pad_top;
-                let (l, n) = (g.pad_left, (wp - g.pad_left).min(g.w));
-                plane_out[r * wp + l..r * wp + l + n].copy_from_slice(&src[iy * g.w..iy * g.w + n]);
+            let (l, n) = (g.pad_left.min(wp), (wp.saturating_sub(g.pad_left)).min(g.w));
+            for (r, row) in plane_out.chunks_mut(wp).enumerate() {
+                let line = r.checked_sub(g.pad_top).filter(|&iy| iy < g.h).map(|iy| &src[iy * g.w..iy * g.w + n]);
+                match line {
+                    Some(line) => {
+                        row[..l].iter_mut().for_each(|v| _ = v.write(0.0));
+                        row[l..l + n].iter_mut().zip(line).for_each(|(v, &q)| _ = v.write(q));
+                        row[l + n..].iter_mut().for_each(|v| _ = v.write(0.0));
+                    }
+                    None => row.iter_mut().for_each(|v| _ = v.write(0.0)),
+                }
             }
         });
+        // SAFETY: the loop above wrote each of the cg * hp * wp values (every row of every plane,
+        // each row in full).
+        unsafe { buf.set_len(cg * hp * wp) };
         padded = buf;
         (&padded[..], hp, wp)
     } else {
