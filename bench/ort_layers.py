@@ -14,10 +14,8 @@ import sys
 import tempfile
 import time
 
-import onnxruntime as ort
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pytorch_gradcam import bench_input  # noqa: E402  (the input gradcam's bench uses)
+from ort_forward import session_and_feed  # noqa: E402
 
 
 def main():
@@ -27,13 +25,7 @@ def main():
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        options.inter_op_num_threads = 1
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(tmp, "ort")
-        session = ort.InferenceSession(args.onnx, options, providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: bench_input().numpy()}
+        session, feed = session_and_feed(args.onnx, args.threads, profile_prefix=os.path.join(tmp, "ort"))
         for _ in range(2):
             session.run(None, feed)
         runs = []
