@@ -181,16 +181,19 @@ pub(super) fn conv(p: &PackedWeights, cols: Columns<'_>, plane: usize, act: Acti
                     let rows = MR.min(p.m - blk * MR);
                     let a = &p.data[(blk * p.k + k0) * MR..(blk * p.k + k0 + len) * MR];
                     let bias = &p.bias[blk * MR..(blk + 1) * MR];
+                    // The next row block's output lines (and the residual's, which the last pass
+                    // reads), one per row and vector: a plane apart, they are misses the hardware
+                    // does not foresee.
+                    if blk + 1 < blocks.end {
+                        let next = (blk + 1) * MR * plane + j0;
+                        let r = if pass.last { res.at(next) } else { std::ptr::null() };
+                        prefetch_rows(out.0.wrapping_add(next), r, plane, MR.min(p.m - (blk + 1) * MR), n);
+                    }
+                    let (c, r) = (out.0.wrapping_add(blk * MR * plane + j0), res.at(blk * MR * plane + j0));
                     // SAFETY: `available()` was checked when the weights were packed (callers
                     // only pack then); `a` holds len x MR values and `b` len x NR; the rectangle
                     // rows blk*MR.. + rows, columns j0..j0 + n lies inside dst (asserted above)
                     // and is written by this task only; the residual's like it is inside res.
-                    let (c, r) = (out.0.wrapping_add(blk * MR * plane + j0), res.at(blk * MR * plane + j0));
-                    // The next row block's output (and residual) lines, one per row and vector:
-                    // at a stride of a plane, they are misses the hardware does not foresee.
-                    if blk + 1 < blocks.end {
-                        prefetch_rows(out.0.wrapping_add((blk + 1) * MR * plane + j0), res.at((blk + 1) * MR * plane + j0), plane, MR.min(p.m - (blk + 1) * MR), n);
-                    }
                     unsafe { tile(len, a, b, n, bias, act, pass, c, r, plane, rows) };
                 }
             }
@@ -433,21 +436,22 @@ pub(super) fn conv_pixel_major(p: &ChannelBlocks, x: &[f32], g: &ConvGeometry, c
                 // The last pass writes the tile's pixels of the block's channels.
                 let at = blk * NC * plane + pixel;
                 let to = Planes { out: out.0.wrapping_add(at), res: res.map_or(std::ptr::null(), |r| r[at..].as_ptr()), ld: plane, channels };
+                // The first tile loads this pass's weights and prefetches them ahead into L1.
+                let pass = Pass { own: i == 0, ..pass };
                 // SAFETY: `available()` was checked when the weights were packed; w's slice holds
                 // len x NC values; every address base + offsets[kk] + j * stride (j < n) lies
                 // inside src (the assert above bounds the largest); tmp holds MAXP x NC values;
                 // `ahead` is only prefetched; channels blk*NC + c < m (c < channels) and pixels
                 // pixel .. pixel + n < plane are inside dst (and res), and dst's are this item's
                 // alone (its channel block and tiles).
-                let pass = Pass { own: i == 0, ..pass };
                 unsafe { pixels(n, g.stride, len, &w[k0 * NC..(k0 + len) * NC], src[base..].as_ptr(), &offsets[k0..k0 + len], bias, act, pass, ahead, tmp, to) };
             }
         }
     });
 }
 
-/// Steps of k ahead that the pixel-major kernel prefetches its weights (4 KiB) when the tile
-/// before did not bring them into L2.
+/// Steps of k ahead that the pixel-major kernel prefetches its weights (4 KiB) on a pass's first
+/// tile (the pass before brought them into L2, or, for an item's first pass, nothing did).
 const PREFETCH: usize = 32;
 
 /// Steps of k per pass of the pixel-major kernel: 16 KiB of weights, which share the L1 cache
@@ -716,10 +720,12 @@ pub(super) fn conv_winograd(p: &Winograd, x: &[f32], g: &ConvGeometry, act: Acti
     // V[ty][xi][ci][tx]: per tile row and position xi of the 4x4 transform, each channel's values
     // of the row's tiles (contiguous, so that the product kernel broadcasts neighbouring values
     // with immediate offsets).
-    let mut v = super::zeros(th * 16 * tw * c);
+    // Every value is written once below (each xi, channel and tile of each tile row), so it is
+    // not zeroed first.
+    let mut v: Vec<f32> = Vec::with_capacity(th * 16 * tw * c);
     // A tile row's four input rows of one channel, zero-padded to the tiles' extent, and B^T d.
     let wp = 2 * tw + 2;
-    v.par_chunks_mut(16 * tw * c).enumerate().for_each_init(
+    v.spare_capacity_mut()[..th * 16 * tw * c].par_chunks_mut(16 * tw * c).enumerate().for_each_init(
         || vec![0f32; 8 * wp],
         |rows, (ty, vr)| {
             let (n, l) = (g.w.min(wp.saturating_sub(g.pad_left)), g.pad_left.min(wp));
@@ -751,15 +757,18 @@ pub(super) fn conv_winograd(p: &Winograd, x: &[f32], g: &ConvGeometry, act: Acti
                     for tx in 0..tw {
                         let q = &tr[2 * tx..2 * tx + 4];
                         let at = |xi: usize| (xi * c + ci) * tw + tx;
-                        vr[at(r * 4)] = q[0] - q[2];
-                        vr[at(r * 4 + 1)] = q[1] + q[2];
-                        vr[at(r * 4 + 2)] = q[2] - q[1];
-                        vr[at(r * 4 + 3)] = q[1] - q[3];
+                        vr[at(r * 4)].write(q[0] - q[2]);
+                        vr[at(r * 4 + 1)].write(q[1] + q[2]);
+                        vr[at(r * 4 + 2)].write(q[2] - q[1]);
+                        vr[at(r * 4 + 3)].write(q[1] - q[3]);
                     }
                 }
             }
         },
     );
+    // SAFETY: the loop above wrote every value: for each tile row, 16 positions x c channels x
+    // tw tiles, all of its chunk.
+    unsafe { v.set_len(th * 16 * tw * c) };
     let offsets: Vec<usize> = (0..c).map(|ci| ci * tw).collect();
     let zero = [0f32; NC];
     let blocks = p.m.div_ceil(NC);

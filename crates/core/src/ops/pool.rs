@@ -88,22 +88,17 @@ impl MaxPool2d {
         fn nanmax(a: f32, b: f32) -> f32 {
             if b > a || b.is_nan() { b } else { a }
         }
-        let (k, s, pad) = (self.kernel, self.stride, self.padding as isize);
+        let (k, s, pad) = (self.kernel, self.stride, self.padding);
         // Separable: the maxima down each column of a row of windows (whole rows at a time,
         // which vectorise) into a row padded with -inf, then across each window of that row.
-        let pad = pad as usize;
         // Room for every window, and for the last one's pair-wise reads below to cover ow windows.
         let wp = (ow * s + k).max(w + pad);
         let mut col = vec![f32::NEG_INFINITY; wp];
         for (oy, drow) in dst.chunks_mut(ow).enumerate() {
             let inner = &mut col[pad..pad + w];
             inner.fill(f32::NEG_INFINITY);
-            for ky in 0..k {
-                let iy = (oy * s + ky) as isize - pad as isize;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                let srow = &src[iy as usize * w..(iy as usize + 1) * w];
+            for iy in (oy * s..oy * s + k).filter_map(|y| y.checked_sub(pad)).filter(|&iy| iy < h) {
+                let srow = &src[iy * w..(iy + 1) * w];
                 inner.iter_mut().zip(srow).for_each(|(c, &v)| *c = nanmax(*c, v));
             }
             match (k, s) {
