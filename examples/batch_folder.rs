@@ -12,11 +12,11 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use gradcam::encoders::preprocess::load_image;
-use gradcam::encoders::ModelKind;
+use gradcam::models::load_image;
+use gradcam::models::ModelKind;
 use gradcam::pipeline::classify::{classify, Options};
 use gradcam::pipeline::{Files, Settings};
-use gradcam::render::Stems;
+use gradcam::pipeline::render::Stems;
 use gradcam::Method;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -47,7 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let file = out.join("results.jsonl");
-    gradcam::map::write_atomic(&file, &lines)?;
+    gradcam::io::write_atomic(&file, &lines)?;
     println!("wrote {} ({} records) and the overlays beside it", file.display(), lines.iter().filter(|&&b| b == b'\n').count());
     Ok(())
 }

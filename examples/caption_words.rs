@@ -10,8 +10,8 @@
 
 use std::path::PathBuf;
 
-use gradcam::captioner::{CaptionSplit, Captioner};
-use gradcam::encoders::preprocess::load_image;
+use gradcam::models::{CaptionSplit, Captioner};
+use gradcam::models::load_image;
 use gradcam::{Cam, Target};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

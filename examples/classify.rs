@@ -11,8 +11,7 @@
 
 use std::path::PathBuf;
 
-use gradcam::encoders::preprocess::{load_image, prepare, Resize};
-use gradcam::encoders::{imagenet, ModelKind};
+use gradcam::models::{imagenet_class, load_image, prepare, ModelKind, Resize};
 use gradcam::{report, Cam, Explainable, Target};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -38,18 +37,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
     println!("{}: top-5 of EfficientNet-Lite0", image_path.display());
     for &c in &order[..5] {
-        println!("  {c:>4} {:<28} logit {:.2}", imagenet::class_name(c).unwrap_or("?"), logits[c]);
+        println!("  {c:>4} {:<28} logit {:.2}", imagenet_class(c).unwrap_or("?"), logits[c]);
     }
 
     // Grad-CAM of the two best classes, in one backward pass.
     let targets = [Target::class(order[0]), Target::class(order[1])];
     let explanations = Cam::new(&model).explain_with(&input, &activations, &targets.map(|t| (0, t)))?;
-    let name = |c: usize| imagenet::class_name(c).unwrap_or("?").to_string();
+    let name = |c: usize| imagenet_class(c).unwrap_or("?").to_string();
     for e in &explanations {
         let class = e.target.index().unwrap_or(0);
         let file = out.join(format!("{}_{class}.png", image_path.file_stem().unwrap_or_default().to_string_lossy()));
         let overlay = e.picture(&image, prepared.region)?; // the crop the network saw, the rest dimmed
-        gradcam::map::write_png_atomic(&overlay, &file)?;
+        gradcam::io::write_png(&overlay, &file)?;
         println!("wrote {} (Grad-CAM of {class} {}, map {}x{})", file.display(), name(class), e.map_size.0, e.map_size.1);
         let neurons = report::class_named_report(&model, &activations, e.weights.as_deref().unwrap_or(&[]), &name(class), &name)?;
         println!("  {}", neurons.text);

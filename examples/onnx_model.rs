@@ -12,8 +12,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use gradcam::encoders::onnx::{OnnxModel, OnnxOptions};
-use gradcam::encoders::preprocess::{load_image, prepare_with, Resize};
+use gradcam::models::{OnnxModel, OnnxOptions};
+use gradcam::models::{load_image, prepare_with, Resize};
 use gradcam::{Cam, Explainable, Target};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -50,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for e in Cam::new(&split).explain_with(&input, &activations, &targets)? {
         let kind = if e.target.is_counterfactual() { "counterfactual" } else { "gradcam" };
         let file = out.join(format!("{kind}_{}.png", order[0]));
-        gradcam::map::write_png_atomic(&e.picture(&image, prepared.region)?, &file)?;
+        gradcam::io::write_png(&e.picture(&image, prepared.region)?, &file)?;
         println!("wrote {} ({kind} of {}, map {}x{})", file.display(), net.label(order[0]), e.map_size.0, e.map_size.1);
     }
     Ok(())

@@ -10,8 +10,8 @@
 
 use std::path::PathBuf;
 
-use gradcam::encoders::preprocess::load_image;
-use gradcam::vqa::{Vqa, VqaSplit};
+use gradcam::models::load_image;
+use gradcam::models::{Vqa, VqaSplit};
 use gradcam::{Cam, Target};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs `gradcam eval` for the three kinds of model and writes the results table the README embeds:
-# docs/results.md, and the README between its `results:begin` / `results:end` markers. Never edit
-# those numbers by hand; run this script.
+# Runs `gradcam eval` for the three kinds of model and writes the results tables into
+# docs/results.md (the page docs/evaluations.md links to; the only place those figures appear).
+# Never edit those numbers by hand; run this script.
 #   scripts/results.sh [limit]   (ShapeScenes images per model; default 500)
 # Per-image results and failure pages land in target/results/.
 set -euo pipefail
@@ -28,6 +28,10 @@ runs=(
     "adversarial-targeted|$bin eval adversarial --model efficientnet-lite0 --data data/photos --target random --out $out/adversarial-targeted --failures 6"
 )
 {
+    echo "# Evaluation results"
+    echo
+    echo "Written by \`scripts/results.sh\`, never by hand. What each row measures: [evaluations.md](evaluations.md)."
+    echo
     echo "Produced by \`scripts/results.sh $limit\` at commit $commit on $date (Grad-CAM, 2-core machine)."
     for run in "${runs[@]}"; do
         name=${run%%|*}
@@ -44,15 +48,4 @@ runs=(
 } > docs/results.md.tmp
 mv docs/results.md.tmp docs/results.md
 
-python3 - <<'PY'
-import re
-readme = open("README.md").read()
-table = open("docs/results.md").read().strip()
-begin, end = "<!-- results:begin -->", "<!-- results:end -->"
-if begin not in readme or end not in readme:
-    raise SystemExit("README.md has no results:begin / results:end markers")
-head, rest = readme.split(begin, 1)
-_, tail = rest.split(end, 1)
-open("README.md", "w").write(head + begin + "\n" + table + "\n" + end + tail)
-PY
-echo "wrote docs/results.md and the README's results section" >&2
+echo "wrote docs/results.md" >&2

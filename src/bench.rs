@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use gradcam_core::ops::{Activation, Conv2d, Padding};
+use gradcam_kernels::{Activation, Conv2d, Padding};
 use gradcam_core::{Cam, Explainable, Method, Target};
 use gradcam_encoders::Network;
 use serde::Serialize;
@@ -89,7 +89,7 @@ fn explain_top1(split: &impl Explainable, input: &Tensor, method: Method) -> Res
     let r = Cam::new(split).method(method).explain_with(input, &a, &[(0, Target::class(top))])?;
     if let Some(g) = &r[0].guided {
         let (h, w) = r[0].guided_size;
-        std::hint::black_box(gradcam_core::gradient_image(&Tensor::from_slice(g, (3, h, w), &Device::Cpu)?)?);
+        std::hint::black_box(gradcam_core::guided::gradient_image(&Tensor::from_slice(g, (3, h, w), &Device::Cpu)?)?);
     }
     let (_, _, h, w) = input.dims4()?;
     std::hint::black_box(r[0].cam().normalized().0.resize_bilinear(h, w));

@@ -31,41 +31,82 @@
 //! # }
 //! ```
 //!
-//! The ImageNet backbones ([`encoders`]), the shipped captioner ([`captioner`]) and VQA model
-//! ([`vqa`]) implement [`Explainable`] themselves; [`pipeline`] does for one image what the
-//! `gradcam` command-line tool does (predictions, maps, overlays, neuron reports, JSON records).
+//! A method of your own is an [`Explainer`] (or, for a map from the activations and their
+//! gradients, a [`CamMethod`]): `Cam::new(&model).method(MyMethod)` runs it through the same
+//! pipeline as the built-in ones (`examples/custom_method.rs`).
+//!
+//! The root holds what explaining a model takes; the rest is grouped by purpose: [`models`]
+//! (the ImageNet backbones, ONNX models, the shipped captioner and VQA model, which implement
+//! [`Explainable`] themselves), [`methods`] (the methods as types), [`ops`] (differentiable CPU
+//! ops for your own models), [`map`], [`report`] (neuron reports and network dissection),
+//! [`data`] (datasets), [`eval`] (the paper's evaluations), [`io`] (files written whole or not
+//! at all) and [`pipeline`], which does for one image what the `gradcam` command-line tool does
+//! (predictions, maps, overlays, neuron reports, JSON records).
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod bench;
 pub mod pipeline;
 
 pub use gradcam_core::{
-    Cam, CamMethod, CamResult, Error, Explainable, Explanation, Map, Method, Neuron, NeuronReport, Result, Score, Split, Target, UnitNames, UnitTable,
-    UnknownMethod,
+    AnyMethod, Cam, CamMethod, Context, Error, Explainable, Explainer, Explanation, Map, Method, Request, Result, Rule, Score, Split, Target, UnknownMethod,
 };
 
-/// Maps: resizing, normalisation, the jet colormap, overlays, atomic PNG output.
-pub use gradcam_core::map;
-/// The paper's evaluation tallies: pointing game, the 15% box, energy, deletion / insertion AUC.
-pub use gradcam_core::metrics;
-/// Differentiable CPU ops whose backward is exact (and obeys Guided Backpropagation's rule).
-pub use gradcam_core::ops;
-/// The per-image loop: every method for every target pictured, written and reported.
-pub use gradcam_core::render;
-/// Neuron reports (the paper's textual explanations).
-pub use gradcam_core::report;
+/// Differentiable CPU ops whose backward is exact (or, built with [`Rule::Guided`], follows
+/// Guided Backpropagation's rule), for the models you explain.
+pub mod ops {
+    pub use gradcam_kernels::{matmul, matvec, Activation, AdaptiveAvgPool2d, Conv2d, GlobalAvgMaxPool, Linear, LstmCell, MaxPool2d, Padding, Pointwise, Rule, TrainableConv2d};
+}
 
-/// The Show-and-Tell captioner, its training, evaluation and model card.
-pub use gradcam_captioner as captioner;
-/// The paper's evaluations as one protocol over classifiers, the captioner and the VQA model.
-pub use gradcam_eval as eval;
-/// ImageNet CNNs (EfficientNet-Lite0, VGG-16, ResNet-18/50) with named layers, weight loading,
-/// preprocessing and class names; the scene CNN of the shipped models.
-pub use gradcam_encoders as encoders;
-/// Network dissection: names for units, by the concepts whose masks they overlap.
-pub use gradcam_neurons as neurons;
-/// ShapeScenes, the synthetic dataset with masks, captions and questions, and the COCO / VQA
-/// readers and writers.
-pub use gradcam_scenes as scenes;
-/// The VQA fusion model, its training, evaluation and model card.
-pub use gradcam_vqa as vqa;
+/// Every built-in method as a type, and the pieces they are made of: [`explain`](methods::explain)
+/// (the one backward pass through the head), the guided images, the smoothings.
+pub mod methods {
+    pub use gradcam_core::guided::{gradient_image, guided_backprop, guided_gradcam, Guided};
+    pub use gradcam_core::methods::{AugSmooth, EigenCam, EigenSmooth, GradCamPlusPlus, HiResCam, LayerCam, XGradCam};
+    pub use gradcam_core::perturbation::{AblationCam, ScoreCam};
+    pub use gradcam_core::{explain, weighted_sum, GradCam, GuidedForward, NoGuidedForward};
+}
+
+/// Maps: resizing, normalisation, the jet colormap, overlays.
+pub mod map {
+    pub use gradcam_core::map::{jet, overlay, Map, Region};
+}
+
+/// Neuron reports (the paper's textual explanations) and network dissection (names for units).
+pub mod report {
+    pub use gradcam_core::report::{class_named_report, report, Neuron, NeuronReport, UnitNames, UnitTable};
+    pub use gradcam_neurons::{dissect, dissect_model, Concept, Dissection, UnitName};
+}
+
+/// The models: ImageNet CNNs with named layers and their weights, ONNX classifiers, the scene
+/// classifiers, the captioner and the VQA model this project trains, and how images become their
+/// inputs.
+pub mod models {
+    pub use gradcam_captioner::{Caption, CaptionSplit, Captioner};
+    pub use gradcam_encoders::imagenet::{class_name as imagenet_class, class_names as imagenet_classes};
+    pub use gradcam_encoders::onnx::{OnnxModel, OnnxOptions};
+    pub use gradcam_encoders::preprocess::{decode_image, load_image, prepare, prepare_with, Prepared, Preprocess, Resize};
+    pub use gradcam_encoders::scene_classifier::load as load_scene_classifier;
+    pub use gradcam_encoders::{Error, ModelKind, Network, Split as NetworkSplit, Weights, WeightsSource};
+    pub use gradcam_vqa::{Question, Vqa, VqaSplit};
+}
+
+/// Datasets: ShapeScenes (synthetic scenes with masks, captions and questions) and the COCO /
+/// VQA v2 readers and writers.
+pub mod data {
+    pub use gradcam_scenes::coco::{Instance, Instances};
+    pub use gradcam_scenes::rle::Mask;
+    pub use gradcam_scenes::{Config as ScenesConfig, Error, Example, Split};
+}
+
+/// The paper's evaluations as one protocol over classifiers, the captioner and the VQA model,
+/// and the metrics they tally.
+pub mod eval {
+    pub use gradcam_core::metrics::{auc, energy, pixel_order, spearman, threshold_box, BoundingBox, Energy, Pointing};
+    pub use gradcam_eval::{run, Error, Options, Summary, Task, Tolerance};
+}
+
+/// Files written whole or not at all.
+pub mod io {
+    pub use gradcam_io::{npy_bytes, remove_temporaries_on_signals, write_atomic, write_atomic_with, write_npy, write_png, write_safetensors, Error};
+}

@@ -3,7 +3,7 @@
 
 use gradcam_captioner::{CaptionSplit, Captioner};
 use gradcam_core::map::Region;
-use gradcam_core::render::{fit, grid, render, Output, Subject};
+use crate::pipeline::render::{fit, grid, render, Output, Subject};
 use gradcam_core::{Target, UnitNames};
 use image::RgbImage;
 use serde::Serialize;

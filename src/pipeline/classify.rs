@@ -2,7 +2,7 @@
 //! explained classes (and their counterfactuals), as `gradcam classify --json` prints them.
 
 use candle_core::D;
-use gradcam_core::render::{fit, render, write_method_strips, Output, Subject};
+use crate::pipeline::render::{fit, render, write_method_strips, Output, Subject};
 use gradcam_core::{class_named_report, Explainable, Explanation, Target, UnitNames};
 use gradcam_encoders::preprocess::{prepare_with, Resize};
 use gradcam_encoders::Network;

@@ -5,11 +5,12 @@
 
 pub mod caption;
 pub mod classify;
+pub mod render;
 pub mod vqa;
 
 use std::path::{Path, PathBuf};
 
-use gradcam_core::render::Rendered;
+use render::Rendered;
 use gradcam_core::{Cam, Explainable, Method, NeuronReport};
 use serde::Serialize;
 
@@ -37,6 +38,9 @@ pub enum Error {
     /// A request the model cannot answer (a class out of range, non-finite scores).
     #[error("{0}")]
     Request(String),
+    /// A file could not be written.
+    #[error(transparent)]
+    Write(#[from] gradcam_io::Error),
 }
 
 /// The pipelines' result type.
@@ -74,7 +78,7 @@ impl Settings {
 /// Hears (channels done, channels) while a perturbation method works.
 pub type Progress = dyn Fn(usize, usize) + Sync;
 
-/// Where one image's pictures go: `dir/STEM_...png` ([`gradcam_core::render::Stems`] makes the
+/// Where one image's pictures go: `dir/STEM_...png` ([`crate::pipeline::render::Stems`] makes the
 /// stems of a run unique), or nowhere (`dir: None`): the records then carry them as PNG data
 /// URLs.
 #[derive(Debug, Clone, Copy)]
@@ -96,7 +100,7 @@ impl Files<'_> {
     pub fn keep(&self, picture: &image::RgbImage, suffix: &str) -> Result<String> {
         match self.path(suffix) {
             Some(path) => {
-                gradcam_core::map::write_png_atomic(picture, &path)?;
+                gradcam_io::write_png(picture, &path)?;
                 Ok(path.display().to_string())
             }
             None => data_url(picture),
@@ -142,7 +146,7 @@ impl MapRecord {
     pub fn new(r: &Rendered) -> Result<Self> {
         let (e, cam) = (&r.explanation, r.explanation.cam());
         Ok(MapRecord {
-            method: e.method.name(),
+            method: e.method,
             counterfactual: e.is_counterfactual(),
             score: e.score,
             cam_size: [e.map_size.0, e.map_size.1],

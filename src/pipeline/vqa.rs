@@ -3,7 +3,7 @@
 //! prints them.
 
 use gradcam_core::map::Region;
-use gradcam_core::render::{fit, render, write_method_strips, Output, Subject};
+use crate::pipeline::render::{fit, render, write_method_strips, Output, Subject};
 use gradcam_core::{Target, UnitNames};
 use gradcam_vqa::{Vqa, VqaSplit};
 use image::RgbImage;

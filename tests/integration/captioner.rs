@@ -7,8 +7,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use gradcam_captioner::model::{init_parameters, Trainable};
 use gradcam_captioner::train::{train, Event, TrainConfig};
-use gradcam_captioner::{CaptionSplit, Captioner, Config, Vocab, WordLogProb};
-use gradcam_core::{explain, Explainable, GradCam, Request};
+use gradcam_captioner::{CaptionSplit, Captioner, Config, Vocab};
+use gradcam_core::{explain, Explainable, GradCam, Request, Target};
 use serde_json::Value;
 
 use crate::repo;
@@ -59,7 +59,7 @@ fn per_word_gradient_matches_finite_differences() {
     let a = model.features(&image(2)).unwrap(); // [1, 96, 4, 4]
     let (_, k, h, w) = a.dims4().unwrap();
     let split = CaptionSplit::new(&model, &tokens);
-    let targets: Vec<WordLogProb> = (0..tokens.len()).map(|step| WordLogProb { step }).collect();
+    let targets: Vec<Target> = (0..tokens.len()).map(|step| Target::word(step)).collect();
     let requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t }).collect();
     let results = explain(&split, &a, &requests, &GradCam).unwrap();
     // Shifting channel k everywhere by eps changes Y by eps * sum_ij dY/dA^k_ij = eps * hw * alpha_k.
@@ -71,7 +71,7 @@ fn per_word_gradient_matches_finite_differences() {
     let eps = 0.5;
     for (t, r) in results.iter().enumerate() {
         let mut worst = 0f64;
-        let scale = r.alpha.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 * (h * w) as f64;
+        let scale = r.weights.as_deref().unwrap().iter().fold(0f32, |m, v| m.max(v.abs())) as f64 * (h * w) as f64;
         for c in (0..k).step_by(5) {
             let mut shift = vec![0f32; k];
             shift[c] = eps;
@@ -82,7 +82,7 @@ fn per_word_gradient_matches_finite_differences() {
             };
             // Richardson extrapolation: cancels the O(eps^2) curvature error.
             let numeric = (4.0 * central(0.5) - central(1.0)) / 3.0;
-            worst = worst.max((numeric - r.alpha[c] as f64 * (h * w) as f64).abs());
+            worst = worst.max((numeric - r.weights.as_deref().unwrap()[c] as f64 * (h * w) as f64).abs());
         }
         assert!(scale > 0.0);
         assert!(worst <= 1e-2 * scale + 2e-6, "word {t}: finite differences differ by {worst} (scale {scale})");
@@ -108,28 +108,29 @@ fn many_seed_backward_matches_the_general_path() {
     let tokens = model.vocab.encode("a red circle left of a blue square").unwrap();
     let a = model.features(&image(3)).unwrap();
     let split = CaptionSplit::new(&model, &tokens);
-    let targets: Vec<WordLogProb> = (0..tokens.len()).map(|step| WordLogProb { step }).collect();
-    let counterfactual = gradcam_core::Counterfactual(WordLogProb { step: 2 });
+    let targets: Vec<Target> = (0..tokens.len()).map(|step| Target::word(step)).collect();
+    let counterfactual = Target::word(2).counterfactual();
     let mut requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t }).collect();
     requests.push(Request { image: 0, target: &counterfactual });
     assert!(split.head_gradients(&a, &[(0, 1.0)]).unwrap().is_some(), "the captioner has its own backward");
     // Every gradient-based method: some use the gradient at every position, Grad-CAM its mean.
-    use gradcam_core::{CamMethod, EigenCam, GradCamPlusPlus, HiResCam, LayerCam, XGradCam};
+    use gradcam_core::methods::{EigenCam, GradCamPlusPlus, HiResCam, LayerCam, XGradCam};
+    use gradcam_core::CamMethod;
     for method in [&GradCam as &dyn CamMethod, &GradCamPlusPlus, &XGradCam, &HiResCam, &LayerCam, &EigenCam] {
         let fast = explain(&split, &a, &requests, method).unwrap();
         let general = explain(&GeneralPath(&split), &a, &requests, method).unwrap();
         for (f, g) in fast.iter().zip(&general) {
             assert!((f.score - g.score).abs() < 1e-6, "{} vs {}", f.score, g.score);
-            let scale = g.alpha.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
-            let worst = f.alpha.iter().zip(&g.alpha).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let scale = g.weights.as_deref().unwrap().iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+            let worst = f.weights.as_deref().unwrap().iter().zip(g.weights.as_deref().unwrap()).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(worst <= 1e-5 * scale, "{}: alpha differs by {worst} (scale {scale})", method.name());
-            let scale = g.cam.data.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
-            let worst = f.cam.data.iter().zip(&g.cam.data).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let scale = g.cam().data.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+            let worst = f.cam().data.iter().zip(&g.cam().data).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(worst <= 1e-5 * scale, "{}: map differs by {worst} (scale {scale})", method.name());
         }
     }
     // A word past the caption is an error on both paths.
-    let past = WordLogProb { step: tokens.len() };
+    let past = Target::word(tokens.len());
     for model in [&split as &dyn Explainable, &GeneralPath(&split)] {
         let err = explain(model, &a, &[Request { image: 0, target: &past }], &GradCam).unwrap_err();
         assert!(err.to_string().contains("out of range"), "{err}");

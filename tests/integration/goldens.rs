@@ -2,7 +2,7 @@
 //! `tests/fixtures/make_goldens.py` on the same weights and the same input tensor.
 
 use candle_core::{Device, Tensor};
-use gradcam_core::{explain, ClassLogit, Explainable, GradCam, Request, Score};
+use gradcam_core::{explain, Explainable, GradCam, Request, Target};
 use gradcam_encoders::{efficientnet_lite0_weights, ModelKind, Weights};
 use serde_json::Value;
 
@@ -36,14 +36,14 @@ fn check_against_golden(kind: ModelKind, weights: &Weights) {
     }
 
     let classes: Vec<usize> = g["classes"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-    let targets: Vec<ClassLogit> = classes.iter().map(|&c| ClassLogit(c)).collect();
-    let requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t as &dyn Score }).collect();
+    let targets: Vec<Target> = classes.iter().map(|&c| Target::class(c)).collect();
+    let requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t }).collect();
     let results = explain(&split, &a, &requests, &GradCam).unwrap();
     for (r, golden) in results.iter().zip(g["cams"].as_array().unwrap()) {
         let golden: Vec<f32> = golden.as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect();
-        assert_eq!(r.cam.data.len(), golden.len(), "{}: map size", kind.name());
+        assert_eq!(r.cam().data.len(), golden.len(), "{}: map size", kind.name());
         let max = golden.iter().fold(0f32, |m, v| m.max(*v));
-        let diff = r.cam.data.iter().zip(&golden).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let diff = r.cam().data.iter().zip(&golden).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(max > 0.0);
         eprintln!("{}: raw map max abs difference {diff:.3e} = {:.3e} x its max", kind.name(), diff / max);
         assert!(diff <= 1e-3 * max, "{}: raw map differs by {diff} (max {max}, {:.2e} of it)", kind.name(), diff / max);
@@ -118,8 +118,8 @@ fn the_head_pass_kept_from_the_logits_explains_as_the_general_path_does() {
         let split = net.split(net.layer_index(kind.default_layer()).unwrap());
         let a = split.features(&x).unwrap();
         let run = |class: usize| {
-            let target = ClassLogit(class);
-            explain(&split, &a, &[Request { image: 0, target: &target as &dyn Score }], &GradCam).unwrap().remove(0)
+            let target = Target::class(class);
+            explain(&split, &a, &[Request { image: 0, target: &target }], &GradCam).unwrap().remove(0)
         };
         let general = run(3);
         let logits = split.head(&a).unwrap();
@@ -127,17 +127,17 @@ fn the_head_pass_kept_from_the_logits_explains_as_the_general_path_does() {
         assert!(!logits.track_op(), "the logits handed out carry no graph");
         let kept = run(3);
         assert_eq!(general.score, kept.score, "{}", kind.name());
-        let diff = general.cam.data.iter().zip(&kept.cam.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(diff <= 1e-6 * general.cam.data.iter().fold(0f32, |m, v| m.max(*v)), "{}: {diff}", kind.name());
+        let diff = general.cam().data.iter().zip(&kept.cam().data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-6 * general.cam().data.iter().fold(0f32, |m, v| m.max(*v)), "{}: {diff}", kind.name());
         // Other activations than the kept pass's take the general path.
         split.head(&a).unwrap();
         let other = (&a * 2.0).unwrap();
-        let target = ClassLogit(3);
-        let doubled = explain(&split, &other, &[Request { image: 0, target: &target as &dyn Score }], &GradCam).unwrap().remove(0);
+        let target = Target::class(3);
+        let doubled = explain(&split, &other, &[Request { image: 0, target: &target }], &GradCam).unwrap().remove(0);
         assert_ne!(doubled.score, general.score);
-        let out_of_range = ClassLogit(1000);
+        let out_of_range = Target::class(1000);
         split.head(&a).unwrap();
-        assert!(explain(&split, &a, &[Request { image: 0, target: &out_of_range as &dyn Score }], &GradCam).is_err());
+        assert!(explain(&split, &a, &[Request { image: 0, target: &out_of_range }], &GradCam).is_err());
     }
 }
 
@@ -160,11 +160,11 @@ fn cam_family_matches_pytorch_grad_cam_on_efficientnet_lite0() {
     let golden = candle_core::safetensors::load(repo("tests/fixtures/cam_goldens.safetensors"), &Device::Cpu).unwrap();
     let class = golden["class"].to_vec1::<i64>().unwrap()[0] as usize;
     let a = split.features(&input()).unwrap();
-    let target = ClassLogit(class);
+    let target = Target::class(class);
     for name in ["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam"] {
         let method = name.parse::<gradcam_core::Method>().unwrap().cam_method().unwrap();
         let r = &explain(&split, &a, &[Request { image: 0, target: &target }], method.as_ref()).unwrap()[0];
-        let ours = pytorch_grad_cam_scaled(&r.cam, 224, 224);
+        let ours = pytorch_grad_cam_scaled(&r.cam(), 224, 224);
         let theirs = golden[name].to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let mae = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
         eprintln!("{name}: mean absolute difference {mae:.2e}");
@@ -193,11 +193,11 @@ fn check_guided(kind: ModelKind, weights: &Weights) {
     let net = kind.build(weights).unwrap();
     let split = net.split(net.layer_index(net.default_layer()).unwrap());
     let x = input();
-    let target = ClassLogit(class);
-    let requests = [Request { image: 0, target: &target as &dyn Score }];
-    let gb = gradcam_core::guided_backprop(&split, &x, &requests).unwrap().squeeze(0).unwrap(); // [3, 224, 224]
-    let cam = &explain(&split, &split.features(&x).unwrap(), &requests, &GradCam).unwrap()[0].cam;
-    let gg = gradcam_core::guided_gradcam(&gb, cam).unwrap();
+    let target = Target::class(class);
+    let requests = [Request { image: 0, target: &target }];
+    let gb = gradcam_core::guided::guided_backprop(&split, &x, &requests).unwrap().squeeze(0).unwrap(); // [3, 224, 224]
+    let cam = &explain(&split, &split.features(&x).unwrap(), &requests, &GradCam).unwrap()[0].cam();
+    let gg = gradcam_core::guided::guided_gradcam(&gb, cam).unwrap();
     for (what, ours) in [("guided_backprop", &gb), ("guided_gradcam", &gg)] {
         let key = format!("{name}.{what}");
         let scale = g[&format!("{key}.scale")].to_vec1::<f32>().unwrap()[0];
@@ -238,12 +238,12 @@ fn smoothing_matches_pytorch_grad_cam_on_efficientnet_lite0() {
     let golden = candle_core::safetensors::load(repo("tests/fixtures/cam_goldens.safetensors"), &Device::Cpu).unwrap();
     let class = golden["class"].to_vec1::<i64>().unwrap()[0] as usize;
     let x = input();
-    let target = ClassLogit(class);
-    let requests = [Request { image: 0, target: &target as &dyn Score }];
-    let eigen = &explain(&split, &split.features(&x).unwrap(), &requests, &gradcam_core::EigenSmooth(Box::new(GradCam))).unwrap()[0];
+    let target = Target::class(class);
+    let requests = [Request { image: 0, target: &target }];
+    let eigen = &explain(&split, &split.features(&x).unwrap(), &requests, &gradcam_core::methods::EigenSmooth(Box::new(GradCam))).unwrap()[0];
     let aug = &gradcam::Cam::new(&split).aug_smooth(true).explain(&x, &[gradcam::Target::class(class)]).unwrap()[0];
     assert_eq!(aug.map_size, (224, 224));
-    for (name, ours) in [("gradcam+eigen_smooth", pytorch_grad_cam_scaled(&eigen.cam, 224, 224)), ("gradcam+aug_smooth", aug.map.clone())] {
+    for (name, ours) in [("gradcam+eigen_smooth", pytorch_grad_cam_scaled(&eigen.cam(), 224, 224)), ("gradcam+aug_smooth", aug.map.clone())] {
         let theirs = golden[name].to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let mae = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
         eprintln!("{name}: mean absolute difference {mae:.2e}");

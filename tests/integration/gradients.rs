@@ -2,8 +2,8 @@
 //! gradient-capture pipeline.
 
 use candle_core::{Device, Tensor, Var};
-use gradcam_core::ops::{Activation, AdaptiveAvgPool2d, Conv2d, Linear, MaxPool2d, Padding, Pointwise};
-use gradcam_core::{explain, ClassLogit, Counterfactual, Explainable, GradCam, Request, Score};
+use gradcam_kernels::{Activation, AdaptiveAvgPool2d, Conv2d, Linear, MaxPool2d, Padding, Pointwise};
+use gradcam_core::{explain, Explainable, GradCam, Request, Target};
 
 /// Deterministic values in [-1, 1) with no ties (so max-pool has a unique maximum).
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -321,7 +321,7 @@ fn grad_cam_gradient_matches_finite_differences_on_a_small_model() {
     let model = Tiny::new();
     let input = tensor(&[1, 3, 8, 8], 47);
     let a = model.features(&input).unwrap(); // [1, 6, 8, 8]
-    let target = ClassLogit(2);
+    let target = Target::class(2);
     let r = explain(&model, &a, &[Request { image: 0, target: &target }], &GradCam).unwrap();
     // alpha_k is the spatial mean of dy/dA^k: compare it with finite differences of y.
     let base = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -338,12 +338,12 @@ fn grad_cam_gradient_matches_finite_differences_on_a_small_model() {
             m[k * 64 + i] -= eps;
             mean += (y(&p) - y(&m)) / (2.0 * eps as f64) / 64.0;
         }
-        assert!((mean - r[0].alpha[k] as f64).abs() < 2e-3, "alpha_{k}: {} vs finite differences {mean}", r[0].alpha[k]);
+        assert!((mean - r[0].weights.as_deref().unwrap()[k] as f64).abs() < 2e-3, "alpha_{k}: {} vs finite differences {mean}", r[0].weights.as_deref().unwrap()[k]);
     }
     // And the map is ReLU(sum_k alpha_k A^k).
     let acts = a.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
-    for (i, &v) in r[0].cam.data.iter().enumerate() {
-        let s: f32 = (0..6).map(|k| r[0].alpha[k] * acts[k][i / 8][i % 8]).sum();
+    for (i, &v) in r[0].cam().data.iter().enumerate() {
+        let s: f32 = (0..6).map(|k| r[0].weights.as_deref().unwrap()[k] * acts[k][i / 8][i % 8]).sum();
         assert!((v - s.max(0.0)).abs() < 1e-5);
     }
 }
@@ -353,22 +353,22 @@ fn several_targets_and_images_in_one_backward_equal_separate_ones() {
     let model = Tiny::new();
     let input = Tensor::cat(&[tensor(&[1, 3, 8, 8], 51), tensor(&[1, 3, 8, 8], 52)], 0).unwrap();
     let a = model.features(&input).unwrap(); // [2, 6, 8, 8]
-    let t0 = ClassLogit(0);
-    let t3 = ClassLogit(3);
-    let c3 = Counterfactual(ClassLogit(3));
-    let targets: [(usize, &dyn Score); 4] = [(0, &t0), (1, &t3), (0, &t3), (1, &c3)];
+    let t0 = Target::class(0);
+    let t3 = Target::class(3);
+    let c3 = Target::class(3).counterfactual();
+    let targets: [(usize, &Target); 4] = [(0, &t0), (1, &t3), (0, &t3), (1, &c3)];
     let requests: Vec<Request> = targets.iter().map(|&(image, target)| Request { image, target }).collect();
     let together = explain(&model, &a, &requests, &GradCam).unwrap();
     for (i, &(image, target)) in targets.iter().enumerate() {
         let single = explain(&model, &a.narrow(0, image, 1).unwrap(), &[Request { image: 0, target }], &GradCam).unwrap();
-        assert_eq!(together[i].alpha.len(), 6);
-        for (x, y) in together[i].alpha.iter().zip(&single[0].alpha) {
+        assert_eq!(together[i].weights.as_deref().unwrap().len(), 6);
+        for (x, y) in together[i].weights.as_deref().unwrap().iter().zip(single[0].weights.as_deref().unwrap()) {
             assert!((x - y).abs() < 1e-6);
         }
-        assert_eq!(together[i].cam, single[0].cam);
+        assert_eq!(together[i].cam(), single[0].cam());
     }
     // The counterfactual's weights are the negated weights.
-    for (x, y) in together[3].alpha.iter().zip(&together[1].alpha) {
+    for (x, y) in together[3].weights.as_deref().unwrap().iter().zip(together[1].weights.as_deref().unwrap()) {
         assert_eq!(*x, -*y);
     }
 }
@@ -377,22 +377,22 @@ fn several_targets_and_images_in_one_backward_equal_separate_ones() {
 fn out_of_range_class_and_image_are_errors() {
     let model = Tiny::new();
     let a = model.features(&tensor(&[1, 3, 8, 8], 61)).unwrap();
-    let bad = ClassLogit(4);
+    let bad = Target::class(4);
     let err = explain(&model, &a, &[Request { image: 0, target: &bad }], &GradCam).unwrap_err();
     assert!(err.to_string().contains("class 4 is out of range"), "{err}");
-    let ok = ClassLogit(0);
+    let ok = Target::class(0);
     let err = explain(&model, &a, &[Request { image: 1, target: &ok }], &GradCam).unwrap_err();
     assert!(err.to_string().contains("image 1"), "{err}");
 }
 
 #[test]
 fn trainable_conv_gradients_match_finite_differences() {
-    use gradcam_core::ops::TrainableConv2d;
+    use gradcam_kernels::TrainableConv2d;
     let x = tensor(&[2, 3, 7, 6], 71);
     let w = tensor(&[4, 3, 3, 3], 72);
     let b = tensor(&[4], 73);
     for (stride, padding, activation) in [(1, Padding::Symmetric(1), Activation::Relu), (2, Padding::Same, Activation::Identity), (2, Padding::Symmetric(0), Activation::Relu)] {
-        let conv = TrainableConv2d { stride, padding, activation };
+        let conv = TrainableConv2d { stride, padding, activation, rule: gradcam_kernels::Rule::Exact };
         check_gradient("trainable conv: input", &x, |x| conv.forward(x, &w, &b));
         // A weight or bias step moves every output of its channel: with ReLU some always cross
         // zero, so those gradients are checked without it (the ReLU mask is the same code).
@@ -407,7 +407,7 @@ fn trainable_conv_gradients_match_finite_differences() {
 
 #[test]
 fn fused_lstm_cell_gradient_matches_finite_differences() {
-    use gradcam_core::ops::LstmCell;
+    use gradcam_kernels::LstmCell;
     let (e, h) = (5, 4);
     let cell = LstmCell::new(&tensor(&[4 * h, e], 81), &tensor(&[4 * h, h], 82), &tensor(&[4 * h], 83), &tensor(&[4 * h], 84)).unwrap();
     let xhc = tensor(&[3, e + 2 * h], 85);
@@ -421,5 +421,5 @@ fn fused_lstm_cell_gradient_matches_finite_differences() {
 #[test]
 fn global_avg_max_pool_gradient_matches_finite_differences() {
     let x = tensor(&[2, 3, 5, 4], 91);
-    check_gradient("global avg + max pool", &x, |x| gradcam_core::ops::GlobalAvgMaxPool.forward(x));
+    check_gradient("global avg + max pool", &x, |x| gradcam_kernels::GlobalAvgMaxPool.forward(x));
 }

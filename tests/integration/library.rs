@@ -80,16 +80,17 @@ fn any_two_closures_are_explained_by_every_method_and_grad_cam_equals_the_hand_c
 /// elsewhere. candle's own `relu` (which `image_proj` used) lets negative gradients through.
 #[test]
 fn guided_backprop_through_the_vqa_head_follows_the_guided_rule_at_every_relu() {
-    let model = gradcam::vqa::Vqa::load(&repo("models/vqa")).unwrap();
+    let model = gradcam::models::Vqa::load(&repo("models/vqa")).unwrap();
     let w = candle_core::safetensors::load(repo("models/vqa/model.safetensors"), &Device::Cpu).unwrap();
-    let img = gradcam::encoders::preprocess::load_image(&repo("data/shapescenes/test/images/000018.png")).unwrap();
+    let img = gradcam::models::load_image(&repo("data/shapescenes/test/images/000018.png")).unwrap();
     let a = model.features(&model.preprocess(&img).unwrap().unsqueeze(0).unwrap()).unwrap();
-    let split = gradcam::vqa::VqaSplit { model: &model, question: model.encode(&model.question("what color is the circle?").unwrap()).unwrap() };
+    let split = gradcam::models::VqaSplit { model: &model, question: model.encode(&model.question("what color is the circle?").unwrap()).unwrap() };
     let answer = 0;
 
     // Ours: the guided backward of the answer's score to the activations.
     let var = Var::from_tensor(&a).unwrap();
-    let ours = gradcam::ops::guided(|| gradcam::Explainable::head(&split, var.as_tensor()).unwrap().get(0).unwrap().get(answer).unwrap().backward()).unwrap();
+    let head = model.logits_with(var.as_tensor(), &split.question, gradcam::Rule::Guided).unwrap();
+    let ours = head.get(0).unwrap().get(answer).unwrap().backward().unwrap();
     let ours = ours.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
 
     // By hand, from the weights: p = pool(A); u = W_p p + b_p; v = ReLU(u); h = W_1 (v * q) + b_1;

@@ -57,20 +57,20 @@ fn reports_are_the_alphas_that_made_the_map() {
     let a = model.features(&crate::captioner::image(3)).unwrap(); // [1, K, h, w]
     let results = word_explanations(&model, &a, &tokens).unwrap();
     let r = &results[1];
-    let rep = report(&r.alpha, &UnitNames::None, "red", 5);
-    let mut sorted = r.alpha.clone();
+    let rep = report(r.weights.as_deref().unwrap(), &UnitNames::None, "red", 5);
+    let mut sorted = r.weights.as_deref().unwrap().to_vec();
     sorted.sort_by(|x, y| y.total_cmp(x));
     assert_eq!(rep.top.iter().map(|n| n.alpha).collect::<Vec<_>>(), sorted[..5].to_vec());
     assert_eq!(rep.bottom.iter().map(|n| n.alpha).collect::<Vec<_>>(), sorted.iter().rev().take(5).copied().collect::<Vec<_>>());
     for n in rep.top.iter().chain(&rep.bottom) {
-        assert_eq!(n.alpha.to_bits(), r.alpha[n.unit].to_bits());
+        assert_eq!(n.alpha.to_bits(), r.weights.as_deref().unwrap()[n.unit].to_bits());
     }
     // The map recomputed from these alphas: ReLU(sum_k alpha_k A^k).
     let (_, k, h, w) = a.dims4().unwrap();
     let acts = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     for p in 0..h * w {
-        let v: f32 = (0..k).map(|c| r.alpha[c] * acts[c * h * w + p]).sum::<f32>().max(0.0);
-        assert!((v - r.cam.data[p]).abs() <= 1e-5 * (1.0 + v.abs()), "pixel {p}: {v} vs {}", r.cam.data[p]);
+        let v: f32 = (0..k).map(|c| r.weights.as_deref().unwrap()[c] * acts[c * h * w + p]).sum::<f32>().max(0.0);
+        assert!((v - r.cam().data[p]).abs() <= 1e-5 * (1.0 + v.abs()), "pixel {p}: {v} vs {}", r.cam().data[p]);
     }
     assert!(rep.text.starts_with("\"red\" is supported by unit"), "{}", rep.text);
     assert!(rep.text.contains("most against it: unit"), "{}", rep.text);

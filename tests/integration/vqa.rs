@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use gradcam_core::{explain, ClassLogit, Counterfactual, Explainable, GradCam, Request, Score};
+use gradcam_core::{explain, Explainable, GradCam, Request, Target};
 use gradcam_encoders::scene_cnn::init_parameters;
 use gradcam_scenes::vocab::Vocab;
 use gradcam_vqa::model::Trainable;
@@ -50,8 +50,8 @@ fn answer_gradient_matches_finite_differences() {
     let split = VqaSplit { model: &model, question: model.encode(&q).unwrap() };
     let a = split.features(&image(2)).unwrap(); // [1, 96, 4, 4]
     let (_, k, h, w) = a.dims4().unwrap();
-    let (t, c) = (ClassLogit(1), Counterfactual(ClassLogit(1)));
-    let targets: [&dyn Score; 2] = [&t, &c];
+    let (t, c) = (Target::class(1), Target::class(1).counterfactual());
+    let targets: [&Target; 2] = [&t, &c];
     let r = explain(&split, &a, &targets.map(|target| Request { image: 0, target }), &GradCam).unwrap();
     let y = |a: &Tensor| split.head(a).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap()[1] as f64;
     // Shifting channel c everywhere by s changes y by s * hw * alpha_c (central differences,
@@ -69,9 +69,9 @@ fn answer_gradient_matches_finite_differences() {
             continue;
         }
         let numeric = (4.0 * narrow - wide) / 3.0;
-        let analytic = r[0].alpha[ch] as f64 * (h * w) as f64;
+        let analytic = r[0].weights.as_deref().unwrap()[ch] as f64 * (h * w) as f64;
         assert!((numeric - analytic).abs() < 1e-3 * analytic.abs().max(1e-2), "channel {ch}: {numeric} vs {analytic}");
-        assert_eq!(r[1].alpha[ch], -r[0].alpha[ch], "the counterfactual negates the weights");
+        assert_eq!(r[1].weights.as_deref().unwrap()[ch], -r[0].weights.as_deref().unwrap()[ch], "the counterfactual negates the weights");
         checked += 1;
     }
     assert!(checked * 10 >= k * 9, "only {checked} of {k} channels away from kinks");

@@ -30,7 +30,7 @@ pub fn write(data: &Path, out: &Path, tc: &TrainConfig, ckpt: &Checkpoint, minut
     };
     let cfg = Config::load(&out.join("config.json"))?;
     let text = card(&command(data, out, tc), &cfg, ckpt, minutes, metrics.as_ref(), data);
-    gradcam_scenes::write_atomic(&out.join("README.md"), text.as_bytes())?;
+    gradcam_io::write_atomic(&out.join("README.md"), text.as_bytes())?;
     Ok(metrics)
 }
 

@@ -5,14 +5,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use candle_core::Tensor;
 use gradcam_core::metrics::Pointing;
-use gradcam_core::{explain, CamMethod, CamResult, GradCam, Map, Request, Score};
+use gradcam_core::{explain, CamMethod, Explanation, GradCam, Map, Request, Target};
 use gradcam_neurons::{report, Dissection, UnitNames};
 use gradcam_scenes::coco::Instance;
 use gradcam_scenes::scene::{COLORS, SHAPES};
 use gradcam_scenes::Split;
 use serde::Serialize;
 
-use crate::model::{CaptionSplit, Captioner, WordLogProb};
+use crate::model::{CaptionSplit, Captioner};
 use crate::Result;
 
 /// The (colour, shape) pairs a caption names: adjacent "colour shape" words.
@@ -124,12 +124,12 @@ pub fn evaluate(model: &Captioner, split: &Split, limit: usize, dissection: Opti
                 continue;
             };
             let Some(object) = pair.and_then(|p| find(&ex.objects, split, &p)) else { continue };
-            let (hit, centre) = Pointing::hits(&results[t].cam.resize_bilinear(h, w), |y, x| object.mask.near(y, x, tolerance));
+            let (hit, centre) = Pointing::hits(&results[t].cam().resize_bilinear(h, w), |y, x| object.mask.near(y, x, tolerance));
             for key in [kind.to_string(), word.clone()] {
                 pointing.entry(key).or_default().add(hit, centre);
             }
             if let Some(d) = dissection {
-                let r = report(&results[t].alpha, &UnitNames::Dissection(d), word, 5);
+                let r = report(results[t].weights.as_deref().unwrap_or_default(), &UnitNames::Dissection(d), word, 5);
                 for key in [kind.to_string(), word.clone()] {
                     let n = neurons.entry(key).or_default();
                     n.count += 1;
@@ -157,21 +157,21 @@ fn find<'a>(objects: &[&'a Instance], split: &Split, (color, shape): &(String, S
 
 /// The Grad-CAM explanation (alpha_k and raw map) of every word of a caption, from one backward
 /// pass.
-pub fn word_explanations(model: &Captioner, a: &Tensor, tokens: &[u32]) -> Result<Vec<CamResult>> {
+pub fn word_explanations(model: &Captioner, a: &Tensor, tokens: &[u32]) -> Result<Vec<Explanation>> {
     word_explanations_with(model, a, tokens, &GradCam)
 }
 
 /// [`word_explanations`] with any gradient-based CAM method.
-pub fn word_explanations_with(model: &Captioner, a: &Tensor, tokens: &[u32], method: &dyn gradcam_core::CamMethod) -> Result<Vec<CamResult>> {
+pub fn word_explanations_with(model: &Captioner, a: &Tensor, tokens: &[u32], method: &dyn gradcam_core::CamMethod) -> Result<Vec<Explanation>> {
     let split = CaptionSplit::new(model, tokens);
-    let targets: Vec<WordLogProb> = (0..tokens.len()).map(|step| WordLogProb { step }).collect();
-    let requests: Vec<Request> = targets.iter().map(|t| Request { image: 0, target: t as &dyn Score }).collect();
+    let targets: Vec<Target> = (0..tokens.len()).map(Target::word).collect();
+    let requests: Vec<Request> = targets.iter().map(|target| Request { image: 0, target }).collect();
     Ok(explain(&split, a, &requests, method)?)
 }
 
 /// The raw Grad-CAM map of every word of a caption, from one backward pass.
 pub fn word_maps(model: &Captioner, a: &Tensor, tokens: &[u32]) -> Result<Vec<Map>> {
-    Ok(word_explanations(model, a, tokens)?.into_iter().map(|r| r.cam).collect())
+    Ok(word_explanations(model, a, tokens)?.iter().map(Explanation::cam).collect())
 }
 
 /// Fraction of the first `limit` images of a split whose greedy caption names exactly their

@@ -1,5 +1,6 @@
 //! Show-and-Tell LSTM captioner with word-by-word Grad-CAM (paper section 8.1): each word's
 //! log-probability is backpropagated into the encoder's last convolutional layer.
+#![forbid(unsafe_code)]
 
 pub mod card;
 pub mod eval;
@@ -9,7 +10,7 @@ pub mod train;
 
 use std::path::PathBuf;
 
-pub use model::{Caption, CaptionSplit, Captioner, Config, WordLogProb};
+pub use model::{Caption, CaptionSplit, Captioner, Config};
 pub use gradcam_scenes::vocab::Vocab;
 
 /// Errors of the captioner crate.
@@ -29,6 +30,8 @@ pub enum Error {
     Model(String),
     #[error("training: {0}")]
     Training(String),
+    #[error(transparent)]
+    Write(#[from] gradcam_io::Error),
 }
 
 impl Error {

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use candle_core::{DType, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
-use gradcam_core::ops::{Activation, Linear, LstmCell};
-use gradcam_core::{Explainable, Score};
+use gradcam_kernels::{Activation, Linear, LstmCell, Rule};
+use gradcam_core::Explainable;
 use gradcam_encoders::scene_cnn::{self, Pooling, SceneCnn};
 use serde::{Deserialize, Serialize};
 
@@ -237,6 +237,11 @@ impl Captioner {
         Ok(self.cnn.forward(images)?)
     }
 
+    /// [`Self::features`] with the backward of the CNN's ReLUs following `rule`.
+    pub fn features_with(&self, images: &Tensor, rule: Rule) -> Result<Tensor> {
+        Ok(self.cnn.forward_with(images, rule)?)
+    }
+
     /// The image embedding fed at every step, and the initial (zero) LSTM state.
     fn start(&self, a: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let img = self.image_proj.forward(&self.cfg.pooling().forward(a)?)?; // [n, E]
@@ -427,20 +432,11 @@ impl Explainable for CaptionSplit<'_> {
         let (scores, da) = head.gradients(&a.flatten_all()?.to_vec1::<f32>()?, (c, h, w), seeds)?;
         Ok(Some((scores, Tensor::from_vec(da, (seeds.len(), c, h, w), a.device())?)))
     }
-}
 
-/// Y = log p(w_t | w_<t, image): word `step` of the caption ([`CaptionSplit`]'s head gives one
-/// log-probability per word).
-#[derive(Debug, Clone, Copy)]
-pub struct WordLogProb {
-    pub step: usize,
-}
-
-impl Score for WordLogProb {
-    fn score(&self, row: &Tensor) -> gradcam_core::Result<Tensor> {
-        Ok(row.get(self.step)?)
-    }
-    fn element(&self) -> Option<(usize, f32)> {
-        Some((self.step, 1.0))
+    /// The head has no ReLU (pooling, projection, LSTM, log-softmax): the guided forward is the
+    /// head on the CNN's guided features.
+    fn forward_with(&self, input: &Tensor, rule: Rule) -> gradcam_core::Result<Tensor> {
+        let a = self.model.features_with(input, rule).map_err(Error::into_core)?;
+        self.head(&a)
     }
 }

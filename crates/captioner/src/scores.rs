@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use gradcam_core::ops::{matmul, matvec};
+use gradcam_kernels::{matmul, matvec};
 
 type CResult<T> = candle_core::Result<T>;
 

@@ -262,7 +262,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
     if ckpt.epochs_done == 0 {
         vocab.save(&out.join("tokenizer.json"))?;
         let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Training(e.to_string()))?;
-        gradcam_scenes::write_atomic(&out.join("config.json"), text.as_bytes())?;
+        gradcam_io::write_atomic(&out.join("config.json"), text.as_bytes())?;
     }
     let mut train_data = Data::load(&train_split, &vocab, cfg.image_size, cfg.max_len)?;
     let mut val_data = Data::load(&val_split, &vocab, cfg.image_size, cfg.max_len)?;
@@ -322,7 +322,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
             seconds: start.elapsed().as_secs_f64(),
         });
         let text = serde_json::to_string_pretty(&ckpt).map_err(|e| Error::Training(e.to_string()))?;
-        gradcam_scenes::write_atomic(&ckpt_path, text.as_bytes())?;
+        gradcam_io::write_atomic(&ckpt_path, text.as_bytes())?;
         progress(Event::Epoch(ckpt.log.last().expect("just pushed")));
     }
     Ok(ckpt)

@@ -159,11 +159,11 @@ pub fn run(out: &Path, cfg: &DemoConfig, progress: &mut dyn FnMut(Stage)) -> Res
         data: data.clone(),
     };
     let grid = grid(&data.join("biased").join("test").join("images"), &rows, &biased_cases, &balanced_cases)?;
-    gradcam_core::map::write_png_atomic(&grid, &out.join("grid.png"))?;
+    gradcam_io::write_png(&grid, &out.join("grid.png"))?;
     let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Data(e.to_string()))?;
-    gradcam_scenes::write_atomic(&out.join("report.json"), json.as_bytes())?;
+    gradcam_io::write_atomic(&out.join("report.json"), json.as_bytes())?;
     let md = markdown(&report, &rows, &biased_cases, &balanced_cases);
-    gradcam_scenes::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    gradcam_io::write_atomic(&out.join("report.md"), md.as_bytes())?;
     Ok(report)
 }
 

@@ -141,7 +141,7 @@ pub fn write(data: &Path, out: &Path, ckpt: &Checkpoint, minutes: f64, progress:
         None
     };
     let text = card(&command(data, out, &ckpt.train), &cfg, ckpt, minutes, test.as_ref(), data);
-    gradcam_scenes::write_atomic(&out.join("README.md"), text.as_bytes())?;
+    gradcam_io::write_atomic(&out.join("README.md"), text.as_bytes())?;
     Ok(test)
 }
 

@@ -1,6 +1,7 @@
 //! A scene classifier trained here (`gradcam train classifier`): the scene CNN, global average
 //! pooling and a linear layer, on any COCO-instances dataset with one label per image; and the
 //! paper's dataset-bias experiment on it (`gradcam demo bias`, sections 6.3 and 5.2).
+#![forbid(unsafe_code)]
 
 pub mod bias;
 pub mod card;
@@ -28,6 +29,8 @@ pub enum Error {
     Training(String),
     #[error("{0}")]
     Data(String),
+    #[error(transparent)]
+    Write(#[from] gradcam_io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -204,7 +204,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
             seconds: start.elapsed().as_secs_f64(),
         });
         let text = serde_json::to_string_pretty(&ckpt).map_err(|e| Error::Training(e.to_string()))?;
-        gradcam_scenes::write_atomic(&ckpt_path, text.as_bytes())?;
+        gradcam_io::write_atomic(&ckpt_path, text.as_bytes())?;
         progress(Event::Epoch(ckpt.log.last().expect("just pushed")));
     }
     Ok(ckpt)

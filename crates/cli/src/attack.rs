@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use gradcam::pipeline::classify::{classify, ClassMap, Options};
 use gradcam::pipeline::Files;
-use gradcam::render::Stems;
+use gradcam::pipeline::render::Stems;
 use gradcam_encoders::preprocess::{load_image, prepare_with, Resize};
 use gradcam_encoders::Network;
 use gradcam_eval::attack::{attack, image_of, pixels_of, probabilities, Goal, Pgd};
@@ -130,7 +130,7 @@ fn attack_one(net: &Network, index: usize, path: &Path, args: &AttackArgs, resiz
     let stem = stems.unique(path);
     let adv_path = args.out.join(format!("{stem}_adversarial.png"));
     let adv_img = image_of(&adv.pixels)?;
-    gradcam_core::map::write_png_atomic(&adv_img, &adv_path)?;
+    gradcam_io::write_png(&adv_img, &adv_path)?;
     // The PNG is the attack: read back, it gives the same probabilities.
     let reread = pixels_of(&load_image(&adv_path)?)?;
     let again = probabilities(net, &reread)?;
@@ -148,9 +148,9 @@ fn attack_one(net: &Network, index: usize, path: &Path, args: &AttackArgs, resiz
         let file = &r.explanations[0].map.overlay;
         Ok(load_image(Path::new(file))?)
     };
-    let strip = gradcam::render::comparison_strip(&[view.clone(), picture(&on_clean)?, adv_img.clone(), picture(&on_adv)?], view.height().clamp(64, 224));
+    let strip = gradcam::pipeline::render::comparison_strip(&[view.clone(), picture(&on_clean)?, adv_img.clone(), picture(&on_adv)?], view.height().clamp(64, 224));
     let strip_path = args.out.join(format!("{stem}_attack.png"));
-    gradcam_core::map::write_png_atomic(&strip, &strip_path)?;
+    gradcam_io::write_png(&strip, &strip_path)?;
     Ok(Record {
         image: name,
         adversarial: adv_path.display().to_string(),

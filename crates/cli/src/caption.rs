@@ -9,7 +9,7 @@ use gradcam_captioner::eval::evaluate;
 use gradcam_captioner::train::{train, Event, TrainConfig};
 use gradcam::pipeline::caption::{caption, Options, Record};
 use gradcam::pipeline::Files;
-use gradcam::render::Stems;
+use gradcam::pipeline::render::Stems;
 use gradcam_captioner::Captioner;
 use gradcam_encoders::preprocess::load_image;
 use gradcam_neurons::{Dissection, UnitNames};

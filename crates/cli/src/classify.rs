@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use gradcam::pipeline::classify::{classify, Options, Record};
 use gradcam::pipeline::Files;
-use gradcam::render::Stems;
+use gradcam::pipeline::render::Stems;
 use gradcam_encoders::preprocess::{load_image, Resize};
 use gradcam_encoders::{ModelName, Network};
 use gradcam_neurons::Dissection;

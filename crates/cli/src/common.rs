@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Context;
 use gradcam::pipeline::Settings;
 use gradcam::{CamMethod, Method};
-use gradcam_core::EigenSmooth;
+use gradcam_core::methods::EigenSmooth;
 
 /// The method flags every explaining command takes.
 #[derive(clap::Args, Clone)]

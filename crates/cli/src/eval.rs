@@ -10,7 +10,7 @@ use gradcam_eval::report::{markdown, worst, write_failures};
 use gradcam_eval::subjects::{CaptionerSubject, ClassifierSubject, VqaSubject};
 use gradcam_eval::{run, ExampleResult, Options, Subject, Task, Tolerance};
 use gradcam_encoders::ModelName;
-use gradcam_scenes::write_atomic;
+use gradcam_io::write_atomic;
 use gradcam_vqa::Vqa;
 
 use crate::common::parse_gradient_method;

@@ -1,4 +1,5 @@
 //! The `gradcam` binary: parses arguments, calls the library crates, prints.
+#![forbid(unsafe_code)]
 
 mod attack;
 mod bench;
@@ -199,21 +200,13 @@ fn rayon_threads(n: usize) -> anyhow::Result<()> {
     rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting the thread count")
 }
 
-/// glibc hands allocations above 128 KiB back to the kernel when they are freed, and trims the
-/// heap eagerly; explaining allocates and frees buffers of that size for every image and word, and
-/// the page faults of getting them back cost as much as the arithmetic. Keep freed memory.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator thresholds; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-    }
-}
-
 fn main() -> ExitCode {
-    keep_freed_memory();
-    gradcam_core::map::remove_temporaries_on_signals(gradcam_scenes::remove_temporaries);
+    // Before any other thread exists: the allocator's thresholds, and the thread that removes
+    // the temporary files of unfinished writes on SIGINT / SIGTERM.
+    gradcam_kernels::keep_freed_memory();
+    if let Err(e) = gradcam_io::remove_temporaries_on_signals() {
+        eprintln!("warning: cannot watch for SIGINT/SIGTERM ({e}); an interrupted run may leave .tmp files");
+    }
     // candle's element-wise ops run on its own pool of spinning threads; on a few cores they take
     // the CPU from our kernels (rayon + GEMM) and made explanations 2x slower. One thread for
     // candle unless the user says otherwise.

@@ -14,11 +14,11 @@ pub fn bar(n: u64, what: &str) -> ProgressBar {
 /// image); an image that fails is reported and the others still run. Exit code 1 when any failed.
 pub fn each_image<R>(
     images: &[std::path::PathBuf],
-    mut one: impl FnMut(&std::path::Path, &mut gradcam::render::Stems) -> anyhow::Result<R>,
+    mut one: impl FnMut(&std::path::Path, &mut gradcam::pipeline::render::Stems) -> anyhow::Result<R>,
     mut print: impl FnMut(&mut std::io::StdoutLock<'static>, &R) -> std::io::Result<()>,
 ) -> anyhow::Result<std::process::ExitCode> {
     let progress = if images.len() > 1 { bar(images.len() as u64, "images") } else { ProgressBar::hidden() };
-    let (mut stems, mut failures) = (gradcam::render::Stems::default(), 0);
+    let (mut stems, mut failures) = (gradcam::pipeline::render::Stems::default(), 0);
     let mut stdout = std::io::stdout().lock();
     for path in images {
         progress.set_message(path.display().to_string());

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use gradcam::pipeline::vqa::{answer, Options, Record};
 use gradcam::pipeline::Files;
-use gradcam::render::Stems;
+use gradcam::pipeline::render::Stems;
 use gradcam_encoders::preprocess::load_image;
 use gradcam_neurons::{Dissection, UnitNames};
 use gradcam_scenes::vqa::Vqa as VqaFile;

@@ -1,8 +1,10 @@
-//! The pipeline written once: the features/head split, targets, CAM methods and [`explain`].
+//! The pipeline written once: the features/head split, how a score is picked, the method traits
+//! ([`Explainer`], and [`CamMethod`] for the gradient-based ones) and [`explain`], the one
+//! backward pass through the head they share.
 
 use candle_core::{Tensor, Var, D};
 
-use crate::{Error, Map, Result};
+use crate::{Error, Explanation, Map, Result, Rule, Target};
 
 /// A model split at the layer we explain.
 pub trait Explainable {
@@ -33,17 +35,26 @@ pub trait Explainable {
     fn head_gradients(&self, _activations: &Tensor, _seeds: &[(usize, f32)]) -> Result<Option<(Vec<f32>, Tensor)>> {
         Ok(None)
     }
+
+    /// The whole model, input to output rows, with the backward of its ReLUs following `rule`:
+    /// Guided Backpropagation differentiates `forward_with(x, Rule::Guided)`. The default runs
+    /// `head(features(x))` for [`Rule::Exact`] and refuses [`Rule::Guided`], because it cannot
+    /// know that the model's ReLUs follow the rule: a model that supports the guided methods
+    /// builds them with it ([`gradcam_kernels::Activation::forward_with`] and the kernels' other
+    /// `forward_with`s), and candle's own `relu` never does.
+    fn forward_with(&self, input: &Tensor, rule: Rule) -> Result<Tensor> {
+        match rule {
+            Rule::Exact => self.head(&self.features(input)?),
+            Rule::Guided => Err(Error::CannotGuide { reason: "this model gives no guided forward (Explainable::forward_with with Rule::Guided; for a Split, Split::guided)".into() }),
+        }
+    }
 }
 
-/// Picks the score y^c to explain from one row of the head's output. [`Target`](crate::Target) covers classes,
-/// words and answers; implement this for any other score.
+/// A score y^c of one row of the head's output, for targets other than one element of the row
+/// (classes, words and answers are [`Target`]s already): give it to [`Target::custom`].
 pub trait Score {
     /// A scalar tensor, differentiable with respect to `row`.
     fn score(&self, row: &Tensor) -> Result<Tensor>;
-    /// Whether this is a counterfactual target (negated score, paper section 3.3).
-    fn counterfactual(&self) -> bool {
-        false
-    }
     /// `Some((index, sign))` when the score is `sign * row[index]` of the flattened row: then
     /// [`explain`] seeds the backward with a one-hot matrix instead of building a graph of one
     /// selection per request (which costs more than the backward itself for small heads).
@@ -52,41 +63,9 @@ pub trait Score {
     }
 }
 
-/// The pre-softmax logit of a class, as the paper uses.
-#[derive(Debug, Clone, Copy)]
-pub struct ClassLogit(pub usize);
-
-impl Score for ClassLogit {
-    fn score(&self, row: &Tensor) -> Result<Tensor> {
-        let num_classes = row.elem_count();
-        if self.0 >= num_classes {
-            return Err(Error::ClassOutOfRange { class: self.0, num_classes });
-        }
-        Ok(row.flatten_all()?.get(self.0)?)
-    }
-    fn element(&self) -> Option<(usize, f32)> {
-        Some((self.0, 1.0))
-    }
-}
-
-/// The paper's counterfactual explanation: the negated score, so that the map shows the regions
-/// whose removal would make the network more confident in the target.
-#[derive(Debug, Clone, Copy)]
-pub struct Counterfactual<T>(pub T);
-
-impl<T: Score> Score for Counterfactual<T> {
-    fn score(&self, row: &Tensor) -> Result<Tensor> {
-        Ok(self.0.score(row)?.neg()?)
-    }
-    fn counterfactual(&self) -> bool {
-        true
-    }
-    fn element(&self) -> Option<(usize, f32)> {
-        self.0.element().map(|(i, sign)| (i, -sign))
-    }
-}
-
-/// Turns activations and their gradients into weights alpha_k and a map.
+/// A gradient-based CAM method: turns the explained layer's activations and their gradients
+/// into weights alpha_k and a map. Every `CamMethod` is an [`Explainer`] (run by [`explain`]), so
+/// it can be given to [`crate::Cam::method`] as it is.
 pub trait CamMethod {
     /// The method's name (`gradcam`, `gradcam++`, ...).
     fn name(&self) -> &'static str;
@@ -100,6 +79,20 @@ pub trait CamMethod {
     /// `activations`, `grads`: `[n, K, h, w]`; `alpha`: `[n, K]` -> `[n, h, w]`.
     fn cam(&self, activations: &Tensor, _grads: &Tensor, alpha: &Tensor) -> Result<Tensor> {
         weighted_sum(activations, alpha)
+    }
+}
+
+impl<M: CamMethod + ?Sized> CamMethod for Box<M> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+
+    fn weights(&self, activations: &Tensor, grads: &Tensor) -> Result<Tensor> {
+        (**self).weights(activations, grads)
+    }
+
+    fn cam(&self, activations: &Tensor, grads: &Tensor, alpha: &Tensor) -> Result<Tensor> {
+        (**self).cam(activations, grads, alpha)
     }
 }
 
@@ -174,53 +167,35 @@ pub struct Context<'a> {
     pub progress: &'a dyn Fn(usize),
 }
 
-/// A way of explaining: the results of `requests`, from what the context gives. Every method
-/// is one, so the pipeline around them ([`crate::Cam`]) is written once: the gradient-based
-/// family through [`Gradient`], augmentation smoothing ([`crate::methods::AugSmooth`]),
-/// Ablation-CAM and Score-CAM ([`crate::perturbation`]).
+/// A way of explaining: one [`Explanation`] per request, from what the context gives. Every
+/// method is one (the gradient-based family through [`CamMethod`], the smoothings, Ablation-CAM,
+/// Score-CAM and the guided methods), and so is yours: give it to [`crate::Cam::method`] and the
+/// pipeline around it (targets, pictures, reports) is the same as for the built-in ones.
 pub trait Explainer {
-    /// The method's name.
+    /// The method's name, as `--json` reports it and file names carry it.
     fn name(&self) -> &'static str;
 
-    /// One result per request.
-    fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> Result<Vec<CamResult>>;
+    /// One explanation per request, in their order.
+    fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> Result<Vec<Explanation>>;
 }
 
-/// A [`CamMethod`] run from one backward pass through the head ([`explain`]).
-pub struct Gradient(pub Box<dyn CamMethod>);
-
-impl Explainer for Gradient {
+impl<M: CamMethod> Explainer for M {
     fn name(&self) -> &'static str {
-        self.0.name()
+        CamMethod::name(self)
     }
 
-    fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> Result<Vec<CamResult>> {
-        explain(cx.model, cx.activations, requests, self.0.as_ref())
+    fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> Result<Vec<Explanation>> {
+        explain(cx.model, cx.activations, requests, self)
     }
 }
 
-/// One explanation to compute: which image of the batch, and which score.
+/// One explanation to compute: which image of the batch, and which target.
+#[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
     /// The image's row in the batch.
     pub image: usize,
-    /// The score explained.
-    pub target: &'a dyn Score,
-}
-
-/// One explanation: the target's score, the weights and the raw map.
-#[derive(Debug, Clone)]
-pub struct CamResult {
-    /// The image's row in the batch.
-    pub image: usize,
-    /// The target's score y^c (for a counterfactual, the score itself, not its negation).
-    pub score: f32,
-    /// Whether the target was a counterfactual.
-    pub counterfactual: bool,
-    /// alpha_k for each of the K channels of the explained layer.
-    pub alpha: Vec<f32>,
-    /// The map after ReLU, before normalisation: at the layer's resolution, or at the input's
-    /// with augmentation smoothing (which averages maps upsampled to the input).
-    pub cam: Map,
+    /// What is explained.
+    pub target: &'a Target,
 }
 
 /// Explains every request with one backward pass through the head only.
@@ -228,12 +203,7 @@ pub struct CamResult {
 /// `activations` are the explained layer's activations for the whole batch (`[B, K, h, w]`, from
 /// [`Explainable::features`]); they are replicated per request, detached and wrapped in a `Var`,
 /// so the backbone is never differentiated.
-pub fn explain<M: Explainable + ?Sized>(
-    model: &M,
-    activations: &Tensor,
-    requests: &[Request<'_>],
-    method: &dyn CamMethod,
-) -> Result<Vec<CamResult>> {
+pub fn explain<M: Explainable + ?Sized, C: CamMethod + ?Sized>(model: &M, activations: &Tensor, requests: &[Request<'_>], method: &C) -> Result<Vec<Explanation>> {
     if requests.is_empty() {
         return Ok(Vec::new());
     }
@@ -262,18 +232,9 @@ pub fn explain<M: Explainable + ?Sized>(
     let cams = cams.flatten_from(1)?.to_vec2::<f32>()?;
 
     let mut results = Vec::with_capacity(requests.len());
-    for (i, r) in requests.iter().enumerate() {
-        let cam = Map::new(h, w, cams[i].clone());
-        if !cam.is_finite() || alpha[i].iter().any(|v| !v.is_finite()) {
-            return Err(Error::NonFinite { what: "Grad-CAM map" });
-        }
-        results.push(CamResult {
-            image: r.image,
-            score: if r.target.counterfactual() { -score_values[i] } else { score_values[i] },
-            counterfactual: r.target.counterfactual(),
-            alpha: alpha[i].clone(),
-            cam,
-        });
+    for ((r, map), (alpha, score)) in requests.iter().zip(cams).zip(alpha.into_iter().zip(score_values)) {
+        let score = if r.target.is_counterfactual() { -score } else { score };
+        results.push(Explanation::new(method.name(), r, score, Map::new(h, w, map), Some(alpha))?);
     }
     Ok(results)
 }

@@ -1,5 +1,6 @@
 //! The user-facing pipeline: [`Split`] makes any two closures an explainable model, [`Target`]
-//! names what to explain, [`Cam`] runs any [`Method`] and gives [`Explanation`]s.
+//! names what to explain, [`Cam`] runs any method (a built-in [`Method`] or your own
+//! [`Explainer`]) and gives [`Explanation`]s.
 
 use std::fmt;
 use std::sync::Arc;
@@ -7,22 +8,46 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use image::{DynamicImage, RgbImage};
 
+use crate::cam::{Context, Explainer, Request};
 use crate::map::{overlay, Region};
-use crate::cam::Context;
 use crate::report::{report, NeuronReport, UnitNames};
-use crate::{guided_backprop, guided_gradcam, CamResult, Error, Explainable, Map, Method, Request, Result, Score};
+use crate::{Error, Explainable, Map, Method, Result, Rule, Score};
 
 /// A model given as two functions: `features` (input -> activations A `[n, K, h, w]` of the
 /// explained layer) and `head` (A -> scores `[n, ...]`, one row per input). This is all a candle
 /// model needs to be explained: run its layers up to the one you explain in `features`, the
 /// rest in `head`.
 ///
-/// Guided Backpropagation follows the guided rule only through the ReLUs of [`crate::ops`]
-/// ([`crate::ops::Activation::forward`]): use those in a model you explain with the guided
-/// methods (candle's own `relu` lets negative gradients through).
-pub struct Split<F, H> {
+/// The guided methods also need the whole model with guided ReLUs: give it with
+/// [`Split::guided`] (a forward whose ReLUs are built with [`Rule::Guided`], e.g.
+/// `Activation::Relu.forward_with(x, Rule::Guided)`); without it they are refused, never run
+/// with the plain gradient.
+pub struct Split<F, H, G = NoGuidedForward> {
     features: F,
     head: H,
+    guided: G,
+}
+
+/// A [`Split`]'s guided forward: none, or a closure from the input to the output rows.
+pub trait GuidedForward {
+    /// The output rows of `input` through the guided twin of the model, if there is one.
+    fn guided_forward(&self, input: &Tensor) -> Option<candle_core::Result<Tensor>>;
+}
+
+/// A [`Split`] without a guided forward.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoGuidedForward;
+
+impl GuidedForward for NoGuidedForward {
+    fn guided_forward(&self, _input: &Tensor) -> Option<candle_core::Result<Tensor>> {
+        None
+    }
+}
+
+impl<G: Fn(&Tensor) -> candle_core::Result<Tensor>> GuidedForward for G {
+    fn guided_forward(&self, input: &Tensor) -> Option<candle_core::Result<Tensor>> {
+        Some(self(input))
+    }
 }
 
 impl<F, H> Split<F, H>
@@ -32,14 +57,23 @@ where
 {
     /// The model split into `features` and `head`.
     pub fn new(features: F, head: H) -> Self {
-        Split { features, head }
+        Split { features, head, guided: NoGuidedForward }
     }
 }
 
-impl<F, H> Explainable for Split<F, H>
+impl<F, H, G> Split<F, H, G> {
+    /// The same split, with `forward` (input -> output rows, the model's ReLUs built with
+    /// [`Rule::Guided`]) for Guided Backpropagation and Guided Grad-CAM.
+    pub fn guided<G2: Fn(&Tensor) -> candle_core::Result<Tensor>>(self, forward: G2) -> Split<F, H, G2> {
+        Split { features: self.features, head: self.head, guided: forward }
+    }
+}
+
+impl<F, H, G> Explainable for Split<F, H, G>
 where
     F: Fn(&Tensor) -> candle_core::Result<Tensor>,
     H: Fn(&Tensor) -> candle_core::Result<Tensor>,
+    G: GuidedForward,
 {
     fn features(&self, input: &Tensor) -> Result<Tensor> {
         let a = (self.features)(input)?;
@@ -51,6 +85,14 @@ where
 
     fn head(&self, activations: &Tensor) -> Result<Tensor> {
         Ok((self.head)(activations)?)
+    }
+
+    fn forward_with(&self, input: &Tensor, rule: Rule) -> Result<Tensor> {
+        match (rule, self.guided.guided_forward(input)) {
+            (Rule::Exact, _) => self.head(&self.features(input)?),
+            (Rule::Guided, Some(out)) => Ok(out?),
+            (Rule::Guided, None) => Err(Error::CannotGuide { reason: "this Split has no guided forward: give one with Split::guided".into() }),
+        }
     }
 }
 
@@ -123,8 +165,9 @@ impl fmt::Debug for Target {
     }
 }
 
-impl Score for Target {
-    fn score(&self, row: &Tensor) -> Result<Tensor> {
+impl Target {
+    /// The score y^c of one output row (negated for a counterfactual), differentiable.
+    pub(crate) fn score(&self, row: &Tensor) -> Result<Tensor> {
         let s = match (&self.kind, self.index()) {
             (TargetKind::Custom(score), _) => score.score(row)?,
             (_, Some(i)) => {
@@ -139,11 +182,8 @@ impl Score for Target {
         Ok(if self.counterfactual { s.neg()? } else { s })
     }
 
-    fn counterfactual(&self) -> bool {
-        self.counterfactual
-    }
-
-    fn element(&self) -> Option<(usize, f32)> {
+    /// `Some((index, sign))` when the score is `sign * row[index]` ([`Score::element`]).
+    pub(crate) fn element(&self) -> Option<(usize, f32)> {
         let (i, sign) = match &self.kind {
             TargetKind::Custom(score) => score.element()?,
             _ => (self.index()?, 1.0),
@@ -152,11 +192,11 @@ impl Score for Target {
     }
 }
 
-/// One explanation of one target.
+/// One explanation of one target: what every method gives, built-in or yours.
 #[derive(Debug, Clone)]
 pub struct Explanation {
-    /// The method that made it.
-    pub method: Method,
+    /// The name of the method that made it (`gradcam`, `gradcam++`, ..., or your method's).
+    pub method: &'static str,
     /// What was explained.
     pub target: Target,
     /// The image's row in the input batch.
@@ -180,6 +220,26 @@ pub struct Explanation {
 }
 
 impl Explanation {
+    /// The explanation of `request` by the method `method`: its score y^c (for a counterfactual
+    /// target, the score itself, not its negation), raw map and weights alpha_k. An error when
+    /// the map or the weights are not finite.
+    pub fn new(method: &'static str, request: &Request<'_>, score: f32, map: Map, weights: Option<Vec<f32>>) -> Result<Self> {
+        if !map.is_finite() || weights.as_ref().is_some_and(|w| w.iter().any(|v| !v.is_finite())) {
+            return Err(Error::NonFinite { what: "map" });
+        }
+        Ok(Explanation {
+            method,
+            target: request.target.clone(),
+            image: request.image,
+            score,
+            map_size: (map.h, map.w),
+            map: map.data,
+            weights,
+            guided: None,
+            guided_size: (0, 0),
+        })
+    }
+
     /// The raw map as a [`Map`].
     pub fn cam(&self) -> Map {
         Map::new(self.map_size.0, self.map_size.1, self.map.clone())
@@ -210,7 +270,7 @@ impl Explanation {
         match &self.guided {
             Some(g) => {
                 let (h, w) = self.guided_size;
-                crate::gradient_image(&Tensor::from_slice(g, (3, h, w), &candle_core::Device::Cpu)?)
+                crate::guided::gradient_image(&Tensor::from_slice(g, (3, h, w), &candle_core::Device::Cpu)?)
             }
             None => Ok(overlay(image, &self.cam().normalized().0, region)),
         }
@@ -224,11 +284,52 @@ impl Explanation {
     }
 }
 
+/// The method [`Cam::method`] runs: a built-in [`Method`], or any [`Explainer`] of yours
+/// (every [`crate::CamMethod`] is one).
+#[derive(Clone)]
+pub enum AnyMethod {
+    /// One of the built-in methods, by name.
+    Builtin(Method),
+    /// Your own.
+    Custom(Arc<dyn Explainer + Send + Sync>),
+}
+
+impl From<Method> for AnyMethod {
+    fn from(m: Method) -> Self {
+        AnyMethod::Builtin(m)
+    }
+}
+
+impl<E: Explainer + Send + Sync + 'static> From<E> for AnyMethod {
+    fn from(e: E) -> Self {
+        AnyMethod::Custom(Arc::new(e))
+    }
+}
+
+impl AnyMethod {
+    /// The method's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AnyMethod::Builtin(m) => m.name(),
+            AnyMethod::Custom(e) => e.name(),
+        }
+    }
+}
+
+impl fmt::Debug for AnyMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AnyMethod::Builtin(m) => write!(f, "{m}"),
+            AnyMethod::Custom(e) => write!(f, "custom method {}", e.name()),
+        }
+    }
+}
+
 /// Explains a model with one method: `Cam::new(&model).method(Method::GradCamPlusPlus)
-/// .explain(&input, &targets)`.
+/// .explain(&input, &targets)`, or `.method(MyMethod)` for a method of your own.
 pub struct Cam<'m, M: ?Sized> {
     model: &'m M,
-    method: Method,
+    method: AnyMethod,
     eigen_smooth: bool,
     aug_smooth: bool,
     progress: Option<&'m (dyn Fn(usize, usize) + Sync)>,
@@ -236,31 +337,31 @@ pub struct Cam<'m, M: ?Sized> {
 
 impl<M: ?Sized> Clone for Cam<'_, M> {
     fn clone(&self) -> Self {
-        Cam { ..*self }
+        Cam { method: self.method.clone(), ..*self }
     }
 }
 
 impl<'m, M: Explainable + ?Sized> Cam<'m, M> {
     /// Grad-CAM of `model`, no smoothing.
     pub fn new(model: &'m M) -> Self {
-        Cam { model, method: Method::GradCam, eigen_smooth: false, aug_smooth: false, progress: None }
+        Cam { model, method: AnyMethod::Builtin(Method::GradCam), eigen_smooth: false, aug_smooth: false, progress: None }
     }
 
-    /// The method to run.
-    pub fn method(self, method: Method) -> Self {
-        Cam { method, ..self }
+    /// The method to run: a [`Method`], or your own [`Explainer`].
+    pub fn method(self, method: impl Into<AnyMethod>) -> Self {
+        Cam { method: method.into(), ..self }
     }
 
     /// Eigen-smoothing (pytorch-grad-cam's `eigen_smooth`): each map is the first principal
-    /// component of the weighted activations alpha_k A^k instead of their sum. Gradient-based
-    /// methods only.
+    /// component of the weighted activations alpha_k A^k instead of their sum. Built-in
+    /// gradient-based methods only.
     pub fn eigen_smooth(self, on: bool) -> Self {
         Cam { eigen_smooth: on, ..self }
     }
 
     /// Augmentation smoothing (pytorch-grad-cam's `aug_smooth`): the mean map over the input
     /// flipped or not and scaled by 0.9, 1 and 1.1, at the input's resolution (6x the work).
-    /// Gradient-based methods only.
+    /// Built-in gradient-based methods only.
     pub fn aug_smooth(self, on: bool) -> Self {
         Cam { aug_smooth: on, ..self }
     }
@@ -271,12 +372,12 @@ impl<'m, M: Explainable + ?Sized> Cam<'m, M> {
     }
 
     /// The method in use.
-    pub fn current_method(&self) -> Method {
-        self.method
+    pub fn current_method(&self) -> &AnyMethod {
+        &self.method
     }
 
     /// The part of an output file name that tells this method and smoothing apart (empty for
-    /// plain Grad-CAM): `_gradcampp`, `_eigen`, `_scorecam`, ...
+    /// plain Grad-CAM): `_gradcampp`, `_eigen`, `_scorecam`, `_mymethod`, ...
     pub fn file_tag(&self) -> String {
         let smoothing = match (self.eigen_smooth, self.aug_smooth) {
             (false, false) => "",
@@ -284,12 +385,21 @@ impl<'m, M: Explainable + ?Sized> Cam<'m, M> {
             (false, true) => "_aug",
             (true, true) => "_eigen_aug",
         };
-        format!("{}{smoothing}", self.method.file_tag())
+        let method = match &self.method {
+            AnyMethod::Builtin(m) => m.file_tag(),
+            AnyMethod::Custom(e) => format!("_{}", e.name().replace("++", "pp").chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect::<String>()),
+        };
+        format!("{method}{smoothing}")
     }
 
-    /// One explanation per target, all of image 0 of `input` (`[1, C, H, W]`, or `[C, H, W]`).
+    /// One explanation per target of the single image `input` (`[1, C, H, W]`, or `[C, H, W]`).
+    /// A batch of several images is refused: explain it with [`Cam::explain_with`], which says
+    /// which image each target is for.
     pub fn explain(&self, input: &Tensor, targets: &[Target]) -> Result<Vec<Explanation>> {
         let input = if input.rank() == 3 { input.unsqueeze(0)? } else { input.clone() };
+        if input.rank() != 4 || input.dim(0)? != 1 {
+            return Err(Error::Shape(format!("Cam::explain takes one image [1, C, H, W] (or [C, H, W]); got {:?}: use Cam::explain_with for a batch", input.dims())));
+        }
         let activations = self.model.features(&input)?;
         let requests: Vec<(usize, Target)> = targets.iter().map(|t| (0, t.clone())).collect();
         self.explain_with(&input, &activations, &requests)
@@ -302,9 +412,16 @@ impl<'m, M: Explainable + ?Sized> Cam<'m, M> {
     /// # Shapes
     /// `input`: `[B, C, H, W]`; `activations`: `[B, K, h, w]`.
     pub fn explain_with(&self, input: &Tensor, activations: &Tensor, requests: &[(usize, Target)]) -> Result<Vec<Explanation>> {
-        let method = self.method;
-        let explainer = method.explainer(self.eigen_smooth, self.aug_smooth)?;
-        let reqs: Vec<Request> = requests.iter().map(|(image, t)| Request { image: *image, target: t as &dyn Score }).collect();
+        let builtin;
+        let explainer: &dyn Explainer = match &self.method {
+            AnyMethod::Builtin(m) => {
+                builtin = m.explainer(self.eigen_smooth, self.aug_smooth)?;
+                builtin.as_ref()
+            }
+            AnyMethod::Custom(e) if !(self.eigen_smooth || self.aug_smooth) => e.as_ref(),
+            AnyMethod::Custom(e) => return Err(Error::Unsupported(format!("eigen- and augmentation smoothing work with the built-in gradient-based methods, not {}", e.name()))),
+        };
+        let reqs: Vec<Request> = requests.iter().map(|(image, target)| Request { image: *image, target }).collect();
         let k = activations.dim(1)?;
         let progress = |done: usize| {
             if let Some(p) = self.progress {
@@ -312,25 +429,14 @@ impl<'m, M: Explainable + ?Sized> Cam<'m, M> {
             }
         };
         let cx = Context { model: &ByRef(self.model), input, activations, progress: &progress };
-        let results = explainer.explain(&cx, &reqs)?;
-        let guided = if method.is_guided() { Some(guided_backprop(self.model, input, &reqs)?) } else { None };
-        results
-            .into_iter()
-            .zip(requests)
-            .enumerate()
-            .map(|(i, (r, (_, target)))| {
-                let (guided, guided_size) = match &guided {
-                    Some(gb) => {
-                        let g = gb.get(i)?;
-                        let g = if method == Method::GuidedGradCam { guided_gradcam(&g, &r.cam)? } else { g };
-                        let (_, h, w) = g.dims3()?;
-                        (Some(g.flatten_all()?.to_vec1::<f32>()?), (h, w))
-                    }
-                    None => (None, (0, 0)),
-                };
-                Ok(from_result(method, target.clone(), r, guided, guided_size))
-            })
-            .collect()
+        let mut explanations = explainer.explain(&cx, &reqs)?;
+        if explanations.len() != requests.len() {
+            return Err(Error::Unsupported(format!("method {} gave {} explanations for {} requests", self.method.name(), explanations.len(), requests.len())));
+        }
+        for e in &mut explanations {
+            e.method = self.method.name();
+        }
+        Ok(explanations)
     }
 }
 
@@ -350,18 +456,8 @@ impl<M: Explainable + ?Sized> Explainable for ByRef<'_, M> {
     fn head_gradients(&self, activations: &Tensor, seeds: &[(usize, f32)]) -> Result<Option<(Vec<f32>, Tensor)>> {
         self.0.head_gradients(activations, seeds)
     }
-}
 
-fn from_result(method: Method, target: Target, r: CamResult, guided: Option<Vec<f32>>, guided_size: (usize, usize)) -> Explanation {
-    Explanation {
-        method,
-        target,
-        image: r.image,
-        score: r.score,
-        map_size: (r.cam.h, r.cam.w),
-        map: r.cam.data,
-        weights: Some(r.alpha),
-        guided,
-        guided_size,
+    fn forward_with(&self, input: &Tensor, rule: Rule) -> Result<Tensor> {
+        self.0.forward_with(input, rule)
     }
 }

@@ -2,15 +2,51 @@
 //! target with respect to the input image through ReLUs that pass only positive gradients where
 //! their input was positive, and its product with the upsampled Grad-CAM map, which makes the
 //! fine-grained pixel detail class-discriminative.
+//!
+//! The guided rule is part of the graph: the model's guided forward
+//! ([`Explainable::forward_with`] with [`Rule::Guided`]) builds its ReLUs as guided ops. A model
+//! that has none is refused, so a guided image is never the plain gradient in disguise.
 
 use candle_core::{Tensor, Var};
 use image::{Rgb, RgbImage};
 
-use crate::cam::{target_scores, Explainable, Request};
-use crate::{ops, Error, Map, Result};
+use crate::cam::{target_scores, Context, Explainable, Explainer, Request};
+use crate::{Error, Explanation, Map, Result, Rule};
 
-/// The guided gradient of every request's score with respect to its input image: one forward and
-/// one backward through the whole model (features and head) for all requests.
+/// The guided methods: a map from `map` (Grad-CAM, or a smoothing of it) and the guided image,
+/// Guided Backpropagation's gradient or (with `product`) its product with the map.
+pub struct Guided {
+    /// What gives the map.
+    pub map: Box<dyn Explainer>,
+    /// Guided Grad-CAM (the product) rather than Guided Backpropagation.
+    pub product: bool,
+}
+
+impl Explainer for Guided {
+    fn name(&self) -> &'static str {
+        if self.product {
+            "guided-gradcam"
+        } else {
+            "guided-backprop"
+        }
+    }
+
+    fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> Result<Vec<Explanation>> {
+        let mut explanations = self.map.explain(cx, requests)?;
+        let guided = guided_backprop(cx.model, cx.input, requests)?;
+        for (i, e) in explanations.iter_mut().enumerate() {
+            let g = guided.get(i)?;
+            let g = if self.product { guided_gradcam(&g, &e.cam())? } else { g };
+            let (_, h, w) = g.dims3()?;
+            e.guided = Some(g.flatten_all()?.to_vec1::<f32>()?);
+            e.guided_size = (h, w);
+        }
+        Ok(explanations)
+    }
+}
+
+/// The guided gradient of every request's score with respect to its input image: one forward
+/// (the model's guided twin) and one backward for all requests.
 ///
 /// # Shapes
 /// `input`: `[B, C, H, W]` -> `[n, C, H, W]` (one row per request).
@@ -22,9 +58,9 @@ pub fn guided_backprop<M: Explainable + ?Sized>(model: &M, input: &Tensor, reque
         .collect::<Result<Vec<u32>>>()?;
     let index = Tensor::new(rows.as_slice(), input.device())?;
     let x = Var::from_tensor(&input.detach().index_select(&index, 0)?)?;
-    let output = model.head(&model.features(x.as_tensor())?)?;
+    let output = model.forward_with(x.as_tensor(), Rule::Guided)?;
     let (_, total) = target_scores(&output, requests)?;
-    let grads = ops::guided(|| total.backward())?;
+    let grads = total.backward()?;
     let g = grads.get(x.as_tensor()).ok_or(Error::NoGradient)?.clone();
     if g.flatten_all()?.to_vec1::<f32>()?.iter().any(|v| !v.is_finite()) {
         return Err(Error::NonFinite { what: "guided backpropagation" });
@@ -48,7 +84,7 @@ pub fn guided_gradcam(guided: &Tensor, cam: &Map) -> Result<Tensor> {
 pub fn gradient_image(g: &Tensor) -> Result<RgbImage> {
     let (c, h, w) = g.dims3()?;
     if c != 3 {
-        return Err(Error::Candle(candle_core::Error::Msg(format!("a gradient image needs 3 channels, got {c}"))));
+        return Err(Error::Shape(format!("a gradient image needs 3 channels, got {c}")));
     }
     let v = g.flatten_all()?.to_vec1::<f32>()?;
     let n = v.len() as f64;

@@ -1,13 +1,15 @@
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 //! Gradient-capture core of gradcam (Selvaraju et al., "Grad-CAM: Visual Explanations from Deep
 //! Networks via Gradient-based Localization").
 //!
 //! A model is split at the explained layer ([`Explainable`], or [`Split`] of two closures): its
 //! `features` give the activations A, which are detached and wrapped in a `Var`; its `head` runs
 //! from there to scores; a [`Target`] picks y^c; the backward runs through the head only and
-//! dy/dA is read from the `Var`. A [`Method`] turns (A, dy/dA) into the weights alpha_k and a map;
-//! [`Cam`] runs it and gives [`Explanation`]s. This crate knows nothing about captions, questions
-//! or file formats.
+//! dy/dA is read from the `Var`. A method ([`Explainer`]; the gradient-based ones are
+//! [`CamMethod`]s) turns that into an [`Explanation`]: the weights alpha_k and a map. [`Cam`]
+//! runs a built-in [`Method`] or yours. This crate knows nothing about captions, questions or
+//! file formats, and has no `unsafe` code: its ops are `gradcam-kernels`'.
 
 pub mod cam;
 pub mod explainer;
@@ -16,18 +18,14 @@ pub mod map;
 pub mod method;
 pub mod methods;
 pub mod metrics;
-pub mod ops;
 pub mod perturbation;
-pub mod render;
 pub mod report;
 
-pub use cam::{explain, CamMethod, CamResult, ClassLogit, Context, Counterfactual, Explainable, Explainer, GradCam, Gradient, Request, Score};
-pub use explainer::{Cam, Explanation, Split, Target};
-pub use guided::{gradient_image, guided_backprop, guided_gradcam};
+pub use cam::{explain, weighted_sum, CamMethod, Context, Explainable, Explainer, GradCam, Request, Score};
+pub use explainer::{AnyMethod, Cam, Explanation, GuidedForward, NoGuidedForward, Split, Target};
+pub use gradcam_kernels::Rule;
 pub use map::Map;
 pub use method::{Method, UnknownMethod};
-pub use methods::{AugSmooth, EigenCam, EigenSmooth, GradCamPlusPlus, HiResCam, LayerCam, XGradCam};
-pub use perturbation::{AblationCam, ScoreCam};
 pub use report::{class_named_report, report, Neuron, NeuronReport, UnitNames, UnitTable};
 
 /// Errors of the gradient-capture core.
@@ -67,28 +65,22 @@ pub enum Error {
     /// The head's output does not depend on the activations.
     #[error("the head did not produce a gradient for the explained activations; is the head connected to them?")]
     NoGradient,
+    /// Guided Backpropagation cannot run on this model: its ReLUs cannot follow the guided rule.
+    #[error("guided backpropagation cannot run: {reason}")]
+    CannotGuide {
+        /// Why (which model or op).
+        reason: String,
+    },
     /// A tensor has the wrong shape for where it is used.
     #[error("{0}")]
     Shape(String),
     /// A combination of options that does not exist.
     #[error("{0}")]
     Unsupported(String),
-    /// A file could not be written.
-    #[error("cannot write {path}: {source}")]
-    Write {
-        /// The file.
-        path: std::path::PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// An image could not be encoded.
-    #[error("cannot encode {path}: {source}")]
-    Encode {
-        /// The file.
-        path: std::path::PathBuf,
-        /// Why.
-        source: image::ImageError,
-    },
+    /// A picture or file of an explanation could not be written (by the front ends that write
+    /// them; this crate writes no files).
+    #[error(transparent)]
+    Write(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The core's result type.

@@ -1,11 +1,7 @@
-//! Maps: bilinear upsampling, min-max normalisation, the jet colormap, overlays and atomic PNG
-//! output.
-
-use std::path::Path;
+//! Maps: bilinear upsampling, min-max normalisation, the jet colormap and overlays (pixels
+//! only: writing files is `gradcam-io`'s).
 
 use image::{Rgb, RgbImage};
-
-use crate::{Error, Result};
 
 /// A single-channel map, row-major `h x w`.
 #[derive(Debug, Clone, PartialEq)]
@@ -134,108 +130,6 @@ pub fn overlay(image: &RgbImage, normalized: &Map, region: Region) -> RgbImage {
     }
     out
 }
-
-/// Writes a PNG through a temporary file in the same folder renamed into place ([`write_atomic`]).
-pub fn write_png_atomic(img: &RgbImage, path: &Path) -> Result<()> {
-    let mut bytes = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut bytes, image::ImageFormat::Png).map_err(|source| Error::Encode { path: path.to_path_buf(), source })?;
-    write_atomic(path, bytes.get_ref())
-}
-
-/// Writes `bytes` through a temporary file in the same folder and renames it into place, so that
-/// a failure never leaves a half-written file behind (nor an interrupted run, with
-/// [`remove_temporaries_on_signals`]).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(path, |f| std::io::Write::write_all(f, bytes))
-}
-
-/// Writes tensors as a safetensors file, atomically as [`write_atomic`].
-pub fn save_safetensors_atomic(tensors: &std::collections::HashMap<String, candle_core::Tensor>, path: &Path) -> Result<()> {
-    let bytes = safetensors::tensor::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
-        .map_err(|e| Error::Write { path: path.to_path_buf(), source: std::io::Error::other(e) })?;
-    write_atomic(path, &bytes)
-}
-
-/// Writes through `write` into a temporary file that is created while the registry of
-/// temporaries is locked, then renamed into place. The signal thread removes the registered
-/// files under the same lock and exits holding it, so a temporary is either removed or never
-/// created.
-pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let err = |source| Error::Write { path: path.to_path_buf(), source };
-    let (tmp, mut file) = Temporary::create(dir.join(format!(".{name}.{}.tmp", std::process::id()))).map_err(err)?;
-    write(&mut file).map_err(err)?;
-    drop(file);
-    std::fs::rename(tmp.path(), path).map_err(err)
-}
-
-/// The temporary files being written, to remove if the process is stopped.
-static TEMPORARIES: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
-
-/// A temporary file in flight: removed when dropped (it was renamed into place, or the write
-/// failed), and by [`remove_temporaries`] if the process is stopped first.
-pub struct Temporary(std::path::PathBuf);
-
-impl Temporary {
-    /// Registers `path` and creates it, both under the registry's lock.
-    pub fn create(path: std::path::PathBuf) -> std::io::Result<(Self, std::fs::File)> {
-        let mut registry = TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner());
-        let file = std::fs::File::create(&path)?;
-        registry.push(path.clone());
-        Ok((Temporary(path), file))
-    }
-
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Temporary {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-        TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| p != &self.0);
-    }
-}
-
-/// Removes every temporary file in flight, and keeps the registry locked until the process ends
-/// (no new temporary can be created after this). For the signal thread only.
-pub fn remove_temporaries() {
-    let mut registry = TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner());
-    for p in registry.drain(..) {
-        let _ = std::fs::remove_file(p);
-    }
-    std::mem::forget(registry);
-}
-
-/// On SIGINT or SIGTERM, removes the temporary files in flight (and calls `also`, for other
-/// crates' registries), then exits with 128 + the signal. Call it first thing in `main`, before
-/// any thread exists: the signals are blocked in every thread and taken by one that waits for
-/// them, where removing files is safe (a signal handler could not lock the registry).
-#[cfg(unix)]
-pub fn remove_temporaries_on_signals(also: fn()) {
-    // SAFETY: plain libc calls on a local, zero-initialised signal set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        std::thread::spawn(move || {
-            let mut signal = 0;
-            if libc::sigwait(&set, &mut signal) == 0 {
-                remove_temporaries();
-                also();
-                std::process::exit(128 + signal);
-            }
-        });
-    }
-}
-
-/// Elsewhere, nothing: interrupted runs may leave a temporary file.
-#[cfg(not(unix))]
-pub fn remove_temporaries_on_signals(_also: fn()) {}
 
 #[cfg(test)]
 mod tests {

@@ -4,7 +4,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::cam::{Explainer, Gradient};
+use crate::cam::Explainer;
+use crate::guided::Guided;
 use crate::methods::{AugSmooth, EigenCam, EigenSmooth, GradCamPlusPlus, HiResCam, LayerCam, XGradCam};
 use crate::perturbation::{AblationCam, ScoreCam};
 use crate::{CamMethod, Error, GradCam, Result};
@@ -110,8 +111,7 @@ impl Method {
     }
 
     /// The method as an [`Explainer`], with pytorch-grad-cam's smoothings (for the
-    /// gradient-based methods only; an error for the others). The guided methods give their
-    /// Grad-CAM map here; [`crate::Cam`] adds their guided image.
+    /// gradient-based methods and the Grad-CAM map of the guided ones; an error for the others).
     pub fn explainer(self, eigen_smooth: bool, aug_smooth: bool) -> Result<Box<dyn Explainer>> {
         let Some(mut m) = self.cam_method() else {
             if eigen_smooth || aug_smooth {
@@ -125,7 +125,11 @@ impl Method {
         if eigen_smooth {
             m = Box::new(EigenSmooth(m));
         }
-        Ok(if aug_smooth { Box::new(AugSmooth(m)) } else { Box::new(Gradient(m)) })
+        let map: Box<dyn Explainer> = if aug_smooth { Box::new(AugSmooth(m)) } else { Box::new(m) };
+        Ok(match self {
+            Method::GuidedBackprop | Method::GuidedGradCam => Box::new(Guided { map, product: self == Method::GuidedGradCam }),
+            _ => map,
+        })
     }
 
     /// The methods whose map comes from (A, dy/dA) alone ([`Method::cam_method`] without the

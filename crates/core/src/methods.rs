@@ -8,8 +8,8 @@
 
 use candle_core::{Tensor, D};
 
-use crate::cam::{Context, Explainer};
-use crate::{CamMethod, Result};
+use crate::cam::{Context, Explainer, Request};
+use crate::{CamMethod, Explanation, Map, Result};
 
 /// Grad-CAM++ (Chattopadhay et al. 2018, eq. 19): alpha_k = sum_ij ReLU(g) * g^2 / (2 g^2 +
 /// sum_ab A * g^3 + 1e-6), with the ratio zeroed where g = 0.
@@ -173,7 +173,7 @@ pub struct EigenSmooth(pub Box<dyn CamMethod>);
 
 impl CamMethod for EigenSmooth {
     fn name(&self) -> &'static str {
-        self.0.name()
+        CamMethod::name(&self.0)
     }
 
     fn weights(&self, activations: &Tensor, grads: &Tensor) -> Result<Tensor> {
@@ -197,13 +197,13 @@ pub struct AugSmooth(pub Box<dyn CamMethod>);
 
 impl Explainer for AugSmooth {
     fn name(&self) -> &'static str {
-        self.0.name()
+        CamMethod::name(&self.0)
     }
 
-    fn explain(&self, cx: &Context<'_>, requests: &[crate::Request<'_>]) -> Result<Vec<crate::CamResult>> {
-        let (model, input, method) = (cx.model, cx.input, self.0.as_ref());
+    fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> Result<Vec<Explanation>> {
+        let (model, input, method) = (cx.model, cx.input, &self.0);
         let (_, _, ih, iw) = input.dims4()?;
-        let mut results: Vec<crate::CamResult> = Vec::new();
+        let mut results: Vec<Explanation> = Vec::new();
         let mut sums = vec![vec![0f32; ih * iw]; requests.len()];
         let copies = [(false, 0.9), (false, 1.0), (false, 1.1), (true, 0.9), (true, 1.0), (true, 1.1)];
         for (flip, factor) in copies {
@@ -211,7 +211,7 @@ impl Explainer for AugSmooth {
             let x = (x * factor)?;
             let r = crate::explain(model, &model.features(&x)?, requests, method)?;
             for (sum, ri) in sums.iter_mut().zip(&r) {
-                let up = ri.cam.normalized().0.resize_bilinear(ih, iw);
+                let up = ri.cam().normalized().0.resize_bilinear(ih, iw);
                 for y in 0..ih {
                     for x in 0..iw {
                         let src = if flip { iw - 1 - x } else { x };
@@ -224,7 +224,9 @@ impl Explainer for AugSmooth {
             }
         }
         for (r, sum) in results.iter_mut().zip(sums) {
-            r.cam = crate::Map::new(ih, iw, sum);
+            let map = Map::new(ih, iw, sum);
+            r.map_size = (map.h, map.w);
+            r.map = map.data;
         }
         Ok(results)
     }

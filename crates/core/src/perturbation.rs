@@ -4,8 +4,8 @@
 
 use candle_core::Tensor;
 
-use crate::cam::{Context, Explainer};
-use crate::{CamMethod, CamResult, Error, GradCam, Map, Request, Result, Score};
+use crate::cam::{Context, Explainer, Request};
+use crate::{CamMethod, Error, Explanation, GradCam, Map, Result, Target};
 
 /// Ablation-CAM (Desai & Ramaswamy 2020), as pytorch-grad-cam computes it: channel k's weight is
 /// (y - y_k) / y, where y_k is the target's score with channel k of the explained layer set to 0
@@ -23,7 +23,7 @@ impl Explainer for AblationCam {
         "ablationcam"
     }
 
-    fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> Result<Vec<CamResult>> {
+    fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> Result<Vec<Explanation>> {
         let (model, activations, chunk, progress) = (cx.model, cx.activations, self.chunk, cx.progress);
         let (batch, k, h, w) = activations.dims4()?;
         let plane = h * w;
@@ -55,29 +55,26 @@ impl Explainer for AblationCam {
                 }
                 progress(start + n);
             }
-            results.push(weighted_result(&a, weights, y, r, "Ablation-CAM map")?);
+            results.push(weighted_result("ablationcam", &a, weights, y, r)?);
         }
         Ok(results)
     }
 }
 
 /// The target's score of every row of a head output.
-fn score_rows(out: &Tensor, target: &dyn Score) -> Result<Vec<f32>> {
+fn score_rows(out: &Tensor, target: &Target) -> Result<Vec<f32>> {
     (0..out.dim(0)?).map(|i| Ok(target.score(&out.get(i)?)?.to_scalar::<f32>()?)).collect()
 }
 
 /// The explanation of one request from perturbation weights: ReLU(sum_k w_k A^k) (Grad-CAM's
 /// map, other weights), checked for NaN. `a`: `[K, h, w]`; `y`: the target's score.
-fn weighted_result(a: &Tensor, weights: Vec<f32>, y: f32, r: &Request<'_>, what: &'static str) -> Result<CamResult> {
+fn weighted_result(method: &'static str, a: &Tensor, weights: Vec<f32>, y: f32, r: &Request<'_>) -> Result<Explanation> {
     let (k, h, w) = a.dims3()?;
     let a = a.unsqueeze(0)?;
     let alpha = Tensor::from_vec(weights.clone(), (1, k), a.device())?;
     let cam = Map::new(h, w, GradCam.cam(&a, &a, &alpha)?.flatten_all()?.to_vec1::<f32>()?);
-    if !cam.is_finite() || weights.iter().any(|v| !v.is_finite()) {
-        return Err(crate::Error::NonFinite { what });
-    }
-    let score = if r.target.counterfactual() { -y } else { y };
-    Ok(CamResult { image: r.image, score, counterfactual: r.target.counterfactual(), alpha: weights, cam })
+    let score = if r.target.is_counterfactual() { -y } else { y };
+    Explanation::new(method, r, score, cam, Some(weights))
 }
 
 /// Score-CAM (Wang et al. 2020), as pytorch-grad-cam computes it: each channel's map, upsampled to
@@ -97,7 +94,7 @@ impl Explainer for ScoreCam {
         "scorecam"
     }
 
-    fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> Result<Vec<CamResult>> {
+    fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> Result<Vec<Explanation>> {
         let (model, input, activations, chunk, progress) = (cx.model, cx.input, cx.activations, self.chunk, cx.progress);
         let (batch, k, h, w) = activations.dims4()?;
         let (_, c, ih, iw) = input.dims4()?;
@@ -172,7 +169,7 @@ impl Explainer for ScoreCam {
             let sum: f32 = exps.iter().sum();
             let weights: Vec<f32> = exps.iter().map(|e| e / sum).collect();
             let y = score_rows(&model.head(&a.unsqueeze(0)?)?, r.target)?[0];
-            results.push(weighted_result(&a, weights, y, r, "Score-CAM map")?);
+            results.push(weighted_result("scorecam", &a, weights, y, r)?);
         }
         Ok(results)
     }

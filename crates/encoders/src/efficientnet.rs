@@ -6,7 +6,7 @@
 //! `_conv_head`, `_fc`), as in `efficientnet-lite0-57934424.pth`.
 
 use candle_core::Tensor;
-use gradcam_core::ops::{Activation, Conv2d, Linear, Padding};
+use gradcam_kernels::{Activation, Conv2d, Linear, Padding, Rule};
 
 use crate::network::{conv_bn, global_avg_pool, linear, Layer, Network};
 use crate::weights::Weights;
@@ -59,17 +59,17 @@ impl MbConvBlock {
 }
 
 impl Layer for MbConvBlock {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, rule: Rule) -> candle_core::Result<Tensor> {
         let h = match &self.expand {
-            Some(e) => e.forward(x)?, // [b, hidden, h, w]
+            Some(e) => e.forward_with(x, rule)?, // [b, hidden, h, w]
             None => x.clone(),
         };
-        let h = self.depthwise.forward(&h)?; // [b, hidden, h / s, w / s]
+        let h = self.depthwise.forward_with(&h, rule)?; // [b, hidden, h / s, w / s]
         // [b, out, h / s, w / s], the skip connection added in the projection's epilogue
         if self.skip {
-            self.project.forward_residual(&h, x, Activation::Identity)
+            self.project.forward_residual_with(&h, x, Activation::Identity, rule)
         } else {
-            self.project.forward(&h)
+            self.project.forward_with(&h, rule)
         }
     }
 }
@@ -79,8 +79,8 @@ struct Classifier {
 }
 
 impl Layer for Classifier {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.fc.forward(&global_avg_pool(x)?) // [b, classes]
+    fn forward(&self, x: &Tensor, rule: Rule) -> candle_core::Result<Tensor> {
+        self.fc.forward_with(&global_avg_pool(x)?, rule) // [b, classes]
     }
 }
 

@@ -1,6 +1,7 @@
 //! CNN backbones with named layers for gradcam (EfficientNet-Lite0, VGG-16, ResNet-18/50), their
 //! weight loaders (safetensors, PyTorch zip and legacy checkpoints, hf-hub), ImageNet
 //! preprocessing and class names.
+#![forbid(unsafe_code)]
 
 pub mod efficientnet;
 pub mod hashed;
@@ -53,6 +54,8 @@ pub enum Error {
     Data(String),
     #[error("{0}")]
     Onnx(String),
+    #[error(transparent)]
+    Write(#[from] gradcam_io::Error),
 }
 
 impl Error {

@@ -1,8 +1,8 @@
 //! A CNN classifier as a sequence of named layers, split at any of them for Grad-CAM.
 
 use candle_core::Tensor;
-use gradcam_core::ops::{Activation, Conv2d, Padding};
 use gradcam_core::Explainable;
+use gradcam_kernels::{Activation, Conv2d, Padding, Rule};
 
 use std::sync::Arc;
 
@@ -12,20 +12,23 @@ use crate::{Error, Result};
 
 /// One named stage of a network.
 pub trait Layer: Send + Sync {
+    /// The layer's output, its ReLUs' backward following `rule` (Guided Backpropagation runs
+    /// the network with [`Rule::Guided`]).
+    ///
     /// # Shapes
     /// `[batch, c, h, w]` -> `[batch, c', h', w']` (the classifier tail returns `[batch, classes]`).
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+    fn forward(&self, x: &Tensor, rule: Rule) -> candle_core::Result<Tensor>;
 }
 
-impl<F: Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync> Layer for F {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self(x)
+impl<F: Fn(&Tensor, Rule) -> candle_core::Result<Tensor> + Send + Sync> Layer for F {
+    fn forward(&self, x: &Tensor, rule: Rule) -> candle_core::Result<Tensor> {
+        self(x, rule)
     }
 }
 
 impl Layer for Conv2d {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        Conv2d::forward(self, x)
+    fn forward(&self, x: &Tensor, rule: Rule) -> candle_core::Result<Tensor> {
+        self.forward_with(x, rule)
     }
 }
 
@@ -85,17 +88,17 @@ impl Network {
     }
 
     /// Layers `range` in order, each fused pair as one op.
-    fn run(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
+    fn run(&self, x: &Tensor, range: std::ops::Range<usize>, rule: Rule) -> Result<Tensor> {
         let mut x = x.clone();
         let mut i = range.start;
         while i < range.end {
             match &self.fused[i] {
                 Some(both) if i + 1 < range.end => {
-                    x = both.forward(&x)?;
+                    x = both.forward(&x, rule)?;
                     i += 2;
                 }
                 _ => {
-                    x = self.layers[i].1.forward(&x)?;
+                    x = self.layers[i].1.forward(&x, rule)?;
                     i += 1;
                 }
             }
@@ -190,18 +193,23 @@ impl Network {
     /// # Shapes
     /// `[batch, 3, h, w]` -> `[batch, classes]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let a = self.features_at(x, self.layers.len() - 1)?;
-        Ok(self.tail.forward(&a)?)
+        self.forward_with(x, Rule::Exact)
+    }
+
+    /// Logits, the backward of every ReLU following `rule`.
+    pub fn forward_with(&self, x: &Tensor, rule: Rule) -> Result<Tensor> {
+        let a = self.run(x, 0..self.layers.len(), rule)?;
+        Ok(self.tail.forward(&a, rule)?)
     }
 
     /// Activations of layer `index`.
     pub fn features_at(&self, x: &Tensor, index: usize) -> Result<Tensor> {
-        self.run(x, 0..index + 1)
+        self.run(x, 0..index + 1, Rule::Exact)
     }
 
     /// Layer `index` alone, on the previous layer's activations (for per-layer timings).
     pub fn layer_forward(&self, index: usize, x: &Tensor) -> Result<Tensor> {
-        Ok(self.layers[index].1.forward(x)?)
+        Ok(self.layers[index].1.forward(x, Rule::Exact)?)
     }
 
     /// Number of feature layers (the tail not counted).
@@ -211,8 +219,8 @@ impl Network {
 
     /// Logits from the activations of layer `index`.
     pub fn head_from(&self, a: &Tensor, index: usize) -> Result<Tensor> {
-        let x = self.run(a, index + 1..self.layers.len())?;
-        Ok(self.tail.forward(&x)?)
+        let x = self.run(a, index + 1..self.layers.len(), Rule::Exact)?;
+        Ok(self.tail.forward(&x, Rule::Exact)?)
     }
 
     /// The model split at a layer, for [`gradcam_core::explain`].
@@ -264,6 +272,10 @@ impl Explainable for Split<'_> {
         let grad = grads.get(pass.input.as_tensor()).ok_or(gradcam_core::Error::NoGradient)?.clone();
         Ok(Some((vec![value], grad)))
     }
+
+    fn forward_with(&self, input: &Tensor, rule: Rule) -> gradcam_core::Result<Tensor> {
+        self.network.forward_with(input, rule).map_err(Error::into_core)
+    }
 }
 
 /// Global average pooling.
@@ -314,8 +326,8 @@ pub(crate) fn conv(
 }
 
 /// A fully-connected layer.
-pub(crate) fn linear(w: &Weights, name: &str, out: usize, inp: usize, activation: Activation) -> Result<gradcam_core::ops::Linear> {
+pub(crate) fn linear(w: &Weights, name: &str, out: usize, inp: usize, activation: Activation) -> Result<gradcam_kernels::Linear> {
     let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
     let bias = w.get(&format!("{name}.bias"), &[out])?;
-    Ok(gradcam_core::ops::Linear::new(&weight, Some(&bias), activation)?)
+    Ok(gradcam_kernels::Linear::new(&weight, Some(&bias), activation)?)
 }

@@ -10,7 +10,7 @@ use crate::scene_cnn::{self, EncoderSpec, Pooling, SceneCnn};
 use crate::{Error, Result};
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    gradcam_core::map::write_atomic(path, bytes).map_err(|e| Error::Data(e.to_string()))
+    Ok(gradcam_io::write_atomic(path, bytes)?)
 }
 
 /// What pruning did.
@@ -116,7 +116,7 @@ pub fn prune(model: &Path, data: &Path, out: &Path, progress: &dyn Fn(usize, usi
         move |source| Error::Io { path, source }
     };
     std::fs::create_dir_all(out).map_err(io(out))?;
-    gradcam_core::map::save_safetensors_atomic(&pruned, &out.join("model.safetensors")).map_err(|e| Error::Data(e.to_string()))?;
+    gradcam_io::write_safetensors(&pruned, &out.join("model.safetensors"))?;
     let config = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Data(e.to_string()))?;
     write_atomic(&out.join("config.json"), config.as_bytes())?;
     for name in ["tokenizer.json", "README.md"] {

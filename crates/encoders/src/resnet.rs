@@ -3,7 +3,7 @@
 //! Batch norms are folded into their convolutions at load time (inference only).
 
 use candle_core::Tensor;
-use gradcam_core::ops::{Activation, Conv2d, Linear, MaxPool2d, Padding};
+use gradcam_kernels::{Activation, Conv2d, Linear, MaxPool2d, Padding, Rule};
 
 use crate::network::{conv_bn, global_avg_pool, linear, Layer, Network};
 use crate::weights::Weights;
@@ -67,16 +67,17 @@ fn identity(x: &Tensor, downsample: &Option<Conv2d>) -> candle_core::Result<Tens
 }
 
 impl Layer for BasicBlock {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, rule: Rule) -> candle_core::Result<Tensor> {
         // relu(conv2(.) + identity), the sum in conv2's epilogue: [b, planes, h / s, w / s]
-        self.conv2.forward_residual(&self.conv1.forward(x)?, &identity(x, &self.downsample)?, Activation::Relu)
+        self.conv2.forward_residual_with(&self.conv1.forward_with(x, rule)?, &identity(x, &self.downsample)?, Activation::Relu, rule)
     }
 }
 
 impl Layer for Bottleneck {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, rule: Rule) -> candle_core::Result<Tensor> {
         // relu(conv3(.) + identity), the sum in conv3's epilogue: [b, 4 planes, h / s, w / s]
-        self.conv3.forward_residual(&self.conv2.forward(&self.conv1.forward(x)?)?, &identity(x, &self.downsample)?, Activation::Relu)
+        let h = self.conv2.forward_with(&self.conv1.forward_with(x, rule)?, rule)?;
+        self.conv3.forward_residual_with(&h, &identity(x, &self.downsample)?, Activation::Relu, rule)
     }
 }
 
@@ -85,8 +86,8 @@ struct Classifier {
 }
 
 impl Layer for Classifier {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.fc.forward(&global_avg_pool(x)?) // [b, classes]
+    fn forward(&self, x: &Tensor, rule: Rule) -> candle_core::Result<Tensor> {
+        self.fc.forward_with(&global_avg_pool(x)?, rule) // [b, classes]
     }
 }
 
@@ -95,7 +96,7 @@ fn resnet(w: &Weights, arch: &'static str, blocks: [usize; 4], bottleneck: bool,
     let stem = conv_bn(w, "conv1", "bn1", [64, 3, 7, 7], 1, 2, Padding::Symmetric(3), BN_EPS, Activation::Relu)?;
     layers.push(("relu".into(), Box::new(stem)));
     let pool = MaxPool2d { kernel: 3, stride: 2, padding: 1 };
-    layers.push(("maxpool".into(), Box::new(move |x: &Tensor| pool.forward(x))));
+    layers.push(("maxpool".into(), Box::new(move |x: &Tensor, _: Rule| pool.forward(x))));
     let expansion = if bottleneck { 4 } else { 1 };
     let mut cin = 64;
     let mut aliases = Vec::new();

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use gradcam_core::ops::{Activation, Conv2d, Linear, Padding};
+use gradcam_kernels::{Activation, Conv2d, Linear, Padding, Rule};
 use serde::{Deserialize, Serialize};
 
 use crate::network::{global_avg_pool, Layer, Network};
@@ -59,7 +59,7 @@ impl Config {
 
     pub fn save(&self, dir: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).map_err(|e| Error::Checkpoint(e.to_string()))?;
-        gradcam_core::map::write_atomic(&dir.join("config.json"), text.as_bytes()).map_err(|e| Error::Data(e.to_string()))
+        Ok(gradcam_io::write_atomic(&dir.join("config.json"), text.as_bytes())?)
     }
 }
 
@@ -75,8 +75,8 @@ struct Head {
 }
 
 impl Layer for Head {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.fc.forward(&global_avg_pool(x)?) // [b, classes]
+    fn forward(&self, x: &Tensor, rule: Rule) -> candle_core::Result<Tensor> {
+        self.fc.forward_with(&global_avg_pool(x)?, rule) // [b, classes]
     }
 }
 

@@ -12,7 +12,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Init, VarBuilder};
-use gradcam_core::ops::{Activation, Padding, TrainableConv2d};
+use gradcam_kernels::{Activation, Padding, Rule, TrainableConv2d};
 use image::{imageops::FilterType, RgbImage};
 
 use crate::Result;
@@ -73,12 +73,17 @@ impl SceneCnn {
     /// # Shapes
     /// `[batch, 3, s, s]` -> `[batch, channels, s / 4, s / 4]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, Rule::Exact)
+    }
+
+    /// [`SceneCnn::forward`] with the backward of its ReLUs following `rule`.
+    pub fn forward_with(&self, x: &Tensor, rule: Rule) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, (w, b, stride)) in self.convs.iter().enumerate() {
             if i == 3 && self.coord_conv {
                 x = Tensor::cat(&[&x, &coordinates(&x)?], 1)?; // [b, c + 2, h, w]
             }
-            let conv = TrainableConv2d { stride: *stride, padding: Padding::Same, activation: Activation::Relu };
+            let conv = TrainableConv2d { stride: *stride, padding: Padding::Same, activation: Activation::Relu, rule };
             x = conv.forward(&x, w, b)?;
         }
         Ok(x)
@@ -123,7 +128,7 @@ impl Pooling {
     /// # Shapes
     /// `[n, C, h, w]` -> `[n, width(C)]`.
     pub fn forward(&self, a: &Tensor) -> Result<Tensor> {
-        let avg_max = gradcam_core::ops::GlobalAvgMaxPool.forward(a)?;
+        let avg_max = gradcam_kernels::GlobalAvgMaxPool.forward(a)?;
         if !self.moments {
             return Ok(avg_max);
         }
@@ -198,7 +203,7 @@ pub fn init_parameters(varmap: &candle_nn::VarMap, seed: u64) -> Result<()> {
 /// temporary file, as the trainers do after each epoch.
 pub fn save_parameters(varmap: &candle_nn::VarMap, path: &std::path::Path) -> Result<()> {
     let tensors = varmap.data().lock().map_err(|_| crate::Error::Checkpoint("parameter map poisoned".into()))?.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-    gradcam_core::map::save_safetensors_atomic(&tensors, path).map_err(|e| crate::Error::Checkpoint(format!("{}: {e}", path.display())))
+    Ok(gradcam_io::write_safetensors(&tensors, path)?)
 }
 
 /// The weights of a trained model folder (`dir/model.safetensors`), memory-mapped, with an error

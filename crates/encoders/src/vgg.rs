@@ -4,7 +4,7 @@
 //! paper's relu5_3 (`features.29`, 512 x 14 x 14 at 224, the default) can be explained.
 
 use candle_core::Tensor;
-use gradcam_core::ops::{Activation, AdaptiveAvgPool2d, Linear, MaxPool2d, Padding};
+use gradcam_kernels::{Activation, AdaptiveAvgPool2d, Linear, MaxPool2d, Padding, Rule};
 
 use crate::network::{conv, linear, Layer, Network};
 use crate::weights::Weights;
@@ -20,12 +20,12 @@ struct Classifier {
 }
 
 impl Layer for Classifier {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, rule: Rule) -> candle_core::Result<Tensor> {
         let x = AdaptiveAvgPool2d { out_h: 7, out_w: 7 }.forward(x)?.flatten_from(1)?; // [b, 25088]
         // Dropout is the identity at inference.
-        let x = self.fc6.forward(&x)?; // [b, 4096]
-        let x = self.fc7.forward(&x)?; // [b, 4096]
-        self.fc8.forward(&x) // [b, classes]
+        let x = self.fc6.forward_with(&x, rule)?; // [b, 4096]
+        let x = self.fc7.forward_with(&x, rule)?; // [b, 4096]
+        self.fc8.forward_with(&x, rule) // [b, classes]
     }
 }
 
@@ -51,12 +51,12 @@ pub fn vgg16(w: &Weights, num_classes: usize) -> Result<Network> {
         let i = layers.len();
         if cout == 0 {
             let pool = MaxPool2d { kernel: 2, stride: 2, padding: 0 };
-            layers.push((format!("features.{i}"), Box::new(move |x: &Tensor| pool.forward(x))));
+            layers.push((format!("features.{i}"), Box::new(move |x: &Tensor, _: Rule| pool.forward(x))));
         } else {
             let c = conv(w, &format!("features.{i}"), [cout, cin, 3, 3], 1, Padding::Symmetric(1), Activation::Identity)?;
             fused.push((i, c.with_activation(Activation::Relu)?));
             layers.push((format!("features.{i}"), Box::new(c)));
-            layers.push((format!("features.{}", i + 1), Box::new(|x: &Tensor| Activation::Relu.forward(x))));
+            layers.push((format!("features.{}", i + 1), Box::new(|x: &Tensor, rule: Rule| Activation::Relu.forward_with(x, rule))));
             cin = cout;
         }
     }

@@ -191,7 +191,7 @@ impl Weights {
         if self.tensors().is_empty() {
             return Err(Error::Checkpoint(format!("{}: no floating-point tensors to write", self.origin)));
         }
-        gradcam_core::map::save_safetensors_atomic(&self.tensors(), path).map_err(|e| Error::Checkpoint(e.to_string()))
+        Ok(gradcam_io::write_safetensors(&self.tensors(), path)?)
     }
 }
 

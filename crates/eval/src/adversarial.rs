@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use gradcam_core::metrics::{energy, threshold_box, BoundingBox, Pointing};
-use gradcam_core::{explain, CamMethod, ClassLogit, Explainable, Map, Request, Score};
+use gradcam_core::{explain, CamMethod, Explainable, Map, Request, Target};
 use gradcam_encoders::preprocess::{prepare_with, Resize};
 use gradcam_encoders::Network;
 use gradcam_scenes::coco::Instances;
@@ -94,9 +94,9 @@ fn cam(net: &Network, layer: usize, pixels: &candle_core::Tensor, class: usize, 
     let input = crate::attack::normalize(net, pixels)?;
     let split = net.split(layer);
     let activations = split.features(&input)?;
-    let target = ClassLogit(class);
-    let requests = [Request { image: 0, target: &target as &dyn Score }];
-    Ok(explain(&split, &activations, &requests, method)?.remove(0).cam)
+    let target = Target::class(class);
+    let requests = [Request { image: 0, target: &target }];
+    Ok(explain(&split, &activations, &requests, method)?.remove(0).cam())
 }
 
 /// Attacks and measures the first `limit` images of the COCO set in `dir` (instances.json and

@@ -7,6 +7,7 @@
 //! (the [`Case`]s: a class, a caption word, an answer) and which ground-truth objects each case
 //! refers to, produces the raw maps, and scores perturbed copies of its input. [`run`] does the
 //! rest, the same way for classifiers, captioners and VQA models.
+#![forbid(unsafe_code)]
 
 pub mod adversarial;
 pub mod attack;
@@ -47,6 +48,8 @@ pub enum Error {
     Options(String),
     #[error("{0}")]
     Data(String),
+    #[error(transparent)]
+    Write(#[from] gradcam_io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

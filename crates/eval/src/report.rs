@@ -3,7 +3,8 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use gradcam_core::map::{overlay, write_png_atomic, Region};
+use gradcam_core::map::{overlay, Region};
+use gradcam_io::write_png as write_png_atomic;
 use gradcam_core::Map;
 use image::RgbImage;
 
@@ -158,5 +159,5 @@ pub fn write_failures(dir: &Path, failures: &[Failure], title: &str) -> Result<(
         }
         html.push_str("</section>\n");
     }
-    Ok(gradcam_scenes::write_atomic(&dir.join("index.html"), html.as_bytes())?)
+    Ok(gradcam_io::write_atomic(&dir.join("index.html"), html.as_bytes())?)
 }

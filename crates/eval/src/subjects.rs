@@ -9,7 +9,7 @@ use candle_core::{Tensor, D};
 use gradcam_captioner::eval::{named_objects, word_explanations_with};
 use gradcam_captioner::Captioner;
 use gradcam_core::metrics::BoundingBox;
-use gradcam_core::{explain, CamMethod, ClassLogit, Explainable, Map, Request, Score};
+use gradcam_core::{explain, CamMethod, Explainable, Explanation, Map, Request, Target};
 use gradcam_encoders::preprocess::{load_image, prepare_with, Resize};
 use gradcam_encoders::Network;
 use gradcam_scenes::coco::{Instance, Instances};
@@ -176,9 +176,9 @@ impl Subject for ClassifierSubject {
     }
 
     fn maps(&self, ex: &Example<ClassifierState>, method: &dyn CamMethod) -> Result<Vec<Map>> {
-        let classes: Vec<ClassLogit> = ex.state.classes.iter().map(|&c| ClassLogit(c)).collect();
-        let requests: Vec<Request> = classes.iter().map(|t| Request { image: 0, target: t as &dyn Score }).collect();
-        Ok(explain(&self.net.split(self.layer), &ex.state.activations, &requests, method)?.into_iter().map(|r| r.cam).collect())
+        let classes: Vec<Target> = ex.state.classes.iter().map(|&c| Target::class(c)).collect();
+        let requests: Vec<Request> = classes.iter().map(|target| Request { image: 0, target }).collect();
+        Ok(explain(&self.net.split(self.layer), &ex.state.activations, &requests, method)?.iter().map(Explanation::cam).collect())
     }
 
     fn scores(&self, ex: &Example<ClassifierState>, inputs: &Tensor) -> Result<Vec<Vec<(f32, f32)>>> {
@@ -272,7 +272,7 @@ impl Subject for CaptionerSubject {
             return Ok(Vec::new());
         }
         let results = word_explanations_with(&self.model, &ex.state.activations, &ex.state.tokens, method)?;
-        Ok(ex.state.steps.iter().map(|&t| results[t].cam.clone()).collect())
+        Ok(ex.state.steps.iter().map(|&t| results[t].cam()).collect())
     }
 
     fn scores(&self, ex: &Example<CaptionerState>, inputs: &Tensor) -> Result<Vec<Vec<(f32, f32)>>> {
@@ -358,8 +358,8 @@ impl Subject for VqaSubject {
         let mut maps = Vec::with_capacity(ex.cases.len());
         for (q, answer) in &ex.state.questions {
             let split = VqaSplit { model: &self.model, question: q.clone() };
-            let target = ClassLogit(*answer);
-            maps.push(explain(&split, &ex.state.activations, &[Request { image: 0, target: &target }], method)?.remove(0).cam);
+            let target = Target::answer(*answer);
+            maps.push(explain(&split, &ex.state.activations, &[Request { image: 0, target: &target }], method)?.remove(0).cam());
         }
         Ok(maps)
     }

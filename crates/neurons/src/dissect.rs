@@ -142,11 +142,7 @@ impl Dissection {
 
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).map_err(|e| Error::Data(e.to_string()))?;
-        // Keep the reason (permission denied, not a directory) beside the path.
-        gradcam_scenes::write_atomic(path, text.as_bytes()).map_err(|e| match e {
-            gradcam_scenes::Error::Io { path, source } => Error::Io { path, source },
-            other => Error::Data(other.to_string()),
-        })
+        Ok(gradcam_io::write_atomic(path, text.as_bytes())?)
     }
 }
 

@@ -3,6 +3,7 @@
 //! they push up; then report the 5 units with the largest and the 5 with the smallest alpha_k of
 //! an explanation, with their names, as data and as a sentence (the report itself lives in the
 //! core, beside the explanations it reads).
+#![forbid(unsafe_code)]
 
 pub mod dissect;
 pub mod model;
@@ -25,6 +26,8 @@ pub enum Error {
     Io { path: std::path::PathBuf, source: std::io::Error },
     #[error("{0}")]
     Data(String),
+    #[error(transparent)]
+    Write(#[from] gradcam_io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -1,6 +1,7 @@
 //! ShapeScenes, a deterministic synthetic vision-language dataset with ground truth (per-object
 //! masks, captions, questions with the objects their answers depend on), written as COCO
 //! captions, COCO instances and VQA v2 files; and readers for any dataset in those formats.
+#![forbid(unsafe_code)]
 
 pub mod coco;
 pub mod dataset;
@@ -11,6 +12,11 @@ pub mod vocab;
 pub mod vqa;
 
 use std::path::{Path, PathBuf};
+
+/// Writes a file atomically ([`gradcam_io::write_atomic`]).
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    Ok(gradcam_io::write_atomic(path, bytes)?)
+}
 
 pub use dataset::{Config, Example, Split};
 
@@ -27,43 +33,8 @@ pub enum Error {
     Config(String),
     #[error("unknown words {words}; the model knows: {known}")]
     UnknownWords { words: String, known: String },
+    #[error(transparent)]
+    Write(#[from] gradcam_io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
-
-/// Writes a file through a temporary file in the same folder renamed into place, so that an
-/// interrupted run never leaves a half-written file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    // Created under the registry's lock: `remove_temporaries` removes under it and keeps it.
-    let file = {
-        let mut registry = TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner());
-        let file = std::fs::File::create(&tmp);
-        if file.is_ok() {
-            registry.push(tmp.clone());
-        }
-        file
-    };
-    let result = file.and_then(|mut f| f.write_all(bytes)).and_then(|()| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| p != &tmp);
-    result.map_err(|source| Error::Io { path: path.to_path_buf(), source })
-}
-
-/// The temporary files [`write_atomic`] has in flight.
-static TEMPORARIES: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
-
-/// Removes the temporary files in flight (when the process is stopped: see
-/// `gradcam_core::map::remove_temporaries_on_signals`).
-pub fn remove_temporaries() {
-    let mut registry = TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner());
-    for p in registry.drain(..) {
-        let _ = std::fs::remove_file(p);
-    }
-    // Held until the process ends: no temporary is created after this.
-    std::mem::forget(registry);
-}

@@ -12,7 +12,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use gradcam::pipeline::{caption, classify, vqa, Files, Settings};
-use gradcam::{Method, UnitNames};
+use gradcam::report::UnitNames;
+use gradcam::Method;
 use image::RgbImage;
 
 use crate::{ApiError, App, SAMPLES};

@@ -73,5 +73,5 @@ pub fn write(file: &Path, image: &Path, view: View, record: &impl serde::Seriali
     // `</` cannot end the script early inside a JSON string written this way.
     let script = format!("<script>window.GRADCAM_DATA = {};</script>\n<script>", serde_json::to_string(&data).map_err(std::io::Error::other)?.replace("</", "<\\/"));
     let page = crate::PAGE.replacen("<script>", &script, 1);
-    gradcam_core::map::write_atomic(file, page.as_bytes()).map_err(std::io::Error::other)
+    gradcam_io::write_atomic(file, page.as_bytes()).map_err(std::io::Error::other)
 }

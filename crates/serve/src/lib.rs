@@ -6,6 +6,7 @@
 //! not an image 415; a bounded work queue (`workers` running, `queue` waiting, the rest 503 with
 //! `Retry-After`); a time limit per request (504); only the embedded assets and the API are routed
 //! (any other path, `..` included, is a JSON 404); every error is a JSON object `{"error": ...}`.
+#![forbid(unsafe_code)]
 
 mod api;
 pub mod cli;

@@ -41,7 +41,7 @@ pub fn write(data: &Path, out: &Path, tc: &TrainConfig, ckpt: &Checkpoint, minut
     let text = std::fs::read_to_string(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
     let cfg: Config = serde_json::from_str(&text).map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
     let text = card(&command(data, out, tc), &cfg, ckpt, minutes, metrics.as_ref(), data);
-    gradcam_scenes::write_atomic(&out.join("README.md"), text.as_bytes())?;
+    gradcam_io::write_atomic(&out.join("README.md"), text.as_bytes())?;
     Ok(metrics)
 }
 

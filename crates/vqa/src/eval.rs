@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use gradcam_core::metrics::Pointing;
-use gradcam_core::{explain, CamMethod, ClassLogit, Counterfactual, Map, Request, Score};
+use gradcam_core::{explain, CamMethod, Map, Request, Target};
 use gradcam_scenes::rle::Mask;
 use gradcam_scenes::vqa::Vqa as VqaFile;
 use gradcam_scenes::Split;
@@ -105,17 +105,16 @@ pub fn evaluate(model: &Vqa, split: &Split, limit: usize, method: &dyn CamMethod
                 continue;
             }
             let mask = evidence[0];
-            let predicted = ClassLogit(pred);
-            let map = &explain(&split_q, &a, &[Request { image: 0, target: &predicted }], method)?[0].cam;
+            let predicted = Target::answer(pred);
+            let map = &explain(&split_q, &a, &[Request { image: 0, target: &predicted }], method)?[0].cam();
             let (hit, centre) = Pointing::hits(&map.resize_bilinear(h, w), |y, x| mask.near(y, x, tolerance));
             pointing.add(hit, centre);
             pointing_per_type.entry(qtype.clone()).or_default().add(hit, centre);
             if let (true, Ok(correct)) = (ex.objects.len() >= 2, model.answer_index(&ann.multiple_choice_answer)) {
-                let (t, c) = (ClassLogit(correct), Counterfactual(ClassLogit(correct)));
-                let targets: [&dyn Score; 2] = [&t, &c];
-                let maps = explain(&split_q, &a, &targets.map(|target| Request { image: 0, target }), method)?;
-                let less = (mass_on(&maps[1].cam, mask) < mass_on(&maps[0].cam, mask)) as usize;
-                let empty = !maps[1].cam.normalized().1 as usize;
+                let targets = [Target::answer(correct), Target::answer(correct).counterfactual()];
+                let maps = explain(&split_q, &a, &[Request { image: 0, target: &targets[0] }, Request { image: 0, target: &targets[1] }], method)?;
+                let less = (mass_on(&maps[1].cam(), mask) < mass_on(&maps[0].cam(), mask)) as usize;
+                let empty = !maps[1].cam().normalized().1 as usize;
                 for c in [&mut cf, cf_per_type.entry(qtype.clone()).or_default()] {
                     c.questions += 1;
                     c.less_mass += less;

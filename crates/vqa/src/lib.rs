@@ -2,6 +2,7 @@
 //! common space, fused by element-wise product, then an MLP over the answers. The answer's
 //! pre-softmax score is backpropagated into the CNN's last convolutional layer; its negation gives
 //! the counterfactual map.
+#![forbid(unsafe_code)]
 
 pub mod card;
 pub mod eval;
@@ -33,6 +34,8 @@ pub enum Error {
     UnknownAnswer { answer: String, known: String },
     #[error("training: {0}")]
     Training(String),
+    #[error(transparent)]
+    Write(#[from] gradcam_io::Error),
 }
 
 impl Error {

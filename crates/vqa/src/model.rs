@@ -8,7 +8,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
-use gradcam_core::ops::{Activation, Linear, LstmCell};
+use gradcam_kernels::{Activation, Linear, LstmCell, Rule};
 use gradcam_core::Explainable;
 use gradcam_encoders::scene_cnn::{self, Pooling, SceneCnn};
 use gradcam_scenes::vocab::{normalize, Vocab};
@@ -213,6 +213,11 @@ impl Vqa {
         Ok(self.cnn.forward(images)?)
     }
 
+    /// [`Self::features`] with the backward of the CNN's ReLUs following `rule`.
+    pub fn features_with(&self, images: &Tensor, rule: Rule) -> Result<Tensor> {
+        Ok(self.cnn.forward_with(images, rule)?)
+    }
+
     /// Tokenises a question: punctuation separated, unknown words kept as `<unk>` (and listed),
     /// cut to `max_question_len` words; an empty question is an error.
     pub fn question(&self, text: &str) -> Result<Question> {
@@ -247,8 +252,13 @@ impl Vqa {
     /// # Shapes
     /// `a`: `[n, C, h, w]`, `q`: `[1, joint]` -> `[n, answers]`.
     pub fn logits(&self, a: &Tensor, q: &Tensor) -> Result<Tensor> {
-        let v = self.image_proj.forward(&self.cfg.pooling().forward(a)?)?; // [n, J], ReLU fused
-        Ok(self.fc2.forward(&self.fc1.forward(&v.broadcast_mul(q)?)?)?)
+        self.logits_with(a, q, Rule::Exact)
+    }
+
+    /// [`Self::logits`] with the backward of the head's ReLUs following `rule`.
+    pub fn logits_with(&self, a: &Tensor, q: &Tensor, rule: Rule) -> Result<Tensor> {
+        let v = self.image_proj.forward_with(&self.cfg.pooling().forward(a)?, rule)?; // [n, J], ReLU fused
+        Ok(self.fc2.forward(&self.fc1.forward_with(&v.broadcast_mul(q)?, rule)?)?)
     }
 
     /// The `k` most probable answers with their probabilities.
@@ -280,5 +290,10 @@ impl Explainable for VqaSplit<'_> {
 
     fn head(&self, a: &Tensor) -> gradcam_core::Result<Tensor> {
         self.model.logits(a, &self.question).map_err(Error::into_core)
+    }
+
+    fn forward_with(&self, input: &Tensor, rule: Rule) -> gradcam_core::Result<Tensor> {
+        let a = self.model.features_with(input, rule).map_err(Error::into_core)?;
+        self.model.logits_with(&a, &self.question, rule).map_err(Error::into_core)
     }
 }

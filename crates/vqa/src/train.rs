@@ -288,7 +288,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         }
         vocab.save(&out.join("tokenizer.json"))?;
         let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Training(e.to_string()))?;
-        gradcam_scenes::write_atomic(&out.join("config.json"), text.as_bytes())?;
+        gradcam_io::write_atomic(&out.join("config.json"), text.as_bytes())?;
     }
     // The encoder's parameters (unless frozen) and the rest, each sorted by name.
     let (encoder_vars, head_vars): (Vec<candle_core::Var>, Vec<candle_core::Var>) = {
@@ -347,7 +347,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
             seconds: start.elapsed().as_secs_f64(),
         });
         let text = serde_json::to_string_pretty(&ckpt).map_err(|e| Error::Training(e.to_string()))?;
-        gradcam_scenes::write_atomic(&ckpt_path, text.as_bytes())?;
+        gradcam_io::write_atomic(&ckpt_path, text.as_bytes())?;
         progress(Event::Epoch(ckpt.log.last().expect("just pushed")));
     }
     Ok(ckpt)

@@ -1,7 +1,7 @@
 //! Any ONNX CNN classifier as a [`Network`] split at one of its values: the graph up to the
 //! explained value runs forward only, the sub-graph from it to the output is the head that the
 //! explanation differentiates. Convolutions with constant weights run on the project's own kernels
-//! ([`gradcam_core::ops::Conv2d`]) with a following BatchNormalization folded in and a following
+//! ([`gradcam_kernels::Conv2d`]) with a following BatchNormalization folded in and a following
 //! Relu or Clip(0, 6) fused; every other op is a differentiable candle op ([`ops`]).
 //!
 //! The file is decoded by [`proto`], a protobuf reader of the fields a CNN needs (no protoc at
@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use gradcam_kernels::Rule;
 
 use crate::network::Network;
 use crate::preprocess::Preprocess;
@@ -179,7 +180,7 @@ impl OnnxModel {
         for n in &graph.nodes {
             if n.inputs.iter().all(|v| v.is_empty() || constants.contains_key(v)) {
                 let args: Vec<Option<Tensor>> = n.inputs.iter().map(|v| constants.get(v).cloned()).collect();
-                let values = ops::eval(n, &args).map_err(|e| bad(path, format!("node {:?} ({}): {e}", n.name, n.op_type)))?;
+                let values = ops::eval(n, &args, Rule::Exact).map_err(|e| bad(path, format!("node {:?} ({}): {e}", n.name, n.op_type)))?;
                 for (o, v) in n.outputs.iter().zip(values) {
                     constants.insert(o.clone(), v);
                 }
@@ -353,8 +354,8 @@ impl OnnxModel {
         let forward = Part::new(self.nodes.clone(), forward, &self.constants, &self.input, &layer, keep.clone())?;
         let head = Part::new(self.nodes.clone(), head, &self.constants, &layer, &self.output, keep)?;
         let (forward, head) = (Arc::new(forward), Arc::new(head));
-        let f = move |x: &Tensor| forward.run(x);
-        let h = move |a: &Tensor| head.run(a).and_then(|y| y.flatten_from(1));
+        let f = move |x: &Tensor, rule: Rule| forward.run(x, rule);
+        let h = move |a: &Tensor, rule: Rule| head.run(a, rule).and_then(|y| y.flatten_from(1));
         let mut net = Network::new(self.name.clone(), vec![(layer.clone(), Box::new(f))], Box::new(h), &layer, self.num_classes).with_preprocess(self.preprocess.clone());
         if let Some(labels) = &self.labels {
             net = net.with_labels(labels.clone());

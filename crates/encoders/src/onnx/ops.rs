@@ -3,7 +3,7 @@
 //! (shapes, indices) I64 tensors.
 
 use candle_core::{DType, Tensor};
-use gradcam_core::ops::{Activation, MaxPool2d, Pointwise};
+use gradcam_kernels::{Activation, MaxPool2d, Pointwise, Rule};
 
 use super::proto::{Attribute, Node};
 
@@ -130,13 +130,23 @@ fn softmax(x: &Tensor, dim: usize, log: bool) -> R<Tensor> {
 }
 
 /// Runs one node on its inputs (`None` for an omitted optional input).
-pub(super) fn eval(node: &Node, args: &[Option<Tensor>]) -> R<Vec<Tensor>> {
+/// With [`Rule::Guided`], the ReLUs (Relu, Clip to [0, 6] or [0, inf)) build guided ops and the
+/// rectifiers that Guided Backpropagation has no rule for (LeakyRelu, other Clips) are refused
+/// rather than differentiated plainly.
+pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Tensor>> {
     let x = || arg(args, 0, node);
     let one = |t: Tensor| Ok(vec![t]);
+    let unguided = |what: &str| -> R<()> {
+        match rule {
+            Rule::Exact => Ok(()),
+            Rule::Guided => Err(candle_core::Error::Msg(format!("guided backpropagation has no rule for {what}: only Relu and Clip to [0, 6] or [0, inf) can be guided"))),
+        }
+    };
     match node.op_type.as_str() {
         "Identity" | "Dropout" => one(x()?.clone()),
-        "Relu" => one(Activation::Relu.forward(&x()?.to_dtype(DType::F32)?)?),
+        "Relu" => one(Activation::Relu.forward_with(&x()?.to_dtype(DType::F32)?, rule)?),
         "LeakyRelu" => {
+            unguided("LeakyRelu")?;
             let x = x()?;
             let alpha = attr_float(node, "alpha", 0.01) as f64;
             one((x.relu()? - (x.neg()?.relu()? * alpha)?)?)
@@ -152,8 +162,12 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>]) -> R<Vec<Tensor>> {
                 None => attr_float(node, "max", f32::INFINITY),
             };
             match (lo, hi) {
-                (0.0, 6.0) => one(Activation::Relu6.forward(x)?),
-                (0.0, f32::INFINITY) => one(Activation::Relu.forward(x)?),
+                (0.0, 6.0) => one(Activation::Relu6.forward_with(x, rule)?),
+                (0.0, f32::INFINITY) => one(Activation::Relu.forward_with(x, rule)?),
+                (lo, hi) if rule == Rule::Guided => {
+                    unguided(&format!("Clip to [{lo}, {hi}]"))?;
+                    unreachable!("refused above")
+                }
                 (lo, f32::INFINITY) => one(x.maximum(lo)?),
                 (f32::NEG_INFINITY, hi) => one(x.minimum(hi)?),
                 (lo, hi) => one(x.clamp(lo, hi)?),

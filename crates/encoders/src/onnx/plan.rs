@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 
 use candle_core::Tensor;
-use gradcam_core::ops::{Activation, Conv2d, Linear, Padding, Pointwise};
+use gradcam_kernels::{Activation, Conv2d, Linear, Padding, Pointwise, Rule};
 
 use super::ops::{self, attr_int, attr_ints, attr_str};
 use super::proto::Node;
@@ -180,7 +180,7 @@ impl Plan {
 
     /// Runs the steps on `x`; values are dropped after their last reader unless `retain` says
     /// to keep them (the output always stays).
-    fn execute(&self, x: &Tensor, retain: &dyn Fn(&str) -> bool) -> candle_core::Result<HashMap<String, Tensor>> {
+    fn execute(&self, x: &Tensor, rule: Rule, retain: &dyn Fn(&str) -> bool) -> candle_core::Result<HashMap<String, Tensor>> {
         let mut env: HashMap<String, Tensor> = HashMap::from([(self.input.clone(), x.clone())]);
         let profile = profiling();
         for s in &self.steps {
@@ -188,13 +188,13 @@ impl Plan {
             let args: Vec<Option<Tensor>> = s.inputs.iter().map(|v| if v.is_empty() { None } else { env.get(v).or_else(|| self.constants.get(v)).cloned() }).collect();
             let first = || args[0].as_ref().ok_or_else(|| candle_core::Error::Msg(format!("its input {:?} was not computed", s.inputs[0])));
             let result = match &s.kernel {
-                Kernel::Conv(c) => c.forward(first()?).map(|y| vec![y]),
+                Kernel::Conv(c) => c.forward_with(first()?, rule).map(|y| vec![y]),
                 Kernel::Pointwise(p) => p.forward(&first()?.to_dtype(candle_core::DType::F32)?).map(|y| vec![y]),
                 Kernel::Linear(l) => match first()? {
-                    x if x.rank() == 2 && x.dtype() == candle_core::DType::F32 => l.forward(x).map(|y| vec![y]),
+                    x if x.rank() == 2 && x.dtype() == candle_core::DType::F32 => l.forward_with(x, rule).map(|y| vec![y]),
                     x => Err(candle_core::Error::Msg(format!("expects a 2-D float input, got {:?}", x.dims()))),
                 },
-                Kernel::Op(node) => ops::eval(node, &args),
+                Kernel::Op(node) => ops::eval(node, &args, rule),
             }
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", s.label)))?;
             if let Some(t0) = t0 {
@@ -216,15 +216,15 @@ impl Plan {
         Ok(env)
     }
 
-    /// The output for input `x`.
-    pub(super) fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut env = self.execute(x, &|_| false)?;
+    /// The output for input `x`, the backward of its ReLUs following `rule`.
+    pub(super) fn run(&self, x: &Tensor, rule: Rule) -> candle_core::Result<Tensor> {
+        let mut env = self.execute(x, rule, &|_| false)?;
         env.remove(&self.output).or_else(|| self.constants.get(&self.output).cloned()).ok_or_else(|| candle_core::Error::Msg(format!("the graph did not produce {:?}", self.output)))
     }
 
     /// Every value, for shapes.
     pub(super) fn run_keep_all(&self, x: &Tensor) -> Result<HashMap<String, Tensor>> {
-        Ok(self.execute(x, &|_| true)?)
+        Ok(self.execute(x, Rule::Exact, &|_| true)?)
     }
 }
 
@@ -310,19 +310,19 @@ impl Part {
         Ok(Part { set, constants: constants.clone(), input: input.into(), output: output.into(), keep, generic, shape_values, cache: Default::default(), nodes })
     }
 
-    pub(super) fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(super) fn run(&self, x: &Tensor, rule: Rule) -> candle_core::Result<Tensor> {
         if self.shape_values.is_empty() {
-            return self.generic.run(x);
+            return self.generic.run(x, rule);
         }
         let dims = x.dims().to_vec();
         let hit = self.cache.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(d, _)| *d == dims).map(|(_, p)| p.clone());
         if let Some(plan) = hit {
-            return plan.run(x);
+            return plan.run(x, rule);
         }
         // First input of this shape: the generic plan answers, and keeps the shape values (only
         // them: every activation of a batch kept at once could take gigabytes).
         let shape_values: HashSet<&str> = self.shape_values.iter().map(String::as_str).collect();
-        let mut env = self.generic.execute(x, &|v| shape_values.contains(v))?;
+        let mut env = self.generic.execute(x, rule, &|v| shape_values.contains(v))?;
         let mut constants = self.constants.clone();
         for v in &self.shape_values {
             if let Some(t) = env.get(v) {

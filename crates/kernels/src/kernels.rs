@@ -1,11 +1,12 @@
-//! The numeric kernels behind the ops, and (with `packed`, the AVX-512 convolutions) every
-//! `unsafe` block of the crate: im2col / col2im, the depthwise convolution planes, GEMM (through
+//! The numeric kernels behind the ops: im2col / col2im, the depthwise convolution planes, GEMM (through
 //! the `gemm` crate), the AVX2/FMA matrix-vector products of recurrent heads and the
 //! weight-streaming fully-connected rows.
 
 use rayon::prelude::*;
 
 use super::conv::ConvGeometry;
+#[cfg(target_arch = "x86_64")]
+use super::cpu::has_avx2_fma;
 use super::{planes_per_task, Activation};
 
 /// im2col for one group (channels from `c0`) of one image: `[cg * kh * kw, oh * ow]`.
@@ -244,7 +245,11 @@ pub(super) fn depthwise_channel_backward(
 /// recurrent heads, where a GEMM's setup costs more than the product. With AVX2 + FMA when the
 /// CPU has them (detected at run time; the build targets baseline x86-64).
 pub fn matvec(w: &[f32], x: &[f32], out: &mut [f32]) {
-    assert!(w.len() >= out.len() * x.len(), "matvec: W too small");
+    assert!(out.len().checked_mul(x.len()).is_some_and(|n| w.len() >= n), "matvec: W too small");
+    if x.is_empty() {
+        out.fill(0.0);
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU supports the features the function is compiled for.
@@ -255,10 +260,6 @@ pub fn matvec(w: &[f32], x: &[f32], out: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-}
 
 /// Eight partial sums, so that the compiler vectorises the reduction.
 #[inline(always)]
@@ -455,7 +456,7 @@ unsafe fn axpy_fma(a: f32, x: &[f32], y: &mut [f32]) {
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(dst: &mut [f32], lhs: &[f32], lhs_strides: (usize, usize), rhs: &[f32], rhs_strides: (usize, usize), m: usize, n: usize, k: usize) {
     // Below about 2M multiply-adds, waking the pool costs more than a second thread saves.
-    let parallel = m * n * k > 128 * 128 * 128;
+    let parallel = m.saturating_mul(n).saturating_mul(k) > 128 * 128 * 128;
     gemm_with(dst, lhs, lhs_strides, rhs, rhs_strides, m, n, k, parallel)
 }
 
@@ -471,7 +472,9 @@ fn gemm_with(dst: &mut [f32], lhs: &[f32], lhs_strides: (usize, usize), rhs: &[f
     let reach = |(rs, cs): (usize, usize), rows: usize, cols: usize| -> Option<usize> {
         rows.saturating_sub(1).checked_mul(rs)?.checked_add(cols.saturating_sub(1).checked_mul(cs)?)
     };
-    let fits = |len: usize, strides: (usize, usize), rows: usize, cols: usize| rows * cols == 0 || reach(strides, rows, cols).is_some_and(|r| r < len);
+    // An empty operand addresses nothing; `rows * cols == 0` would wrap for huge sizes and skip
+    // the check, so each size is tested on its own.
+    let fits = |len: usize, strides: (usize, usize), rows: usize, cols: usize| rows == 0 || cols == 0 || reach(strides, rows, cols).is_some_and(|r| r < len);
     assert!(m.checked_mul(n).is_some_and(|mn| dst.len() >= mn), "matmul: dst too small");
     assert!(fits(lhs.len(), lhs_strides, m, k), "matmul: lhs too small");
     assert!(fits(rhs.len(), rhs_strides, k, n), "matmul: rhs too small");

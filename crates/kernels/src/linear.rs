@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use super::{f32_slice, CResult};
 use super::kernels::{linear_rows, linear_rows_backward, matmul, FEW_ROWS};
-use super::{is_guided, Activation};
+use super::{Activation, Rule};
 
 
 /// A frozen fully-connected layer `y = x W^T + b`, W `[out, in]`.
@@ -18,6 +18,7 @@ pub struct Linear {
     out_features: usize,
     in_features: usize,
     activation: Activation,
+    rule: Rule,
 }
 
 impl Linear {
@@ -37,13 +38,19 @@ impl Linear {
             out_features,
             in_features,
             activation,
+            rule: Rule::Exact,
         })
     }
 
     /// # Shapes
     /// `x`: `[batch, in]` -> `[batch, out]`.
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        x.contiguous()?.apply_op1(self.clone())
+        self.forward_with(x, Rule::Exact)
+    }
+
+    /// [`Linear::forward`] with the backward of its activation following `rule`.
+    pub fn forward_with(&self, x: &Tensor, rule: Rule) -> CResult<Tensor> {
+        x.contiguous()?.apply_op1(Linear { rule, ..self.clone() })
     }
 }
 
@@ -79,8 +86,8 @@ impl CustomOp1 for Linear {
         let batch = arg.dim(0)?;
         let out = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let (act, guided) = (self.activation, is_guided());
-        let gpre: Vec<f32> = out.iter().zip(&grad).map(|(&o, &d)| act.backward(o, d, guided)).collect();
+        let (act, rule) = (self.activation, self.rule);
+        let gpre: Vec<f32> = out.iter().zip(&grad).map(|(&o, &d)| act.backward(o, d, rule)).collect();
         let mut dx = vec![0.0f32; batch * self.in_features];
         // dx[batch, in] = g[batch, out] @ W[out, in]
         let (n, k) = (self.in_features, self.out_features);

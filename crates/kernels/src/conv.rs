@@ -10,7 +10,8 @@ use rayon::prelude::*;
 use super::{f32_slice, zeros, CResult};
 use super::kernels::{col2im, conv_tiled, depthwise_channel, depthwise_channel_backward, im2col, matmul, tiling_pays};
 use super::packed::{self, Blocks, ChannelBlocks, Columns, PackedWeights, Winograd};
-use super::{is_guided, planes_per_task, Activation, Pointwise};
+use super::Avx512;
+use super::{planes_per_task, Activation, Pointwise, Rule};
 
 /// Spatial padding of a convolution or pooling window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +68,8 @@ pub struct Conv2d {
     stride: usize,
     padding: Padding,
     activation: Activation,
+    /// The backward rule of `activation` in the graphs this convolution is built into.
+    rule: Rule,
     /// A smooth activation (SiLU, hard swish) fused after the bias instead of `activation`; its
     /// derivative needs the pre-activation, which the backward recomputes.
     smooth: Option<Pointwise>,
@@ -81,8 +84,10 @@ pub struct Conv2d {
 /// The weights in the AVX-512 kernels' layouts, each made the first time a call needs it: a
 /// layer runs one kernel for a given input size, so only that layout is kept beside the
 /// original weights (which the backward reads).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Packs {
+    /// The proof that the kernels that read these layouts can run here.
+    cpu: Avx512,
     /// Per group, for the column-panel GEMM.
     panels: OnceLock<Vec<PackedWeights>>,
     /// Per group, for the pixel-major kernel.
@@ -133,7 +138,7 @@ impl Conv2d {
         };
         let weight: Vec<f32> = weight.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
         let depthwise = groups > 1 && groups == in_per_group * groups && groups == out_channels;
-        let packs = (!depthwise && packed::available()).then(|| Arc::new(Packs::default()));
+        let packs = Avx512::detect().filter(|_| !depthwise).map(|cpu| Arc::new(Packs { cpu, panels: OnceLock::new(), pixel: OnceLock::new(), winograd: OnceLock::new() }));
         let winograd = groups == 1 && (kh, kw, stride) == (3, 3, 1) && in_per_group >= packed::WINOGRAD_MIN_CHANNELS;
         Ok(Self {
             weight: Arc::new(weight),
@@ -145,6 +150,7 @@ impl Conv2d {
             stride,
             padding,
             activation,
+            rule: Rule::Exact,
             smooth: None,
             packs,
             winograd,
@@ -184,22 +190,42 @@ impl Conv2d {
     /// # Shapes
     /// `x`: `[batch, in, h, w]` -> `[batch, out, oh, ow]`.
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        x.contiguous()?.apply_op1(self.clone())
+        self.forward_with(x, Rule::Exact)
     }
 
-    /// The forward's output buffer. The packed kernels write every value of it, so it is not
-    /// zeroed first: ResNet-50's forward zeroed about 46 MB, 2.6 ms of 38 at 2 threads (mean of
-    /// 6 alternating runs of `bench classify`).
-    fn output_buffer(&self, n: usize) -> Vec<f32> {
-        if self.packs.is_none() {
-            return zeros(n);
+    /// [`Conv2d::forward`] with the backward of its activation following `rule`.
+    pub fn forward_with(&self, x: &Tensor, rule: Rule) -> CResult<Tensor> {
+        x.contiguous()?.apply_op1(Conv2d { rule, ..self.clone() })
+    }
+
+    /// The forward of a batch `x` (`[batch, in, h, w]` values), with an optional residual (and
+    /// the activation after it): `[batch, out, oh, ow]` values.
+    fn forward_batch(&self, x: &[f32], g: &ConvGeometry, residual: Option<(&[f32], Activation)>) -> Vec<f32> {
+        let (in_len, out_len) = (g.c * g.h * g.w, self.out_channels * g.oh * g.ow);
+        let n = g.batch * out_len;
+        if let (Some(packs), true) = (&self.packs, out_len > 0) {
+            // The packed kernels write every output value, so the buffer is not zeroed first:
+            // ResNet-50's forward zeroed about 46 MB, 2.6 ms of 38 at 2 threads.
+            let mut out = Vec::with_capacity(n);
+            for (b, dst) in out.spare_capacity_mut()[..n].chunks_exact_mut(out_len).enumerate() {
+                let res = residual.map(|(r, act)| (&r[b * out_len..(b + 1) * out_len], act));
+                self.forward_packed(packs, &x[b * in_len..(b + 1) * in_len], g, res, dst);
+            }
+            // SAFETY: `forward_packed` wrote every value of each image's `out_len` values (each
+            // kernel covers all of its output's tiles and channels, as its doc says; the
+            // convolution tests compare every value with candle's, partial tiles included).
+            unsafe { out.set_len(n) };
+            if let Some(p) = self.smooth {
+                out.par_iter_mut().for_each(|v| *v = p.apply(*v));
+            }
+            return out;
         }
-        let mut v = Vec::with_capacity(n);
-        // SAFETY: f32 has no invalid bit patterns, and with packed weights `forward_fused` writes
-        // every output value (each kernel covers all tiles and channels; the convolution tests
-        // compare every value with candle's, partial tiles included) before anything reads one.
-        unsafe { v.set_len(n) };
-        v
+        let mut out = zeros(n);
+        for b in 0..g.batch {
+            let res = residual.map(|(r, act)| (&r[b * out_len..(b + 1) * out_len], act));
+            self.forward_image(&x[b * in_len..(b + 1) * in_len], g, res, &mut out[b * out_len..(b + 1) * out_len]);
+        }
+        out
     }
 
     fn geometry(&self, dims: &[usize]) -> CResult<ConvGeometry> {
@@ -216,16 +242,17 @@ impl Conv2d {
 
     /// `out = conv(x)`, or with `residual` = (r, act): `out = act(conv(x) + r)` (the convolution's
     /// own activation is then the identity).
+    /// Without packed weights: depthwise convolutions by their direct kernel, the others by
+    /// im2col (or tiles of it) and GEMM.
     fn forward_image(&self, x: &[f32], g: &ConvGeometry, residual: Option<(&[f32], Activation)>, out: &mut [f32]) {
-        if !self.forward_fused(x, g, residual, out) {
-            if let Some((r, act)) = residual {
-                out.par_iter_mut().zip(r.par_iter()).for_each(|(v, &q)| *v = act.apply(*v + q));
-            }
+        self.forward_portable(x, g, out);
+        if let Some((r, act)) = residual {
+            out.par_iter_mut().zip(r.par_iter()).for_each(|(v, &q)| *v = act.apply(*v + q));
         }
     }
 
-    /// [`Self::forward_image`]; false when the residual is left to the caller.
-    fn forward_fused(&self, x: &[f32], g: &ConvGeometry, residual: Option<(&[f32], Activation)>, out: &mut [f32]) -> bool {
+    /// `out = conv(x)` with the bias and activation, without the packed kernels.
+    fn forward_portable(&self, x: &[f32], g: &ConvGeometry, out: &mut [f32]) {
         let (kh, kw) = self.kernel;
         let plane = g.oh * g.ow;
         if self.is_depthwise() {
@@ -239,56 +266,9 @@ impl Conv2d {
                     dst.iter_mut().for_each(|v| *v = p.apply(*v));
                 }
             });
-            return false;
-        } else if let Some(packs) = &self.packs {
-            let cg = g.c / self.groups;
-            let og = self.out_channels / self.groups;
-            let act = match residual {
-                Some((_, act)) => act,
-                None if self.smooth.is_some() => Activation::Identity,
-                None => self.activation,
-            };
-            if self.winograd && packed::winograd_pays(g) {
-                let wg = packs.winograd.get_or_init(|| Winograd::new(&self.weight, &self.bias, self.out_channels, self.in_channels));
-                packed::conv_winograd(wg, x, g, act, residual.map(|(r, _)| r), out);
-                if let Some(p) = self.smooth {
-                    out.par_iter_mut().for_each(|v| *v = p.apply(*v));
-                }
-                return true;
-            }
-            if self.kernel == (1, 1) && g.stride > 1 && (g.pad_top, g.pad_left) == (0, 0) && self.groups == 1 {
-                // A strided 1x1 convolution is a pointwise one on the pixels it reads: those are
-                // copied out first (a quarter of the input at stride 2), so that the kernels
-                // read the plane as one contiguous row (measured on ResNet-50's downsampling).
-                let mut sub = vec![0f32; g.c * g.oh * g.ow];
-                sub.par_chunks_mut(g.oh * g.ow).enumerate().for_each(|(ci, dst)| {
-                    let src = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-                    for (oy, row) in dst.chunks_mut(g.ow).enumerate() {
-                        let line = &src[oy * g.stride * g.w..];
-                        row.iter_mut().enumerate().for_each(|(ox, v)| *v = line[ox * g.stride]);
-                    }
-                });
-                let pointwise = ConvGeometry { stride: 1, h: g.oh, w: g.ow, ..*g };
-                return self.forward_fused(&sub, &pointwise, residual, out);
-            }
-            let pixel_major = packed::pixel_major_pays(g);
-            for grp in 0..self.groups {
-                let part = grp * og * plane..(grp + 1) * og * plane;
-                let res = residual.map(|(r, _)| &r[part.clone()]);
-                if pixel_major {
-                    let pixel = packs.pixel.get_or_init(|| self.group_blocks());
-                    packed::conv_pixel_major(&pixel[grp], x, g, grp * cg, act, res, &mut out[part]);
-                    continue;
-                }
-                let panels = packs.panels.get_or_init(|| self.group_blocks());
-                let cols = if self.is_pointwise(g) { Columns::Input(&x[grp * cg * plane..(grp + 1) * cg * plane]) } else { Columns::Im2col { x, g, c0: grp * cg } };
-                packed::conv(&panels[grp], cols, plane, act, res, &mut out[part]);
-            }
-            if let Some(p) = self.smooth {
-                out.par_chunks_mut(plane).with_min_len(planes_per_task(plane)).for_each(|dst| dst.iter_mut().for_each(|v| *v = p.apply(*v)));
-            }
-            return true;
-        } else {
+            return;
+        }
+        {
             let cg = g.c / self.groups;
             let og = self.out_channels / self.groups;
             let k = cg * kh * kw;
@@ -306,7 +286,7 @@ impl Conv2d {
                     let w = &self.weight[grp * og * k..(grp + 1) * og * k];
                     conv_tiled(x, g, grp * cg, cg, w, og, &epilogue, &mut out[grp * og * plane..(grp + 1) * og * plane]);
                 }
-                return false;
+                return;
             }
             let mut col = Vec::new();
             for grp in 0..self.groups {
@@ -331,7 +311,54 @@ impl Conv2d {
                 None => dst.iter_mut().for_each(|v| *v = act.apply(*v + b)),
             }
         });
-        false
+    }
+
+    /// One image's `out = conv(x)` (with `residual`: `act(conv(x) + r)`) by the packed AVX-512
+    /// kernels, which write every value of `out` (so it may start uninitialised); the smooth
+    /// activation, if any, is left to the caller.
+    fn forward_packed(&self, packs: &Packs, x: &[f32], g: &ConvGeometry, residual: Option<(&[f32], Activation)>, out: &mut [std::mem::MaybeUninit<f32>]) {
+        let plane = g.oh * g.ow;
+        let cpu = packs.cpu;
+        let cg = g.c / self.groups;
+        let og = self.out_channels / self.groups;
+        let act = match residual {
+            Some((_, act)) => act,
+            None if self.smooth.is_some() => Activation::Identity,
+            None => self.activation,
+        };
+        if self.winograd && packed::winograd_pays(g) {
+            let wg = packs.winograd.get_or_init(|| Winograd::new(&self.weight, &self.bias, self.out_channels, self.in_channels));
+            packed::conv_winograd(cpu, wg, x, g, act, residual.map(|(r, _)| r), out);
+            return;
+        }
+        if self.kernel == (1, 1) && g.stride > 1 && (g.pad_top, g.pad_left) == (0, 0) && self.groups == 1 {
+            // A strided 1x1 convolution is a pointwise one on the pixels it reads: those are
+            // copied out first (a quarter of the input at stride 2), so that the kernels
+            // read the plane as one contiguous row (measured on ResNet-50's downsampling).
+            let mut sub = vec![0f32; g.c * g.oh * g.ow];
+            sub.par_chunks_mut(g.oh * g.ow).enumerate().for_each(|(ci, dst)| {
+                let src = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+                for (oy, row) in dst.chunks_mut(g.ow).enumerate() {
+                    let line = &src[oy * g.stride * g.w..];
+                    row.iter_mut().enumerate().for_each(|(ox, v)| *v = line[ox * g.stride]);
+                }
+            });
+            let pointwise = ConvGeometry { stride: 1, h: g.oh, w: g.ow, ..*g };
+            return self.forward_packed(packs, &sub, &pointwise, residual, out);
+        }
+        let pixel_major = packed::pixel_major_pays(g);
+        for grp in 0..self.groups {
+            let part = grp * og * plane..(grp + 1) * og * plane;
+            let res = residual.map(|(r, _)| &r[part.clone()]);
+            if pixel_major {
+                let pixel = packs.pixel.get_or_init(|| self.group_blocks());
+                packed::conv_pixel_major(cpu, &pixel[grp], x, g, grp * cg, act, res, &mut out[part]);
+                continue;
+            }
+            let panels = packs.panels.get_or_init(|| self.group_blocks());
+            let cols = if self.is_pointwise(g) { Columns::Input(&x[grp * cg * plane..(grp + 1) * cg * plane]) } else { Columns::Im2col { x, g, c0: grp * cg } };
+            packed::conv(cpu, &panels[grp], cols, plane, act, res, &mut out[part]);
+        }
     }
 
     /// `act(conv(x) + residual)` in one op: a residual block's last convolution, its skip
@@ -341,10 +368,15 @@ impl Conv2d {
     /// # Shapes
     /// `x`: `[batch, in, h, w]`, `residual`: `[batch, out, oh, ow]` -> `[batch, out, oh, ow]`.
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor, act: Activation) -> CResult<Tensor> {
+        self.forward_residual_with(x, residual, act, Rule::Exact)
+    }
+
+    /// [`Conv2d::forward_residual`] with the backward of `act` following `rule`.
+    pub fn forward_residual_with(&self, x: &Tensor, residual: &Tensor, act: Activation, rule: Rule) -> CResult<Tensor> {
         if self.activation != Activation::Identity || self.smooth.is_some() {
             candle_core::bail!("conv2d with a residual: the convolution's own activation must be the identity");
         }
-        x.contiguous()?.apply_op2(&residual.contiguous()?, ResidualConv { conv: self.clone(), act })
+        x.contiguous()?.apply_op2(&residual.contiguous()?, ResidualConv { conv: Conv2d { rule, ..self.clone() }, act })
     }
 
     /// Input gradient of one image, given the gradient at the pre-activation output.
@@ -385,11 +417,7 @@ impl CustomOp1 for Conv2d {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = f32_slice(storage, layout, self.name())?;
         let g = self.geometry(layout.dims())?;
-        let (in_len, out_len) = (g.c * g.h * g.w, self.out_channels * g.oh * g.ow);
-        let mut out = self.output_buffer(g.batch * out_len);
-        for b in 0..g.batch {
-            self.forward_image(&x[b * in_len..(b + 1) * in_len], &g, None, &mut out[b * out_len..(b + 1) * out_len]);
-        }
+        let out = self.forward_batch(x, &g, None);
         Ok((CpuStorage::F32(out), Shape::from((g.batch, self.out_channels, g.oh, g.ow))))
     }
 
@@ -397,7 +425,7 @@ impl CustomOp1 for Conv2d {
         let g = self.geometry(arg.dims())?;
         let out = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let (act, guided) = (self.activation, is_guided());
+        let (act, rule) = (self.activation, self.rule);
         let gpre: Vec<f32> = if let Some(p) = self.smooth {
             // The pre-activation, recomputed: the derivative of a smooth activation needs it.
             let plain = Conv2d { smooth: None, ..self.clone() };
@@ -406,7 +434,7 @@ impl CustomOp1 for Conv2d {
         } else if act == Activation::Identity {
             grad
         } else {
-            out.par_iter().zip(grad.par_iter()).map(|(&o, &d)| act.backward(o, d, guided)).collect()
+            out.par_iter().zip(grad.par_iter()).map(|(&o, &d)| act.backward(o, d, rule)).collect()
         };
         let (in_len, out_len) = (g.c * g.h * g.w, self.out_channels * g.oh * g.ow);
         let mut dx = vec![0.0f32; g.batch * in_len];
@@ -436,12 +464,7 @@ impl candle_core::CustomOp2 for ResidualConv {
         if l2.dims() != shape {
             candle_core::bail!("conv2d residual is {:?}, the output {shape:?}", l2.dims());
         }
-        let (in_len, out_len) = (g.c * g.h * g.w, self.conv.out_channels * g.oh * g.ow);
-        let mut out = self.conv.output_buffer(g.batch * out_len);
-        for b in 0..g.batch {
-            let res = &r[b * out_len..(b + 1) * out_len];
-            self.conv.forward_image(&x[b * in_len..(b + 1) * in_len], &g, Some((res, self.act)), &mut out[b * out_len..(b + 1) * out_len]);
-        }
+        let out = self.conv.forward_batch(x, &g, Some((r, self.act)));
         Ok((CpuStorage::F32(out), Shape::from(shape.to_vec())))
     }
 
@@ -449,8 +472,8 @@ impl candle_core::CustomOp2 for ResidualConv {
         let g = self.conv.geometry(arg.dims())?;
         let out = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let (act, guided) = (self.act, is_guided());
-        let gpre: Vec<f32> = out.par_iter().zip(grad.par_iter()).map(|(&o, &d)| act.backward(o, d, guided)).collect();
+        let (act, rule) = (self.act, self.conv.rule);
+        let gpre: Vec<f32> = out.par_iter().zip(grad.par_iter()).map(|(&o, &d)| act.backward(o, d, rule)).collect();
         let (in_len, out_len) = (g.c * g.h * g.w, self.conv.out_channels * g.oh * g.ow);
         let mut dx = vec![0.0f32; g.batch * in_len];
         for b in 0..g.batch {
@@ -472,6 +495,8 @@ pub struct TrainableConv2d {
     pub padding: Padding,
     /// Fused after the bias.
     pub activation: Activation,
+    /// The backward rule of the activation.
+    pub rule: Rule,
 }
 
 impl TrainableConv2d {
@@ -523,8 +548,8 @@ impl candle_core::CustomOp3 for TrainableConv2d {
         let ws = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let ys = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let mut gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let (act, guided) = (self.activation, is_guided());
-        gs.par_iter_mut().zip(ys.par_iter()).for_each(|(d, &o)| *d = act.backward(o, *d, guided));
+        let (act, rule) = (self.activation, self.rule);
+        gs.par_iter_mut().zip(ys.par_iter()).for_each(|(d, &o)| *d = act.backward(o, *d, rule));
         let mut db = vec![0.0f32; out];
         for (i, chunk) in gs.chunks(plane).enumerate() {
             db[i % out] += chunk.iter().sum::<f32>();

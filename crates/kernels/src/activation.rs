@@ -1,7 +1,5 @@
 //! Pointwise activations as differentiable ops with exact backward (ReLU passes no gradient at
-//! 0), and the Guided Backpropagation switch ([`guided`]) that their backward obeys.
-
-use std::cell::Cell;
+//! 0), and the backward [`Rule`] of every op here that ends in a ReLU or ReLU6.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -40,52 +38,45 @@ impl Activation {
         }
     }
 
-    /// The gradient through the activation, read from its output; with Guided Backpropagation's
-    /// rule a ReLU or ReLU6 also stops every negative gradient.
+    /// The gradient through the activation, read from its output; with [`Rule::Guided`] a ReLU
+    /// or ReLU6 also stops every negative gradient.
     #[inline]
-    pub(super) fn backward(self, out: f32, grad: f32, guided: bool) -> f32 {
-        if guided && self != Activation::Identity && grad <= 0.0 {
+    pub(super) fn backward(self, out: f32, grad: f32, rule: Rule) -> f32 {
+        if rule == Rule::Guided && self != Activation::Identity && grad <= 0.0 {
             return 0.0;
         }
         grad * self.derivative_from_output(out)
     }
 
-    /// Applies the activation as a standalone differentiable op.
+    /// Applies the activation as a standalone differentiable op with the exact backward.
     pub fn forward(self, x: &Tensor) -> CResult<Tensor> {
+        self.forward_with(x, Rule::Exact)
+    }
+
+    /// Applies the activation as a standalone differentiable op whose backward follows `rule`.
+    pub fn forward_with(self, x: &Tensor, rule: Rule) -> CResult<Tensor> {
         if self == Activation::Identity {
             return Ok(x.clone());
         }
-        x.contiguous()?.apply_op1(ActivationOp(self))
+        x.contiguous()?.apply_op1(ActivationOp(self, rule))
     }
 }
 
-thread_local! {
-    static GUIDED: Cell<bool> = const { Cell::new(false) };
+/// How the backward of an op that ends in a ReLU or ReLU6 treats the gradient. It is chosen when
+/// the op is built into the graph (the forward), so a graph is either a model's ordinary graph or
+/// its guided twin: nothing global decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Rule {
+    /// The exact gradient (no gradient where the unit was clipped, none at 0).
+    #[default]
+    Exact,
+    /// Guided Backpropagation's rule (Springenberg et al. 2015; the paper's section 3.2): the
+    /// gradient passes only where it is positive and the unit's input was positive (for ReLU6,
+    /// also below 6). The forward is unchanged.
+    Guided,
 }
 
-/// Runs `f` with Guided Backpropagation's rule (Springenberg et al. 2015; the paper's section
-/// 3.2) in the backward of every ReLU and ReLU6 of these ops on this thread: the gradient passes
-/// only where it is positive and the unit's input was positive (for ReLU6, also below 6). The
-/// forward is unchanged; run the backward inside `f`. The previous rule is restored afterwards,
-/// even on a panic.
-pub fn guided<T>(f: impl FnOnce() -> T) -> T {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            GUIDED.with(|g| g.set(self.0));
-        }
-    }
-    let _restore = Restore(GUIDED.with(|g| g.replace(true)));
-    f()
-}
-
-/// Whether [`guided`] is in force on this thread (read once per backward, before any work is
-/// handed to other threads).
-pub(super) fn is_guided() -> bool {
-    GUIDED.with(Cell::get)
-}
-
-struct ActivationOp(Activation);
+struct ActivationOp(Activation, Rule);
 
 impl CustomOp1 for ActivationOp {
     fn name(&self) -> &'static str {
@@ -102,12 +93,12 @@ impl CustomOp1 for ActivationOp {
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> CResult<Option<Tensor>> {
         let out = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let (act, guided) = (self.0, is_guided());
+        let (act, rule) = (self.0, self.1);
         let g: Vec<f32> = out
             .par_iter()
             .zip(grad.par_iter())
             .with_min_len(4096)
-            .map(|(&o, &g)| act.backward(o, g, guided))
+            .map(|(&o, &g)| act.backward(o, g, rule))
             .collect();
         Ok(Some(Tensor::from_vec(g, res.shape(), res.device())?))
     }

@@ -9,9 +9,15 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 use image::RgbImage;
 
-use crate::map::{write_png_atomic, Region};
-use crate::report::NeuronReport;
-use crate::{Cam, Explainable, Explanation, Method, Result, Target};
+use gradcam_core::map::Region;
+use gradcam_core::report::NeuronReport;
+use gradcam_core::{Cam, Explainable, Explanation, Method, Target};
+use gradcam_core::Result;
+
+/// Writes a picture, as a core error (the pipeline's callers see one error type per step).
+fn write_png_atomic(image: &RgbImage, path: &Path) -> Result<()> {
+    gradcam_io::write_png(image, path).map_err(|e| gradcam_core::Error::Write(Box::new(e)))
+}
 
 /// One thing to explain on an image: its target and its name (`tabby`, `red`, the word
 /// `circle`), which reports use and, after `file_prefix`, file names.

@@ -1,39 +1,44 @@
-//! Differentiable CPU ops, written because stock candle gets them wrong or slow on the paths we
-//! differentiate, one file per family (as candle-nn splits its layers):
+//! The CPU backend of gradcam: differentiable candle ops written because stock candle gets them
+//! wrong or slow on the paths Grad-CAM differentiates, and the numeric kernels behind them. Every
+//! `unsafe` of the project lives in this crate, behind a safe API.
 //!
-//! - [`activation`]: ReLU / ReLU6 with an exact backward (no gradient at 0) that obeys
-//!   Guided Backpropagation's rule inside [`guided`] (the paper's section 3.2).
-//! - [`conv`]: [`Conv2d`] (frozen weights: the packed AVX-512 kernels of `packed` for dense
-//!   convolutions, im2col + GEMM without AVX-512, a direct kernel for depthwise ones where candle
-//!   loops over groups, ~30x slower; TensorFlow "SAME" padding; bias, activation and a residual
-//!   sum fused; a backward that computes the input gradient only, where candle's
-//!   always pays for a weight gradient nobody reads) and [`TrainableConv2d`] (weights as inputs,
-//!   for training).
+//! - [`activation`]: ReLU / ReLU6 with an exact backward (no gradient at 0), and their guided
+//!   twins ([`Rule::Guided`]) whose backward follows Guided Backpropagation's rule (the paper's
+//!   section 3.2); the smooth activations of newer CNNs ([`Pointwise`]).
+//! - [`conv`]: [`Conv2d`] (frozen weights: the packed AVX-512 kernels for dense convolutions,
+//!   im2col + GEMM without AVX-512, a direct kernel for depthwise ones where candle loops over
+//!   groups, ~30x slower; TensorFlow "SAME" padding; bias, activation and a residual sum fused; a
+//!   backward that computes the input gradient only, where candle's always pays for a weight
+//!   gradient nobody reads) and [`TrainableConv2d`] (weights as inputs, for training).
 //! - [`linear`]: [`Linear`] and the fused [`LstmCell`], frozen, input gradient only.
 //! - [`pool`]: [`MaxPool2d`] (candle's max-pool backward scales by 1/k^2 and fails when kernel !=
 //!   stride; ours routes the gradient to the first maximum of each window, as PyTorch does, with
 //!   padding), [`AdaptiveAvgPool2d`] and [`GlobalAvgMaxPool`].
-//! - [`kernels`]: the numeric kernels behind them ([`matmul`], [`matvec`], im2col, depthwise
-//!   planes, the weight-streaming fully-connected rows) and, with `packed` (dense convolutions
-//!   on weights packed at load: column-panel GEMM, pixel-major and Winograd F(2x2, 3x3) AVX-512
-//!   kernels), every `unsafe` block of the crate.
+//! - [`matmul`], [`matvec`]: the GEMM and matrix-vector products the ops use, with their
+//!   bounds checked.
+//! - `packed` (private): dense convolutions on weights packed at load, column-panel GEMM,
+//!   pixel-major and Winograd F(2x2, 3x3) AVX-512 kernels; they take an [`Avx512`] token, the
+//!   proof that the CPU has the instructions, so they are sound to call from safe code.
 //!
-//! Every backward here is checked against finite differences in `tests/integration/gradients.rs`.
+//! Every backward here is checked against finite differences (`tests/integration/gradients.rs`
+//! and this crate's unit tests).
+#![deny(missing_docs)]
 
 pub mod activation;
 pub mod conv;
-pub mod kernels;
+mod cpu;
+mod kernels;
 pub mod linear;
 mod packed;
 pub mod pool;
 
-pub use activation::{guided, Activation, Pointwise};
+pub use activation::{Activation, Pointwise, Rule};
+pub use cpu::{keep_freed_memory, Avx512};
 pub use conv::{Conv2d, Padding, TrainableConv2d};
 pub use kernels::{matmul, matvec};
 pub use linear::{Linear, LstmCell};
 pub use pool::{AdaptiveAvgPool2d, GlobalAvgMaxPool, MaxPool2d};
 
-use activation::is_guided;
 use candle_core::{CpuStorage, Layout};
 use rayon::iter::ParallelExtend;
 
