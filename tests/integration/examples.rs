@@ -18,7 +18,7 @@ fn example(name: &str) -> PathBuf {
 
 /// Runs an example with `args`; returns its stdout after checking that it succeeded.
 fn run(name: &str, args: &[&Path]) -> String {
-    let o = Command::new(example(name)).args(args).output().expect("the example runs");
+    let o = Command::new(example(name)).args(args).env("GRADCAM_EFFNET_WEIGHTS", crate::effnet_weights()).output().expect("the example runs");
     let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "{name} failed:\n{stdout}\n{stderr}");
     stdout
@@ -88,6 +88,9 @@ fn custom_model_example_trains_and_explains_its_own_cnn() {
     assert!(accuracy >= 0.95, "the toy CNN did not learn: {accuracy}");
     let gradcam = stdout.lines().find(|l| l.trim_start().starts_with("gradcam ")).expect("a Grad-CAM line");
     assert!(gradcam.contains("on the square"), "Grad-CAM misses the square: {gradcam}");
+    // The example's own method, given to Cam as the built-in ones are.
+    let occlusion = stdout.lines().find(|l| l.trim_start().starts_with("occlusion ")).expect("the user method's line");
+    assert!(occlusion.contains("on the square") && out.path().join("occlusion.png").exists(), "{occlusion}");
 }
 
 /// A user's program, outside the repository, depending on the root crate by path: the custom
@@ -121,7 +124,7 @@ fn a_program_outside_the_repository_explains_its_own_cnn() {
     assert!(o.status.success(), "the user's program failed:\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
     let worst: f32 = stdout.lines().find_map(|l| l.split("largest difference ").nth(1)).and_then(|v| v.trim().parse().ok()).expect("the hand-computation line");
     assert!(worst <= 1e-5, "{stdout}");
-    for method in gradcam_core::Method::ALL {
+    for method in gradcam_core::Method::ALL.map(|m| m.name()).into_iter().chain(["occlusion"]) {
         assert!(out.join(format!("{method}.png")).exists(), "no picture for {method}:\n{stdout}");
     }
 }

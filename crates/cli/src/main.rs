@@ -13,6 +13,7 @@ mod progress;
 mod prune;
 mod scenes;
 mod vqa;
+mod weights;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -138,7 +139,8 @@ impl ModelArgs {
             ModelName::Builtin(kind) => kind.name().to_string(),
             ModelName::Onnx(path) | ModelName::Folder(path) => path.display().to_string(),
         };
-        self.model.load(self.weights.as_deref(), &self.onnx.options()?, layer).with_context(|| format!("loading {name}"))
+        let weights = weights::resolve(&self.model, self.weights.as_deref())?;
+        self.model.load(weights.as_deref(), &self.onnx.options()?, layer).with_context(|| format!("loading {name}"))
     }
 
     pub fn load(&self) -> anyhow::Result<Network> {
@@ -173,7 +175,14 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Bench { what } => bench::run(what),
         Command::Scenes(args) => scenes::run(args),
-        Command::Serve(args) => gradcam_serve::cli::run(&args).map(|()| ExitCode::SUCCESS).map_err(Into::into),
+        Command::Serve(mut args) => {
+            // The default classifier is optional in the server: without its weights it serves the
+            // captioner and the VQA model alone.
+            if let Ok(name) = args.classifier.parse::<ModelName>() {
+                args.weights = weights::resolve(&name, args.weights.as_deref()).unwrap_or(args.weights);
+            }
+            gradcam_serve::cli::run(&args).map(|()| ExitCode::SUCCESS).map_err(Into::into)
+        }
         Command::Dissect(args) => dissect::run(args),
         Command::Prune(args) => prune::run(args),
         Command::Eval(args) => eval::run_eval(args),

@@ -106,7 +106,7 @@ pub fn weighted_sum(activations: &Tensor, alpha: &Tensor) -> Result<Tensor> {
     let (n, k, h, w) = activations.dims4()?;
     let weights = alpha.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
     if weights.len() != n || weights.iter().any(|row| row.len() != k) {
-        return Err(candle_core::Error::Msg(format!("weights {:?} do not fit activations {:?}", alpha.dims(), activations.dims())).into());
+        return Err(Error::Shape(format!("weights {:?} do not fit activations {:?}", alpha.dims(), activations.dims())));
     }
     let plane = h * w;
     let mut acts = activations.to_dtype(candle_core::DType::F32)?;

@@ -166,8 +166,9 @@ impl fmt::Debug for Target {
 }
 
 impl Target {
-    /// The score y^c of one output row (negated for a counterfactual), differentiable.
-    pub(crate) fn score(&self, row: &Tensor) -> Result<Tensor> {
+    /// The score y^c of one output row of the head (negated for a counterfactual), as a
+    /// differentiable scalar: what the methods explain.
+    pub fn score(&self, row: &Tensor) -> Result<Tensor> {
         let s = match (&self.kind, self.index()) {
             (TargetKind::Custom(score), _) => score.score(row)?,
             (_, Some(i)) => {
@@ -459,5 +460,114 @@ impl<M: Explainable + ?Sized> Explainable for ByRef<'_, M> {
 
     fn forward_with(&self, input: &Tensor, rule: Rule) -> Result<Tensor> {
         self.0.forward_with(input, rule)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+    use gradcam_kernels::Activation;
+
+    use super::*;
+    use crate::cam::Context;
+
+    /// A tiny model: ReLU(conv-free scaling) features, a linear head over the pooled channels.
+    /// Scores: class c = sum_k w[c][k] mean(A^k).
+    fn model() -> (Tensor, impl Fn(&Tensor) -> candle_core::Result<Tensor> + Clone, impl Fn(&Tensor) -> candle_core::Result<Tensor> + Clone) {
+        let input = Tensor::arange(0f32, 2.0 * 4.0 * 4.0, &Device::Cpu).unwrap().affine(0.1, -1.0).unwrap().reshape((1, 2, 4, 4)).unwrap();
+        let w = Tensor::new(&[[1f32, -2.0], [0.5, 3.0]], &Device::Cpu).unwrap();
+        let features = |x: &Tensor| Activation::Relu.forward(&x.affine(2.0, 0.0)?);
+        let head = move |a: &Tensor| a.mean((2, 3))?.matmul(&w.t()?);
+        (input, features, head)
+    }
+
+    #[test]
+    fn a_method_of_ones_own_runs_through_cam_like_the_built_in_ones() {
+        // The map of every position is the target's score: enough to see the pipeline around it.
+        struct Flat;
+        impl Explainer for Flat {
+            fn name(&self) -> &'static str {
+                "flat"
+            }
+            fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> Result<Vec<Explanation>> {
+                let (_, _, h, w) = cx.activations.dims4()?;
+                let out = cx.model.head(cx.activations)?;
+                requests
+                    .iter()
+                    .map(|r| {
+                        // The score as explained (negated for a counterfactual); an explanation
+                        // reports the score itself.
+                        let s = r.target.score(&out.get(r.image)?)?.to_scalar::<f32>()?;
+                        let score = if r.target.is_counterfactual() { -s } else { s };
+                        Explanation::new(self.name(), r, score, Map::new(h, w, vec![s.max(0.0); h * w]), None)
+                    })
+                    .collect()
+            }
+        }
+        let (input, features, head) = model();
+        let split = Split::new(features, head);
+        let cam = Cam::new(&split).method(Flat);
+        assert_eq!(cam.file_tag(), "_flat");
+        let e = cam.explain(&input, &[Target::class(1), Target::class(1).counterfactual()]).unwrap();
+        let builtin = Cam::new(&split).explain(&input, &[Target::class(1)]).unwrap();
+        assert_eq!((e[0].method, e[0].map_size, e[0].image), ("flat", (4, 4), 0));
+        assert_eq!(e[0].score, builtin[0].score, "the same target, the same score");
+        assert!(e[1].is_counterfactual() && e[1].score == e[0].score && e[1].map.iter().all(|&v| v == 0.0));
+        // Smoothing belongs to the built-in gradient methods.
+        assert!(matches!(Cam::new(&split).method(Flat).eigen_smooth(true).explain(&input, &[Target::class(0)]), Err(Error::Unsupported(_))));
+    }
+
+    #[test]
+    fn guided_methods_refuse_a_model_without_a_guided_forward_and_follow_the_rule_with_one() {
+        let (input, features, head) = model();
+        let plain = Split::new(features.clone(), head.clone());
+        for method in [Method::GuidedBackprop, Method::GuidedGradCam] {
+            let err = Cam::new(&plain).method(method).explain(&input, &[Target::class(0)]).unwrap_err();
+            assert!(matches!(err, Error::CannotGuide { .. }) && err.to_string().contains("Split::guided"), "{err}");
+        }
+        // With the guided forward, the guided image is the input gradient through a ReLU that
+        // passes only positive gradients: class 0 weighs channel 1 by -2, so channel 1 gets none.
+        let (f, h) = (features.clone(), head.clone());
+        let guided = Split::new(features, head).guided(move |x: &Tensor| h(&Activation::Relu.forward_with(&x.affine(2.0, 0.0)?, Rule::Guided)?).map(|y| {
+            let _ = &f;
+            y
+        }));
+        let e = &Cam::new(&guided).method(Method::GuidedBackprop).explain(&input, &[Target::class(0)]).unwrap()[0];
+        let g = e.guided.as_ref().unwrap();
+        assert_eq!(e.guided_size, (4, 4));
+        let x = input.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (i, (&gv, &xv)) in g.iter().zip(&x).enumerate() {
+            let expected = if i < 16 && xv > 0.0 { 2.0 * 1.0 / 16.0 } else { 0.0 };
+            assert!((gv - expected).abs() < 1e-6, "value {i}: {gv}, expected {expected}");
+        }
+        // The exact rule lets channel 1's negative gradient through where the ReLU was open.
+        let exact = guided.forward_with(&candle_core::Var::from_tensor(&input).unwrap(), Rule::Exact).unwrap();
+        assert_eq!(exact.dims(), [1, 2]);
+    }
+
+    #[test]
+    fn explain_takes_one_image_and_says_what_to_use_for_a_batch() {
+        let (input, features, head) = model();
+        let split = Split::new(features, head);
+        let batch = Tensor::cat(&[&input, &input], 0).unwrap();
+        let err = Cam::new(&split).explain(&batch, &[Target::class(0)]).unwrap_err();
+        assert!(err.to_string().contains("explain_with"), "{err}");
+        let a = split.features(&batch).unwrap();
+        let e = Cam::new(&split).explain_with(&batch, &a, &[(0, Target::class(0)), (1, Target::class(1))]).unwrap();
+        assert_eq!((e[0].image, e[1].image), (0, 1));
+        let err = Cam::new(&split).explain_with(&batch, &a, &[(2, Target::class(0))]).unwrap_err();
+        assert!(matches!(err, Error::ImageOutOfRange { image: 2, batch: 2 }), "{err}");
+        let err = Cam::new(&split).explain(&input, &[Target::class(2)]).unwrap_err();
+        assert!(matches!(err, Error::ClassOutOfRange { class: 2, num_classes: 2 }), "{err}");
+        let _ = DType::F32;
+    }
+
+    #[test]
+    fn a_non_finite_map_is_an_error_not_an_explanation() {
+        let t = Target::class(0);
+        let r = Request { image: 0, target: &t };
+        assert!(Explanation::new("x", &r, 1.0, Map::new(1, 2, vec![0.0, f32::NAN]), None).is_err());
+        assert!(Explanation::new("x", &r, 1.0, Map::new(1, 2, vec![0.0, 1.0]), Some(vec![f32::INFINITY])).is_err());
+        assert!(Explanation::new("x", &r, 1.0, Map::new(1, 2, vec![0.0, 1.0]), Some(vec![1.0])).is_ok());
     }
 }

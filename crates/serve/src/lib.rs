@@ -165,14 +165,14 @@ impl From<gradcam::pipeline::Error> for ApiError {
 }
 
 /// The explorer page.
-pub const PAGE: &str = include_str!("page.html");
+pub const PAGE: &str = include_str!("../assets/page.html");
 
 /// Sample images the page offers, embedded.
 pub const SAMPLES: [(&str, &[u8]); 4] = [
-    ("scene-000018.png", include_bytes!("../../../data/shapescenes/test/images/000018.png")),
-    ("scene-000019.png", include_bytes!("../../../data/shapescenes/test/images/000019.png")),
-    ("cat_and_coffee.png", include_bytes!("../../../data/photos/images/cat_and_coffee.png")),
-    ("chelsea.png", include_bytes!("../../../data/photos/images/chelsea.png")),
+    ("scene-000018.png", include_bytes!("../assets/scene-000018.png")),
+    ("scene-000019.png", include_bytes!("../assets/scene-000019.png")),
+    ("cat_and_coffee.png", include_bytes!("../assets/cat_and_coffee.png")),
+    ("chelsea.png", include_bytes!("../assets/chelsea.png")),
 ];
 
 /// The routes: the page, the samples and the API. Nothing else, and nothing from the file system.

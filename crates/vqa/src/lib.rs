@@ -43,7 +43,7 @@ impl Error {
         match self {
             Error::Candle(e) => gradcam_core::Error::Candle(e),
             Error::Core(e) => e,
-            other => gradcam_core::Error::Candle(candle_core::Error::Msg(other.to_string())),
+            other => gradcam_core::Error::Model(Box::new(other)),
         }
     }
 }
