@@ -28,7 +28,9 @@ fn any_two_closures_are_explained_by_every_method_and_grad_cam_equals_the_hand_c
     let fc = candle_nn::Linear::new(values(&[4, 6], 3, 0.5), Some(values(&[4], 4, 0.1)));
     let features = |x: &Tensor| Activation::Relu.forward(&conv.forward(x)?); // [n, 6, 10, 10]
     let head = |a: &Tensor| fc.forward(&a.mean((2, 3))?); // [n, 4]
-    let model = Split::new(features, head);
+    // The whole model with guided ReLUs, for the guided methods.
+    let guided = |x: &Tensor| head(&Activation::Relu.forward_with(&conv.forward(x)?, gradcam::Rule::Guided)?);
+    let model = Split::new(features, head).guided(guided);
     let input = values(&[1, 3, 12, 12], 5, 1.0);
 
     // By hand: alpha_k = mean of dy/dA^k, map = ReLU(sum_k alpha_k A^k), from candle's backward.
@@ -64,6 +66,12 @@ fn any_two_closures_are_explained_by_every_method_and_grad_cam_equals_the_hand_c
                 assert_eq!(r[0].guided_size, (12, 12));
             }
         }
+    }
+    // Without a guided forward the guided methods are refused, not run with the plain gradient.
+    let plain = Split::new(features, head);
+    for method in [Method::GuidedBackprop, Method::GuidedGradCam] {
+        let err = Cam::new(&plain).method(method).explain(&input, &[Target::class(1)]).unwrap_err();
+        assert!(matches!(err, Error::CannotGuide { .. }), "{method}: {err}");
     }
     // Bad requests are errors that name the problem.
     let err = Cam::new(&model).explain(&input, &[Target::class(4)]).unwrap_err();

@@ -280,3 +280,42 @@ fn efficientnet_lite0_from_onnx_gives_the_builtin_maps_and_evaluation() {
     assert_eq!(names[names.len() - 3..], ["tail", "head after _conv_head forward", "head after _conv_head forward + backward"]);
     assert!(timings.iter().all(|t| t["ms"].as_f64().unwrap() > 0.0), "{r}");
 }
+
+/// Guided Backpropagation has a rule for ReLUs only: on a graph whose rectifier is a LeakyRelu the
+/// guided methods are refused with an error that names it (the plain gradient would pass as a
+/// guided image), while the other methods explain the same graph. The graph is made here with
+/// onnx.helper (`.ci/run` installs onnx).
+#[test]
+fn guided_methods_refuse_a_rectifier_they_cannot_guide() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leaky.onnx");
+    let script = r#"
+import sys, numpy as np, onnx
+from onnx import helper, TensorProto, numpy_helper
+rng = np.random.default_rng(0)
+w = numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w")
+fc = numpy_helper.from_array(rng.normal(0, 0.3, (8, 4)).astype(np.float32), "fc")
+nodes = [
+    helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+    helper.make_node("LeakyRelu", ["conv"], ["act"], alpha=0.1, name="leaky"),
+    helper.make_node("GlobalAveragePool", ["act"], ["pool"], name="pool"),
+    helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+    helper.make_node("MatMul", ["flat", "fc"], ["y"], name="fc"),
+]
+graph = helper.make_graph(nodes, "leaky", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w, fc])
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), sys.argv[1])
+"#;
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let o = Command::new(&python).args(["-c", script, path.to_str().unwrap()]).output().expect("python3 runs");
+    assert!(o.status.success(), "making the graph (pip install onnx numpy): {}", String::from_utf8_lossy(&o.stderr));
+    let model = path.to_str().unwrap();
+    let image = repo("data/shapescenes/test/images/000018.png");
+    let out = dir.path().join("out");
+    let run = |method: &str| gradcam(&["classify", image.to_str().unwrap(), "--model", model, "--layer", "act", "--method", method, "--json", "--out", out.to_str().unwrap()]);
+    for method in ["guided-backprop", "guided-gradcam"] {
+        fails_with(&run(method), &["guided backpropagation", "LeakyRelu"]);
+    }
+    let r = ok_json(&run("gradcam"));
+    assert_eq!(r["explanations"].as_array().unwrap().len(), 1);
+}
