@@ -61,6 +61,21 @@ pub fn image_like_input_sized(h: usize, w: usize) -> candle_core::Result<Tensor>
     Tensor::from_vec(data, (1, 3, h, w), &Device::Cpu)
 }
 
+/// The input `bench methods` times: the tensor `input` (`[1, 3, 224, 224]`) of the safetensors
+/// file at `path`, or without one [`image_like_input_sized`] at the network's input size.
+pub fn methods_input(net: &Network, path: Option<&Path>) -> Result<Tensor> {
+    let Some(path) = path else {
+        return Ok(image_like_input_sized(net.preprocess().size.0, net.preprocess().size.1)?);
+    };
+    let bad = |what: String| crate::pipeline::Error::Request(format!("{}: {what}", path.display()));
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| bad(format!("cannot be read: {e}")))?;
+    let t = tensors.get("input").ok_or_else(|| bad("has no tensor `input`".into()))?;
+    if t.dims() != [1, 3, 224, 224] {
+        return Err(bad(format!("`input` is {:?}, not [1, 3, 224, 224]", t.dims())));
+    }
+    Ok(t.clone())
+}
+
 /// A classifier's plain forward against its whole Grad-CAM explanation.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClassifyTiming {
@@ -284,4 +299,128 @@ pub fn ops(iters: usize) -> Result<Vec<OpTiming>> {
         out.push(OpTiming { label: format!("{what} {shape:?}"), candle, ours });
     }
     Ok(out)
+}
+
+/// [`layers`] with the figures it was taken with; as text, a row per stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayersReport {
+    /// Timed passes.
+    pub iters: usize,
+    /// Each stage's median.
+    pub layers: Vec<LayerTiming>,
+    /// The architecture.
+    pub model: String,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+/// [`layers`] of `net`, reported.
+pub fn layers_report(net: &Network, iters: usize) -> Result<LayersReport> {
+    Ok(LayersReport { iters, layers: layers(net, iters)?, model: net.arch().to_string(), threads: rayon::current_num_threads() })
+}
+
+/// [`gradcam_pair`] with the figures it was taken with.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairReport {
+    /// The second architecture.
+    pub against: String,
+    /// Its median Grad-CAM, ms.
+    pub against_gradcam_ms: f64,
+    /// The first architecture's median Grad-CAM, ms.
+    pub gradcam_ms: f64,
+    /// Timed runs of each.
+    pub iters: usize,
+    /// The first architecture.
+    pub model: String,
+    /// `gradcam_ms / against_gradcam_ms`.
+    pub ratio: f64,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+/// [`gradcam_pair`] of `a` and `b`, reported.
+pub fn pair_report(a: &Network, b: &Network, iters: usize) -> Result<PairReport> {
+    let (ta, tb) = gradcam_pair(a, b, iters)?;
+    Ok(PairReport { against: b.arch().to_string(), against_gradcam_ms: tb, gradcam_ms: ta, iters, model: a.arch().to_string(), ratio: ta / tb, threads: rayon::current_num_threads() })
+}
+
+/// [`methods`] with the figures it was taken with.
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodsReport {
+    /// Timed runs of each fast method.
+    pub iters: usize,
+    /// Each method's name and median, ms.
+    pub methods: Vec<(String, f64)>,
+    /// The architecture.
+    pub model: String,
+    /// Worker threads.
+    pub threads: usize,
+    /// (height, width) of the input.
+    #[serde(skip)]
+    pub size: (usize, usize),
+}
+
+/// [`methods`] of `net` on `input`, reported.
+pub fn methods_report(net: &Network, input: &Tensor, list: &[Method], iters: usize, each: &mut dyn FnMut(Method, f64)) -> Result<MethodsReport> {
+    let timings = methods(net, input, list, iters, each)?;
+    let (_, _, h, w) = input.dims4()?;
+    let methods = timings.into_iter().map(|(m, ms)| (m.to_string(), ms)).collect();
+    Ok(MethodsReport { iters, methods, model: net.arch().to_string(), threads: rayon::current_num_threads(), size: (h, w) })
+}
+
+impl std::fmt::Display for ClassifyTiming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{} at {}x{}, batch 1, {} threads, median of {} runs", self.model, self.size.1, self.size.0, self.threads, self.iters)?;
+        writeln!(f, "  forward   {:>8.2} ms", self.forward_ms)?;
+        writeln!(f, "  grad-cam  {:>8.2} ms  ({:.3}x the forward)", self.gradcam_ms, self.ratio)
+    }
+}
+
+impl std::fmt::Display for LayersReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{}, batch 1, {} threads, median of {} whole passes, each layer timed in turn", self.model, self.threads, self.iters)?;
+        let width = self.layers.iter().map(|t| t.name.len()).max().unwrap_or(0);
+        self.layers.iter().try_for_each(|t| writeln!(f, "  {:<width$}  {:>8.2} ms", t.name, t.ms))
+    }
+}
+
+impl std::fmt::Display for PairReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (iters, threads, ta, tb) = (self.iters, self.threads, self.gradcam_ms, self.against_gradcam_ms);
+        writeln!(f, "grad-cam, median of {iters} alternating runs, {threads} threads: {} {ta:.2} ms, {} {tb:.2} ms, ratio {:.3}", self.model, self.against, self.ratio)
+    }
+}
+
+impl std::fmt::Display for MethodsReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (iters, threads) = (self.iters, self.threads);
+        writeln!(f, "{} at {}x{}, batch 1, {threads} threads (median of {iters} runs; ablationcam and scorecam: one run)", self.model, self.size.1, self.size.0)?;
+        self.methods.iter().try_for_each(|(m, ms)| writeln!(f, "  {m:<16} {ms:>10.1} ms"))
+    }
+}
+
+impl std::fmt::Display for OpTiming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.candle {
+            Ok(a) => writeln!(f, "  {:<50} candle {a:8.2} ms   ours {:8.2} ms   {:6.1}x", self.label, self.ours, a / self.ours),
+            Err(e) => writeln!(f, "  {:<50} candle fails ({e})   ours {:8.2} ms", self.label, self.ours),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_print_as_one_json_line_in_key_order_and_as_text() {
+        let r = PairReport { against: "b".into(), against_gradcam_ms: 2.0, gradcam_ms: 3.0, iters: 4, model: "a".into(), ratio: 1.5, threads: 2 };
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(json, serde_json::to_string(&serde_json::to_value(&r).unwrap()).unwrap(), "the keys are in the order json! sorts them");
+        assert_eq!(r.to_string(), "grad-cam, median of 4 alternating runs, 2 threads: a 3.00 ms, b 2.00 ms, ratio 1.500\n");
+        let m = MethodsReport { iters: 1, methods: vec![("gradcam".into(), 1.25)], model: "m".into(), threads: 1, size: (224, 200) };
+        assert_eq!(serde_json::to_string(&m).unwrap(), r#"{"iters":1,"methods":[["gradcam",1.25]],"model":"m","threads":1}"#);
+        assert!(m.to_string().starts_with("m at 200x224, batch 1"));
+        assert_eq!(median(vec![3.0, 1.0, 2.0, 10.0]), 2.5);
+    }
 }

@@ -3,9 +3,11 @@
 //! script can serialise as they are): predictions, and every method's map of every target,
 //! pictured and written to a folder.
 
+pub mod attack;
 pub mod caption;
 pub mod classify;
 pub mod render;
+mod text;
 pub mod vqa;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +34,12 @@ pub enum Error {
     /// From the VQA model.
     #[error(transparent)]
     Vqa(#[from] gradcam_vqa::Error),
+    /// From an attack (its options, the adversarial image).
+    #[error(transparent)]
+    Eval(#[from] gradcam_eval::Error),
+    /// A setting the call does not take.
+    #[error(transparent)]
+    Setting(#[from] gradcam_core::SettingError),
     /// From a tokenizer or dataset file.
     #[error(transparent)]
     Scenes(#[from] gradcam_scenes::Error),
@@ -41,6 +49,18 @@ pub enum Error {
     /// A file could not be written.
     #[error(transparent)]
     Write(#[from] gradcam_io::Error),
+}
+
+impl Error {
+    /// The setting this error is about, if it is about one (see [`gradcam_core::SettingError`]).
+    pub fn setting(&self) -> Option<&gradcam_core::SettingError> {
+        match self {
+            Error::Setting(s) => Some(s),
+            Error::Eval(e) => e.setting(),
+            Error::Encoders(e) => e.setting(),
+            _ => None,
+        }
+    }
 }
 
 /// The pipelines' result type.
@@ -55,6 +75,25 @@ pub struct Settings {
     pub eigen_smooth: bool,
     /// Augmentation smoothing ([`Cam::aug_smooth`]).
     pub aug_smooth: bool,
+}
+
+impl Settings {
+    /// The method an evaluation scores: one whose map comes from the gradients, eigen-smoothed
+    /// if asked; augmentation smoothing is refused.
+    pub fn eval_method(&self) -> Result<Box<dyn gradcam_core::CamMethod>> {
+        use gradcam_core::SettingError;
+        let [method] = self.methods[..] else {
+            let names: Vec<&str> = self.methods.iter().map(|m| m.name()).collect();
+            return Err(SettingError::value("methods", names.join(","), "evaluations score one method at a time").into());
+        };
+        if self.aug_smooth {
+            return Err(SettingError::new(vec!["aug_smooth"], "is not taken by evaluations").into());
+        }
+        let Some(m) = method.cam_method().filter(|_| method.is_gradient_map()) else {
+            return Err(SettingError::value("methods", method, format!("evaluations score the gradient-based methods, not {method}")).into());
+        };
+        Ok(if self.eigen_smooth { Box::new(gradcam_core::methods::EigenSmooth(m)) } else { m })
+    }
 }
 
 impl Default for Settings {

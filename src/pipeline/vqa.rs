@@ -102,3 +102,58 @@ pub fn answer(model: &Vqa, img: &RgbImage, name: &str, question: &str, files: Fi
         truncated: q.truncated,
     })
 }
+
+/// One question of a batch ([`batch`]), answered or not.
+pub struct Answered<'a> {
+    /// The question.
+    pub question: &'a gradcam_scenes::vqa::Question,
+    /// Its image.
+    pub image: &'a std::path::Path,
+    /// The stem of its files.
+    pub stem: String,
+    /// Its record, or why there is none.
+    pub record: Result<Record>,
+}
+
+/// Answers and explains every question of the VQA v2 questions file `questions` about the images
+/// of the folder `images` (matched by the number at the end of their file names, each decoded
+/// once for its run of questions), the pictures written to `dir` with the stem
+/// `q{question_id}_{image stem}` (made unique by `stems`). `each` hears every question (and the
+/// number of questions); a question that fails does not stop the others. Returns the VQA
+/// accuracy per question type and overall, from `annotations` when given.
+#[allow(clippy::too_many_arguments)]
+pub fn batch(
+    model: &Vqa,
+    (questions, annotations, images): (&std::path::Path, Option<&std::path::Path>, &std::path::Path),
+    dir: &std::path::Path,
+    options: &Options,
+    names: Option<&UnitNames>,
+    progress: Option<&Progress>,
+    stems: &mut super::render::Stems,
+    each: &mut dyn FnMut(Answered<'_>, usize),
+) -> Result<Vec<(String, usize, f64)>> {
+    let file = gradcam_scenes::vqa::Vqa::read(questions, annotations, None)?;
+    let files = gradcam_scenes::vqa::images_by_id(images)?;
+    let mut tally = file.tally();
+    let mut cache: Option<(u64, RgbImage)> = None;
+    for q in &file.questions {
+        let Some(path) = files.get(&q.image_id) else {
+            let record = Err(super::Error::Request(format!("no image for image_id {} in {}", q.image_id, images.display())));
+            each(Answered { question: q, image: images, stem: String::new(), record }, file.questions.len());
+            continue;
+        };
+        let stem = stems.unique(std::path::Path::new(&format!("q{}_{}", q.question_id, path.file_stem().unwrap_or_default().to_string_lossy())));
+        let record = (|| {
+            if cache.as_ref().map(|c| c.0) != Some(q.image_id) {
+                cache = Some((q.image_id, gradcam_encoders::preprocess::load_image(path)?));
+            }
+            let img = &cache.as_ref().expect("just set").1;
+            answer(model, img, &path.display().to_string(), &q.question, Files { dir: Some(dir), stem: &stem }, options, names, progress)
+        })();
+        if let Ok(r) = &record {
+            tally.add(q.question_id, &r.answers[0].answer);
+        }
+        each(Answered { question: q, image: path, stem, record }, file.questions.len());
+    }
+    Ok(tally.rows().map(|(k, n, a)| (k.to_string(), n, a)).collect())
+}

@@ -4,9 +4,9 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use gradcam::{bench, Method};
 
+use crate::common::print;
 use crate::ModelArgs;
 
 #[derive(clap::Subcommand)]
@@ -72,69 +72,23 @@ pub enum BenchCommand {
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
-    let threads = rayon::current_num_threads();
     match cmd {
-        BenchCommand::Classify { model, iters, json, layers: true, .. } => {
-            let net = model.load()?;
-            let timings = bench::layers(&net, iters)?;
-            if json {
-                writeln!(out, "{}", serde_json::json!({"model": net.arch(), "threads": threads, "iters": iters, "layers": timings}))?;
-            } else {
-                writeln!(out, "{}, batch 1, {threads} threads, median of {iters} whole passes, each layer timed in turn", net.arch())?;
-                let width = timings.iter().map(|t| t.name.len()).max().unwrap_or(0);
-                for t in &timings {
-                    writeln!(out, "  {:<width$}  {:>8.2} ms", t.name, t.ms)?;
-                }
-            }
-        }
+        BenchCommand::Classify { model, iters, json, layers: true, .. } => print(&mut out, &bench::layers_report(&model.load()?, iters)?, json)?,
         BenchCommand::Classify { model, iters, json, against: Some(other), .. } => {
             let (a, b) = (model.load()?, ModelArgs { model: other, weights: None, onnx: model.onnx.clone() }.load()?);
-            let (ta, tb) = bench::gradcam_pair(&a, &b, iters)?;
-            let line = serde_json::json!({"model": a.arch(), "against": b.arch(), "threads": threads, "iters": iters, "gradcam_ms": ta, "against_gradcam_ms": tb, "ratio": ta / tb});
-            match json {
-                true => writeln!(out, "{line}")?,
-                false => writeln!(out, "grad-cam, median of {iters} alternating runs, {threads} threads: {} {ta:.2} ms, {} {tb:.2} ms, ratio {:.3}", a.arch(), b.arch(), ta / tb)?,
-            }
+            print(&mut out, &bench::pair_report(&a, &b, iters)?, json)?;
         }
-        BenchCommand::Classify { model, iters, json, against: None, .. } => {
-            let r = bench::classify(&model.load()?, iters)?;
-            if json {
-                writeln!(out, "{}", serde_json::to_string(&r)?)?;
-            } else {
-                writeln!(out, "{} at {}x{}, batch 1, {} threads, median of {} runs", r.model, r.size.1, r.size.0, r.threads, r.iters)?;
-                writeln!(out, "  forward   {:>8.2} ms", r.forward_ms)?;
-                writeln!(out, "  grad-cam  {:>8.2} ms  ({:.3}x the forward)", r.gradcam_ms, r.ratio)?;
-            }
-        }
+        BenchCommand::Classify { model, iters, json, against: None, .. } => print(&mut out, &bench::classify(&model.load()?, iters)?, json)?,
         BenchCommand::Methods { model, iters, methods, input, json } => {
             let methods = if methods.is_empty() { Method::ALL.to_vec() } else { methods };
             let net = model.load()?;
-            let input = match input {
-                Some(path) => {
-                    let tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).with_context(|| format!("reading {}", path.display()))?;
-                    let t = tensors.get("input").with_context(|| format!("{} has no tensor `input`", path.display()))?.clone();
-                    if t.dims() != [1, 3, 224, 224] {
-                        anyhow::bail!("{}: `input` is {:?}, not [1, 3, 224, 224]", path.display(), t.dims());
-                    }
-                    t
-                }
-                None => bench::image_like_input_sized(net.preprocess().size.0, net.preprocess().size.1)?,
-            };
-            let timings = bench::methods(&net, &input, &methods, iters, &mut |m, ms| eprintln!("{m}: {ms:.1} ms"))?;
-            if json {
-                let methods: Vec<(String, f64)> = timings.iter().map(|(m, ms)| (m.to_string(), *ms)).collect();
-                writeln!(out, "{}", serde_json::json!({"model": net.arch(), "threads": threads, "iters": iters, "methods": methods}))?;
-            } else {
-                writeln!(out, "{} at {}x{}, batch 1, {threads} threads (median of {iters} runs; ablationcam and scorecam: one run)", net.arch(), input.dim(3)?, input.dim(2)?)?;
-                for (m, ms) in &timings {
-                    writeln!(out, "  {:<16} {ms:>10.1} ms", m.name())?;
-                }
-            }
+            let input = bench::methods_input(&net, input.as_deref())?;
+            print(&mut out, &bench::methods_report(&net, &input, &methods, iters, &mut |m, ms| eprintln!("{m}: {ms:.1} ms"))?, json)?;
         }
         BenchCommand::Caption { model, image, iters, json, detail } => {
             let model = gradcam_captioner::Captioner::load(&model)?;
             if !json {
-                writeln!(out, "median of {iters} interleaved runs, {threads} threads")?;
+                writeln!(out, "median of {iters} interleaved runs, {} threads", rayon::current_num_threads())?;
                 writeln!(out, "{:<48} {:>5} {:>12} {:>20} {:>7}", "image", "words", "generate ms", "generate+explain ms", "ratio")?;
             }
             let mut worst = 0f64;
@@ -155,13 +109,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             }
         }
         BenchCommand::Ops { iters } => {
-            writeln!(out, "median of {iters} runs, {threads} threads; ratio = candle / ours")?;
-            for r in bench::ops(iters)? {
-                match r.candle {
-                    Ok(a) => writeln!(out, "  {:<50} candle {a:8.2} ms   ours {:8.2} ms   {:6.1}x", r.label, r.ours, a / r.ours)?,
-                    Err(e) => writeln!(out, "  {:<50} candle fails ({e})   ours {:8.2} ms", r.label, r.ours)?,
-                }
-            }
+            writeln!(out, "median of {iters} runs, {} threads; ratio = candle / ours", rayon::current_num_threads())?;
+            bench::ops(iters)?.iter().try_for_each(|r| write!(out, "{r}"))?;
         }
     }
     Ok(ExitCode::SUCCESS)

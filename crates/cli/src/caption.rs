@@ -1,6 +1,5 @@
 //! `gradcam caption` (captions with a Grad-CAM map per word) and `gradcam train captioner`.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -15,7 +14,7 @@ use gradcam_encoders::preprocess::load_image;
 use gradcam_neurons::{Dissection, UnitNames};
 use gradcam_scenes::Split;
 
-use crate::common::{HtmlArg, MethodArgs};
+use crate::common::{print, HtmlArg, MethodArgs};
 use gradcam_serve::html::View;
 use crate::progress::{bar, each_image, EpochBar};
 
@@ -67,7 +66,7 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     let model = Captioner::load(&args.model).with_context(|| format!("loading the captioner from {}", args.model.display()))?;
     let dissection = Dissection::of_model(args.dissection.as_deref(), &args.model, args.neurons)?;
     if let Some(dir) = &args.eval {
-        let method = args.methods.eval_method()?;
+        let method = args.methods.settings().eval_method()?;
         let split = Split::read(dir)?;
         let n = split.instances.images.len().min(args.limit);
         let bar = bar(n as u64, "images");
@@ -79,21 +78,6 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let names = dissection.as_ref().filter(|_| args.neurons).map(|d| UnitNames::Dissection(d));
     each_image(&args.images, |path, stems| caption_one(&model, path, &args, names.as_ref(), stems), |out, r| print(out, r, args.json))
-}
-
-fn print(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result<()> {
-    if json {
-        serde_json::to_writer(&mut *out, r)?;
-        return writeln!(out);
-    }
-    writeln!(out, "{}: {}", r.image, r.caption.escape_debug())?;
-    for w in &r.words {
-        writeln!(out, "  {:>2} {:<10} log p {:>7.3}  {}", w.t, w.word.escape_debug().to_string(), w.logprob, w.map.overlay)?;
-        if let Some(text) = &w.map.text {
-            writeln!(out, "     {text}")?;
-        }
-    }
-    writeln!(out, "  strip: {}", r.strip)
 }
 
 fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs, names: Option<&UnitNames>, stems: &mut Stems) -> anyhow::Result<Record> {

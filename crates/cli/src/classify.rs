@@ -1,6 +1,5 @@
 //! `gradcam classify`: top-k predictions and Grad-CAM overlays for ImageNet classifiers.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -12,7 +11,7 @@ use gradcam_encoders::preprocess::{load_image, Resize};
 use gradcam_encoders::{ModelName, Network};
 use gradcam_neurons::Dissection;
 
-use crate::common::{HtmlArg, MethodArgs};
+use crate::common::{print, HtmlArg, MethodArgs};
 use gradcam_serve::html::View;
 use crate::progress::each_image;
 use crate::ModelArgs;
@@ -71,26 +70,7 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--class {bad} is out of range: {} has classes 0..={}", net.arch(), net.num_classes() - 1);
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    each_image(&args.images, |path, stems| classify_one(&net, index, path, &args, (resize, dissection.clone()), stems), |out, r| print_result(out, r, args.json))
-}
-
-fn print_result(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result<()> {
-    if json {
-        serde_json::to_writer(&mut *out, r)?;
-        return writeln!(out);
-    }
-    writeln!(out, "{} ({}, layer {}, input {}x{})", r.image, r.model, r.layer, r.input_size[1], r.input_size[0])?;
-    for (i, p) in r.predictions.iter().enumerate() {
-        writeln!(out, "  {}. {:>4} {:<30} logit {:>7.3}  p {:.4}", i + 1, p.class, p.label.escape_debug().to_string(), p.logit, p.prob)?;
-    }
-    for e in &r.explanations {
-        let note = if e.map.nonzero { "" } else { " (map is zero everywhere: nothing in this layer supports it)" };
-        writeln!(out, "  {} {} {}: {}{note}", e.map.kind(), e.class, e.label.escape_debug(), e.map.overlay)?;
-        if let Some(text) = &e.map.text {
-            writeln!(out, "    {text}")?;
-        }
-    }
-    Ok(())
+    each_image(&args.images, |path, stems| classify_one(&net, index, path, &args, (resize, dissection.clone()), stems), |out, r| print(out, r, args.json))
 }
 
 fn classify_one(net: &Network, index: usize, path: &Path, args: &ClassifyArgs, (resize, dissection): (Resize, Option<std::sync::Arc<Dissection>>), stems: &mut Stems) -> anyhow::Result<Record> {

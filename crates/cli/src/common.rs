@@ -5,8 +5,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use gradcam::pipeline::Settings;
-use gradcam::{CamMethod, Method};
-use gradcam_core::methods::EigenSmooth;
+use gradcam::Method;
 
 /// The method flags every explaining command takes.
 #[derive(clap::Args, Clone)]
@@ -32,16 +31,6 @@ impl MethodArgs {
         Settings { methods: self.method.clone(), eigen_smooth: self.eigen_smooth, aug_smooth: self.aug_smooth }
     }
 
-    /// The method an `--eval` run scores: one whose map comes from the gradients, with
-    /// eigen-smoothing if asked.
-    pub fn eval_method(&self) -> anyhow::Result<Box<dyn CamMethod>> {
-        let [method] = self.method[..] else { anyhow::bail!("--eval scores one method at a time; --method names {}", self.method.len()) };
-        if self.aug_smooth {
-            anyhow::bail!("--eval does not take --aug-smooth");
-        }
-        let m = method.cam_method().filter(|_| method.is_gradient_map()).with_context(|| format!("--eval scores the gradient-based methods, not {method}"))?;
-        Ok(if self.eigen_smooth { Box::new(EigenSmooth(m)) } else { m })
-    }
 }
 
 /// `--html FILE`: the explorer's view of each result as one self-contained page.
@@ -72,9 +61,16 @@ pub fn parse_gradient_method(s: &str) -> Result<Method, String> {
     Ok(m)
 }
 
-
-
 /// A count that must be at least 1 (`--limit`).
 pub fn positive(s: &str) -> Result<usize, String> {
     s.parse::<usize>().ok().filter(|&n| n >= 1).ok_or_else(|| format!("{s:?}: give a whole number of at least 1"))
+}
+
+/// A record as one line of JSON (`--json`) or as its text.
+pub fn print<R: serde::Serialize + std::fmt::Display>(out: &mut impl std::io::Write, r: &R, json: bool) -> std::io::Result<()> {
+    if json {
+        serde_json::to_writer(&mut *out, r)?;
+        return writeln!(out);
+    }
+    write!(out, "{r}")
 }

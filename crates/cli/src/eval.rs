@@ -1,17 +1,12 @@
 //! `gradcam eval`: the paper's evaluations for a classifier, the captioner or the VQA model.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use gradcam_captioner::Captioner;
-use gradcam_eval::report::{markdown, worst, write_failures};
-use gradcam_eval::subjects::{CaptionerSubject, ClassifierSubject, VqaSubject};
-use gradcam_eval::{run, ExampleResult, Options, Subject, Task, Tolerance};
-use gradcam_encoders::ModelName;
-use gradcam_io::write_atomic;
-use gradcam_vqa::Vqa;
+use gradcam_eval::adversarial::{self, AdversarialOptions};
+use gradcam_eval::{ModelRef, Options, Outputs, Task, Tolerance};
 
 use crate::common::parse_gradient_method;
 
@@ -113,192 +108,60 @@ pub struct EvalArgs {
 }
 
 pub fn run_eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
-    if args.tasks.iter().any(|t| t.trim() == "adversarial") {
-        anyhow::ensure!(args.tasks.len() == 1, "`adversarial` runs alone: give it without other tasks");
-        return run_adversarial(&args);
-    }
-    if args.target.is_some() || args.until.is_some() || args.step_size.is_some() {
+    let adversarial = args.tasks.iter().any(|t| t.trim() == "adversarial");
+    anyhow::ensure!(!adversarial || args.tasks.len() == 1, "`adversarial` runs alone: give it without other tasks");
+    if !adversarial && (args.target.is_some() || args.until.is_some() || args.step_size.is_some()) {
         anyhow::bail!("--target, --until and --step-size are options of the `adversarial` task");
     }
-    let tasks = Task::parse_list(&args.tasks)?;
-    if args.failures > 0 && args.out.is_none() {
-        anyhow::bail!("--failures writes a page: give --out DIR");
-    }
-    if let Some(name) = classifier_name(&args.model) {
-        let (net, layer) = name.load(crate::weights::resolve(&name, args.weights.as_deref())?.as_deref(), &args.onnx.options()?, args.layer.as_deref()).with_context(|| format!("loading {}", args.model))?;
-        let subject = ClassifierSubject::new(net, layer, &args.data).with_context(|| format!("reading the dataset {}", args.data.display()))?;
-        return evaluate(&subject, &args, tasks);
-    }
-    let dir = Path::new(&args.model);
-    let config = dir.join("config.json");
-    let text = std::fs::read_to_string(&config).with_context(|| {
-        format!("--model {}: neither a classifier (efficientnet-lite0, vgg16, resnet18, resnet50, FILE.onnx) nor a model folder with config.json", args.model)
-    })?;
-    let is_vqa = serde_json::from_str::<serde_json::Value>(&text).with_context(|| format!("parsing {}", config.display()))?.get("answers").is_some();
-    if args.weights.is_some() || args.layer.is_some() {
-        anyhow::bail!("--weights and --layer are for classifiers; {} is a model folder", dir.display());
-    }
-    if is_vqa {
-        let model = Vqa::load(dir).with_context(|| format!("loading the VQA model from {}", dir.display()))?;
-        let subject = VqaSubject::new(model, &args.data).with_context(|| format!("reading the dataset {}", args.data.display()))?;
-        evaluate(&subject, &args, tasks)
-    } else {
-        let model = Captioner::load(dir).with_context(|| format!("loading the captioner from {}", dir.display()))?;
-        let subject = CaptionerSubject::new(model, &args.data).with_context(|| format!("reading the dataset {}", args.data.display()))?;
-        evaluate(&subject, &args, tasks)
-    }
-}
-
-fn evaluate<S: Subject>(subject: &S, args: &EvalArgs, tasks: Vec<Task>) -> anyhow::Result<ExitCode> {
+    let tasks = if adversarial { Vec::new() } else { Task::parse_list(&args.tasks)? };
+    anyhow::ensure!(args.failures == 0 || args.out.is_some(), "--failures writes a page: give --out DIR");
+    let model = ModelRef::parse(&args.model)?;
+    let weights = match &model {
+        ModelRef::Classifier(name) => crate::weights::resolve(name, args.weights.as_deref())?,
+        _ => args.weights.clone(),
+    };
+    let out = args.out.as_deref().map(|dir| Outputs { dir, failures: args.failures });
     let method = args.method.cam_method().context("a gradient-based method")?;
-    let options = Options {
-        tasks,
-        method: method.as_ref(),
-        limit: args.limit.unwrap_or(usize::MAX),
-        tolerance: args.tolerance,
-        box_threshold: args.box_threshold,
-        iou: args.iou,
-        patch: args.patch,
-        stride: args.stride,
-        steps: args.steps,
-        reject_below: args.reject_below,
-        batch: args.batch,
-        segment: gradcam_eval::segment::SegmentOptions { high: args.seed_high, low: args.seed_low, threshold: args.seg_threshold, ..Default::default() },
-    };
-    options.check()?;
-    let n = subject.len().min(options.limit);
-    if n == 0 {
-        anyhow::bail!("{} has no images to evaluate", args.data.display());
-    }
-    if let Some(out) = &args.out {
-        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    }
-    let bar = crate::progress::bar(n as u64, "images");
-    let mut lines = Vec::new();
-    let mut qualities: Vec<(f64, usize)> = Vec::new();
-    let summary = run(subject, &options, |i, r: &ExampleResult| {
-        bar.set_position(i as u64);
-        qualities.push((r.quality, i - 1));
-        if args.out.is_some() {
-            lines.extend(serde_json::to_vec(r).expect("results serialise"));
-            lines.push(b'\n');
-        }
-    })?;
-    bar.finish_and_clear();
-    let table = markdown(&summary);
-    if let Some(out) = &args.out {
-        write_atomic(&out.join("results.jsonl"), &lines)?;
-        write_atomic(&out.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
-        write_atomic(&out.join("summary.md"), table.as_bytes())?;
-        if args.failures > 0 {
-            let segment = options.tasks.contains(&Task::Segmentation).then_some(&options.segment);
-            let failures = worst(subject, &qualities, args.failures, options.method, segment)?;
-            let title = format!("{} worst-predicted images of {} ({}, {})", failures.len(), args.data.display(), subject.kind(), summary.method);
-            write_failures(&out.join("failures"), &failures, &title)?;
-        }
-    }
-    let mut stdout = std::io::stdout().lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut stdout, &summary)?;
-        writeln!(stdout)?;
-    } else {
-        write!(stdout, "{table}")?;
-        if let Some(out) = &args.out {
-            writeln!(stdout, "\nper-image results in {}", out.join("results.jsonl").display())?;
-            if args.failures > 0 {
-                writeln!(stdout, "failure cases in {}", out.join("failures/index.html").display())?;
-            }
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `--model` as a classifier: a built-in name, an ONNX file or a trained classifier folder (not
-/// a captioner's or VQA model's folder).
-fn classifier_name(model: &str) -> Option<ModelName> {
-    model.parse::<ModelName>().ok().filter(|n| !matches!(n, ModelName::Folder(d) if !gradcam_encoders::scene_classifier::is_classifier_dir(d)))
-}
-
-fn run_adversarial(args: &EvalArgs) -> anyhow::Result<ExitCode> {
-    use gradcam_eval::adversarial::{markdown, run, AdversarialOptions};
-    let targeted = match args.target.as_deref() {
-        None => false,
-        Some("random") => true,
-        Some(other) => anyhow::bail!("--target {other:?}: the adversarial evaluation takes `random` (or nothing, for untargeted attacks)"),
-    };
-    if args.failures > 0 && args.out.is_none() {
-        anyhow::bail!("--failures writes a page: give --out DIR");
-    }
-    let Some(name) = classifier_name(&args.model) else {
-        anyhow::bail!("--model {}: the adversarial evaluation attacks classifiers (efficientnet-lite0, vgg16, resnet18, resnet50, FILE.onnx or a `gradcam train classifier` folder)", args.model);
-    };
-    let (net, layer) = name.load(crate::weights::resolve(&name, args.weights.as_deref())?.as_deref(), &args.onnx.options()?, args.layer.as_deref()).with_context(|| format!("loading {}", args.model))?;
-    let method = args.method.cam_method().context("a gradient-based method")?;
-    let options = AdversarialOptions {
-        eps: args.eps,
-        steps: args.attack_steps,
-        step_size: args.step_size.unwrap_or(gradcam_eval::attack::Pgd::default_step(args.eps, args.attack_steps)),
-        targeted,
-        seed: args.seed,
-        until: args.until.unwrap_or(if targeted { 0.9 } else { 1e-3 }),
-        limit: args.limit.unwrap_or(usize::MAX),
-        tolerance: args.tolerance,
-        box_threshold: args.box_threshold,
-        iou: args.iou,
-    };
-    anyhow::ensure!(options.limit > 0, "--limit must be at least 1");
-    let probe = gradcam_eval::attack::Goal::Untargeted { class: 0, until: options.until };
-    gradcam_eval::attack::Pgd { eps: options.eps, steps: options.steps, step_size: options.step_size, goal: probe }.check(net.num_classes())?;
-    if let Some(out) = &args.out {
-        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    }
     let bar = crate::progress::bar(0, "images");
-    let (summary, cases) = run(&net, layer, &args.data, method.as_ref(), &options, &mut |i, n| {
+    let mut progress = |i: usize, n: usize| {
         bar.set_length(n as u64);
         bar.set_position(i as u64);
-    })
-    .with_context(|| format!("evaluating on {}", args.data.display()))?;
+    };
+    let (summary, table) = if adversarial {
+        let ModelRef::Classifier(name) = &model else {
+            return Err(gradcam_core::SettingError::value("model", &args.model, "the adversarial evaluation attacks classifiers (efficientnet-lite0, vgg16, resnet18, resnet50, FILE.onnx or a `gradcam train classifier` folder)").into());
+        };
+        let targeted = match args.target.as_deref() {
+            None => false,
+            Some("random") => true,
+            Some(other) => anyhow::bail!("--target {other:?}: the adversarial evaluation takes `random` (or nothing, for untargeted attacks)"),
+        };
+        let (net, layer) = name.load(weights.as_deref(), &args.onnx.options()?, args.layer.as_deref()).with_context(|| format!("loading {}", args.model))?;
+        let step_size = args.step_size.unwrap_or(gradcam_eval::attack::Pgd::default_step(args.eps, args.attack_steps));
+        let until = args.until.unwrap_or(AdversarialOptions::default_until(targeted));
+        let (limit, tolerance, box_threshold, iou) = (args.limit.unwrap_or(usize::MAX), args.tolerance, args.box_threshold, args.iou);
+        let options = AdversarialOptions { eps: args.eps, steps: args.attack_steps, step_size, targeted, seed: args.seed, until, limit, tolerance, box_threshold, iou };
+        let summary = adversarial::evaluate(&net, layer, &args.data, method.as_ref(), &options, out, &mut progress).map_err(|e| crate::hints::renamed(e, &[("steps", "--attack-steps")]))?;
+        (serde_json::to_string_pretty(&summary)?, adversarial::markdown(&summary))
+    } else {
+        let subject = model.subject(weights.as_deref(), &args.onnx.options()?, args.layer.as_deref(), &args.data).with_context(|| format!("loading {} on {}", args.model, args.data.display()))?;
+        let segment = gradcam_eval::segment::SegmentOptions { high: args.seed_high, low: args.seed_low, threshold: args.seg_threshold, ..Default::default() };
+        let (limit, tolerance, box_threshold, iou, patch, stride, steps, reject_below, batch) = (args.limit.unwrap_or(usize::MAX), args.tolerance, args.box_threshold, args.iou, args.patch, args.stride, args.steps, args.reject_below, args.batch);
+        let options = Options { tasks, method: method.as_ref(), limit, tolerance, box_threshold, iou, patch, stride, steps, reject_below, batch, segment };
+        let summary = subject.evaluate(&args.data, &options, out, &mut progress)?;
+        (serde_json::to_string_pretty(&summary)?, gradcam_eval::report::markdown(&summary))
+    };
     bar.finish_and_clear();
-    anyhow::ensure!(summary.cases > 0, "{} has no annotated object of the model's classes to attack", args.data.display());
-    let table = markdown(&summary);
-    if let Some(out) = &args.out {
-        let mut lines = Vec::new();
-        for c in &cases {
-            lines.extend(serde_json::to_vec(c)?);
-            lines.push(b'\n');
-        }
-        write_atomic(&out.join("results.jsonl"), &lines)?;
-        write_atomic(&out.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
-        write_atomic(&out.join("summary.md"), table.as_bytes())?;
-        if args.failures > 0 {
-            // The cases whose adversarial map keeps least of its mass on the object.
-            let mut order: Vec<usize> = (0..cases.len()).collect();
-            order.sort_by(|&a, &b| cases[a].energy_adversarial.unwrap_or(0.0).total_cmp(&cases[b].energy_adversarial.unwrap_or(0.0)));
-            let mut failures = Vec::new();
-            for &i in order.iter().take(args.failures) {
-                let c = &cases[i];
-                let image = gradcam_encoders::preprocess::load_image(&args.data.join("images").join(&c.image))?;
-                let after = if c.success { "attack succeeded" } else { "attack FAILED" };
-                failures.push(gradcam_eval::report::Failure {
-                    name: c.image.clone(),
-                    summary: format!("{} {}: p {:.4} clean, {:.2e} adversarial (top-1 now {}; {after}, L-inf {:.1}/255); maps of {} drawn on the clean image", c.class, c.label, c.prob_clean, c.prob_adversarial, net.label(c.top1_adversarial), c.linf * 255.0, c.label),
-                    quality: c.energy_adversarial.unwrap_or(0.0),
-                    image,
-                    maps: vec![(format!("clean: {}", c.label), c.maps.0.clone()), (format!("adversarial: {}", c.label), c.maps.1.clone())],
-                });
-            }
-            let title = format!("{} attacked classes of {} with the least map energy on the object after the attack", failures.len(), args.data.display());
-            gradcam_eval::report::write_failures(&out.join("failures"), &failures, &title)?;
-        }
-    }
     let mut stdout = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut stdout, &summary)?;
-        writeln!(stdout)?;
-    } else {
-        write!(stdout, "{table}")?;
-        if let Some(out) = &args.out {
-            writeln!(stdout, "\nper-case results in {}", out.join("results.jsonl").display())?;
+        writeln!(stdout, "{summary}")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    write!(stdout, "{table}")?;
+    if let Some(out) = &args.out {
+        writeln!(stdout, "\nper-{} results in {}", if adversarial { "case" } else { "image" }, out.join("results.jsonl").display())?;
+        if args.failures > 0 && !adversarial {
+            writeln!(stdout, "failure cases in {}", out.join("failures/index.html").display())?;
         }
     }
     Ok(ExitCode::SUCCESS)

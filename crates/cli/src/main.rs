@@ -9,6 +9,7 @@ mod classify;
 mod common;
 mod dissect;
 mod eval;
+mod hints;
 mod progress;
 mod prune;
 mod scenes;
@@ -22,7 +23,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gradcam_encoders::onnx::OnnxOptions;
-use gradcam_encoders::{ModelKind, ModelName, Network, Weights};
+use gradcam_encoders::{ModelKind, ModelName, Network};
 
 #[derive(Parser)]
 #[command(name = "gradcam", version, about = "Grad-CAM visual explanations for CNN classifiers, captioners and VQA models")]
@@ -135,12 +136,8 @@ impl OnnxArgs {
 impl ModelArgs {
     /// The network and its explained layer's index (`layer`, or the model's default).
     pub fn load_at(&self, layer: Option<&str>) -> anyhow::Result<(Network, usize)> {
-        let name = match &self.model {
-            ModelName::Builtin(kind) => kind.name().to_string(),
-            ModelName::Onnx(path) | ModelName::Folder(path) => path.display().to_string(),
-        };
         let weights = weights::resolve(&self.model, self.weights.as_deref())?;
-        self.model.load(weights.as_deref(), &self.onnx.options()?, layer).with_context(|| format!("loading {name}"))
+        self.model.load(weights.as_deref(), &self.onnx.options()?, layer).with_context(|| format!("loading {}", self.model))
     }
 
     pub fn load(&self) -> anyhow::Result<Network> {
@@ -193,12 +190,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Demo { what } => classifier::run_demo(what),
         Command::Vqa(args) => vqa::run(args),
         Command::Convert { input, output, model } => {
-            let weights = Weights::load(&input)?;
-            if let Some(model) = model {
-                model.build(&weights).with_context(|| format!("{} does not hold {} weights", input.display(), model.name()))?;
-            }
-            weights.save_safetensors(&output)?;
-            eprintln!("wrote {} ({} tensors)", output.display(), weights.names().len());
+            let n = gradcam_encoders::convert(&input, &output, model)?;
+            eprintln!("wrote {} ({n} tensors)", output.display());
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -228,7 +221,7 @@ fn main() -> ExitCode {
             if err.chain().any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", hints::message(&err));
             ExitCode::from(2)
         }
     }

@@ -20,6 +20,7 @@ pub mod methods;
 pub mod metrics;
 pub mod perturbation;
 pub mod report;
+pub mod setting;
 
 pub use cam::{explain, weighted_sum, CamMethod, Context, Explainable, Explainer, GradCam, Request, Score};
 pub use explainer::{AnyMethod, Cam, Explanation, GuidedForward, NoGuidedForward, Split, Target};
@@ -27,6 +28,7 @@ pub use gradcam_kernels::Rule;
 pub use map::Map;
 pub use method::{Method, UnknownMethod};
 pub use report::{class_named_report, report, Neuron, NeuronReport, UnitNames, UnitTable};
+pub use setting::SettingError;
 
 /// Errors of the gradient-capture core.
 #[derive(Debug, thiserror::Error)]

@@ -20,6 +20,8 @@ pub mod weights;
 
 use std::path::PathBuf;
 
+use gradcam_core::SettingError;
+
 pub use network::{Network, Split};
 pub use weights::{Weights, WeightsSource};
 
@@ -32,9 +34,9 @@ pub enum Error {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{}: {message}", path.display())]
     Image { path: PathBuf, message: String },
-    #[error("image is {width}x{height}; with --resize none each side must be at least {min} px")]
+    #[error("image is {width}x{height}; unresized (resize none), each side must be at least {min} px")]
     TooSmall { width: u32, height: u32, min: u32 },
-    #[error("image is {width}x{height}; with --resize none each side must be at most {max} px (use center-crop or stretch)")]
+    #[error("image is {width}x{height}; unresized (resize none), each side must be at most {max} px (use center-crop or stretch)")]
     TooLarge { width: u32, height: u32, max: u32 },
     #[error("bad checkpoint: {0}")]
     Checkpoint(String),
@@ -46,12 +48,22 @@ pub enum Error {
     Hub { repo: String, message: String },
     #[error("unknown layer {layer:?} for {model}; valid layers: {}", valid.join(", "))]
     UnknownLayer { layer: String, model: String, valid: Vec<String> },
+    #[error("layer {layer:?} has shape {shape:?}; Grad-CAM needs a 4-D [batch, channels, h, w] value. 4-D values near it: {}", nearest.join(", "))]
+    LayerShape { layer: String, shape: Vec<usize>, nearest: Vec<String> },
+    #[error("{model}: no 4-D value with spatial size > 1 splits the graph; name the layer to explain")]
+    NoDefaultLayer { model: String },
+    #[error("{} does not hold {model} weights", file.display())]
+    NotWeightsOf { file: PathBuf, model: &'static str, #[source] source: Box<Error> },
     #[error("unknown model {0:?}: use efficientnet-lite0, vgg16, resnet18, resnet50, an ONNX file (FILE.onnx) or a folder made by `gradcam train classifier`")]
     UnknownModel(String),
     #[error("no weights given for {model}, and {reason}")]
     NoWeights { model: String, reason: String },
     #[error("{0}")]
     Data(String),
+    /// A setting (an option of [`onnx::OnnxOptions`], the weights, the layer, a folder) the call
+    /// does not take.
+    #[error(transparent)]
+    Setting(#[from] gradcam_core::SettingError),
     #[error("{0}")]
     Onnx(String),
     #[error(transparent)]
@@ -59,6 +71,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// The setting this error is about, if it is about one.
+    pub fn setting(&self) -> Option<&gradcam_core::SettingError> {
+        match self {
+            Error::Setting(s) => Some(s),
+            _ => None,
+        }
+    }
+
     /// For the [`gradcam_core::Explainable`] boundary.
     pub(crate) fn into_core(self) -> gradcam_core::Error {
         match self {
@@ -186,6 +206,16 @@ pub enum ModelName {
     Folder(PathBuf),
 }
 
+impl std::fmt::Display for ModelName {
+    /// The architecture's name, or the file's or folder's path.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelName::Builtin(kind) => f.write_str(kind.name()),
+            ModelName::Onnx(path) | ModelName::Folder(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
 impl std::str::FromStr for ModelName {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -199,6 +229,17 @@ impl std::str::FromStr for ModelName {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Converts the checkpoint at `input` (.pth, .pt, .bin or .safetensors) to the safetensors file
+/// `output`, after checking that it builds `model` when given. Returns the number of tensors.
+pub fn convert(input: &std::path::Path, output: &std::path::Path, model: Option<ModelKind>) -> Result<usize> {
+    let weights = Weights::load(input)?;
+    if let Some(model) = model {
+        model.build(&weights).map_err(|e| Error::NotWeightsOf { file: input.to_path_buf(), model: model.name(), source: Box::new(e) })?;
+    }
+    weights.save_safetensors(output)?;
+    Ok(weights.names().len())
 }
 
 impl ModelName {
@@ -224,8 +265,9 @@ impl ModelName {
     pub fn load(&self, weights: Option<&str>, onnx: &onnx::OnnxOptions, layer: Option<&str>) -> Result<(Network, usize)> {
         match self {
             ModelName::Builtin(kind) => {
-                if onnx.labels.is_some() || onnx.mean.is_some() || onnx.std.is_some() || onnx.input_size.is_some() {
-                    return Err(Error::Data("--labels, --mean, --std and --input-size are for ONNX models; the built-in ones are ImageNet classifiers at 224 x 224".into()));
+                if !onnx.given().is_empty() {
+                    let given = onnx.given();
+                    return Err(SettingError::new(given, "are for ONNX models; the built-in ones are ImageNet classifiers at 224 x 224").into());
                 }
                 let net = kind.load(weights)?;
                 let index = net.layer_index(layer.unwrap_or(net.default_layer()))?;
@@ -233,14 +275,15 @@ impl ModelName {
             }
             ModelName::Onnx(path) => {
                 if weights.is_some() {
-                    return Err(Error::Data(format!("--weights is for the built-in architectures; {} holds its own weights", path.display())));
+                    return Err(SettingError::new(vec!["weights"], format!("is for the built-in architectures; {} holds its own weights", path.display())).into());
                 }
                 let model = std::sync::Arc::new(onnx::OnnxModel::load(path, onnx)?);
                 Ok((model.network(layer)?, 0))
             }
             ModelName::Folder(dir) => {
-                if weights.is_some() || onnx.labels.is_some() || onnx.mean.is_some() || onnx.std.is_some() || onnx.input_size.is_some() {
-                    return Err(Error::Data(format!("--weights, --labels, --mean, --std and --input-size do not apply to {}: the folder holds its weights, classes and input size", dir.display())));
+                if weights.is_some() || !onnx.given().is_empty() {
+                    let given = weights.iter().map(|_| "weights").chain(onnx.given()).collect();
+                    return Err(SettingError::new(given, format!("do not apply to {}: the folder holds its weights, classes and input size", dir.display())).into());
                 }
                 let net = scene_classifier::load(dir)?;
                 let index = net.layer_index(layer.unwrap_or(net.default_layer()))?;

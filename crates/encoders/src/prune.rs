@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor, D};
 
 use crate::scene_cnn::{self, EncoderSpec, Pooling, SceneCnn};
 use crate::{Error, Result};
+use gradcam_core::SettingError;
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(gradcam_io::write_atomic(path, bytes)?)
@@ -75,10 +76,10 @@ fn for_each_batch(size: u32, files: &[PathBuf], progress: &dyn Fn(usize), mut f:
 /// checks the pruned model.
 pub fn prune(model: &Path, data: &Path, out: &Path, progress: &dyn Fn(usize, usize)) -> Result<Pruned> {
     if out.canonicalize().ok().is_some_and(|o| model.canonicalize().ok() == Some(o)) {
-        return Err(Error::Data(format!("--out must be a new folder, not the model's own ({})", model.display())));
+        return Err(SettingError::new(vec!["out"], format!("must be a new folder, not the model's own ({})", model.display())).into());
     }
     if std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some()) {
-        return Err(Error::Data(format!("{} exists and is not empty; --out must be a new folder", out.display())));
+        return Err(SettingError::value("out", out.display(), "exists and is not empty; give a new folder").into());
     }
     let spec = EncoderSpec::read(model)?;
     let (cnn, size) = scene_cnn::load_encoder(model)?;

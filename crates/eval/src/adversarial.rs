@@ -201,6 +201,61 @@ pub fn run(net: &Network, layer: usize, dir: &Path, method: &dyn CamMethod, o: &
     Ok((summary, cases))
 }
 
+impl AdversarialOptions {
+    /// The goal's default probability: 0.9 for targeted attacks, 0.001 for untargeted ones.
+    pub fn default_until(targeted: bool) -> f32 {
+        if targeted { 0.9 } else { 1e-3 }
+    }
+
+    /// Refuses options that attack or count nothing (see [`Pgd::check`]).
+    pub fn check(&self, classes: usize) -> Result<()> {
+        if self.limit == 0 {
+            return Err(gradcam_core::SettingError::new(vec!["limit"], "must be at least 1").into());
+        }
+        Pgd { eps: self.eps, steps: self.steps, step_size: self.step_size, goal: Goal::Untargeted { class: 0, until: self.until } }.check(classes)
+    }
+}
+
+/// Checks the options, attacks and measures (see [`run`]) and writes the outputs to `out`: the
+/// cases (results.jsonl), the summary, and the failure page of the cases whose adversarial map
+/// keeps least of its mass on the object.
+pub fn evaluate(net: &Network, layer: usize, data: &Path, method: &dyn CamMethod, o: &AdversarialOptions, out: Option<crate::Outputs>, progress: &mut dyn FnMut(usize, usize)) -> Result<AdversarialSummary> {
+    o.check(net.num_classes())?;
+    crate::session::create(out)?;
+    let (summary, cases) = run(net, layer, data, method, o, progress)?;
+    if summary.cases == 0 {
+        return Err(Error::Empty { data: data.to_path_buf(), what: "annotated object of the model's classes" });
+    }
+    if let Some(out) = out {
+        let failures = failures(net, &cases, data, out.failures)?;
+        let title = format!("{} attacked classes of {} with the least map energy on the object after the attack", failures.len(), data.display());
+        crate::session::write_run(out.dir, &cases, &summary, &markdown(&summary), (out.failures > 0).then_some((&failures[..], &title[..])))?;
+    }
+    Ok(summary)
+}
+
+/// The `k` cases whose adversarial map keeps least of its mass on the object, each with its
+/// clean and adversarial maps on the clean image (of the dataset folder `data`).
+pub fn failures(net: &Network, cases: &[AttackCase], data: &Path, k: usize) -> Result<Vec<crate::report::Failure>> {
+    let mut order: Vec<&AttackCase> = cases.iter().collect();
+    order.sort_by(|a, b| a.energy_adversarial.unwrap_or(0.0).total_cmp(&b.energy_adversarial.unwrap_or(0.0)));
+    order
+        .into_iter()
+        .take(k)
+        .map(|c| {
+            let image = gradcam_encoders::preprocess::load_image(&data.join("images").join(&c.image))?;
+            let after = if c.success { "attack succeeded" } else { "attack FAILED" };
+            Ok(crate::report::Failure {
+                name: c.image.clone(),
+                summary: format!("{} {}: p {:.4} clean, {:.2e} adversarial (top-1 now {}; {after}, L-inf {:.1}/255); maps of {} drawn on the clean image", c.class, c.label, c.prob_clean, c.prob_adversarial, net.label(c.top1_adversarial), c.linf * 255.0, c.label),
+                quality: c.energy_adversarial.unwrap_or(0.0),
+                image,
+                maps: vec![(format!("clean: {}", c.label), c.maps.0.clone()), (format!("adversarial: {}", c.label), c.maps.1.clone())],
+            })
+        })
+        .collect()
+}
+
 /// The summary as a Markdown table.
 pub fn markdown(s: &AdversarialSummary) -> String {
     let o = &s.options;

@@ -9,6 +9,7 @@ use image::{Rgb, RgbImage};
 use serde::Serialize;
 
 use crate::{Error, Result};
+use gradcam_core::SettingError;
 
 /// What the attack wants.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -57,15 +58,15 @@ impl Pgd {
     /// Refuses an attack that cannot run: eps outside (0, 1], no steps, a step that is not
     /// positive, a class outside the model's.
     pub fn check(&self, classes: usize) -> Result<()> {
-        let bad = |m: String| Err(Error::Options(m));
+        let bad = |e: SettingError| Err(Error::Setting(e));
         if !(self.eps > 0.0 && self.eps <= 1.0) {
-            return bad(format!("--eps {}: the budget is a pixel-value change in (0, 1], e.g. 0.0314 (8/255)", self.eps));
+            return bad(SettingError::value("eps", self.eps, "the budget is a pixel-value change in (0, 1], e.g. 0.0314 (8/255)"));
         }
         if self.steps == 0 {
-            return bad("--steps must be at least 1".into());
+            return bad(SettingError::new(vec!["steps"], "must be at least 1"));
         }
         if !(self.step_size > 0.0 && self.step_size.is_finite()) {
-            return bad(format!("--step-size {} must be a positive number", self.step_size));
+            return bad(SettingError::value("step_size", self.step_size, "must be a positive number"));
         }
         let (class, other, until) = match self.goal {
             Goal::Untargeted { class, until } => (class, None, until),
@@ -73,14 +74,14 @@ impl Pgd {
         };
         for c in std::iter::once(class).chain(other) {
             if c >= classes {
-                return bad(format!("class {c} is out of range: the model has classes 0..={}", classes - 1));
+                return Err(gradcam_core::Error::ClassOutOfRange { class: c, num_classes: classes }.into());
             }
         }
         if other == Some(class) {
-            return bad(format!("--target {class} is the class attacked; give another class"));
+            return bad(SettingError::value("target", class, "is the class attacked; give another class"));
         }
         if !(until > 0.0 && until < 1.0) {
-            return bad(format!("--until {until} must be a probability strictly between 0 and 1"));
+            return bad(SettingError::value("until", until, "must be a probability strictly between 0 and 1"));
         }
         Ok(())
     }

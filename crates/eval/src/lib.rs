@@ -15,6 +15,7 @@ mod perturb;
 pub mod segment;
 pub mod report;
 mod run;
+pub mod session;
 pub mod subjects;
 
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ use gradcam_scenes::rle::Mask;
 use image::RgbImage;
 
 pub use run::{run, CaseResult, ExampleResult, Mean, Options, Ranked, Summary, Tally};
+pub use session::{AnySubject, ModelRef, Outputs};
 
 /// Errors of the evaluation crate.
 #[derive(Debug, thiserror::Error)]
@@ -46,10 +48,33 @@ pub enum Error {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Options(String),
+    /// An option the evaluation does not take (by its name in [`Options`], [`AdversarialOptions`](adversarial::AdversarialOptions) or [`attack::Pgd`]).
+    #[error(transparent)]
+    Setting(#[from] gradcam_core::SettingError),
+    /// `model` names neither a classifier nor a captioner's or VQA model's folder.
+    #[error("{model}: neither a classifier (efficientnet-lite0, vgg16, resnet18, resnet50, FILE.onnx) nor a model folder with config.json")]
+    NotAModel { model: String, #[source] source: std::io::Error },
+    /// The dataset has nothing to evaluate.
+    #[error("{} has no {what} to evaluate", data.display())]
+    Empty { data: PathBuf, what: &'static str },
+    /// A ground-truth category the classifier has no class for.
+    #[error("{}: category {category:?} {}", file.display(), if *imagenet { "is not an ImageNet class name; a classifier's ground truth must name its classes as ImageNet does (e.g. \"tabby\", \"espresso\"), or give the model's class names (its labels file)" } else { "is not one of the model's class names (an ONNX model's come from its labels file, one per line)" })]
+    UnknownCategory { file: PathBuf, category: String, imagenet: bool },
     #[error("{0}")]
     Data(String),
     #[error(transparent)]
     Write(#[from] gradcam_io::Error),
+}
+
+impl Error {
+    /// The setting this error is about, if it is about one (here or in the model's loading).
+    pub fn setting(&self) -> Option<&gradcam_core::SettingError> {
+        match self {
+            Error::Setting(s) => Some(s),
+            Error::Encoders(e) => e.setting(),
+            _ => None,
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

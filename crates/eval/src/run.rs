@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use candle_core::Tensor;
 use gradcam_core::metrics::{auc, energy, pixel_order, spearman, threshold_box, BoundingBox, Energy, Pointing};
-use gradcam_core::{CamMethod, Map};
+use gradcam_core::{CamMethod, Map, SettingError};
 use serde::Serialize;
 
 use crate::perturb::{patch_origins, Plane};
@@ -41,11 +41,15 @@ impl Options<'_> {
     /// Refuses options that measure nothing: fractions outside [0, 1], zero steps, batches,
     /// patches or strides.
     pub fn check(&self) -> Result<()> {
-        if ![self.box_threshold, self.iou, self.reject_below].iter().all(|v| (0.0..=1.0).contains(v)) {
-            return Err(crate::Error::Options("--box-threshold, --iou and --reject-below are fractions between 0 and 1".into()));
+        for (name, v) in [("box_threshold", self.box_threshold), ("iou", self.iou), ("reject_below", self.reject_below)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(SettingError::value(name, v, "must be a fraction between 0 and 1").into());
+            }
         }
-        if self.steps == 0 || self.batch == 0 || self.patch == Some(0) || self.stride == Some(0) {
-            return Err(crate::Error::Options("--steps, --batch, --patch and --stride must be at least 1".into()));
+        for (name, v) in [("steps", self.steps), ("batch", self.batch), ("patch", self.patch.unwrap_or(1)), ("stride", self.stride.unwrap_or(1))] {
+            if v == 0 {
+                return Err(SettingError::new(vec![name], "must be at least 1").into());
+            }
         }
         self.segment.check()
     }
@@ -325,7 +329,7 @@ fn evaluate_example<S: Subject>(subject: &S, ex: &Example<S::State>, options: &O
     let (h, w) = (ex.image.height() as usize, ex.image.width() as usize);
     let (_, channels, ih, iw) = ex.input.dims4()?;
     if (options.has(Task::Deletion) || options.has(Task::Insertion)) && options.steps > ih * iw {
-        return Err(crate::Error::Options(format!("--steps {}: more steps than the input has pixels ({ih}x{iw})", options.steps)));
+        return Err(SettingError::value("steps", options.steps, format!("more steps than the input has pixels ({ih}x{iw})")).into());
     }
     let maps = subject.maps(ex, options.method)?;
     let tolerance = options.tolerance.pixels(h, w);

@@ -33,12 +33,20 @@ impl Default for SegmentOptions {
 
 impl SegmentOptions {
     pub fn check(&self) -> crate::Result<()> {
-        let ok = (0.0..=1.0).contains(&self.low) && self.low < self.high && self.high <= 1.0 && (0.0..=1.0).contains(&self.threshold) && self.beta > 0.0 && self.centre_area > 0.0 && self.centre_area <= 1.0 && self.max_side >= 8;
-        if ok {
-            Ok(())
-        } else {
-            Err(crate::Error::Options(format!("segmentation options {self:?}: need 0 <= low < high <= 1, threshold in [0, 1], beta > 0, centre area in (0, 1]")))
+        let checks = [
+            ("segment.low", (0.0..=1.0).contains(&self.low) && self.low < self.high),
+            ("segment.high", self.high <= 1.0),
+            ("segment.threshold", (0.0..=1.0).contains(&self.threshold)),
+            ("segment.beta", self.beta > 0.0),
+            ("segment.centre_area", self.centre_area > 0.0 && self.centre_area <= 1.0),
+            ("segment.max_side", self.max_side >= 8),
+        ];
+        let bad: Vec<&'static str> = checks.iter().filter(|c| !c.1).map(|c| c.0).collect();
+        if bad.is_empty() {
+            return Ok(());
         }
+        let requirement = format!("out of range: need 0 <= low < high <= 1, threshold in [0, 1], beta > 0, centre area in (0, 1], max side >= 8 (given {self:?})");
+        Err(gradcam_core::SettingError::new(bad, requirement).into())
     }
 }
 

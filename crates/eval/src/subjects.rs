@@ -82,12 +82,7 @@ pub fn category_classes(net: &Network, instances: &Instances, file: &Path) -> Re
             }
             None if c.name == "cue" => {}
             None => {
-                let why = if net.num_classes() == 1000 && !net.has_labels() {
-                    "is not an ImageNet class name; a classifier's ground truth must name its classes as ImageNet does (e.g. \"tabby\", \"espresso\"), or give the model's names with --labels"
-                } else {
-                    "is not one of the model's class names (an ONNX model's come from --labels, one per line)"
-                };
-                return Err(Error::Data(format!("{}: category {:?} {why}", file.display(), c.name)));
+                return Err(Error::UnknownCategory { file: file.to_path_buf(), category: c.name.clone(), imagenet: net.num_classes() == 1000 && !net.has_labels() });
             }
         }
     }

@@ -129,8 +129,7 @@ impl Dissection {
             return Self::load(&default).map(Some);
         }
         if required {
-            let m = model.display();
-            return Err(Error::Data(format!("{m} has no dissection.json; make one with `gradcam dissect --model {m} --data DATA` or pass --dissection FILE")));
+            return Err(Error::NoDissection { model: model.to_path_buf() });
         }
         Ok(None)
     }

@@ -26,8 +26,24 @@ pub enum Error {
     Io { path: std::path::PathBuf, source: std::io::Error },
     #[error("{0}")]
     Data(String),
+    /// An option of [`dissect_model`] it does not take.
+    #[error(transparent)]
+    Setting(#[from] gradcam_core::SettingError),
+    /// A model folder without the dissection table that was asked for.
+    #[error("{} has no dissection.json (see dissect_model)", model.display())]
+    NoDissection { model: std::path::PathBuf },
     #[error(transparent)]
     Write(#[from] gradcam_io::Error),
+}
+
+impl Error {
+    /// The setting this error is about, if it is about one.
+    pub fn setting(&self) -> Option<&gradcam_core::SettingError> {
+        match self {
+            Error::Setting(s) => Some(s),
+            _ => None,
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

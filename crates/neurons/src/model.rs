@@ -22,10 +22,11 @@ pub fn split_dir(data: &Path) -> PathBuf {
 /// `limit` images of `data` ([`split_dir`]). `progress` hears the images done in each batch.
 pub fn dissect_model(model: &Path, data: &Path, limit: usize, options: Options, progress: &dyn Fn(usize)) -> Result<Dissection> {
     if !(options.quantile > 0.0 && options.quantile < 1.0) || !(0.0..=1.0).contains(&options.iou_threshold) {
-        return Err(Error::Data(format!("--quantile {} must be in (0, 1) and --iou-threshold {} in [0, 1]", options.quantile, options.iou_threshold)));
+        let requirement = format!("must be in (0, 1) and [0, 1] (given {} and {})", options.quantile, options.iou_threshold);
+        return Err(gradcam_core::SettingError::new(vec!["quantile", "iou_threshold"], requirement).into());
     }
     if limit == 0 {
-        return Err(Error::Data("--limit must be at least 1".into()));
+        return Err(gradcam_core::SettingError::new(vec!["limit"], "must be at least 1").into());
     }
     let encoder = |e: gradcam_encoders::Error| Error::Data(format!("{}: {e}", model.display()));
     let (cnn, size) = scene_cnn::load_encoder(model).map_err(encoder)?;

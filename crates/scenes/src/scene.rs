@@ -157,16 +157,32 @@ impl Bias {
     }
 }
 
+/// Why a [`Bias`] could not be read from text.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BiasError {
+    #[error("{given:?}: give CUE:P, e.g. mark:0.95 (cues: {})", cue_names())]
+    Form { given: String },
+    #[error("unknown cue {cue:?}; known cues: {}", cue_names())]
+    UnknownCue { cue: String },
+    #[error("{0:?} is not a probability")]
+    NotANumber(String),
+    #[error("probability {0} is outside [0, 1]")]
+    OutOfRange(f64),
+}
+
+fn cue_names() -> String {
+    CueKind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+}
+
 impl std::str::FromStr for Bias {
-    type Err = String;
+    type Err = BiasError;
     /// `CUE:P`, e.g. `mark:0.95`, or `mark:balanced` (P = 1/3).
-    fn from_str(s: &str) -> Result<Self, String> {
-        let kinds = || CueKind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ");
-        let (cue, p) = s.split_once(':').ok_or_else(|| format!("--bias {s:?}: give CUE:P, e.g. mark:0.95 (cues: {})", kinds()))?;
-        let cue = CueKind::ALL.into_iter().find(|k| k.name() == cue).ok_or_else(|| format!("--bias: unknown cue {cue:?}; known cues: {}", kinds()))?;
-        let p = if p == "balanced" { Bias::balanced_p() } else { p.parse::<f64>().map_err(|_| format!("--bias: {p:?} is not a probability"))? };
+    fn from_str(s: &str) -> Result<Self, BiasError> {
+        let (cue, p) = s.split_once(':').ok_or_else(|| BiasError::Form { given: s.into() })?;
+        let cue = CueKind::ALL.into_iter().find(|k| k.name() == cue).ok_or_else(|| BiasError::UnknownCue { cue: cue.into() })?;
+        let p = if p == "balanced" { Bias::balanced_p() } else { p.parse::<f64>().map_err(|_| BiasError::NotANumber(p.into()))? };
         if !(0.0..=1.0).contains(&p) {
-            return Err(format!("--bias: probability {p} is outside [0, 1]"));
+            return Err(BiasError::OutOfRange(p));
         }
         Ok(Bias { cue, p })
     }

@@ -22,6 +22,7 @@ use gradcam_kernels::Rule;
 use crate::network::Network;
 use crate::preprocess::Preprocess;
 use crate::{Error, Result};
+use gradcam_core::SettingError;
 pub use ops::SUPPORTED;
 use plan::{Part, Plan};
 use proto::{Node, TensorProto};
@@ -45,8 +46,8 @@ impl OnnxOptions {
     /// From the command line's strings: `mean` and `std` as three numbers each, `input_size` as
     /// `HxW` or one side.
     pub fn parse(labels: Option<PathBuf>, mean: Option<&[f32]>, std: Option<&[f32]>, input_size: Option<&str>) -> Result<Self> {
-        let three = |v: Option<&[f32]>, what: &str| -> Result<Option<[f32; 3]>> {
-            v.map(|v| v.try_into().map_err(|_| Error::Data(format!("--{what} takes three numbers (R,G,B), got {}", v.len())))).transpose()
+        let three = |v: Option<&[f32]>, what: &'static str| -> Result<Option<[f32; 3]>> {
+            v.map(|v| v.try_into().map_err(|_| SettingError::new(vec![what], format!("takes three numbers (R,G,B), got {}", v.len())).into())).transpose()
         };
         let input_size = input_size
             .map(|s| {
@@ -55,10 +56,16 @@ impl OnnxOptions {
                     Some((h, w)) => parse(h).zip(parse(w)),
                     None => parse(s).map(|n| (n, n)),
                 };
-                size.ok_or_else(|| Error::Data(format!("--input-size {s:?}: give HxW or one side, each 8 to 4096")))
+                size.ok_or_else(|| Error::from(SettingError::value("input_size", format!("{s:?}"), "give HxW or one side, each 8 to 4096")))
             })
             .transpose()?;
         Ok(Self { input_size, mean: three(mean, "mean")?, std: three(std, "std")?, labels })
+    }
+
+    /// The names of the options that are set (for the models that take none of them).
+    pub fn given(&self) -> Vec<&'static str> {
+        let set = [self.labels.is_some(), self.mean.is_some(), self.std.is_some(), self.input_size.is_some()];
+        ["labels", "mean", "std", "input_size"].into_iter().zip(set).filter(|(_, s)| *s).map(|(n, _)| n).collect()
     }
 }
 
@@ -149,7 +156,7 @@ impl OnnxModel {
             [_, Some(3), Some(h), Some(w)] => {
                 if let Some((oh, ow)) = options.input_size {
                     if (oh, ow) != (*h, *w) {
-                        return Err(bad(path, format!("--input-size {oh}x{ow}: the graph's input is fixed at {h}x{w}")));
+                        return Err(SettingError::value("input_size", format!("{oh}x{ow}"), format!("the graph's input is fixed at {h}x{w} ({})", path.display())).into());
                     }
                 }
                 (*h, *w)
@@ -197,7 +204,8 @@ impl OnnxModel {
             std: options.std.unwrap_or(crate::preprocess::IMAGENET_STD),
         };
         if preprocess.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) || preprocess.mean.iter().any(|m| !m.is_finite()) {
-            return Err(bad(path, "--std must be three positive numbers and --mean three finite ones"));
+            let setting = if preprocess.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) { ("std", "positive") } else { ("mean", "finite") };
+            return Err(SettingError::new(vec![setting.0], format!("must be three {} numbers ({})", setting.1, path.display())).into());
         }
         let mut model = OnnxModel {
             name,
@@ -304,7 +312,7 @@ impl OnnxModel {
                 }
             }
         }
-        Err(Error::Data(format!("{}: no 4-D value with spatial size > 1 splits the graph; give --layer (see gradcam layers --model FILE.onnx)", self.name)))
+        Err(Error::NoDefaultLayer { model: self.name.clone() })
     }
 
     /// Nodes of the head from `layer` to the output, and the constants it needs; an error when the
@@ -342,7 +350,7 @@ impl OnnxModel {
             return Err(Error::UnknownLayer { layer: layer.clone(), model: self.name.clone(), valid: self.nearest(&layer) });
         };
         if shape.len() != 4 {
-            return Err(Error::Data(format!("--layer {layer:?} has shape {shape:?}; Grad-CAM needs a 4-D [batch, channels, h, w] value. 4-D values near it: {}", self.nearest(&layer).join(", "))));
+            return Err(Error::LayerShape { nearest: self.nearest(&layer), layer, shape: shape.clone() });
         }
         let head = self.head_nodes(&layer)?;
         let forward: Vec<usize> = {

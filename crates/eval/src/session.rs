@@ -1,0 +1,174 @@
+//! An evaluation from names to files: the model a name means (a classifier, or a captioner's or
+//! VQA model's folder), its [`Subject`] over a dataset, the run, and what the run leaves in its
+//! output folder (results.jsonl, summary.json, summary.md and the failures page).
+
+use std::path::{Path, PathBuf};
+
+use gradcam_captioner::Captioner;
+use gradcam_core::SettingError;
+use gradcam_encoders::onnx::OnnxOptions;
+use gradcam_encoders::ModelName;
+use gradcam_vqa::Vqa;
+use serde::Serialize;
+
+use crate::report::{markdown, worst, write_failures, Failure};
+use crate::subjects::{CaptionerSubject, ClassifierSubject, VqaSubject};
+use crate::{run, Error, ExampleResult, Options, Result, Subject, Summary, Task};
+
+/// Where a run writes its outputs, and how many failure cases its page shows (0: no page).
+#[derive(Debug, Clone, Copy)]
+pub struct Outputs<'a> {
+    pub dir: &'a Path,
+    pub failures: usize,
+}
+
+/// Writes `dir/results.jsonl` (a line per result), `summary.json`, `summary.md` (`table`) and,
+/// with `failures`, the page `dir/failures/index.html` titled by its second element.
+pub fn write_run<R: Serialize>(dir: &Path, results: impl IntoIterator<Item = R>, summary: &impl Serialize, table: &str, failures: Option<(&[Failure], &str)>) -> Result<()> {
+    let mut lines = Vec::new();
+    for r in results {
+        serde_json::to_writer(&mut lines, &r).map_err(|e| Error::Data(format!("a result does not serialise: {e}")))?;
+        lines.push(b'\n');
+    }
+    gradcam_io::write_atomic(&dir.join("results.jsonl"), &lines)?;
+    let summary = serde_json::to_vec_pretty(summary).map_err(|e| Error::Data(format!("the summary does not serialise: {e}")))?;
+    gradcam_io::write_atomic(&dir.join("summary.json"), &summary)?;
+    gradcam_io::write_atomic(&dir.join("summary.md"), table.as_bytes())?;
+    match failures {
+        Some((failures, title)) => write_failures(&dir.join("failures"), failures, title),
+        None => Ok(()),
+    }
+}
+
+/// Creates the output folder (and its parents).
+pub(crate) fn create(out: Option<Outputs>) -> Result<()> {
+    match out {
+        Some(o) => std::fs::create_dir_all(o.dir).map_err(|source| Error::Io { path: o.dir.to_path_buf(), source }),
+        None => Ok(()),
+    }
+}
+
+/// The model a name means: a classifier (a built-in architecture, an ONNX file or a trained
+/// classifier folder), or a captioner's or VQA model's folder (told apart by its config.json).
+#[derive(Debug, Clone)]
+pub enum ModelRef {
+    Classifier(ModelName),
+    Captioner(PathBuf),
+    Vqa(PathBuf),
+}
+
+impl ModelRef {
+    pub fn parse(model: &str) -> Result<Self> {
+        if let Some(name) = classifier_name(model) {
+            return Ok(ModelRef::Classifier(name));
+        }
+        let dir = PathBuf::from(model);
+        let config = dir.join("config.json");
+        let text = std::fs::read_to_string(&config).map_err(|e| SettingError::value("model", model, "neither a classifier (efficientnet-lite0, vgg16, resnet18, resnet50, FILE.onnx) nor a model folder with config.json").because(e))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Data(format!("parsing {}: {e}", config.display())))?;
+        Ok(if json.get("answers").is_some() { ModelRef::Vqa(dir) } else { ModelRef::Captioner(dir) })
+    }
+
+    /// The subject over the dataset folder `data`; `weights`, `onnx` and `layer` are a
+    /// classifier's (see [`ModelName::load`]) and refused for the model folders.
+    pub fn subject(&self, weights: Option<&str>, onnx: &OnnxOptions, layer: Option<&str>, data: &Path) -> Result<AnySubject> {
+        let (dir, given) = match self {
+            ModelRef::Classifier(name) => {
+                let (net, layer) = name.load(weights, onnx, layer)?;
+                return Ok(AnySubject::Classifier(ClassifierSubject::new(net, layer, data)?));
+            }
+            ModelRef::Captioner(dir) | ModelRef::Vqa(dir) => (dir, [weights.map(|_| "weights"), layer.map(|_| "layer")]),
+        };
+        let given: Vec<&'static str> = given.into_iter().flatten().chain(onnx.given()).collect();
+        if !given.is_empty() {
+            return Err(SettingError::new(given, format!("are for classifiers; {} is a model folder", dir.display())).into());
+        }
+        Ok(match self {
+            ModelRef::Vqa(dir) => AnySubject::Vqa(VqaSubject::new(Vqa::load(dir)?, data)?),
+            _ => AnySubject::Captioner(CaptionerSubject::new(Captioner::load(dir)?, data)?),
+        })
+    }
+}
+
+/// A name as a classifier: a built-in name, an ONNX file or a trained classifier folder (not a
+/// captioner's or VQA model's folder).
+pub fn classifier_name(model: &str) -> Option<ModelName> {
+    model.parse::<ModelName>().ok().filter(|n| !matches!(n, ModelName::Folder(d) if !gradcam_encoders::scene_classifier::is_classifier_dir(d)))
+}
+
+/// A subject of any of the three kinds.
+pub enum AnySubject {
+    Classifier(ClassifierSubject),
+    Captioner(CaptionerSubject),
+    Vqa(VqaSubject),
+}
+
+impl AnySubject {
+    /// [`run`] over the dataset `data`, the outputs written to `out`. `progress` hears (images
+    /// done, images).
+    pub fn evaluate(&self, data: &Path, options: &Options, out: Option<Outputs>, progress: &mut dyn FnMut(usize, usize)) -> Result<Summary> {
+        match self {
+            AnySubject::Classifier(s) => evaluate(s, data, options, out, progress),
+            AnySubject::Captioner(s) => evaluate(s, data, options, out, progress),
+            AnySubject::Vqa(s) => evaluate(s, data, options, out, progress),
+        }
+    }
+}
+
+/// Checks `options`, runs the evaluation of `subject` on its dataset `data` and writes the
+/// outputs to `out` (the failure page shows the examples of lowest quality).
+pub fn evaluate<S: Subject>(subject: &S, data: &Path, options: &Options, out: Option<Outputs>, progress: &mut dyn FnMut(usize, usize)) -> Result<Summary> {
+    options.check()?;
+    let n = subject.len().min(options.limit);
+    if n == 0 {
+        return Err(Error::Empty { data: data.to_path_buf(), what: "images to evaluate" });
+    }
+    create(out)?;
+    let (mut results, mut qualities) = (Vec::new(), Vec::new());
+    let summary = run(subject, options, |i, r: &ExampleResult| {
+        progress(i, n);
+        qualities.push((r.quality, i - 1));
+        if out.is_some() {
+            results.push(r.clone());
+        }
+    })?;
+    if let Some(o) = out {
+        let segment = options.tasks.contains(&Task::Segmentation).then_some(&options.segment);
+        let failures = if o.failures > 0 { worst(subject, &qualities, o.failures, options.method, segment)? } else { Vec::new() };
+        let title = format!("{} worst-predicted images of {} ({}, {})", failures.len(), data.display(), subject.kind(), summary.method);
+        write_run(o.dir, &results, &summary, &markdown(&summary), (o.failures > 0).then_some((&failures[..], &title[..])))?;
+    }
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_writes_its_four_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = image::RgbImage::from_pixel(4, 4, image::Rgb([10, 20, 30]));
+        let failure = Failure { name: "a.png".into(), summary: "wrong".into(), quality: 0.1, image, maps: vec![("red".into(), gradcam_core::Map::new(2, 2, vec![0.0, 1.0, 0.5, 0.2]))] };
+        write_run(dir.path(), [serde_json::json!({"a": 1}), serde_json::json!({"a": 2})], &serde_json::json!({"n": 2}), "| table |\n", Some((&[failure], "worst"))).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.path().join("results.jsonl")).unwrap(), "{\"a\":1}\n{\"a\":2}\n");
+        assert!(std::fs::read_to_string(dir.path().join("summary.json")).unwrap().contains("\"n\": 2"));
+        assert_eq!(std::fs::read_to_string(dir.path().join("summary.md")).unwrap(), "| table |\n");
+        let page = std::fs::read_to_string(dir.path().join("failures/index.html")).unwrap();
+        assert!(page.contains("<h1>worst</h1>") && dir.path().join("failures/000_0.png").exists(), "{page}");
+    }
+
+    #[test]
+    fn names_are_told_apart() {
+        assert!(matches!(ModelRef::parse("resnet18").unwrap(), ModelRef::Classifier(_)));
+        let dir = tempfile::tempdir().unwrap();
+        let err = ModelRef::parse(dir.path().to_str().unwrap()).unwrap_err();
+        assert_eq!(err.setting().map(|s| s.settings.clone()), Some(vec!["model"]));
+        std::fs::write(dir.path().join("config.json"), r#"{"answers": ["yes"]}"#).unwrap();
+        assert!(matches!(ModelRef::parse(dir.path().to_str().unwrap()).unwrap(), ModelRef::Vqa(_)));
+        std::fs::write(dir.path().join("config.json"), r#"{"vocab": 10}"#).unwrap();
+        let captioner = ModelRef::parse(dir.path().to_str().unwrap()).unwrap();
+        let err = captioner.subject(Some("w.pth"), &OnnxOptions::default(), Some("conv4"), dir.path()).err().unwrap();
+        assert_eq!(err.to_string(), format!("weights and layer are for classifiers; {} is a model folder", dir.path().display()));
+    }
+}
