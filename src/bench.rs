@@ -251,6 +251,62 @@ pub fn caption(model: &gradcam_captioner::Captioner, path: &Path, iters: usize, 
     Ok(CaptionTiming { words, generate_ms, explain_ms, ratio: explain_ms / generate_ms, parts_ms })
 }
 
+/// [`caption`] of every image, with the figures it was taken with: as text a table (a row per
+/// image, then the largest ratio); as JSON a line per image.
+#[derive(Debug, Clone)]
+pub struct CaptionsReport {
+    /// Timed runs of each.
+    pub iters: usize,
+    /// Worker threads.
+    pub threads: usize,
+    /// Each image's timing.
+    pub rows: Vec<(std::path::PathBuf, CaptionTiming)>,
+}
+
+/// One image's row of a [`CaptionsReport`] as JSON.
+#[derive(Serialize)]
+pub struct CaptionRow<'a> {
+    /// `explain_ms` of the timing.
+    pub explain_ms: f64,
+    /// `generate_ms` of the timing.
+    pub generate_ms: f64,
+    /// The image.
+    pub image: &'a Path,
+    /// `ratio` of the timing.
+    pub ratio: f64,
+    /// Words of the caption.
+    pub words: usize,
+}
+
+/// [`caption`] of each image in `images`; `each` hears every image's timing as it is taken.
+pub fn captions(model: &gradcam_captioner::Captioner, images: &[std::path::PathBuf], iters: usize, detail: bool, each: &mut dyn FnMut(&Path, &CaptionTiming)) -> Result<CaptionsReport> {
+    let mut rows = Vec::with_capacity(images.len());
+    for image in images {
+        let r = caption(model, image, iters, detail)?;
+        each(image, &r);
+        rows.push((image.clone(), r));
+    }
+    Ok(CaptionsReport { iters, threads: rayon::current_num_threads(), rows })
+}
+
+impl CaptionsReport {
+    /// The JSON lines: one object per image.
+    pub fn json_rows(&self) -> impl Iterator<Item = CaptionRow<'_>> {
+        self.rows.iter().map(|(image, r)| CaptionRow { explain_ms: r.explain_ms, generate_ms: r.generate_ms, image, ratio: r.ratio, words: r.words })
+    }
+}
+
+impl std::fmt::Display for CaptionsReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "median of {} interleaved runs, {} threads", self.iters, self.threads)?;
+        writeln!(f, "{:<48} {:>5} {:>12} {:>20} {:>7}", "image", "words", "generate ms", "generate+explain ms", "ratio")?;
+        for (image, r) in &self.rows {
+            writeln!(f, "{:<48} {:>5} {:>12.3} {:>20.3} {:>6.2}x", image.display().to_string(), r.words, r.generate_ms, r.explain_ms, r.ratio)?;
+        }
+        writeln!(f, "largest ratio {:.2}x", self.rows.iter().map(|r| r.1.ratio).fold(0f64, f64::max))
+    }
+}
+
 /// One convolution timed on candle's ops and on ours.
 #[derive(Debug, Clone)]
 pub struct OpTiming {

@@ -54,12 +54,7 @@ pub enum Error {
 impl Error {
     /// The setting this error is about, if it is about one (see [`gradcam_core::SettingError`]).
     pub fn setting(&self) -> Option<&gradcam_core::SettingError> {
-        match self {
-            Error::Setting(s) => Some(s),
-            Error::Eval(e) => e.setting(),
-            Error::Encoders(e) => e.setting(),
-            _ => None,
-        }
+        match self { Error::Setting(s) => Some(s), Error::Eval(e) => e.setting(), Error::Encoders(e) => e.setting(), _ => None }
     }
 }
 

@@ -90,6 +90,15 @@ pub enum Stage<'a> {
 /// Runs the experiment into `out`: `data/{biased,balanced}` (ShapeScenes with `--bias
 /// mark:P` and `mark:balanced`, same seed, so the same scenes up to the mark's colour),
 /// `models/{biased,balanced}`, `report.json`, `report.md` and `grid.png`.
+/// The report's figures as text (what `gradcam demo bias` prints).
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = |m: &ModelFigures| format!("val {:.3}, test {:.3}, cue peak rate {:.3}, object share {:.3}", m.val_accuracy, m.test_accuracy, m.cue_peak_rate, m.object_energy_share);
+        writeln!(f, "biased:   {}\nbalanced: {}", m(&self.biased), m(&self.balanced))?;
+        writeln!(f, "trust rate {:.3} over {} agreeing cases; {:.1} min", self.trust_rate, self.agreeing_cases, self.seconds / 60.0)
+    }
+}
+
 pub fn run(out: &Path, cfg: &DemoConfig, progress: &mut dyn FnMut(Stage)) -> Result<Report> {
     if !(0.0..=1.0).contains(&cfg.p) {
         return Err(Error::Data(format!("the biased probability {} is outside [0, 1]", cfg.p)));

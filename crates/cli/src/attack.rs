@@ -1,13 +1,9 @@
 //! `gradcam attack`: an adversarial image for a classifier (PGD under an L-infinity budget), and
 //! the Grad-CAM of the original class on it (the paper's section 6.2).
 
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::Context;
 use gradcam::pipeline::attack::{attack, Options};
-use gradcam::pipeline::render::Stems;
-use gradcam::pipeline::Files;
 use gradcam_encoders::preprocess::Resize;
 
 use crate::progress::each_image;
@@ -61,12 +57,11 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     let (eps, steps, step_size, until, resize) = (args.eps, args.steps, args.step_size, args.until, args.resize.unwrap_or(net.default_resize()));
     let options = Options { class: args.class, target: args.target, eps, steps, step_size, until, resize };
     options.check(net.num_classes())?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let one = |path: &Path, stems: &mut Stems| attack(&net, index, path, Files { dir: Some(&args.out), stem: &stems.unique(path) }, &options).map_err(Into::into);
-    each_image(&args.images, one, |out, r| {
+    each_image(&args.images, (&args.out, args.json, None), |path, files, _| {
+        let r = attack(&net, index, path, files, &options)?;
         if r.rounding_undid > 0 && !args.json {
             eprintln!("note: {}: rounding to 8 bits undid the attack {} time(s); it went on from the rounded image", r.image, r.rounding_undid);
         }
-        crate::common::print(out, r, args.json)
+        Ok(r)
     })
 }

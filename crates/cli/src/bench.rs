@@ -1,8 +1,7 @@
 //! `gradcam bench classify`: the plain forward pass against the full Grad-CAM explanation, timed
 //! side by side in one process.
 
-use std::io::Write;
-use std::process::ExitCode;
+use std::{io::Write, process::ExitCode};
 
 use gradcam::{bench, Method};
 
@@ -86,26 +85,14 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             print(&mut out, &bench::methods_report(&net, &input, &methods, iters, &mut |m, ms| eprintln!("{m}: {ms:.1} ms"))?, json)?;
         }
         BenchCommand::Caption { model, image, iters, json, detail } => {
-            let model = gradcam_captioner::Captioner::load(&model)?;
-            if !json {
-                writeln!(out, "median of {iters} interleaved runs, {} threads", rayon::current_num_threads())?;
-                writeln!(out, "{:<48} {:>5} {:>12} {:>20} {:>7}", "image", "words", "generate ms", "generate+explain ms", "ratio")?;
-            }
-            let mut worst = 0f64;
-            for image in &image {
-                let r = bench::caption(&model, image, iters, detail)?;
-                worst = worst.max(r.ratio);
+            let report = bench::captions(&gradcam_captioner::Captioner::load(&model)?, &image, iters, detail, &mut |image, r| {
                 if let Some([f, g, m]) = r.parts_ms {
                     eprintln!("{}: features {f:.3} ms, greedy {g:.3} ms, word maps {m:.3} ms", image.display());
                 }
-                if json {
-                    writeln!(out, "{}", serde_json::json!({"image": image, "words": r.words, "generate_ms": r.generate_ms, "explain_ms": r.explain_ms, "ratio": r.ratio}))?;
-                } else {
-                    writeln!(out, "{:<48} {:>5} {:>12.3} {:>20.3} {:>6.2}x", image.display().to_string(), r.words, r.generate_ms, r.explain_ms, r.ratio)?;
-                }
-            }
-            if !json {
-                writeln!(out, "largest ratio {worst:.2}x")?;
+            })?;
+            match json {
+                true => report.json_rows().try_for_each(|r| writeln!(out, "{}", serde_json::to_string(&r)?))?,
+                false => write!(out, "{report}")?,
             }
         }
         BenchCommand::Ops { iters } => {

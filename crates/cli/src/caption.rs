@@ -1,21 +1,19 @@
 //! `gradcam caption` (captions with a Grad-CAM map per word) and `gradcam train captioner`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use gradcam::pipeline::caption::{caption, Options};
 use gradcam_captioner::eval::evaluate;
 use gradcam_captioner::train::{train, Event, TrainConfig};
-use gradcam::pipeline::caption::{caption, Options, Record};
-use gradcam::pipeline::Files;
-use gradcam::pipeline::render::Stems;
 use gradcam_captioner::Captioner;
 use gradcam_encoders::preprocess::load_image;
 use gradcam_neurons::{Dissection, UnitNames};
 use gradcam_scenes::Split;
-
-use crate::common::{print, HtmlArg, MethodArgs};
 use gradcam_serve::html::View;
+
+use crate::common::{HtmlArg, MethodArgs};
 use crate::progress::{bar, each_image, EpochBar};
 
 /// The shipped model, relative to the repository (and to the binary's working directory).
@@ -75,17 +73,11 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&metrics)?);
         return Ok(ExitCode::SUCCESS);
     }
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let names = dissection.as_ref().filter(|_| args.neurons).map(|d| UnitNames::Dissection(d));
-    each_image(&args.images, |path, stems| caption_one(&model, path, &args, names.as_ref(), stems), |out, r| print(out, r, args.json))
-}
-
-fn caption_one(model: &Captioner, path: &Path, args: &CaptionArgs, names: Option<&UnitNames>, stems: &mut Stems) -> anyhow::Result<Record> {
-    let img = load_image(path)?;
     let options = Options { beam: args.beam, caption: args.caption.clone(), settings: args.methods.settings() };
-    let (bar, stem) = (crate::progress::channels(args.json), stems.unique(path));
-    let record = caption(model, &img, &path.display().to_string(), Files { dir: Some(&args.out), stem: &stem }, &options, names, Some(&*bar))?;
-    args.html.write(&stem, path, View::Caption, &record).map(|()| record)
+    each_image(&args.images, (&args.out, args.json, Some((&args.html, View::Caption))), |path, files, bar| {
+        Ok(caption(&model, &load_image(path)?, &path.display().to_string(), files, &options, names.as_ref(), Some(bar))?)
+    })
 }
 
 #[derive(clap::Args)]

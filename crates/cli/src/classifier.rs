@@ -119,10 +119,6 @@ pub fn run_demo(what: DemoCommand) -> anyhow::Result<ExitCode> {
         })?
     };
     stage_bar.finish_and_clear();
-    let f = |m: &bias::ModelFigures| format!("val {:.3}, test {:.3}, cue peak rate {:.3}, object share {:.3}", m.val_accuracy, m.test_accuracy, m.cue_peak_rate, m.object_energy_share);
-    println!("biased:   {}", f(&report.biased));
-    println!("balanced: {}", f(&report.balanced));
-    println!("trust rate {:.3} over {} agreeing cases; {:.1} min", report.trust_rate, report.agreeing_cases, report.seconds / 60.0);
-    println!("report in {}", args.out.join("report.md").display());
+    println!("{report}report in {}", args.out.join("report.md").display());
     Ok(ExitCode::SUCCESS)
 }

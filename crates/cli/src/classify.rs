@@ -1,18 +1,14 @@
 //! `gradcam classify`: top-k predictions and Grad-CAM overlays for ImageNet classifiers.
 
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::Context;
-use gradcam::pipeline::classify::{classify, Options, Record};
-use gradcam::pipeline::Files;
-use gradcam::pipeline::render::Stems;
+use gradcam::pipeline::classify::{classify, Options};
 use gradcam_encoders::preprocess::{load_image, Resize};
-use gradcam_encoders::{ModelName, Network};
+use gradcam_encoders::ModelName;
 use gradcam_neurons::Dissection;
-
-use crate::common::{print, HtmlArg, MethodArgs};
 use gradcam_serve::html::View;
+
+use crate::common::{HtmlArg, MethodArgs};
 use crate::progress::each_image;
 use crate::ModelArgs;
 
@@ -62,21 +58,15 @@ pub struct ClassifyArgs {
 pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     let (net, index) = args.model.load_at(args.layer.as_deref())?;
     let dissection = match &args.model.model {
-        ModelName::Folder(dir) if args.neurons => Dissection::of_model(None, dir, false)?.map(std::sync::Arc::new),
+        ModelName::Folder(dir) if args.neurons => Dissection::of_model(None, dir, false)?.map(Into::into),
         _ => None,
     };
     let resize = args.resize.unwrap_or(net.default_resize());
     if let Some(&bad) = args.classes.iter().find(|&&c| c >= net.num_classes()) {
         anyhow::bail!("--class {bad} is out of range: {} has classes 0..={}", net.arch(), net.num_classes() - 1);
     }
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    each_image(&args.images, |path, stems| classify_one(&net, index, path, &args, (resize, dissection.clone()), stems), |out, r| print(out, r, args.json))
-}
-
-fn classify_one(net: &Network, index: usize, path: &Path, args: &ClassifyArgs, (resize, dissection): (Resize, Option<std::sync::Arc<Dissection>>), stems: &mut Stems) -> anyhow::Result<Record> {
-    let img = load_image(path)?;
     let options = Options { classes: args.classes.clone(), top_k: args.top_k, counterfactual: args.counterfactual, resize, neurons: args.neurons, dissection, settings: args.methods.settings() };
-    let (bar, stem) = (crate::progress::channels(args.json), stems.unique(path));
-    let record = classify(net, index, &img, &path.display().to_string(), Files { dir: Some(&args.out), stem: &stem }, &options, Some(&*bar))?;
-    args.html.write(&stem, path, View::Classify, &record).map(|()| record)
+    each_image(&args.images, (&args.out, args.json, Some((&args.html, View::Classify))), |path, files, bar| {
+        Ok(classify(&net, index, &load_image(path)?, &path.display().to_string(), files, &options, Some(bar))?)
+    })
 }

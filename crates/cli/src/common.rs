@@ -52,15 +52,6 @@ impl HtmlArg {
     }
 }
 
-/// A gradient-based method's name, checked (for commands that score maps).
-pub fn parse_gradient_method(s: &str) -> Result<Method, String> {
-    let m: Method = s.parse().map_err(|e: gradcam_core::UnknownMethod| e.to_string())?;
-    if !m.is_gradient_map() {
-        return Err(format!("{m} is not one of the gradient-based methods (gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam)"));
-    }
-    Ok(m)
-}
-
 /// A count that must be at least 1 (`--limit`).
 pub fn positive(s: &str) -> Result<usize, String> {
     s.parse::<usize>().ok().filter(|&n| n >= 1).ok_or_else(|| format!("{s:?}: give a whole number of at least 1"))

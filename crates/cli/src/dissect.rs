@@ -1,11 +1,9 @@
 //! `gradcam dissect`: network dissection of a trained model's explained layer against the concept
 //! masks of a COCO-instances dataset.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::{io::Write, path::PathBuf, process::ExitCode};
 
-use gradcam_neurons::{dissect_model, split_dir, Dissection, Options};
+use gradcam_neurons::{dissect_model, split_dir, Options};
 use gradcam_scenes::coco::Instances;
 
 use crate::progress::bar;
@@ -41,24 +39,8 @@ pub fn run(args: DissectArgs) -> anyhow::Result<ExitCode> {
     pb.finish_and_clear();
     let out = args.out.clone().unwrap_or_else(|| args.model.join("dissection.json"));
     table.save(&out)?;
-    print_summary(&table, &out)?;
+    let (t, o) = (&table, &table.options);
+    let line = format!("{} of {} units of {} named (IoU >= {}, top {}% of activations, {} images)", t.named(), t.units.len(), t.layer, o.iou_threshold, o.quantile * 100.0, t.images);
+    write!(std::io::stdout().lock(), "{line}; table in {}\n{t}", out.display())?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn print_summary(t: &Dissection, out: &Path) -> std::io::Result<()> {
-    let mut o = std::io::stdout().lock();
-    writeln!(o, "{} of {} units of {} named (IoU >= {}, top {}% of activations, {} images); table in {}", t.named(), t.units.len(), t.layer, t.options.iou_threshold, t.options.quantile * 100.0, t.images, out.display())?;
-    let mut per: std::collections::BTreeMap<(String, String), usize> = Default::default();
-    for u in t.units.iter().filter(|u| u.named) {
-        *per.entry((u.category.clone().unwrap_or_default(), u.concept.clone().unwrap_or_default())).or_default() += 1;
-    }
-    for ((cat, concept), n) in per {
-        writeln!(o, "  {cat:<7} {concept:<10} {n} units")?;
-    }
-    writeln!(o, "unit  concept     category  IoU")?;
-    for u in &t.units {
-        let mark = if u.named { "" } else { "  (below threshold)" };
-        writeln!(o, "{:>4}  {:<10}  {:<8}  {:.3}{mark}", u.unit, u.concept.as_deref().unwrap_or("-"), u.category.as_deref().unwrap_or("-"), u.iou)?;
-    }
-    Ok(())
 }

@@ -1,14 +1,11 @@
 //! `gradcam eval`: the paper's evaluations for a classifier, the captioner or the VQA model.
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::ExitCode;
+use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use gradcam_eval::adversarial::{self, AdversarialOptions};
 use gradcam_eval::{ModelRef, Options, Outputs, Task, Tolerance};
 
-use crate::common::parse_gradient_method;
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -36,7 +33,7 @@ pub struct EvalArgs {
     #[arg(long)]
     data: PathBuf,
     /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam or eigencam.
-    #[arg(long, default_value = "gradcam", value_parser = parse_gradient_method)]
+    #[arg(long, default_value = "gradcam", value_parser = gradcam_core::Method::parse_gradient)]
     method: gradcam_core::Method,
     /// Evaluate at most this many images.
     #[arg(long)]

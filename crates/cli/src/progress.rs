@@ -10,23 +10,28 @@ pub fn bar(n: u64, what: &str) -> ProgressBar {
 }
 
 /// The loop of the commands that explain a list of images (`classify`, `caption`, `attack`):
-/// `one` on every image, each result printed by `print` above a progress bar (for more than one
-/// image); an image that fails is reported and the others still run. Exit code 1 when any failed.
-pub fn each_image<R>(
+/// creates `out`, then runs `one` on every image (with its files in `out`, named by a stem unique
+/// among the images, and the progress of the perturbation methods), each result written as a page
+/// by `html` and printed (JSON Lines with `json`) above a progress bar (for more than one image).
+/// An image that fails is reported and the others still run: exit code 1 when any failed.
+pub fn each_image<R: serde::Serialize + std::fmt::Display>(
     images: &[std::path::PathBuf],
-    mut one: impl FnMut(&std::path::Path, &mut gradcam::pipeline::render::Stems) -> anyhow::Result<R>,
-    mut print: impl FnMut(&mut std::io::StdoutLock<'static>, &R) -> std::io::Result<()>,
+    (out, json, html): (&std::path::Path, bool, Option<(&crate::common::HtmlArg, gradcam_serve::html::View)>),
+    mut one: impl FnMut(&std::path::Path, gradcam::pipeline::Files<'_>, &gradcam::pipeline::Progress) -> anyhow::Result<R>,
 ) -> anyhow::Result<std::process::ExitCode> {
+    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!(e).context(format!("creating {}", out.display())))?;
     let progress = if images.len() > 1 { bar(images.len() as u64, "images") } else { ProgressBar::hidden() };
-    let (mut stems, mut failures) = (gradcam::pipeline::render::Stems::default(), 0);
+    let (mut stems, mut failures, channels) = (gradcam::pipeline::render::Stems::default(), 0, channels(json));
     let mut stdout = std::io::stdout().lock();
     for path in images {
         progress.set_message(path.display().to_string());
-        match one(path, &mut stems) {
-            Ok(result) => progress.suspend(|| print(&mut stdout, &result))?,
+        let stem = stems.unique(path);
+        let result = one(path, gradcam::pipeline::Files { dir: Some(out), stem: &stem }, &*channels);
+        match result.and_then(|r| html.map_or(Ok(()), |(h, view)| h.write(&stem, path, view, &r)).map(|()| r)) {
+            Ok(result) => progress.suspend(|| crate::common::print(&mut stdout, &result, json))?,
             Err(err) => {
                 failures += 1;
-                progress.suspend(|| eprintln!("error: {}: {err:#}", path.display()));
+                progress.suspend(|| eprintln!("error: {}: {}", path.display(), crate::hints::message(&err)));
             }
         }
         progress.inc(1);

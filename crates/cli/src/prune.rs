@@ -2,11 +2,8 @@
 //! fire on a dataset, and checks that the image vector the rest of the model sees is unchanged on
 //! every image of that dataset.
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::ExitCode;
+use std::{io::Write, path::PathBuf, process::ExitCode};
 
-use gradcam_encoders::scene_cnn;
 use indicatif::ProgressBar;
 
 use crate::progress::bar;
@@ -39,13 +36,9 @@ pub fn run(args: PruneArgs) -> anyhow::Result<ExitCode> {
     })?;
     bars.iter().for_each(ProgressBar::finish_and_clear);
     let mut out = std::io::stdout().lock();
-    let (layer, images, channels) = (scene_cnn::LAYER, r.images, r.channels);
-    if r.silent.is_empty() {
-        writeln!(out, "every one of the {channels} units of {layer} fires on some of the {images} images: nothing to prune")?;
-        return Ok(ExitCode::SUCCESS);
+    write!(out, "{}", r.report(&args.out, &args.data))?;
+    if !r.silent.is_empty() {
+        writeln!(out, "unit numbers changed; dissect again: gradcam dissect --model {} --data {}", args.out.display(), args.data.display())?;
     }
-    writeln!(out, "{}: {} of {channels} units of {layer} never fire on the {images} images of {} and were removed: {:?}", args.out.display(), r.silent.len(), args.data.display(), r.silent)?;
-    writeln!(out, "image vector unchanged on every image: largest difference {:.1e} (largest value {:.2})", r.difference, r.scale)?;
-    writeln!(out, "unit numbers changed; dissect again: gradcam dissect --model {} --data {}", args.out.display(), args.data.display())?;
     Ok(ExitCode::SUCCESS)
 }

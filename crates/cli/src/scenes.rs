@@ -1,14 +1,11 @@
 //! `gradcam scenes`: writes a ShapeScenes dataset.
 
-use std::path::PathBuf;
-use std::process::ExitCode;
-use std::time::Instant;
+use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::Context;
 use gradcam_scenes::dataset::{write, SPLITS};
 use gradcam_scenes::scene::Bias;
 use gradcam_scenes::Config;
-use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(clap::Args)]
 pub struct ScenesArgs {
@@ -37,8 +34,7 @@ pub struct ScenesArgs {
 pub fn run(args: ScenesArgs) -> anyhow::Result<ExitCode> {
     let fractions: [f64; 3] = args.split_fractions.as_slice().try_into().context("--split-fractions takes three numbers")?;
     let cfg = Config { n: args.n, seed: args.seed, fractions, size: args.size, bias: args.bias };
-    let bar = ProgressBar::new(args.n as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} scenes [{elapsed_precise}<{eta_precise}]").expect("valid template"));
+    let bar = crate::progress::bar(args.n as u64, "scenes");
     let start = Instant::now();
     let counts = write(&args.out, &cfg, &|| bar.inc(1))?;
     bar.finish_and_clear();

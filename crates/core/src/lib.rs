@@ -26,7 +26,7 @@ pub use cam::{explain, weighted_sum, CamMethod, Context, Explainable, Explainer,
 pub use explainer::{AnyMethod, Cam, Explanation, GuidedForward, NoGuidedForward, Split, Target};
 pub use gradcam_kernels::Rule;
 pub use map::Map;
-pub use method::{Method, UnknownMethod};
+pub use method::{Method, NotGradientMethod, UnknownMethod};
 pub use report::{class_named_report, report, Neuron, NeuronReport, UnitNames, UnitTable};
 pub use setting::SettingError;
 

@@ -166,9 +166,35 @@ impl FromStr for Method {
     }
 }
 
+/// A name that is not one of the gradient-based methods ([`Method::parse_gradient`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotGradientMethod {
+    /// Not a method at all.
+    #[error(transparent)]
+    Unknown(#[from] UnknownMethod),
+    /// A method whose map does not come from the gradients alone.
+    #[error("{0} is not one of the gradient-based methods (gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam)")]
+    NotGradient(Method),
+}
+
+impl Method {
+    /// A gradient-based method by its name (for what scores maps, see [`Method::is_gradient_map`]).
+    pub fn parse_gradient(s: &str) -> std::result::Result<Method, NotGradientMethod> {
+        let m: Method = s.parse()?;
+        if m.is_gradient_map() { Ok(m) } else { Err(NotGradientMethod::NotGradient(m)) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_gradient_methods_score_maps() {
+        assert_eq!(Method::parse_gradient("hirescam"), Ok(Method::HiResCam));
+        assert_eq!(Method::parse_gradient("scorecam"), Err(NotGradientMethod::NotGradient(Method::ScoreCam)));
+        assert!(matches!(Method::parse_gradient("magic"), Err(NotGradientMethod::Unknown(_))));
+    }
 
     #[test]
     fn names_round_trip_and_unknown_names_are_refused() {

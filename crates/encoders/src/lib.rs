@@ -73,10 +73,7 @@ pub enum Error {
 impl Error {
     /// The setting this error is about, if it is about one.
     pub fn setting(&self) -> Option<&gradcam_core::SettingError> {
-        match self {
-            Error::Setting(s) => Some(s),
-            _ => None,
-        }
+        if let Error::Setting(s) = self { Some(s) } else { None }
     }
 
     /// For the [`gradcam_core::Explainable`] boundary.
@@ -290,5 +287,33 @@ impl ModelName {
                 Ok((net, index))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_named_as_the_library_knows_them() {
+        let err = onnx::OnnxOptions::parse(None, None, None, Some("0")).unwrap_err();
+        assert_eq!(err.setting().map(|s| (s.settings.clone(), s.value.clone())), Some((vec!["input_size"], Some("\"0\"".into()))));
+        let err = onnx::OnnxOptions::parse(None, Some(&[0.5, 0.5]), None, None).unwrap_err();
+        assert_eq!(err.to_string(), "mean takes three numbers (R,G,B), got 2");
+        let o = onnx::OnnxOptions::parse(Some("l.txt".into()), None, Some(&[1.0, 1.0, 1.0]), Some("64x32")).unwrap();
+        assert_eq!((o.given(), o.input_size), (vec!["labels", "std", "input_size"], Some((64, 32))));
+        // Refused before any weights are looked for.
+        let err = ModelName::Builtin(ModelKind::ResNet18).load(None, &o, None).err().unwrap();
+        assert_eq!(err.to_string(), "labels, std and input_size are for ONNX models; the built-in ones are ImageNet classifiers at 224 x 224");
+        assert_eq!(ModelName::Builtin(ModelKind::Vgg16).to_string(), "vgg16");
+    }
+
+    #[test]
+    fn a_prune_says_what_it_removed() {
+        let r = prune::Pruned { channels: 4, silent: vec![1, 3], images: 10, difference: 0.0, scale: 2.0 };
+        let text = r.report(std::path::Path::new("out"), std::path::Path::new("data"));
+        assert!(text.starts_with("out: 2 of 4 units of conv4 never fire on the 10 images of data and were removed: [1, 3]\n"), "{text}");
+        let none = prune::Pruned { silent: vec![], ..r };
+        assert!(none.report(std::path::Path::new("out"), std::path::Path::new("data")).contains("nothing to prune"));
     }
 }

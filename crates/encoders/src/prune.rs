@@ -29,6 +29,20 @@ pub struct Pruned {
     pub scale: f32,
 }
 
+impl Pruned {
+    /// What was done, in words: the units removed from `out` (the pruned model) and the check
+    /// (`data`: the images).
+    pub fn report(&self, out: &Path, data: &Path) -> String {
+        let (layer, images, channels) = (scene_cnn::LAYER, self.images, self.channels);
+        if self.silent.is_empty() {
+            return format!("every one of the {channels} units of {layer} fires on some of the {images} images: nothing to prune\n");
+        }
+        let (out, data) = (out.display(), data.display());
+        let s = format!("{out}: {} of {channels} units of {layer} never fire on the {images} images of {data} and were removed: {:?}\n", self.silent.len(), self.silent);
+        s + &format!("image vector unchanged on every image: largest difference {:.1e} (largest value {:.2})\n", self.difference, self.scale)
+    }
+}
+
 /// Every image file under the `images/` folders of `data` (a dataset folder with train/, val/,
 /// test/ splits, a split folder with `images/`, or a folder of images), sorted.
 pub fn image_files(data: &Path) -> Result<Vec<PathBuf>> {

@@ -280,3 +280,29 @@ pub fn markdown(s: &AdversarialSummary) -> String {
     ));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_that_attack_nothing_are_refused_by_name() {
+        let o = AdversarialOptions { eps: 8.0 / 255.0, steps: 10, step_size: 0.002, targeted: false, seed: 0, until: AdversarialOptions::default_until(false), limit: 5, tolerance: Tolerance::Pixels(15.0), box_threshold: 0.15, iou: 0.5 };
+        assert!(o.check(10).is_ok());
+        assert_eq!(AdversarialOptions::default_until(true), 0.9);
+        let name = |o: AdversarialOptions| o.check(10).unwrap_err().setting().map(|s| s.settings.clone());
+        assert_eq!(name(AdversarialOptions { limit: 0, ..o.clone() }), Some(vec!["limit"]));
+        assert_eq!(name(AdversarialOptions { steps: 0, ..o.clone() }), Some(vec!["steps"]));
+        assert_eq!(name(AdversarialOptions { until: 1.0, ..o.clone() }), Some(vec!["until"]));
+        let eps = AdversarialOptions { eps: 0.0, ..o }.check(10).unwrap_err();
+        assert!(eps.to_string().starts_with("eps 0: the budget is a pixel-value change in (0, 1]"), "{eps}");
+    }
+
+    #[test]
+    fn an_attack_names_the_class_out_of_range() {
+        let pgd = Pgd { eps: 0.03, steps: 1, step_size: 0.01, goal: Goal::Targeted { class: 1, target: 7, until: 0.9 } };
+        assert!(matches!(pgd.check(5), Err(Error::Core(gradcam_core::Error::ClassOutOfRange { class: 7, num_classes: 5 }))));
+        let same = Pgd { goal: Goal::Targeted { class: 1, target: 1, until: 0.9 }, ..pgd };
+        assert_eq!(same.check(5).unwrap_err().to_string(), "target 1: is the class attacked; give another class");
+    }
+}

@@ -69,11 +69,7 @@ pub enum Error {
 impl Error {
     /// The setting this error is about, if it is about one (here or in the model's loading).
     pub fn setting(&self) -> Option<&gradcam_core::SettingError> {
-        match self {
-            Error::Setting(s) => Some(s),
-            Error::Encoders(e) => e.setting(),
-            _ => None,
-        }
+        match self { Error::Setting(s) => Some(s), Error::Encoders(e) => e.setting(), _ => None }
     }
 }
 

@@ -121,7 +121,7 @@ pub fn evaluate<S: Subject>(subject: &S, data: &Path, options: &Options, out: Op
     options.check()?;
     let n = subject.len().min(options.limit);
     if n == 0 {
-        return Err(Error::Empty { data: data.to_path_buf(), what: "images to evaluate" });
+        return Err(Error::Empty { data: data.to_path_buf(), what: "images" });
     }
     create(out)?;
     let (mut results, mut qualities) = (Vec::new(), Vec::new());

@@ -107,6 +107,25 @@ pub struct Dissection {
     pub units: Vec<UnitName>,
 }
 
+/// The table as text: how many units each concept names, then a row per unit.
+impl std::fmt::Display for Dissection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut per: std::collections::BTreeMap<(&str, &str), usize> = Default::default();
+        for u in self.units.iter().filter(|u| u.named) {
+            *per.entry((u.category.as_deref().unwrap_or_default(), u.concept.as_deref().unwrap_or_default())).or_default() += 1;
+        }
+        for ((cat, concept), n) in per {
+            writeln!(f, "  {cat:<7} {concept:<10} {n} units")?;
+        }
+        writeln!(f, "unit  concept     category  IoU")?;
+        for u in &self.units {
+            let mark = if u.named { "" } else { "  (below threshold)" };
+            writeln!(f, "{:>4}  {:<10}  {:<8}  {:.3}{mark}", u.unit, u.concept.as_deref().unwrap_or("-"), u.category.as_deref().unwrap_or("-"), u.iou)?;
+        }
+        Ok(())
+    }
+}
+
 impl Dissection {
     /// The name of a unit when it has one: (concept, IoU).
     pub fn name(&self, unit: usize) -> Option<(&str, f32)> {

@@ -39,10 +39,7 @@ pub enum Error {
 impl Error {
     /// The setting this error is about, if it is about one.
     pub fn setting(&self) -> Option<&gradcam_core::SettingError> {
-        match self {
-            Error::Setting(s) => Some(s),
-            _ => None,
-        }
+        if let Error::Setting(s) = self { Some(s) } else { None }
     }
 }
 

@@ -61,3 +61,29 @@ pub fn dissect_model(model: &Path, data: &Path, limit: usize, options: Options, 
     let units = dissect(&activations, dims, &masks, &concepts, options)?;
     Ok(Dissection { layer: scene_cnn::LAYER.into(), data: dir.display().to_string(), images: images.len(), options, concepts, units })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::dissect::{Concept, Dissection, Options, UnitName};
+
+    #[test]
+    fn options_are_refused_by_their_names_before_any_file_is_read() {
+        let run = |quantile, limit| super::dissect_model(Path::new("/nonexistent"), Path::new("/nonexistent"), limit, Options { quantile, iou_threshold: 0.04 }, &|_| ());
+        let err = run(1.5, 10).unwrap_err();
+        assert_eq!(err.setting().map(|s| s.settings.clone()), Some(vec!["quantile", "iou_threshold"]));
+        assert!(err.to_string().contains("must be in (0, 1)"), "{err}");
+        assert_eq!(run(0.005, 0).unwrap_err().to_string(), "limit must be at least 1");
+    }
+
+    #[test]
+    fn a_table_prints_its_concepts_and_units() {
+        let unit = |unit, concept: Option<&str>, named| UnitName { unit, concept: concept.map(Into::into), category: concept.map(|_| "shape".into()), iou: 0.25, threshold: 1.0, named };
+        let units = vec![unit(0, Some("circle"), true), unit(1, Some("circle"), true), unit(2, None, false)];
+        let t = Dissection { layer: "conv4".into(), data: "d".into(), images: 3, options: Options { quantile: 0.005, iou_threshold: 0.04 }, concepts: vec![Concept { name: "circle".into(), category: "shape".into() }], units };
+        let text = t.to_string();
+        assert!(text.starts_with("  shape   circle     2 units\nunit  concept     category  IoU\n"), "{text}");
+        assert!(text.ends_with("   2  -           -         0.250  (below threshold)\n"), "{text}");
+    }
+}

@@ -461,3 +461,18 @@ fn questions(rng: &mut Rng, objects: &[Object]) -> Vec<Qa> {
     }
     out
 }
+
+#[cfg(test)]
+mod bias_tests {
+    use super::{Bias, BiasError};
+
+    #[test]
+    fn a_bias_reads_cue_and_probability() {
+        assert_eq!("mark:0.25".parse::<Bias>().map(|b| b.p), Ok(0.25));
+        assert_eq!("mark:balanced".parse::<Bias>().map(|b| b.p), Ok(Bias::balanced_p()));
+        assert_eq!("mark".parse::<Bias>().unwrap_err(), BiasError::Form { given: "mark".into() });
+        assert_eq!("texture:0.9".parse::<Bias>().unwrap_err().to_string(), "unknown cue \"texture\"; known cues: mark");
+        assert_eq!("mark:x".parse::<Bias>().unwrap_err(), BiasError::NotANumber("x".into()));
+        assert_eq!("mark:1.5".parse::<Bias>().unwrap_err().to_string(), "probability 1.5 is outside [0, 1]");
+    }
+}
