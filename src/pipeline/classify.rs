@@ -30,6 +30,16 @@ pub struct Options {
     pub settings: Settings,
 }
 
+impl Options {
+    /// Refuses classes `net` does not have (before any image).
+    pub fn check(&self, net: &Network) -> Result<()> {
+        match self.classes.iter().find(|&&c| c >= net.num_classes()) {
+            Some(bad) => Err(gradcam_core::SettingError::new(vec!["classes"], format!("{bad} is out of range: {} has classes 0..={}", net.arch(), net.num_classes() - 1)).into()),
+            None => Ok(()),
+        }
+    }
+}
+
 /// One prediction.
 #[derive(Debug, Clone, Serialize)]
 pub struct Prediction {
@@ -75,9 +85,7 @@ pub struct Record {
 /// Classifies `img` with `net` and explains it at layer `layer` (an index of
 /// [`Network::layer_index`]), writing the pictures to `files`.
 pub fn classify(net: &Network, layer: usize, img: &RgbImage, name: &str, files: Files<'_>, options: &Options, progress: Option<&Progress>) -> Result<Record> {
-    if let Some(&bad) = options.classes.iter().find(|&&c| c >= net.num_classes()) {
-        return Err(Error::Request(format!("class {bad} is out of range: {} has classes 0..={}", net.arch(), net.num_classes() - 1)));
-    }
+    options.check(net)?;
     let prepared = prepare_with(img, options.resize, net.preprocess())?;
     let input = prepared.tensor.unsqueeze(0)?; // [1, 3, h, w]
     let (_, _, h, w) = input.dims4()?;

@@ -137,7 +137,7 @@ pub fn run(out: &Path, cfg: &DemoConfig, progress: &mut dyn FnMut(Stage)) -> Res
             return Err(Error::Data("the test split has no labelled images; give more scenes".into()));
         }
         progress(Stage::Begin(&format!("dissecting the {name} model's conv4"), 1));
-        let dissection = gradcam_neurons::dissect_model(&model, &dir.join("val"), 1000, gradcam_neurons::Options::default(), &|_| {}).map_err(|e| Error::Data(e.to_string()))?;
+        let dissection = gradcam_neurons::dissect_model(&model, &dir.join("val"), 1000, gradcam_neurons::Options::default(), &|_, _| {}).map_err(|e| Error::Data(e.to_string()))?;
         dissection.save(&model.join("dissection.json")).map_err(|e| Error::Data(e.to_string()))?;
         dissections.push(dissection);
         let val_accuracy = ckpt.log.last().map_or(0.0, |l| l.val_accuracy);

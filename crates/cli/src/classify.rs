@@ -3,8 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use gradcam::pipeline::classify::{classify, Options};
-use gradcam_encoders::preprocess::{load_image, Resize};
-use gradcam_encoders::ModelName;
+use gradcam_encoders::{preprocess::{load_image, Resize}, ModelName};
 use gradcam_neurons::Dissection;
 use gradcam_serve::html::View;
 
@@ -62,10 +61,8 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
         _ => None,
     };
     let resize = args.resize.unwrap_or(net.default_resize());
-    if let Some(&bad) = args.classes.iter().find(|&&c| c >= net.num_classes()) {
-        anyhow::bail!("--class {bad} is out of range: {} has classes 0..={}", net.arch(), net.num_classes() - 1);
-    }
     let options = Options { classes: args.classes.clone(), top_k: args.top_k, counterfactual: args.counterfactual, resize, neurons: args.neurons, dissection, settings: args.methods.settings() };
+    options.check(&net)?;
     each_image(&args.images, (&args.out, args.json, Some((&args.html, View::Classify))), |path, files, bar| {
         Ok(classify(&net, index, &load_image(path)?, &path.display().to_string(), files, &options, Some(bar))?)
     })

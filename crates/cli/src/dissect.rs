@@ -3,8 +3,7 @@
 
 use std::{io::Write, path::PathBuf, process::ExitCode};
 
-use gradcam_neurons::{dissect_model, split_dir, Options};
-use gradcam_scenes::coco::Instances;
+use gradcam_neurons::{dissect_model, Options};
 
 use crate::progress::bar;
 
@@ -33,9 +32,11 @@ pub struct DissectArgs {
 
 pub fn run(args: DissectArgs) -> anyhow::Result<ExitCode> {
     let options = Options { quantile: args.quantile, iou_threshold: args.iou_threshold };
-    let n = args.limit.min(Instances::read(&split_dir(&args.data).join("instances.json"))?.images.len());
-    let pb = bar(n as u64, "images");
-    let table = dissect_model(&args.model, &args.data, args.limit, options, &|k| pb.inc(k as u64))?;
+    let pb = bar(0, "images");
+    let table = dissect_model(&args.model, &args.data, args.limit, options, &|k, n| {
+        pb.set_length(n as u64);
+        pb.inc(k as u64)
+    })?;
     pb.finish_and_clear();
     let out = args.out.clone().unwrap_or_else(|| args.model.join("dissection.json"));
     table.save(&out)?;

@@ -3,8 +3,7 @@
 use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
-use gradcam_eval::adversarial::{self, AdversarialOptions};
-use gradcam_eval::{ModelRef, Options, Outputs, Task, Tolerance};
+use gradcam_eval::{adversarial::{self, AdversarialOptions}, ModelRef, Options, Outputs, Task, Tolerance};
 
 
 #[derive(clap::Args)]

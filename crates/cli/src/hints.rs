@@ -8,6 +8,7 @@ use gradcam_core::SettingError;
 /// The flag of a library setting.
 pub fn flag(setting: &str) -> String {
     match setting {
+        "classes" => "--class".into(),
         "methods" => "--method".into(),
         "segment.high" => "--seed-high".into(),
         "segment.low" => "--seed-low".into(),

@@ -20,8 +20,7 @@ use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use gradcam_encoders::onnx::OnnxOptions;
-use gradcam_encoders::{ModelKind, ModelName, Network};
+use gradcam_encoders::{onnx::OnnxOptions, ModelKind, ModelName, Network};
 
 #[derive(Parser)]
 #[command(name = "gradcam", version, about = "Grad-CAM visual explanations for CNN classifiers, captioners and VQA models")]

@@ -3,9 +3,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::Context;
-use gradcam_scenes::dataset::{write, SPLITS};
-use gradcam_scenes::scene::Bias;
-use gradcam_scenes::Config;
+use gradcam_scenes::{dataset::{write, SPLITS}, scene::Bias, Config};
 
 #[derive(clap::Args)]
 pub struct ScenesArgs {

@@ -34,6 +34,8 @@ pub enum Error {
     NoDissection { model: std::path::PathBuf },
     #[error(transparent)]
     Write(#[from] gradcam_io::Error),
+    #[error(transparent)]
+    Scenes(#[from] gradcam_scenes::Error),
 }
 
 impl Error {

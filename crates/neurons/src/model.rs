@@ -19,8 +19,9 @@ pub fn split_dir(data: &Path) -> PathBuf {
 }
 
 /// Dissects the encoder of the model folder `model` (a captioner's or VQA model's) on the first
-/// `limit` images of `data` ([`split_dir`]). `progress` hears the images done in each batch.
-pub fn dissect_model(model: &Path, data: &Path, limit: usize, options: Options, progress: &dyn Fn(usize)) -> Result<Dissection> {
+/// `limit` images of `data` ([`split_dir`]). `progress` hears the images done in each batch and
+/// the images to do.
+pub fn dissect_model(model: &Path, data: &Path, limit: usize, options: Options, progress: &dyn Fn(usize, usize)) -> Result<Dissection> {
     if !(options.quantile > 0.0 && options.quantile < 1.0) || !(0.0..=1.0).contains(&options.iou_threshold) {
         let requirement = format!("must be in (0, 1) and [0, 1] (given {} and {})", options.quantile, options.iou_threshold);
         return Err(gradcam_core::SettingError::new(vec!["quantile", "iou_threshold"], requirement).into());
@@ -31,7 +32,7 @@ pub fn dissect_model(model: &Path, data: &Path, limit: usize, options: Options, 
     let encoder = |e: gradcam_encoders::Error| Error::Data(format!("{}: {e}", model.display()));
     let (cnn, size) = scene_cnn::load_encoder(model).map_err(encoder)?;
     let dir = split_dir(data);
-    let instances = Instances::read(&dir.join("instances.json")).map_err(|e| Error::Data(e.to_string()))?;
+    let instances = Instances::read(&dir.join("instances.json"))?;
     let concepts = concepts(&instances);
     if concepts.is_empty() {
         return Err(Error::Data(format!("{}: no categories, colours or sizes to dissect against", dir.join("instances.json").display())));
@@ -56,7 +57,7 @@ pub fn dissect_model(model: &Path, data: &Path, limit: usize, options: Options, 
         let (_, k, h, w) = a.dims4()?;
         dims = (k, h, w);
         activations.extend(a.flatten_from(1)?.to_vec2::<f32>()?);
-        progress(chunk.len());
+        progress(chunk.len(), images.len());
     }
     let units = dissect(&activations, dims, &masks, &concepts, options)?;
     Ok(Dissection { layer: scene_cnn::LAYER.into(), data: dir.display().to_string(), images: images.len(), options, concepts, units })
@@ -70,7 +71,7 @@ mod tests {
 
     #[test]
     fn options_are_refused_by_their_names_before_any_file_is_read() {
-        let run = |quantile, limit| super::dissect_model(Path::new("/nonexistent"), Path::new("/nonexistent"), limit, Options { quantile, iou_threshold: 0.04 }, &|_| ());
+        let run = |quantile, limit| super::dissect_model(Path::new("/nonexistent"), Path::new("/nonexistent"), limit, Options { quantile, iou_threshold: 0.04 }, &|_, _| ());
         let err = run(1.5, 10).unwrap_err();
         assert_eq!(err.setting().map(|s| s.settings.clone()), Some(vec!["quantile", "iou_threshold"]));
         assert!(err.to_string().contains("must be in (0, 1)"), "{err}");
