@@ -29,6 +29,9 @@ pub enum Error {
     Model(String),
     #[error("training: {0}")]
     Training(String),
+    /// The training loop's errors (a setting out of range among them).
+    #[error("training")]
+    Train(#[from] gradcam_train::Error),
 }
 
 impl Error {

@@ -33,6 +33,9 @@ pub enum Error {
     UnknownAnswer { answer: String, known: String },
     #[error("training: {0}")]
     Training(String),
+    /// The training loop's errors (a setting out of range among them).
+    #[error("training")]
+    Train(#[from] gradcam_train::Error),
 }
 
 impl Error {
