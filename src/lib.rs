@@ -96,7 +96,7 @@ pub mod models {
 pub mod data {
     pub use gradcam_scenes::coco::{Instance, Instances};
     pub use gradcam_scenes::rle::Mask;
-    pub use gradcam_scenes::{Config as ScenesConfig, Error, Example, Split};
+    pub use gradcam_scenes::{Config as ScenesConfig, Error, Example, Split as DatasetSplit};
 }
 
 /// The paper's evaluations as one protocol over classifiers, the captioner and the VQA model,

@@ -6,7 +6,7 @@ use std::process::Command;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use gradcam_captioner::model::{init_parameters, Trainable};
-use gradcam_captioner::train::{train, Event, TrainConfig};
+use gradcam_captioner::train::{train, Event, Settings, TrainConfig};
 use gradcam_captioner::{CaptionSplit, Captioner, Config, Vocab};
 use gradcam_core::{explain, Explainable, GradCam, Request, Target};
 use serde_json::Value;
@@ -143,7 +143,7 @@ fn a_tiny_captioner_learns() {
     let cfg = gradcam_scenes::Config { n: 60, seed: 9, fractions: [0.8, 0.2, 0.0], size: 64, bias: None };
     gradcam_scenes::dataset::write(data.path(), &cfg, &|| {}).unwrap();
     let out = tempfile::tempdir().unwrap();
-    let tc = TrainConfig { epochs: 4, batch_size: 8, lr: 5e-3, weight_decay: 0.0, seed: 1, val_images: 4, label_smoothing: 0.1, word_loss: 1.0, hidden: 64, activation_l1: 0.01, word_pairs: true };
+    let tc = TrainConfig { settings: Settings { epochs: 4, batch_size: 8, lr: 5e-3, weight_decay: 0.0, seed: 1 }, val_images: 4, label_smoothing: 0.1, word_loss: 1.0, hidden: 64, activation_l1: 0.01, word_pairs: true };
     let mut losses = Vec::new();
     let ckpt = train(data.path(), out.path(), &tc, false, &mut |e| {
         if let Event::Step { loss } = e {
@@ -157,7 +157,7 @@ fn a_tiny_captioner_learns() {
     assert!(last < 0.8 * first, "loss {first} -> {last}");
     // The written folder loads, and resuming with more epochs continues from the checkpoint.
     Captioner::load(out.path()).unwrap();
-    let more = TrainConfig { epochs: 5, ..tc };
+    let more = TrainConfig { settings: Settings { epochs: 5, ..tc.settings }, ..tc };
     let ckpt = train(data.path(), out.path(), &more, true, &mut |_| {}).unwrap();
     assert_eq!((ckpt.epochs_done, ckpt.log.len()), (5, 5));
 }

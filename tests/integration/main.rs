@@ -9,11 +9,9 @@ mod eval;
 mod examples;
 mod goldens;
 mod hostile;
-mod gradients;
 mod library;
 mod neurons;
 mod onnx;
-mod scenes;
 mod serve;
 mod vqa;
 

@@ -7,7 +7,7 @@ use gradcam_core::{explain, Explainable, GradCam, Request, Target};
 use gradcam_encoders::scene_cnn::init_parameters;
 use gradcam_scenes::vocab::Vocab;
 use gradcam_vqa::model::Trainable;
-use gradcam_vqa::train::{train, Event, TrainConfig};
+use gradcam_vqa::train::{train, Event, Settings, TrainConfig};
 use gradcam_vqa::{Config, Vqa, VqaSplit};
 
 fn tiny() -> (Trainable, Vqa) {
@@ -83,7 +83,7 @@ fn a_tiny_vqa_model_learns() {
     let cfg = gradcam_scenes::Config { n: 60, seed: 4, fractions: [0.8, 0.2, 0.0], size: 64, bias: None };
     gradcam_scenes::dataset::write(data.path(), &cfg, &|| {}).unwrap();
     let out = tempfile::tempdir().unwrap();
-    let tc = TrainConfig { epochs: 5, batch_size: 8, lr: 3e-3, weight_decay: 0.0, seed: 2, ..Default::default() };
+    let tc = TrainConfig { settings: Settings { epochs: 5, batch_size: 8, lr: 3e-3, weight_decay: 0.0, seed: 2 }, ..Default::default() };
     let mut losses = Vec::new();
     let ckpt = train(data.path(), out.path(), &tc, false, &mut |e| {
         if let Event::Step { loss } = e {
@@ -113,7 +113,7 @@ fn scenes_and_a_captioner() -> (tempfile::TempDir, tempfile::TempDir) {
     let cfg = gradcam_scenes::Config { n: 30, seed: 6, fractions: [0.8, 0.2, 0.0], size: 64, bias: None };
     gradcam_scenes::dataset::write(data.path(), &cfg, &|| {}).unwrap();
     let captioner = tempfile::tempdir().unwrap();
-    let tc = gradcam_captioner::train::TrainConfig { epochs: 1, batch_size: 8, hidden: 16, val_images: 2, ..Default::default() };
+    let tc = gradcam_captioner::train::TrainConfig { settings: Settings { epochs: 1, batch_size: 8, ..Default::default() }, hidden: 16, val_images: 2, ..Default::default() };
     gradcam_captioner::train::train(data.path(), captioner.path(), &tc, false, &mut |_| {}).unwrap();
     (data, captioner)
 }
@@ -127,7 +127,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 fn a_vqa_model_can_start_from_a_trained_encoder_and_keep_it_fixed() {
     let (data, captioner) = scenes_and_a_captioner();
     let out = tempfile::tempdir().unwrap();
-    let tc = TrainConfig { epochs: 2, batch_size: 8, encoder_from: Some(captioner.path().to_path_buf()), freeze_encoder: true, ..Default::default() };
+    let tc = TrainConfig { settings: Settings { epochs: 2, batch_size: 8, ..Default::default() }, encoder_from: Some(captioner.path().to_path_buf()), freeze_encoder: true, ..Default::default() };
     train(data.path(), out.path(), &tc, false, &mut |_| {}).unwrap();
     let load = |dir: &std::path::Path| candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
     let (theirs, ours) = (load(captioner.path()), load(out.path()));
@@ -182,10 +182,10 @@ fn background_units_are_left_out_of_the_loaded_encoder() {
     assert!(expected.contains(&3) && expected.contains(&40), "{active:?}");
 
     let out = tempfile::tempdir().unwrap();
-    let tc = TrainConfig { epochs: 1, batch_size: 8, encoder_from: Some(captioner.path().to_path_buf()), freeze_encoder: true, drop_background_units: true, ..Default::default() };
+    let tc = TrainConfig { settings: Settings { epochs: 1, batch_size: 8, ..Default::default() }, encoder_from: Some(captioner.path().to_path_buf()), freeze_encoder: true, drop_background_units: true, ..Default::default() };
     let ckpt = train(data.path(), out.path(), &tc, false, &mut |_| {}).unwrap();
-    assert_eq!(ckpt.dropped_units.iter().map(|&(u, _)| u).collect::<Vec<_>>(), expected);
-    for &(u, share) in &ckpt.dropped_units {
+    assert_eq!(ckpt.extra.dropped_units.iter().map(|&(u, _)| u).collect::<Vec<_>>(), expected);
+    for &(u, share) in &ckpt.extra.dropped_units {
         assert!((share - active[u as usize] as f64).abs() < 1e-6, "unit {u}: {share} vs {}", active[u as usize]);
     }
     let model = Vqa::load(out.path()).unwrap();

@@ -11,7 +11,7 @@ use crate::{Captioner, Config, Result};
 pub fn command(data: &Path, out: &Path, tc: &TrainConfig) -> String {
     format!(
         "gradcam train captioner --data {} --out {} --epochs {} --batch-size {} --lr {} --seed {} --label-smoothing {} --word-loss {} --hidden {} --activation-l1 {}{}",
-        data.display(), out.display(), tc.epochs, tc.batch_size, tc.lr, tc.seed, tc.label_smoothing, tc.word_loss, tc.hidden, tc.activation_l1,
+        data.display(), out.display(), tc.settings.epochs, tc.settings.batch_size, tc.settings.lr, tc.settings.seed, tc.label_smoothing, tc.word_loss, tc.hidden, tc.activation_l1,
         if tc.word_pairs { " --word-pairs" } else { "" }
     )
 }
@@ -56,11 +56,11 @@ fn card(command: &str, cfg: &Config, ckpt: &Checkpoint, minutes: f64, metrics: O
     s.push_str(&format!("```sh\n{command}\n```\n\n"));
     s.push_str(&format!(
         "AdamW (lr {}, weight decay {}, cosine decay), label smoothing {}, auxiliary bag-of-words loss weight {}, batch {} images with all their captions, seed {}; {} epochs in {minutes:.1} min on a 2-core CPU.\n\n",
-        ckpt.train.lr, ckpt.train.weight_decay, ckpt.train.label_smoothing, ckpt.train.word_loss, ckpt.train.batch_size, ckpt.train.seed, ckpt.epochs_done
+        ckpt.train.settings.lr, ckpt.train.settings.weight_decay, ckpt.train.label_smoothing, ckpt.train.word_loss, ckpt.train.settings.batch_size, ckpt.train.settings.seed, ckpt.epochs_done
     ));
     s.push_str("| epoch | train loss | val loss | val exact match | seconds |\n|---|---|---|---|---|\n");
     for l in &ckpt.log {
-        s.push_str(&format!("| {} | {:.4} | {:.4} | {:.3} | {:.0} |\n", l.epoch, l.train_loss, l.val_loss, l.val_exact_match, l.seconds));
+        s.push_str(&format!("| {} | {:.4} | {:.4} | {:.3} | {:.0} |\n", l.epoch, l.train_loss, l.val_loss, l.metrics.val_exact_match, l.seconds));
     }
     if let Some(m) = metrics {
         s.push_str(&format!("\n## Test metrics ({} images, greedy decoding)\n\n", m.images));

@@ -32,6 +32,9 @@ pub enum Error {
     Training(String),
     #[error(transparent)]
     Write(#[from] gradcam_io::Error),
+    /// The training loop's errors (a setting out of range among them).
+    #[error("training")]
+    Train(#[from] gradcam_train::Error),
 }
 
 impl Error {

@@ -56,15 +56,7 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-        let cfg: Config = serde_json::from_str(&text).map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
-        if !scene_cnn::IMAGE_SIZES.contains(&(cfg.image_size as u64)) {
-            return Err(Error::Model(format!("{}: image_size {} is outside {:?} pixels", path.display(), cfg.image_size, scene_cnn::IMAGE_SIZES)));
-        }
-        if cfg.encoder != "scene-cnn" {
-            return Err(Error::Model(format!("{}: encoder {:?} is not supported; use \"scene-cnn\"", path.display(), cfg.encoder)));
-        }
-        Ok(cfg)
+        Ok(scene_cnn::read_config(path, |c: &Config| (c.encoder.as_str(), c.image_size))?)
     }
 }
 
@@ -235,11 +227,6 @@ impl Captioner {
     /// `[b, 3, s, s]` -> `[b, channels, s / 4, s / 4]` (`channels` from config.json).
     pub fn features(&self, images: &Tensor) -> Result<Tensor> {
         Ok(self.cnn.forward(images)?)
-    }
-
-    /// [`Self::features`] with the backward of the CNN's ReLUs following `rule`.
-    pub fn features_with(&self, images: &Tensor, rule: Rule) -> Result<Tensor> {
-        Ok(self.cnn.forward_with(images, rule)?)
     }
 
     /// The image embedding fed at every step, and the initial (zero) LSTM state.
@@ -436,7 +423,7 @@ impl Explainable for CaptionSplit<'_> {
     /// The head has no ReLU (pooling, projection, LSTM, log-softmax): the guided forward is the
     /// head on the CNN's guided features.
     fn forward_with(&self, input: &Tensor, rule: Rule) -> gradcam_core::Result<Tensor> {
-        let a = self.model.features_with(input, rule).map_err(Error::into_core)?;
+        let a = self.model.cnn.forward_with(input, rule).map_err(|e| Error::from(e).into_core())?;
         self.head(&a)
     }
 }

@@ -2,12 +2,13 @@
 //! instances.json + images/): AdamW, seeded shuffling and initialisation, validation each epoch,
 //! a checkpoint each epoch, resume.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use gradcam_scenes::scene::Rng;
+use candle_nn::{VarBuilder, VarMap};
 use gradcam_scenes::Split;
+pub use gradcam_train::{ExactMatch, Settings};
+use gradcam_train::{at_least_one, not_negative};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{init_parameters, Captioner, Config, Trainable};
@@ -16,12 +17,9 @@ use crate::{Error, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainConfig {
-    pub epochs: usize,
-    /// Images per step; each brings all its captions.
-    pub batch_size: usize,
-    pub lr: f64,
-    pub weight_decay: f64,
-    pub seed: u64,
+    /// Epochs, learning rate, seed...; a batch is of images, each with all its captions.
+    #[serde(flatten)]
+    pub settings: Settings,
     /// Validation images decoded each epoch for the exact-match score.
     pub val_images: usize,
     /// Label smoothing of the word targets.
@@ -49,22 +47,20 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// Refuses settings that cannot train: a learning rate that is not a positive number below
-    /// 10, no epochs, empty batches, a zero-width LSTM, weights and smoothing out of range.
+    /// Refuses settings that cannot train: the shared ones out of range (see
+    /// [`Settings::check`]), a zero-width LSTM, weights and smoothing out of range.
     pub fn check(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Training(m));
-        if !(self.lr > 0.0 && self.lr <= 10.0) {
-            return bad(format!("--lr {}: give a learning rate above 0 and at most 10", self.lr));
+        self.settings.check()?;
+        at_least_one("hidden", self.hidden)?;
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return Err(gradcam_train::Error::setting("label_smoothing", self.label_smoothing, "in [0, 1)").into());
         }
-        if self.epochs == 0 || self.batch_size == 0 || self.hidden == 0 {
-            return bad("--epochs, --batch-size and --hidden must be at least 1".into());
-        }
-        if !(0.0..1.0).contains(&self.label_smoothing) || ![self.word_loss, self.activation_l1, self.weight_decay].iter().all(|v| v.is_finite() && *v >= 0.0) {
-            return bad("--label-smoothing is in [0, 1); --word-loss and --activation-l1 are finite and not negative".into());
-        }
-        Ok(())
+        not_negative("word_loss", self.word_loss)?;
+        Ok(not_negative("activation_l1", self.activation_l1)?)
     }
 }
+
+gradcam_train::settings_field!(TrainConfig);
 
 fn default_hidden() -> usize {
     256
@@ -72,34 +68,17 @@ fn default_hidden() -> usize {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { epochs: 12, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0, val_images: 200, label_smoothing: 0.0, word_loss: 0.0, hidden: default_hidden(), activation_l1: 0.0, word_pairs: false }
+        let settings = Settings { epochs: 12, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0 };
+        TrainConfig { settings, val_images: 200, label_smoothing: 0.0, word_loss: 0.0, hidden: default_hidden(), activation_l1: 0.0, word_pairs: false }
     }
 }
 
 /// What the progress callback hears.
-pub enum Event<'a> {
-    Start { epoch: usize, steps: usize },
-    Step { loss: f32 },
-    Epoch(&'a EpochLog),
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EpochLog {
-    pub epoch: usize,
-    pub train_loss: f32,
-    pub val_loss: f32,
-    pub val_exact_match: f64,
-    pub seconds: f64,
-}
-
+pub type Event<'a> = gradcam_train::Event<'a, ExactMatch>;
+/// One epoch's record.
+pub type EpochLog = gradcam_train::EpochLog<ExactMatch>;
 /// `checkpoint.json`: how far training got, to resume from.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Checkpoint {
-    pub train: TrainConfig,
-    pub data: PathBuf,
-    pub epochs_done: usize,
-    pub log: Vec<EpochLog>,
-}
+pub type Checkpoint = gradcam_train::Checkpoint<TrainConfig, ExactMatch>;
 
 /// Images as u8 `[3, s, s]` planes and each image's tokenised captions.
 struct Data {
@@ -247,22 +226,18 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
     if train_split.captions.annotations.is_empty() {
         return Err(Error::Training(format!("{} has no captions to train on", data.join("train").display())));
     }
-    let ckpt_path = out.join("checkpoint.json");
-    let (vocab, mut ckpt) = if resume && ckpt_path.exists() {
-        let text = std::fs::read_to_string(&ckpt_path).map_err(|source| Error::Io { path: ckpt_path.clone(), source })?;
-        let ckpt: Checkpoint = serde_json::from_str(&text).map_err(|e| Error::Training(format!("{}: {e}", ckpt_path.display())))?;
-        (Vocab::load(&out.join("tokenizer.json"))?, ckpt)
-    } else {
-        let vocab = Vocab::build(train_split.captions.annotations.iter().map(|a| a.caption.as_str()), 1)?;
-        (vocab, Checkpoint { train: tc.clone(), data: data.to_path_buf(), epochs_done: 0, log: Vec::new() })
+    let resumed = if resume { Checkpoint::resume(out, tc.settings.epochs)? } else { None };
+    let (vocab, mut ckpt) = match resumed {
+        Some(ckpt) => (Vocab::load(&out.join("tokenizer.json"))?, ckpt),
+        None => (Vocab::build(train_split.captions.annotations.iter().map(|a| a.caption.as_str()), 1)?, Checkpoint::new(tc.clone(), data, ())),
     };
-    ckpt.train.epochs = tc.epochs;
     let cfg = if ckpt.epochs_done > 0 { Config::load(&out.join("config.json"))? } else { Config { hidden: ckpt.train.hidden, ..Config::new(vocab.len()) } };
     let mut varmap = VarMap::new();
     if ckpt.epochs_done == 0 {
         vocab.save(&out.join("tokenizer.json"))?;
-        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Training(e.to_string()))?;
-        gradcam_io::write_atomic(&out.join("config.json"), text.as_bytes())?;
+        let path = out.join("config.json");
+        let text = serde_json::to_string_pretty(&cfg).map_err(|source| gradcam_train::Error::Json { path: path.clone(), source })?;
+        gradcam_io::write_atomic(&path, text.as_bytes())?;
     }
     let mut train_data = Data::load(&train_split, &vocab, cfg.image_size, cfg.max_len)?;
     let mut val_data = Data::load(&val_split, &vocab, cfg.image_size, cfg.max_len)?;
@@ -275,56 +250,53 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
     if ckpt.epochs_done > 0 {
         varmap.load(out.join("model.safetensors"))?;
     } else {
-        init_parameters(&varmap, ckpt.train.seed)?;
+        init_parameters(&varmap, ckpt.train.settings.seed)?;
     }
-    let params = ParamsAdamW { lr: ckpt.train.lr, weight_decay: ckpt.train.weight_decay, ..Default::default() };
-    let mut opt = AdamW::new(varmap.all_vars(), params)?;
-    let bs = ckpt.train.batch_size.max(1);
-
-    for epoch in ckpt.epochs_done..tc.epochs {
-        let start = std::time::Instant::now();
-        let mut order: Vec<usize> = (0..train_data.len()).collect();
-        Rng::new(ckpt.train.seed ^ (epoch as u64 + 1).wrapping_mul(0x9e37_79b9)).shuffle(&mut order);
-        // Cosine decay over the planned epochs.
-        let lr = ckpt.train.lr * 0.5 * (1.0 + (std::f64::consts::PI * epoch as f64 / tc.epochs as f64).cos());
-        opt.set_learning_rate(lr);
-        let steps = order.len().div_ceil(bs);
-        progress(Event::Start { epoch, steps });
-        let mut total = 0.0;
-        for chunk in order.chunks(bs) {
-            let l = loss(&model, &train_data.batch(chunk, &vocab)?, ckpt.train.label_smoothing, ckpt.train.word_loss, ckpt.train.activation_l1)?;
-            opt.backward_step(&l)?;
-            let l = l.to_scalar::<f32>()?;
-            if !l.is_finite() {
-                return Err(Error::Training(format!("the loss became {l} in epoch {epoch}; try a lower --lr")));
-            }
-            total += l;
-            progress(Event::Step { loss: l });
-        }
-        let ids: Vec<usize> = (0..val_data.len()).collect();
-        let mut val_loss = 0.0;
-        for chunk in ids.chunks(bs) {
-            val_loss += loss(&model, &val_data.batch(chunk, &vocab)?, 0.0, 0.0, 0.0)?.to_scalar::<f32>()? * chunk.len() as f32;
-        }
-        // A step can make the weights non-finite after the last finite loss: never save them.
-        if !val_loss.is_finite() {
-            return Err(Error::Training(format!("the validation loss became {val_loss} in epoch {epoch}; nothing of this epoch saved; try a lower --lr")));
-        }
-        let frozen = Captioner::from_varbuilder(cfg.clone(), vocab.clone(), VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
-        let exact = crate::eval::exact_match(&frozen, &val_split, ckpt.train.val_images)?;
-        gradcam_encoders::scene_cnn::save_parameters(&varmap, &out.join("model.safetensors"))?;
-        ckpt.epochs_done = epoch + 1;
-        ckpt.log.push(EpochLog {
-            epoch,
-            train_loss: total / steps as f32,
-            val_loss: val_loss / val_data.len().max(1) as f32,
-            val_exact_match: exact,
-            seconds: start.elapsed().as_secs_f64(),
-        });
-        let text = serde_json::to_string_pretty(&ckpt).map_err(|e| Error::Training(e.to_string()))?;
-        gradcam_io::write_atomic(&ckpt_path, text.as_bytes())?;
-        progress(Event::Epoch(ckpt.log.last().expect("just pushed")));
-    }
+    let mut run = Run { model, varmap, cfg, vocab, tc: ckpt.train.clone(), train: train_data, val: val_data, val_split: &val_split };
+    gradcam_train::fit(&mut run, &mut ckpt, out, progress)?;
     Ok(ckpt)
 }
 
+/// A captioner being trained, as the training loop sees it.
+struct Run<'a> {
+    model: Trainable,
+    varmap: VarMap,
+    cfg: Config,
+    vocab: Vocab,
+    tc: TrainConfig,
+    train: Data,
+    val: Data,
+    val_split: &'a Split,
+}
+
+impl gradcam_train::Trainable for Run<'_> {
+    type Metrics = ExactMatch;
+    type Extra = ();
+    type Error = Error;
+
+    fn loss(&mut self, ids: &[usize]) -> Result<Tensor> {
+        loss(&self.model, &self.train.batch(ids, &self.vocab)?, self.tc.label_smoothing, self.tc.word_loss, self.tc.activation_l1)
+    }
+
+    fn validate(&mut self, batch_size: usize) -> Result<f32> {
+        let ids: Vec<usize> = (0..self.val.len()).collect();
+        let mut val_loss = 0.0;
+        for chunk in ids.chunks(batch_size) {
+            val_loss += loss(&self.model, &self.val.batch(chunk, &self.vocab)?, 0.0, 0.0, 0.0)?.to_scalar::<f32>()? * chunk.len() as f32;
+        }
+        Ok(val_loss / self.val.len().max(1) as f32)
+    }
+
+    fn metrics(&mut self) -> Result<ExactMatch> {
+        let frozen = Captioner::from_varbuilder(self.cfg.clone(), self.vocab.clone(), VarBuilder::from_varmap(&self.varmap, DType::F32, &Device::Cpu))?;
+        Ok(ExactMatch { val_exact_match: crate::eval::exact_match(&frozen, self.val_split, self.tc.val_images)? })
+    }
+
+    fn examples(&self) -> usize {
+        self.train.len()
+    }
+
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+}

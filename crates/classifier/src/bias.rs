@@ -31,7 +31,7 @@ pub struct DemoConfig {
 
 impl Default for DemoConfig {
     fn default() -> Self {
-        DemoConfig { seed: 0, scenes: 5000, fractions: [0.8, 0.1, 0.1], p: 1.0, train: TrainConfig { epochs: 8, ..Default::default() }, grid_rows: 8 }
+        DemoConfig { seed: 0, scenes: 5000, fractions: [0.8, 0.1, 0.1], p: 1.0, train: TrainConfig { settings: gradcam_train::Settings { epochs: 8, ..TrainConfig::default().settings }, ..Default::default() }, grid_rows: 8 }
     }
 }
 
@@ -121,8 +121,8 @@ pub fn run(out: &Path, cfg: &DemoConfig, progress: &mut dyn FnMut(Stage)) -> Res
         gradcam_scenes::dataset::write(&dir, &scenes, &|| {})?;
         progress(Stage::Done(cfg.scenes));
         let model = out.join("models").join(name);
-        progress(Stage::Begin(&format!("training the {name} model"), cfg.train.epochs));
-        let tc = TrainConfig { seed: cfg.seed, ..cfg.train.clone() };
+        progress(Stage::Begin(&format!("training the {name} model"), cfg.train.settings.epochs));
+        let tc = TrainConfig { settings: gradcam_train::Settings { seed: cfg.seed, ..cfg.train.settings }, ..cfg.train.clone() };
         let ckpt = train(&dir, &model, &tc, false, &mut |e| progress(Stage::Train(e)))?;
         let minutes = ckpt.log.iter().map(|l| l.seconds).sum::<f64>() / 60.0;
         crate::card::write(&dir, &model, &ckpt, minutes, &|_, _| {})?;
@@ -140,7 +140,7 @@ pub fn run(out: &Path, cfg: &DemoConfig, progress: &mut dyn FnMut(Stage)) -> Res
         let dissection = gradcam_neurons::dissect_model(&model, &dir.join("val"), 1000, gradcam_neurons::Options::default(), &|_, _| {}).map_err(|e| Error::Data(e.to_string()))?;
         dissection.save(&model.join("dissection.json")).map_err(|e| Error::Data(e.to_string()))?;
         dissections.push(dissection);
-        let val_accuracy = ckpt.log.last().map_or(0.0, |l| l.val_accuracy);
+        let val_accuracy = ckpt.log.last().map_or(0.0, |l| l.metrics.val_accuracy);
         figures.push(figures_of(&cs, &model_cfg, val_accuracy, model));
         nets.push(net);
         all_cases.push(cs);

@@ -123,7 +123,7 @@ pub fn accuracy(cases: &[Case], labels: &[String]) -> Accuracy {
 pub fn command(data: &Path, out: &Path, tc: &TrainConfig) -> String {
     format!(
         "gradcam train classifier --data {} --out {} --epochs {} --batch-size {} --lr {} --weight-decay {} --seed {} --channels {} --image-size {}{}",
-        data.display(), out.display(), tc.epochs, tc.batch_size, tc.lr, tc.weight_decay, tc.seed, tc.channels, tc.image_size,
+        data.display(), out.display(), tc.settings.epochs, tc.settings.batch_size, tc.settings.lr, tc.settings.weight_decay, tc.settings.seed, tc.channels, tc.image_size,
         tc.limit.map(|l| format!(" --limit {l}")).unwrap_or_default()
     )
 }
@@ -153,14 +153,14 @@ fn card(command: &str, cfg: &Config, ckpt: &Checkpoint, minutes: f64, test: Opti
     );
     s.push_str(&format!(
         "## Training\n\nData: `{}` (COCO instances; each image labelled with the category of its largest object, `cue` annotations excluded; {} training images, {} without a label skipped).\n\n```sh\n{command}\n```\n\n",
-        data.display(), ckpt.train_images, ckpt.skipped
+        data.display(), ckpt.extra.train_images, ckpt.extra.skipped
     ));
     s.push_str(&format!(
         "Cross-entropy, AdamW (lr {}, weight decay {}, cosine decay), batch {}, seed {}; {} epochs in {minutes:.1} min on a 2-core CPU.\n\n| epoch | train loss | val loss | val accuracy | seconds |\n|---|---|---|---|---|\n",
-        ckpt.train.lr, ckpt.train.weight_decay, ckpt.train.batch_size, ckpt.train.seed, ckpt.epochs_done
+        ckpt.train.settings.lr, ckpt.train.settings.weight_decay, ckpt.train.settings.batch_size, ckpt.train.settings.seed, ckpt.epochs_done
     ));
     for e in &ckpt.log {
-        s.push_str(&format!("| {} | {:.4} | {:.4} | {:.3} | {:.0} |\n", e.epoch, e.train_loss, e.val_loss, e.val_accuracy, e.seconds));
+        s.push_str(&format!("| {} | {:.4} | {:.4} | {:.3} | {:.0} |\n", e.epoch, e.train_loss, e.val_loss, e.metrics.val_accuracy, e.seconds));
     }
     match test {
         Some(t) => {

@@ -27,6 +27,9 @@ pub enum Error {
     Io { path: PathBuf, source: std::io::Error },
     #[error("training: {0}")]
     Training(String),
+    /// The training loop's errors (a setting out of range among them).
+    #[error("training")]
+    Train(#[from] gradcam_train::Error),
     #[error("{0}")]
     Data(String),
     #[error(transparent)]

@@ -2,13 +2,14 @@
 //! (instances.json + images/): cross-entropy, AdamW with cosine decay, seeded shuffling and
 //! initialisation, validation accuracy each epoch, a checkpoint each epoch, resume.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use gradcam_encoders::scene_cnn::{init_parameters, model_weights, save_parameters, SceneCnn};
-use gradcam_scenes::scene::Rng;
+use candle_nn::{VarBuilder, VarMap};
+use gradcam_encoders::scene_cnn::{init_parameters, model_weights, SceneCnn, IMAGE_SIZES};
 use gradcam_scenes::Split;
+pub use gradcam_train::Settings;
+use gradcam_train::{at_least_one, Accuracy};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{classes, Data};
@@ -16,11 +17,9 @@ use crate::{io, Config, Error, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainConfig {
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    pub weight_decay: f64,
-    pub seed: u64,
+    /// Epochs, batch size, learning rate, seed...
+    #[serde(flatten)]
+    pub settings: Settings,
     /// Units of the explained layer `conv4`.
     pub channels: usize,
     /// Input side in pixels.
@@ -32,55 +31,40 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { epochs: 6, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0, channels: 64, image_size: 64, limit: None }
+        let settings = Settings { epochs: 6, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0 };
+        TrainConfig { settings, channels: 64, image_size: 64, limit: None }
     }
 }
 
 impl TrainConfig {
-    /// Refuses settings that cannot train.
+    /// Refuses settings that cannot train: the shared ones out of range (see
+    /// [`Settings::check`]), no units, a size the encoder does not take, an empty limit.
     pub fn check(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Training(m));
-        if !(self.lr > 0.0 && self.lr <= 10.0) {
-            return bad(format!("--lr {}: give a learning rate above 0 and at most 10", self.lr));
+        self.settings.check()?;
+        at_least_one("channels", self.channels)?;
+        at_least_one("limit", self.limit.unwrap_or(1))?;
+        if self.channels > 4096 {
+            return Err(gradcam_train::Error::setting("channels", self.channels, "at most 4096").into());
         }
-        if self.epochs == 0 || self.batch_size == 0 || self.channels == 0 || self.limit == Some(0) {
-            return bad("--epochs, --batch-size, --channels and --limit must be at least 1".into());
-        }
-        if self.channels > 4096 || !gradcam_encoders::scene_cnn::IMAGE_SIZES.contains(&(self.image_size as u64)) {
-            return bad(format!("--channels {} must be at most 4096 and --image-size {} in {:?}", self.channels, self.image_size, gradcam_encoders::scene_cnn::IMAGE_SIZES));
-        }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return bad(format!("--weight-decay {} must be finite and not negative", self.weight_decay));
+        if !IMAGE_SIZES.contains(&(self.image_size as u64)) {
+            return Err(gradcam_train::Error::setting("image_size", self.image_size, format!("in {IMAGE_SIZES:?}")).into());
         }
         Ok(())
     }
 }
 
+gradcam_train::settings_field!(TrainConfig);
+
 /// What the progress callback hears.
-pub enum Event<'a> {
-    /// Data loaded: training and validation images.
-    Loaded { train: usize, val: usize },
-    Start { epoch: usize, steps: usize },
-    Step { loss: f32 },
-    Epoch(&'a EpochLog),
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EpochLog {
-    pub epoch: usize,
-    pub train_loss: f32,
-    pub val_loss: f32,
-    pub val_accuracy: f64,
-    pub seconds: f64,
-}
-
+pub type Event<'a> = gradcam_train::Event<'a, Accuracy>;
+/// One epoch's record (top-1 accuracy on the validation images).
+pub type EpochLog = gradcam_train::EpochLog<Accuracy>;
 /// `checkpoint.json`: how far training got, to resume from.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Checkpoint {
-    pub train: TrainConfig,
-    pub data: PathBuf,
-    pub epochs_done: usize,
-    pub log: Vec<EpochLog>,
+pub type Checkpoint = gradcam_train::Checkpoint<TrainConfig, Accuracy, Images>;
+
+/// What `checkpoint.json` holds beyond the shared fields.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Images {
     /// Training images (with a label) and images without one.
     pub train_images: usize,
     pub skipped: usize,
@@ -126,11 +110,8 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
     std::fs::create_dir_all(out).map_err(io(out))?;
     let train_split = Split::read(&data.join("train"))?;
     let val_split = Split::read(&data.join("val"))?;
-    let ckpt_path = out.join("checkpoint.json");
-    let resuming = resume && ckpt_path.exists();
-    let (cfg, mut ckpt) = if resuming {
-        let text = std::fs::read_to_string(&ckpt_path).map_err(io(&ckpt_path))?;
-        let ckpt: Checkpoint = serde_json::from_str(&text).map_err(|e| Error::Training(format!("{}: {e}", ckpt_path.display())))?;
+    let resumed = if resume { Checkpoint::resume(out, tc.settings.epochs)? } else { None };
+    let (cfg, mut ckpt) = if let Some(ckpt) = resumed {
         (Config::load(out)?, ckpt)
     } else {
         let classes = classes(&train_split.instances);
@@ -139,17 +120,16 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         }
         let (ids, names) = classes.into_iter().unzip();
         let cfg = Config::new(tc.image_size, tc.channels, names, ids);
-        (cfg, Checkpoint { train: tc.clone(), data: data.to_path_buf(), epochs_done: 0, log: Vec::new(), train_images: 0, skipped: 0 })
+        (cfg, Checkpoint::new(tc.clone(), data, Images::default()))
     };
-    ckpt.train.epochs = tc.epochs;
     crate::data::check_classes(&val_split, &cfg.category_ids, &cfg.labels)?;
     let train_data = Data::load(&train_split, &cfg.category_ids, cfg.image_size, ckpt.train.limit)?;
     let val_data = Data::load(&val_split, &cfg.category_ids, cfg.image_size, None)?;
     if train_data.is_empty() {
         return Err(Error::Training(format!("{} has no image with a labelled object to train on", data.join("train").display())));
     }
-    (ckpt.train_images, ckpt.skipped) = (train_data.len(), train_data.skipped);
-    progress(Event::Loaded { train: train_data.len(), val: val_data.len() });
+    ckpt.extra = Images { train_images: train_data.len(), skipped: train_data.skipped };
+    progress(gradcam_train::Event::Loaded { train: train_data.len(), val: val_data.len() });
 
     let mut varmap = VarMap::new();
     let model = Trainable::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), cfg.channels, cfg.labels.len())?;
@@ -157,56 +137,57 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         model_weights(out)?; // a clear error for a missing or damaged file
         varmap.load(out.join("model.safetensors"))?;
     } else {
-        init_parameters(&varmap, ckpt.train.seed)?;
+        init_parameters(&varmap, ckpt.train.settings.seed)?;
         cfg.save(out)?;
     }
-    let params = ParamsAdamW { lr: ckpt.train.lr, weight_decay: ckpt.train.weight_decay, ..Default::default() };
-    let mut opt = AdamW::new(varmap.all_vars(), params)?;
-    let bs = ckpt.train.batch_size;
-    for epoch in ckpt.epochs_done..tc.epochs {
-        let start = std::time::Instant::now();
-        let mut order: Vec<usize> = (0..train_data.len()).collect();
-        Rng::new(ckpt.train.seed ^ (epoch as u64 + 1).wrapping_mul(0x9e37_79b9)).shuffle(&mut order);
-        let lr = ckpt.train.lr * 0.5 * (1.0 + (std::f64::consts::PI * epoch as f64 / tc.epochs as f64).cos());
-        opt.set_learning_rate(lr);
-        let steps = order.len().div_ceil(bs);
-        progress(Event::Start { epoch, steps });
-        let mut total = 0.0;
-        for chunk in order.chunks(bs) {
-            let (images, labels) = train_data.batch(chunk)?;
-            let (l, _) = model.loss(&images, &labels)?;
-            opt.backward_step(&l)?;
-            let l = l.to_scalar::<f32>()?;
-            if !l.is_finite() {
-                return Err(Error::Training(format!("the loss became {l} in epoch {epoch}; try a lower --lr")));
-            }
-            total += l;
-            progress(Event::Step { loss: l });
-        }
-        let (mut val_loss, mut correct) = (0.0, 0);
-        let ids: Vec<usize> = (0..val_data.len()).collect();
-        for chunk in ids.chunks(128) {
-            let (images, labels) = val_data.batch(chunk)?;
-            let (l, c) = model.loss(&images, &labels)?;
-            val_loss += l.to_scalar::<f32>()? * chunk.len() as f32;
-            correct += c;
-        }
-        if !val_loss.is_finite() {
-            return Err(Error::Training(format!("the validation loss became {val_loss} in epoch {epoch}; nothing of this epoch saved; try a lower --lr")));
-        }
-        save_parameters(&varmap, &out.join("model.safetensors"))?;
-        ckpt.epochs_done = epoch + 1;
-        ckpt.log.push(EpochLog {
-            epoch,
-            train_loss: total / steps as f32,
-            val_loss: val_loss / val_data.len().max(1) as f32,
-            val_accuracy: correct as f64 / val_data.len().max(1) as f64,
-            seconds: start.elapsed().as_secs_f64(),
-        });
-        let text = serde_json::to_string_pretty(&ckpt).map_err(|e| Error::Training(e.to_string()))?;
-        gradcam_io::write_atomic(&ckpt_path, text.as_bytes())?;
-        progress(Event::Epoch(ckpt.log.last().expect("just pushed")));
-    }
+    let mut run = Run { model, varmap, train: train_data, val: val_data, correct: 0 };
+    gradcam_train::fit(&mut run, &mut ckpt, out, progress)?;
     Ok(ckpt)
 }
 
+/// A classifier being trained, as the training loop sees it.
+struct Run {
+    model: Trainable,
+    varmap: VarMap,
+    train: Data,
+    val: Data,
+    /// Correct predictions of the last validation.
+    correct: usize,
+}
+
+impl gradcam_train::Trainable for Run {
+    type Metrics = Accuracy;
+    type Extra = Images;
+    type Error = Error;
+
+    fn loss(&mut self, ids: &[usize]) -> Result<Tensor> {
+        let (images, labels) = self.train.batch(ids)?;
+        Ok(self.model.loss(&images, &labels)?.0)
+    }
+
+    /// In batches of 128 whatever the training batch.
+    fn validate(&mut self, _: usize) -> Result<f32> {
+        let (mut val_loss, mut correct) = (0.0, 0);
+        let ids: Vec<usize> = (0..self.val.len()).collect();
+        for chunk in ids.chunks(128) {
+            let (images, labels) = self.val.batch(chunk)?;
+            let (l, c) = self.model.loss(&images, &labels)?;
+            val_loss += l.to_scalar::<f32>()? * chunk.len() as f32;
+            correct += c;
+        }
+        self.correct = correct;
+        Ok(val_loss / self.val.len().max(1) as f32)
+    }
+
+    fn metrics(&mut self) -> Result<Accuracy> {
+        Ok(Accuracy { val_accuracy: self.correct as f64 / self.val.len().max(1) as f64 })
+    }
+
+    fn examples(&self) -> usize {
+        self.train.len()
+    }
+
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+}

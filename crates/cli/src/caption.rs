@@ -1,4 +1,4 @@
-//! `gradcam caption` (captions with a Grad-CAM map per word) and `gradcam train captioner`.
+//! `gradcam caption`: captions with a Grad-CAM map per word.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use gradcam::pipeline::caption::{caption, Options};
 use gradcam_captioner::eval::evaluate;
-use gradcam_captioner::train::{train, Event, TrainConfig};
 use gradcam_captioner::Captioner;
 use gradcam_encoders::preprocess::load_image;
 use gradcam_neurons::{Dissection, UnitNames};
@@ -14,7 +13,7 @@ use gradcam_scenes::Split;
 use gradcam_serve::html::View;
 
 use crate::common::{HtmlArg, MethodArgs};
-use crate::progress::{bar, each_image, EpochBar};
+use crate::progress::{bar, each_image};
 
 /// The shipped model, relative to the repository (and to the binary's working directory).
 pub const DEFAULT_MODEL: &str = "models/captioner";
@@ -78,68 +77,4 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     each_image(&args.images, (&args.out, args.json, Some((&args.html, View::Caption))), |path, files, bar| {
         Ok(caption(&model, &load_image(path)?, &path.display().to_string(), files, &options, names.as_ref(), Some(bar))?)
     })
-}
-
-#[derive(clap::Args)]
-pub struct TrainCaptionerArgs {
-    /// Dataset folder with train/ and val/ splits (COCO captions + instances); e.g. made by
-    /// `gradcam scenes`.
-    #[arg(long)]
-    data: PathBuf,
-    /// Output model folder.
-    #[arg(long)]
-    out: PathBuf,
-    #[arg(long, default_value_t = TrainConfig::default().epochs)]
-    epochs: usize,
-    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
-    batch_size: usize,
-    #[arg(long, default_value_t = TrainConfig::default().lr)]
-    lr: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Label smoothing of the word targets (keeps word gradients informative).
-    #[arg(long, default_value_t = 0.0)]
-    label_smoothing: f64,
-    /// Weight of the auxiliary loss that predicts, from `conv4` alone (a head at every position,
-    /// max-pooled over space), which words the image's captions use (0 = off).
-    #[arg(long, default_value_t = 0.0)]
-    word_loss: f64,
-    /// LSTM hidden size (explaining costs grow with it).
-    #[arg(long, default_value_t = TrainConfig::default().hidden)]
-    hidden: usize,
-    /// Weight of an L1 penalty on the explained layer's activations (0 = off).
-    #[arg(long, default_value_t = 0.0)]
-    activation_l1: f64,
-    /// The auxiliary loss also predicts frequent word pairs ("blue circle").
-    #[arg(long)]
-    word_pairs: bool,
-    /// Continue from OUT/checkpoint.json.
-    #[arg(long)]
-    resume: bool,
-}
-
-pub fn train_captioner(args: TrainCaptionerArgs) -> anyhow::Result<ExitCode> {
-    let tc = TrainConfig { epochs: args.epochs, batch_size: args.batch_size, lr: args.lr, seed: args.seed, label_smoothing: args.label_smoothing, word_loss: args.word_loss, hidden: args.hidden, activation_l1: args.activation_l1, word_pairs: args.word_pairs, ..Default::default() };
-    let start = std::time::Instant::now();
-    let mut epoch_bar = EpochBar::default();
-    let ckpt = train(&args.data, &args.out, &tc, args.resume, &mut |e| match e {
-        Event::Start { epoch, steps } => epoch_bar.start(epoch, steps),
-        Event::Step { loss } => epoch_bar.step(loss),
-        Event::Epoch(log) => {
-            epoch_bar.finish();
-            eprintln!("epoch {:>2}: train loss {:.4}, val loss {:.4}, val exact match {:.3} ({:.0} s)", log.epoch, log.train_loss, log.val_loss, log.val_exact_match, log.seconds);
-        }
-    })?;
-    let minutes = start.elapsed().as_secs_f64() / 60.0;
-    eprintln!("trained {} epochs in {minutes:.1} min; model in {}", ckpt.epochs_done, args.out.display());
-    let b = bar(0, "test images");
-    let metrics = gradcam_captioner::card::write(&args.data, &args.out, &tc, &ckpt, minutes, &|i, n| {
-        b.set_length(n as u64);
-        b.set_position(i as u64)
-    })?;
-    b.finish_and_clear();
-    if let Some(m) = &metrics {
-        eprintln!("test: exact match {:.3}, BLEU-4 {:.3}", m.exact_match, m.bleu4);
-    }
-    Ok(ExitCode::SUCCESS)
 }

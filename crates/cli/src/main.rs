@@ -13,6 +13,7 @@ mod hints;
 mod progress;
 mod prune;
 mod scenes;
+mod train;
 mod vqa;
 mod weights;
 
@@ -53,7 +54,7 @@ enum Command {
     /// Train a model.
     Train {
         #[command(subcommand)]
-        what: TrainCommand,
+        what: train::TrainCommand,
     },
     /// Name the units of a model's explained layer by network dissection against concept masks.
     Dissect(dissect::DissectArgs),
@@ -80,16 +81,6 @@ enum Command {
         #[arg(long)]
         model: Option<ModelKind>,
     },
-}
-
-#[derive(Subcommand)]
-enum TrainCommand {
-    /// The Show-and-Tell captioner.
-    Captioner(caption::TrainCaptionerArgs),
-    /// The VQA fusion model.
-    Vqa(vqa::TrainVqaArgs),
-    /// A scene classifier (scene CNN + global average pooling + linear) on COCO-instances data.
-    Classifier(classifier::TrainClassifierArgs),
 }
 
 /// Options shared by every command that loads a classifier.
@@ -181,9 +172,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Prune(args) => prune::run(args),
         Command::Eval(args) => eval::run_eval(args),
         Command::Caption(args) => caption::run(args),
-        Command::Train { what: TrainCommand::Captioner(args) } => caption::train_captioner(args),
-        Command::Train { what: TrainCommand::Vqa(args) } => vqa::train_vqa(args),
-        Command::Train { what: TrainCommand::Classifier(args) } => classifier::train_classifier(args),
+        Command::Train { what } => train::run(what),
         Command::Demo { what } => classifier::run_demo(what),
         Command::Vqa(args) => vqa::run(args),
         Command::Convert { input, output, model } => {

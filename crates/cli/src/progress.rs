@@ -40,32 +40,6 @@ pub fn each_image<R: serde::Serialize + std::fmt::Display>(
     Ok(if failures == 0 { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::from(1) })
 }
 
-/// One bar per training epoch, showing the last step's loss.
-pub struct EpochBar(ProgressBar);
-
-impl Default for EpochBar {
-    fn default() -> Self {
-        EpochBar(ProgressBar::hidden())
-    }
-}
-
-impl EpochBar {
-    pub fn start(&mut self, epoch: usize, steps: usize) {
-        self.0 = ProgressBar::new(steps as u64);
-        let template = format!("epoch {epoch:>2} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}] loss {{msg}}");
-        self.0.set_style(ProgressStyle::with_template(&template).expect("valid template"));
-    }
-
-    pub fn step(&self, loss: f32) {
-        self.0.set_message(format!("{loss:.4}"));
-        self.0.inc(1);
-    }
-
-    pub fn finish(&self) {
-        self.0.finish_and_clear();
-    }
-}
-
 /// The progress of Ablation-CAM and Score-CAM over the layer's channels (none when `quiet`).
 pub fn channels(quiet: bool) -> Box<gradcam::pipeline::Progress> {
     if quiet {

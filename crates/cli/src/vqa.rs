@@ -1,4 +1,4 @@
-//! `gradcam vqa` (answers with Grad-CAM and counterfactual maps) and `gradcam train vqa`.
+//! `gradcam vqa`: answers with Grad-CAM and counterfactual maps.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,12 +11,11 @@ use gradcam_encoders::preprocess::load_image;
 use gradcam_neurons::{Dissection, UnitNames};
 use gradcam_scenes::Split;
 use gradcam_vqa::eval::evaluate;
-use gradcam_vqa::train::{train, Event, TrainConfig};
 use gradcam_vqa::Vqa;
 
 use crate::common::{print, HtmlArg, MethodArgs};
 use gradcam_serve::html::View;
-use crate::progress::{bar, EpochBar};
+use crate::progress::bar;
 
 pub const DEFAULT_MODEL: &str = "models/vqa";
 
@@ -116,72 +115,4 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
         eprintln!("VQA accuracy {k}: {accuracy:.4} over {n} questions");
     }
     Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
-}
-
-#[derive(clap::Args)]
-pub struct TrainVqaArgs {
-    /// Dataset folder with train/ and val/ splits (VQA v2 questions + annotations, COCO instances).
-    #[arg(long)]
-    data: PathBuf,
-    #[arg(long)]
-    out: PathBuf,
-    #[arg(long, default_value_t = TrainConfig::default().epochs)]
-    epochs: usize,
-    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
-    batch_size: usize,
-    #[arg(long, default_value_t = TrainConfig::default().lr)]
-    lr: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Start the image encoder from this trained model folder's (e.g. models/captioner).
-    #[arg(long)]
-    encoder_from: Option<PathBuf>,
-    /// Keep that encoder fixed while training the rest.
-    #[arg(long, requires = "encoder_from")]
-    freeze_encoder: bool,
-    /// The encoder's own learning rate (default: --lr), for fine-tuning it more gently.
-    #[arg(long, conflicts_with = "freeze_encoder")]
-    encoder_lr: Option<f64>,
-    /// Leave out that encoder's units that are active at more than half of all positions of
-    /// the training images: units that fire over the background put a floor under every map.
-    #[arg(long, requires = "encoder_from")]
-    drop_background_units: bool,
-    #[arg(long)]
-    resume: bool,
-}
-
-pub fn train_vqa(args: TrainVqaArgs) -> anyhow::Result<ExitCode> {
-    let tc = TrainConfig {
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        lr: args.lr,
-        seed: args.seed,
-        encoder_from: args.encoder_from.clone(),
-        freeze_encoder: args.freeze_encoder,
-        encoder_lr: args.encoder_lr,
-        drop_background_units: args.drop_background_units,
-        ..Default::default()
-    };
-    let start = std::time::Instant::now();
-    let mut epoch_bar = EpochBar::default();
-    let ckpt = train(&args.data, &args.out, &tc, args.resume, &mut |e| match e {
-        Event::Start { epoch, steps } => epoch_bar.start(epoch, steps),
-        Event::Step { loss } => epoch_bar.step(loss),
-        Event::Epoch(log) => {
-            epoch_bar.finish();
-            eprintln!("epoch {:>2}: train loss {:.4}, val loss {:.4}, val accuracy {:.3} ({:.0} s)", log.epoch, log.train_loss, log.val_loss, log.val_accuracy, log.seconds);
-        }
-    })?;
-    let minutes = start.elapsed().as_secs_f64() / 60.0;
-    eprintln!("trained {} epochs in {minutes:.1} min; model in {}", ckpt.epochs_done, args.out.display());
-    let b = bar(0, "test questions");
-    let metrics = gradcam_vqa::card::write(&args.data, &args.out, &tc, &ckpt, minutes, &|i, n| {
-        b.set_length(n as u64);
-        b.set_position(i as u64)
-    })?;
-    b.finish_and_clear();
-    if let Some(m) = &metrics {
-        eprintln!("test: VQA accuracy {:.3}, pointing {:.3} (centre {:.3})", m.overall.accuracy, m.pointing.accuracy(), m.pointing.centre_accuracy());
-    }
-    Ok(ExitCode::SUCCESS)
 }

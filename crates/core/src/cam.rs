@@ -290,3 +290,125 @@ pub(crate) fn target_scores(output: &Tensor, requests: &[Request<'_>]) -> Result
     }
     Ok((score_values, total))
 }
+
+
+#[cfg(test)]
+mod tests {
+    //! dy/dA through the pipeline: Grad-CAM's weights against finite differences of the head, and
+    //! one backward for many targets and images against one each.
+
+    use candle_core::{Device, Tensor};
+    use gradcam_kernels::{Activation, Conv2d, Linear, MaxPool2d, Padding};
+
+    use super::*;
+    use crate::Target;
+
+    /// `shape` filled from a multiplicative congruential stream in [-1, 1), with no two values
+    /// alike (so that max-pool windows have one winner).
+    fn tensor(shape: &[usize], seed: u64) -> Tensor {
+        let mut s = seed.wrapping_add(1).wrapping_mul(6364136223846793005);
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|i| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0 + i as f32 * 1e-6
+        }).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    /// A small CNN split after its first convolution: the head is conv -> relu -> max-pool -> linear.
+    struct Tiny {
+        conv1: Conv2d,
+        conv2: Conv2d,
+        fc: Linear,
+    }
+
+    impl Tiny {
+        fn new() -> Self {
+            Tiny {
+                conv1: Conv2d::new(&tensor(&[6, 3, 3, 3], 41), Some(&tensor(&[6], 42)), 1, 1, Padding::Symmetric(1), Activation::Relu).unwrap(),
+                conv2: Conv2d::new(&tensor(&[5, 6, 3, 3], 43), Some(&tensor(&[5], 44)), 1, 1, Padding::Same, Activation::Relu6).unwrap(),
+                fc: Linear::new(&tensor(&[4, 5 * 4 * 4], 45), Some(&tensor(&[4], 46)), Activation::Identity).unwrap(),
+            }
+        }
+    }
+
+    impl Explainable for Tiny {
+        fn features(&self, input: &Tensor) -> crate::Result<Tensor> {
+            Ok(self.conv1.forward(input)?)
+        }
+        fn head(&self, a: &Tensor) -> crate::Result<Tensor> {
+            let h = self.conv2.forward(a)?;
+            let h = MaxPool2d { kernel: 2, stride: 2, padding: 0 }.forward(&h)?;
+            Ok(self.fc.forward(&h.flatten_from(1)?)?)
+        }
+    }
+
+    #[test]
+    fn grad_cam_gradient_matches_finite_differences_on_a_small_model() {
+        let model = Tiny::new();
+        let input = tensor(&[1, 3, 8, 8], 47);
+        let a = model.features(&input).unwrap(); // [1, 6, 8, 8]
+        let target = Target::class(2);
+        let r = explain(&model, &a, &[Request { image: 0, target: &target }], &GradCam).unwrap();
+        // alpha_k is the spatial mean of dy/dA^k: compare it with finite differences of y.
+        let base = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = |v: &[f32]| -> f64 {
+            let t = Tensor::from_vec(v.to_vec(), a.dims(), &Device::Cpu).unwrap();
+            model.head(&t).unwrap().get(0).unwrap().get(2).unwrap().to_scalar::<f32>().unwrap() as f64
+        };
+        let eps = 1e-2;
+        for k in 0..6 {
+            let mut mean = 0.0;
+            for i in 0..64 {
+                let (mut p, mut m) = (base.clone(), base.clone());
+                p[k * 64 + i] += eps;
+                m[k * 64 + i] -= eps;
+                mean += (y(&p) - y(&m)) / (2.0 * eps as f64) / 64.0;
+            }
+            assert!((mean - r[0].weights.as_deref().unwrap()[k] as f64).abs() < 2e-3, "alpha_{k}: {} vs finite differences {mean}", r[0].weights.as_deref().unwrap()[k]);
+        }
+        // And the map is ReLU(sum_k alpha_k A^k).
+        let acts = a.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+        for (i, &v) in r[0].cam().data.iter().enumerate() {
+            let s: f32 = (0..6).map(|k| r[0].weights.as_deref().unwrap()[k] * acts[k][i / 8][i % 8]).sum();
+            assert!((v - s.max(0.0)).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn several_targets_and_images_in_one_backward_equal_separate_ones() {
+        let model = Tiny::new();
+        let input = Tensor::cat(&[tensor(&[1, 3, 8, 8], 51), tensor(&[1, 3, 8, 8], 52)], 0).unwrap();
+        let a = model.features(&input).unwrap(); // [2, 6, 8, 8]
+        let t0 = Target::class(0);
+        let t3 = Target::class(3);
+        let c3 = Target::class(3).counterfactual();
+        let targets: [(usize, &Target); 4] = [(0, &t0), (1, &t3), (0, &t3), (1, &c3)];
+        let requests: Vec<Request> = targets.iter().map(|&(image, target)| Request { image, target }).collect();
+        let together = explain(&model, &a, &requests, &GradCam).unwrap();
+        for (i, &(image, target)) in targets.iter().enumerate() {
+            let single = explain(&model, &a.narrow(0, image, 1).unwrap(), &[Request { image: 0, target }], &GradCam).unwrap();
+            assert_eq!(together[i].weights.as_deref().unwrap().len(), 6);
+            for (x, y) in together[i].weights.as_deref().unwrap().iter().zip(single[0].weights.as_deref().unwrap()) {
+                assert!((x - y).abs() < 1e-6);
+            }
+            assert_eq!(together[i].cam(), single[0].cam());
+        }
+        // The counterfactual's weights are the negated weights.
+        for (x, y) in together[3].weights.as_deref().unwrap().iter().zip(together[1].weights.as_deref().unwrap()) {
+            assert_eq!(*x, -*y);
+        }
+    }
+
+    #[test]
+    fn out_of_range_class_and_image_are_errors() {
+        let model = Tiny::new();
+        let a = model.features(&tensor(&[1, 3, 8, 8], 61)).unwrap();
+        let bad = Target::class(4);
+        let err = explain(&model, &a, &[Request { image: 0, target: &bad }], &GradCam).unwrap_err();
+        assert!(err.to_string().contains("class 4 is out of range"), "{err}");
+        let ok = Target::class(0);
+        let err = explain(&model, &a, &[Request { image: 1, target: &ok }], &GradCam).unwrap_err();
+        assert!(err.to_string().contains("image 1"), "{err}");
+    }
+}

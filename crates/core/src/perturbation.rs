@@ -25,15 +25,11 @@ impl Explainer for AblationCam {
 
     fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> Result<Vec<Explanation>> {
         let (model, activations, chunk, progress) = (cx.model, cx.activations, self.chunk, cx.progress);
-        let (batch, k, h, w) = activations.dims4()?;
+        let (_, k, h, w) = activations.dims4()?;
         let plane = h * w;
         let mut results = Vec::with_capacity(requests.len());
         for r in requests {
-            if r.image >= batch {
-                return Err(Error::ImageOutOfRange { image: r.image, batch });
-            }
-            let a = activations.get(r.image)?.contiguous()?; // [K, h, w]
-            let values = a.flatten_all()?.to_vec1::<f32>()?;
+            let (a, values) = image_activations(activations, r)?;
             let y = score_rows(&model.head(&a.unsqueeze(0)?)?, r.target)?[0];
             if !y.is_finite() {
                 return Err(Error::NonFiniteScore { value: y });
@@ -59,6 +55,17 @@ impl Explainer for AblationCam {
         }
         Ok(results)
     }
+}
+
+/// The request's image's activations `[K, h, w]` and their values.
+fn image_activations(activations: &Tensor, r: &Request<'_>) -> Result<(Tensor, Vec<f32>)> {
+    let batch = activations.dim(0)?;
+    if r.image >= batch {
+        return Err(Error::ImageOutOfRange { image: r.image, batch });
+    }
+    let a = activations.get(r.image)?.contiguous()?;
+    let values = a.flatten_all()?.to_vec1::<f32>()?;
+    Ok((a, values))
 }
 
 /// The target's score of every row of a head output.
@@ -96,16 +103,12 @@ impl Explainer for ScoreCam {
 
     fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> Result<Vec<Explanation>> {
         let (model, input, activations, chunk, progress) = (cx.model, cx.input, cx.activations, self.chunk, cx.progress);
-        let (batch, k, h, w) = activations.dims4()?;
+        let (_, k, h, w) = activations.dims4()?;
         let (_, c, ih, iw) = input.dims4()?;
         let plane = h * w;
         let mut results = Vec::with_capacity(requests.len());
         for r in requests {
-            if r.image >= batch {
-                return Err(Error::ImageOutOfRange { image: r.image, batch });
-            }
-            let a = activations.get(r.image)?.contiguous()?; // [K, h, w]
-            let values = a.flatten_all()?.to_vec1::<f32>()?;
+            let (a, values) = image_activations(activations, r)?;
             let x = input.get(r.image)?.flatten_all()?.to_vec1::<f32>()?; // [C * ih * iw]
             let masks: Vec<Option<Vec<f32>>> = (0..k)
                 .map(|ch| {

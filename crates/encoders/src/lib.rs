@@ -68,6 +68,8 @@ pub enum Error {
     Onnx(String),
     #[error(transparent)]
     Write(#[from] gradcam_io::Error),
+    #[error("model: {}: {problem}", file.display())]
+    Config { file: PathBuf, problem: String },
 }
 
 impl Error {

@@ -295,3 +295,20 @@ pub fn prune_tensors(tensors: &std::collections::HashMap<String, Tensor>, keep: 
 pub fn image_vector(a: &Tensor, pooling: Pooling, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     Ok(pooling.forward(a)?.matmul(&weight.t()?)?.broadcast_add(bias)?)
 }
+
+/// Reads the `config.json` of a model folder built on the scene CNN (the captioner's, the VQA
+/// model's) as `T`, and checks what the encoder needs of it: `spec` gives its encoder name, which
+/// must be `scene-cnn`, and its image side, one of [`IMAGE_SIZES`].
+pub fn read_config<T: serde::de::DeserializeOwned>(path: &std::path::Path, spec: impl Fn(&T) -> (&str, u32)) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Io { path: path.to_path_buf(), source })?;
+    let bad = |problem: String| crate::Error::Config { file: path.to_path_buf(), problem };
+    let cfg: T = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let (encoder, image_size) = spec(&cfg);
+    if !IMAGE_SIZES.contains(&(image_size as u64)) {
+        return Err(bad(format!("image_size {image_size} is outside {IMAGE_SIZES:?} pixels")));
+    }
+    if encoder != "scene-cnn" {
+        return Err(bad(format!("encoder {encoder:?} is not supported; use \"scene-cnn\"")));
+    }
+    Ok(cfg)
+}

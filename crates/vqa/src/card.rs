@@ -9,7 +9,7 @@ use crate::{Config, Error, Result, Vqa};
 
 /// The command that trains this model again.
 pub fn command(data: &Path, out: &Path, tc: &TrainConfig) -> String {
-    let mut command = format!("gradcam train vqa --data {} --out {} --epochs {} --batch-size {} --lr {} --seed {}", data.display(), out.display(), tc.epochs, tc.batch_size, tc.lr, tc.seed);
+    let mut command = format!("gradcam train vqa --data {} --out {} --epochs {} --batch-size {} --lr {} --seed {}", data.display(), out.display(), tc.settings.epochs, tc.settings.batch_size, tc.settings.lr, tc.settings.seed);
     if let Some(dir) = &tc.encoder_from {
         command.push_str(&format!(" --encoder-from {}", dir.display()));
     }
@@ -71,7 +71,7 @@ fn card(command: &str, cfg: &Config, ckpt: &Checkpoint, minutes: f64, metrics: O
         ));
     }
     if ckpt.train.drop_background_units {
-        let units: Vec<String> = ckpt.dropped_units.iter().map(|(u, share)| format!("unit {u}, active at {:.1}% of positions", 100.0 * share)).collect();
+        let units: Vec<String> = ckpt.extra.dropped_units.iter().map(|(u, share)| format!("unit {u}, active at {:.1}% of positions", 100.0 * share)).collect();
         s.push_str(&format!(
             "Left out of that encoder: the units active at more than {:.0}% of the `conv4` positions of the first {} training images, which fire over the background ({}). ",
             100.0 * crate::train::BACKGROUND_SHARE,
@@ -83,11 +83,11 @@ fn card(command: &str, cfg: &Config, ckpt: &Checkpoint, minutes: f64, metrics: O
     s.push_str(&format!("## Training\n\nData: `{}` (VQA v2 questions + annotations, COCO instances).\n\n```sh\n{command}\n```\n\n", data.display()));
     s.push_str(&format!(
         "AdamW (lr {}, weight decay {}, cosine decay), batch {} images with all their questions, seed {}; {} epochs in {minutes:.1} min on a 2-core CPU.\n\n",
-        ckpt.train.lr, ckpt.train.weight_decay, ckpt.train.batch_size, ckpt.train.seed, ckpt.epochs_done
+        ckpt.train.settings.lr, ckpt.train.settings.weight_decay, ckpt.train.settings.batch_size, ckpt.train.settings.seed, ckpt.epochs_done
     ));
     s.push_str("| epoch | train loss | val loss | val accuracy | seconds |\n|---|---|---|---|---|\n");
     for l in &ckpt.log {
-        s.push_str(&format!("| {} | {:.4} | {:.4} | {:.3} | {:.0} |\n", l.epoch, l.train_loss, l.val_loss, l.val_accuracy, l.seconds));
+        s.push_str(&format!("| {} | {:.4} | {:.4} | {:.3} | {:.0} |\n", l.epoch, l.train_loss, l.val_loss, l.metrics.val_accuracy, l.seconds));
     }
     if let Some(m) = metrics {
         s.push_str(&format!("\n## Test metrics ({} questions)\n\n| question type | questions | VQA accuracy |\n|---|---|---|\n", m.overall.questions));

@@ -164,15 +164,7 @@ pub struct Vqa {
 impl Vqa {
     /// Loads `dir/{config.json, model.safetensors, tokenizer.json}`.
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-        let cfg: Config = serde_json::from_str(&text).map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
-        if !scene_cnn::IMAGE_SIZES.contains(&(cfg.image_size as u64)) {
-            return Err(Error::Model(format!("{}: image_size {} is outside {:?} pixels", path.display(), cfg.image_size, scene_cnn::IMAGE_SIZES)));
-        }
-        if cfg.encoder != "scene-cnn" {
-            return Err(Error::Model(format!("{}: encoder {:?} is not supported; use \"scene-cnn\"", path.display(), cfg.encoder)));
-        }
+        let cfg: Config = scene_cnn::read_config(&dir.join("config.json"), |c: &Config| (c.encoder.as_str(), c.image_size))?;
         let vocab = Vocab::load(&dir.join("tokenizer.json"))?;
         let vb = scene_cnn::model_weights(dir)?;
         Self::from_varbuilder(cfg, vocab, vb).map_err(|e| Error::Model(format!("{}: {e}", dir.join("model.safetensors").display())))
@@ -211,11 +203,6 @@ impl Vqa {
     /// from config.json).
     pub fn features(&self, images: &Tensor) -> Result<Tensor> {
         Ok(self.cnn.forward(images)?)
-    }
-
-    /// [`Self::features`] with the backward of the CNN's ReLUs following `rule`.
-    pub fn features_with(&self, images: &Tensor, rule: Rule) -> Result<Tensor> {
-        Ok(self.cnn.forward_with(images, rule)?)
     }
 
     /// Tokenises a question: punctuation separated, unknown words kept as `<unk>` (and listed),
@@ -293,7 +280,7 @@ impl Explainable for VqaSplit<'_> {
     }
 
     fn forward_with(&self, input: &Tensor, rule: Rule) -> gradcam_core::Result<Tensor> {
-        let a = self.model.features_with(input, rule).map_err(Error::into_core)?;
+        let a = self.model.cnn.forward_with(input, rule).map_err(|e| Error::from(e).into_core())?;
         self.model.logits_with(&a, &self.question, rule).map_err(Error::into_core)
     }
 }

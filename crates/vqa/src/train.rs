@@ -5,12 +5,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
 use gradcam_encoders::scene_cnn::init_parameters;
-use gradcam_scenes::scene::Rng;
 use gradcam_scenes::vocab::{normalize, Vocab};
 use gradcam_scenes::Split;
+pub use gradcam_train::Settings;
+use gradcam_train::{Accuracy, Group};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Config, Trainable};
@@ -18,12 +19,9 @@ use crate::{Error, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainConfig {
-    pub epochs: usize,
-    /// Images per step; each brings all its questions.
-    pub batch_size: usize,
-    pub lr: f64,
-    pub weight_decay: f64,
-    pub seed: u64,
+    /// Epochs, learning rate, seed...; a batch is of images, each with all its questions.
+    #[serde(flatten)]
+    pub settings: Settings,
     /// Start the image encoder from this trained model folder's (a captioner's, say) instead of
     /// random values: transfer learning, as the paper's VQA models start from ImageNet CNNs.
     #[serde(default)]
@@ -52,14 +50,26 @@ pub const SCANNED_IMAGES: usize = 2000;
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { epochs: 10, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0, encoder_from: None, freeze_encoder: false, encoder_lr: None, drop_background_units: false }
+        let settings = Settings { epochs: 10, batch_size: 32, lr: 2e-3, weight_decay: 1e-4, seed: 0 };
+        TrainConfig { settings, encoder_from: None, freeze_encoder: false, encoder_lr: None, drop_background_units: false }
     }
 }
+
+impl TrainConfig {
+    /// Refuses settings that cannot train: the shared ones out of range (see
+    /// [`Settings::check`]) and an encoder learning rate that is not one.
+    pub fn check(&self) -> Result<()> {
+        self.settings.check()?;
+        Ok(self.encoder_lr.map_or(Ok(()), |lr| gradcam_train::learning_rate("encoder_lr", lr))?)
+    }
+}
+
+gradcam_train::settings_field!(TrainConfig);
 
 /// Makes `cfg`'s encoder the one of the trained model folder `dir` (checking the input size and
 /// taking its coordinate channels and width).
 fn match_encoder(cfg: &mut Config, dir: &Path) -> Result<()> {
-    let spec = gradcam_encoders::scene_cnn::EncoderSpec::read(dir).map_err(|e| Error::Training(e.to_string()))?;
+    let spec = gradcam_encoders::scene_cnn::EncoderSpec::read(dir)?;
     if spec.image_size != cfg.image_size {
         return Err(Error::Training(format!("{}: image_size {} differs from this model's {}", dir.join("config.json").display(), spec.image_size, cfg.image_size)));
     }
@@ -93,28 +103,16 @@ fn load_encoder_weights(varmap: &VarMap, dir: &Path, keep: Option<&[u32]>) -> Re
     Ok(())
 }
 
-pub enum Event<'a> {
-    Start { epoch: usize, steps: usize },
-    Step { loss: f32 },
-    Epoch(&'a EpochLog),
-}
+/// What the progress callback hears.
+pub type Event<'a> = gradcam_train::Event<'a, Accuracy>;
+/// One epoch's record (top-1 accuracy on the validation questions).
+pub type EpochLog = gradcam_train::EpochLog<Accuracy>;
+/// `checkpoint.json`: how far training got, to resume from.
+pub type Checkpoint = gradcam_train::Checkpoint<TrainConfig, Accuracy, Extra>;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EpochLog {
-    pub epoch: usize,
-    pub train_loss: f32,
-    pub val_loss: f32,
-    /// Top-1 accuracy on the validation questions.
-    pub val_accuracy: f64,
-    pub seconds: f64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Checkpoint {
-    pub train: TrainConfig,
-    pub data: PathBuf,
-    pub epochs_done: usize,
-    pub log: Vec<EpochLog>,
+/// What `checkpoint.json` holds beyond the shared fields.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Extra {
     /// With `drop_background_units`: the loaded encoder's units left out, and each one's share
     /// of active positions.
     #[serde(default)]
@@ -127,7 +125,7 @@ fn active_shares(cnn: &gradcam_encoders::scene_cnn::SceneCnn, data: &Data, limit
     let mut active: Option<Tensor> = None;
     let mut positions = 0usize;
     for chunk in ids.chunks(64) {
-        let a = cnn.forward(&data.images(chunk)?).map_err(|e| Error::Training(e.to_string()))?; // [b, C, h, w]
+        let a = cnn.forward(&data.images(chunk)?)?; // [b, C, h, w]
         let (b, _, h, w) = a.dims4()?;
         positions += b * h * w;
         let on = a.gt(0.0)?.to_dtype(DType::F32)?.sum((0, 2, 3))?;
@@ -222,20 +220,17 @@ fn loss(model: &Trainable, b: &[Tensor; 5]) -> Result<(Tensor, usize, usize)> {
 /// Trains on `data/train`, validating on `data/val`, writing config.json, tokenizer.json,
 /// model.safetensors and checkpoint.json into `out` after every epoch.
 pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: &mut dyn FnMut(Event)) -> Result<Checkpoint> {
-    let lr_ok = |lr: f64| lr > 0.0 && lr <= 10.0;
-    if !lr_ok(tc.lr) || tc.encoder_lr.is_some_and(|lr| !lr_ok(lr)) || tc.epochs == 0 || tc.batch_size == 0 {
-        return Err(Error::Training(format!("--lr {} / --encoder-lr {:?}: give learning rates above 0 and at most 10; --epochs and --batch-size at least 1", tc.lr, tc.encoder_lr)));
-    }
+    tc.check()?;
     std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
     let train_split = Split::read(&data.join("train"))?;
     let val_split = Split::read(&data.join("val"))?;
     let vqa = train_split.vqa.as_ref().ok_or_else(|| Error::Training(format!("{} has no questions.json", data.join("train").display())))?;
-    let ckpt_path = out.join("checkpoint.json");
-    let resuming = resume && ckpt_path.exists();
-    let (mut cfg, vocab, mut ckpt) = if resuming {
-        let read = |p: PathBuf| std::fs::read_to_string(&p).map_err(|source| Error::Io { path: p, source });
-        let ckpt: Checkpoint = serde_json::from_str(&read(ckpt_path.clone())?).map_err(|e| Error::Training(e.to_string()))?;
-        let cfg: Config = serde_json::from_str(&read(out.join("config.json"))?).map_err(|e| Error::Training(e.to_string()))?;
+    let resumed = if resume { Checkpoint::resume(out, tc.settings.epochs)? } else { None };
+    let resuming = resumed.is_some();
+    let (mut cfg, vocab, mut ckpt) = if let Some(ckpt) = resumed {
+        let path = out.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        let cfg: Config = serde_json::from_str(&text).map_err(|source| gradcam_train::Error::Json { path, source })?;
         (cfg, Vocab::load(&out.join("tokenizer.json"))?, ckpt)
     } else {
         let texts: Vec<String> = vqa.questions.iter().map(|q| normalize(&q.question)).collect();
@@ -248,9 +243,8 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         let mut answers: Vec<(&str, usize)> = counts.into_iter().collect();
         answers.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(y.0)));
         let cfg = Config::new(vocab.len(), answers.into_iter().map(|(a, _)| a.to_string()).collect());
-        (cfg, vocab, Checkpoint { train: tc.clone(), data: data.to_path_buf(), epochs_done: 0, log: Vec::new(), dropped_units: Vec::new() })
+        (cfg, vocab, Checkpoint::new(tc.clone(), data, Extra::default()))
     };
-    ckpt.train.epochs = tc.epochs;
     if ckpt.train.freeze_encoder && ckpt.train.encoder_lr.is_some() {
         return Err(Error::Training("a frozen encoder has no learning rate (encoder_lr with freeze_encoder)".into()));
     }
@@ -267,7 +261,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
     if let (false, Some(dir)) = (resuming, &ckpt.train.encoder_from) {
         match_encoder(&mut cfg, dir)?;
         if ckpt.train.drop_background_units {
-            let (cnn, _) = gradcam_encoders::scene_cnn::load_encoder(dir).map_err(|e| Error::Training(e.to_string()))?;
+            let (cnn, _) = gradcam_encoders::scene_cnn::load_encoder(dir)?;
             let shares = active_shares(&cnn, &train_data, SCANNED_IMAGES)?;
             let (kept, dropped): (Vec<(u32, f64)>, Vec<(u32, f64)>) = (0u32..).zip(shares).partition(|&(_, s)| s <= BACKGROUND_SHARE);
             if kept.is_empty() {
@@ -275,80 +269,83 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
             }
             cfg.channels = kept.len();
             keep = Some(kept.into_iter().map(|(u, _)| u).collect::<Vec<u32>>());
-            ckpt.dropped_units = dropped;
+            ckpt.extra.dropped_units = dropped;
         }
     }
     let model = Trainable::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), ckpt.train.freeze_encoder)?;
     if resuming {
         varmap.load(out.join("model.safetensors"))?;
     } else {
-        init_parameters(&varmap, ckpt.train.seed)?;
+        init_parameters(&varmap, ckpt.train.settings.seed)?;
         if let Some(dir) = &ckpt.train.encoder_from {
             load_encoder_weights(&varmap, dir, keep.as_deref())?;
         }
         vocab.save(&out.join("tokenizer.json"))?;
-        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Training(e.to_string()))?;
-        gradcam_io::write_atomic(&out.join("config.json"), text.as_bytes())?;
+        let path = out.join("config.json");
+        let text = serde_json::to_string_pretty(&cfg).map_err(|source| gradcam_train::Error::Json { path: path.clone(), source })?;
+        gradcam_io::write_atomic(&path, text.as_bytes())?;
     }
-    // The encoder's parameters (unless frozen) and the rest, each sorted by name.
-    let (encoder_vars, head_vars): (Vec<candle_core::Var>, Vec<candle_core::Var>) = {
-        let data = varmap.data().lock().map_err(|_| Error::Training("parameter map poisoned".into()))?;
-        let mut named: Vec<(&String, &candle_core::Var)> = data.iter().filter(|(n, _)| !(ckpt.train.freeze_encoder && n.starts_with("encoder."))).collect();
-        named.sort_by(|a, b| a.0.cmp(b.0));
-        let (enc, head): (Vec<_>, Vec<_>) = named.into_iter().partition(|(n, _)| ckpt.train.encoder_lr.is_some() && n.starts_with("encoder."));
-        (enc.into_iter().map(|(_, v)| v.clone()).collect(), head.into_iter().map(|(_, v)| v.clone()).collect())
-    };
-    let adamw = |vars: Vec<candle_core::Var>, lr: f64| AdamW::new(vars, ParamsAdamW { lr, weight_decay: ckpt.train.weight_decay, ..Default::default() });
-    let mut opt = adamw(head_vars, ckpt.train.lr)?;
-    let encoder_lr = ckpt.train.encoder_lr.unwrap_or(ckpt.train.lr);
-    let mut encoder_opt = adamw(encoder_vars, encoder_lr)?;
-    let (bs, na) = (ckpt.train.batch_size.max(1), cfg.answers.len());
-    for epoch in ckpt.epochs_done..tc.epochs {
-        let start = std::time::Instant::now();
-        let mut order: Vec<usize> = (0..train_data.questions.len()).collect();
-        Rng::new(ckpt.train.seed ^ (epoch as u64 + 1).wrapping_mul(0x9e37_79b9)).shuffle(&mut order);
-        let decay = 0.5 * (1.0 + (std::f64::consts::PI * epoch as f64 / tc.epochs as f64).cos());
-        opt.set_learning_rate(ckpt.train.lr * decay);
-        encoder_opt.set_learning_rate(encoder_lr * decay);
-        let steps = order.len().div_ceil(bs);
-        progress(Event::Start { epoch, steps });
-        let mut total = 0.0;
-        for chunk in order.chunks(bs) {
-            let (l, _, _) = loss(&model, &train_data.batch(chunk, na)?)?;
-            let grads = l.backward()?;
-            opt.step(&grads)?;
-            encoder_opt.step(&grads)?;
-            let l = l.to_scalar::<f32>()?;
-            if !l.is_finite() {
-                return Err(Error::Training(format!("the loss became {l} in epoch {epoch}; try a lower --lr")));
-            }
-            total += l;
-            progress(Event::Step { loss: l });
-        }
-        let ids: Vec<usize> = (0..val_data.questions.len()).collect();
+    let answers = cfg.answers.len();
+    let mut run = Run { model, varmap, tc: ckpt.train.clone(), train: train_data, val: val_data, answers, tally: (0, 0) };
+    gradcam_train::fit(&mut run, &mut ckpt, out, progress)?;
+    Ok(ckpt)
+}
+
+/// A VQA model being trained, as the training loop sees it.
+struct Run {
+    model: Trainable,
+    varmap: VarMap,
+    tc: TrainConfig,
+    train: Data,
+    val: Data,
+    answers: usize,
+    /// Correct answers and answered questions of the last validation.
+    tally: (usize, usize),
+}
+
+impl gradcam_train::Trainable for Run {
+    type Metrics = Accuracy;
+    type Extra = Extra;
+    type Error = Error;
+
+    fn loss(&mut self, ids: &[usize]) -> Result<Tensor> {
+        Ok(loss(&self.model, &self.train.batch(ids, self.answers)?)?.0)
+    }
+
+    fn validate(&mut self, batch_size: usize) -> Result<f32> {
+        let ids: Vec<usize> = (0..self.val.questions.len()).collect();
         let (mut vl, mut correct, mut count) = (0.0, 0, 0);
-        for chunk in ids.chunks(bs) {
-            let (l, c, n) = loss(&model, &val_data.batch(chunk, na)?)?;
+        for chunk in ids.chunks(batch_size) {
+            let (l, c, n) = loss(&self.model, &self.val.batch(chunk, self.answers)?)?;
             vl += l.to_scalar::<f32>()? * n as f32;
             correct += c;
             count += n;
         }
-        // A step can make the weights non-finite after the last finite loss: never save them.
-        if !vl.is_finite() {
-            return Err(Error::Training(format!("the validation loss became {vl} in epoch {epoch}; nothing of this epoch saved; try a lower --lr")));
-        }
-        gradcam_encoders::scene_cnn::save_parameters(&varmap, &out.join("model.safetensors"))?;
-        ckpt.epochs_done = epoch + 1;
-        ckpt.log.push(EpochLog {
-            epoch,
-            train_loss: total / steps as f32,
-            val_loss: vl / count.max(1) as f32,
-            val_accuracy: correct as f64 / count.max(1) as f64,
-            seconds: start.elapsed().as_secs_f64(),
-        });
-        let text = serde_json::to_string_pretty(&ckpt).map_err(|e| Error::Training(e.to_string()))?;
-        gradcam_io::write_atomic(&ckpt_path, text.as_bytes())?;
-        progress(Event::Epoch(ckpt.log.last().expect("just pushed")));
+        self.tally = (correct, count);
+        Ok(vl / count.max(1) as f32)
     }
-    Ok(ckpt)
+
+    fn metrics(&mut self) -> Result<Accuracy> {
+        let (correct, count) = self.tally;
+        Ok(Accuracy { val_accuracy: correct as f64 / count.max(1) as f64 })
+    }
+
+    fn examples(&self) -> usize {
+        self.train.questions.len()
+    }
+
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    /// The encoder's parameters (unless frozen) at `encoder_lr` and the rest at `lr`, each
+    /// sorted by name.
+    fn groups(&self, settings: &Settings) -> Result<Vec<Group>> {
+        let data = self.varmap.data().lock().map_err(|_| Error::Training("parameter map poisoned".into()))?;
+        let mut named: Vec<(&String, &Var)> = data.iter().filter(|(n, _)| !(self.tc.freeze_encoder && n.starts_with("encoder."))).collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        let (enc, head): (Vec<_>, Vec<_>) = named.into_iter().partition(|(n, _)| self.tc.encoder_lr.is_some() && n.starts_with("encoder."));
+        let vars = |named: Vec<(&String, &Var)>| named.into_iter().map(|(_, v)| v.clone()).collect();
+        Ok(vec![Group { vars: vars(head), lr: settings.lr }, Group { vars: vars(enc), lr: self.tc.encoder_lr.unwrap_or(settings.lr) }])
+    }
 }

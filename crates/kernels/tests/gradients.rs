@@ -1,9 +1,7 @@
-//! Finite-difference checks of every backward we differentiate, and of dy/dA through the
-//! gradient-capture pipeline.
+//! Finite-difference checks of every backward of the ops, and their forwards against candle's.
 
 use candle_core::{Device, Tensor, Var};
 use gradcam_kernels::{Activation, AdaptiveAvgPool2d, Conv2d, Linear, MaxPool2d, Padding, Pointwise};
-use gradcam_core::{explain, Explainable, GradCam, Request, Target};
 
 /// Deterministic values in [-1, 1) with no ties (so max-pool has a unique maximum).
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -286,103 +284,6 @@ fn adaptive_avg_pool_gradient_matches_finite_differences() {
     let x = tensor(&[1, 2, 9, 10], 31);
     let pool = AdaptiveAvgPool2d { out_h: 7, out_w: 7 };
     check_gradient("adaptive avg pool 9x10 -> 7x7", &x, |x| pool.forward(x));
-}
-
-/// A small CNN split after its first convolution: the head is conv -> relu -> max-pool -> linear.
-struct Tiny {
-    conv1: Conv2d,
-    conv2: Conv2d,
-    fc: Linear,
-}
-
-impl Tiny {
-    fn new() -> Self {
-        Tiny {
-            conv1: Conv2d::new(&tensor(&[6, 3, 3, 3], 41), Some(&tensor(&[6], 42)), 1, 1, Padding::Symmetric(1), Activation::Relu).unwrap(),
-            conv2: Conv2d::new(&tensor(&[5, 6, 3, 3], 43), Some(&tensor(&[5], 44)), 1, 1, Padding::Same, Activation::Relu6).unwrap(),
-            fc: Linear::new(&tensor(&[4, 5 * 4 * 4], 45), Some(&tensor(&[4], 46)), Activation::Identity).unwrap(),
-        }
-    }
-}
-
-impl Explainable for Tiny {
-    fn features(&self, input: &Tensor) -> gradcam_core::Result<Tensor> {
-        Ok(self.conv1.forward(input)?)
-    }
-    fn head(&self, a: &Tensor) -> gradcam_core::Result<Tensor> {
-        let h = self.conv2.forward(a)?;
-        let h = MaxPool2d { kernel: 2, stride: 2, padding: 0 }.forward(&h)?;
-        Ok(self.fc.forward(&h.flatten_from(1)?)?)
-    }
-}
-
-#[test]
-fn grad_cam_gradient_matches_finite_differences_on_a_small_model() {
-    let model = Tiny::new();
-    let input = tensor(&[1, 3, 8, 8], 47);
-    let a = model.features(&input).unwrap(); // [1, 6, 8, 8]
-    let target = Target::class(2);
-    let r = explain(&model, &a, &[Request { image: 0, target: &target }], &GradCam).unwrap();
-    // alpha_k is the spatial mean of dy/dA^k: compare it with finite differences of y.
-    let base = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let y = |v: &[f32]| -> f64 {
-        let t = Tensor::from_vec(v.to_vec(), a.dims(), &Device::Cpu).unwrap();
-        model.head(&t).unwrap().get(0).unwrap().get(2).unwrap().to_scalar::<f32>().unwrap() as f64
-    };
-    let eps = 1e-2;
-    for k in 0..6 {
-        let mut mean = 0.0;
-        for i in 0..64 {
-            let (mut p, mut m) = (base.clone(), base.clone());
-            p[k * 64 + i] += eps;
-            m[k * 64 + i] -= eps;
-            mean += (y(&p) - y(&m)) / (2.0 * eps as f64) / 64.0;
-        }
-        assert!((mean - r[0].weights.as_deref().unwrap()[k] as f64).abs() < 2e-3, "alpha_{k}: {} vs finite differences {mean}", r[0].weights.as_deref().unwrap()[k]);
-    }
-    // And the map is ReLU(sum_k alpha_k A^k).
-    let acts = a.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
-    for (i, &v) in r[0].cam().data.iter().enumerate() {
-        let s: f32 = (0..6).map(|k| r[0].weights.as_deref().unwrap()[k] * acts[k][i / 8][i % 8]).sum();
-        assert!((v - s.max(0.0)).abs() < 1e-5);
-    }
-}
-
-#[test]
-fn several_targets_and_images_in_one_backward_equal_separate_ones() {
-    let model = Tiny::new();
-    let input = Tensor::cat(&[tensor(&[1, 3, 8, 8], 51), tensor(&[1, 3, 8, 8], 52)], 0).unwrap();
-    let a = model.features(&input).unwrap(); // [2, 6, 8, 8]
-    let t0 = Target::class(0);
-    let t3 = Target::class(3);
-    let c3 = Target::class(3).counterfactual();
-    let targets: [(usize, &Target); 4] = [(0, &t0), (1, &t3), (0, &t3), (1, &c3)];
-    let requests: Vec<Request> = targets.iter().map(|&(image, target)| Request { image, target }).collect();
-    let together = explain(&model, &a, &requests, &GradCam).unwrap();
-    for (i, &(image, target)) in targets.iter().enumerate() {
-        let single = explain(&model, &a.narrow(0, image, 1).unwrap(), &[Request { image: 0, target }], &GradCam).unwrap();
-        assert_eq!(together[i].weights.as_deref().unwrap().len(), 6);
-        for (x, y) in together[i].weights.as_deref().unwrap().iter().zip(single[0].weights.as_deref().unwrap()) {
-            assert!((x - y).abs() < 1e-6);
-        }
-        assert_eq!(together[i].cam(), single[0].cam());
-    }
-    // The counterfactual's weights are the negated weights.
-    for (x, y) in together[3].weights.as_deref().unwrap().iter().zip(together[1].weights.as_deref().unwrap()) {
-        assert_eq!(*x, -*y);
-    }
-}
-
-#[test]
-fn out_of_range_class_and_image_are_errors() {
-    let model = Tiny::new();
-    let a = model.features(&tensor(&[1, 3, 8, 8], 61)).unwrap();
-    let bad = Target::class(4);
-    let err = explain(&model, &a, &[Request { image: 0, target: &bad }], &GradCam).unwrap_err();
-    assert!(err.to_string().contains("class 4 is out of range"), "{err}");
-    let ok = Target::class(0);
-    let err = explain(&model, &a, &[Request { image: 1, target: &ok }], &GradCam).unwrap_err();
-    assert!(err.to_string().contains("image 1"), "{err}");
 }
 
 #[test]

@@ -11,7 +11,10 @@ use gradcam_scenes::scene::{generate, COLORS, SHAPES};
 use gradcam_scenes::{Config, Split};
 use serde_json::{json, Value};
 
-use crate::repo;
+/// A file of the repository (the committed ShapeScenes sample and the pycocotools fixtures).
+fn repo(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
+}
 
 fn make(dir: &Path, n: usize, seed: u64) -> Config {
     let cfg = Config { n, seed, fractions: [0.6, 0.2, 0.2], size: 64, bias: None };
