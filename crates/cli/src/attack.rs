@@ -6,6 +6,7 @@ use std::{path::PathBuf, process::ExitCode};
 use gradcam::pipeline::attack::{attack, Options};
 use gradcam_encoders::preprocess::Resize;
 
+use crate::common::OutputArgs;
 use crate::progress::each_image;
 use crate::ModelArgs;
 
@@ -44,12 +45,8 @@ pub struct AttackArgs {
     /// center-crop, stretch or none (see `classify`). The adversarial PNG is the model's input.
     #[arg(long)]
     resize: Option<Resize>,
-    /// Folder for the adversarial PNGs and the maps.
-    #[arg(long, default_value = "gradcam-out")]
-    out: PathBuf,
-    /// Print one JSON object per image.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
@@ -57,9 +54,9 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     let (eps, steps, step_size, until, resize) = (args.eps, args.steps, args.step_size, args.until, args.resize.unwrap_or(net.default_resize()));
     let options = Options { class: args.class, target: args.target, eps, steps, step_size, until, resize };
     options.check(net.num_classes())?;
-    each_image(&args.images, (&args.out, args.json, None), |path, files, _| {
+    each_image(&args.images, (&args.output.out, args.output.json, None), |path, files, _| {
         let r = attack(&net, index, path, files, &options)?;
-        if r.rounding_undid > 0 && !args.json {
+        if r.rounding_undid > 0 && !args.output.json {
             eprintln!("note: {}: rounding to 8 bits undid the attack {} time(s); it went on from the rounded image", r.image, r.rounding_undid);
         }
         Ok(r)

@@ -12,7 +12,7 @@ use gradcam_neurons::{Dissection, UnitNames};
 use gradcam_scenes::Split;
 use gradcam_serve::html::View;
 
-use crate::common::{HtmlArg, MethodArgs};
+use crate::common::{HtmlArg, MethodArgs, OutputArgs};
 use crate::progress::{bar, each_image};
 
 /// The shipped model, relative to the repository (and to the binary's working directory).
@@ -32,12 +32,8 @@ pub struct CaptionArgs {
     /// Explain this caption instead of generating one.
     #[arg(long)]
     caption: Option<String>,
-    /// Folder for the per-word overlays and the strip.
-    #[arg(long, default_value = "gradcam-out")]
-    out: PathBuf,
-    /// One JSON object per image (JSON Lines).
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
     /// Evaluate on a split folder (captions.json + instances.json + images/) instead: exact
     /// match, BLEU-4 and the per-word pointing game, printed as JSON.
     #[arg(long)]
@@ -74,7 +70,7 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     }
     let names = dissection.as_ref().filter(|_| args.neurons).map(|d| UnitNames::Dissection(d));
     let options = Options { beam: args.beam, caption: args.caption.clone(), settings: args.methods.settings() };
-    each_image(&args.images, (&args.out, args.json, Some((&args.html, View::Caption))), |path, files, bar| {
+    each_image(&args.images, (&args.output.out, args.output.json, Some((&args.html, View::Caption))), |path, files, bar| {
         Ok(caption(&model, &load_image(path)?, &path.display().to_string(), files, &options, names.as_ref(), Some(bar))?)
     })
 }

@@ -7,7 +7,7 @@ use gradcam_encoders::{preprocess::{load_image, Resize}, ModelName};
 use gradcam_neurons::Dissection;
 use gradcam_serve::html::View;
 
-use crate::common::{HtmlArg, MethodArgs};
+use crate::common::{HtmlArg, MethodArgs, OutputArgs};
 use crate::progress::each_image;
 use crate::ModelArgs;
 
@@ -40,12 +40,8 @@ pub struct ClassifyArgs {
     /// folder (its images are the scenes it was trained on, whole).
     #[arg(long)]
     resize: Option<Resize>,
-    /// Folder for the overlay PNGs.
-    #[arg(long, default_value = "gradcam-out")]
-    out: PathBuf,
-    /// Print one JSON object per image (JSON Lines) instead of text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
     /// Add a textual explanation: the 5 units with the largest and the 5 with the smallest
     /// alpha_k, each named by the 3 classes it raises most through the rest of the network
     /// (ImageNet has no concept masks to dissect against); for a trained classifier folder with a
@@ -63,7 +59,7 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     let resize = args.resize.unwrap_or(net.default_resize());
     let options = Options { classes: args.classes.clone(), top_k: args.top_k, counterfactual: args.counterfactual, resize, neurons: args.neurons, dissection, settings: args.methods.settings() };
     options.check(&net)?;
-    each_image(&args.images, (&args.out, args.json, Some((&args.html, View::Classify))), |path, files, bar| {
+    each_image(&args.images, (&args.output.out, args.output.json, Some((&args.html, View::Classify))), |path, files, bar| {
         Ok(classify(&net, index, &load_image(path)?, &path.display().to_string(), files, &options, Some(bar))?)
     })
 }

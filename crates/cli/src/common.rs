@@ -33,6 +33,17 @@ impl MethodArgs {
 
 }
 
+/// Where an explaining command writes its pictures, and how it prints its records.
+#[derive(clap::Args)]
+pub struct OutputArgs {
+    /// Folder for the pictures (overlays, strips, adversarial images).
+    #[arg(long, default_value = "gradcam-out")]
+    pub out: std::path::PathBuf,
+    /// Print one JSON object per image or question (JSON Lines) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `--html FILE`: the explorer's view of each result as one self-contained page.
 #[derive(clap::Args, Default)]
 pub struct HtmlArg {

@@ -13,7 +13,7 @@ use gradcam_scenes::Split;
 use gradcam_vqa::eval::evaluate;
 use gradcam_vqa::Vqa;
 
-use crate::common::{print, HtmlArg, MethodArgs};
+use crate::common::{print, HtmlArg, MethodArgs, OutputArgs};
 use gradcam_serve::html::View;
 use crate::progress::bar;
 
@@ -37,11 +37,8 @@ pub struct VqaArgs {
     /// How many answers to list.
     #[arg(long, default_value_t = 3)]
     top_k: usize,
-    #[arg(long, default_value = "gradcam-out")]
-    out: PathBuf,
-    /// One JSON object per question (JSON Lines).
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
     /// Batch mode: a VQA v2 questions file...
     #[arg(long, requires = "images")]
     questions: Option<PathBuf>,
@@ -83,24 +80,24 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&m)?);
         return Ok(ExitCode::SUCCESS);
     }
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.output.out).with_context(|| format!("creating {}", args.output.out.display()))?;
     let dissection = if args.neurons { Dissection::of_model(args.dissection.as_deref(), &args.model, true)? } else { None };
     let names = dissection.as_ref().map(|d| UnitNames::Dissection(d));
     let options = Options { answers: args.answers.clone(), counterfactual: args.counterfactual, top_k: args.top_k, settings: args.methods.settings() };
-    let (channels, mut stems, mut stdout) = (crate::progress::channels(args.json), Stems::default(), std::io::stdout().lock());
+    let (channels, mut stems, mut stdout) = (crate::progress::channels(args.output.json), Stems::default(), std::io::stdout().lock());
     let Some((qfile, dir)) = args.questions.as_deref().zip(args.images.as_deref()) else {
         let (image, question) = (args.image.as_ref().expect("clap requires it"), args.question.as_deref().expect("clap requires it"));
         let stem = stems.unique(image);
-        let r = answer(&model, &load_image(image)?, &image.display().to_string(), question, Files { dir: Some(&args.out), stem: &stem }, &options, names.as_ref(), Some(&*channels))?;
+        let r = answer(&model, &load_image(image)?, &image.display().to_string(), question, Files { dir: Some(&args.output.out), stem: &stem }, &options, names.as_ref(), Some(&*channels))?;
         args.html.write(&stem, image, View::Vqa, &r)?;
-        print(&mut stdout, &r, args.json)?;
+        print(&mut stdout, &r, args.output.json)?;
         return Ok(ExitCode::SUCCESS);
     };
     let (bar, mut failures, mut written) = (bar(0, "questions"), 0, Ok(()));
-    let rows = batch(&model, (qfile, args.annotations.as_deref(), dir), &args.out, &options, names.as_ref(), Some(&*channels), &mut stems, &mut |a, n| {
+    let rows = batch(&model, (qfile, args.annotations.as_deref(), dir), &args.output.out, &options, names.as_ref(), Some(&*channels), &mut stems, &mut |a, n| {
         bar.set_length(n as u64);
         match a.record.map_err(anyhow::Error::from).and_then(|r| args.html.write(&a.stem, a.image, View::Vqa, &r).map(|()| r)) {
-            Ok(r) if written.is_ok() => written = bar.suspend(|| print(&mut stdout, &r, args.json)),
+            Ok(r) if written.is_ok() => written = bar.suspend(|| print(&mut stdout, &r, args.output.json)),
             Ok(_) => {}
             Err(e) => {
                 failures += 1;
