@@ -8,7 +8,7 @@ use gradcam_encoders::preprocess::Resize;
 
 use crate::common::OutputArgs;
 use crate::progress::each_image;
-use crate::ModelArgs;
+use crate::ExplainedClassifier;
 
 #[derive(clap::Args)]
 pub struct AttackArgs {
@@ -16,10 +16,7 @@ pub struct AttackArgs {
     #[arg(required = true)]
     images: Vec<PathBuf>,
     #[command(flatten)]
-    model: ModelArgs,
-    /// Layer whose Grad-CAM is shown (default: the model's).
-    #[arg(long)]
-    layer: Option<String>,
+    classifier: ExplainedClassifier,
     /// The class to attack (default: the top-1 prediction on the clean image).
     #[arg(long)]
     class: Option<usize>,
@@ -50,7 +47,7 @@ pub struct AttackArgs {
 }
 
 pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
-    let (net, index) = args.model.load_at(args.layer.as_deref())?;
+    let (net, index) = args.classifier.load()?;
     let (eps, steps, step_size, until, resize) = (args.eps, args.steps, args.step_size, args.until, args.resize.unwrap_or(net.default_resize()));
     let options = Options { class: args.class, target: args.target, eps, steps, step_size, until, resize };
     options.check(net.num_classes())?;

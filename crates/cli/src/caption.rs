@@ -12,7 +12,7 @@ use gradcam_neurons::{Dissection, UnitNames};
 use gradcam_scenes::Split;
 use gradcam_serve::html::View;
 
-use crate::common::{HtmlArg, MethodArgs, OutputArgs};
+use crate::common::{ExplainArgs, OutputArgs};
 use crate::progress::{bar, each_image};
 
 /// The shipped model, relative to the repository (and to the binary's working directory).
@@ -41,25 +41,15 @@ pub struct CaptionArgs {
     /// Images evaluated with --eval.
     #[arg(long, default_value_t = 500, value_parser = crate::common::positive)]
     limit: usize,
-    /// Add each word's textual explanation: the 5 units with the largest and the 5 with the
-    /// smallest alpha_k, named by the model's dissection table.
-    #[arg(long)]
-    neurons: bool,
-    /// Dissection table for --neurons and --eval (default: MODEL/dissection.json when present).
-    #[arg(long)]
-    dissection: Option<PathBuf>,
-    /// Several methods make the strip one row per method.
     #[command(flatten)]
-    methods: MethodArgs,
-    #[command(flatten)]
-    html: HtmlArg,
+    explain: ExplainArgs,
 }
 
 pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     let model = Captioner::load(&args.model).with_context(|| format!("loading the captioner from {}", args.model.display()))?;
-    let dissection = Dissection::of_model(args.dissection.as_deref(), &args.model, args.neurons)?;
+    let dissection = Dissection::of_model(args.explain.dissection.as_deref(), &args.model, args.explain.neurons)?;
     if let Some(dir) = &args.eval {
-        let method = args.methods.settings().eval_method()?;
+        let method = args.explain.methods.settings().eval_method()?;
         let split = Split::read(dir)?;
         let n = split.instances.images.len().min(args.limit);
         let bar = bar(n as u64, "images");
@@ -68,9 +58,9 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&metrics)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let names = dissection.as_ref().filter(|_| args.neurons).map(|d| UnitNames::Dissection(d));
-    let options = Options { beam: args.beam, caption: args.caption.clone(), settings: args.methods.settings() };
-    each_image(&args.images, (&args.output.out, args.output.json, Some((&args.html, View::Caption))), |path, files, bar| {
+    let names = dissection.as_ref().filter(|_| args.explain.neurons).map(|d| UnitNames::Dissection(d));
+    let options = Options { beam: args.beam, caption: args.caption.clone(), settings: args.explain.methods.settings() };
+    each_image(&args.images, (&args.output.out, args.output.json, Some((&args.explain.html, View::Caption))), |path, files, bar| {
         Ok(caption(&model, &load_image(path)?, &path.display().to_string(), files, &options, names.as_ref(), Some(bar))?)
     })
 }

@@ -9,7 +9,7 @@ use gradcam_serve::html::View;
 
 use crate::common::{HtmlArg, MethodArgs, OutputArgs};
 use crate::progress::each_image;
-use crate::ModelArgs;
+use crate::ExplainedClassifier;
 
 #[derive(clap::Args)]
 pub struct ClassifyArgs {
@@ -17,11 +17,7 @@ pub struct ClassifyArgs {
     #[arg(required = true)]
     images: Vec<PathBuf>,
     #[command(flatten)]
-    model: ModelArgs,
-    /// Layer to explain (see `gradcam layers`; for ONNX a value's name); default: the model's last
-    /// convolutional stage (for ONNX: the input of the global pooling).
-    #[arg(long)]
-    layer: Option<String>,
+    classifier: ExplainedClassifier,
     /// Class to explain (repeatable); default: the top-1 prediction.
     #[arg(long = "class")]
     classes: Vec<usize>,
@@ -51,8 +47,8 @@ pub struct ClassifyArgs {
 }
 
 pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
-    let (net, index) = args.model.load_at(args.layer.as_deref())?;
-    let dissection = match &args.model.model {
+    let (net, index) = args.classifier.load()?;
+    let dissection = match &args.classifier.model.model {
         ModelName::Folder(dir) if args.neurons => Dissection::of_model(None, dir, false)?.map(Into::into),
         _ => None,
     };

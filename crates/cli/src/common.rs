@@ -33,6 +33,25 @@ impl MethodArgs {
 
 }
 
+/// How a trained model folder's explanations are made, named and shared: the methods, the
+/// textual explanations and their dissection table, the HTML page.
+#[derive(clap::Args)]
+pub struct ExplainArgs {
+    /// Add each explanation's textual explanation: the 5 units with the largest and the 5 with
+    /// the smallest alpha_k, named by the model's dissection table.
+    #[arg(long)]
+    pub neurons: bool,
+    /// Dissection table for --neurons (and caption's --eval) (default: MODEL/dissection.json when
+    /// present).
+    #[arg(long)]
+    pub dissection: Option<std::path::PathBuf>,
+    /// Several methods also draw a comparison of them (a row per method, a strip per answer).
+    #[command(flatten)]
+    pub methods: MethodArgs,
+    #[command(flatten)]
+    pub html: HtmlArg,
+}
+
 /// Where an explaining command writes its pictures, and how it prints its records.
 #[derive(clap::Args)]
 pub struct OutputArgs {

@@ -98,6 +98,24 @@ pub struct ModelArgs {
     pub onnx: OnnxArgs,
 }
 
+/// A classifier and the layer a command explains.
+#[derive(clap::Args)]
+pub struct ExplainedClassifier {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Layer to explain (see `gradcam layers`; for ONNX a value's name); default: the model's last
+    /// convolutional stage (for ONNX: the input of the global pooling).
+    #[arg(long)]
+    pub layer: Option<String>,
+}
+
+impl ExplainedClassifier {
+    /// The network and the index of the explained layer.
+    pub fn load(&self) -> anyhow::Result<(Network, usize)> {
+        self.model.load_at(self.layer.as_deref())
+    }
+}
+
 /// How an ONNX model's input is made and its classes named.
 #[derive(clap::Args, Clone)]
 pub struct OnnxArgs {

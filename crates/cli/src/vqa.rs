@@ -13,7 +13,7 @@ use gradcam_scenes::Split;
 use gradcam_vqa::eval::evaluate;
 use gradcam_vqa::Vqa;
 
-use crate::common::{print, HtmlArg, MethodArgs, OutputArgs};
+use crate::common::{print, ExplainArgs, OutputArgs};
 use gradcam_serve::html::View;
 use crate::progress::bar;
 
@@ -55,24 +55,14 @@ pub struct VqaArgs {
     /// Questions evaluated with --eval.
     #[arg(long, default_value_t = 1000, value_parser = crate::common::positive)]
     limit: usize,
-    /// Add each explanation's textual explanation: the 5 units with the largest and the 5 with
-    /// the smallest alpha_k, named by the model's dissection table.
-    #[arg(long)]
-    neurons: bool,
-    /// Dissection table for --neurons (default: MODEL/dissection.json).
-    #[arg(long)]
-    dissection: Option<PathBuf>,
-    /// Several methods also write a comparison strip per answer (`..._methods.png`).
     #[command(flatten)]
-    methods: MethodArgs,
-    #[command(flatten)]
-    html: HtmlArg,
+    explain: ExplainArgs,
 }
 
 pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
     let model = Vqa::load(&args.model).with_context(|| format!("loading the VQA model from {}", args.model.display()))?;
     if let Some(dir) = &args.eval {
-        let method = args.methods.settings().eval_method()?;
+        let method = args.explain.methods.settings().eval_method()?;
         let split = Split::read(dir)?;
         let bar = bar(args.limit as u64, "questions");
         let m = evaluate(&model, &split, args.limit, method.as_ref(), |i| bar.set_position(i as u64))?;
@@ -81,22 +71,22 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     std::fs::create_dir_all(&args.output.out).with_context(|| format!("creating {}", args.output.out.display()))?;
-    let dissection = if args.neurons { Dissection::of_model(args.dissection.as_deref(), &args.model, true)? } else { None };
+    let dissection = if args.explain.neurons { Dissection::of_model(args.explain.dissection.as_deref(), &args.model, true)? } else { None };
     let names = dissection.as_ref().map(|d| UnitNames::Dissection(d));
-    let options = Options { answers: args.answers.clone(), counterfactual: args.counterfactual, top_k: args.top_k, settings: args.methods.settings() };
+    let options = Options { answers: args.answers.clone(), counterfactual: args.counterfactual, top_k: args.top_k, settings: args.explain.methods.settings() };
     let (channels, mut stems, mut stdout) = (crate::progress::channels(args.output.json), Stems::default(), std::io::stdout().lock());
     let Some((qfile, dir)) = args.questions.as_deref().zip(args.images.as_deref()) else {
         let (image, question) = (args.image.as_ref().expect("clap requires it"), args.question.as_deref().expect("clap requires it"));
         let stem = stems.unique(image);
         let r = answer(&model, &load_image(image)?, &image.display().to_string(), question, Files { dir: Some(&args.output.out), stem: &stem }, &options, names.as_ref(), Some(&*channels))?;
-        args.html.write(&stem, image, View::Vqa, &r)?;
+        args.explain.html.write(&stem, image, View::Vqa, &r)?;
         print(&mut stdout, &r, args.output.json)?;
         return Ok(ExitCode::SUCCESS);
     };
     let (bar, mut failures, mut written) = (bar(0, "questions"), 0, Ok(()));
     let rows = batch(&model, (qfile, args.annotations.as_deref(), dir), &args.output.out, &options, names.as_ref(), Some(&*channels), &mut stems, &mut |a, n| {
         bar.set_length(n as u64);
-        match a.record.map_err(anyhow::Error::from).and_then(|r| args.html.write(&a.stem, a.image, View::Vqa, &r).map(|()| r)) {
+        match a.record.map_err(anyhow::Error::from).and_then(|r| args.explain.html.write(&a.stem, a.image, View::Vqa, &r).map(|()| r)) {
             Ok(r) if written.is_ok() => written = bar.suspend(|| print(&mut stdout, &r, args.output.json)),
             Ok(_) => {}
             Err(e) => {
