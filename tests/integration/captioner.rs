@@ -15,7 +15,8 @@ use crate::repo;
 
 pub fn tiny() -> (Trainable, Captioner, VarMap) {
     let vocab = Vocab::build(["a red circle left of a blue square", "a green triangle"], 1).unwrap();
-    let cfg = Config { image_size: 16, embed: 8, hidden: 12, max_len: 8, ..Config::new(vocab.len()) };
+    let mut cfg = Config { embed: 8, hidden: 12, max_len: 8, ..Config::new(vocab.len()) };
+    cfg.scene.image_size = 16;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let trainable = Trainable::new(&cfg, vb.clone(), 20).unwrap();

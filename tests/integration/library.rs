@@ -104,7 +104,7 @@ fn guided_backprop_through_the_vqa_head_follows_the_guided_rule_at_every_relu() 
     // By hand, from the weights: p = pool(A); u = W_p p + b_p; v = ReLU(u); h = W_1 (v * q) + b_1;
     // y = W_2 ReLU(h) + b_2.
     let t = |name: &str| w[name].to_dtype(candle_core::DType::F32).unwrap();
-    let pool = model.cfg.pooling();
+    let pool = model.cfg.scene.pooling();
     let p = pool.forward(&a).unwrap();
     let u = p.matmul(&t("image_proj.weight").t().unwrap()).unwrap().broadcast_add(&t("image_proj.bias")).unwrap();
     let v = u.relu().unwrap();

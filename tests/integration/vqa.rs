@@ -13,7 +13,7 @@ use gradcam_vqa::{Config, Vqa, VqaSplit};
 fn tiny() -> (Trainable, Vqa) {
     let vocab = Vocab::build(["what color is the circle ?", "how many squares are there ?"], 1).unwrap();
     let mut cfg = Config::new(vocab.len(), vec!["red".into(), "blue".into(), "2".into()]);
-    (cfg.image_size, cfg.embed, cfg.hidden, cfg.joint, cfg.mlp) = (16, 8, 12, 10, 9);
+    (cfg.scene.image_size, cfg.embed, cfg.hidden, cfg.joint, cfg.mlp) = (16, 8, 12, 10, 9);
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let trainable = Trainable::new(&cfg, vb.clone(), false).unwrap();
@@ -189,7 +189,7 @@ fn background_units_are_left_out_of_the_loaded_encoder() {
         assert!((share - active[u as usize] as f64).abs() < 1e-6, "unit {u}: {share} vs {}", active[u as usize]);
     }
     let model = Vqa::load(out.path()).unwrap();
-    assert_eq!(model.cfg.channels, channels - expected.len());
+    assert_eq!(model.cfg.scene.channels, channels - expected.len());
     let ours = candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu).unwrap();
     let keep: Vec<u32> = (0..channels as u32).filter(|u| !expected.contains(u)).collect();
     let keep = Tensor::new(keep.as_slice(), &Device::Cpu).unwrap();

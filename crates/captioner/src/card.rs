@@ -36,17 +36,17 @@ pub fn write(data: &Path, out: &Path, tc: &TrainConfig, ckpt: &Checkpoint, minut
 
 fn card(command: &str, cfg: &Config, ckpt: &Checkpoint, minutes: f64, metrics: Option<&Metrics>, data: &Path) -> String {
     let mut s = String::new();
-    let side = cfg.image_size / 4;
+    let side = cfg.scene.image_size / 4;
     s.push_str("# Show-and-Tell captioner for ShapeScenes\n\n");
     s.push_str(&format!(
         "A scene CNN (4 convolutions{}, explained layer `conv4`: {} x {side} x {side} at {} px) whose ",
-        if cfg.coord_conv { ", CoordConv before `conv4`" } else { "" },
-        cfg.channels,
-        cfg.image_size
+        if cfg.scene.coord_conv { ", CoordConv before `conv4`" } else { "" },
+        cfg.scene.channels,
+        cfg.scene.image_size
     ));
     s.push_str(&format!(
         "{} features, projected to {}, enter an LSTM (hidden {}) beside every word embedding ({}) (Show and Tell, Vinyals et al. 2015, with the image at every step). ",
-        if cfg.pool_moments { "average-, max- and spatial-moment-pooled" } else { "average- and max-pooled" },
+        if cfg.scene.pool_moments { "average-, max- and spatial-moment-pooled" } else { "average- and max-pooled" },
         cfg.embed,
         cfg.hidden,
         cfg.embed

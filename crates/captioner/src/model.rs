@@ -11,7 +11,7 @@ use candle_core::{DType, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
 use gradcam_kernels::{Activation, Linear, LstmCell, Rule};
 use gradcam_core::Explainable;
-use gradcam_encoders::scene_cnn::{self, Pooling, SceneCnn};
+use gradcam_encoders::scene_cnn::{self, EncoderConfig, SceneCnn};
 use serde::{Deserialize, Serialize};
 
 use crate::scores::{CaptionHead, CaptionLogProbs};
@@ -21,42 +21,23 @@ use crate::{Error, Result};
 /// `config.json` of a captioner.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Config {
-    /// The image encoder; only `scene-cnn` is trained here.
-    pub encoder: String,
-    /// Images are resized to `image_size` x `image_size`.
-    pub image_size: u32,
+    /// The scene CNN: encoder, image size, coordinate channels, pooling, units.
+    #[serde(flatten)]
+    pub scene: EncoderConfig,
     pub embed: usize,
     pub hidden: usize,
     pub vocab_size: usize,
     /// Longest caption generated, in words.
     pub max_len: usize,
-    /// `conv4` sees coordinate channels (models trained before spatial moments; see
-    /// `gradcam_encoders::scene_cnn`).
-    #[serde(default = "yes")]
-    pub coord_conv: bool,
-    /// The pooled image vector carries each channel's spatial moments.
-    #[serde(default)]
-    pub pool_moments: bool,
-    /// Units of the explained layer `conv4`.
-    #[serde(default = "scene_cnn::default_channels")]
-    pub channels: usize,
-}
-
-fn yes() -> bool {
-    true
 }
 
 impl Config {
     pub fn new(vocab_size: usize) -> Self {
-        Config { encoder: "scene-cnn".into(), image_size: 64, embed: 64, hidden: 256, vocab_size, max_len: 20, coord_conv: false, pool_moments: true, channels: scene_cnn::CHANNELS }
-    }
-
-    pub fn pooling(&self) -> Pooling {
-        Pooling { moments: self.pool_moments }
+        Config { scene: EncoderConfig::new(64), embed: 64, hidden: 256, vocab_size, max_len: 20 }
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        Ok(scene_cnn::read_config(path, |c: &Config| (c.encoder.as_str(), c.image_size))?)
+        Ok(scene_cnn::read_config(path, |c: &Config| &c.scene)?)
     }
 }
 
@@ -82,9 +63,9 @@ impl Trainable {
         let lstm = vb.pp("lstm");
         Ok(Self {
             cfg: cfg.clone(),
-            words: if word_outputs > 0 { Some(candle_nn::linear(cfg.channels, word_outputs, vb.pp("words"))?) } else { None },
-            cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv, cfg.channels)?,
-            image_proj: candle_nn::linear(cfg.pooling().width(cfg.channels), e, vb.pp("image_proj"))?,
+            words: if word_outputs > 0 { Some(candle_nn::linear(cfg.scene.channels, word_outputs, vb.pp("words"))?) } else { None },
+            cnn: SceneCnn::new(vb.pp("encoder"), cfg.scene.coord_conv, cfg.scene.channels)?,
+            image_proj: candle_nn::linear(cfg.scene.pooling().width(cfg.scene.channels), e, vb.pp("image_proj"))?,
             embed: candle_nn::embedding(v, e, vb.pp("embed"))?,
             weight_ih: candle_nn::Linear::new(lstm.get((4 * h, 2 * e), "weight_ih")?, Some(lstm.get(4 * h, "bias_ih")?)),
             weight_hh: candle_nn::Linear::new(lstm.get((4 * h, h), "weight_hh")?, Some(lstm.get(4 * h, "bias_hh")?)),
@@ -112,7 +93,7 @@ impl Trainable {
             }
             None => None,
         };
-        let img = self.image_proj.forward(&self.cfg.pooling().forward(&a)?)?.index_select(rows, 0)?; // [n, E]
+        let img = self.image_proj.forward(&self.cfg.scene.pooling().forward(&a)?)?.index_select(rows, 0)?; // [n, E]
         let (n, t) = tokens.dims2()?;
         let hidden = self.cfg.hidden;
         let zeros = Tensor::zeros((n, hidden), DType::F32, images.device())?;
@@ -201,12 +182,12 @@ impl Captioner {
             targets: vec![],
             cache: Default::default(),
         };
-        let pw = cfg.pooling().width(cfg.channels);
+        let pw = cfg.scene.pooling().width(cfg.scene.channels);
         Ok(Self {
             scores,
             proj_w: flat(proj.get((e, pw), "weight")?)?,
             proj_b: flat(proj.get(e, "bias")?)?,
-            cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv, cfg.channels)?,
+            cnn: SceneCnn::new(vb.pp("encoder"), cfg.scene.coord_conv, cfg.scene.channels)?,
             image_proj: Linear::new(&proj.get((e, pw), "weight")?, Some(&proj.get(e, "bias")?), Activation::Identity)?,
             embed: vb.pp("embed").get((v, e), "weight")?,
             lstm: LstmCell::new(&lstm.get((4 * h, 2 * e), "weight_ih")?, &lstm.get((4 * h, h), "weight_hh")?, &lstm.get(4 * h, "bias_ih")?, &lstm.get(4 * h, "bias_hh")?)?,
@@ -218,7 +199,7 @@ impl Captioner {
 
     /// The image as the encoder's input, `[3, s, s]`.
     pub fn preprocess(&self, img: &image::RgbImage) -> Result<Tensor> {
-        Ok(SceneCnn::preprocess(img, self.cfg.image_size)?)
+        Ok(SceneCnn::preprocess(img, self.cfg.scene.image_size)?)
     }
 
     /// Activations of the explained layer (`conv4`).
@@ -231,7 +212,7 @@ impl Captioner {
 
     /// The image embedding fed at every step, and the initial (zero) LSTM state.
     fn start(&self, a: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let img = self.image_proj.forward(&self.cfg.pooling().forward(a)?)?; // [n, E]
+        let img = self.image_proj.forward(&self.cfg.scene.pooling().forward(a)?)?; // [n, E]
         let zeros = Tensor::zeros((a.dim(0)?, self.lstm.hidden()), DType::F32, a.device())?;
         Ok((img, zeros.clone(), zeros))
     }
@@ -265,7 +246,7 @@ impl Captioner {
             inputs.pop();
         }
         let scores = CaptionLogProbs { inputs, targets, cache: Default::default(), ..self.scores.clone() };
-        CaptionHead { scores, proj_w: self.proj_w.clone(), proj_b: self.proj_b.clone(), moments: self.cfg.pool_moments }
+        CaptionHead { scores, proj_w: self.proj_w.clone(), proj_b: self.proj_b.clone(), moments: self.cfg.scene.pool_moments }
     }
 
     /// Teacher-forced log-probabilities: position i predicts the word after `tokens[i]`.

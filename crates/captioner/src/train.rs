@@ -239,8 +239,8 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         let text = serde_json::to_string_pretty(&cfg).map_err(|source| gradcam_train::Error::Json { path: path.clone(), source })?;
         gradcam_io::write_atomic(&path, text.as_bytes())?;
     }
-    let mut train_data = Data::load(&train_split, &vocab, cfg.image_size, cfg.max_len)?;
-    let mut val_data = Data::load(&val_split, &vocab, cfg.image_size, cfg.max_len)?;
+    let mut train_data = Data::load(&train_split, &vocab, cfg.scene.image_size, cfg.max_len)?;
+    let mut val_data = Data::load(&val_split, &vocab, cfg.scene.image_size, cfg.max_len)?;
     if ckpt.train.word_pairs {
         train_data.bigrams = bigram_vocab(&train_data.captions, 10, vocab.len());
         val_data.bigrams = train_data.bigrams.clone();

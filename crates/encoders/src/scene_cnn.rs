@@ -42,6 +42,41 @@ pub fn default_channels() -> usize {
     CHANNELS
 }
 
+/// The scene CNN's part of a model folder's `config.json` (the captioner's and the VQA model's
+/// configs hold it flattened, beside their own fields).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct EncoderConfig {
+    /// The image encoder; only `scene-cnn` is trained here.
+    pub encoder: String,
+    /// Images are resized to `image_size` x `image_size`.
+    pub image_size: u32,
+    /// `conv4` sees coordinate channels (models trained before spatial moments).
+    #[serde(default = "coord_conv_by_default")]
+    pub coord_conv: bool,
+    /// The pooled image vector carries each channel's spatial moments.
+    #[serde(default)]
+    pub pool_moments: bool,
+    /// Units of the explained layer `conv4`.
+    #[serde(default = "default_channels")]
+    pub channels: usize,
+}
+
+fn coord_conv_by_default() -> bool {
+    true
+}
+
+impl EncoderConfig {
+    /// A new model's encoder: `image_size` pixels, spatial moments, no coordinate channels.
+    pub fn new(image_size: u32) -> Self {
+        EncoderConfig { encoder: "scene-cnn".into(), image_size, coord_conv: false, pool_moments: true, channels: CHANNELS }
+    }
+
+    /// How the explained layer is pooled into the image vector.
+    pub fn pooling(&self) -> Pooling {
+        Pooling { moments: self.pool_moments }
+    }
+}
+
 pub struct SceneCnn {
     convs: Vec<(Tensor, Tensor, usize)>,
     coord_conv: bool,
@@ -299,11 +334,12 @@ pub fn image_vector(a: &Tensor, pooling: Pooling, weight: &Tensor, bias: &Tensor
 /// Reads the `config.json` of a model folder built on the scene CNN (the captioner's, the VQA
 /// model's) as `T`, and checks what the encoder needs of it: `spec` gives its encoder name, which
 /// must be `scene-cnn`, and its image side, one of [`IMAGE_SIZES`].
-pub fn read_config<T: serde::de::DeserializeOwned>(path: &std::path::Path, spec: impl Fn(&T) -> (&str, u32)) -> Result<T> {
+pub fn read_config<T: serde::de::DeserializeOwned>(path: &std::path::Path, spec: impl Fn(&T) -> &EncoderConfig) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Io { path: path.to_path_buf(), source })?;
     let bad = |problem: String| crate::Error::Config { file: path.to_path_buf(), problem };
     let cfg: T = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let (encoder, image_size) = spec(&cfg);
+    let EncoderConfig { encoder, image_size, .. } = spec(&cfg);
+    let (encoder, image_size) = (encoder.as_str(), *image_size);
     if !IMAGE_SIZES.contains(&(image_size as u64)) {
         return Err(bad(format!("image_size {image_size} is outside {IMAGE_SIZES:?} pixels")));
     }

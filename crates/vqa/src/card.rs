@@ -46,16 +46,16 @@ pub fn write(data: &Path, out: &Path, tc: &TrainConfig, ckpt: &Checkpoint, minut
 }
 
 fn card(command: &str, cfg: &Config, ckpt: &Checkpoint, minutes: f64, metrics: Option<&Metrics>, data: &Path) -> String {
-    let side = cfg.image_size / 4;
+    let side = cfg.scene.image_size / 4;
     let mut s = String::from("# VQA fusion model for ShapeScenes\n\n");
     s.push_str(&format!(
         "Question words through embeddings ({}) and an LSTM ({}); the image through the scene CNN (explained layer `conv4`, {} x {side} x {side} at {} px{}), {}; both projected to {} with tanh, fused by element-wise product, then an MLP ({}, ReLU) over the answers. ",
         cfg.embed,
         cfg.hidden,
-        cfg.channels,
-        cfg.image_size,
-        if cfg.coord_conv { ", CoordConv before `conv4`" } else { "" },
-        if cfg.pool_moments { "average-, max- and spatial-moment-pooled" } else { "average- and max-pooled" },
+        cfg.scene.channels,
+        cfg.scene.image_size,
+        if cfg.scene.coord_conv { ", CoordConv before `conv4`" } else { "" },
+        if cfg.scene.pool_moments { "average-, max- and spatial-moment-pooled" } else { "average- and max-pooled" },
         cfg.joint,
         cfg.mlp
     ));

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
 use gradcam_kernels::{Activation, Linear, LstmCell, Rule};
 use gradcam_core::Explainable;
-use gradcam_encoders::scene_cnn::{self, Pooling, SceneCnn};
+use gradcam_encoders::scene_cnn::{self, EncoderConfig, SceneCnn};
 use gradcam_scenes::vocab::{normalize, Vocab};
 use serde::{Deserialize, Serialize};
 
@@ -19,39 +19,25 @@ use crate::{Error, Result};
 /// `config.json` of a VQA model.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Config {
-    /// The image encoder; only `scene-cnn` is trained here.
-    pub encoder: String,
-    pub image_size: u32,
+    /// The scene CNN: encoder, image size, coordinate channels, pooling, units.
+    #[serde(flatten)]
+    pub scene: EncoderConfig,
+    /// Words of the question vocabulary (tokenizer.json).
+    pub vocab_size: usize,
     pub embed: usize,
     pub hidden: usize,
     pub joint: usize,
     pub mlp: usize,
-    pub vocab_size: usize,
     /// The answer vocabulary, in output order.
     pub answers: Vec<String>,
     /// Longer questions are cut to this many words.
     pub max_question_len: usize,
-    /// `conv4` sees coordinate channels (models trained before spatial moments; see
-    /// `gradcam_encoders::scene_cnn`).
-    #[serde(default = "yes")]
-    pub coord_conv: bool,
-    /// The pooled image vector carries each channel's spatial moments.
-    #[serde(default)]
-    pub pool_moments: bool,
-    /// Units of the explained layer `conv4`.
-    #[serde(default = "scene_cnn::default_channels")]
-    pub channels: usize,
-}
-
-fn yes() -> bool {
-    true
 }
 
 impl Config {
     pub fn new(vocab_size: usize, answers: Vec<String>) -> Self {
         Config {
-            encoder: "scene-cnn".into(),
-            image_size: 64,
+            scene: EncoderConfig::new(64),
             embed: 64,
             hidden: 128,
             joint: 256,
@@ -59,14 +45,7 @@ impl Config {
             vocab_size,
             answers,
             max_question_len: 30,
-            coord_conv: false,
-            pool_moments: true,
-            channels: scene_cnn::CHANNELS,
         }
-    }
-
-    pub fn pooling(&self) -> Pooling {
-        Pooling { moments: self.pool_moments }
     }
 }
 
@@ -91,11 +70,11 @@ impl Trainable {
         let lstm = vb.pp("lstm");
         Ok(Self {
             cfg: cfg.clone(),
-            cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv, cfg.channels)?,
+            cnn: SceneCnn::new(vb.pp("encoder"), cfg.scene.coord_conv, cfg.scene.channels)?,
             embed: candle_nn::embedding(cfg.vocab_size, e, vb.pp("embed"))?,
             weight_ih: candle_nn::Linear::new(lstm.get((4 * h, e), "weight_ih")?, Some(lstm.get(4 * h, "bias_ih")?)),
             weight_hh: candle_nn::Linear::new(lstm.get((4 * h, h), "weight_hh")?, Some(lstm.get(4 * h, "bias_hh")?)),
-            image_proj: candle_nn::linear(cfg.pooling().width(cfg.channels), j, vb.pp("image_proj"))?,
+            image_proj: candle_nn::linear(cfg.scene.pooling().width(cfg.scene.channels), j, vb.pp("image_proj"))?,
             question_proj: candle_nn::linear(h, j, vb.pp("question_proj"))?,
             fc1: candle_nn::linear(j, m, vb.pp("classifier.0"))?,
             fc2: candle_nn::linear(m, cfg.answers.len(), vb.pp("classifier.2"))?,
@@ -112,7 +91,7 @@ impl Trainable {
         use candle_core::Module;
         let a = self.cnn.forward(images)?; // [b, C, h, w]
         let a = if self.frozen_encoder { a.detach() } else { a };
-        let v = self.image_proj.forward(&self.cfg.pooling().forward(&a)?)?.relu()?.index_select(rows, 0)?; // [n, J]
+        let v = self.image_proj.forward(&self.cfg.scene.pooling().forward(&a)?)?.relu()?.index_select(rows, 0)?; // [n, J]
         let (n, t) = tokens.dims2()?;
         let hd = self.cfg.hidden;
         let words = self.embed.forward(tokens)?; // [n, t, E]
@@ -164,7 +143,7 @@ pub struct Vqa {
 impl Vqa {
     /// Loads `dir/{config.json, model.safetensors, tokenizer.json}`.
     pub fn load(dir: &Path) -> Result<Self> {
-        let cfg: Config = scene_cnn::read_config(&dir.join("config.json"), |c: &Config| (c.encoder.as_str(), c.image_size))?;
+        let cfg: Config = scene_cnn::read_config(&dir.join("config.json"), |c: &Config| &c.scene)?;
         let vocab = Vocab::load(&dir.join("tokenizer.json"))?;
         let vb = scene_cnn::model_weights(dir)?;
         Self::from_varbuilder(cfg, vocab, vb).map_err(|e| Error::Model(format!("{}: {e}", dir.join("model.safetensors").display())))
@@ -181,12 +160,12 @@ impl Vqa {
             Ok(Linear::new(&p.get((out, inp), "weight")?, Some(&p.get(out, "bias")?), act)?)
         };
         Ok(Self {
-            cnn: SceneCnn::new(vb.pp("encoder"), cfg.coord_conv, cfg.channels)?,
+            cnn: SceneCnn::new(vb.pp("encoder"), cfg.scene.coord_conv, cfg.scene.channels)?,
             embed: vb.pp("embed").get((cfg.vocab_size, e), "weight")?,
             lstm: LstmCell::new(&lstm.get((4 * h, e), "weight_ih")?, &lstm.get((4 * h, h), "weight_hh")?, &lstm.get(4 * h, "bias_ih")?, &lstm.get(4 * h, "bias_hh")?)?,
             // ReLU fused into the op, so that Guided Backpropagation's rule holds in it (candle's
             // `relu` would pass negative gradients).
-            image_proj: linear("image_proj", j, cfg.pooling().width(cfg.channels), Activation::Relu)?,
+            image_proj: linear("image_proj", j, cfg.scene.pooling().width(cfg.scene.channels), Activation::Relu)?,
             question_proj: linear("question_proj", j, h, Activation::Identity)?,
             fc1: linear("classifier.0", m, j, Activation::Relu)?,
             fc2: linear("classifier.2", a, m, Activation::Identity)?,
@@ -195,14 +174,15 @@ impl Vqa {
         })
     }
 
-    pub fn preprocess(&self, img: &image::RgbImage) -> Result<Tensor> {
-        Ok(SceneCnn::preprocess(img, self.cfg.image_size)?)
-    }
-
     /// Activations of the explained layer (`conv4`), `[b, channels, s / 4, s / 4]` (`channels`
-    /// from config.json).
+    /// from config.json), of images made by [`Self::preprocess`].
     pub fn features(&self, images: &Tensor) -> Result<Tensor> {
         Ok(self.cnn.forward(images)?)
+    }
+
+    /// The image as the encoder's input, `[3, s, s]`.
+    pub fn preprocess(&self, img: &image::RgbImage) -> Result<Tensor> {
+        Ok(SceneCnn::preprocess(img, self.cfg.scene.image_size)?)
     }
 
     /// Tokenises a question: punctuation separated, unknown words kept as `<unk>` (and listed),
@@ -244,7 +224,7 @@ impl Vqa {
 
     /// [`Self::logits`] with the backward of the head's ReLUs following `rule`.
     pub fn logits_with(&self, a: &Tensor, q: &Tensor, rule: Rule) -> Result<Tensor> {
-        let v = self.image_proj.forward_with(&self.cfg.pooling().forward(a)?, rule)?; // [n, J], ReLU fused
+        let v = self.image_proj.forward_with(&self.cfg.scene.pooling().forward(a)?, rule)?; // [n, J], ReLU fused
         Ok(self.fc2.forward(&self.fc1.forward_with(&v.broadcast_mul(q)?, rule)?)?)
     }
 

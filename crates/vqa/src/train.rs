@@ -70,11 +70,11 @@ gradcam_train::settings_field!(TrainConfig);
 /// taking its coordinate channels and width).
 fn match_encoder(cfg: &mut Config, dir: &Path) -> Result<()> {
     let spec = gradcam_encoders::scene_cnn::EncoderSpec::read(dir)?;
-    if spec.image_size != cfg.image_size {
-        return Err(Error::Training(format!("{}: image_size {} differs from this model's {}", dir.join("config.json").display(), spec.image_size, cfg.image_size)));
+    if spec.image_size != cfg.scene.image_size {
+        return Err(Error::Training(format!("{}: image_size {} differs from this model's {}", dir.join("config.json").display(), spec.image_size, cfg.scene.image_size)));
     }
-    cfg.coord_conv = spec.coord_conv;
-    cfg.channels = spec.channels;
+    cfg.scene.coord_conv = spec.coord_conv;
+    cfg.scene.channels = spec.channels;
     Ok(())
 }
 
@@ -147,7 +147,7 @@ struct Data {
 
 impl Data {
     fn load(split: &Split, vocab: &Vocab, answers: &[String], cfg: &Config) -> Result<Self> {
-        let s = cfg.image_size;
+        let s = cfg.scene.image_size;
         let mut pixels = Vec::new();
         let mut questions = Vec::new();
         for ex in split.examples() {
@@ -267,7 +267,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
             if kept.is_empty() {
                 return Err(Error::Training(format!("every unit of {} is active at more than half of its positions; no object units to keep", dir.display())));
             }
-            cfg.channels = kept.len();
+            cfg.scene.channels = kept.len();
             keep = Some(kept.into_iter().map(|(u, _)| u).collect::<Vec<u32>>());
             ckpt.extra.dropped_units = dropped;
         }
