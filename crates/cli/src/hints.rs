@@ -40,7 +40,11 @@ fn hinted(e: &(dyn Error + 'static)) -> Option<String> {
         .or_else(|| encoders.and_then(|e| e.setting()))
         .or_else(|| e.downcast_ref::<gradcam_eval::Error>().and_then(|e| e.setting()))
         .or_else(|| e.downcast_ref::<gradcam_neurons::Error>().and_then(|e| e.setting()))
-        .or_else(|| e.downcast_ref::<gradcam::pipeline::Error>().and_then(|e| e.setting()));
+        .or_else(|| e.downcast_ref::<gradcam::pipeline::Error>().and_then(|e| e.setting()))
+        .or_else(|| match e.downcast_ref::<gradcam_train::Error>() {
+            Some(gradcam_train::Error::Setting(s)) => Some(s),
+            _ => None,
+        });
     if let Some(s) = setting {
         return Some(s.render(&flag));
     }

@@ -166,7 +166,6 @@ pub fn events<M: Display>() -> impl FnMut(Event<M>) {
 pub fn hint(e: impl Into<anyhow::Error>) -> anyhow::Error {
     let e = e.into();
     match e.chain().find_map(|c| c.downcast_ref::<gradcam_train::Error>()) {
-        Some(gradcam_train::Error::Setting { name, value, requirement }) => anyhow::anyhow!("--{} {value}: must be {requirement}", name.replace('_', "-")),
         Some(gradcam_train::Error::Diverged { .. } | gradcam_train::Error::DivergedValidation { .. }) => anyhow::anyhow!("{e:#}; try a lower --lr"),
         _ => e,
     }

@@ -5,17 +5,11 @@ use std::path::PathBuf;
 /// What can go wrong in training. Each variant carries its data; sources are kept.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A setting that cannot train: the setting's name (the configuration field), its value and
-    /// what it must be.
-    #[error("{name} = {value}: must be {requirement}")]
-    Setting {
-        /// The field of the training configuration (`lr`, `batch_size`, ...).
-        name: &'static str,
-        /// Its value as given.
-        value: String,
-        /// What it must be ("at least 1").
-        requirement: String,
-    },
+    /// A setting that cannot train, named by its field of the training configuration (`lr`,
+    /// `batch_size`, ...), with its value and what it must be: the one setting error of every
+    /// crate, which the CLI shows with the flag's name.
+    #[error(transparent)]
+    Setting(#[from] gradcam_core::SettingError),
     /// A training step's loss was NaN or infinite (the step was taken; nothing of the epoch is
     /// saved).
     #[error("the loss became {loss} in epoch {epoch}")]
@@ -63,8 +57,8 @@ pub enum Error {
 
 impl Error {
     /// A setting that cannot train: `name` is `value`, and must be `requirement`.
-    pub fn setting(name: &'static str, value: impl std::fmt::Display, requirement: impl Into<String>) -> Self {
-        Error::Setting { name, value: value.to_string(), requirement: requirement.into() }
+    pub fn setting(name: &'static str, value: impl std::fmt::Display, requirement: impl std::fmt::Display) -> Self {
+        Error::Setting(gradcam_core::SettingError::value(name, value, format!("must be {requirement}")))
     }
 
     /// `Io` for `path`, as a `map_err` argument.
