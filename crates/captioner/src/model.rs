@@ -153,10 +153,10 @@ impl Captioner {
         let cfg = Config::load(&dir.join("config.json"))?;
         let vocab = Vocab::load(&dir.join("tokenizer.json"))?;
         if vocab.len() != cfg.vocab_size {
-            return Err(Error::Model(format!("tokenizer.json has {} words, config.json says {}", vocab.len(), cfg.vocab_size)));
+            return Err(Error::VocabSize { tokenizer: vocab.len(), config: cfg.vocab_size });
         }
         let vb = scene_cnn::model_weights(dir)?;
-        Self::from_varbuilder(cfg, vocab, vb).map_err(|e| Error::Model(format!("{}: {e}", dir.join("model.safetensors").display())))
+        Self::from_varbuilder(cfg, vocab, vb).map_err(|e| Error::Weights { file: dir.join("model.safetensors"), source: Box::new(e) })
     }
 
     /// The frozen form of trained parameters.
