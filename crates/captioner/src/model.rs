@@ -153,10 +153,10 @@ impl Captioner {
         let cfg = Config::load(&dir.join("config.json"))?;
         let vocab = Vocab::load(&dir.join("tokenizer.json"))?;
         if vocab.len() != cfg.vocab_size {
-            return Err(Error::VocabSize { tokenizer: vocab.len(), config: cfg.vocab_size });
+            return Err(gradcam_encoders::Error::VocabSize { tokenizer: vocab.len(), config: cfg.vocab_size }.into());
         }
         let vb = scene_cnn::model_weights(dir)?;
-        Self::from_varbuilder(cfg, vocab, vb).map_err(|e| Error::Weights { file: dir.join("model.safetensors"), source: Box::new(e) })
+        Self::from_varbuilder(cfg, vocab, vb).map_err(|e| gradcam_encoders::Error::ModelWeights { file: dir.join("model.safetensors"), source: Box::new(e) }.into())
     }
 
     /// The frozen form of trained parameters.

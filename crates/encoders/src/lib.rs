@@ -70,6 +70,13 @@ pub enum Error {
     Write(#[from] gradcam_io::Error),
     #[error("model: {}: {problem}", file.display())]
     Config { file: PathBuf, problem: String },
+    /// A scene model folder's weights do not build its model (a tensor missing or of another
+    /// shape): the file, and why.
+    #[error("{}", file.display())]
+    ModelWeights { file: PathBuf, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+    /// A scene model folder's tokenizer and config disagree on the vocabulary.
+    #[error("tokenizer.json has {tokenizer} words, config.json says {config}")]
+    VocabSize { tokenizer: usize, config: usize },
 }
 
 impl Error {

@@ -39,13 +39,6 @@ pub enum Error {
     /// The training loop's errors (a setting out of range among them).
     #[error("training")]
     Train(#[from] gradcam_train::Error),
-    /// A model folder's weights do not build the model (a tensor missing or of another shape):
-    /// the file, and why.
-    #[error("{}", file.display())]
-    Weights { file: PathBuf, #[source] source: Box<Error> },
-    /// The tokenizer and the config of a model folder disagree on the vocabulary.
-    #[error("tokenizer.json has {tokenizer} words, config.json says {config}")]
-    VocabSize { tokenizer: usize, config: usize },
 }
 
 impl Error {

@@ -146,13 +146,13 @@ impl Vqa {
         let cfg: Config = scene_cnn::read_config(&dir.join("config.json"), |c: &Config| &c.scene)?;
         let vocab = Vocab::load(&dir.join("tokenizer.json"))?;
         let vb = scene_cnn::model_weights(dir)?;
-        Self::from_varbuilder(cfg, vocab, vb).map_err(|e| Error::Weights { file: dir.join("model.safetensors"), source: Box::new(e) })
+        Self::from_varbuilder(cfg, vocab, vb).map_err(|e| gradcam_encoders::Error::ModelWeights { file: dir.join("model.safetensors"), source: Box::new(e) }.into())
     }
 
     pub fn from_varbuilder(cfg: Config, vocab: Vocab, vb: VarBuilder) -> Result<Self> {
         let (e, h, j, m, a) = (cfg.embed, cfg.hidden, cfg.joint, cfg.mlp, cfg.answers.len());
         if vocab.len() != cfg.vocab_size {
-            return Err(Error::VocabSize { tokenizer: vocab.len(), config: cfg.vocab_size });
+            return Err(gradcam_encoders::Error::VocabSize { tokenizer: vocab.len(), config: cfg.vocab_size }.into());
         }
         let lstm = vb.pp("lstm");
         let linear = |name: &str, out: usize, inp: usize, act: Activation| -> Result<Linear> {

@@ -164,13 +164,14 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
             match (lo, hi) {
                 (0.0, 6.0) => one(Activation::Relu6.forward_with(x, rule)?),
                 (0.0, f32::INFINITY) => one(Activation::Relu.forward_with(x, rule)?),
-                (lo, hi) if rule == Rule::Guided => {
+                (lo, hi) => {
                     unguided(&format!("Clip to [{lo}, {hi}]"))?;
-                    unreachable!("refused above")
+                    match (lo, hi) {
+                        (lo, f32::INFINITY) => one(x.maximum(lo)?),
+                        (f32::NEG_INFINITY, hi) => one(x.minimum(hi)?),
+                        (lo, hi) => one(x.clamp(lo, hi)?),
+                    }
                 }
-                (lo, f32::INFINITY) => one(x.maximum(lo)?),
-                (f32::NEG_INFINITY, hi) => one(x.minimum(hi)?),
-                (lo, hi) => one(x.clamp(lo, hi)?),
             }
         }
         "Sigmoid" => one(Pointwise::Sigmoid.forward(&x()?.to_dtype(DType::F32)?)?),
