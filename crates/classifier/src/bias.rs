@@ -137,8 +137,8 @@ pub fn run(out: &Path, cfg: &DemoConfig, progress: &mut dyn FnMut(Stage)) -> Res
             return Err(Error::Data("the test split has no labelled images; give more scenes".into()));
         }
         progress(Stage::Begin(&format!("dissecting the {name} model's conv4"), 1));
-        let dissection = gradcam_neurons::dissect_model(&model, &dir.join("val"), 1000, gradcam_neurons::Options::default(), &|_, _| {}).map_err(|e| Error::Data(e.to_string()))?;
-        dissection.save(&model.join("dissection.json")).map_err(|e| Error::Data(e.to_string()))?;
+        let dissection = gradcam_neurons::dissect_model(&model, &dir.join("val"), 1000, gradcam_neurons::Options::default(), &|_, _| {})?;
+        dissection.save(&model.join("dissection.json"))?;
         dissections.push(dissection);
         let val_accuracy = ckpt.log.last().map_or(0.0, |l| l.metrics.val_accuracy);
         figures.push(figures_of(&cs, &model_cfg, val_accuracy, model));
@@ -169,7 +169,7 @@ pub fn run(out: &Path, cfg: &DemoConfig, progress: &mut dyn FnMut(Stage)) -> Res
     };
     let grid = grid(&data.join("biased").join("test").join("images"), &rows, &biased_cases, &balanced_cases)?;
     gradcam_io::write_png(&grid, &out.join("grid.png"))?;
-    let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Data(e.to_string()))?;
+    let json = serde_json::to_string_pretty(&report)?;
     gradcam_io::write_atomic(&out.join("report.json"), json.as_bytes())?;
     let md = markdown(&report, &rows, &biased_cases, &balanced_cases);
     gradcam_io::write_atomic(&out.join("report.md"), md.as_bytes())?;

@@ -32,6 +32,11 @@ pub enum Error {
     Train(#[from] gradcam_train::Error),
     #[error("{0}")]
     Data(String),
+    /// Dissecting a trained model (the bias experiment names its units).
+    #[error(transparent)]
+    Neurons(#[from] gradcam_neurons::Error),
+    #[error("serialising JSON")]
+    Json(#[from] serde_json::Error),
     #[error(transparent)]
     Write(#[from] gradcam_io::Error),
 }

@@ -9,19 +9,12 @@ use gradcam_core::SettingError;
 pub fn flag(setting: &str) -> String {
     match setting {
         "classes" => "--class".into(),
+        "tasks" => "TASKS".into(),
         "methods" => "--method".into(),
         "segment.high" => "--seed-high".into(),
         "segment.low" => "--seed-low".into(),
         "segment.threshold" => "--seg-threshold".into(),
         s => format!("--{}", s.replace('_', "-")),
-    }
-}
-
-/// `err`, its settings named by `renames` (setting, flag) where a command's flag is not [`flag`]'s.
-pub fn renamed(err: gradcam_eval::Error, renames: &[(&str, &str)]) -> anyhow::Error {
-    match err.setting() {
-        Some(s) => anyhow::anyhow!(s.render(&|n| renames.iter().find(|r| r.0 == n).map_or_else(|| flag(n), |r| r.1.to_string()))),
-        None => err.into(),
     }
 }
 

@@ -21,7 +21,7 @@ use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use gradcam_encoders::{onnx::OnnxOptions, ModelKind, ModelName, Network};
+use gradcam_encoders::{onnx::OnnxArgs, ModelKind, ModelName, Network};
 
 #[derive(Parser)]
 #[command(name = "gradcam", version, about = "Grad-CAM visual explanations for CNN classifiers, captioners and VQA models")]
@@ -61,7 +61,7 @@ enum Command {
     /// Remove the units of a scene-CNN model's explained layer that never fire on a dataset.
     Prune(prune::PruneArgs),
     /// Measure the maps: localization, pointing game, faithfulness, deletion / insertion, energy.
-    Eval(eval::EvalArgs),
+    Eval(gradcam_eval::cli::EvalArgs),
     /// Serve the explorer page and its JSON API (captions, answers, classes) on this machine.
     Serve(gradcam_serve::cli::ServeArgs),
     /// End-to-end demonstrations of the paper's diagnostics.
@@ -116,29 +116,6 @@ impl ExplainedClassifier {
     }
 }
 
-/// How an ONNX model's input is made and its classes named.
-#[derive(clap::Args, Clone)]
-pub struct OnnxArgs {
-    /// ONNX: class names, one per line (default: ImageNet's for 1000 classes, else "class N").
-    #[arg(long)]
-    pub labels: Option<PathBuf>,
-    /// ONNX: per-channel mean, R,G,B of values in [0, 1] (default: ImageNet's).
-    #[arg(long, value_delimiter = ',')]
-    pub mean: Option<Vec<f32>>,
-    /// ONNX: per-channel std (default: ImageNet's).
-    #[arg(long, value_delimiter = ',')]
-    pub std: Option<Vec<f32>>,
-    /// ONNX with a dynamic input size: HxW or one side (default 224).
-    #[arg(long)]
-    pub input_size: Option<String>,
-}
-
-impl OnnxArgs {
-    pub fn options(&self) -> anyhow::Result<OnnxOptions> {
-        Ok(OnnxOptions::parse(self.labels.clone(), self.mean.as_deref(), self.std.as_deref(), self.input_size.as_deref())?)
-    }
-}
-
 impl ModelArgs {
     /// The network and its explained layer's index (`layer`, or the model's default).
     pub fn load_at(&self, layer: Option<&str>) -> anyhow::Result<(Network, usize)> {
@@ -188,7 +165,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Dissect(args) => dissect::run(args),
         Command::Prune(args) => prune::run(args),
-        Command::Eval(args) => eval::run_eval(args),
+        Command::Eval(args) => eval::run(args),
         Command::Caption(args) => caption::run(args),
         Command::Train { what } => train::run(what),
         Command::Demo { what } => classifier::run_demo(what),

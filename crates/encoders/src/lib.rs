@@ -60,6 +60,8 @@ pub enum Error {
     NoWeights { model: String, reason: String },
     #[error("{0}")]
     Data(String),
+    #[error("serialising JSON")]
+    Json(#[from] serde_json::Error),
     /// A setting (an option of [`onnx::OnnxOptions`], the weights, the layer, a folder) the call
     /// does not take.
     #[error(transparent)]

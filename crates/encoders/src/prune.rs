@@ -132,7 +132,7 @@ pub fn prune(model: &Path, data: &Path, out: &Path, progress: &dyn Fn(usize, usi
     };
     std::fs::create_dir_all(out).map_err(io(out))?;
     gradcam_io::write_safetensors(&pruned, &out.join("model.safetensors"))?;
-    let config = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Data(e.to_string()))?;
+    let config = serde_json::to_string_pretty(&cfg)?;
     write_atomic(&out.join("config.json"), config.as_bytes())?;
     for name in ["tokenizer.json", "README.md"] {
         let src = model.join(name);

@@ -58,7 +58,7 @@ impl Config {
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Checkpoint(e.to_string()))?;
+        let text = serde_json::to_string_pretty(self)?;
         Ok(gradcam_io::write_atomic(&dir.join("config.json"), text.as_bytes())?)
     }
 }

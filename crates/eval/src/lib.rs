@@ -11,6 +11,8 @@
 
 pub mod adversarial;
 pub mod attack;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod perturb;
 pub mod segment;
 pub mod report;
@@ -64,6 +66,9 @@ pub enum Error {
     Data(String),
     #[error(transparent)]
     Write(#[from] gradcam_io::Error),
+    /// The model named `model` could not be loaded for the evaluation.
+    #[error("loading {model}")]
+    Loading { model: String, #[source] source: Box<Error> },
 }
 
 impl Error {

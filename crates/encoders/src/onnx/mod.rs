@@ -42,6 +42,32 @@ pub struct OnnxOptions {
     pub labels: Option<PathBuf>,
 }
 
+/// [`OnnxOptions`] as command-line flags (feature `cli`), for every command that loads a classifier.
+#[cfg(feature = "cli")]
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct OnnxArgs {
+    /// ONNX: class names, one per line (default: ImageNet's for 1000 classes, else "class N").
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// ONNX: per-channel mean, R,G,B of values in [0, 1] (default: ImageNet's).
+    #[arg(long, value_delimiter = ',')]
+    pub mean: Option<Vec<f32>>,
+    /// ONNX: per-channel std (default: ImageNet's).
+    #[arg(long, value_delimiter = ',')]
+    pub std: Option<Vec<f32>>,
+    /// ONNX with a dynamic input size: HxW or one side (default 224).
+    #[arg(long)]
+    pub input_size: Option<String>,
+}
+
+#[cfg(feature = "cli")]
+impl OnnxArgs {
+    /// The options these flags give.
+    pub fn options(&self) -> Result<OnnxOptions> {
+        OnnxOptions::parse(self.labels.clone(), self.mean.as_deref(), self.std.as_deref(), self.input_size.as_deref())
+    }
+}
+
 impl OnnxOptions {
     /// From the command line's strings: `mean` and `std` as three numbers each, `input_size` as
     /// `HxW` or one side.
