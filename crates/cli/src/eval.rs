@@ -6,7 +6,7 @@ use std::{io::Write, process::ExitCode};
 use gradcam_eval::{cli::EvalArgs, ModelRef};
 
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
-    let model = args.model()?;
+    let model = args.check()?;
     let weights = match &model {
         ModelRef::Classifier(name) => crate::weights::resolve(name, args.weights.as_deref())?,
         _ => args.weights.clone(),

@@ -120,15 +120,14 @@ pub struct Report {
 }
 
 impl EvalArgs {
-    /// The model `--model` names.
-    pub fn model(&self) -> Result<ModelRef> {
+    /// Checks the flags against each other, then names the model `--model` means.
+    pub fn check(&self) -> Result<ModelRef> {
+        self.tasks()?;
         ModelRef::parse(&self.model)
     }
 
-    /// Runs the evaluation on `model` (from [`EvalArgs::model`]) with the classifier `weights` the
-    /// caller resolved (default weights may need a resolver only a front end has), reporting
-    /// `(images done, images)` to `progress`.
-    pub fn run(&self, model: &ModelRef, weights: Option<&str>, progress: &mut dyn FnMut(usize, usize)) -> Result<Report> {
+    /// Whether the run is the adversarial evaluation, and the other tasks.
+    fn tasks(&self) -> Result<(bool, Vec<Task>)> {
         let adversarial = self.tasks.iter().any(|t| t.trim() == "adversarial");
         if adversarial && self.tasks.len() > 1 {
             return Err(SettingError::value("tasks", self.tasks.join(","), "`adversarial` runs alone: give it without other tasks").into());
@@ -140,6 +139,14 @@ impl EvalArgs {
         if self.failures > 0 && self.out.is_none() {
             return Err(SettingError::new(vec!["failures"], "writes a page: give --out DIR").into());
         }
+        Ok((adversarial, tasks))
+    }
+
+    /// Runs the evaluation on `model` (from [`EvalArgs::check`]) with the classifier `weights` the
+    /// caller resolved (default weights may need a resolver only a front end has), reporting
+    /// `(images done, images)` to `progress`.
+    pub fn run(&self, model: &ModelRef, weights: Option<&str>, progress: &mut dyn FnMut(usize, usize)) -> Result<Report> {
+        let (adversarial, tasks) = self.tasks()?;
         let out = self.out.as_deref().map(|dir| Outputs { dir, failures: self.failures });
         let method = self.method.cam_method().ok_or_else(|| SettingError::value("method", &self.method, "a gradient-based method"))?;
         let onnx = self.onnx.options()?;
