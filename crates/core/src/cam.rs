@@ -4,7 +4,7 @@
 
 use candle_core::{Tensor, Var, D};
 
-use crate::{Error, Explanation, Map, Result, Rule, Target};
+use crate::{Error, Explanation, Layout, Map, Result, Rule, Target};
 
 /// A model split at the layer we explain.
 pub trait Explainable {
@@ -47,6 +47,14 @@ pub trait Explainable {
             Rule::Exact => self.head(&self.features(input)?),
             Rule::Guided => Err(Error::CannotGuide { reason: "this model gives no guided forward (Explainable::forward_with with Rule::Guided; for a Split, Split::guided)".into() }),
         }
+    }
+
+    /// Where the grid lies in [`Explainable::features`]' activations: [`Layout::Grid`] (the
+    /// default) when they are `[n, K, h, w]`; a transformer's layer packs its tokens with what
+    /// else its head reads ([`Layout::Packed`]). The methods read the grid, the head gets the
+    /// model's own layout.
+    fn layout(&self) -> Layout {
+        Layout::Grid
     }
 }
 
@@ -225,6 +233,9 @@ pub fn explain<M: Explainable + ?Sized, C: CamMethod + ?Sized>(model: &M, activa
             (acts, score_values, grads.get(a.as_tensor()).ok_or(Error::NoGradient)?.clone())
         }
     };
+    // The methods read the grid [n, K, h, w] (for a transformer, its patch tokens).
+    let layout = model.layout();
+    let (acts, grads) = (layout.grid(&acts)?, layout.grid(&grads)?);
     let alpha = method.weights(&acts, &grads)?; // [n, K]
     let cams = method.cam(&acts, &grads, &alpha)?; // [n, h, w]
     let (_, h, w) = cams.dims3()?;

@@ -411,7 +411,8 @@ impl<'m, M: Explainable + ?Sized> Cam<'m, M> {
     /// backbone once).
     ///
     /// # Shapes
-    /// `input`: `[B, C, H, W]`; `activations`: `[B, K, h, w]`.
+    /// `input`: `[B, C, H, W]`; `activations`: `[B, K, h, w]` (or the model's
+    /// [`Explainable::layout`]).
     pub fn explain_with(&self, input: &Tensor, activations: &Tensor, requests: &[(usize, Target)]) -> Result<Vec<Explanation>> {
         let builtin;
         let explainer: &dyn Explainer = match &self.method {
@@ -423,7 +424,7 @@ impl<'m, M: Explainable + ?Sized> Cam<'m, M> {
             AnyMethod::Custom(e) => return Err(Error::Unsupported(format!("eigen- and augmentation smoothing work with the built-in gradient-based methods, not {}", e.name()))),
         };
         let reqs: Vec<Request> = requests.iter().map(|(image, target)| Request { image: *image, target }).collect();
-        let k = activations.dim(1)?;
+        let (_, k, _, _) = self.model.layout().dims(activations)?;
         let progress = |done: usize| {
             if let Some(p) = self.progress {
                 p(done, k)
@@ -460,6 +461,10 @@ impl<M: Explainable + ?Sized> Explainable for ByRef<'_, M> {
 
     fn forward_with(&self, input: &Tensor, rule: Rule) -> Result<Tensor> {
         self.0.forward_with(input, rule)
+    }
+
+    fn layout(&self) -> crate::Layout {
+        self.0.layout()
     }
 }
 

@@ -14,6 +14,7 @@
 pub mod cam;
 pub mod explainer;
 pub mod guided;
+pub mod layout;
 pub mod map;
 pub mod method;
 pub mod methods;
@@ -25,6 +26,7 @@ pub mod setting;
 pub use cam::{explain, weighted_sum, CamMethod, Context, Explainable, Explainer, GradCam, Request, Score};
 pub use explainer::{AnyMethod, Cam, Explanation, GuidedForward, NoGuidedForward, Split, Target};
 pub use gradcam_kernels::Rule;
+pub use layout::Layout;
 pub use map::Map;
 pub use method::{Method, NotGradientMethod, UnknownMethod};
 pub use report::{class_named_report, report, Neuron, NeuronReport, UnitNames, UnitTable};

@@ -24,13 +24,15 @@ impl Explainer for AblationCam {
     }
 
     fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> Result<Vec<Explanation>> {
-        let (model, activations, chunk, progress) = (cx.model, cx.activations, self.chunk, cx.progress);
+        let (model, chunk, progress, layout) = (cx.model, self.chunk, cx.progress, cx.model.layout());
+        let activations = &layout.grid(cx.activations)?;
         let (_, k, h, w) = activations.dims4()?;
         let plane = h * w;
         let mut results = Vec::with_capacity(requests.len());
         for r in requests {
             let (a, values) = image_activations(activations, r)?;
-            let y = score_rows(&model.head(&a.unsqueeze(0)?)?, r.target)?[0];
+            let like = cx.activations.narrow(0, r.image, 1)?;
+            let y = score_rows(&model.head(&like)?, r.target)?[0];
             if !y.is_finite() {
                 return Err(Error::NonFiniteScore { value: y });
             }
@@ -46,7 +48,7 @@ impl Explainer for AblationCam {
                     data.extend(copy);
                 }
                 let batch_in = Tensor::from_vec(data, (n, k, h, w), activations.device())?;
-                for yk in score_rows(&model.head(&batch_in)?, r.target)? {
+                for yk in score_rows(&model.head(&layout.ungrid(&batch_in, &like)?)?, r.target)? {
                     weights.push((y - yk) / y);
                 }
                 progress(start + n);
@@ -102,7 +104,8 @@ impl Explainer for ScoreCam {
     }
 
     fn explain(&self, cx: &Context<'_>, requests: &[Request<'_>]) -> Result<Vec<Explanation>> {
-        let (model, input, activations, chunk, progress) = (cx.model, cx.input, cx.activations, self.chunk, cx.progress);
+        let (model, input, chunk, progress) = (cx.model, cx.input, self.chunk, cx.progress);
+        let activations = &cx.model.layout().grid(cx.activations)?;
         let (_, k, h, w) = activations.dims4()?;
         let (_, c, ih, iw) = input.dims4()?;
         let plane = h * w;
@@ -171,7 +174,7 @@ impl Explainer for ScoreCam {
             let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
             let sum: f32 = exps.iter().sum();
             let weights: Vec<f32> = exps.iter().map(|e| e / sum).collect();
-            let y = score_rows(&model.head(&a.unsqueeze(0)?)?, r.target)?[0];
+            let y = score_rows(&model.head(&cx.activations.narrow(0, r.image, 1)?)?, r.target)?[0];
             results.push(weighted_result("scorecam", &a, weights, y, r)?);
         }
         Ok(results)

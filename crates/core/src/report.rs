@@ -117,7 +117,7 @@ pub fn report(alpha: &[f32], names: &UnitNames, subject: &str, n: usize) -> Neur
 /// The report of a classifier's explanation, each reported unit named by the 3 classes whose
 /// scores rise most when only that unit is on (1.0 at every position) rather than all units off:
 /// for a global-average-pool + linear head these are exactly the unit's largest classifier
-/// weights. `activations` (`[1, K, h, w]`) give the probe's shape; `class_name` names a class.
+/// weights. `activations` (`[1, K, h, w]`, or the model's [`crate::Explainable::layout`]) give the probe's shape and what else the head reads; `class_name` names a class.
 pub fn class_named_report<M: crate::Explainable + ?Sized>(
     model: &M,
     activations: &candle_core::Tensor,
@@ -127,14 +127,15 @@ pub fn class_named_report<M: crate::Explainable + ?Sized>(
 ) -> crate::Result<NeuronReport> {
     let plain = report(alpha, &UnitNames::None, subject, 5);
     let units: Vec<usize> = plain.top.iter().chain(&plain.bottom).map(|n| n.unit).collect();
-    let (_, k, h, w) = activations.dims4()?;
+    let layout = model.layout();
+    let (_, k, h, w) = layout.dims(activations)?;
     let mut probe = vec![0f32; (units.len() + 1) * k * h * w];
     for (i, &u) in units.iter().enumerate() {
         let start = ((i + 1) * k + u) * h * w;
         probe[start..start + h * w].fill(1.0);
     }
     let probe = candle_core::Tensor::from_vec(probe, (units.len() + 1, k, h, w), activations.device())?;
-    let scores = model.head(&probe)?.flatten_from(1)?.to_vec2::<f32>()?; // row 0: all units off
+    let scores = model.head(&layout.ungrid(&probe, &activations.narrow(0, 0, 1)?)?)?.flatten_from(1)?.to_vec2::<f32>()?; // row 0: all units off
     let mut names = std::collections::HashMap::new();
     for (i, &u) in units.iter().enumerate() {
         let rise: Vec<f32> = scores[i + 1].iter().zip(&scores[0]).map(|(a, b)| a - b).collect();

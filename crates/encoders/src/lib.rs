@@ -259,7 +259,14 @@ impl ModelName {
             ModelName::Onnx(path) => {
                 let model = onnx::OnnxModel::load(path, onnx)?;
                 let default = model.default_layer().ok();
-                Ok(model.values().into_iter().map(|r| (format!("{}\t{}\t{:?}", r.name, r.op, r.shape), Some(&r.name) == default.as_ref())).collect())
+                Ok(model
+                    .values()
+                    .into_iter()
+                    .map(|r| {
+                        let layout = r.layout.map(|l| format!("\t{}", l.describe())).unwrap_or_default();
+                        (format!("{}\t{}\t{:?}{layout}", r.name, r.op, r.shape), Some(&r.name) == default.as_ref())
+                    })
+                    .collect())
             }
             ModelName::Folder(dir) => {
                 let net = scene_classifier::load(dir)?;

@@ -46,6 +46,8 @@ pub struct Network {
     preprocess: Preprocess,
     labels: Option<Arc<Vec<String>>>,
     resize: crate::preprocess::Resize,
+    /// How the explained layer's activations hold its grid (a transformer's tokens).
+    layout: gradcam_core::Layout,
     /// The last head pass run through [`Split::head`], kept with its graph so that explaining
     /// the same activations right after (what every caller does: logits first, then the
     /// explanation of a class among them) runs the backward without a second forward. VGG-16's
@@ -78,7 +80,7 @@ impl Network {
         num_classes: usize,
     ) -> Self {
         let fused = layers.iter().map(|_| None).collect();
-        Self { arch: arch.into(), layers, fused, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes, preprocess: Preprocess::default(), labels: None, resize: crate::preprocess::Resize::CenterCrop, last_head: std::sync::Mutex::new(None) }
+        Self { arch: arch.into(), layers, fused, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes, preprocess: Preprocess::default(), labels: None, resize: crate::preprocess::Resize::CenterCrop, layout: gradcam_core::Layout::Grid, last_head: std::sync::Mutex::new(None) }
     }
 
     /// Layers `index` and `index + 1` as the one op `both`, for passes that run through both.
@@ -109,6 +111,12 @@ impl Network {
     /// The input size and normalisation the network expects (default: ImageNet's at 224 x 224).
     pub(crate) fn with_preprocess(mut self, preprocess: Preprocess) -> Self {
         self.preprocess = preprocess;
+        self
+    }
+
+    /// How the explained layer's activations hold the grid (an ONNX transformer's token layer).
+    pub(crate) fn with_layout(mut self, layout: gradcam_core::Layout) -> Self {
+        self.layout = layout;
         self
     }
 
@@ -275,6 +283,10 @@ impl Explainable for Split<'_> {
 
     fn forward_with(&self, input: &Tensor, rule: Rule) -> gradcam_core::Result<Tensor> {
         self.network.forward_with(input, rule).map_err(Error::into_core)
+    }
+
+    fn layout(&self) -> gradcam_core::Layout {
+        self.network.layout
     }
 }
 

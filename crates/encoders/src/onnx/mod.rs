@@ -9,8 +9,10 @@
 //! folder.
 
 mod ops;
+mod grid;
 mod plan;
 pub mod proto;
+mod tokens;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -19,10 +21,12 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use gradcam_kernels::Rule;
 
-use crate::network::Network;
+use crate::network::{Layer, Network};
+use gradcam_core::Layout;
 use crate::preprocess::Preprocess;
 use crate::{Error, Result};
 use gradcam_core::SettingError;
+pub use grid::{TokenGrid, ValueLayout};
 pub use ops::SUPPORTED;
 use plan::{Part, Plan};
 use proto::{Node, TensorProto};
@@ -40,6 +44,12 @@ pub struct OnnxOptions {
     pub std: Option<[f32; 3]>,
     /// A file with one class name per line.
     pub labels: Option<PathBuf>,
+    /// The explained token value's layout: P prefix tokens, then an H x W grid (default: from
+    /// the input size and the patch embedding).
+    pub tokens: Option<TokenGrid>,
+    /// The explained 4-D value is channels-last `[1, h, w, C]` (default: guessed from the shapes
+    /// and the graph).
+    pub channels_last: bool,
 }
 
 /// [`OnnxOptions`] as command-line flags (feature `cli`), for every command that loads a classifier.
@@ -58,13 +68,27 @@ pub struct OnnxArgs {
     /// ONNX with a dynamic input size: HxW or one side (default 224).
     #[arg(long)]
     pub input_size: Option<String>,
+    /// ONNX transformers: the explained token value holds P prefix tokens (class,
+    /// distillation, registers), then an HxW grid, row-major (default: guessed from the input
+    /// size and the patch embedding).
+    #[arg(long, value_name = "P:HxW")]
+    pub tokens: Option<TokenGrid>,
+    /// ONNX: the explained 4-D value is channels-last [1, h, w, C] (Swin; default: guessed from
+    /// the shapes and the graph).
+    #[arg(long)]
+    pub channels_last: bool,
 }
 
 #[cfg(feature = "cli")]
 impl OnnxArgs {
     /// The options these flags give.
     pub fn options(&self) -> Result<OnnxOptions> {
-        OnnxOptions::parse(self.labels.clone(), self.mean.as_deref(), self.std.as_deref(), self.input_size.as_deref())
+        let mut o = OnnxOptions::parse(self.labels.clone(), self.mean.as_deref(), self.std.as_deref(), self.input_size.as_deref())?;
+        (o.tokens, o.channels_last) = (self.tokens, self.channels_last);
+        if o.tokens.is_some() && o.channels_last {
+            return Err(SettingError::new(vec!["tokens", "channels_last"], "describe two different layouts: give one").into());
+        }
+        Ok(o)
     }
 }
 
@@ -85,13 +109,13 @@ impl OnnxOptions {
                 size.ok_or_else(|| Error::from(SettingError::value("input_size", format!("{s:?}"), "give HxW or one side, each 8 to 4096")))
             })
             .transpose()?;
-        Ok(Self { input_size, mean: three(mean, "mean")?, std: three(std, "std")?, labels })
+        Ok(Self { input_size, mean: three(mean, "mean")?, std: three(std, "std")?, labels, tokens: None, channels_last: false })
     }
 
     /// The names of the options that are set (for the models that take none of them).
     pub fn given(&self) -> Vec<&'static str> {
-        let set = [self.labels.is_some(), self.mean.is_some(), self.std.is_some(), self.input_size.is_some()];
-        ["labels", "mean", "std", "input_size"].into_iter().zip(set).filter(|(_, s)| *s).map(|(n, _)| n).collect()
+        let set = [self.labels.is_some(), self.mean.is_some(), self.std.is_some(), self.input_size.is_some(), self.tokens.is_some(), self.channels_last];
+        ["labels", "mean", "std", "input_size", "tokens", "channels_last"].into_iter().zip(set).filter(|(_, s)| *s).map(|(n, _)| n).collect()
     }
 }
 
@@ -104,6 +128,8 @@ pub struct ValueRow {
     pub op: String,
     /// Its shape on a batch of one image of the model's input size.
     pub shape: Vec<usize>,
+    /// How it lies on the image when it is not `[1, C, h, w]` (tokens on a grid, channels-last).
+    pub layout: Option<ValueLayout>,
 }
 
 /// A loaded ONNX model: its nodes in topological order and its constants.
@@ -116,6 +142,13 @@ pub struct OnnxModel {
     input_size: (usize, usize),
     /// Shapes of every value on one image of `input_size` (from a run on zeros at load).
     shapes: HashMap<String, Vec<usize>>,
+    /// Their dtypes (F32 for activations, I64 for shapes and indices).
+    dtypes: HashMap<String, DType>,
+    /// The user's layout overrides.
+    tokens: Option<TokenGrid>,
+    channels_last: bool,
+    /// Whether the graph's batch dimension is fixed at 1 (heads then run one row at a time).
+    fixed_batch: bool,
     producer: HashMap<String, usize>,
     preprocess: Preprocess,
     labels: Option<Arc<Vec<String>>>,
@@ -241,12 +274,16 @@ impl OnnxModel {
             output,
             input_size,
             shapes: HashMap::new(),
+            dtypes: HashMap::new(),
+            tokens: options.tokens,
+            channels_last: options.channels_last,
+            fixed_batch: matches!(dims.first(), Some(Some(1))),
             producer,
             preprocess,
             labels: None,
             num_classes: 0,
         };
-        model.shapes = model.trace().map_err(|e| bad(path, format!("running the graph on a {}x{} input: {e}", input_size.0, input_size.1)))?;
+        (model.shapes, model.dtypes) = model.trace().map_err(|e| bad(path, format!("running the graph on a {}x{} input: {e}", input_size.0, input_size.1)))?;
         let out_shape = &model.shapes[&model.output];
         if out_shape.first() != Some(&1) || out_shape.iter().product::<usize>() < 2 {
             return Err(bad(path, format!("the output {:?} has shape {out_shape:?}; a classifier's is [batch, classes]", model.output)));
@@ -273,22 +310,24 @@ impl OnnxModel {
         self.num_classes
     }
 
-    /// Runs every node once on zeros and returns every value's shape.
-    fn trace(&self) -> Result<HashMap<String, Vec<usize>>> {
+    /// Runs every node once on zeros and returns every value's shape and dtype.
+    #[allow(clippy::type_complexity)]
+    fn trace(&self) -> Result<(HashMap<String, Vec<usize>>, HashMap<String, DType>)> {
         let all: Vec<usize> = (0..self.nodes.len()).collect();
         let plan = Plan::compile(&self.nodes, &all, &self.constants, &self.input, &self.output, &HashSet::new(), true)?;
         let x = Tensor::zeros((1, 3, self.input_size.0, self.input_size.1), DType::F32, &Device::Cpu)?;
         let values = plan.run_keep_all(&x)?;
-        Ok(values.into_iter().map(|(k, v)| (k, v.dims().to_vec())).collect())
+        Ok((values.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect(), values.into_iter().map(|(k, v)| (k, v.dtype())).collect()))
     }
 
     /// Every value of the graph in order (input first), with its op and shape.
     pub fn values(&self) -> Vec<ValueRow> {
-        let mut rows = vec![ValueRow { name: self.input.clone(), op: "input".into(), shape: self.shapes.get(&self.input).cloned().unwrap_or_default() }];
+        let mut rows = vec![ValueRow { name: self.input.clone(), op: "input".into(), shape: self.shapes.get(&self.input).cloned().unwrap_or_default(), layout: None }];
         for n in self.nodes.iter() {
             for o in &n.outputs {
                 if let Some(shape) = self.shapes.get(o) {
-                    rows.push(ValueRow { name: o.clone(), op: n.op_type.clone(), shape: shape.clone() });
+                    let layout = self.guess(o).filter(|l| *l != ValueLayout::Nchw && self.dtypes.get(o) == Some(&DType::F32));
+                    rows.push(ValueRow { name: o.clone(), op: n.op_type.clone(), shape: shape.clone(), layout });
                 }
             }
         }
@@ -325,6 +364,9 @@ impl OnnxModel {
     /// The default explained value: the last 4-D value with more than one spatial position on
     /// the path from the input to the output that splits the graph (the input of the global pooling).
     pub fn default_layer(&self) -> Result<String> {
+        if let Some(layer) = self.transformer_default() {
+            return Ok(layer);
+        }
         let needed = self.ancestors(&self.output);
         let from_input = self.descendants(&self.input);
         for i in (0..self.nodes.len()).rev() {
@@ -333,7 +375,7 @@ impl OnnxModel {
             }
             for o in &self.nodes[i].outputs {
                 let Some(s) = self.shapes.get(o) else { continue };
-                if s.len() == 4 && s[2] * s[3] > 1 && self.head_nodes(o).is_ok() {
+                if s.len() == 4 && s[2] * s[3] > 1 && self.guess(o) == Some(ValueLayout::Nchw) && self.head_nodes(o).is_ok() {
                     return Ok(o.clone());
                 }
             }
@@ -344,12 +386,7 @@ impl OnnxModel {
     /// Nodes of the head from `layer` to the output, and the constants it needs; an error when the
     /// output does not depend on `layer`, or the head also reads another value of the image.
     fn head_nodes(&self, layer: &str) -> Result<Vec<usize>> {
-        let needed = self.ancestors(&self.output);
-        let after = self.descendants(layer);
-        let head: Vec<usize> = (0..self.nodes.len()).filter(|i| needed.contains(i) && after.contains(i)).collect();
-        if head.is_empty() && layer != self.output {
-            return Err(Error::Data(format!("{}: the output {:?} is not reachable from {layer:?}; pick a value on the path to the output", self.name, self.output)));
-        }
+        let head = self.head_set(layer)?;
         let from_input = self.descendants(&self.input);
         let head_set: HashSet<usize> = head.iter().copied().collect();
         for &i in &head {
@@ -366,6 +403,17 @@ impl OnnxModel {
         Ok(head)
     }
 
+    /// Nodes from `layer` to the output (an error when the output does not depend on it).
+    fn head_set(&self, layer: &str) -> Result<Vec<usize>> {
+        let needed = self.ancestors(&self.output);
+        let after = self.descendants(layer);
+        let head: Vec<usize> = (0..self.nodes.len()).filter(|i| needed.contains(i) && after.contains(i)).collect();
+        if head.is_empty() && layer != self.output {
+            return Err(Error::Data(format!("{}: the output {:?} is not reachable from {layer:?}; pick a value on the path to the output", self.name, self.output)));
+        }
+        Ok(head)
+    }
+
     /// The classifier split at `layer` (default: [`OnnxModel::default_layer`]).
     pub fn network(self: &Arc<Self>, layer: Option<&str>) -> Result<Network> {
         let layer = match layer {
@@ -375,22 +423,72 @@ impl OnnxModel {
         let Some(shape) = self.shapes.get(&layer) else {
             return Err(Error::UnknownLayer { layer: layer.clone(), model: self.name.clone(), valid: self.nearest(&layer) });
         };
-        if shape.len() != 4 {
-            return Err(Error::LayerShape { nearest: self.nearest(&layer), layer, shape: shape.clone() });
-        }
-        let head = self.head_nodes(&layer)?;
+        let shape = shape.clone();
+        let layout = self.layout_of(&layer)?;
+        let (mut head, sides) = match layout {
+            ValueLayout::Nchw => (self.head_nodes(&layer)?, Vec::new()),
+            _ => {
+                let mut head = self.head_set(&layer)?;
+                let sides = self.side_values(&layer, &mut head)?;
+                (head, sides)
+            }
+        };
+        head.sort_unstable();
         let forward: Vec<usize> = {
-            let a = self.ancestors(&layer);
+            let mut a = self.ancestors(&layer);
+            for v in &sides {
+                a.extend(self.ancestors(v));
+            }
             (0..self.nodes.len()).filter(|i| a.contains(i)).collect()
         };
         // Head nodes that read only constants (shape arithmetic) are part of it: the plan evaluates them.
-        let keep: HashSet<String> = HashSet::from([layer.clone(), self.output.clone()]);
-        let forward = Part::new(self.nodes.clone(), forward, &self.constants, &self.input, &layer, keep.clone())?;
-        let head = Part::new(self.nodes.clone(), head, &self.constants, &layer, &self.output, keep)?;
-        let (forward, head) = (Arc::new(forward), Arc::new(head));
-        let f = move |x: &Tensor, rule: Rule| forward.run(x, rule);
-        let h = move |a: &Tensor, rule: Rule| head.run(a, rule).and_then(|y| y.flatten_from(1));
-        let mut net = Network::new(self.name.clone(), vec![(layer.clone(), Box::new(f))], Box::new(h), &layer, self.num_classes).with_preprocess(self.preprocess.clone());
+        let mut keep: HashSet<String> = HashSet::from([layer.clone(), self.output.clone()]);
+        keep.extend(sides.iter().cloned());
+        let forward = Arc::new(Part::new(self.nodes.clone(), forward, &self.constants, &self.input, &layer, keep.clone())?);
+        let head = Arc::new(Part::new(self.nodes.clone(), head, &self.constants, &layer, &self.output, keep)?);
+        let output = [self.output.clone()];
+        let (f, h, core_layout): (Box<dyn Layer>, Box<dyn Layer>, Layout) = match layout {
+            ValueLayout::Nchw => {
+                let f = move |x: &Tensor, rule: Rule| forward.run(x, rule);
+                let h = move |a: &Tensor, rule: Rule| head.run(a, rule).and_then(|y| y.flatten_from(1));
+                (Box::new(f), Box::new(h), Layout::Grid)
+            }
+            ValueLayout::Tokens { .. } | ValueLayout::ChannelsLast { .. } => {
+                // Each image's row: the layer's values, then each value the head reads around it.
+                let mut names = vec![layer.clone()];
+                names.extend(sides.iter().cloned());
+                let shapes: Vec<Vec<usize>> = names.iter().map(|v| self.shapes.get(v).map(|s| s[1..].to_vec()).unwrap_or_default()).collect();
+                let sizes: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
+                let f = move |x: &Tensor, rule: Rule| -> candle_core::Result<Tensor> {
+                    let values = forward.run_with(x, &[], rule, &names)?;
+                    let rows: Vec<Tensor> = values.iter().map(|v| v.to_dtype(DType::F32)?.flatten_from(1)).collect::<candle_core::Result<_>>()?;
+                    Tensor::cat(&rows, 1)
+                };
+                let sides = sides.clone();
+                let h = move |a: &Tensor, rule: Rule| -> candle_core::Result<Tensor> {
+                    let n = a.dim(0)?;
+                    let mut start = 0;
+                    let mut parts = Vec::with_capacity(sizes.len());
+                    for (size, shape) in sizes.iter().zip(&shapes) {
+                        let mut dims = vec![n];
+                        dims.extend(shape);
+                        parts.push(a.narrow(1, start, *size)?.reshape(dims)?);
+                        start += size;
+                    }
+                    let extra: Vec<(String, Tensor)> = sides.iter().cloned().zip(parts.drain(1..)).collect();
+                    head.run_with(&parts[0], &extra, rule, &output)?.remove(0).flatten_from(1)
+                };
+                let l = match layout {
+                    ValueLayout::Tokens { prefix, h, w, dim } => Layout::Packed { start: prefix * dim, h, w, channels: dim },
+                    ValueLayout::ChannelsLast { h, w, channels } => Layout::Packed { start: 0, h, w, channels },
+                    ValueLayout::Nchw => Layout::Grid,
+                };
+                (Box::new(f), Box::new(h), l)
+            }
+        };
+        let (f, h) = if self.fixed_batch { (row_by_row(f), row_by_row(h)) } else { (f, h) };
+        let _ = shape;
+        let mut net = Network::new(self.name.clone(), vec![(layer.clone(), f)], h, &layer, self.num_classes).with_preprocess(self.preprocess.clone()).with_layout(core_layout);
         if let Some(labels) = &self.labels {
             net = net.with_labels(labels.clone());
         }
@@ -404,6 +502,17 @@ impl OnnxModel {
         rows.sort();
         rows.into_iter().take(8).map(|(_, n)| n).collect()
     }
+}
+
+/// A graph exported for a batch of one, run one row at a time.
+fn row_by_row(layer: Box<dyn Layer>) -> Box<dyn Layer> {
+    Box::new(move |x: &Tensor, rule: Rule| -> candle_core::Result<Tensor> {
+        if x.dim(0)? <= 1 {
+            return layer.forward(x, rule);
+        }
+        let rows: Vec<Tensor> = (0..x.dim(0)?).map(|i| layer.forward(&x.narrow(0, i, 1)?, rule)).collect::<candle_core::Result<_>>()?;
+        Tensor::cat(&rows, 0)
+    })
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {

@@ -7,27 +7,28 @@ use gradcam_kernels::{Activation, MaxPool2d, Pointwise, Rule};
 
 use super::proto::{Attribute, Node};
 
-type R<T> = candle_core::Result<T>;
+pub(super) type R<T> = candle_core::Result<T>;
 
-/// The op types this evaluator runs.
+/// The op types this evaluator runs (with [`super::tokens::OPS`], the transformers' ops).
 pub const SUPPORTED: &[&str] = &[
-    "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv", "Div", "Dropout", "Exp", "Flatten", "Gather",
-    "Gemm", "GlobalAveragePool", "GlobalMaxPool", "HardSigmoid", "HardSwish", "Identity", "LeakyRelu", "LogSoftmax", "MatMul", "MaxPool", "Mul", "Neg", "Pad",
-    "ReduceMean", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze",
+    "Add", "ArgMax", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv", "Div", "Dropout", "Equal", "Erf", "Exp",
+    "Expand", "Flatten", "Gather", "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "HardSigmoid", "HardSwish", "Identity",
+    "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "LogSoftmax", "MatMul", "MaxPool", "Mod", "Mul", "Neg", "Not", "Pad", "Pow", "Range", "ReduceMean",
+    "Relu", "Reshape", "ScatterND", "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Tile", "Transpose", "Unsqueeze", "Where",
 ];
 
 /// Most elements an op may create from shapes it reads (ConstantOfShape, Pad): 2^28 (1 GiB of
 /// f32), far above any CNN's activations, far below an allocation that would abort the process.
 const MAX_CREATED: usize = 1 << 28;
 
-fn check_size(dims: &[usize], op: &str) -> R<()> {
+pub(super) fn check_size(dims: &[usize], op: &str) -> R<()> {
     match dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
         Some(n) if n <= MAX_CREATED => Ok(()),
         _ => fail(format!("{op} would create a tensor of shape {dims:?}, more than {MAX_CREATED} elements")),
     }
 }
 
-fn fail<T>(msg: impl std::fmt::Display) -> R<T> {
+pub(super) fn fail<T>(msg: impl std::fmt::Display) -> R<T> {
     Err(candle_core::Error::Msg(msg.to_string()))
 }
 
@@ -80,18 +81,18 @@ pub(super) fn clip_bounds(node: &Node, constants: &std::collections::HashMap<Str
     Some((bound(1, "min", f32::NEG_INFINITY)?, bound(2, "max", f32::INFINITY)?))
 }
 
-fn arg<'a>(args: &'a [Option<Tensor>], k: usize, node: &Node) -> R<&'a Tensor> {
+pub(super) fn arg<'a>(args: &'a [Option<Tensor>], k: usize, node: &Node) -> R<&'a Tensor> {
     match args.get(k) {
         Some(Some(t)) => Ok(t),
         _ => fail(format!("input {k} of {} is missing", node.op_type)),
     }
 }
 
-fn opt(args: &[Option<Tensor>], k: usize) -> Option<&Tensor> {
+pub(super) fn opt(args: &[Option<Tensor>], k: usize) -> Option<&Tensor> {
     args.get(k).and_then(|a| a.as_ref())
 }
 
-fn ints_of(t: &Tensor) -> R<Vec<i64>> {
+pub(super) fn ints_of(t: &Tensor) -> R<Vec<i64>> {
     t.to_dtype(DType::I64)?.flatten_all()?.to_vec1()
 }
 
@@ -102,7 +103,7 @@ fn scalar_f32(t: &Tensor) -> R<f32> {
     }
 }
 
-fn axis(a: i64, rank: usize) -> R<usize> {
+pub(super) fn axis(a: i64, rank: usize) -> R<usize> {
     let r = rank as i64;
     if a < -r || a >= r.max(1) {
         return fail(format!("axis {a} out of range for rank {rank}"));
@@ -514,7 +515,7 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
                 other => return fail(format!("Cast to data type {other} is not supported")),
             })
         }
-        other => fail(format!("op {other} is not supported")),
+        _ => super::tokens::eval(node, args).unwrap_or_else(|| fail(format!("op {} is not supported", node.op_type))),
     }
 }
 

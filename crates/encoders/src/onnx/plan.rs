@@ -34,7 +34,6 @@ pub(super) struct Plan {
     steps: Vec<Step>,
     constants: HashMap<String, Tensor>,
     input: String,
-    output: String,
 }
 
 fn constant_f32(constants: &HashMap<String, Tensor>, name: &str) -> Option<Vec<f32>> {
@@ -175,13 +174,14 @@ impl Plan {
             let ops: Vec<&str> = steps.iter().filter_map(|s| if let Kernel::Op(n) = &s.kernel { Some(n.op_type.as_str()) } else { None }).collect();
             eprintln!("plan {input:?} -> {output:?}: {} steps, {convs} on our convolution kernel, other ops: {ops:?}", steps.len());
         }
-        Ok(Plan { steps, constants: needed, input: input.to_string(), output: output.to_string() })
+        Ok(Plan { steps, constants: needed, input: input.to_string() })
     }
 
     /// Runs the steps on `x`; values are dropped after their last reader unless `retain` says
     /// to keep them (the output always stays).
-    fn execute(&self, x: &Tensor, rule: Rule, retain: &dyn Fn(&str) -> bool) -> candle_core::Result<HashMap<String, Tensor>> {
+    fn execute(&self, x: &Tensor, extra: &[(String, Tensor)], rule: Rule, retain: &dyn Fn(&str) -> bool) -> candle_core::Result<HashMap<String, Tensor>> {
         let mut env: HashMap<String, Tensor> = HashMap::from([(self.input.clone(), x.clone())]);
+        env.extend(extra.iter().cloned());
         let profile = profiling();
         for s in &self.steps {
             let t0 = profile.then(std::time::Instant::now);
@@ -192,7 +192,15 @@ impl Plan {
                 Kernel::Pointwise(p) => p.forward(&first()?.to_dtype(candle_core::DType::F32)?).map(|y| vec![y]),
                 Kernel::Linear(l) => match first()? {
                     x if x.rank() == 2 && x.dtype() == candle_core::DType::F32 => l.forward_with(x, rule).map(|y| vec![y]),
-                    x => Err(candle_core::Error::Msg(format!("expects a 2-D float input, got {:?}", x.dims()))),
+                    // Tokens [n, T, D] (a transformer's MatMul by a weight matrix): as rows.
+                    x if x.rank() > 2 && x.dtype() == candle_core::DType::F32 => {
+                        let mut dims = x.dims().to_vec();
+                        let d = dims.pop().unwrap_or(0);
+                        let y = l.forward_with(&x.reshape(((), d))?, rule)?;
+                        dims.push(y.dim(1)?);
+                        y.reshape(dims).map(|y| vec![y])
+                    }
+                    x => Err(candle_core::Error::Msg(format!("expects a float input of rank 2 or more, got {:?}", x.dims()))),
                 },
                 Kernel::Op(node) => ops::eval(node, &args, rule),
             }
@@ -216,15 +224,9 @@ impl Plan {
         Ok(env)
     }
 
-    /// The output for input `x`, the backward of its ReLUs following `rule`.
-    pub(super) fn run(&self, x: &Tensor, rule: Rule) -> candle_core::Result<Tensor> {
-        let mut env = self.execute(x, rule, &|_| false)?;
-        env.remove(&self.output).or_else(|| self.constants.get(&self.output).cloned()).ok_or_else(|| candle_core::Error::Msg(format!("the graph did not produce {:?}", self.output)))
-    }
-
     /// Every value, for shapes.
     pub(super) fn run_keep_all(&self, x: &Tensor) -> Result<HashMap<String, Tensor>> {
-        Ok(self.execute(x, Rule::Exact, &|_| true)?)
+        Ok(self.execute(x, &[], Rule::Exact, &|_| true)?)
     }
 }
 
@@ -286,7 +288,7 @@ pub(super) struct Part {
     /// Outputs of the nodes that read shapes only.
     shape_values: Vec<String>,
     /// Specialised plans by input shape (at most [`Part::CACHE`]).
-    cache: std::sync::Mutex<Vec<(Vec<usize>, std::sync::Arc<Plan>)>>,
+    cache: std::sync::Mutex<Vec<(Vec<Vec<usize>>, std::sync::Arc<Plan>)>>,
 }
 
 impl Part {
@@ -311,18 +313,30 @@ impl Part {
     }
 
     pub(super) fn run(&self, x: &Tensor, rule: Rule) -> candle_core::Result<Tensor> {
+        let output = [self.output.clone()];
+        Ok(self.run_with(x, &[], rule, &output)?.remove(0))
+    }
+
+    /// The values `names` for input `x`, with the values `extra` given beside it (what a head
+    /// reads from the forward pass besides its input).
+    pub(super) fn run_with(&self, x: &Tensor, extra: &[(String, Tensor)], rule: Rule, names: &[String]) -> candle_core::Result<Vec<Tensor>> {
+        let wanted: HashSet<&str> = names.iter().map(String::as_str).collect();
+        let pick = |mut env: HashMap<String, Tensor>| -> candle_core::Result<Vec<Tensor>> {
+            names.iter().map(|n| env.remove(n).or_else(|| self.constants.get(n).cloned()).ok_or_else(|| candle_core::Error::Msg(format!("the graph did not produce {n:?}")))).collect()
+        };
         if self.shape_values.is_empty() {
-            return self.generic.run(x, rule);
+            return pick(self.generic.execute(x, extra, rule, &|v| wanted.contains(v))?);
         }
-        let dims = x.dims().to_vec();
+        let mut dims = vec![x.dims().to_vec()];
+        dims.extend(extra.iter().map(|(_, t)| t.dims().to_vec()));
         let hit = self.cache.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(d, _)| *d == dims).map(|(_, p)| p.clone());
         if let Some(plan) = hit {
-            return plan.run(x, rule);
+            return pick(plan.execute(x, extra, rule, &|v| wanted.contains(v))?);
         }
         // First input of this shape: the generic plan answers, and keeps the shape values (only
         // them: every activation of a batch kept at once could take gigabytes).
         let shape_values: HashSet<&str> = self.shape_values.iter().map(String::as_str).collect();
-        let mut env = self.generic.execute(x, rule, &|v| shape_values.contains(v))?;
+        let env = self.generic.execute(x, extra, rule, &|v| shape_values.contains(v) || wanted.contains(v))?;
         let mut constants = self.constants.clone();
         for v in &self.shape_values {
             if let Some(t) = env.get(v) {
@@ -335,7 +349,7 @@ impl Part {
             cache.remove(0);
         }
         cache.push((dims, std::sync::Arc::new(plan)));
-        env.remove(&self.output).or_else(|| self.constants.get(&self.output).cloned()).ok_or_else(|| candle_core::Error::Msg(format!("the graph did not produce {:?}", self.output)))
+        pick(env)
     }
 }
 
