@@ -56,6 +56,14 @@ pub trait Explainable {
     fn layout(&self) -> Layout {
         Layout::Grid
     }
+
+    /// The attention probabilities of every attention block for the single image `input`, with
+    /// their gradients for `score` (a differentiable score of the output row) when it is given:
+    /// what [`crate::Rollout`] and [`crate::Relevance`] read. The default: none (an error naming
+    /// it), as for every model that is not a transformer.
+    fn attention(&self, _input: &Tensor, _score: Option<crate::attention::ScoreFn<'_>>) -> Result<crate::Attention> {
+        Err(Error::NoAttention { reason: "this model gives no attention probabilities (Explainable::attention)".into() })
+    }
 }
 
 /// A score y^c of one row of the head's output, for targets other than one element of the row

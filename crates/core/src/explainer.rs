@@ -466,6 +466,10 @@ impl<M: Explainable + ?Sized> Explainable for ByRef<'_, M> {
     fn layout(&self) -> crate::Layout {
         self.0.layout()
     }
+
+    fn attention(&self, input: &Tensor, score: Option<crate::attention::ScoreFn<'_>>) -> Result<crate::Attention> {
+        self.0.attention(input, score)
+    }
 }
 
 #[cfg(test)]

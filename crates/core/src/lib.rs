@@ -11,6 +11,7 @@
 //! runs a built-in [`Method`] or yours. This crate knows nothing about captions, questions or
 //! file formats, and has no `unsafe` code: its ops are `gradcam-kernels`'.
 
+pub mod attention;
 pub mod cam;
 pub mod explainer;
 pub mod guided;
@@ -23,6 +24,7 @@ pub mod perturbation;
 pub mod report;
 pub mod setting;
 
+pub use attention::{Attention, Relevance, Rollout};
 pub use cam::{explain, weighted_sum, CamMethod, Context, Explainable, Explainer, GradCam, Request, Score};
 pub use explainer::{AnyMethod, Cam, Explanation, GuidedForward, NoGuidedForward, Split, Target};
 pub use gradcam_kernels::Rule;
@@ -73,6 +75,12 @@ pub enum Error {
     #[error("guided backpropagation cannot run: {reason}")]
     CannotGuide {
         /// Why (which model or op).
+        reason: String,
+    },
+    /// Rollout or relevance on a model that gives no attention probabilities.
+    #[error("rollout and relevance need a transformer's attention: {reason}")]
+    NoAttention {
+        /// Why (which model, what is missing).
         reason: String,
     },
     /// A tensor has the wrong shape for where it is used.

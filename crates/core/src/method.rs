@@ -43,10 +43,20 @@ pub enum Method {
     /// Guided Grad-CAM (the paper's section 3.2): Guided Backpropagation times the upsampled
     /// Grad-CAM map.
     GuidedGradCam,
+    /// Attention rollout (Abnar & Zuidema 2020), transformers only: the product over blocks of
+    /// (I + the heads' mean attention) / 2, read from the class token's row.
+    Rollout,
+    /// Gradient-weighted attention relevance (Chefer, Gur & Wolf 2021), transformers only:
+    /// R += mean_heads(relu(dA * A)) @ R over the blocks, the class token's row.
+    Relevance,
 }
 
 impl Method {
-    /// Every method, in the order the CLI lists them.
+    /// The methods of a transformer's attention ([`crate::Explainable::attention`]).
+    pub const TRANSFORMER: [Method; 2] = [Method::Rollout, Method::Relevance];
+
+    /// Every method that explains any layer (CNN or transformer), in the order the CLI lists
+    /// them; the transformers' own are [`Method::TRANSFORMER`].
     pub const ALL: [Method; 10] = [
         Method::GradCam,
         Method::GradCamPlusPlus,
@@ -73,6 +83,8 @@ impl Method {
             Method::ScoreCam => "scorecam",
             Method::GuidedBackprop => "guided-backprop",
             Method::GuidedGradCam => "guided-gradcam",
+            Method::Rollout => "rollout",
+            Method::Relevance => "relevance",
         }
     }
 
@@ -96,6 +108,11 @@ impl Method {
         matches!(self, Method::AblationCam | Method::ScoreCam)
     }
 
+    /// Whether the method reads a transformer's attention instead of the explained layer.
+    pub fn is_attention(self) -> bool {
+        matches!(self, Method::Rollout | Method::Relevance)
+    }
+
     /// The map of a method computed from (A, dy/dA) alone: the gradient-based methods, and
     /// Grad-CAM for the guided ones. `None` for Ablation-CAM and Score-CAM.
     pub fn cam_method(self) -> Option<Box<dyn CamMethod>> {
@@ -106,7 +123,7 @@ impl Method {
             Method::XGradCam => Box::new(XGradCam),
             Method::LayerCam => Box::new(LayerCam),
             Method::EigenCam => Box::new(EigenCam),
-            Method::AblationCam | Method::ScoreCam => return None,
+            Method::AblationCam | Method::ScoreCam | Method::Rollout | Method::Relevance => return None,
         })
     }
 
@@ -119,6 +136,8 @@ impl Method {
             }
             return Ok(match self {
                 Method::AblationCam => Box::new(AblationCam { chunk: 128 }),
+                Method::Rollout => Box::new(crate::Rollout),
+                Method::Relevance => Box::new(crate::Relevance),
                 _ => Box::new(ScoreCam { chunk: 2 }),
             });
         };
@@ -135,7 +154,7 @@ impl Method {
     /// The methods whose map comes from (A, dy/dA) alone ([`Method::cam_method`] without the
     /// guided images): those that `--eval` and the evaluations score.
     pub fn is_gradient_map(self) -> bool {
-        !self.is_guided() && !self.is_perturbation()
+        !self.is_guided() && !self.is_perturbation() && !self.is_attention()
     }
 }
 
@@ -147,7 +166,7 @@ impl fmt::Display for Method {
 
 /// An unknown method name; its message lists the known ones.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown method {name:?}; one of {}", Method::ALL.map(Method::name).join(", "))]
+#[error("unknown method {name:?}; one of {}, or for transformers {}", Method::ALL.map(Method::name).join(", "), Method::TRANSFORMER.map(Method::name).join(", "))]
 pub struct UnknownMethod {
     /// The name that was given.
     pub name: String,
@@ -161,6 +180,7 @@ impl FromStr for Method {
         let s = s.trim();
         Method::ALL
             .into_iter()
+            .chain(Method::TRANSFORMER)
             .find(|m| m.name() == s || (m.name().contains("++") && m.name().replace("++", "pp") == s))
             .ok_or_else(|| UnknownMethod { name: s.to_string() })
     }

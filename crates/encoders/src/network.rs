@@ -48,12 +48,17 @@ pub struct Network {
     resize: crate::preprocess::Resize,
     /// How the explained layer's activations hold its grid (a transformer's tokens).
     layout: gradcam_core::Layout,
+    /// A transformer's attention probabilities for rollout and relevance, or why there are none.
+    attention: std::result::Result<AttentionFn, String>,
     /// The last head pass run through [`Split::head`], kept with its graph so that explaining
     /// the same activations right after (what every caller does: logits first, then the
     /// explanation of a class among them) runs the backward without a second forward. VGG-16's
     /// head reads 480 MB of weights per forward.
     last_head: std::sync::Mutex<Option<HeadPass>>,
 }
+
+/// What [`gradcam_core::Explainable::attention`] runs.
+pub(crate) type AttentionFn = Arc<dyn Fn(&Tensor, Option<gradcam_core::attention::ScoreFn<'_>>) -> gradcam_core::Result<gradcam_core::Attention> + Send + Sync>;
 
 /// A head pass: the layer it starts after, its input's values, the variable it ran on and the
 /// output (whose graph leads back to that variable).
@@ -80,7 +85,7 @@ impl Network {
         num_classes: usize,
     ) -> Self {
         let fused = layers.iter().map(|_| None).collect();
-        Self { arch: arch.into(), layers, fused, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes, preprocess: Preprocess::default(), labels: None, resize: crate::preprocess::Resize::CenterCrop, layout: gradcam_core::Layout::Grid, last_head: std::sync::Mutex::new(None) }
+        Self { arch: arch.into(), layers, fused, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes, preprocess: Preprocess::default(), labels: None, resize: crate::preprocess::Resize::CenterCrop, layout: gradcam_core::Layout::Grid, attention: Err(String::new()), last_head: std::sync::Mutex::new(None) }
     }
 
     /// Layers `index` and `index + 1` as the one op `both`, for passes that run through both.
@@ -117,6 +122,18 @@ impl Network {
     /// How the explained layer's activations hold the grid (an ONNX transformer's token layer).
     pub(crate) fn with_layout(mut self, layout: gradcam_core::Layout) -> Self {
         self.layout = layout;
+        self
+    }
+
+    /// The attention probabilities of a transformer, for rollout and relevance.
+    pub(crate) fn with_attention(mut self, attention: AttentionFn) -> Self {
+        self.attention = Ok(attention);
+        self
+    }
+
+    /// Why rollout and relevance cannot run on this network.
+    pub(crate) fn with_attention_refusal(mut self, why: String) -> Self {
+        self.attention = Err(why);
         self
     }
 
@@ -287,6 +304,14 @@ impl Explainable for Split<'_> {
 
     fn layout(&self) -> gradcam_core::Layout {
         self.network.layout
+    }
+
+    fn attention(&self, input: &Tensor, score: Option<gradcam_core::attention::ScoreFn<'_>>) -> gradcam_core::Result<gradcam_core::Attention> {
+        match &self.network.attention {
+            Ok(f) => f(input, score),
+            Err(why) if why.is_empty() => Err(gradcam_core::Error::NoAttention { reason: format!("{} is a convolutional network", self.network.arch) }),
+            Err(why) => Err(gradcam_core::Error::NoAttention { reason: why.clone() }),
+        }
     }
 }
 

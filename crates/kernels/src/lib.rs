@@ -31,6 +31,7 @@ mod kernels;
 pub mod linear;
 mod packed;
 pub mod pool;
+mod tap;
 #[cfg(test)]
 mod tests;
 
@@ -40,6 +41,7 @@ pub use conv::{Conv2d, Padding, TrainableConv2d};
 pub use kernels::{matmul, matvec};
 pub use linear::{Linear, LstmCell};
 pub use pool::{AdaptiveAvgPool2d, GlobalAvgMaxPool, MaxPool2d};
+pub use tap::tap;
 
 use candle_core::{CpuStorage, Layout};
 use rayon::iter::ParallelExtend;

@@ -240,3 +240,84 @@ mod tests {
         }
     }
 }
+
+/// What rollout and relevance read from an ONNX transformer: the whole graph run with a gradient
+/// tap on each global attention Softmax.
+pub(super) struct AttentionProbe {
+    full: super::plan::Part,
+    output: String,
+    softmaxes: HashSet<String>,
+    prefix: usize,
+    grid: (usize, usize),
+}
+
+impl AttentionProbe {
+    /// The probe of `model`, or why it has none (no Softmax over all the patch tokens).
+    pub(super) fn new(model: &OnnxModel) -> std::result::Result<AttentionProbe, String> {
+        let Some((h, w)) = model.patch_grid() else { return Err("no patch embedding (a Conv whose kernel equals its stride) was found".into()) };
+        let all = model.attention_softmaxes();
+        let global: Vec<(usize, usize)> = all
+            .iter()
+            .filter_map(|&i| {
+                let t = *model.shapes.get(&model.nodes[i].outputs[0])?.last()?;
+                (t >= h * w && t - h * w <= MAX_PREFIX).then_some((i, t - h * w))
+            })
+            .collect();
+        let Some(&(_, prefix)) = global.first() else {
+            return Err(if all.is_empty() {
+                "the graph has no attention Softmax (over the last axis of a [.., T, T] value)".into()
+            } else {
+                format!("its {} attention Softmaxes are not over the {h}x{w} patch tokens (windowed attention, as in Swin, has no class token row)", all.len())
+            });
+        };
+        let softmaxes: HashSet<String> = global.iter().filter(|(_, p)| *p == prefix).map(|&(i, _)| model.nodes[i].outputs[0].clone()).collect();
+        let needed = model.ancestors(&model.output);
+        let set: Vec<usize> = (0..model.nodes.len()).filter(|i| needed.contains(i)).collect();
+        let mut keep: HashSet<String> = softmaxes.clone();
+        keep.insert(model.output.clone());
+        let full = super::plan::Part::new(model.nodes.clone(), set, &model.constants, &model.input, &model.output, keep).map_err(|e| e.to_string())?;
+        Ok(AttentionProbe { full, output: model.output.clone(), softmaxes, prefix, grid: (h, w) })
+    }
+
+    /// The attention of the single image `input`, with gradients for `score` when given.
+    pub(super) fn run(&self, input: &candle_core::Tensor, score: Option<gradcam_core::attention::ScoreFn<'_>>) -> gradcam_core::Result<gradcam_core::Attention> {
+        use std::sync::{Arc, Mutex};
+        type Slot = Arc<Mutex<Option<candle_core::Tensor>>>;
+        let taps: Mutex<Vec<(candle_core::Tensor, Option<Slot>)>> = Mutex::new(Vec::new());
+        let grads = score.is_some();
+        let tap = |name: &str, t: candle_core::Tensor| -> candle_core::Result<candle_core::Tensor> {
+            if !self.softmaxes.contains(name) {
+                return Ok(t);
+            }
+            let mut taps = taps.lock().unwrap_or_else(|e| e.into_inner());
+            if grads {
+                let (y, slot) = gradcam_kernels::tap(&t)?;
+                taps.push((y.clone(), Some(slot)));
+                Ok(y)
+            } else {
+                taps.push((t.clone(), None));
+                Ok(t)
+            }
+        };
+        let x = if grads { candle_core::Var::from_tensor(input)?.as_tensor().clone() } else { input.clone() };
+        let output = self.full.run_with(&x, &[], gradcam_kernels::Rule::Exact, std::slice::from_ref(&self.output), Some(&tap))?.remove(0).flatten_from(1)?;
+        if let Some(score) = score {
+            score(&output)?.backward()?;
+        }
+        let taps = taps.into_inner().unwrap_or_else(|e| e.into_inner());
+        let heads = |t: &candle_core::Tensor| -> candle_core::Result<candle_core::Tensor> {
+            let tt = t.dim(candle_core::D::Minus1)?;
+            t.detach().reshape(((), tt, tt))
+        };
+        let probs = taps.iter().map(|(t, _)| heads(t)).collect::<candle_core::Result<Vec<_>>>()?;
+        let grads = if grads {
+            Some(taps.iter().map(|(_, s)| {
+                let g = s.as_ref().and_then(|s| s.lock().unwrap_or_else(|e| e.into_inner()).take()).ok_or(gradcam_core::Error::NoGradient)?;
+                Ok(heads(&g)?)
+            }).collect::<gradcam_core::Result<Vec<_>>>()?)
+        } else {
+            None
+        };
+        Ok(gradcam_core::Attention { probs, grads, output: output.detach(), prefix: self.prefix, grid: self.grid })
+    }
+}

@@ -460,7 +460,7 @@ impl OnnxModel {
                 let shapes: Vec<Vec<usize>> = names.iter().map(|v| self.shapes.get(v).map(|s| s[1..].to_vec()).unwrap_or_default()).collect();
                 let sizes: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
                 let f = move |x: &Tensor, rule: Rule| -> candle_core::Result<Tensor> {
-                    let values = forward.run_with(x, &[], rule, &names)?;
+                    let values = forward.run_with(x, &[], rule, &names, None)?;
                     let rows: Vec<Tensor> = values.iter().map(|v| v.to_dtype(DType::F32)?.flatten_from(1)).collect::<candle_core::Result<_>>()?;
                     Tensor::cat(&rows, 1)
                 };
@@ -476,7 +476,7 @@ impl OnnxModel {
                         start += size;
                     }
                     let extra: Vec<(String, Tensor)> = sides.iter().cloned().zip(parts.drain(1..)).collect();
-                    head.run_with(&parts[0], &extra, rule, &output)?.remove(0).flatten_from(1)
+                    head.run_with(&parts[0], &extra, rule, &output, None)?.remove(0).flatten_from(1)
                 };
                 let l = match layout {
                     ValueLayout::Tokens { prefix, h, w, dim } => Layout::Packed { start: prefix * dim, h, w, channels: dim },
@@ -489,6 +489,10 @@ impl OnnxModel {
         let (f, h) = if self.fixed_batch { (row_by_row(f), row_by_row(h)) } else { (f, h) };
         let _ = shape;
         let mut net = Network::new(self.name.clone(), vec![(layer.clone(), f)], h, &layer, self.num_classes).with_preprocess(self.preprocess.clone()).with_layout(core_layout);
+        net = match grid::AttentionProbe::new(self) {
+            Ok(probe) => net.with_attention(Arc::new(move |x: &Tensor, score: Option<gradcam_core::attention::ScoreFn<'_>>| probe.run(x, score))),
+            Err(why) => net.with_attention_refusal(format!("{}: {why}", self.name)),
+        };
         if let Some(labels) = &self.labels {
             net = net.with_labels(labels.clone());
         }

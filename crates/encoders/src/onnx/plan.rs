@@ -29,6 +29,9 @@ struct Step {
     free: Vec<String>,
 }
 
+/// Sees a value by name as it is computed, and gives the one the later steps read.
+pub(super) type Tap<'a> = &'a dyn Fn(&str, Tensor) -> candle_core::Result<Tensor>;
+
 /// Compiled nodes from one value (the input) to another (the output).
 pub(super) struct Plan {
     steps: Vec<Step>,
@@ -179,7 +182,7 @@ impl Plan {
 
     /// Runs the steps on `x`; values are dropped after their last reader unless `retain` says
     /// to keep them (the output always stays).
-    fn execute(&self, x: &Tensor, extra: &[(String, Tensor)], rule: Rule, retain: &dyn Fn(&str) -> bool) -> candle_core::Result<HashMap<String, Tensor>> {
+    fn execute(&self, x: &Tensor, extra: &[(String, Tensor)], rule: Rule, retain: &dyn Fn(&str) -> bool, tap: Option<Tap<'_>>) -> candle_core::Result<HashMap<String, Tensor>> {
         let mut env: HashMap<String, Tensor> = HashMap::from([(self.input.clone(), x.clone())]);
         env.extend(extra.iter().cloned());
         let profile = profiling();
@@ -215,6 +218,10 @@ impl Plan {
                 eprintln!("{:8.3} ms {} ({kernel})", t0.elapsed().as_secs_f64() * 1e3, s.label);
             }
             for (name, value) in s.outputs.iter().zip(result) {
+                let value = match tap {
+                    Some(tap) => tap(name, value)?,
+                    None => value,
+                };
                 env.insert(name.clone(), value);
             }
             for v in s.free.iter().filter(|v| *v != &self.input && !retain(v)) {
@@ -226,7 +233,7 @@ impl Plan {
 
     /// Every value, for shapes.
     pub(super) fn run_keep_all(&self, x: &Tensor) -> Result<HashMap<String, Tensor>> {
-        Ok(self.execute(x, &[], Rule::Exact, &|_| true)?)
+        Ok(self.execute(x, &[], Rule::Exact, &|_| true, None)?)
     }
 }
 
@@ -314,29 +321,30 @@ impl Part {
 
     pub(super) fn run(&self, x: &Tensor, rule: Rule) -> candle_core::Result<Tensor> {
         let output = [self.output.clone()];
-        Ok(self.run_with(x, &[], rule, &output)?.remove(0))
+        Ok(self.run_with(x, &[], rule, &output, None)?.remove(0))
     }
 
     /// The values `names` for input `x`, with the values `extra` given beside it (what a head
     /// reads from the forward pass besides its input).
-    pub(super) fn run_with(&self, x: &Tensor, extra: &[(String, Tensor)], rule: Rule, names: &[String]) -> candle_core::Result<Vec<Tensor>> {
+    /// `tap` sees each value computed and gives the one later steps read.
+    pub(super) fn run_with(&self, x: &Tensor, extra: &[(String, Tensor)], rule: Rule, names: &[String], tap: Option<Tap<'_>>) -> candle_core::Result<Vec<Tensor>> {
         let wanted: HashSet<&str> = names.iter().map(String::as_str).collect();
         let pick = |mut env: HashMap<String, Tensor>| -> candle_core::Result<Vec<Tensor>> {
             names.iter().map(|n| env.remove(n).or_else(|| self.constants.get(n).cloned()).ok_or_else(|| candle_core::Error::Msg(format!("the graph did not produce {n:?}")))).collect()
         };
         if self.shape_values.is_empty() {
-            return pick(self.generic.execute(x, extra, rule, &|v| wanted.contains(v))?);
+            return pick(self.generic.execute(x, extra, rule, &|v| wanted.contains(v), tap)?);
         }
         let mut dims = vec![x.dims().to_vec()];
         dims.extend(extra.iter().map(|(_, t)| t.dims().to_vec()));
         let hit = self.cache.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(d, _)| *d == dims).map(|(_, p)| p.clone());
         if let Some(plan) = hit {
-            return pick(plan.execute(x, extra, rule, &|v| wanted.contains(v))?);
+            return pick(plan.execute(x, extra, rule, &|v| wanted.contains(v), tap)?);
         }
         // First input of this shape: the generic plan answers, and keeps the shape values (only
         // them: every activation of a batch kept at once could take gigabytes).
         let shape_values: HashSet<&str> = self.shape_values.iter().map(String::as_str).collect();
-        let env = self.generic.execute(x, extra, rule, &|v| shape_values.contains(v) || wanted.contains(v))?;
+        let env = self.generic.execute(x, extra, rule, &|v| shape_values.contains(v) || wanted.contains(v), tap)?;
         let mut constants = self.constants.clone();
         for v in &self.shape_values {
             if let Some(t) = env.get(v) {
