@@ -13,6 +13,7 @@ mod library;
 mod neurons;
 mod onnx;
 mod serve;
+mod transformers;
 mod vqa;
 
 use std::path::PathBuf;

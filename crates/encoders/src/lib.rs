@@ -48,7 +48,7 @@ pub enum Error {
     Hub { repo: String, message: String },
     #[error("unknown layer {layer:?} for {model}; valid layers: {}", valid.join(", "))]
     UnknownLayer { layer: String, model: String, valid: Vec<String> },
-    #[error("layer {layer:?} has shape {shape:?}; Grad-CAM needs a 4-D [batch, channels, h, w] value. 4-D values near it: {}", nearest.join(", "))]
+    #[error("layer {layer:?} has shape {shape:?}; Grad-CAM needs a 4-D [batch, channels, h, w] value (or a transformer's tokens [batch, tokens, width] on a grid). Values near it: {}", nearest.join(", "))]
     LayerShape { layer: String, shape: Vec<usize>, nearest: Vec<String> },
     #[error("{model}: no 4-D value with spatial size > 1 splits the graph; name the layer to explain")]
     NoDefaultLayer { model: String },

@@ -96,7 +96,8 @@ impl OnnxModel {
                 }
                 Some(ValueLayout::Nchw)
             }
-            [1, t, d] => grids.iter().find(|&&(h, w)| *t >= h * w && *t - h * w <= MAX_PREFIX).map(|&(h, w)| ValueLayout::Tokens { prefix: *t - h * w, h, w, dim: *d }),
+            // Prefix tokens on the patch grid; the coarser grids of patch merging have none.
+            [1, t, d] => grids.iter().enumerate().find(|&(k, &(h, w))| *t >= h * w && *t - h * w <= if k == 0 { MAX_PREFIX } else { 0 }).map(|(_, &(h, w))| ValueLayout::Tokens { prefix: *t - h * w, h, w, dim: *d }),
             _ => None,
         }
     }
@@ -139,7 +140,7 @@ impl OnnxModel {
                     self.input_size.0, self.input_size.1
                 ))
             }
-            ([n, d], None) if *n == 1 => refuse(format!("has shape [1, {d}]: it comes after the tokens are pooled (the class token or the mean), so it has no grid left; explain a block's tokens (the default is the last block's attention input)")),
+            ([1, d], None) if !self.attention_softmaxes().is_empty() => refuse(format!("has shape [1, {d}]: it comes after the tokens are pooled (the class token or the mean), so it has no grid left; explain a block's tokens (the default is the last block's attention input)")),
             _ => Err(Error::LayerShape { layer: value.to_string(), shape, nearest: self.nearest(value) }),
         }
     }

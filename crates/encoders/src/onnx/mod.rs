@@ -487,6 +487,14 @@ impl OnnxModel {
             }
         };
         let (f, h) = if self.fixed_batch { (row_by_row(f), row_by_row(h)) } else { (f, h) };
+        // An input of another size than the graph was traced at: say so beside the node's error.
+        let traced = self.input_size;
+        let f: Box<dyn Layer> = Box::new(move |x: &Tensor, rule: Rule| {
+            f.forward(x, rule).map_err(|e| match x.dims() {
+                [_, _, h, w] if (*h, *w) != traced => candle_core::Error::Msg(format!("{e} (the graph was loaded for a {}x{} input and this one is {h}x{w}; a transformer's token count is fixed by its size: resize the image to it)", traced.0, traced.1)),
+                _ => e,
+            })
+        });
         let _ = shape;
         let mut net = Network::new(self.name.clone(), vec![(layer.clone(), f)], h, &layer, self.num_classes).with_preprocess(self.preprocess.clone()).with_layout(core_layout);
         net = match grid::AttentionProbe::new(self) {
@@ -499,10 +507,10 @@ impl OnnxModel {
         Ok(net)
     }
 
-    /// The 4-D values whose names are closest to `name` (edit distance), at most 8.
+    /// The 4-D and token values whose names are closest to `name` (edit distance), at most 8.
     fn nearest(&self, name: &str) -> Vec<String> {
         let mut rows: Vec<(usize, String)> =
-            self.values().into_iter().filter(|r| r.shape.len() == 4 && r.name != name).map(|r| (edit_distance(&r.name, name), r.name)).collect();
+            self.values().into_iter().filter(|r| (r.shape.len() == 4 || r.layout.is_some()) && r.name != name).map(|r| (edit_distance(&r.name, name), r.name)).collect();
         rows.sort();
         rows.into_iter().take(8).map(|(_, n)| n).collect()
     }
