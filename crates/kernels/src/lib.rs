@@ -27,10 +27,12 @@
 pub mod activation;
 pub mod conv;
 mod cpu;
+mod fastmath;
 mod kernels;
 pub mod linear;
 mod packed;
 pub mod pool;
+mod softmax;
 mod tap;
 #[cfg(test)]
 mod tests;
@@ -41,6 +43,7 @@ pub use conv::{Conv2d, Padding, TrainableConv2d};
 pub use kernels::{matmul, matvec};
 pub use linear::{Linear, LstmCell};
 pub use pool::{AdaptiveAvgPool2d, GlobalAvgMaxPool, MaxPool2d};
+pub use softmax::softmax_last;
 pub use tap::tap;
 
 use candle_core::{CpuStorage, Layout};

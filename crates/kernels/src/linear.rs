@@ -1,13 +1,21 @@
 //! Fully-connected layers and the fused LSTM cell, frozen: their backward gives the input
 //! gradient only.
 
-use std::sync::Arc;
+use std::mem::MaybeUninit;
+use std::sync::{Arc, OnceLock};
+
+use rayon::prelude::*;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use super::{f32_slice, CResult};
 use super::kernels::{linear_rows, linear_rows_backward, matmul, FEW_ROWS};
-use super::{Activation, Rule};
+use super::packed::{self, Columns, PackedWeights};
+use super::{Activation, Avx512, Rule};
+
+/// Rows from which a batch (a transformer's tokens) runs on the packed kernel of the 1x1
+/// convolutions: the weights packed once instead of by every call of the general GEMM.
+const PACKED_ROWS: usize = 32;
 
 
 /// A frozen fully-connected layer `y = x W^T + b`, W `[out, in]`.
@@ -19,6 +27,25 @@ pub struct Linear {
     in_features: usize,
     activation: Activation,
     rule: Rule,
+    /// The weights packed for the AVX-512 kernel, made at the first batch that uses them.
+    packed: Arc<OnceLock<Option<(Avx512, PackedWeights)>>>,
+}
+
+/// `src` `[rows, cols]` to `dst` `[cols, rows]`, in 32 x 32 tiles, rows of tiles in parallel.
+fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const T: usize = 32;
+    dst.par_chunks_mut(T * rows).enumerate().for_each(|(cb, out)| {
+        let c0 = cb * T;
+        let cn = T.min(cols - c0);
+        for r0 in (0..rows).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                let row = &src[r * cols + c0..r * cols + c0 + cn];
+                for (c, &v) in row.iter().enumerate() {
+                    out[c * rows + r] = v;
+                }
+            }
+        }
+    });
 }
 
 impl Linear {
@@ -39,7 +66,26 @@ impl Linear {
             in_features,
             activation,
             rule: Rule::Exact,
+            packed: Arc::new(OnceLock::new()),
         })
+    }
+
+    /// `[batch, out]` by the packed kernel, when this CPU has it: x transposed to `[in, batch]`
+    /// (the input of a 1x1 convolution over `batch` pixels), the result transposed back.
+    fn forward_packed(&self, x: &[f32], batch: usize) -> Option<Vec<f32>> {
+        let (cpu, p) = self.packed.get_or_init(|| Avx512::detect().map(|cpu| (cpu, PackedWeights::new(&self.weight, &self.bias, self.out_features, self.in_features)))).as_ref()?;
+        let (n, k) = (self.out_features, self.in_features);
+        let mut xt = vec![0f32; k * batch];
+        transpose(x, batch, k, &mut xt);
+        let mut yt: Vec<f32> = Vec::with_capacity(n * batch);
+        let dst: &mut [MaybeUninit<f32>] = &mut yt.spare_capacity_mut()[..n * batch];
+        packed::conv(*cpu, p, Columns::Input(&xt), batch, self.activation, None, dst);
+        // SAFETY: `packed::conv` writes every value of `dst[..m * plane]` (its doc; the kernel
+        // tests compare every value, partial tiles included).
+        unsafe { yt.set_len(n * batch) };
+        let mut y = vec![0f32; n * batch];
+        transpose(&yt, n, batch, &mut y);
+        Some(y)
     }
 
     /// # Shapes
@@ -68,6 +114,11 @@ impl CustomOp1 for Linear {
             candle_core::bail!("linear expects {} input features, got {inf}", self.in_features);
         }
         let n = self.out_features;
+        if batch >= PACKED_ROWS && n > 0 && inf > 0 {
+            if let Some(out) = self.forward_packed(x, batch) {
+                return Ok((CpuStorage::F32(out), Shape::from((batch, n))));
+            }
+        }
         let mut out = vec![0.0f32; batch * n];
         if batch <= FEW_ROWS {
             linear_rows(x, batch, &self.weight, n, inf, &mut out);
@@ -223,5 +274,32 @@ impl CustomOp1 for LstmCell {
             dx[b * width..b * width + k].copy_from_slice(&dxh[b * k..(b + 1) * k]);
         }
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+#[cfg(test)]
+mod packed_tests {
+    use candle_core::{Device, Tensor};
+
+    use super::{Linear, PACKED_ROWS};
+    use crate::Activation;
+
+    /// Token-sized batches (the packed kernel where the CPU has it, partial tiles on both sides)
+    /// equal the plain sum, every value.
+    #[test]
+    fn token_batches_equal_the_plain_sum() {
+        let (batch, inp, out) = (PACKED_ROWS + 9, 70, 53);
+        let val = |i: usize, s: usize| (((i * 2654435761 + s * 40503) % 1000) as f32 / 500.0) - 1.0;
+        let x: Vec<f32> = (0..batch * inp).map(|i| val(i, 1)).collect();
+        let w: Vec<f32> = (0..out * inp).map(|i| val(i, 2)).collect();
+        let b: Vec<f32> = (0..out).map(|i| val(i, 3)).collect();
+        let lin = Linear::new(&Tensor::from_vec(w.clone(), (out, inp), &Device::Cpu).unwrap(), Some(&Tensor::from_vec(b.clone(), out, &Device::Cpu).unwrap()), Activation::Relu).unwrap();
+        let y = lin.forward(&Tensor::from_vec(x.clone(), (batch, inp), &Device::Cpu).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        for r in 0..batch {
+            for o in 0..out {
+                let e = (0..inp).map(|k| x[r * inp + k] * w[o * inp + k]).sum::<f32>() + b[o];
+                assert!((y[r][o] - e.max(0.0)).abs() < 1e-4, "[{r}, {o}]: {} vs {}", y[r][o], e.max(0.0));
+            }
+        }
     }
 }

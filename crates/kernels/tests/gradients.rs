@@ -128,18 +128,23 @@ fn conv2d_forward_matches_candle() {
 fn pointwise_activations_match_finite_differences_and_their_definitions() {
     // Spread over [-6, 6]: both sides of hard swish's and hard sigmoid's kinks.
     let x = (tensor(&[2, 3, 5, 5], 11) * 6.0).unwrap();
-    let ops = [Pointwise::Sigmoid, Pointwise::Silu, Pointwise::HardSwish, Pointwise::HardSigmoid { alpha: 1.0 / 6.0, beta: 0.5 }];
+    let ops = [Pointwise::Sigmoid, Pointwise::Silu, Pointwise::HardSwish, Pointwise::HardSigmoid { alpha: 1.0 / 6.0, beta: 0.5 }, Pointwise::Erf, Pointwise::Gelu];
+    // candle's erf and erf-GELU, for the reference values of ours.
+    let erf = x.erf().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let gelu = x.gelu_erf().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     for op in ops {
         check_gradient(&format!("{op:?}"), &x, |x| op.forward(x));
         let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let y = op.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        for (a, b) in v.iter().zip(&y) {
+        for (i, (a, b)) in v.iter().zip(&y).enumerate() {
             let s = 1.0 / (1.0 + (-a).exp());
             let expected = match op {
                 Pointwise::Sigmoid => s,
                 Pointwise::Silu => a * s,
                 Pointwise::HardSwish => a * (a + 3.0).clamp(0.0, 6.0) / 6.0,
                 Pointwise::HardSigmoid { alpha, beta } => (alpha * a + beta).clamp(0.0, 1.0),
+                Pointwise::Erf => erf[i],
+                Pointwise::Gelu => gelu[i],
             };
             assert!((expected - b).abs() < 1e-6, "{op:?}({a}) = {b}, expected {expected}");
         }

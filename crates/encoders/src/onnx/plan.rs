@@ -100,8 +100,33 @@ impl Plan {
                     continue;
                 }
             }
-            if let Some(linear) = linear_of(node, constants)? {
-                steps.push(Step { kernel: Kernel::Linear(linear), label, inputs: vec![node.inputs[0].clone()], outputs: node.outputs.clone(), free: vec![] });
+            // GELU exported as x * (1 + erf(x / sqrt 2)) * 0.5: one pass.
+            if let Some((nodes_used, out)) = gelu_from(nodes, i, constants, &sole_reader) {
+                skip.extend(nodes_used);
+                steps.push(Step { kernel: Kernel::Pointwise(Pointwise::Gelu), label, inputs: vec![node.inputs[0].clone()], outputs: vec![out], free: vec![] });
+                continue;
+            }
+            // A MatMul by constant weights (with the Add of a constant bias after it, folded in).
+            let bias_add = (node.op_type == "MatMul")
+                .then(|| sole_reader(&node.outputs[0]))
+                .flatten()
+                .filter(|&k| nodes[k].op_type == "Add" && nodes[k].inputs.len() == 2 && nodes[k].inputs.contains(&node.outputs[0]))
+                .and_then(|k| {
+                    let other = nodes[k].inputs.iter().find(|v| **v != node.outputs[0])?;
+                    let b = constants.get(other)?;
+                    (b.rank() == 1).then(|| (k, b.clone()))
+                });
+            let fused = match &bias_add {
+                Some((k, b)) => linear_of(node, constants, Some(b))?.map(|l| (l, nodes[*k].outputs.clone(), Some(*k))),
+                None => None,
+            };
+            let plain = match fused {
+                Some(f) => Some(f),
+                None => linear_of(node, constants, None)?.map(|l| (l, node.outputs.clone(), None)),
+            };
+            if let Some((linear, outputs, folded)) = plain {
+                skip.extend(folded);
+                steps.push(Step { kernel: Kernel::Linear(linear), label, inputs: vec![node.inputs[0].clone()], outputs, free: vec![] });
                 continue;
             }
             let Some((j, (mut weight, mut bias, padding))) = conv else {
@@ -260,7 +285,7 @@ fn silu_after(nodes: &[Node], set: &[usize], value: &str, readers: &HashMap<&str
 
 /// Gemm (no transposed A, alpha = beta = 1) or MatMul of a 2-D input by constant weights, as our
 /// frozen [`Linear`] (whose backward computes the input gradient only).
-fn linear_of(node: &Node, constants: &HashMap<String, Tensor>) -> Result<Option<Linear>> {
+fn linear_of(node: &Node, constants: &HashMap<String, Tensor>, matmul_bias: Option<&Tensor>) -> Result<Option<Linear>> {
     let gemm = node.op_type == "Gemm";
     if !(gemm || node.op_type == "MatMul") {
         return Ok(None);
@@ -276,9 +301,31 @@ fn linear_of(node: &Node, constants: &HashMap<String, Tensor>) -> Result<Option<
             Some(c) if c.elem_count() == weight.dim(0)? && c.dims().iter().rev().skip(1).all(|&d| d == 1) => Some(c.clone()),
             _ => return Ok(None),
         },
-        None => None,
+        None => match matmul_bias {
+            Some(b) if b.elem_count() == weight.dim(0)? => Some(b.to_dtype(candle_core::DType::F32)?),
+            Some(_) => return Ok(None),
+            None => None,
+        },
     };
     Ok(Some(Linear::new(&weight, bias.as_ref(), Activation::Identity)?))
+}
+
+/// The nodes after `nodes[i]` that make GELU of its input with it, `x * (1 + erf(x / sqrt 2)) *
+/// 0.5` as torch exports `nn.GELU` (Div, Erf, Add 1, Mul x, Mul 0.5), each value read only by the
+/// next; and the last node's output.
+fn gelu_from(nodes: &[Node], i: usize, constants: &HashMap<String, Tensor>, sole_reader: &dyn Fn(&str) -> Option<usize>) -> Option<(Vec<usize>, String)> {
+    let scalar = |v: &str| -> Option<f32> { constant_f32(constants, v).filter(|c| c.len() == 1).map(|c| c[0]) };
+    let near = |v: &str, c: f32| scalar(v).is_some_and(|s| (s - c).abs() < 1e-4);
+    let div = &nodes[i];
+    if !(div.op_type == "Div" && div.inputs.len() == 2 && near(&div.inputs[1], std::f32::consts::SQRT_2)) {
+        return None;
+    }
+    let x = &div.inputs[0];
+    let erf = sole_reader(&div.outputs[0]).filter(|&j| nodes[j].op_type == "Erf")?;
+    let add = sole_reader(&nodes[erf].outputs[0]).filter(|&j| nodes[j].op_type == "Add" && nodes[j].inputs.iter().any(|v| near(v, 1.0)))?;
+    let mul = sole_reader(&nodes[add].outputs[0]).filter(|&j| nodes[j].op_type == "Mul" && nodes[j].inputs.contains(x))?;
+    let half = sole_reader(&nodes[mul].outputs[0]).filter(|&j| nodes[j].op_type == "Mul" && nodes[j].inputs.iter().any(|v| near(v, 0.5)))?;
+    Some((vec![erf, add, mul, half], nodes[half].outputs[0].clone()))
 }
 
 /// A part of the graph specialised to each input shape it meets: values computed from shapes

@@ -5,6 +5,7 @@
 //! and shapes, not activations, and have no gradient.
 
 use candle_core::{DType, Tensor};
+use gradcam_kernels::Pointwise;
 
 use super::ops::{arg, attr_float, attr_int, attr_ints, attr_str, axis, check_size, fail, ints_of, opt, R};
 use super::proto::Node;
@@ -59,11 +60,11 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>]) -> Option<R<Vec<Tensor>
                 }
                 Ok(vec![y])
             }
-            "Erf" => Ok(vec![x()?.to_dtype(DType::F32)?.erf()?]),
+            "Erf" => Ok(vec![Pointwise::Erf.forward(&x()?.to_dtype(DType::F32)?)?]),
             "Gelu" => {
                 let x = x()?.to_dtype(DType::F32)?;
                 Ok(vec![match attr_str(node, "approximate").as_deref() {
-                    None | Some("none") => x.gelu_erf()?,
+                    None | Some("none") => Pointwise::Gelu.forward(&x)?,
                     Some("tanh") => x.gelu()?,
                     Some(other) => return fail(format!("Gelu with approximate={other:?}")),
                 }])

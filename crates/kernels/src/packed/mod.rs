@@ -79,7 +79,7 @@ pub(crate) type PackedWeights = Blocks<MR>;
 pub(crate) type ChannelBlocks = Blocks<NC>;
 
 impl<const R: usize> Blocks<R> {
-    pub(super) fn new(w: &[f32], bias: &[f32], m: usize, k: usize) -> Self {
+    pub(crate) fn new(w: &[f32], bias: &[f32], m: usize, k: usize) -> Self {
         let blocks = m.div_ceil(R);
         let mut data = Aligned::zeros(blocks * k * R);
         for (blk, dst) in data.chunks_mut(k * R).enumerate() {
