@@ -13,6 +13,29 @@ pub fn softmax_last(x: &Tensor) -> CResult<Tensor> {
 
 struct Softmax;
 
+/// One row: exps in one vectorisable pass, their sum, the scaling.
+#[inline(always)]
+fn row(r: &[f32], o: &mut [f32]) {
+    let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    o.iter_mut().zip(r).for_each(|(o, &v)| *o = crate::fastmath::exp(v - max));
+    // Sixteen partial sums (a vector's lanes), then theirs.
+    let mut lanes = [0f32; 16];
+    let chunks = o.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        lanes.iter_mut().zip(c).for_each(|(l, v)| *l += v);
+    }
+    let inv = 1.0 / (lanes.iter().sum::<f32>() + tail);
+    o.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// [`row`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_avx512(r: &[f32], o: &mut [f32]) {
+    row(r, o)
+}
+
 /// Rows per parallel task at least (about 16K values).
 fn rows_per_task(n: usize) -> usize {
     (16384 / n.max(1)).max(1)
@@ -28,15 +51,12 @@ impl CustomOp1 for Softmax {
         let n = *layout.dims().last().unwrap_or(&1);
         let mut out = vec![0f32; x.len()];
         if n > 0 {
-            out.par_chunks_mut(n).zip(x.par_chunks(n)).with_min_len(rows_per_task(n)).for_each(|(o, r)| {
-                let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &v) in o.iter_mut().zip(r) {
-                    *o = crate::fastmath::exp(v - max);
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|v| *v *= inv);
+            let wide = crate::Avx512::detect();
+            out.par_chunks_mut(n).zip(x.par_chunks(n)).with_min_len(rows_per_task(n)).for_each(|(o, r)| match wide {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the token proves that the CPU has AVX-512F.
+                Some(_) => unsafe { row_avx512(r, o) },
+                _ => row(r, o),
             });
         }
         Ok((CpuStorage::F32(out), layout.shape().clone()))
