@@ -49,18 +49,21 @@ pub mod bench;
 pub mod pipeline;
 
 pub use gradcam_core::{
-    AnyMethod, Cam, CamMethod, Context, Error, Explainable, Explainer, Explanation, Map, Method, Request, Result, Rule, Score, Split, Target, UnknownMethod,
+    AnyMethod, Cam, CamMethod, Context, Error, Explainable, Explainer, Explanation, Layout, Map, Method, Request, Result, Rule, Score, Split, Target, UnknownMethod,
 };
 
 /// Differentiable CPU ops whose backward is exact (or, built with [`Rule::Guided`], follows
 /// Guided Backpropagation's rule), for the models you explain.
 pub mod ops {
-    pub use gradcam_kernels::{matmul, matvec, Activation, AdaptiveAvgPool2d, Conv2d, GlobalAvgMaxPool, Linear, LstmCell, MaxPool2d, Padding, Pointwise, Rule, TrainableConv2d};
+    pub use gradcam_kernels::{matmul, matvec, softmax_last, tap, Activation, AdaptiveAvgPool2d, Conv2d, GlobalAvgMaxPool, Linear, LstmCell, MaxPool2d, Padding, Pointwise, Rule, TrainableConv2d};
 }
 
 /// Every built-in method as a type, and the pieces they are made of: [`explain`](methods::explain)
-/// (the one backward pass through the head), the guided images, the smoothings.
+/// (the one backward pass through the head), the guided images, the smoothings, and the
+/// transformers' attention rollout and relevance.
 pub mod methods {
+    pub use gradcam_core::attention::{record as record_attention, Attention, Relevance, Rollout, ScoreFn};
+    pub use gradcam_core::explainer::AttentionForward;
     pub use gradcam_core::guided::{gradient_image, guided_backprop, guided_gradcam, Guided};
     pub use gradcam_core::methods::{AugSmooth, EigenCam, EigenSmooth, GradCamPlusPlus, HiResCam, LayerCam, XGradCam};
     pub use gradcam_core::perturbation::{AblationCam, ScoreCam};

@@ -130,6 +130,16 @@ fn a_program_outside_the_repository_explains_its_own_cnn() {
 }
 
 #[test]
+fn vit_example_explains_its_own_transformer_with_gradcam_rollout_and_relevance() {
+    let out = tempfile::tempdir().unwrap();
+    let stdout = run("vit", &[out.path()]);
+    check_written("vit", &stdout, 3);
+    assert!(stdout.contains("gradcam: 4x4 map") && stdout.contains("relevance: 4x4 map") && stdout.contains("rollout: 4x4 map"), "{stdout}");
+    let worst: f32 = stdout.lines().find_map(|l| l.split("largest difference ").nth(1)).and_then(|v| v.trim().parse().ok()).expect("the hand-computation line");
+    assert!(worst <= 1e-5, "{stdout}");
+}
+
+#[test]
 fn onnx_model_example_explains_an_exported_cnn() {
     let out = tempfile::tempdir().unwrap();
     let stdout = run("onnx_model", &[&repo("tests/fixtures/onnx/densenet.onnx"), &repo("data/photos/images/chelsea.png"), out.path()]);

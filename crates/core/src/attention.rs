@@ -138,3 +138,51 @@ impl Explainer for Relevance {
         explain_attention(cx, requests, "relevance", true)
     }
 }
+
+/// Runs a transformer once on the single image `input` and records its attention: `run` computes
+/// the output rows and passes each block's attention probabilities (`[1, heads, T, T]` or
+/// `[heads, T, T]`, as they come out of the softmax) through the function it is given, using
+/// what that returns in their place. With `score`, the probabilities are tapped
+/// ([`gradcam_kernels::tap`]) and the score's backward gives their gradients (the total
+/// derivative, every path after them kept). `prefix` and `grid`: the token layout.
+pub fn record(input: &Tensor, score: Option<ScoreFn<'_>>, prefix: usize, grid: (usize, usize), run: &dyn Fn(&Tensor, &dyn Fn(Tensor) -> candle_core::Result<Tensor>) -> candle_core::Result<Tensor>) -> Result<Attention> {
+    use std::sync::{Arc, Mutex};
+    type Slot = Arc<Mutex<Option<Tensor>>>;
+    let taps: Mutex<Vec<(Tensor, Option<Slot>)>> = Mutex::new(Vec::new());
+    let gradients = score.is_some();
+    let attend = |a: Tensor| -> candle_core::Result<Tensor> {
+        let mut taps = taps.lock().unwrap_or_else(|e| e.into_inner());
+        if gradients {
+            let (y, slot) = gradcam_kernels::tap(&a.to_dtype(candle_core::DType::F32)?)?;
+            taps.push((y.clone(), Some(slot)));
+            Ok(y)
+        } else {
+            taps.push((a.clone(), None));
+            Ok(a)
+        }
+    };
+    let x = if gradients { candle_core::Var::from_tensor(input)?.as_tensor().clone() } else { input.clone() };
+    let output = run(&x, &attend)?.flatten_from(1)?;
+    if let Some(score) = score {
+        score(&output)?.backward()?;
+    }
+    let taps = taps.into_inner().unwrap_or_else(|e| e.into_inner());
+    let square = |t: &Tensor| -> Result<Tensor> {
+        let t_len = t.dim(candle_core::D::Minus1)?;
+        Ok(t.detach().reshape(((), t_len, t_len))?)
+    };
+    let probs = taps.iter().map(|(t, _)| square(t)).collect::<Result<Vec<_>>>()?;
+    let grads = if gradients {
+        Some(
+            taps.iter()
+                .map(|(_, s)| {
+                    let g = s.as_ref().and_then(|s| s.lock().unwrap_or_else(|e| e.into_inner()).take()).ok_or(Error::NoGradient)?;
+                    square(&g)
+                })
+                .collect::<Result<Vec<_>>>()?,
+        )
+    } else {
+        None
+    };
+    Ok(Attention { probs, grads, output: output.detach(), prefix, grid })
+}

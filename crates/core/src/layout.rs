@@ -29,6 +29,12 @@ pub enum Layout {
 }
 
 impl Layout {
+    /// A transformer's tokens `[n, prefix + h*w, dim]` flattened to rows (the grid row-major after
+    /// `prefix` class / distillation tokens), nothing after them.
+    pub fn tokens(prefix: usize, h: usize, w: usize, dim: usize) -> Layout {
+        Layout::Packed { start: prefix * dim, h, w, channels: dim }
+    }
+
     /// The grid `[n, K, h, w]` of `activations` (the model's own layout).
     pub fn grid(&self, activations: &Tensor) -> Result<Tensor> {
         match *self {

@@ -282,43 +282,9 @@ impl AttentionProbe {
 
     /// The attention of the single image `input`, with gradients for `score` when given.
     pub(super) fn run(&self, input: &candle_core::Tensor, score: Option<gradcam_core::attention::ScoreFn<'_>>) -> gradcam_core::Result<gradcam_core::Attention> {
-        use std::sync::{Arc, Mutex};
-        type Slot = Arc<Mutex<Option<candle_core::Tensor>>>;
-        let taps: Mutex<Vec<(candle_core::Tensor, Option<Slot>)>> = Mutex::new(Vec::new());
-        let grads = score.is_some();
-        let tap = |name: &str, t: candle_core::Tensor| -> candle_core::Result<candle_core::Tensor> {
-            if !self.softmaxes.contains(name) {
-                return Ok(t);
-            }
-            let mut taps = taps.lock().unwrap_or_else(|e| e.into_inner());
-            if grads {
-                let (y, slot) = gradcam_kernels::tap(&t)?;
-                taps.push((y.clone(), Some(slot)));
-                Ok(y)
-            } else {
-                taps.push((t.clone(), None));
-                Ok(t)
-            }
-        };
-        let x = if grads { candle_core::Var::from_tensor(input)?.as_tensor().clone() } else { input.clone() };
-        let output = self.full.run_with(&x, &[], gradcam_kernels::Rule::Exact, std::slice::from_ref(&self.output), Some(&tap))?.remove(0).flatten_from(1)?;
-        if let Some(score) = score {
-            score(&output)?.backward()?;
-        }
-        let taps = taps.into_inner().unwrap_or_else(|e| e.into_inner());
-        let heads = |t: &candle_core::Tensor| -> candle_core::Result<candle_core::Tensor> {
-            let tt = t.dim(candle_core::D::Minus1)?;
-            t.detach().reshape(((), tt, tt))
-        };
-        let probs = taps.iter().map(|(t, _)| heads(t)).collect::<candle_core::Result<Vec<_>>>()?;
-        let grads = if grads {
-            Some(taps.iter().map(|(_, s)| {
-                let g = s.as_ref().and_then(|s| s.lock().unwrap_or_else(|e| e.into_inner()).take()).ok_or(gradcam_core::Error::NoGradient)?;
-                Ok(heads(&g)?)
-            }).collect::<gradcam_core::Result<Vec<_>>>()?)
-        } else {
-            None
-        };
-        Ok(gradcam_core::Attention { probs, grads, output: output.detach(), prefix: self.prefix, grid: self.grid })
+        gradcam_core::attention::record(input, score, self.prefix, self.grid, &|x, attend| {
+            let tap = |name: &str, t: candle_core::Tensor| if self.softmaxes.contains(name) { attend(t) } else { Ok(t) };
+            Ok(self.full.run_with(x, &[], gradcam_kernels::Rule::Exact, std::slice::from_ref(&self.output), Some(&tap))?.remove(0))
+        })
     }
 }
