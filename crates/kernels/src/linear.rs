@@ -29,6 +29,25 @@ pub struct Linear {
     rule: Rule,
     /// The weights packed for the AVX-512 kernel, made at the first batch that uses them.
     packed: Arc<OnceLock<Option<(Avx512, PackedWeights)>>>,
+    /// W^T packed alike, for the backward of token batches.
+    packed_t: Arc<OnceLock<Option<(Avx512, PackedWeights)>>>,
+}
+
+/// `[rows, n]` = `x [rows, k]` times the packed `[n, k]` weights (bias and activation in the
+/// epilogue): x transposed to `[k, rows]` (the input of a 1x1 convolution over `rows` pixels),
+/// the result transposed back.
+fn packed_rows(cpu: Avx512, p: &PackedWeights, x: &[f32], rows: usize, k: usize, n: usize, act: Activation) -> Vec<f32> {
+    let mut xt = vec![0f32; k * rows];
+    transpose(x, rows, k, &mut xt);
+    let mut yt: Vec<f32> = Vec::with_capacity(n * rows);
+    let dst: &mut [MaybeUninit<f32>] = &mut yt.spare_capacity_mut()[..n * rows];
+    packed::conv(cpu, p, Columns::Input(&xt), rows, act, None, dst);
+    // SAFETY: `packed::conv` writes every value of `dst[..m * plane]` (its doc; the kernel
+    // tests compare every value, partial tiles included).
+    unsafe { yt.set_len(n * rows) };
+    let mut y = vec![0f32; n * rows];
+    transpose(&yt, n, rows, &mut y);
+    y
 }
 
 /// `src` `[rows, cols]` to `dst` `[cols, rows]`, in 32 x 32 tiles, rows of tiles in parallel.
@@ -67,25 +86,30 @@ impl Linear {
             activation,
             rule: Rule::Exact,
             packed: Arc::new(OnceLock::new()),
+            packed_t: Arc::new(OnceLock::new()),
         })
     }
 
-    /// `[batch, out]` by the packed kernel, when this CPU has it: x transposed to `[in, batch]`
-    /// (the input of a 1x1 convolution over `batch` pixels), the result transposed back.
+    /// `[batch, out]` by the packed kernel, when this CPU has it.
     fn forward_packed(&self, x: &[f32], batch: usize) -> Option<Vec<f32>> {
         let (cpu, p) = self.packed.get_or_init(|| Avx512::detect().map(|cpu| (cpu, PackedWeights::new(&self.weight, &self.bias, self.out_features, self.in_features)))).as_ref()?;
-        let (n, k) = (self.out_features, self.in_features);
-        let mut xt = vec![0f32; k * batch];
-        transpose(x, batch, k, &mut xt);
-        let mut yt: Vec<f32> = Vec::with_capacity(n * batch);
-        let dst: &mut [MaybeUninit<f32>] = &mut yt.spare_capacity_mut()[..n * batch];
-        packed::conv(*cpu, p, Columns::Input(&xt), batch, self.activation, None, dst);
-        // SAFETY: `packed::conv` writes every value of `dst[..m * plane]` (its doc; the kernel
-        // tests compare every value, partial tiles included).
-        unsafe { yt.set_len(n * batch) };
-        let mut y = vec![0f32; n * batch];
-        transpose(&yt, n, batch, &mut y);
-        Some(y)
+        Some(packed_rows(*cpu, p, x, batch, self.in_features, self.out_features, self.activation))
+    }
+
+    /// `dx [batch, in] = g [batch, out] @ W` by the packed kernel (W^T packed once).
+    fn backward_packed(&self, g: &[f32], batch: usize) -> Option<Vec<f32>> {
+        let (cpu, p) = self
+            .packed_t
+            .get_or_init(|| {
+                Avx512::detect().map(|cpu| {
+                    let (o, i) = (self.out_features, self.in_features);
+                    let mut wt = vec![0f32; o * i];
+                    transpose(&self.weight, o, i, &mut wt);
+                    (cpu, PackedWeights::new(&wt, &vec![0.0; i], i, o))
+                })
+            })
+            .as_ref()?;
+        Some(packed_rows(*cpu, p, g, batch, self.out_features, self.in_features, Activation::Identity))
     }
 
     /// # Shapes
@@ -139,6 +163,11 @@ impl CustomOp1 for Linear {
         let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let (act, rule) = (self.activation, self.rule);
         let gpre: Vec<f32> = out.iter().zip(&grad).map(|(&o, &d)| act.backward(o, d, rule)).collect();
+        if batch >= PACKED_ROWS && self.in_features > 0 && self.out_features > 0 {
+            if let Some(dx) = self.backward_packed(&gpre, batch) {
+                return Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?));
+            }
+        }
         let mut dx = vec![0.0f32; batch * self.in_features];
         // dx[batch, in] = g[batch, out] @ W[out, in]
         let (n, k) = (self.in_features, self.out_features);
@@ -294,11 +323,23 @@ mod packed_tests {
         let w: Vec<f32> = (0..out * inp).map(|i| val(i, 2)).collect();
         let b: Vec<f32> = (0..out).map(|i| val(i, 3)).collect();
         let lin = Linear::new(&Tensor::from_vec(w.clone(), (out, inp), &Device::Cpu).unwrap(), Some(&Tensor::from_vec(b.clone(), out, &Device::Cpu).unwrap()), Activation::Relu).unwrap();
-        let y = lin.forward(&Tensor::from_vec(x.clone(), (batch, inp), &Device::Cpu).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        let xv = candle_core::Var::from_tensor(&Tensor::from_vec(x.clone(), (batch, inp), &Device::Cpu).unwrap()).unwrap();
+        let yt = lin.forward(xv.as_tensor()).unwrap();
+        let y = yt.to_vec2::<f32>().unwrap();
         for r in 0..batch {
             for o in 0..out {
                 let e = (0..inp).map(|k| x[r * inp + k] * w[o * inp + k]).sum::<f32>() + b[o];
                 assert!((y[r][o] - e.max(0.0)).abs() < 1e-4, "[{r}, {o}]: {} vs {}", y[r][o], e.max(0.0));
+            }
+        }
+        // The backward (W^T packed): dx = (g * relu'(y)) @ W, every value.
+        let g: Vec<f32> = (0..batch * out).map(|i| val(i, 4)).collect();
+        let seed = Tensor::from_vec(g.clone(), (batch, out), &Device::Cpu).unwrap();
+        let dx = (yt * seed).unwrap().sum_all().unwrap().backward().unwrap().get(xv.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        for r in 0..batch {
+            for k in 0..inp {
+                let e: f32 = (0..out).filter(|&o| y[r][o] > 0.0).map(|o| g[r * out + o] * w[o * inp + k]).sum();
+                assert!((dx[r][k] - e).abs() < 1e-4, "dx[{r}, {k}]: {} vs {e}", dx[r][k]);
             }
         }
     }
