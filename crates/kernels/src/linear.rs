@@ -34,14 +34,12 @@ pub struct Linear {
 }
 
 /// `[rows, n]` = `x [rows, k]` times the packed `[n, k]` weights (bias and activation in the
-/// epilogue): x transposed to `[k, rows]` (the input of a 1x1 convolution over `rows` pixels),
-/// the result transposed back.
+/// epilogue): the rows of x are the columns of a 1x1 convolution over `rows` pixels, whose
+/// `[n, rows]` result is transposed back.
 fn packed_rows(cpu: Avx512, p: &PackedWeights, x: &[f32], rows: usize, k: usize, n: usize, act: Activation) -> Vec<f32> {
-    let mut xt = vec![0f32; k * rows];
-    transpose(x, rows, k, &mut xt);
     let mut yt: Vec<f32> = Vec::with_capacity(n * rows);
     let dst: &mut [MaybeUninit<f32>] = &mut yt.spare_capacity_mut()[..n * rows];
-    packed::conv(cpu, p, Columns::Input(&xt), rows, act, None, dst);
+    packed::conv(cpu, p, Columns::Rows(&x[..k * rows]), rows, act, None, dst);
     // SAFETY: `packed::conv` writes every value of `dst[..m * plane]` (its doc; the kernel
     // tests compare every value, partial tiles included).
     unsafe { yt.set_len(n * rows) };

@@ -101,6 +101,9 @@ impl<const R: usize> Blocks<R> {
 pub(crate) enum Columns<'a> {
     /// A 1x1 stride-1 convolution: the input rows `[k, plane]` themselves.
     Input(&'a [f32]),
+    /// The same transposed: `[plane, k]`, each column of the product a row here (a
+    /// transformer's tokens, as a fully-connected layer reads them).
+    Rows(&'a [f32]),
     /// Any other: im2col of the input (channels from `c0`), made panel by panel.
     Im2col { x: &'a [f32], g: &'a ConvGeometry, c0: usize },
 }
@@ -141,7 +144,7 @@ pub(crate) fn conv(cpu: Avx512, p: &PackedWeights, cols: Columns<'_>, plane: usi
     assert!(dst.len() >= p.m * plane && res.is_none_or(|r| r.len() >= p.m * plane), "packed conv: output too small");
     let res = Residual(res.map_or(std::ptr::null(), |r| r.as_ptr()));
     let res = &res;
-    if let Columns::Input(x) = cols {
+    if let Columns::Input(x) | Columns::Rows(x) = cols {
         assert!(x.len() >= p.k * plane, "packed conv: input too small");
     }
     let tiles = plane.div_ceil(NR);
@@ -155,6 +158,14 @@ pub(crate) fn conv(cpu: Avx512, p: &PackedWeights, cols: Columns<'_>, plane: usi
             Columns::Input(x) => {
                 for (kk, row) in panel.chunks_mut(NR).enumerate() {
                     row[..n].copy_from_slice(&x[kk * plane + j0..kk * plane + j0 + n]);
+                }
+            }
+            Columns::Rows(x) => {
+                for j in 0..n {
+                    let src = &x[(j0 + j) * p.k..(j0 + j + 1) * p.k];
+                    for (kk, &v) in src.iter().enumerate() {
+                        panel[kk * NR + j] = v;
+                    }
                 }
             }
             Columns::Im2col { x, g, c0 } => super::kernels::im2col_panel(x, g, c0, p.k, j0, n, NR, panel),
@@ -196,7 +207,10 @@ pub(crate) fn conv(cpu: Avx512, p: &PackedWeights, cols: Columns<'_>, plane: usi
             }
         }
     };
-    if tiles <= SHARED_PANELS {
+    // A fully-connected layer's token rows (a transformer's MB of weights, a few hundred KB of
+    // panels): shared too, so that the weights stream from memory once, not once per panel.
+    let rows_fit = matches!(cols, Columns::Rows(_)) && tiles * panel_len * std::mem::size_of::<f32>() <= 2 << 20;
+    if tiles <= SHARED_PANELS || rows_fit {
         let mut panels = Aligned::zeros(tiles * panel_len);
         panels.par_chunks_mut(panel_len).enumerate().for_each(|(t, panel)| fill(panel, t));
         let per = blocks.div_ceil(4 * threads).max(1);
