@@ -12,8 +12,8 @@ use gradcam::Method;
 pub struct MethodArgs {
     /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ablationcam or
     /// scorecam (one forward pass of the network per channel of the layer), guided-backprop or
-    /// guided-gradcam (images at the input's resolution). Several, comma-separated, also write a
-    /// comparison of them.
+    /// guided-gradcam (images at the input's resolution); for transformers rollout and relevance.
+    /// Several, comma-separated, also write a comparison of them.
     #[arg(long, default_value = "gradcam", value_delimiter = ',')]
     pub method: Vec<Method>,
     /// Eigen-smoothing: each map is the first principal component of the weighted activations

@@ -186,7 +186,17 @@ impl Temporary {
     /// registry's lock.
     fn create(dir: &Path, name: &str) -> std::io::Result<Self> {
         let mut registry = TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner());
-        let file = tempfile::Builder::new().prefix(&format!(".{name}.")).suffix(".tmp").tempfile_in(dir)?;
+        let prefix = format!(".{name}.");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(&prefix).suffix(".tmp");
+        // A written file gets the permissions of any other (0666 less the umask), not the
+        // temporary's private 0600.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            builder.permissions(std::fs::Permissions::from_mode(0o666));
+        }
+        let file = builder.tempfile_in(dir)?;
         registry.push(file.path().to_path_buf());
         let registered = Registered(file.path().to_path_buf());
         Ok(Temporary { file, _registered: registered })
@@ -248,6 +258,13 @@ mod tests {
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["out.txt"], "no temporary left behind");
         assert!(TEMPORARIES.lock().unwrap().is_empty());
+        // Readable by others as any written file is (0666 less the umask, never 0600).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_ne!(mode, 0o600, "mode {mode:o}: the temporary's private mode");
+        }
     }
 
     #[test]
