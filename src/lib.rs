@@ -63,7 +63,7 @@ pub mod ops {
 /// transformers' attention rollout and relevance.
 pub mod methods {
     pub use gradcam_core::attention::{record as record_attention, Attention, Relevance, Rollout, ScoreFn};
-    pub use gradcam_core::explainer::AttentionForward;
+    pub use gradcam_core::AttentionForward;
     pub use gradcam_core::guided::{gradient_image, guided_backprop, guided_gradcam, Guided};
     pub use gradcam_core::methods::{AugSmooth, EigenCam, EigenSmooth, GradCamPlusPlus, HiResCam, LayerCam, XGradCam};
     pub use gradcam_core::perturbation::{AblationCam, ScoreCam};

@@ -23,10 +23,12 @@ pub mod metrics;
 pub mod perturbation;
 pub mod report;
 pub mod setting;
+pub mod split;
 
 pub use attention::{Attention, Relevance, Rollout};
 pub use cam::{explain, weighted_sum, CamMethod, Context, Explainable, Explainer, GradCam, Request, Score};
-pub use explainer::{AnyMethod, Cam, Explanation, GuidedForward, NoGuidedForward, Split, Target};
+pub use explainer::{AnyMethod, Cam, Explanation, Target};
+pub use split::{AttentionForward, GuidedForward, NoGuidedForward, Split};
 pub use gradcam_kernels::Rule;
 pub use layout::Layout;
 pub use map::Map;
