@@ -15,39 +15,14 @@ prints it). Needs numpy and onnxruntime; builds nothing (run `cargo build --rele
 import datetime
 import json
 import re
-import subprocess
+import os
 import sys
-import time
 
 import numpy as np
 
-GRADCAM = "./target/release/gradcam"
 PAGE = "docs/transformers.md"
-
-
-def run(args):
-    r = subprocess.run(args, capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"{' '.join(args)}\n{r.stderr}")
-    return r.stdout
-
-
-def ort_forward_ms(path, x, threads, iters):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: x}
-    for _ in range(3):
-        sess.run(None, feed)
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t) * 1000)
-    return float(np.median(times))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from onnx_table import GRADCAM, ort_forward_ms, run  # noqa: E402
 
 
 def main():
