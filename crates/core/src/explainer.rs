@@ -396,6 +396,7 @@ mod tests {
 
     use super::*;
     use crate::cam::Context;
+    use crate::Split;
 
     /// A tiny model: ReLU(conv-free scaling) features, a linear head over the pooled channels.
     /// Scores: class c = sum_k w[c][k] mean(A^k).
