@@ -48,8 +48,8 @@ pub struct Network {
     resize: crate::preprocess::Resize,
     /// How the explained layer's activations hold its grid (a transformer's tokens).
     layout: gradcam_core::Layout,
-    /// A transformer's attention probabilities for rollout and relevance, or why there are none.
-    attention: std::result::Result<AttentionFn, String>,
+    /// A transformer's attention probabilities for rollout and relevance (an ONNX graph's).
+    attention: Option<AttentionFn>,
     /// The last head pass run through [`Split::head`], kept with its graph so that explaining
     /// the same activations right after (what every caller does: logits first, then the
     /// explanation of a class among them) runs the backward without a second forward. VGG-16's
@@ -85,7 +85,7 @@ impl Network {
         num_classes: usize,
     ) -> Self {
         let fused = layers.iter().map(|_| None).collect();
-        Self { arch: arch.into(), layers, fused, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes, preprocess: Preprocess::default(), labels: None, resize: crate::preprocess::Resize::CenterCrop, layout: gradcam_core::Layout::Grid, attention: Err(String::new()), last_head: std::sync::Mutex::new(None) }
+        Self { arch: arch.into(), layers, fused, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes, preprocess: Preprocess::default(), labels: None, resize: crate::preprocess::Resize::CenterCrop, layout: gradcam_core::Layout::Grid, attention: None, last_head: std::sync::Mutex::new(None) }
     }
 
     /// Layers `index` and `index + 1` as the one op `both`, for passes that run through both.
@@ -127,13 +127,7 @@ impl Network {
 
     /// The attention probabilities of a transformer, for rollout and relevance.
     pub(crate) fn with_attention(mut self, attention: AttentionFn) -> Self {
-        self.attention = Ok(attention);
-        self
-    }
-
-    /// Why rollout and relevance cannot run on this network.
-    pub(crate) fn with_attention_refusal(mut self, why: String) -> Self {
-        self.attention = Err(why);
+        self.attention = Some(attention);
         self
     }
 
@@ -308,9 +302,8 @@ impl Explainable for Split<'_> {
 
     fn attention(&self, input: &Tensor, score: Option<gradcam_core::attention::ScoreFn<'_>>) -> gradcam_core::Result<gradcam_core::Attention> {
         match &self.network.attention {
-            Ok(f) => f(input, score),
-            Err(why) if why.is_empty() => Err(gradcam_core::Error::NoAttention { reason: format!("{} is a convolutional network", self.network.arch) }),
-            Err(why) => Err(gradcam_core::Error::NoAttention { reason: why.clone() }),
+            Some(f) => f(input, score),
+            None => Err(gradcam_core::Error::NoAttention { reason: format!("{} is a convolutional network", self.network.arch) }),
         }
     }
 }

@@ -499,10 +499,15 @@ impl OnnxModel {
         });
         let _ = shape;
         let mut net = Network::new(self.name.clone(), vec![(layer.clone(), f)], h, &layer, self.num_classes).with_preprocess(self.preprocess.clone()).with_layout(core_layout);
-        net = match grid::AttentionProbe::new(self) {
-            Ok(probe) => net.with_attention(Arc::new(move |x: &Tensor, score: Option<gradcam_core::attention::ScoreFn<'_>>| probe.run(x, score))),
-            Err(why) => net.with_attention_refusal(format!("{}: {why}", self.name)),
-        };
+        // The whole graph with its attention tapped, compiled when rollout or relevance first
+        // asks for it (a ViT-B/16's compile takes a second).
+        let (model, probe) = (self.clone(), Arc::new(std::sync::OnceLock::new()));
+        net = net.with_attention(Arc::new(move |x: &Tensor, score: Option<gradcam_core::attention::ScoreFn<'_>>| {
+            match probe.get_or_init(|| grid::AttentionProbe::new(&model)) {
+                Ok(probe) => probe.run(x, score),
+                Err(why) => Err(gradcam_core::Error::NoAttention { reason: format!("{}: {why}", model.name) }),
+            }
+        }));
         if let Some(labels) = &self.labels {
             net = net.with_labels(labels.clone());
         }
