@@ -12,6 +12,7 @@ mod ops;
 mod grid;
 mod plan;
 pub mod proto;
+mod rows;
 mod tensor;
 mod tokens;
 
@@ -447,7 +448,16 @@ impl OnnxModel {
         let mut keep: HashSet<String> = HashSet::from([layer.clone(), self.output.clone()]);
         keep.extend(sides.iter().cloned());
         let forward = Arc::new(Part::new(self.nodes.clone(), forward, &self.constants, &self.input, &layer, keep.clone())?);
-        let head = Arc::new(Part::new(self.nodes.clone(), head, &self.constants, &layer, &self.output, keep)?);
+        // A class-token head: the ops after the last attention on the class token's row alone.
+        let head = match rows::hoist(self, &head).filter(|_| std::env::var_os("GRADCAM_NO_ROW_HOIST").is_none()) {
+            Some((nodes, extra)) => {
+                let mut constants = self.constants.clone();
+                constants.extend(extra);
+                let set = (0..nodes.len()).collect();
+                Arc::new(Part::new(Arc::new(nodes), set, &constants, &layer, &self.output, keep)?)
+            }
+            None => Arc::new(Part::new(self.nodes.clone(), head, &self.constants, &layer, &self.output, keep)?),
+        };
         let output = [self.output.clone()];
         let (f, h, core_layout): (Box<dyn Layer>, Box<dyn Layer>, Layout) = match layout {
             ValueLayout::Nchw => {
