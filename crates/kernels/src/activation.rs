@@ -183,7 +183,7 @@ impl Pointwise {
 
     /// `o[i] = apply(x[i])`, the op chosen once per slice (so that the loop vectorises), 16
     /// lanes wide where the CPU has AVX-512.
-    fn apply_slice(self, x: &[f32], o: &mut [f32]) {
+    pub(crate) fn apply_slice(self, x: &[f32], o: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if let Some(cpu) = crate::Avx512::detect() {
             return wide::apply(cpu, self, x, o);
@@ -192,7 +192,7 @@ impl Pointwise {
     }
 
     /// `g[i] *= derivative(x[i])`, 16 lanes wide where the CPU has AVX-512.
-    fn scale_by_derivative(self, x: &[f32], g: &mut [f32]) {
+    pub(crate) fn scale_by_derivative(self, x: &[f32], g: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if let Some(cpu) = crate::Avx512::detect() {
             return wide::scale(cpu, self, x, g);

@@ -110,6 +110,81 @@ impl Linear {
         Some(packed_rows(*cpu, p, g, batch, self.out_features, self.in_features, Activation::Identity))
     }
 
+    pub(crate) fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    pub(crate) fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// `[batch, out]` for the rows `x` (`[batch, in]`), bias and activation applied.
+    pub(crate) fn rows_forward(&self, x: &[f32], batch: usize) -> Vec<f32> {
+        let (n, inf) = (self.out_features, self.in_features);
+        if batch >= PACKED_ROWS && n > 0 && inf > 0 {
+            if let Some(out) = self.forward_packed(x, batch) {
+                return out;
+            }
+        }
+        let mut out = vec![0.0f32; batch * n];
+        if batch <= FEW_ROWS {
+            linear_rows(x, batch, &self.weight, n, inf, &mut out);
+        } else {
+            // out[batch, n] = x[batch, in] @ W^T[in, n]
+            matmul(&mut out, x, (inf, 1), &self.weight, (1, inf), batch, n, inf);
+        }
+        let act = self.activation;
+        out.chunks_mut(n).for_each(|row| {
+            row.iter_mut().zip(self.bias.iter()).for_each(|(v, b)| *v = act.apply(*v + b));
+        });
+        out
+    }
+
+    /// `[out, batch]` (channel-major) for the rows `x`, by the packed kernel only (`None` where it
+    /// does not run: few rows, no AVX-512).
+    pub(crate) fn rows_forward_channel_major(&self, x: &[f32], batch: usize) -> Option<Vec<f32>> {
+        if batch < PACKED_ROWS || self.out_features == 0 || self.in_features == 0 {
+            return None;
+        }
+        let (cpu, p) = self.packed.get_or_init(|| Avx512::detect().map(|cpu| (cpu, PackedWeights::new(&self.weight, &self.bias, self.out_features, self.in_features)))).as_ref()?;
+        let n = self.out_features;
+        let mut yt: Vec<f32> = Vec::with_capacity(n * batch);
+        packed::conv(*cpu, p, Columns::Rows(&x[..self.in_features * batch]), batch, self.activation, None, &mut yt.spare_capacity_mut()[..n * batch]);
+        // SAFETY: `packed::conv` writes every value of `dst[..m * plane]`.
+        unsafe { yt.set_len(n * batch) };
+        Some(yt)
+    }
+
+    /// `[batch, out]` from channel-major input `h` (`[in, batch]`), by the packed kernel only.
+    pub(crate) fn channel_major_forward(&self, h: &[f32], batch: usize) -> Option<Vec<f32>> {
+        let (cpu, p) = self.packed.get_or_init(|| Avx512::detect().map(|cpu| (cpu, PackedWeights::new(&self.weight, &self.bias, self.out_features, self.in_features)))).as_ref()?;
+        let n = self.out_features;
+        let mut yt: Vec<f32> = Vec::with_capacity(n * batch);
+        packed::conv(*cpu, p, Columns::Input(&h[..self.in_features * batch]), batch, self.activation, None, &mut yt.spare_capacity_mut()[..n * batch]);
+        // SAFETY: `packed::conv` writes every value of `dst[..m * plane]`.
+        unsafe { yt.set_len(n * batch) };
+        let mut y = vec![0f32; n * batch];
+        transpose(&yt, n, batch, &mut y);
+        Some(y)
+    }
+
+    /// `dx [batch, in] = g [batch, out] @ W`, `g` the gradient before the activation.
+    pub(crate) fn rows_backward(&self, gpre: &[f32], batch: usize) -> Vec<f32> {
+        if batch >= PACKED_ROWS && self.in_features > 0 && self.out_features > 0 {
+            if let Some(dx) = self.backward_packed(gpre, batch) {
+                return dx;
+            }
+        }
+        let mut dx = vec![0.0f32; batch * self.in_features];
+        let (n, k) = (self.in_features, self.out_features);
+        if batch <= FEW_ROWS {
+            linear_rows_backward(gpre, batch, &self.weight, k, n, &mut dx);
+        } else {
+            matmul(&mut dx, gpre, (k, 1), &self.weight, (n, 1), batch, n, k);
+        }
+        dx
+    }
+
     /// # Shapes
     /// `x`: `[batch, in]` -> `[batch, out]`.
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
@@ -135,24 +210,7 @@ impl CustomOp1 for Linear {
         if inf != self.in_features {
             candle_core::bail!("linear expects {} input features, got {inf}", self.in_features);
         }
-        let n = self.out_features;
-        if batch >= PACKED_ROWS && n > 0 && inf > 0 {
-            if let Some(out) = self.forward_packed(x, batch) {
-                return Ok((CpuStorage::F32(out), Shape::from((batch, n))));
-            }
-        }
-        let mut out = vec![0.0f32; batch * n];
-        if batch <= FEW_ROWS {
-            linear_rows(x, batch, &self.weight, n, inf, &mut out);
-        } else {
-            // out[batch, n] = x[batch, in] @ W^T[in, n]
-            matmul(&mut out, x, (inf, 1), &self.weight, (1, inf), batch, n, inf);
-        }
-        let act = self.activation;
-        out.chunks_mut(n).for_each(|row| {
-            row.iter_mut().zip(self.bias.iter()).for_each(|(v, b)| *v = act.apply(*v + b));
-        });
-        Ok((CpuStorage::F32(out), Shape::from((batch, n))))
+        Ok((CpuStorage::F32(self.rows_forward(x, batch)), Shape::from((batch, self.out_features))))
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> CResult<Option<Tensor>> {
@@ -161,20 +219,7 @@ impl CustomOp1 for Linear {
         let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let (act, rule) = (self.activation, self.rule);
         let gpre: Vec<f32> = out.iter().zip(&grad).map(|(&o, &d)| act.backward(o, d, rule)).collect();
-        if batch >= PACKED_ROWS && self.in_features > 0 && self.out_features > 0 {
-            if let Some(dx) = self.backward_packed(&gpre, batch) {
-                return Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?));
-            }
-        }
-        let mut dx = vec![0.0f32; batch * self.in_features];
-        // dx[batch, in] = g[batch, out] @ W[out, in]
-        let (n, k) = (self.in_features, self.out_features);
-        if batch <= FEW_ROWS {
-            linear_rows_backward(&gpre, batch, &self.weight, k, n, &mut dx);
-        } else {
-            matmul(&mut dx, &gpre, (k, 1), &self.weight, (n, 1), batch, n, k);
-        }
-        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+        Ok(Some(Tensor::from_vec(self.rows_backward(&gpre, batch), arg.shape(), arg.device())?))
     }
 }
 

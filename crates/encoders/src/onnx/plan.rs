@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 
 use candle_core::Tensor;
-use gradcam_kernels::{Activation, Conv2d, Linear, Padding, Pointwise, Rule};
+use gradcam_kernels::{Activation, Conv2d, Linear, Mlp, Padding, Pointwise, Rule};
 
 use super::ops::{self, attr_int, attr_ints, attr_str};
 use super::proto::Node;
@@ -15,6 +15,7 @@ use crate::{Error, Result};
 enum Kernel {
     Conv(Conv2d),
     Linear(Linear),
+    Mlp(Mlp),
     Pointwise(Pointwise),
     Op(Node),
 }
@@ -174,6 +175,34 @@ impl Plan {
             }
             steps.push(Step { kernel: Kernel::Conv(conv), label, inputs: vec![node.inputs[0].clone()], outputs: vec![out], free: vec![] });
         }
+        // Linear -> pointwise -> Linear whose values between are read by nothing else: one MLP
+        // op (the hidden activations stay channel-major between the two layers).
+        if !trace {
+            let mut k = 0;
+            while k < steps.len() {
+                let reads = |v: &str, steps: &[Step]| steps.iter().filter(|s| s.inputs.iter().any(|i| i == v)).count();
+                let private = |v: &str, steps: &[Step]| !keep.contains(v) && v != output && reads(v, steps) == 1;
+                let found = match &steps[k].kernel {
+                    Kernel::Linear(_) if private(&steps[k].outputs[0], &steps) => steps.iter().position(|s| matches!(s.kernel, Kernel::Pointwise(_)) && s.inputs == steps[k].outputs).and_then(|j| {
+                        (private(&steps[j].outputs[0], &steps)).then_some(j).and_then(|j| steps.iter().position(|s| matches!(s.kernel, Kernel::Linear(_)) && s.inputs == steps[j].outputs).map(|l| (j, l)))
+                    }),
+                    _ => None,
+                };
+                if let Some((j, l)) = found {
+                    if let (Kernel::Linear(fc1), Kernel::Pointwise(act), Kernel::Linear(fc2)) = (&steps[k].kernel, &steps[j].kernel, &steps[l].kernel) {
+                        if let Ok(mlp) = Mlp::new(fc1.clone(), *act, fc2.clone()) {
+                            let outputs = steps[l].outputs.clone();
+                            steps[k].kernel = Kernel::Mlp(mlp);
+                            steps[k].outputs = outputs;
+                            let (a, b) = (j.max(l), j.min(l));
+                            steps.remove(a);
+                            steps.remove(b);
+                        }
+                    }
+                }
+                k += 1;
+            }
+        }
         // Free each value after its last reader.
         let mut last: HashMap<String, usize> = HashMap::new();
         for (k, s) in steps.iter().enumerate() {
@@ -230,6 +259,16 @@ impl Plan {
                     }
                     x => Err(candle_core::Error::Msg(format!("expects a float input of rank 2 or more, got {:?}", x.dims()))),
                 },
+                Kernel::Mlp(m) => match first()? {
+                    x if x.rank() >= 2 && x.dtype() == candle_core::DType::F32 => {
+                        let mut dims = x.dims().to_vec();
+                        let d = dims.pop().unwrap_or(0);
+                        let y = m.forward(&x.reshape(((), d))?)?;
+                        dims.push(y.dim(1)?);
+                        y.reshape(dims).map(|y| vec![y])
+                    }
+                    x => Err(candle_core::Error::Msg(format!("expects a float input of rank 2 or more, got {:?}", x.dims()))),
+                },
                 Kernel::Op(node) => ops::eval(node, &args, rule),
             }
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", s.label)))?;
@@ -237,6 +276,7 @@ impl Plan {
                 let kernel = match s.kernel {
                     Kernel::Conv(_) => "conv kernel",
                     Kernel::Linear(_) => "linear kernel",
+                    Kernel::Mlp(_) => "mlp kernel",
                     Kernel::Pointwise(_) => "pointwise kernel",
                     Kernel::Op(_) => "op",
                 };
