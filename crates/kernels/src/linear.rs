@@ -1,7 +1,6 @@
 //! Fully-connected layers and the fused LSTM cell, frozen: their backward gives the input
 //! gradient only.
 
-use std::mem::MaybeUninit;
 use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
@@ -33,18 +32,21 @@ pub struct Linear {
     packed_t: Arc<OnceLock<Option<(Avx512, PackedWeights)>>>,
 }
 
-/// `[rows, n]` = `x [rows, k]` times the packed `[n, k]` weights (bias and activation in the
-/// epilogue): the rows of x are the columns of a 1x1 convolution over `rows` pixels, whose
-/// `[n, rows]` result is transposed back.
-fn packed_rows(cpu: Avx512, p: &PackedWeights, x: &[f32], rows: usize, k: usize, n: usize, act: Activation) -> Vec<f32> {
+/// `[n, rows]` (channel-major) = the packed `[n, k]` weights times the columns `cols` (`rows`
+/// of them), bias and activation in the epilogue.
+fn product(cpu: Avx512, p: &PackedWeights, cols: Columns<'_>, rows: usize, n: usize, act: Activation) -> Vec<f32> {
     let mut yt: Vec<f32> = Vec::with_capacity(n * rows);
-    let dst: &mut [MaybeUninit<f32>] = &mut yt.spare_capacity_mut()[..n * rows];
-    packed::conv(cpu, p, Columns::Rows(&x[..k * rows]), rows, act, None, dst);
+    packed::conv(cpu, p, cols, rows, act, None, &mut yt.spare_capacity_mut()[..n * rows]);
     // SAFETY: `packed::conv` writes every value of `dst[..m * plane]` (its doc; the kernel
     // tests compare every value, partial tiles included).
     unsafe { yt.set_len(n * rows) };
+    yt
+}
+
+/// `[n, rows]` to `[rows, n]`.
+fn token_major(yt: &[f32], n: usize, rows: usize) -> Vec<f32> {
     let mut y = vec![0f32; n * rows];
-    transpose(&yt, n, rows, &mut y);
+    transpose(yt, n, rows, &mut y);
     y
 }
 
@@ -88,10 +90,9 @@ impl Linear {
         })
     }
 
-    /// `[batch, out]` by the packed kernel, when this CPU has it.
-    fn forward_packed(&self, x: &[f32], batch: usize) -> Option<Vec<f32>> {
-        let (cpu, p) = self.packed.get_or_init(|| Avx512::detect().map(|cpu| (cpu, PackedWeights::new(&self.weight, &self.bias, self.out_features, self.in_features)))).as_ref()?;
-        Some(packed_rows(*cpu, p, x, batch, self.in_features, self.out_features, self.activation))
+    /// The weights packed for the AVX-512 kernel (made once), when this CPU has it.
+    fn packed(&self) -> Option<(Avx512, &PackedWeights)> {
+        self.packed.get_or_init(|| Avx512::detect().map(|cpu| (cpu, PackedWeights::new(&self.weight, &self.bias, self.out_features, self.in_features)))).as_ref().map(|(c, p)| (*c, p))
     }
 
     /// `dx [batch, in] = g [batch, out] @ W` by the packed kernel (W^T packed once).
@@ -107,7 +108,8 @@ impl Linear {
                 })
             })
             .as_ref()?;
-        Some(packed_rows(*cpu, p, g, batch, self.out_features, self.in_features, Activation::Identity))
+        let dxt = product(*cpu, p, Columns::Rows(&g[..self.out_features * batch]), batch, self.in_features, Activation::Identity);
+        Some(token_major(&dxt, self.in_features, batch))
     }
 
     pub(crate) fn in_features(&self) -> usize {
@@ -121,10 +123,8 @@ impl Linear {
     /// `[batch, out]` for the rows `x` (`[batch, in]`), bias and activation applied.
     pub(crate) fn rows_forward(&self, x: &[f32], batch: usize) -> Vec<f32> {
         let (n, inf) = (self.out_features, self.in_features);
-        if batch >= PACKED_ROWS && n > 0 && inf > 0 {
-            if let Some(out) = self.forward_packed(x, batch) {
-                return out;
-            }
+        if let Some(yt) = self.rows_forward_channel_major(x, batch) {
+            return token_major(&yt, n, batch);
         }
         let mut out = vec![0.0f32; batch * n];
         if batch <= FEW_ROWS {
@@ -146,26 +146,15 @@ impl Linear {
         if batch < PACKED_ROWS || self.out_features == 0 || self.in_features == 0 {
             return None;
         }
-        let (cpu, p) = self.packed.get_or_init(|| Avx512::detect().map(|cpu| (cpu, PackedWeights::new(&self.weight, &self.bias, self.out_features, self.in_features)))).as_ref()?;
-        let n = self.out_features;
-        let mut yt: Vec<f32> = Vec::with_capacity(n * batch);
-        packed::conv(*cpu, p, Columns::Rows(&x[..self.in_features * batch]), batch, self.activation, None, &mut yt.spare_capacity_mut()[..n * batch]);
-        // SAFETY: `packed::conv` writes every value of `dst[..m * plane]`.
-        unsafe { yt.set_len(n * batch) };
-        Some(yt)
+        let (cpu, p) = self.packed()?;
+        Some(product(cpu, p, Columns::Rows(&x[..self.in_features * batch]), batch, self.out_features, self.activation))
     }
 
     /// `[batch, out]` from channel-major input `h` (`[in, batch]`), by the packed kernel only.
     pub(crate) fn channel_major_forward(&self, h: &[f32], batch: usize) -> Option<Vec<f32>> {
-        let (cpu, p) = self.packed.get_or_init(|| Avx512::detect().map(|cpu| (cpu, PackedWeights::new(&self.weight, &self.bias, self.out_features, self.in_features)))).as_ref()?;
-        let n = self.out_features;
-        let mut yt: Vec<f32> = Vec::with_capacity(n * batch);
-        packed::conv(*cpu, p, Columns::Input(&h[..self.in_features * batch]), batch, self.activation, None, &mut yt.spare_capacity_mut()[..n * batch]);
-        // SAFETY: `packed::conv` writes every value of `dst[..m * plane]`.
-        unsafe { yt.set_len(n * batch) };
-        let mut y = vec![0f32; n * batch];
-        transpose(&yt, n, batch, &mut y);
-        Some(y)
+        let (cpu, p) = self.packed()?;
+        let yt = product(cpu, p, Columns::Input(&h[..self.in_features * batch]), batch, self.out_features, self.activation);
+        Some(token_major(&yt, self.out_features, batch))
     }
 
     /// `dx [batch, in] = g [batch, out] @ W`, `g` the gradient before the activation.
@@ -215,10 +204,14 @@ impl CustomOp1 for Linear {
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> CResult<Option<Tensor>> {
         let batch = arg.dim(0)?;
-        let out = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let (act, rule) = (self.activation, self.rule);
-        let gpre: Vec<f32> = out.iter().zip(&grad).map(|(&o, &d)| act.backward(o, d, rule)).collect();
+        let gpre: Vec<f32> = if act == Activation::Identity {
+            grad
+        } else {
+            let out = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            out.iter().zip(&grad).map(|(&o, &d)| act.backward(o, d, rule)).collect()
+        };
         Ok(Some(Tensor::from_vec(self.rows_backward(&gpre, batch), arg.shape(), arg.device())?))
     }
 }

@@ -33,9 +33,11 @@ impl Mlp {
         x.contiguous()?.apply_op1(self.clone())
     }
 
-    /// The hidden activations `[rows, hidden]` before the activation.
-    fn hidden(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        self.fc1.rows_forward(x, rows)
+    /// `act` of the hidden values (any layout), in parallel chunks.
+    fn activate(&self, h: &[f32]) -> Vec<f32> {
+        let mut a = vec![0f32; h.len()];
+        a.par_chunks_mut(8192).zip(h.par_chunks(8192)).for_each(|(a, h)| self.act.apply_slice(h, a));
+        a
     }
 }
 
@@ -55,20 +57,8 @@ impl CustomOp1 for Mlp {
         let out = match self.fc1.rows_forward_channel_major(x, rows) {
             // Channel-major hidden [hidden, rows]: the activation in place, then fc2 reads it as
             // a 1x1 convolution's input.
-            Some(mut h) => {
-                let act = self.act;
-                h.par_chunks_mut(8192).for_each(|c| {
-                    let copy = c.to_vec();
-                    act.apply_slice(&copy, c)
-                });
-                self.fc2.channel_major_forward(&h, rows).expect("the packed kernel ran for fc1")
-            }
-            None => {
-                let h = self.hidden(x, rows);
-                let mut a = vec![0f32; h.len()];
-                self.act.apply_slice(&h, &mut a);
-                self.fc2.rows_forward(&a, rows)
-            }
+            Some(h) => self.fc2.channel_major_forward(&self.activate(&h), rows).expect("the packed kernel ran for fc1"),
+            None => self.fc2.rows_forward(&self.activate(&self.fc1.rows_forward(x, rows)), rows),
         };
         Ok((CpuStorage::F32(out), Shape::from((rows, self.fc2.out_features()))))
     }
@@ -77,7 +67,7 @@ impl CustomOp1 for Mlp {
         let (rows, _) = arg.dims2()?;
         let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let g = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let pre = self.hidden(&x, rows);
+        let pre = self.fc1.rows_forward(&x, rows);
         let mut gh = self.fc2.rows_backward(&g, rows);
         self.act.scale_by_derivative(&pre, &mut gh);
         let dx = self.fc1.rows_backward(&gh, rows);

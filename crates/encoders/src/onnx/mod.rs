@@ -423,10 +423,9 @@ impl OnnxModel {
             Some(l) => l.to_string(),
             None => self.default_layer()?,
         };
-        let Some(shape) = self.shapes.get(&layer) else {
+        if !self.shapes.contains_key(&layer) {
             return Err(Error::UnknownLayer { layer: layer.clone(), model: self.name.clone(), valid: self.nearest(&layer) });
-        };
-        let shape = shape.clone();
+        }
         let layout = self.layout_of(&layer)?;
         let (mut head, sides) = match layout {
             ValueLayout::Nchw => (self.head_nodes(&layer)?, Vec::new()),
@@ -507,7 +506,6 @@ impl OnnxModel {
                 _ => e,
             })
         });
-        let _ = shape;
         let mut net = Network::new(self.name.clone(), vec![(layer.clone(), f)], h, &layer, self.num_classes).with_preprocess(self.preprocess.clone()).with_layout(core_layout);
         // The whole graph with its attention tapped, compiled when rollout or relevance first
         // asks for it (a ViT-B/16's compile takes a second).

@@ -323,16 +323,16 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
             let (a, b) = align(x()?, arg(args, 1, node)?)?;
             // Attention products [.., T, d] x [.., d, T]: the leading dimensions in parallel
             // (candle's own runs them one after the other on one thread here).
-            if a.rank() >= 3 && a.dims()[..a.rank() - 2] == b.dims()[..b.rank().min(a.rank()) - 2] && a.rank() == b.rank() {
+            if a.rank() >= 3 && a.rank() == b.rank() && a.dims()[..a.rank() - 2] == b.dims()[..b.rank() - 2] {
                 let lead: usize = a.dims()[..a.rank() - 2].iter().product();
                 if lead > 1 {
                     use rayon::prelude::*;
-                    let (ra, rb) = (a.rank(), b.rank());
-                    let a3 = a.reshape(((), a.dim(ra - 2)?, a.dim(ra - 1)?))?;
-                    let b3 = b.reshape(((), b.dim(rb - 2)?, b.dim(rb - 1)?))?;
+                    let r = a.rank();
+                    let a3 = a.reshape(((), a.dim(r - 2)?, a.dim(r - 1)?))?;
+                    let b3 = b.reshape(((), b.dim(r - 2)?, b.dim(r - 1)?))?;
                     let parts: Vec<Tensor> = (0..lead).into_par_iter().map(|i| a3.get(i)?.matmul(&b3.get(i)?)).collect::<R<_>>()?;
-                    let mut dims = a.dims()[..ra - 1].to_vec();
-                    dims.push(b.dim(rb - 1)?);
+                    let mut dims = a.dims()[..r - 1].to_vec();
+                    dims.push(b.dim(r - 1)?);
                     return one(Tensor::stack(&parts, 0)?.reshape(dims)?);
                 }
             }

@@ -247,28 +247,8 @@ impl Plan {
             let result = match &s.kernel {
                 Kernel::Conv(c) => c.forward_with(first()?, rule).map(|y| vec![y]),
                 Kernel::Pointwise(p) => p.forward(&first()?.to_dtype(candle_core::DType::F32)?).map(|y| vec![y]),
-                Kernel::Linear(l) => match first()? {
-                    x if x.rank() == 2 && x.dtype() == candle_core::DType::F32 => l.forward_with(x, rule).map(|y| vec![y]),
-                    // Tokens [n, T, D] (a transformer's MatMul by a weight matrix): as rows.
-                    x if x.rank() > 2 && x.dtype() == candle_core::DType::F32 => {
-                        let mut dims = x.dims().to_vec();
-                        let d = dims.pop().unwrap_or(0);
-                        let y = l.forward_with(&x.reshape(((), d))?, rule)?;
-                        dims.push(y.dim(1)?);
-                        y.reshape(dims).map(|y| vec![y])
-                    }
-                    x => Err(candle_core::Error::Msg(format!("expects a float input of rank 2 or more, got {:?}", x.dims()))),
-                },
-                Kernel::Mlp(m) => match first()? {
-                    x if x.rank() >= 2 && x.dtype() == candle_core::DType::F32 => {
-                        let mut dims = x.dims().to_vec();
-                        let d = dims.pop().unwrap_or(0);
-                        let y = m.forward(&x.reshape(((), d))?)?;
-                        dims.push(y.dim(1)?);
-                        y.reshape(dims).map(|y| vec![y])
-                    }
-                    x => Err(candle_core::Error::Msg(format!("expects a float input of rank 2 or more, got {:?}", x.dims()))),
-                },
+                Kernel::Linear(l) => over_rows(first()?, |x| l.forward_with(x, rule)),
+                Kernel::Mlp(m) => over_rows(first()?, |x| m.forward(x)),
                 Kernel::Op(node) => ops::eval(node, &args, rule),
             }
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", s.label)))?;
@@ -300,6 +280,22 @@ impl Plan {
     pub(super) fn run_keep_all(&self, x: &Tensor) -> Result<HashMap<String, Tensor>> {
         Ok(self.execute(x, &[], Rule::Exact, &|_| true, None)?)
     }
+}
+
+/// A layer of rows `[r, d] -> [r, d']` on a float value of rank 2 or more (a transformer's tokens
+/// `[n, T, d]` as `n * T` rows).
+fn over_rows(x: &Tensor, layer: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> candle_core::Result<Vec<Tensor>> {
+    if x.rank() < 2 || x.dtype() != candle_core::DType::F32 {
+        return Err(candle_core::Error::Msg(format!("expects a float input of rank 2 or more, got {:?}", x.dims())));
+    }
+    if x.rank() == 2 {
+        return Ok(vec![layer(x)?]);
+    }
+    let mut dims = x.dims().to_vec();
+    let d = dims.pop().unwrap_or(0);
+    let y = layer(&x.reshape(((), d))?)?;
+    dims.push(y.dim(1)?);
+    Ok(vec![y.reshape(dims)?])
 }
 
 /// Whether `GRADCAM_ONNX_PROFILE` is set (read once): each compiled part and step time to stderr.
