@@ -6,6 +6,7 @@
 pub mod attack;
 pub mod caption;
 pub mod classify;
+pub mod matching;
 pub mod render;
 mod text;
 pub mod vqa;
@@ -34,6 +35,9 @@ pub enum Error {
     /// From the VQA model.
     #[error(transparent)]
     Vqa(#[from] gradcam_vqa::Error),
+    /// From a CLIP model.
+    #[error(transparent)]
+    Clip(#[from] gradcam_clip::Error),
     /// From an attack (its options, the adversarial image).
     #[error(transparent)]
     Eval(#[from] gradcam_eval::Error),

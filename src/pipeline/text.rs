@@ -6,7 +6,7 @@ use std::fmt::{Display, Formatter, Result};
 
 use gradcam_eval::attack::Goal;
 
-use super::{attack, caption, classify, vqa, MapRecord};
+use super::{attack, caption, classify, matching, vqa, MapRecord};
 
 /// A map's lines: `  {kind} {subject}: {overlay}{note}`, then its neuron report.
 fn map_lines(f: &mut Formatter<'_>, map: &MapRecord, subject: &str, note: &str, indent: &str) -> Result {
@@ -75,5 +75,26 @@ impl Display for attack::Record {
         let p = |v: &[classify::ClassMap]| v.first().map(|e| e.map.overlay.clone()).unwrap_or_default();
         writeln!(f, "  adversarial image: {}", self.adversarial)?;
         writeln!(f, "  Grad-CAM for {label} on it: {} (clean: {}); strip {}", p(&self.explanations), p(&self.clean_explanations), self.strip)
+    }
+}
+
+impl Display for matching::Record {
+    fn fmt(&self, f: &mut Formatter<'_>) -> Result {
+        writeln!(f, "{} (layer {})", self.image, self.layer)?;
+        for t in &self.texts {
+            let p = t.probability.map(|p| format!("  p {p:.4}")).unwrap_or_default();
+            writeln!(f, "  {:<32} similarity {:>7.4}{p}", format!("{:?}", t.text), t.similarity)?;
+            if t.truncated {
+                writeln!(f, "    note: cut to the model's context length")?;
+            }
+            if !t.unknown_words.is_empty() {
+                writeln!(f, "    note: unknown words read as <unk>: {}", t.unknown_words.join(", ").escape_debug())?;
+            }
+            for e in &t.explanations {
+                let note = if e.nonzero { "" } else { " (map is zero everywhere)" };
+                map_lines(f, e, &format!("{:?}", t.text), note, "    ")?;
+            }
+        }
+        Ok(())
     }
 }

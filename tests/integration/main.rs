@@ -4,6 +4,7 @@ mod adversarial;
 mod bias;
 mod captioner;
 mod checkpoints;
+mod clip;
 mod cli;
 mod eval;
 mod examples;

@@ -15,6 +15,7 @@ mod prune;
 mod scenes;
 mod train;
 mod vqa;
+mod clip;
 mod weights;
 
 use std::{io::Write, path::PathBuf, process::ExitCode};
@@ -51,6 +52,8 @@ enum Command {
     Caption(caption::CaptionArgs),
     /// Answer a question about an image and explain the answer (and what argues against it).
     Vqa(vqa::VqaArgs),
+    /// Match images with texts (a CLIP: trained here or an ONNX pair) and explain each text's similarity.
+    Match(clip::MatchArgs),
     /// Train a model.
     Train {
         #[command(subcommand)]
@@ -170,6 +173,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Train { what } => train::run(what),
         Command::Demo { what } => classifier::run_demo(what),
         Command::Vqa(args) => vqa::run(args),
+        Command::Match(args) => clip::run(args),
         Command::Convert { input, output, model } => {
             let n = gradcam_encoders::convert(&input, &output, model)?;
             eprintln!("wrote {} ({n} tensors)", output.display());

@@ -18,6 +18,8 @@ pub enum TrainCommand {
     Vqa(VqaArgs),
     /// A scene classifier (scene CNN + global average pooling + linear) on COCO-instances data.
     Classifier(ClassifierArgs),
+    /// A small CLIP (a ViT and a text transformer, contrastive) on ShapeScenes' phrases and captions.
+    Clip(ClipArgs),
 }
 
 /// The flags every `train` command takes.
@@ -112,6 +114,17 @@ pub struct ClassifierArgs {
     limit: Option<usize>,
 }
 
+#[derive(clap::Args)]
+pub struct ClipArgs {
+    #[command(flatten)]
+    train: TrainArgs,
+    #[arg(long, default_value_t = gradcam_clip::train::TrainConfig::default().settings.epochs)]
+    epochs: usize,
+    /// Share of training texts that are object phrases ("red circle"); the rest are captions.
+    #[arg(long, default_value_t = gradcam_clip::train::TrainConfig::default().phrase_share)]
+    phrase_share: f64,
+}
+
 pub fn run(what: TrainCommand) -> anyhow::Result<ExitCode> {
     let weight_decay = Settings::default().weight_decay;
     match what {
@@ -136,6 +149,12 @@ pub fn run(what: TrainCommand) -> anyhow::Result<ExitCode> {
             fit(t, |e| train(&t.data, &t.out, &tc, t.resume, e), "test images", |c, m, p| gradcam_classifier::card::write(&t.data, &t.out, c, m, p), |t| {
                 eprintln!("test accuracy {:.3} on {} images; model card in {}", t.accuracy, t.images, a.train.out.join("README.md").display())
             })
+        }
+        TrainCommand::Clip(a) => {
+            use gradcam_clip::train::{train, TrainConfig};
+            let (settings, t) = (a.train.settings(a.epochs, weight_decay), &a.train);
+            let tc = TrainConfig { settings, phrase_share: a.phrase_share };
+            fit(t, |e| train(&t.data, &t.out, &tc, t.resume, e), "test images", |c, m, p| gradcam_clip::card::write(&t.data, &t.out, &tc, c, m, p), |f| eprintln!("test: {} ({} objects)", f.metrics, f.objects))
         }
     }
 }

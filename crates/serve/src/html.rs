@@ -1,6 +1,6 @@
-//! `--html FILE` of `classify`, `caption` and `vqa`: the explorer's view of one result written as
-//! one self-contained file (the page, the image and every picture inline), to share without a
-//! server.
+//! `--html FILE` of `classify`, `caption`, `vqa` and `match`: the explorer's view of one result
+//! written as one self-contained file (the page, the image and every picture inline), to share
+//! without a server.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +16,8 @@ pub enum View {
     Vqa,
     /// A `classify --json` record.
     Classify,
+    /// A `match --json` record.
+    Match,
 }
 
 /// The file for `image` when one run writes several: `FILE` itself for the first, then
@@ -63,11 +65,12 @@ fn inline(value: &mut Value) -> std::io::Result<()> {
 pub fn write(file: &Path, image: &Path, view: View, record: &impl serde::Serialize) -> std::io::Result<()> {
     let mut record = serde_json::to_value(record).map_err(std::io::Error::other)?;
     inline(&mut record)?;
-    let method = record.pointer("/words/0/method").or_else(|| record.pointer("/explanations/0/method")).cloned().unwrap_or(Value::Null);
+    let method = ["/words/0/method", "/explanations/0/method", "/texts/0/explanations/0/method"].iter().find_map(|p| record.pointer(p)).cloned().unwrap_or(Value::Null);
     let key = match view {
         View::Caption => "caption",
         View::Vqa => "vqa",
         View::Classify => "classify",
+        View::Match => "match",
     };
     let data = serde_json::json!({ "image": data_url(image)?, "method": method, key: record });
     // `</` cannot end the script early inside a JSON string written this way.

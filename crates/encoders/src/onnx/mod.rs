@@ -168,9 +168,18 @@ fn bad(path: &Path, message: impl std::fmt::Display) -> Error {
     Error::Onnx(format!("{}: {message}", path.display()))
 }
 
-impl OnnxModel {
-    /// Reads and checks an ONNX file; every failure names the file and what is wrong.
-    pub fn load(path: &Path, options: &OnnxOptions) -> Result<OnnxModel> {
+/// The checked contents of an ONNX file: nodes in order, constants (initializers and what
+/// depends on them alone, evaluated), the one non-constant input and the first output.
+struct Graph {
+    nodes: Vec<Node>,
+    constants: HashMap<String, Tensor>,
+    input: proto::ValueInfo,
+    output: String,
+    producer: HashMap<String, usize>,
+}
+
+impl Graph {
+    fn read(path: &Path) -> Result<Graph> {
         let meta = std::fs::metadata(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
         if !meta.is_file() {
             return Err(bad(path, "not a regular file"));
@@ -213,23 +222,6 @@ impl OnnxModel {
             let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
             return Err(bad(path, format!("the graph has {} inputs ({}); gradcam explains models with one image input", names.len(), names.join(", "))));
         };
-        let dims = input.shape.clone().unwrap_or_default();
-        let input_size = match dims.as_slice() {
-            [_, Some(3), Some(h), Some(w)] => {
-                if let Some((oh, ow)) = options.input_size {
-                    if (oh, ow) != (*h, *w) {
-                        return Err(SettingError::value("input_size", format!("{oh}x{ow}"), format!("the graph's input is fixed at {h}x{w} ({})", path.display())).into());
-                    }
-                }
-                (*h, *w)
-            }
-            [_, Some(3), _, _] => options.input_size.unwrap_or((224, 224)),
-            [_, c, _, _] => return Err(bad(path, format!("the graph's input {:?} has {} channels; gradcam feeds RGB images (3 channels, NCHW)", input.name, c.map_or("a dynamic number of".into(), |c| c.to_string())))),
-            _ => return Err(bad(path, format!("the graph's input {:?} has shape {dims:?}; gradcam feeds images as [batch, 3, height, width]", input.name))),
-        };
-        if input_size.0 < 8 || input_size.1 < 8 || input_size.0 > 4096 || input_size.1 > 4096 {
-            return Err(bad(path, format!("input size {}x{} is outside 8..=4096", input_size.0, input_size.1)));
-        }
         let mut producer = HashMap::new();
         let mut known: HashSet<&str> = constants.keys().map(String::as_str).collect();
         known.insert(&input.name);
@@ -259,6 +251,69 @@ impl OnnxModel {
         if !producer.contains_key(&output) {
             return Err(bad(path, format!("the graph's output {output:?} is not produced by any node")));
         }
+        let input = (*input).clone();
+        Ok(Graph { nodes: graph.nodes, constants, input, output, producer })
+    }
+}
+
+/// An ONNX graph run forward only, from its one input (of any type: a text tower's int64 token
+/// ids) to its first output: nothing explained, no gradient.
+pub struct OnnxFunction {
+    name: String,
+    plan: Plan,
+    input: proto::ValueInfo,
+    output: String,
+}
+
+impl std::fmt::Debug for OnnxFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnnxFunction").field("name", &self.name).field("input", &self.input.name).finish()
+    }
+}
+
+impl OnnxFunction {
+    /// Reads and checks an ONNX file as [`OnnxModel::load`] does, without its image input.
+    pub fn load(path: &Path) -> Result<OnnxFunction> {
+        let Graph { nodes, constants, input, output, .. } = Graph::read(path)?;
+        let all: Vec<usize> = (0..nodes.len()).collect();
+        let plan = Plan::compile(&nodes, &all, &constants, &input.name, &output, &HashSet::new(), false)?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(OnnxFunction { name, plan, input, output })
+    }
+
+    /// The input's name, ONNX element type (1 float, 7 int64) and shape (`None`: dynamic).
+    pub fn input(&self) -> (&str, i32, Option<&[Option<usize>]>) {
+        (&self.input.name, self.input.elem_type, self.input.shape.as_deref())
+    }
+
+    /// The first output for `x`, as F32.
+    pub fn run(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.plan.run_to(x, &self.output).map_err(|e| Error::Onnx(format!("{}: {e}", self.name)))?;
+        Ok(y.to_dtype(DType::F32)?)
+    }
+}
+
+impl OnnxModel {
+    /// Reads and checks an ONNX file; every failure names the file and what is wrong.
+    pub fn load(path: &Path, options: &OnnxOptions) -> Result<OnnxModel> {
+        let Graph { nodes, constants, input, output, producer } = Graph::read(path)?;
+        let dims = input.shape.clone().unwrap_or_default();
+        let input_size = match dims.as_slice() {
+            [_, Some(3), Some(h), Some(w)] => {
+                if let Some((oh, ow)) = options.input_size {
+                    if (oh, ow) != (*h, *w) {
+                        return Err(SettingError::value("input_size", format!("{oh}x{ow}"), format!("the graph's input is fixed at {h}x{w} ({})", path.display())).into());
+                    }
+                }
+                (*h, *w)
+            }
+            [_, Some(3), _, _] => options.input_size.unwrap_or((224, 224)),
+            [_, c, _, _] => return Err(bad(path, format!("the graph's input {:?} has {} channels; gradcam feeds RGB images (3 channels, NCHW)", input.name, c.map_or("a dynamic number of".into(), |c| c.to_string())))),
+            _ => return Err(bad(path, format!("the graph's input {:?} has shape {dims:?}; gradcam feeds images as [batch, 3, height, width]", input.name))),
+        };
+        if input_size.0 < 8 || input_size.1 < 8 || input_size.0 > 4096 || input_size.1 > 4096 {
+            return Err(bad(path, format!("input size {}x{} is outside 8..=4096", input_size.0, input_size.1)));
+        }
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model.onnx".into());
         let preprocess = Preprocess {
             size: input_size,
@@ -271,7 +326,7 @@ impl OnnxModel {
         }
         let mut model = OnnxModel {
             name,
-            nodes: Arc::new(graph.nodes),
+            nodes: Arc::new(nodes),
             constants,
             input: input.name.clone(),
             output,

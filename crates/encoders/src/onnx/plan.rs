@@ -276,6 +276,12 @@ impl Plan {
         Ok(env)
     }
 
+    /// The value `output` of a forward run on `x`.
+    pub(super) fn run_to(&self, x: &Tensor, output: &str) -> Result<Tensor> {
+        let mut env = self.execute(x, &[], Rule::Exact, &|v| v == output, None)?;
+        env.remove(output).ok_or_else(|| Error::Onnx(format!("the run did not compute {output:?}")))
+    }
+
     /// Every value, for shapes.
     pub(super) fn run_keep_all(&self, x: &Tensor) -> Result<HashMap<String, Tensor>> {
         Ok(self.execute(x, &[], Rule::Exact, &|_| true, None)?)
