@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
 use gradcam_core::metrics::BoundingBox;
-use gradcam_core::{CamMethod, GradCam, Map};
+use gradcam_core::{Explainer, GradCam, Map};
 use gradcam_eval::{run, Case, Example, Object, Options, Subject, Task, Tolerance};
 use gradcam_scenes::rle::Mask;
 use serde_json::Value;
@@ -51,7 +51,7 @@ impl Subject for Quadrant {
             state: (),
         })
     }
-    fn maps(&self, _: &Example<()>, _: &dyn CamMethod) -> gradcam_eval::Result<Vec<Map>> {
+    fn maps(&self, _: &Example<()>, _: &dyn Explainer) -> gradcam_eval::Result<Vec<Map>> {
         let data = (0..SIDE * SIDE).map(|i| if on_object(i / SIDE, i % SIDE) { 1.0 } else { 0.1 }).collect();
         Ok(vec![Map::new(SIDE, SIDE, data)])
     }

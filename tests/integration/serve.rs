@@ -1,4 +1,4 @@
-//! `gradcam serve`, started on an ephemeral port: the three APIs answer the CLI's maps, the limits
+//! `gradcam serve`, started on an ephemeral port: the four APIs answer the CLI's maps, the limits
 //! answer 413 / 415 / 404 / 503 with JSON, a load of 200 requests from 8 clients gets no error and
 //! no growing memory, and a real browser (headless Chromium) uses the page.
 
@@ -131,7 +131,7 @@ fn the_three_apis_answer_the_same_maps_as_the_cli() {
 
 #[test]
 fn bad_requests_get_clear_json_errors() {
-    let server = Server::start(&["--classifier", "none", "--max-upload-mb", "1", "--workers", "1", "--queue", "0"]);
+    let server = Server::start(&["--classifier", "none", "--clip-model", "none", "--max-upload-mb", "1", "--workers", "1", "--queue", "0"]);
     let scene = std::fs::read(repo("data/shapescenes/test/images/000019.png")).unwrap();
     let url = |path: &str| format!("{}{path}", server.url);
 
@@ -148,6 +148,8 @@ fn bad_requests_get_clear_json_errors() {
     assert!(status == 400 && body["error"].as_str().unwrap().contains("question"), "{status} {body}");
     let (status, body, _) = post(&url("/api/classify"), &scene, &[]);
     assert!(status == 404 && body["error"].as_str().unwrap().contains("--classifier"), "{status} {body}");
+    let (status, body, _) = post(&url("/api/match"), &scene, &[("text", "a red circle")]);
+    assert!(status == 404 && body["error"].as_str().unwrap().contains("--clip-model"), "{status} {body}");
     for path in ["/../Cargo.toml", "/samples/..%2F..%2FCargo.toml", "/samples/../../README.md", "/models/vqa/config.json", "/static/page.html"] {
         let (status, body) = get(&url(path));
         assert_eq!(status, 404, "{path}: {body}");
@@ -287,4 +289,109 @@ fn an_onnx_classifier_is_served_like_the_built_in_ones() {
     assert_eq!(classes["predictions"], cli["predictions"]);
     assert_eq!(classes["layer"], cli["layer"]);
     assert_eq!(maps(&classes["explanations"]), maps(&cli["explanations"]), "ONNX classifier maps differ from the CLI's");
+}
+
+/// Where two records differ, ignoring `image` and `overlay` (file names against data URLs);
+/// numbers agree within 1e-6.
+fn difference(a: &Value, b: &Value, path: &str) -> Option<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys = |m: &serde_json::Map<String, Value>| m.keys().filter(|k| !matches!(k.as_str(), "image" | "overlay")).cloned().collect::<Vec<_>>();
+            if keys(x) != keys(y) {
+                return Some(format!("{path}: fields {:?} against {:?}", keys(x), keys(y)));
+            }
+            keys(x).iter().find_map(|k| difference(&x[k], &y[k], &format!("{path}/{k}")))
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x.iter().zip(y).enumerate().find_map(|(i, (p, q))| difference(p, q, &format!("{path}/{i}"))),
+        (Value::Number(x), Value::Number(y)) => {
+            let (p, q) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            ((p - q).abs() > 1e-6).then(|| format!("{path}: {p} against {q}"))
+        }
+        _ => (a != b).then(|| format!("{path}: {a} against {b}")),
+    }
+}
+
+/// The CLIP fixture (an ONNX image / text pair) served alone.
+fn clip_server() -> Server {
+    Server::start(&["--clip-model", "tests/fixtures/clip/tiny", "--classifier", "none", "--caption-model", "none", "--vqa-model", "none"])
+}
+
+#[test]
+fn the_match_api_answers_the_cli_record() {
+    let server = clip_server();
+    let image = std::fs::read(repo("tests/fixtures/clip/scene64.png")).unwrap();
+    let (status, record, _) = post(&format!("{}/api/match", server.url), &image, &[("text", "a red circle"), ("text", "a blue square"), ("method", "gradcam")]);
+    assert_eq!(status, 200, "{record}");
+    let cli = cli_json(&["match", "tests/fixtures/clip/scene64.png", "--model", "tests/fixtures/clip/tiny", "--text", "a red circle", "--text", "a blue square"]);
+    let texts = record["texts"].as_array().unwrap();
+    assert_eq!(texts.iter().map(|t| t["text"].as_str().unwrap()).collect::<Vec<_>>(), ["a red circle", "a blue square"]);
+    assert!(texts.iter().all(|t| t["explanations"].as_array().unwrap().len() == 1 && t["cam"].is_array()), "{record}");
+    assert!(texts[0]["explanations"][0]["overlay"].as_str().unwrap().starts_with("data:image/png;base64,"));
+    if let Some(d) = difference(&record, &cli, "") {
+        panic!("the API's record differs from `gradcam match --json` at {d}");
+    }
+}
+
+#[test]
+fn the_clip_model_is_listed_and_a_match_without_text_gets_400() {
+    let server = clip_server();
+    let (status, models) = get(&format!("{}/api/models", server.url));
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    let clip = &models["clip"];
+    assert_eq!(clip["kind"], "onnx", "{models}");
+    assert_eq!(clip["path"], "tests/fixtures/clip/tiny");
+    let methods: Vec<&str> = clip["methods"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
+    assert!(["gradcam", "rollout", "relevance"].iter().all(|m| methods.contains(m)), "{methods:?}");
+    let layers = clip["layers"].as_array().unwrap();
+    assert!(layers.contains(&clip["layer"]), "the default layer {} is not among the layers", clip["layer"]);
+
+    let url = format!("{}/api/match", server.url);
+    let image = std::fs::read(repo("tests/fixtures/clip/scene64.png")).unwrap();
+    let (status, body, _) = post(&url, &image, &[("method", "gradcam")]);
+    assert!(status == 400 && body["error"].as_str().unwrap().contains("`text`"), "{status} {body}");
+    let (status, body, _) = post(&url, &image, &[("text", "a red circle"), ("text", "  ")]);
+    assert!(status == 400 && body["error"].as_str().unwrap().contains("empty"), "{status} {body}");
+    let (status, body, _) = post(&url, &image, &[("text", "a red circle"), ("softmax", "true")]);
+    assert!(status == 400 && body["error"].as_str().unwrap().contains("two or more texts"), "{status} {body}");
+    let (status, body, _) = post(&url, &image, &[("text", "a red circle"), ("method", "rolout")]);
+    assert!(status == 400 && body["error"].as_str().unwrap().contains("rollout"), "{status} {body}");
+    let (status, body, _) = post(&url, b"not an image", &[("text", "a red circle")]);
+    assert_eq!(status, 415, "{body}");
+
+    // Rollout and relevance, softmax and counterfactuals: a map per text, method and target.
+    let (status, record, _) = post(&url, &image, &[("text", "a red circle"), ("text", "a blue square"), ("method", "rollout,relevance"), ("softmax", "true"), ("counterfactual", "true")]);
+    assert_eq!(status, 200, "{record}");
+    for t in record["texts"].as_array().unwrap() {
+        let p = t["probability"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&p), "{t}");
+        let e: Vec<(&str, bool)> = t["explanations"].as_array().unwrap().iter().map(|e| (e["method"].as_str().unwrap(), e["counterfactual"].as_bool().unwrap())).collect();
+        assert_eq!(e, [("rollout", false), ("rollout", true), ("relevance", false), ("relevance", true)]);
+    }
+}
+
+/// `gradcam match --html FILE`: the page, in Chromium, shows each text with its similarity and
+/// its map inline.
+#[test]
+fn match_html_export_shows_each_text() {
+    let out = tempfile::tempdir().unwrap();
+    let page = out.path().join("match.html");
+    let o = Command::new(env!("CARGO_BIN_EXE_gradcam"))
+        .args(["match", "tests/fixtures/clip/scene64.png", "--model", "tests/fixtures/clip/tiny", "--text", "a red circle", "--text", "a blue square", "--method", "gradcam,rollout", "--out"])
+        .arg(out.path())
+        .arg("--html")
+        .arg(&page)
+        .current_dir(repo(""))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("window.GRADCAM_DATA") && html.contains("\"match\":"));
+    assert!(!html.contains(&out.path().display().to_string()), "the page refers to the written files");
+    let dom = Command::new("chromium").args(["--headless=new", "--no-sandbox", "--disable-gpu", "--dump-dom"]).arg(format!("file://{}", page.display())).output().expect("chromium runs (apt-get install chromium)");
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert_eq!(dom.matches("class=\"match-title").count(), 2, "one line per text");
+    assert!(dom.contains("\"a red circle\": similarity") && dom.contains("\"a blue square\": similarity"));
+    assert_eq!(dom.matches("class=\"overlay match-overlay\"").count(), 4, "a map per text and method");
+    assert!(dom.contains("data-method=\"rollout\""));
 }

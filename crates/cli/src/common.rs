@@ -30,7 +30,6 @@ impl MethodArgs {
     pub fn settings(&self) -> Settings {
         Settings { methods: self.method.clone(), eigen_smooth: self.eigen_smooth, aug_smooth: self.aug_smooth }
     }
-
 }
 
 /// How a trained model folder's explanations are made, named and shared: the methods, the

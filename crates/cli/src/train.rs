@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use gradcam_train::{Checkpoint, Event, Settings};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::progress::bar;
 
@@ -118,11 +117,8 @@ pub struct ClassifierArgs {
 pub struct ClipArgs {
     #[command(flatten)]
     train: TrainArgs,
-    #[arg(long, default_value_t = gradcam_clip::train::TrainConfig::default().settings.epochs)]
-    epochs: usize,
-    /// Share of training texts that are object phrases ("red circle"); the rest are captions.
-    #[arg(long, default_value_t = gradcam_clip::train::TrainConfig::default().phrase_share)]
-    phrase_share: f64,
+    #[command(flatten)]
+    c: gradcam_clip::cli::TrainFlags,
 }
 
 pub fn run(what: TrainCommand) -> anyhow::Result<ExitCode> {
@@ -152,43 +148,14 @@ pub fn run(what: TrainCommand) -> anyhow::Result<ExitCode> {
         }
         TrainCommand::Clip(a) => {
             use gradcam_clip::train::{train, TrainConfig};
-            let (settings, t) = (a.train.settings(a.epochs, weight_decay), &a.train);
-            let tc = TrainConfig { settings, phrase_share: a.phrase_share };
+            let (settings, t) = (a.train.settings(a.c.epochs, weight_decay), &a.train);
+            let tc = TrainConfig { settings, phrase_share: a.c.phrase_share };
             fit(t, |e| train(&t.data, &t.out, &tc, t.resume, e), "test images", |c, m, p| gradcam_clip::card::write(&t.data, &t.out, &tc, c, m, p), |f| eprintln!("test: {} ({} objects)", f.metrics, f.objects))
         }
     }
 }
 
-/// Prints what training says: a bar per epoch with the last step's loss, a line per epoch done.
-pub fn events<M: Display>() -> impl FnMut(Event<M>) {
-    let mut bar = ProgressBar::hidden();
-    move |e| match e {
-        Event::Loaded { train, val } => eprintln!("{train} training images, {val} validation images"),
-        Event::Start { epoch, steps } => {
-            bar = ProgressBar::new(steps as u64);
-            let template = format!("epoch {epoch:>2} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}] loss {{msg}}");
-            bar.set_style(ProgressStyle::with_template(&template).expect("valid template"));
-        }
-        Event::Step { loss } => {
-            bar.set_message(format!("{loss:.4}"));
-            bar.inc(1);
-        }
-        Event::Epoch(log) => {
-            bar.finish_and_clear();
-            eprintln!("epoch {:>2}: train loss {:.4}, val loss {:.4}, {} ({:.0} s)", log.epoch, log.train_loss, log.val_loss, log.metrics, log.seconds);
-        }
-    }
-}
-
-/// A training error in the command's words: a setting that cannot train by its flag, and a
-/// loss that diverged with what to try.
-pub fn hint(e: impl Into<anyhow::Error>) -> anyhow::Error {
-    let e = e.into();
-    match e.chain().find_map(|c| c.downcast_ref::<gradcam_train::Error>()) {
-        Some(gradcam_train::Error::Diverged { .. } | gradcam_train::Error::DivergedValidation { .. }) => anyhow::anyhow!("{e:#}; try a lower --lr"),
-        _ => e,
-    }
-}
+pub use gradcam_train::cli::{events, hint};
 
 /// Runs `train` with its progress printed, then writes the model card (measured on the test
 /// split, with a bar over its `items`), whose figures `summary` prints.

@@ -7,6 +7,8 @@
 #![forbid(unsafe_code)]
 
 pub mod card;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod eval;
 pub mod matcher;
 pub mod matching;

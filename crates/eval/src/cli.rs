@@ -38,8 +38,9 @@ pub struct EvalArgs {
     /// categories are named by ImageNet class names.
     #[arg(long)]
     pub data: PathBuf,
-    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam or eigencam.
-    #[arg(long, default_value = "gradcam", value_parser = Method::parse_gradient)]
+    /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam or eigencam; on a transformer
+    /// (a CLIP) also rollout or relevance.
+    #[arg(long, default_value = "gradcam", value_parser = eval_method)]
     pub method: Method,
     /// Evaluate at most this many images.
     #[arg(long)]
@@ -110,6 +111,17 @@ pub struct EvalArgs {
     pub seg_threshold: f32,
 }
 
+/// The methods an evaluation scores: the gradient-based ones, and a transformer's rollout and
+/// relevance.
+fn eval_method(s: &str) -> std::result::Result<Method, String> {
+    let m: Method = s.parse().map_err(|e: gradcam_core::UnknownMethod| e.to_string())?;
+    match m {
+        Method::Rollout | Method::Relevance => Ok(m),
+        m if m.is_gradient_map() => Ok(m),
+        m => Err(format!("{m} is not scored by evaluations; give a gradient-based method (gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam) or, on a transformer, rollout or relevance")),
+    }
+}
+
 /// What a run measured: its summary as JSON and as a Markdown table.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -148,7 +160,17 @@ impl EvalArgs {
     pub fn run(&self, model: &ModelRef, weights: Option<&str>, progress: &mut dyn FnMut(usize, usize)) -> Result<Report> {
         let (adversarial, tasks) = self.tasks()?;
         let out = self.out.as_deref().map(|dir| Outputs { dir, failures: self.failures });
-        let method = self.method.cam_method().ok_or_else(|| SettingError::value("method", &self.method, "a gradient-based method"))?;
+        let cam = self.method.cam_method();
+        let attention: Option<Box<dyn gradcam_core::Explainer>> = match self.method {
+            gradcam_core::Method::Rollout => Some(Box::new(gradcam_core::Rollout)),
+            gradcam_core::Method::Relevance => Some(Box::new(gradcam_core::Relevance)),
+            _ => None,
+        };
+        let explainer: &dyn gradcam_core::Explainer = match (&cam, &attention) {
+            (Some(c), _) => c,
+            (None, Some(a)) => a.as_ref(),
+            (None, None) => return Err(SettingError::value("method", &self.method, "a gradient-based method, rollout or relevance").into()),
+        };
         let onnx = self.onnx.options()?;
         let loading = |e: Error| Error::Loading { model: self.model.clone(), source: Box::new(e) };
         let limit = self.limit.unwrap_or(usize::MAX);
@@ -161,6 +183,7 @@ impl EvalArgs {
                 Some("random") => true,
                 Some(other) => return Err(SettingError::value("target", format!("{other:?}"), "the adversarial evaluation takes `random` (or nothing, for untargeted attacks)").into()),
             };
+            let method = cam.as_ref().ok_or_else(|| SettingError::value("method", &self.method, "the adversarial evaluation takes a gradient-based method"))?;
             let (net, layer) = name.load(weights, &onnx, self.layer.as_deref()).map_err(|e| loading(e.into()))?;
             let step_size = self.step_size.unwrap_or(crate::attack::Pgd::default_step(self.eps, self.attack_steps));
             let until = self.until.unwrap_or(AdversarialOptions::default_until(targeted));
@@ -177,7 +200,7 @@ impl EvalArgs {
         } else {
             let subject = model.subject(weights, &onnx, self.layer.as_deref(), &self.data).map_err(loading)?;
             let segment = SegmentOptions { high: self.seed_high, low: self.seed_low, threshold: self.seg_threshold, ..Default::default() };
-            let options = Options { tasks, method: method.as_ref(), limit, tolerance: self.tolerance, box_threshold: self.box_threshold, iou: self.iou, patch: self.patch, stride: self.stride, steps: self.steps, reject_below: self.reject_below, batch: self.batch, segment };
+            let options = Options { tasks, method: explainer, limit, tolerance: self.tolerance, box_threshold: self.box_threshold, iou: self.iou, patch: self.patch, stride: self.stride, steps: self.steps, reject_below: self.reject_below, batch: self.batch, segment };
             let summary = subject.evaluate(&self.data, &options, out, progress)?;
             (serde_json::to_string_pretty(&summary), crate::report::markdown(&summary))
         };

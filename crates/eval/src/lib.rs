@@ -13,6 +13,7 @@ pub mod adversarial;
 pub mod attack;
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod clip;
 mod perturb;
 pub mod segment;
 pub mod report;
@@ -24,7 +25,7 @@ use std::path::PathBuf;
 
 use candle_core::Tensor;
 use gradcam_core::metrics::BoundingBox;
-use gradcam_core::{CamMethod, Map};
+use gradcam_core::{Explainer, Map};
 use gradcam_scenes::rle::Mask;
 use image::RgbImage;
 
@@ -46,6 +47,8 @@ pub enum Error {
     Captioner(#[from] gradcam_captioner::Error),
     #[error(transparent)]
     Vqa(#[from] gradcam_vqa::Error),
+    #[error(transparent)]
+    Clip(#[from] gradcam_clip::Error),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
@@ -228,7 +231,9 @@ pub trait Subject {
     /// Runs the model on image `i` and says what to explain there.
     fn example(&self, i: usize) -> Result<Example<Self::State>>;
     /// The raw map (at the explained layer's resolution) of every case, in order.
-    fn maps(&self, ex: &Example<Self::State>, method: &dyn CamMethod) -> Result<Vec<Map>>;
+    /// `method` is any [`Explainer`]: the gradient family, or rollout and relevance on a
+    /// transformer (they read the example's input).
+    fn maps(&self, ex: &Example<Self::State>, method: &dyn Explainer) -> Result<Vec<Map>>;
     /// For each row of `inputs` (`[n, 3, H, W]`, perturbed copies of the example's input), the
     /// explained score (what the map differentiates) and the probability of every case.
     fn scores(&self, ex: &Example<Self::State>, inputs: &Tensor) -> Result<Vec<Vec<(f32, f32)>>>;

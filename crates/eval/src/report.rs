@@ -106,7 +106,7 @@ pub struct Failure {
 /// run), each with its maps by `method`, for [`write_failures`].
 /// With `segment`, each case's seeded segmentation follows its map (drawn as a map that is 1
 /// inside the segment).
-pub fn worst<S: crate::Subject>(subject: &S, qualities: &[(f64, usize)], k: usize, method: &dyn gradcam_core::CamMethod, segment: Option<&crate::segment::SegmentOptions>) -> Result<Vec<Failure>> {
+pub fn worst<S: crate::Subject>(subject: &S, qualities: &[(f64, usize)], k: usize, method: &dyn gradcam_core::Explainer, segment: Option<&crate::segment::SegmentOptions>) -> Result<Vec<Failure>> {
     let mut order = qualities.to_vec();
     order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     order

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use candle_core::Tensor;
 use gradcam_core::metrics::{auc, energy, pixel_order, spearman, threshold_box, BoundingBox, Energy, Pointing};
-use gradcam_core::{CamMethod, Map, SettingError};
+use gradcam_core::{Explainer, Map, SettingError};
 use serde::Serialize;
 
 use crate::perturb::{patch_origins, Plane};
@@ -13,7 +13,7 @@ use crate::{Example, Result, Subject, Task, Tolerance};
 /// How to evaluate.
 pub struct Options<'a> {
     pub tasks: Vec<Task>,
-    pub method: &'a dyn CamMethod,
+    pub method: &'a dyn Explainer,
     /// At most this many images.
     pub limit: usize,
     pub tolerance: Tolerance,

@@ -12,6 +12,7 @@ use gradcam_vqa::Vqa;
 use serde::Serialize;
 
 use crate::report::{markdown, worst, write_failures, Failure};
+use crate::clip::ClipSubject;
 use crate::subjects::{CaptionerSubject, ClassifierSubject, VqaSubject};
 use crate::{run, Error, ExampleResult, Options, Result, Subject, Summary, Task};
 
@@ -55,6 +56,8 @@ pub enum ModelRef {
     Classifier(ModelName),
     Captioner(PathBuf),
     Vqa(PathBuf),
+    /// A CLIP's folder (`"kind": "clip"`).
+    Clip(PathBuf),
 }
 
 impl ModelRef {
@@ -66,7 +69,13 @@ impl ModelRef {
         let config = dir.join("config.json");
         let text = std::fs::read_to_string(&config).map_err(|e| SettingError::value("model", model, "neither a classifier (efficientnet-lite0, vgg16, resnet18, resnet50, FILE.onnx) nor a model folder with config.json").because(e))?;
         let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Data(format!("parsing {}: {e}", config.display())))?;
-        Ok(if json.get("answers").is_some() { ModelRef::Vqa(dir) } else { ModelRef::Captioner(dir) })
+        Ok(if json.get("kind").and_then(|k| k.as_str()) == Some("clip") {
+            ModelRef::Clip(dir)
+        } else if json.get("answers").is_some() {
+            ModelRef::Vqa(dir)
+        } else {
+            ModelRef::Captioner(dir)
+        })
     }
 
     /// The subject over the dataset folder `data`; `weights`, `onnx` and `layer` are a
@@ -78,6 +87,8 @@ impl ModelRef {
                 return Ok(AnySubject::Classifier(ClassifierSubject::new(net, layer, data)?));
             }
             ModelRef::Captioner(dir) | ModelRef::Vqa(dir) => (dir, [weights.map(|_| "weights"), layer.map(|_| "layer")]),
+            // A CLIP's layer is one of its blocks' attention inputs.
+            ModelRef::Clip(dir) => (dir, [weights.map(|_| "weights"), None]),
         };
         let given: Vec<&'static str> = given.into_iter().flatten().chain(onnx.given()).collect();
         if !given.is_empty() {
@@ -85,6 +96,7 @@ impl ModelRef {
         }
         Ok(match self {
             ModelRef::Vqa(dir) => AnySubject::Vqa(VqaSubject::new(Vqa::load(dir)?, data)?),
+            ModelRef::Clip(dir) => AnySubject::Clip(ClipSubject::new(gradcam_clip::Trained::load(dir)?, layer, data)?),
             _ => AnySubject::Captioner(CaptionerSubject::new(Captioner::load(dir)?, data)?),
         })
     }
@@ -101,6 +113,7 @@ pub enum AnySubject {
     Classifier(ClassifierSubject),
     Captioner(CaptionerSubject),
     Vqa(VqaSubject),
+    Clip(ClipSubject),
 }
 
 impl AnySubject {
@@ -111,6 +124,7 @@ impl AnySubject {
             AnySubject::Classifier(s) => evaluate(s, data, options, out, progress),
             AnySubject::Captioner(s) => evaluate(s, data, options, out, progress),
             AnySubject::Vqa(s) => evaluate(s, data, options, out, progress),
+            AnySubject::Clip(s) => evaluate(s, data, options, out, progress),
         }
     }
 }

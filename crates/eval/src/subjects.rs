@@ -6,10 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Tensor, D};
-use gradcam_captioner::eval::{named_objects, word_explanations_with};
+use gradcam_captioner::eval::named_objects;
+use gradcam_captioner::model::CaptionSplit;
 use gradcam_captioner::Captioner;
 use gradcam_core::metrics::BoundingBox;
-use gradcam_core::{explain, CamMethod, Explainable, Explanation, Map, Request, Target};
+use gradcam_core::{Context, Explainable, Explainer, Explanation, Map, Request, Target};
 use gradcam_encoders::preprocess::{load_image, prepare_with, Resize};
 use gradcam_encoders::Network;
 use gradcam_scenes::coco::{Instance, Instances};
@@ -21,12 +22,12 @@ use image::RgbImage;
 
 use crate::{Case, Error, Example, Object, Result, Subject};
 
-fn object(o: &Instance) -> Object {
+pub(crate) fn object(o: &Instance) -> Object {
     Object { bbox: BoundingBox::from_coco(o.bbox), mask: o.mask.clone() }
 }
 
 /// Loads an image and checks it against the size its annotations were made on.
-fn load_checked(path: &Path, width: u32, height: u32) -> Result<RgbImage> {
+pub(crate) fn load_checked(path: &Path, width: u32, height: u32) -> Result<RgbImage> {
     let img = load_image(path)?;
     if img.dimensions() != (width, height) {
         return Err(Error::Data(format!(
@@ -44,15 +45,15 @@ fn softmax(row: &Tensor) -> Result<Vec<Vec<f32>>> {
 }
 
 /// One image of a split with everything it is annotated with, owned.
-struct Item {
-    path: PathBuf,
-    width: u32,
-    height: u32,
-    objects: Vec<Instance>,
-    questions: Vec<(Question, Annotation)>,
+pub(crate) struct Item {
+    pub(crate) path: PathBuf,
+    pub(crate) width: u32,
+    pub(crate) height: u32,
+    pub(crate) objects: Vec<Instance>,
+    pub(crate) questions: Vec<(Question, Annotation)>,
 }
 
-fn items(split: &Split) -> Vec<Item> {
+pub(crate) fn items(split: &Split) -> Vec<Item> {
     split
         .examples()
         .into_iter()
@@ -66,7 +67,14 @@ fn items(split: &Split) -> Vec<Item> {
         .collect()
 }
 
-fn file_name(path: &Path) -> String {
+/// The raw maps of `requests` by `method` on `model`, for the example `ex` (whose input the
+/// attention methods read) with the explained layer's `activations`.
+pub(crate) fn cams<S>(model: &dyn Explainable, ex: &Example<S>, activations: &Tensor, requests: &[Request<'_>], method: &dyn Explainer) -> Result<Vec<Map>> {
+    let cx = Context { model, input: &ex.input, activations, progress: &|_| {} };
+    Ok(method.explain(&cx, requests)?.iter().map(Explanation::cam).collect())
+}
+
+pub(crate) fn file_name(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
@@ -170,10 +178,10 @@ impl Subject for ClassifierSubject {
         })
     }
 
-    fn maps(&self, ex: &Example<ClassifierState>, method: &dyn CamMethod) -> Result<Vec<Map>> {
+    fn maps(&self, ex: &Example<ClassifierState>, method: &dyn Explainer) -> Result<Vec<Map>> {
         let classes: Vec<Target> = ex.state.classes.iter().map(|&c| Target::class(c)).collect();
         let requests: Vec<Request> = classes.iter().map(|target| Request { image: 0, target }).collect();
-        Ok(explain(&self.net.split(self.layer), &ex.state.activations, &requests, method)?.iter().map(Explanation::cam).collect())
+        cams(&self.net.split(self.layer), ex, &ex.state.activations, &requests, method)
     }
 
     fn scores(&self, ex: &Example<ClassifierState>, inputs: &Tensor) -> Result<Vec<Vec<(f32, f32)>>> {
@@ -262,12 +270,13 @@ impl Subject for CaptionerSubject {
         })
     }
 
-    fn maps(&self, ex: &Example<CaptionerState>, method: &dyn CamMethod) -> Result<Vec<Map>> {
+    fn maps(&self, ex: &Example<CaptionerState>, method: &dyn Explainer) -> Result<Vec<Map>> {
         if ex.cases.is_empty() {
             return Ok(Vec::new());
         }
-        let results = word_explanations_with(&self.model, &ex.state.activations, &ex.state.tokens, method)?;
-        Ok(ex.state.steps.iter().map(|&t| results[t].cam()).collect())
+        let targets: Vec<Target> = ex.state.steps.iter().map(|&t| Target::word(t)).collect();
+        let requests: Vec<Request> = targets.iter().map(|target| Request { image: 0, target }).collect();
+        cams(&CaptionSplit::new(&self.model, &ex.state.tokens), ex, &ex.state.activations, &requests, method)
     }
 
     fn scores(&self, ex: &Example<CaptionerState>, inputs: &Tensor) -> Result<Vec<Vec<(f32, f32)>>> {
@@ -349,12 +358,12 @@ impl Subject for VqaSubject {
         })
     }
 
-    fn maps(&self, ex: &Example<VqaState>, method: &dyn CamMethod) -> Result<Vec<Map>> {
+    fn maps(&self, ex: &Example<VqaState>, method: &dyn Explainer) -> Result<Vec<Map>> {
         let mut maps = Vec::with_capacity(ex.cases.len());
         for (q, answer) in &ex.state.questions {
             let split = VqaSplit { model: &self.model, question: q.clone() };
             let target = Target::answer(*answer);
-            maps.push(explain(&split, &ex.state.activations, &[Request { image: 0, target: &target }], method)?.remove(0).cam());
+            maps.extend(cams(&split, ex, &ex.state.activations, &[Request { image: 0, target: &target }], method)?);
         }
         Ok(maps)
     }

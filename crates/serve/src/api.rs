@@ -11,18 +11,19 @@ use http_body_util::BodyExt;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use gradcam::pipeline::{caption, classify, vqa, Files, Settings};
+use gradcam::pipeline::{caption, classify, matching, vqa, Files, Settings};
 use gradcam::report::UnitNames;
 use gradcam::Method;
 use image::RgbImage;
 
 use crate::{ApiError, App, SAMPLES};
 
-/// A request's form: the image's bytes and name, and the text fields.
+/// A request's form: the image's bytes and name, and the text fields (each name's values in the
+/// order sent).
 #[derive(Default)]
 struct Form {
     image: Option<(String, Vec<u8>)>,
-    fields: HashMap<String, String>,
+    fields: HashMap<String, Vec<String>>,
 }
 
 impl Form {
@@ -56,7 +57,7 @@ impl Form {
             if name == "image" {
                 form.image = Some((file.unwrap_or_else(|| "upload".into()), bytes.to_vec()));
             } else {
-                form.fields.insert(name, String::from_utf8_lossy(&bytes).trim().to_string());
+                form.fields.entry(name).or_default().push(String::from_utf8_lossy(&bytes).trim().to_string());
             }
         }
         Ok(form)
@@ -72,8 +73,14 @@ impl Form {
         Ok((name.clone(), img))
     }
 
+    /// The field's value (the last one sent), if not empty.
     fn text(&self, name: &str) -> Option<String> {
-        self.fields.get(name).filter(|v| !v.is_empty()).cloned()
+        self.fields.get(name).and_then(|v| v.last()).filter(|v| !v.is_empty()).cloned()
+    }
+
+    /// Every value of a repeated field, empty ones included.
+    fn texts(&self, name: &str) -> &[String] {
+        self.fields.get(name).map(Vec::as_slice).unwrap_or_default()
     }
 
     fn flag(&self, name: &str) -> bool {
@@ -158,6 +165,37 @@ pub(crate) async fn classify(State(app): State<Arc<App>>, request: Request) -> R
     Ok(Json(record).into_response())
 }
 
+/// Most texts one match request takes.
+const MAX_TEXTS: usize = 64;
+
+pub(crate) async fn matching(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
+    // The form is read first, even for a request that will be refused: a connection closed
+    // while the client is still sending would reach it as an error, not as our answer.
+    let form = Form::read(request, app.limits.max_upload).await?;
+    if app.models.clip.is_none() {
+        return Err(missing("CLIP model", "--clip-model DIR"));
+    }
+    let (name, img) = form.image()?;
+    let texts = form.texts("text").to_vec();
+    if texts.is_empty() {
+        return Err(ApiError::bad("the form has no `text`; send one or more `text` fields, one text each"));
+    }
+    if texts.len() > MAX_TEXTS {
+        return Err(ApiError::bad(format!("{} texts; a request takes at most {MAX_TEXTS}", texts.len())));
+    }
+    if let Some(i) = texts.iter().position(|t| t.is_empty()) {
+        return Err(ApiError::bad(format!("`text` number {} (of {}) is empty; give each text some words", i + 1, texts.len())));
+    }
+    let options = matching::Options { texts, layer: form.text("layer"), softmax: form.flag("softmax"), counterfactual: form.flag("counterfactual"), settings: form.settings()? };
+    let record = app
+        .run(move |app| {
+            let c = app.models.clip.as_ref().expect("checked above");
+            Ok(matching::match_texts(&c.model, &img, &name, NOWHERE, &options, None)?)
+        })
+        .await?;
+    Ok(Json(record).into_response())
+}
+
 /// What the server explains, for the page.
 pub(crate) async fn models(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
     let m = &app.models;
@@ -165,6 +203,13 @@ pub(crate) async fn models(State(app): State<Arc<App>>) -> Json<serde_json::Valu
         "captioner": m.captioner.as_ref().map(|c| serde_json::json!({ "words": c.model.vocab.len(), "dissection": c.dissection.is_some() })),
         "vqa": m.vqa.as_ref().map(|v| serde_json::json!({ "answers": v.model.cfg.answers, "dissection": v.dissection.is_some() })),
         "classifier": m.classifier.as_ref().map(|c| serde_json::json!({ "model": c.net.arch(), "layer": c.net.layer_name(c.layer) })),
+        "clip": m.clip.as_ref().map(|c| serde_json::json!({
+            "kind": c.model.kind(),
+            "path": c.path.display().to_string(),
+            "layer": c.layer,
+            "layers": c.model.layers(),
+            "methods": Method::ALL.into_iter().chain(Method::TRANSFORMER).map(Method::name).collect::<Vec<_>>(),
+        })),
         "methods": Method::ALL.map(Method::name),
         "samples": SAMPLES.map(|(name, _)| name),
         "limits": { "workers": app.limits.workers, "queue": app.limits.queue, "max_upload_bytes": app.limits.max_upload, "timeout_seconds": app.limits.timeout.as_secs() },

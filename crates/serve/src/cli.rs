@@ -7,7 +7,7 @@ use std::time::Duration;
 use gradcam_encoders::onnx::OnnxOptions;
 use gradcam_encoders::{ModelKind, ModelName};
 
-use crate::{App, Classifier, Limits, Models, Named};
+use crate::{App, Classifier, Clip, Limits, Models, Named};
 
 /// `gradcam serve`: the explorer page and its JSON API.
 #[derive(clap::Args, Debug, Clone)]
@@ -31,6 +31,10 @@ pub struct ServeArgs {
     /// Classifier weights (see `gradcam classify --help`).
     #[arg(long)]
     pub weights: Option<String>,
+    /// CLIP model folder for image-text matching: a trained one (`gradcam train clip`) or an
+    /// ONNX pair (scripts/export_clip.py); `none` to leave it out.
+    #[arg(long, default_value = "models/clip")]
+    pub clip_model: PathBuf,
     /// Requests explained at once.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
@@ -103,8 +107,13 @@ pub fn load(args: &ServeArgs) -> Result<Models, StartError> {
             Err(e) => return Err(fail("classifier", Path::new(&args.classifier), &e)),
         }
     }
-    if models.captioner.is_none() && models.vqa.is_none() && models.classifier.is_none() {
-        return Err(StartError::Usage("no model to serve: give --caption-model, --vqa-model or --classifier".into()));
+    if let Some(dir) = folder(&args.clip_model, "models/clip", "CLIP model") {
+        let model = gradcam_clip::Matcher::load(dir).map_err(|e| fail("CLIP model", dir, &e))?;
+        let layer = model.with_image(None, |_, name| name.to_string()).map_err(|e| fail("CLIP model", dir, &e))?;
+        models.clip = Some(Clip { model, path: dir.to_path_buf(), layer });
+    }
+    if models.captioner.is_none() && models.vqa.is_none() && models.classifier.is_none() && models.clip.is_none() {
+        return Err(StartError::Usage("no model to serve: give --caption-model, --vqa-model, --classifier or --clip-model".into()));
     }
     Ok(models)
 }
@@ -126,7 +135,7 @@ pub fn run(args: &ServeArgs) -> Result<(), StartError> {
             eprintln!("warning: listening on {addr}, reachable from other machines; anyone who can reach it can use this machine's CPU");
         }
         let m = &app.models;
-        let names: Vec<&str> = [m.captioner.as_ref().map(|_| "captioner"), m.vqa.as_ref().map(|_| "vqa"), m.classifier.as_ref().map(|c| c.net.arch())].into_iter().flatten().collect();
+        let names: Vec<&str> = [m.captioner.as_ref().map(|_| "captioner"), m.vqa.as_ref().map(|_| "vqa"), m.classifier.as_ref().map(|c| c.net.arch()), m.clip.as_ref().map(|_| "clip")].into_iter().flatten().collect();
         println!("listening on http://{addr}/ ({}); Ctrl-C stops", names.join(", "));
         crate::serve(listener, app).await
     })?;

@@ -1,6 +1,7 @@
 //! `gradcam serve`: the paper's web demo, local. One page (embedded in the binary) and a JSON API
 //! over the same library calls the CLI makes (`gradcam::pipeline`): captions explained word by
-//! word, answers and what argues against them, ImageNet classes.
+//! word, answers and what argues against them, ImageNet classes, and CLIP-style image-text
+//! matches (each text's similarity explained).
 //!
 //! Safety, as a public-facing server needs it: uploads over the limit get 413, anything that is
 //! not an image 415; a bounded work queue (`workers` running, `queue` waiting, the rest 503 with
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod html;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gradcam_captioner::Captioner;
+use gradcam_clip::Matcher;
 use gradcam_encoders::Network;
 use gradcam_neurons::Dissection;
 use gradcam_vqa::Vqa;
@@ -44,6 +47,16 @@ pub struct Classifier {
     pub layer: usize,
 }
 
+/// A CLIP model (trained here or an ONNX pair), with where it came from.
+pub struct Clip {
+    /// The model.
+    pub model: Matcher,
+    /// Its folder.
+    pub path: PathBuf,
+    /// The image tower's value explained by default.
+    pub layer: String,
+}
+
 /// What the server explains; any of them may be absent (its API then answers 404).
 #[derive(Default)]
 pub struct Models {
@@ -53,6 +66,8 @@ pub struct Models {
     pub vqa: Option<Named<Vqa>>,
     /// The classifier (`--classifier`).
     pub classifier: Option<Classifier>,
+    /// The CLIP model (`--clip-model`).
+    pub clip: Option<Clip>,
 }
 
 /// How much work the server takes on.
@@ -185,6 +200,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/caption", post(api::caption))
         .route("/api/vqa", post(api::vqa))
         .route("/api/classify", post(api::classify))
+        .route("/api/match", post(api::matching))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such page") })
         // The API reads bodies itself, to its own limit (see `api::Form::read`).
         .layer(DefaultBodyLimit::disable())

@@ -12,6 +12,8 @@
 #![forbid(unsafe_code)]
 
 mod checkpoint;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod error;
 mod fit;
 mod settings;
