@@ -92,6 +92,7 @@ pub mod models {
     pub use gradcam_encoders::scene_classifier::load as load_scene_classifier;
     pub use gradcam_encoders::{Error, ModelKind, Network, Split as NetworkSplit, Weights, WeightsSource};
     pub use gradcam_vqa::{Question, Vqa, VqaSplit};
+    pub use gradcam_clip::{Matcher, Matching, OnnxPair, Probability, Trained as TrainedClip, VisionSplit as ClipVisionSplit, LOGIT_SCALE};
 }
 
 /// Datasets: ShapeScenes (synthetic scenes with masks, captions and questions) and the COCO /

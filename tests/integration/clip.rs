@@ -173,3 +173,62 @@ fn bad_folders_texts_and_tokenizers_are_refused_by_name() {
     fails_with(&run_match(&tiny(), &["--softmax"], &t), &["two or more texts"]);
     fails_with(&run_match(&tiny(), &["--layer", "nope"], &t), &["nope"]);
 }
+
+fn generate_scenes(dir: &Path, n: &str, seed: &str) {
+    let o = gradcam(&["scenes", "--out", dir.to_str().unwrap(), "--n", n, "--seed", seed]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn train_clip_writes_a_model_that_resumes_matches_and_is_evaluated() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, model) = (dir.path().join("scenes"), dir.path().join("clip"));
+    generate_scenes(&data, "60", "5");
+    let train = |epochs: &str, resume: bool| {
+        let mut args = vec!["train", "clip", "--data", data.to_str().unwrap(), "--out", model.to_str().unwrap(), "--epochs", epochs, "--batch-size", "16", "--lr", "0.001"];
+        if resume {
+            args.push("--resume");
+        }
+        let o = gradcam(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    assert!(train("1", false).contains("epoch  0: train loss"));
+    let resumed = train("2", true);
+    assert!(resumed.contains("epoch  1: train loss") && !resumed.contains("epoch  0:"), "{resumed}");
+    let ckpt: Value = serde_json::from_str(&std::fs::read_to_string(model.join("checkpoint.json")).unwrap()).unwrap();
+    assert_eq!(ckpt["epochs_done"], 2);
+    let card = std::fs::read_to_string(model.join("README.md")).unwrap();
+    assert!(card.contains("gradcam train clip --data") && card.contains("## Test metrics"), "{card}");
+    // The trained folder is a model for `match` (unknown words named) and for `eval`.
+    let img = std::fs::read_dir(data.join("test/images")).unwrap().next().unwrap().unwrap().path();
+    let out = dir.path().join("out");
+    let o = gradcam(&["match", img.to_str().unwrap(), "--model", model.to_str().unwrap(), "--text", "red circle", "--text", "a zebra", "--method", "gradcam,relevance", "--json", "--out", out.to_str().unwrap()]);
+    let r = record(&o);
+    assert_eq!(r["layer"], "visual.blocks.3.norm1");
+    assert_eq!(r["texts"][1]["unknown_words"], serde_json::json!(["zebra"]));
+    assert_eq!(r["texts"][0]["explanations"][0]["cam_size"], serde_json::json!([8, 8]));
+    let o = gradcam(&["eval", "pointing", "--model", model.to_str().unwrap(), "--data", data.join("test").to_str().unwrap(), "--method", "relevance"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("clip (relevance"), "{}", String::from_utf8_lossy(&o.stdout));
+}
+
+/// The shipped model on scenes it never saw (another seed than its training set's): each
+/// object's phrase points at the object and beats the colour-shape pairs absent from its scene.
+#[test]
+fn the_shipped_clip_points_at_each_phrase_and_ranks_it_above_absent_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("scenes");
+    generate_scenes(&data, "500", "4242");
+    let test = data.join("test");
+    let out = dir.path().join("eval");
+    let o = gradcam(&["eval", "pointing", "--model", repo("models/clip").to_str().unwrap(), "--data", test.to_str().unwrap(), "--method", "relevance", "--tolerance", "0.0625", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let p = &s["overall"]["pointing"];
+    let rate = p["hits"].as_f64().unwrap() / p["count"].as_f64().unwrap();
+    assert!(p["count"].as_u64().unwrap() > 80 && rate >= 0.85, "phrase pointing {rate} over {}", p["count"]);
+    let model = gradcam_clip::Trained::load(&repo("models/clip")).unwrap();
+    let f = gradcam_clip::eval::phrase_test(&model, &gradcam_scenes::Split::read(&test).unwrap(), &|_, _| {}).unwrap();
+    assert!(f.metrics.phrase_vs_absent >= 0.93, "{:?}", f.metrics);
+}

@@ -149,7 +149,7 @@ pub fn run(what: TrainCommand) -> anyhow::Result<ExitCode> {
         TrainCommand::Clip(a) => {
             use gradcam_clip::train::{train, TrainConfig};
             let (settings, t) = (a.train.settings(a.c.epochs, weight_decay), &a.train);
-            let tc = TrainConfig { settings, phrase_share: a.c.phrase_share };
+            let tc = TrainConfig { settings, phrase_share: a.c.phrase_share, phrase_loss: a.c.phrase_loss };
             fit(t, |e| train(&t.data, &t.out, &tc, t.resume, e), "test images", |c, m, p| gradcam_clip::card::write(&t.data, &t.out, &tc, c, m, p), |f| eprintln!("test: {} ({} objects)", f.metrics, f.objects))
         }
     }

@@ -10,14 +10,15 @@ use crate::{Error, Result};
 /// The command that trains this model again.
 pub fn command(data: &Path, out: &Path, tc: &TrainConfig) -> String {
     format!(
-        "gradcam train clip --data {} --out {} --epochs {} --batch-size {} --lr {} --seed {} --phrase-share {}",
+        "gradcam train clip --data {} --out {} --epochs {} --batch-size {} --lr {} --seed {} --phrase-share {} --phrase-loss {}",
         data.display(),
         out.display(),
         tc.settings.epochs,
         tc.settings.batch_size,
         tc.settings.lr,
         tc.settings.seed,
-        tc.phrase_share
+        tc.phrase_share,
+        tc.phrase_loss
     )
 }
 
@@ -51,8 +52,8 @@ pub fn write(data: &Path, out: &Path, tc: &TrainConfig, ckpt: &Checkpoint, minut
     ));
     s.push_str(&format!("## Training\n\nData: `{}` (COCO captions + instances with each object's colour and size).\n\n```sh\n{}\n```\n\n", data.display(), command(data, out, tc)));
     s.push_str(&format!(
-        "Each training image is paired with one of its texts: with probability {} an object's phrase (\"red circle\" or \"small red circle\"), else one of its captions. The loss is CLIP's symmetric cross-entropy over the batch's similarities times a learned temperature, every text that describes an image counted as its match. AdamW (lr {}, weight decay {}, cosine decay), batch {}, seed {}; {} epochs in {minutes:.1} min on a 2-core CPU.\n\n",
-        ckpt.train.phrase_share, ckpt.train.settings.lr, ckpt.train.settings.weight_decay, ckpt.train.settings.batch_size, ckpt.train.settings.seed, ckpt.epochs_done
+        "Each training image is paired with one of its texts: with probability {} an object's phrase (\"red circle\" or \"small red circle\"), else one of its captions. The loss is CLIP's symmetric cross-entropy over the batch's similarities times a learned temperature, every text that describes an image counted as its match, plus {} times the phrase loss: each image's cross-entropy over all 15 colour-shape phrases, its target spread over the pairs in its scene. AdamW (lr {}, weight decay {}, cosine decay), batch {}, seed {}; {} epochs in {minutes:.1} min on a 2-core CPU.\n\n",
+        ckpt.train.phrase_share, ckpt.train.phrase_loss, ckpt.train.settings.lr, ckpt.train.settings.weight_decay, ckpt.train.settings.batch_size, ckpt.train.settings.seed, ckpt.epochs_done
     ));
     s.push_str("`phrase vs absent`: of the comparisons of an object's own colour-shape phrase with each colour-shape pair absent from its scene, the share where its own is the more similar to the image; `beats all absent`: the share of objects whose phrase beats every absent pair.\n\n");
     s.push_str("| epoch | train loss | val loss | val phrase vs absent | val beats all absent | seconds |\n|---|---|---|---|---|---|\n");

@@ -34,4 +34,7 @@ pub struct TrainFlags {
     /// Share of training texts that are object phrases ("red circle"); the rest are captions.
     #[arg(long, default_value_t = crate::train::TrainConfig::default().phrase_share)]
     pub phrase_share: f64,
+    /// Weight of the phrase loss (each image against every colour-shape phrase; 0 = off).
+    #[arg(long, default_value_t = crate::train::TrainConfig::default().phrase_loss)]
+    pub phrase_loss: f64,
 }

@@ -17,10 +17,13 @@ pub mod pair;
 pub mod text;
 pub mod train;
 mod trained;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 
 pub use matcher::{Matcher, TextInfo};
+pub use pair::OnnxPair;
 pub use matching::{Matching, Probability, LOGIT_SCALE};
 pub use model::{Clip, Config};
 pub use trained::{Trained, VisionSplit};

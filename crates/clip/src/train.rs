@@ -28,11 +28,15 @@ pub struct TrainConfig {
     pub settings: Settings,
     /// Share of steps' texts that are object phrases (the rest are captions).
     pub phrase_share: f64,
+    /// Weight of the phrase loss: each image's cross-entropy over every colour-shape phrase
+    /// ("red circle", 15 of them), its target spread over the pairs present (0 = off).
+    #[serde(default)]
+    pub phrase_loss: f64,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { settings: Settings { epochs: 20, batch_size: 128, lr: 5e-4, weight_decay: 1e-4, seed: 0 }, phrase_share: 0.7 }
+        TrainConfig { settings: Settings { epochs: 20, batch_size: 128, lr: 5e-4, weight_decay: 1e-4, seed: 0 }, phrase_share: 0.7, phrase_loss: 1.0 }
     }
 }
 
@@ -42,6 +46,9 @@ impl TrainConfig {
         self.settings.check()?;
         if !(0.0..=1.0).contains(&self.phrase_share) {
             return Err(gradcam_train::Error::setting("phrase_share", self.phrase_share, "must be between 0 and 1").into());
+        }
+        if !(self.phrase_loss.is_finite() && (0.0..=100.0).contains(&self.phrase_loss)) {
+            return Err(gradcam_train::Error::setting("phrase_loss", self.phrase_loss, "must be between 0 and 100").into());
         }
         Ok(())
     }
@@ -160,25 +167,54 @@ pub(crate) fn batch_tokens(texts: &[&Encoded], pad: u32) -> Result<(Tensor, Vec<
 
 /// CLIP's symmetric cross-entropy over the batch, each row's (column's) target spread evenly over
 /// its matches.
-fn contrastive(model: &Clip, images: &Tensor, texts: &[&Encoded], matches: &Tensor, pad: u32) -> Result<Tensor> {
+fn contrastive(model: &Clip, img: &Tensor, texts: &[&Encoded], matches: &Tensor, pad: u32) -> Result<Tensor> {
     let (ids, lengths) = batch_tokens(texts, pad)?;
-    let img = crate::model::normalize(&model.vision.forward(images, None)?)?;
     let txt = crate::model::normalize(&model.text.forward(&ids, &lengths)?)?;
     let scale = model.logit_scale.clamp(0.0, 100f64.ln())?.exp()?;
     let logits = img.matmul(&txt.t()?)?.broadcast_mul(&scale)?;
+    soft_cross_entropy(&logits, matches, texts.len())
+}
+
+/// The symmetric cross-entropy of `logits` `[n, m]` against `matches` (1 where row i matches
+/// column j), each row's (column's) target spread evenly over its matches; `n` rows.
+fn soft_cross_entropy(logits: &Tensor, matches: &Tensor, n: usize) -> Result<Tensor> {
     let rows = matches.broadcast_div(&matches.sum_keepdim(1)?.clamp(1.0, f64::MAX)?)?;
     let cols = matches.broadcast_div(&matches.sum_keepdim(0)?.clamp(1.0, f64::MAX)?)?;
-    let n = texts.len() as f64;
-    let li = (candle_nn::ops::log_softmax(&logits, D::Minus1)? * rows)?.sum_all()?;
-    let lt = (candle_nn::ops::log_softmax(&logits, 0)? * cols)?.sum_all()?;
+    let n = n as f64;
+    let li = (candle_nn::ops::log_softmax(logits, D::Minus1)? * rows)?.sum_all()?;
+    let lt = (candle_nn::ops::log_softmax(logits, 0)? * cols)?.sum_all()?;
     Ok(((li + lt)? * (-0.5 / n))?)
+}
+
+/// The phrase loss of normalised image embeddings `img` `[n, E]`: each image's cross-entropy over
+/// every colour-shape phrase, its target spread over the pairs in its scene.
+fn phrase_loss(model: &Clip, img: &Tensor, phrases: &[Encoded], present: &[&[(usize, usize)]], pad: u32) -> Result<Tensor> {
+    let (ids, lengths) = batch_tokens(&phrases.iter().collect::<Vec<_>>(), pad)?;
+    let txt = crate::model::normalize(&model.text.forward(&ids, &lengths)?)?;
+    let scale = model.logit_scale.clamp(0.0, 100f64.ln())?.exp()?;
+    let logits = img.matmul(&txt.t()?)?.broadcast_mul(&scale)?; // [n, pairs]
+    let m = phrases.len();
+    let mut target = vec![0f32; present.len() * m];
+    for (i, pairs) in present.iter().enumerate() {
+        for &(c, s) in pairs.iter() {
+            target[i * m + c * SHAPES.len() + s] = 1.0;
+        }
+    }
+    let target = Tensor::from_vec(target, (present.len(), m), &Device::Cpu)?;
+    let target = target.broadcast_div(&target.sum_keepdim(1)?.clamp(1.0, f64::MAX)?)?;
+    Ok(((candle_nn::ops::log_softmax(&logits, D::Minus1)? * target)?.sum_all()? * (-1.0 / present.len() as f64))?)
+}
+
+/// Every colour-shape phrase, colour-major.
+fn all_phrases(vocab: &Vocab, context_length: usize) -> Result<Vec<Encoded>> {
+    COLORS.iter().flat_map(|c| SHAPES.iter().map(move |s| phrase(c, s, None))).map(|t| encode(vocab, &t, context_length)).collect()
 }
 
 /// How well the model tells each object's own colour-shape phrase from the pairs absent from
 /// its scene, over the images of `data`: (comparisons won, comparisons, objects whose phrase
 /// beats every absent pair, objects).
 pub(crate) fn phrase_ranking(model: &Clip, vocab: &Vocab, images: &dyn Fn(&[usize]) -> Result<Tensor>, pairs: &[Vec<(usize, usize)>]) -> Result<[usize; 4]> {
-    let all: Vec<Encoded> = COLORS.iter().flat_map(|c| SHAPES.iter().map(move |s| phrase(c, s, None))).map(|t| encode(vocab, &t, model.cfg.context_length)).collect::<Result<_>>()?;
+    let all = all_phrases(vocab, model.cfg.context_length)?;
     let (ids, lengths) = batch_tokens(&all.iter().collect::<Vec<_>>(), vocab.pad)?;
     let txt = crate::model::normalize(&model.text.forward(&ids, &lengths)?)?;
     let mut tally = [0usize; 4];
@@ -244,7 +280,8 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
     }
     // The text sampling continues from a seed of the epoch training resumes at.
     let seed = ckpt.train.settings.seed ^ (ckpt.epochs_done as u64).wrapping_mul(0x51_7cc1_b727_220a);
-    let mut run = Run { model, varmap, phrase_share: ckpt.train.phrase_share, pad: vocab.pad, vocab, train: train_data, val: val_data, rng: Rng::new(seed), tally: [0; 4] };
+    let phrases = all_phrases(&vocab, cfg.context_length)?;
+    let mut run = Run { model, varmap, phrase_share: ckpt.train.phrase_share, phrase_weight: ckpt.train.phrase_loss, phrases, pad: vocab.pad, vocab, train: train_data, val: val_data, rng: Rng::new(seed), tally: [0; 4] };
     gradcam_train::fit(&mut run, &mut ckpt, out, progress)?;
     Ok(ckpt)
 }
@@ -254,6 +291,9 @@ struct Run {
     model: Clip,
     varmap: VarMap,
     phrase_share: f64,
+    phrase_weight: f64,
+    /// Every colour-shape phrase, for the phrase loss.
+    phrases: Vec<Encoded>,
     pad: u32,
     vocab: Vocab,
     train: Data,
@@ -269,7 +309,13 @@ impl gradcam_train::Trainable for Run {
 
     fn loss(&mut self, ids: &[usize]) -> Result<Tensor> {
         let (texts, matches) = self.train.pick(ids, &mut self.rng, self.phrase_share);
-        contrastive(&self.model, &self.train.images(ids)?, &texts, &matches, self.pad)
+        let img = crate::model::normalize(&self.model.vision.forward(&self.train.images(ids)?, None)?)?;
+        let l = contrastive(&self.model, &img, &texts, &matches, self.pad)?;
+        if self.phrase_weight == 0.0 {
+            return Ok(l);
+        }
+        let present: Vec<&[(usize, usize)]> = ids.iter().map(|&i| self.train.texts[i].pairs.as_slice()).collect();
+        Ok((l + (phrase_loss(&self.model, &img, &self.phrases, &present, self.pad)? * self.phrase_weight)?)?)
     }
 
     fn validate(&mut self, batch_size: usize) -> Result<f32> {
@@ -279,7 +325,8 @@ impl gradcam_train::Trainable for Run {
         let (mut total, mut n) = (0.0, 0);
         for chunk in ids.chunks(batch_size) {
             let (texts, matches) = self.val.pick(chunk, &mut rng, self.phrase_share);
-            total += contrastive(&self.model, &self.val.images(chunk)?, &texts, &matches, self.pad)?.to_scalar::<f32>()? * chunk.len() as f32;
+            let img = crate::model::normalize(&self.model.vision.forward(&self.val.images(chunk)?, None)?)?;
+            total += contrastive(&self.model, &img, &texts, &matches, self.pad)?.to_scalar::<f32>()? * chunk.len() as f32;
             n += chunk.len();
         }
         let pairs: Vec<Vec<(usize, usize)>> = self.val.texts.iter().map(|t| t.pairs.clone()).collect();

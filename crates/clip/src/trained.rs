@@ -68,7 +68,7 @@ impl Trained {
     /// The image tower split at block `block`'s attention input: its head gives the image
     /// embedding.
     pub fn image_split(&self, block: usize) -> VisionSplit<'_> {
-        VisionSplit { vision: &self.clip.vision, block, grid: self.clip.cfg.grid(), width: self.clip.cfg.width }
+        VisionSplit::new(&self.clip.vision, block, self.clip.cfg.grid(), self.clip.cfg.width)
     }
 
     /// The normalised image embeddings `[b, E]` of images `[b, 3, S, S]`.
@@ -92,7 +92,11 @@ pub struct VisionSplit<'a> {
     width: usize,
 }
 
-impl VisionSplit<'_> {
+impl<'a> VisionSplit<'a> {
+    pub(crate) fn new(vision: &'a Vision, block: usize, grid: usize, width: usize) -> Self {
+        VisionSplit { vision, block, grid, width }
+    }
+
     fn tokens(&self) -> usize {
         1 + self.grid * self.grid
     }
