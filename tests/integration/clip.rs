@@ -9,6 +9,7 @@ use std::process::Output;
 use gradcam_clip::Matcher;
 use serde_json::Value;
 
+use crate::transformers::{fails_with, relative};
 use crate::{gradcam, repo};
 
 fn tiny() -> PathBuf {
@@ -47,14 +48,6 @@ fn flat(v: &Value) -> Vec<f64> {
         Value::Array(a) => a.iter().flat_map(flat).collect(),
         v => vec![v.as_f64().unwrap()],
     }
-}
-
-/// Largest difference over the reference's maximum.
-fn relative(ours: &[f64], theirs: &[f64]) -> f64 {
-    assert_eq!(ours.len(), theirs.len());
-    let max = theirs.iter().fold(0f64, |m, v| m.max(v.abs()));
-    assert!(max > 0.0, "the reference map is zero");
-    ours.iter().zip(theirs).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max) / max
 }
 
 #[test]
@@ -130,15 +123,6 @@ fn the_tokenizer_gives_open_clips_ids_and_cuts_long_texts_keeping_the_end_token(
     let o = run_match(&tiny(), &[], &[long["text"].as_str().unwrap().to_string()]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("longer than the model's context"), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(record(&o)["texts"][0]["truncated"], true);
-}
-
-fn fails_with(o: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(matches!(o.status.code(), Some(1 | 2)), "{:?}: {err}", o.status);
-    assert!(!err.contains("panicked"), "{err}");
-    for n in needles {
-        assert!(err.contains(n), "expected {n:?} in: {err}");
-    }
 }
 
 /// A copy of the tiny pair with `edit` applied to its folder.

@@ -236,15 +236,7 @@ fn the_page_works_in_a_real_browser() {
 fn html_export_is_one_self_contained_page() {
     let out = tempfile::tempdir().unwrap();
     let page = out.path().join("report.html");
-    let o = Command::new(env!("CARGO_BIN_EXE_gradcam"))
-        .args(["caption", "data/shapescenes/test/images/000018.png", "data/shapescenes/test/images/000019.png", "--json", "--out"])
-        .arg(out.path())
-        .arg("--html")
-        .arg(&page)
-        .current_dir(repo(""))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = html_export(&["caption", "data/shapescenes/test/images/000018.png", "data/shapescenes/test/images/000019.png", "--json"], out.path(), &page);
     let second = out.path().join("report_000019.html");
     for file in [&page, &second] {
         let html = std::fs::read_to_string(file).unwrap();
@@ -370,21 +362,20 @@ fn the_clip_model_is_listed_and_a_match_without_text_gets_400() {
     }
 }
 
+/// Runs a command (from the repository root) with `--out OUT --html PAGE`; it must succeed.
+fn html_export(args: &[&str], out: &std::path::Path, page: &std::path::Path) -> std::process::Output {
+    let o = Command::new(env!("CARGO_BIN_EXE_gradcam")).args(args).arg("--out").arg(out).arg("--html").arg(page).current_dir(repo("")).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
 /// `gradcam match --html FILE`: the page, in Chromium, shows each text with its similarity and
 /// its map inline.
 #[test]
 fn match_html_export_shows_each_text() {
     let out = tempfile::tempdir().unwrap();
     let page = out.path().join("match.html");
-    let o = Command::new(env!("CARGO_BIN_EXE_gradcam"))
-        .args(["match", "tests/fixtures/clip/scene64.png", "--model", "tests/fixtures/clip/tiny", "--text", "a red circle", "--text", "a blue square", "--method", "gradcam,rollout", "--out"])
-        .arg(out.path())
-        .arg("--html")
-        .arg(&page)
-        .current_dir(repo(""))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    html_export(&["match", "tests/fixtures/clip/scene64.png", "--model", "tests/fixtures/clip/tiny", "--text", "a red circle", "--text", "a blue square", "--method", "gradcam,rollout"], out.path(), &page);
     let html = std::fs::read_to_string(&page).unwrap();
     assert!(html.contains("window.GRADCAM_DATA") && html.contains("\"match\":"));
     assert!(!html.contains(&out.path().display().to_string()), "the page refers to the written files");

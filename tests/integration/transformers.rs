@@ -24,7 +24,7 @@ fn ok_json(o: &Output) -> Value {
     serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().expect("a line")).expect("JSON")
 }
 
-fn fails_with(o: &Output, needles: &[&str]) {
+pub(crate) fn fails_with(o: &Output, needles: &[&str]) {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(matches!(o.status.code(), Some(1 | 2)), "{:?}: {err}", o.status);
     assert!(!err.contains("panicked"), "{err}");
@@ -38,7 +38,7 @@ fn flat(v: &Value) -> Vec<f64> {
 }
 
 /// Largest difference over the reference's maximum.
-fn relative(ours: &[f64], theirs: &[f64]) -> f64 {
+pub(crate) fn relative(ours: &[f64], theirs: &[f64]) -> f64 {
     assert_eq!(ours.len(), theirs.len());
     let max = theirs.iter().fold(0f64, |m, v| m.max(v.abs()));
     assert!(max > 0.0, "the reference map is zero");

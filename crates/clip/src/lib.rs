@@ -31,16 +31,7 @@ pub use trained::{Trained, VisionSplit};
 /// Errors of the CLIP crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
-    #[error(transparent)]
-    Core(#[from] gradcam_core::Error),
-    #[error(transparent)]
-    Encoders(#[from] gradcam_encoders::Error),
-    #[error(transparent)]
-    Scenes(#[from] gradcam_scenes::Error),
-    #[error("{}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    /// A model folder, file or setting that cannot be used, and why.
     #[error("{0}")]
     Model(String),
     /// A text with no words.
@@ -48,18 +39,29 @@ pub enum Error {
     EmptyText { index: usize },
     #[error("training: {0}")]
     Training(String),
-    #[error(transparent)]
-    Write(#[from] gradcam_io::Error),
     /// The training loop's errors (a setting out of range among them).
     #[error("training")]
     Train(#[from] gradcam_train::Error),
+    #[error("{}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Write(#[from] gradcam_io::Error),
+    #[error(transparent)]
+    Scenes(#[from] gradcam_scenes::Error),
+    #[error(transparent)]
+    Encoders(#[from] gradcam_encoders::Error),
+    #[error(transparent)]
+    Core(#[from] gradcam_core::Error),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
 }
 
-impl Error {
-    pub(crate) fn into_core(self) -> gradcam_core::Error {
-        match self {
-            Error::Candle(e) => gradcam_core::Error::Candle(e),
-            Error::Core(e) => e,
+/// The crate's errors as the core's, for the `Explainable` impls.
+impl From<Error> for gradcam_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Core(inner) => inner,
+            Error::Candle(inner) => inner.into(),
             other => gradcam_core::Error::Model(Box::new(other)),
         }
     }

@@ -27,7 +27,7 @@ impl Matching<'_> {
         if e.dim(1)? != self.texts.dim(1)? {
             return Err(gradcam_core::Error::Shape(format!("the image embedding has {} values and the text embeddings {}; the towers do not share a space", e.dim(1)?, self.texts.dim(1)?)));
         }
-        let s = normalize(&e).map_err(crate::Error::into_core)?.matmul(&self.texts.t()?)?;
+        let s = normalize(&e).map_err(gradcam_core::Error::from)?.matmul(&self.texts.t()?)?;
         Ok(if self.scale == 1.0 { s } else { (s * self.scale)? })
     }
 }

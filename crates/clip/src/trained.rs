@@ -112,7 +112,7 @@ impl Explainable for VisionSplit<'_> {
             let h = self.vision.blocks[self.block].ln1.forward(&x)?;
             Ok(Tensor::cat(&[h.flatten_from(1)?, x.flatten_from(1)?], 1)?)
         })()
-        .map_err(Error::into_core)
+        .map_err(gradcam_core::Error::from)
     }
 
     fn head(&self, a: &Tensor) -> gradcam_core::Result<Tensor> {
@@ -126,7 +126,7 @@ impl Explainable for VisionSplit<'_> {
             }
             self.vision.pool(&x)
         })()
-        .map_err(Error::into_core)
+        .map_err(gradcam_core::Error::from)
     }
 
     fn layout(&self) -> Layout {

@@ -47,8 +47,6 @@ pub enum Error {
     Captioner(#[from] gradcam_captioner::Error),
     #[error(transparent)]
     Vqa(#[from] gradcam_vqa::Error),
-    #[error(transparent)]
-    Clip(#[from] gradcam_clip::Error),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
@@ -56,6 +54,9 @@ pub enum Error {
     /// An option the evaluation does not take (by its name in [`Options`], [`AdversarialOptions`](adversarial::AdversarialOptions) or [`attack::Pgd`]).
     #[error(transparent)]
     Setting(#[from] gradcam_core::SettingError),
+    /// From a CLIP model (its folder, its texts).
+    #[error(transparent)]
+    Clip(#[from] gradcam_clip::Error),
     /// `model` names neither a classifier nor a captioner's or VQA model's folder.
     #[error("{model}: neither a classifier (efficientnet-lite0, vgg16, resnet18, resnet50, FILE.onnx) nor a model folder with config.json")]
     NotAModel { model: String, #[source] source: std::io::Error },
