@@ -23,8 +23,15 @@ fn tiny() -> Clip {
     clip
 }
 
+/// Seeded values in [-1, 1).
+fn seeded(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = gradcam_scenes::scene::Rng::new(seed);
+    let n = shape.iter().product();
+    Tensor::from_vec((0..n).map(|_| rng.range(-1.0, 1.0)).collect::<Vec<f32>>(), shape, &Device::Cpu).unwrap()
+}
+
 fn input() -> Tensor {
-    Tensor::randn(0f32, 1.0, (1, 3, 16, 16), &Device::Cpu).unwrap()
+    seeded(&[1, 3, 16, 16], 11)
 }
 
 #[test]
@@ -46,12 +53,13 @@ fn the_split_gives_the_whole_forward_and_its_grid() {
 fn gradients_of_similarity_and_probability_match_finite_differences() {
     let clip = tiny();
     let x = input();
-    let texts = normalize(&Tensor::randn(0f32, 1.0, (3, 6), &Device::Cpu).unwrap()).unwrap();
+    let texts = normalize(&seeded(&[3, 6], 12)).unwrap();
     let split = VisionSplit::new(&clip.vision, 1, 4, 8);
     let a = split.features(&x).unwrap();
     let (n, len) = a.dims2().unwrap();
     assert_eq!(n, 1);
-    for (scale, score) in [(1.0, None), (crate::LOGIT_SCALE / 10.0, Some(Probability(2)))] {
+    // A logit scale small enough that the probability is not saturated (its gradient would vanish).
+    for (scale, score) in [(1.0, None), (2.0, Some(Probability(2)))] {
         let m = Matching { image: &split, texts: texts.clone(), scale };
         let f = |a: &Tensor| -> Tensor {
             let row = m.head(a).unwrap();
@@ -76,4 +84,13 @@ fn gradients_of_similarity_and_probability_match_finite_differences() {
         }
         assert!(g.iter().any(|v| v.abs() > 1e-4), "some gradient");
     }
+}
+
+#[test]
+fn embeddings_of_different_sizes_are_refused_by_name() {
+    let clip = tiny();
+    let split = VisionSplit::new(&clip.vision, 1, 4, 8);
+    let m = Matching { image: &split, texts: normalize(&seeded(&[2, 5], 13)).unwrap(), scale: 1.0 };
+    let err = m.head(&split.features(&input()).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("the image embedding has 6 values and the text embeddings 5"), "{err}");
 }
