@@ -5,7 +5,8 @@ by side (the pictures `gradcam match` writes), with each text's similarity.
     python3 docs/make_clip_picture.py            # needs Pillow
 
 The scene is ShapeScenes' (`gradcam scenes --out DIR --n 200 --seed 99 --size 128`, test image
-000182.png), copied to data/clip/scene128.png; the model is models/clip.
+000190.png), copied to data/clip/scene128.png; the model is models/clip. `IMAGE TEXT...` as
+arguments draw another scene (`CLIP_PICTURE=FILE` writes it elsewhere).
 """
 
 import json
@@ -18,11 +19,14 @@ from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = os.path.join(ROOT, "data", "clip", "scene128.png")
-TEXTS = ["red circle", "red square", "green square", "blue triangle"]
+TEXTS = ["red circle", "yellow circle", "blue triangle", "blue square"]
 SIDE = 192
 
 
 def main():
+    global IMAGE, TEXTS
+    if len(sys.argv) > 2:  # another scene: IMAGE TEXT...
+        IMAGE, TEXTS = sys.argv[1], sys.argv[2:]
     out = tempfile.mkdtemp()
     args = [os.path.join(ROOT, "target", "release", "gradcam"), "match", IMAGE, "--model", os.path.join(ROOT, "models", "clip"),
             "--method", "gradcam,relevance", "--json", "--out", out]
@@ -43,7 +47,7 @@ def main():
         sheet.paste(scene, (label_w, y))
         for c, e in enumerate(t["explanations"]):
             sheet.paste(Image.open(e["overlay"]).convert("RGB").resize((SIDE, SIDE), Image.NEAREST), (label_w + (c + 1) * (SIDE + pad), y))
-    path = os.path.join(ROOT, "docs", "clip_scene.png")
+    path = os.environ.get("CLIP_PICTURE", os.path.join(ROOT, "docs", "clip_scene.png"))
     sheet.save(path, optimize=True)
     print("wrote", path, file=sys.stderr)
 
