@@ -451,3 +451,16 @@ fn fuzz_regression_an_annotation_file_declaring_a_giant_image_is_refused() {
     assert!(stderr.contains("51222222x64 is larger than any image gradcam decodes"), "{stderr}");
     assert!(rss < 200_000, "{rss} KiB");
 }
+
+/// A scene count from a typo is a clear error before anything is written (it used to write 4 GB a
+/// minute and abort at 7.7 GB).
+#[test]
+fn a_huge_scene_count_is_refused_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("scenes");
+    let o = gradcam(&["scenes", "--out", out.to_str().unwrap(), "--n", "18446744073709551615"]);
+    assert!(crate::err(&o).contains("a dataset holds at most 3000000"), "{}", crate::err(&o));
+    assert!(!out.exists(), "nothing written");
+    let o = gradcam(&["demo", "bias", "--out", out.to_str().unwrap(), "--scenes", "18446744073709551615"]);
+    assert!(crate::err(&o).contains("give 10 to 3000000"), "{}", crate::err(&o));
+}

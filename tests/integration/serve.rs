@@ -386,3 +386,17 @@ fn match_html_export_shows_each_text() {
     assert_eq!(dom.matches("class=\"overlay match-overlay\"").count(), 4, "a map per text and method");
     assert!(dom.contains("data-method=\"rollout\""));
 }
+
+/// A method named 20,000 times is one method's work (issue: the request grew the server to 6 GB).
+#[test]
+fn a_method_named_many_times_is_explained_once() {
+    let server = Server::start(&["--classifier", "none", "--clip-model", "none", "--vqa-model", "none"]);
+    let scene = std::fs::read(repo("data/shapescenes/test/images/000019.png")).unwrap();
+    let many = vec!["gradcam"; 20_000].join(",");
+    let start = std::time::Instant::now();
+    let (status, body, _) = post(&format!("{}/api/caption", server.url), &scene, &[("method", &many)]);
+    assert_eq!(status, 200, "{body}");
+    let (_, once, _) = post(&format!("{}/api/caption", server.url), &scene, &[("method", "gradcam")]);
+    assert_eq!(body["words"], once["words"], "the same record as one gradcam");
+    assert!(start.elapsed().as_secs() < 20, "{:?}", start.elapsed());
+}

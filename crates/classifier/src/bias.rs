@@ -103,8 +103,8 @@ pub fn run(out: &Path, cfg: &DemoConfig, progress: &mut dyn FnMut(Stage)) -> Res
     if !(0.0..=1.0).contains(&cfg.p) {
         return Err(Error::Data(format!("the biased probability {} is outside [0, 1]", cfg.p)));
     }
-    if cfg.scenes < 10 {
-        return Err(Error::Data(format!("{} scenes: give at least 10", cfg.scenes)));
+    if !(10..=gradcam_scenes::dataset::MAX_SCENES).contains(&cfg.scenes) {
+        return Err(Error::Data(format!("{} scenes: give 10 to {}", cfg.scenes, gradcam_scenes::dataset::MAX_SCENES)));
     }
     cfg.train.check()?;
     let start = std::time::Instant::now();

@@ -39,6 +39,11 @@ impl Default for Config {
     }
 }
 
+/// Most scenes one dataset holds: ten times COCO's images. Its annotation files are built in
+/// memory (about 2 KB a scene) and each scene is a file, so a count from a typo (`--n 2^64-1`)
+/// would fill the disk and the memory before failing.
+pub const MAX_SCENES: usize = 3_000_000;
+
 /// The scene ids of each split: consecutive ranges, train first.
 pub fn split_ranges(n: usize, fractions: [f64; 3]) -> Result<[std::ops::Range<usize>; 3]> {
     let total: f64 = fractions.iter().sum();
@@ -65,6 +70,9 @@ fn file_name(id: u64) -> String {
 pub fn write(out: &Path, cfg: &Config, progress: &(dyn Fn() + Sync)) -> Result<[usize; 3]> {
     if !(64..=128).contains(&cfg.size) {
         return Err(Error::Config(format!("image size {} is outside 64..=128", cfg.size)));
+    }
+    if cfg.n > MAX_SCENES {
+        return Err(Error::Config(format!("{} scenes: a dataset holds at most {MAX_SCENES} (about 2 KB of annotations in memory and a PNG file each)", cfg.n)));
     }
     let ranges = split_ranges(cfg.n, cfg.fractions)?;
     let mut counts = [0; 3];

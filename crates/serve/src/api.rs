@@ -88,11 +88,17 @@ impl Form {
     }
 
     /// `method`: one method, or several comma-separated; default Grad-CAM.
+    /// The methods asked for, each once, in the order first named: a request cannot multiply
+    /// the work by naming one method many times (at most every method once).
     fn settings(&self) -> Result<Settings, ApiError> {
-        let methods = match self.text("method") {
-            Some(list) => list.split(',').map(|m| m.parse::<Method>().map_err(|e| ApiError::bad(e.to_string()))).collect::<Result<Vec<_>, _>>()?,
-            None => vec![Method::GradCam],
-        };
+        let Some(list) = self.text("method") else { return Ok(Settings::default()) };
+        let mut methods: Vec<Method> = Vec::new();
+        for name in list.split(',').map(str::trim) {
+            let m = name.parse::<Method>().map_err(|e| ApiError::bad(e.to_string()))?;
+            if !methods.contains(&m) {
+                methods.push(m);
+            }
+        }
         Ok(Settings { methods, ..Default::default() })
     }
 }
