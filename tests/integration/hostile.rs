@@ -464,3 +464,20 @@ fn a_huge_scene_count_is_refused_before_writing() {
     let o = gradcam(&["demo", "bias", "--out", out.to_str().unwrap(), "--scenes", "18446744073709551615"]);
     assert!(crate::err(&o).contains("give 10 to 3000000"), "{}", crate::err(&o));
 }
+
+/// Crafted graphs that used to load with wrong results (tests/fixtures/make_hostile_onnx.py) are
+/// refused at load, each by what is wrong.
+#[test]
+fn onnx_graphs_with_nan_weights_redefined_initializers_or_integer_outputs_are_refused() {
+    let out = tempfile::tempdir().unwrap();
+    for (file, message) in [
+        ("nan_weights.onnx", "initializer \"W\" holds NaN"),
+        ("redefines_initializer.onnx", "node \"redefine\" (Relu) redefines \"W\", which is an initializer"),
+        ("int_output.onnx", "the output \"rounded\" is I64, not scores"),
+    ] {
+        let model = repo(&format!("tests/fixtures/onnx/hostile/{file}"));
+        let o = gradcam(&["classify", repo("data/shapescenes/test/images/000018.png").to_str().unwrap(), "--model", model.to_str().unwrap(), "--out", out.path().to_str().unwrap()]);
+        assert!(crate::err(&o).contains(message), "{file}: {}", crate::err(&o));
+        assert!(!crate::err(&o).contains("panicked"));
+    }
+}

@@ -220,6 +220,9 @@ impl OnnxModel {
             num_classes: 0,
         };
         (model.shapes, model.dtypes) = model.trace().map_err(|e| bad(path, format!("running the graph on a {}x{} input: {e}", input_size.0, input_size.1)))?;
+        if let Some(dtype) = model.dtypes.get(&model.output).filter(|d| !d.is_float()) {
+            return Err(bad(path, format!("the output {:?} is {dtype:?}, not scores; gradcam explains a float output", model.output)));
+        }
         let out_shape = &model.shapes[&model.output];
         if out_shape.first() != Some(&1) || out_shape.iter().product::<usize>() < 2 {
             return Err(bad(path, format!("the output {:?} has shape {out_shape:?}; a classifier's is [batch, classes]", model.output)));

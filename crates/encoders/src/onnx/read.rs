@@ -59,7 +59,13 @@ impl Graph {
         let folder = path.parent().unwrap_or(Path::new("."));
         let mut constants = HashMap::new();
         for t in &graph.initializers {
-            constants.insert(t.name.clone(), tensor(t, folder).map_err(|e| bad(path, e))?);
+            let value = tensor(t, folder).map_err(|e| bad(path, e))?;
+            // NaN weights would give finite-looking logits and empty maps; infinities are kept
+            // (attention masks hold -inf).
+            if value.dtype().is_float() && value.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().any(|v| v.is_nan()) {
+                return Err(bad(path, format!("initializer {:?} holds NaN; are the weights corrupt?", t.name)));
+            }
+            constants.insert(t.name.clone(), value);
         }
         let inputs: Vec<_> = graph.inputs.iter().filter(|i| !constants.contains_key(&i.name)).collect();
         let [input] = inputs.as_slice() else {
@@ -75,6 +81,9 @@ impl Graph {
                 return Err(bad(path, format!("node {:?} ({}) reads {missing:?}, which no earlier node produces (the nodes are not in topological order, or the graph is cut)", n.name, n.op_type)));
             }
             for o in &n.outputs {
+                if constants.contains_key(o) || *o == input.name {
+                    return Err(bad(path, format!("node {:?} ({}) redefines {o:?}, which is {}", n.name, n.op_type, if *o == input.name { "the graph's input" } else { "an initializer" })));
+                }
                 if producer.insert(o.clone(), i).is_some() {
                     return Err(bad(path, format!("value {o:?} is produced twice")));
                 }
