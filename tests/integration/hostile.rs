@@ -474,6 +474,9 @@ fn onnx_graphs_with_nan_weights_redefined_initializers_or_integer_outputs_are_re
         ("nan_weights.onnx", "initializer \"W\" holds NaN"),
         ("redefines_initializer.onnx", "node \"redefine\" (Relu) redefines \"W\", which is an initializer"),
         ("int_output.onnx", "the output \"rounded\" is I64, not scores"),
+        ("conv_strides_0.onnx", "node \"conv\" (Conv): strides holds 0; they must be 1 to 4096"),
+        ("conv_no_channels.onnx", "node \"conv\" (Conv): its weights have no output channel"),
+        ("pool_pads_2e20.onnx", "node \"pool\" (AveragePool): pads holds 1048576; they must be 0 to 4096"),
     ] {
         let model = repo(&format!("tests/fixtures/onnx/hostile/{file}"));
         let o = gradcam(&["classify", repo("data/shapescenes/test/images/000018.png").to_str().unwrap(), "--model", model.to_str().unwrap(), "--out", out.path().to_str().unwrap()]);

@@ -80,6 +80,7 @@ impl Graph {
             if let Some(missing) = n.inputs.iter().find(|v| !known.contains(v.as_str())) {
                 return Err(bad(path, format!("node {:?} ({}) reads {missing:?}, which no earlier node produces (the nodes are not in topological order, or the graph is cut)", n.name, n.op_type)));
             }
+            check_attributes(n, &constants).map_err(|e| bad(path, format!("node {:?} ({}): {e}", n.name, n.op_type)))?;
             for o in &n.outputs {
                 if constants.contains_key(o) || *o == input.name {
                     return Err(bad(path, format!("node {:?} ({}) redefines {o:?}, which is {}", n.name, n.op_type, if *o == input.name { "the graph's input" } else { "an initializer" })));
@@ -146,3 +147,37 @@ impl OnnxFunction {
     }
 }
 
+/// Largest stride, dilation, kernel side and padding a convolution or pooling may have: beyond
+/// them a value is no network's, and shapes computed from it would overflow or allocate without
+/// bound.
+const MAX_WINDOW: i64 = 4096;
+
+/// The convolution and pooling attributes against the ONNX specification, before any shape is
+/// computed from them: strides, dilations and kernel sides 1 to [`MAX_WINDOW`], pads 0 to it,
+/// `group` at least 1 and dividing a constant weight's output channels (at least one).
+fn check_attributes(n: &Node, constants: &HashMap<String, Tensor>) -> std::result::Result<(), String> {
+    if !matches!(n.op_type.as_str(), "Conv" | "MaxPool" | "AveragePool" | "LpPool") {
+        return Ok(());
+    }
+    for (name, low) in [("strides", 1), ("dilations", 1), ("kernel_shape", 1), ("pads", 0)] {
+        if let Some(v) = ops::attr_ints(n, name).and_then(|v| v.into_iter().find(|&x| !(low..=MAX_WINDOW).contains(&x))) {
+            return Err(format!("{name} holds {v}; they must be {low} to {MAX_WINDOW}"));
+        }
+    }
+    if n.op_type == "Conv" {
+        let group = ops::attr_int(n, "group", 1);
+        if !(1..=1 << 20).contains(&group) {
+            return Err(format!("group {group} must be at least 1"));
+        }
+        if let Some(w) = n.inputs.get(1).and_then(|w| constants.get(w)) {
+            let out = w.dims().first().copied().unwrap_or(0) as i64;
+            if out == 0 {
+                return Err("its weights have no output channel".into());
+            }
+            if out % group != 0 {
+                return Err(format!("group {group} does not divide its weights' {out} output channels"));
+            }
+        }
+    }
+    Ok(())
+}
