@@ -484,3 +484,18 @@ fn onnx_graphs_with_nan_weights_redefined_initializers_or_integer_outputs_are_re
         assert!(!crate::err(&o).contains("panicked"));
     }
 }
+
+/// The server's flags at their extremes are refused at start with their range (a worker used to
+/// panic on `--timeout 2^64-1`; `--max-upload-mb 2^44` became a limit of 0 bytes).
+#[test]
+fn serve_flags_outside_their_ranges_are_refused_at_start() {
+    for (flag, value, message) in [
+        ("--timeout", "18446744073709551615", "--timeout 18446744073709551615: give 1 to 86400"),
+        ("--max-upload-mb", "17592186044416", "--max-upload-mb 17592186044416: give 1 to 4096"),
+        ("--queue", "18446744073709551615", "--queue 18446744073709551615: give 0 to 100000"),
+        ("--workers", "0", "--workers 0: give 1 to 256"),
+    ] {
+        let o = gradcam(&["serve", "--port", "0", "--classifier", "none", "--caption-model", "none", "--vqa-model", "none", "--clip-model", "none", flag, value]);
+        assert!(crate::err(&o).contains(message), "{flag}: {}", crate::err(&o));
+    }
+}

@@ -121,8 +121,16 @@ pub fn load(args: &ServeArgs) -> Result<Models, StartError> {
 /// Loads the models, binds the address, prints it (`listening on http://ADDR/` on stdout) and
 /// serves until Ctrl-C.
 pub fn run(args: &ServeArgs) -> Result<(), StartError> {
-    if args.workers == 0 || args.max_upload_mb == 0 || args.timeout == 0 {
-        return Err(StartError::Usage("--workers, --max-upload-mb and --timeout must be at least 1".into()));
+    // Ranges a service can honour: a day's timeout, uploads a decoder takes, a queue of waiting
+    // requests held in memory (the extremes overflowed: a worker panicked on `--timeout 2^64-1`,
+    // `--max-upload-mb 2^44` became a limit of 0 bytes, `--queue` at its maximum refused every request).
+    for (flag, value, most) in [("--workers", args.workers as u64, 256), ("--max-upload-mb", args.max_upload_mb as u64, 4096), ("--timeout", args.timeout, 86_400)] {
+        if !(1..=most).contains(&value) {
+            return Err(StartError::Usage(format!("{flag} {value}: give 1 to {most}")));
+        }
+    }
+    if args.queue > 100_000 {
+        return Err(StartError::Usage(format!("--queue {}: give 0 to 100000", args.queue)));
     }
     let models = load(args)?;
     let limits = Limits { workers: args.workers, queue: args.queue, max_upload: args.max_upload_mb << 20, timeout: Duration::from_secs(args.timeout) };
