@@ -74,6 +74,8 @@ pub struct Settings {
     pub eigen_smooth: bool,
     /// Augmentation smoothing ([`Cam::aug_smooth`]).
     pub aug_smooth: bool,
+    /// Set to stop the work ([`Cam::cancel_on`]): the pipeline then fails with a cancelled error.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Settings {
@@ -97,7 +99,7 @@ impl Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { methods: vec![Method::GradCam], eigen_smooth: false, aug_smooth: false }
+        Settings { methods: vec![Method::GradCam], eigen_smooth: false, aug_smooth: false, cancel: None }
     }
 }
 
@@ -105,7 +107,10 @@ impl Settings {
     /// The explainer of `model` with these settings; Ablation-CAM and Score-CAM report (channels
     /// done, channels) to `progress`.
     pub fn cam<'m, M: Explainable + ?Sized>(&self, model: &'m M, progress: Option<&'m Progress>) -> Cam<'m, M> {
-        let cam = Cam::new(model).eigen_smooth(self.eigen_smooth).aug_smooth(self.aug_smooth);
+        let mut cam = Cam::new(model).eigen_smooth(self.eigen_smooth).aug_smooth(self.aug_smooth);
+        if let Some(flag) = &self.cancel {
+            cam = cam.cancel_on(flag.clone());
+        }
         match progress {
             Some(p) => cam.on_progress(p),
             None => cam,

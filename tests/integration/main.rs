@@ -14,6 +14,7 @@ mod library;
 mod neurons;
 mod onnx;
 mod serve;
+mod serve_door;
 mod transformers;
 mod vqa;
 

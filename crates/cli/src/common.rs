@@ -28,7 +28,7 @@ pub struct MethodArgs {
 
 impl MethodArgs {
     pub fn settings(&self) -> Settings {
-        Settings { methods: self.method.clone(), eigen_smooth: self.eigen_smooth, aug_smooth: self.aug_smooth }
+        Settings { methods: self.method.clone(), eigen_smooth: self.eigen_smooth, aug_smooth: self.aug_smooth, cancel: None }
     }
 }
 

@@ -169,7 +169,9 @@ impl CamMethod for GradCam {
 }
 
 /// What a method is given: the model, its input batch, the explained layer's activations of that
-/// batch (`[B, K, h, w]`), and where to report progress (units of work done, such as channels).
+/// batch (`[B, K, h, w]`), and where to report progress (units of work done, such as channels):
+/// its answer is `Err(Error::Cancelled)` once the work is cancelled, so a long method stops at its
+/// next report (`progress(done)?`).
 /// Gradients are computed by the methods that read them (through [`explain`]: one backward pass
 /// through the head).
 pub struct Context<'a> {
@@ -179,8 +181,8 @@ pub struct Context<'a> {
     pub input: &'a Tensor,
     /// The explained layer's activations of the batch.
     pub activations: &'a Tensor,
-    /// Hears the units of work done.
-    pub progress: &'a dyn Fn(usize),
+    /// Hears the units of work done; an error (cancelled) stops the method.
+    pub progress: &'a dyn Fn(usize) -> Result<()>,
 }
 
 /// A way of explaining: one [`Explanation`] per request, from what the context gives. Every

@@ -3,6 +3,7 @@
 //! [`Explainer`]) and gives [`Explanation`]s.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::Tensor;
@@ -251,18 +252,19 @@ pub struct Cam<'m, M: ?Sized> {
     eigen_smooth: bool,
     aug_smooth: bool,
     progress: Option<&'m (dyn Fn(usize, usize) + Sync)>,
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 impl<M: ?Sized> Clone for Cam<'_, M> {
     fn clone(&self) -> Self {
-        Cam { method: self.method.clone(), ..*self }
+        Cam { method: self.method.clone(), cancel: self.cancel.clone(), ..*self }
     }
 }
 
 impl<'m, M: Explainable + ?Sized> Cam<'m, M> {
     /// Grad-CAM of `model`, no smoothing.
     pub fn new(model: &'m M) -> Self {
-        Cam { model, method: AnyMethod::Builtin(Method::GradCam), eigen_smooth: false, aug_smooth: false, progress: None }
+        Cam { model, method: AnyMethod::Builtin(Method::GradCam), eigen_smooth: false, aug_smooth: false, progress: None, cancel: None }
     }
 
     /// The method to run: a [`Method`], or your own [`Explainer`].
@@ -287,6 +289,17 @@ impl<'m, M: Explainable + ?Sized> Cam<'m, M> {
     /// Hears (channels done, channels) while Ablation-CAM or Score-CAM work through the layer.
     pub fn on_progress(self, progress: &'m (dyn Fn(usize, usize) + Sync)) -> Self {
         Cam { progress: Some(progress), ..self }
+    }
+
+    /// Stops the work once `flag` is set: [`Cam::explain`] then answers [`Error::Cancelled`],
+    /// at its start or, in the perturbation methods, at the next chunk of channels (a server
+    /// whose request timed out frees its worker this way).
+    pub fn cancel_on(self, flag: Arc<AtomicBool>) -> Self {
+        Cam { cancel: Some(flag), ..self }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(|f| f.load(Ordering::Relaxed))
     }
 
     /// The method in use.
@@ -331,6 +344,9 @@ impl<'m, M: Explainable + ?Sized> Cam<'m, M> {
     /// `input`: `[B, C, H, W]`; `activations`: `[B, K, h, w]` (or the model's
     /// [`Explainable::layout`]).
     pub fn explain_with(&self, input: &Tensor, activations: &Tensor, requests: &[(usize, Target)]) -> Result<Vec<Explanation>> {
+        if self.cancelled() {
+            return Err(Error::Cancelled);
+        }
         let builtin;
         let explainer: &dyn Explainer = match &self.method {
             AnyMethod::Builtin(m) => {
@@ -346,6 +362,10 @@ impl<'m, M: Explainable + ?Sized> Cam<'m, M> {
             if let Some(p) = self.progress {
                 p(done, k)
             }
+            if self.cancelled() {
+                return Err(Error::Cancelled);
+            }
+            Ok(())
         };
         let cx = Context { model: &ByRef(self.model), input, activations, progress: &progress };
         let mut explanations = explainer.explain(&cx, &reqs)?;

@@ -85,6 +85,9 @@ pub enum Error {
         /// Why (which model, what is missing).
         reason: String,
     },
+    /// The work was cancelled ([`crate::Cam::cancel_on`]) before it ended.
+    #[error("cancelled")]
+    Cancelled,
     /// A tensor has the wrong shape for where it is used.
     #[error("{0}")]
     Shape(String),

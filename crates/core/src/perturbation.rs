@@ -51,7 +51,7 @@ impl Explainer for AblationCam {
                 for yk in score_rows(&model.head(&layout.ungrid(&batch_in, &like)?)?, r.target)? {
                     weights.push((y - yk) / y);
                 }
-                progress(start + n);
+                progress(start + n)?;
             }
             results.push(weighted_result("ablationcam", &a, weights, y, r)?);
         }
@@ -149,7 +149,7 @@ impl Explainer for ScoreCam {
                 }
             }
             let mut done = k - varying.len() - same_as.len();
-            progress(done);
+            progress(done)?;
             for group in varying.chunks(chunk.max(1)) {
                 let mut data = Vec::with_capacity(group.len() * x.len());
                 for &ch in group {
@@ -163,12 +163,12 @@ impl Explainer for ScoreCam {
                     scores[ch] = s;
                 }
                 done += group.len();
-                progress(done);
+                progress(done)?;
             }
             for &(ch, r) in &same_as {
                 scores[ch] = scores[r];
             }
-            progress(k);
+            progress(k)?;
             // Softmax over channels.
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();

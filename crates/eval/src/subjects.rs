@@ -70,7 +70,7 @@ pub(crate) fn items(split: &Split) -> Vec<Item> {
 /// The raw maps of `requests` by `method` on `model`, for the example `ex` (whose input the
 /// attention methods read) with the explained layer's `activations`.
 pub(crate) fn cams<S>(model: &dyn Explainable, ex: &Example<S>, activations: &Tensor, requests: &[Request<'_>], method: &dyn Explainer) -> Result<Vec<Map>> {
-    let cx = Context { model, input: &ex.input, activations, progress: &|_| {} };
+    let cx = Context { model, input: &ex.input, activations, progress: &|_| Ok(()) };
     Ok(method.explain(&cx, requests)?.iter().map(Explanation::cam).collect())
 }
 

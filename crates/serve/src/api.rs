@@ -3,7 +3,9 @@
 //! `--json` prints it, with the pictures as PNG data URLs instead of file names.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Path, Request, State};
@@ -16,7 +18,7 @@ use gradcam::report::UnitNames;
 use gradcam::Method;
 use image::RgbImage;
 
-use crate::{ApiError, App, SAMPLES};
+use crate::{ApiError, App, Limits, Ticket, MAX_ANSWER, MIN_BODY_RATE, SAMPLES};
 
 /// A request's form: the image's bytes and name, and the text fields (each name's values in the
 /// order sent).
@@ -27,17 +29,26 @@ struct Form {
 }
 
 impl Form {
-    /// Reads the request's multipart form, at most `max` bytes. A larger body is read on (up to
+    /// Reads the request's multipart form, at most `limits.max_upload` bytes, kept only when
+    /// `keep` (a request refused as busy is read and dropped). A larger body is read on (up to
     /// 4x the limit) and dropped, so that the client, still sending, hears the 413 instead of a
-    /// reset connection; beyond that the connection is closed.
-    async fn read(request: Request, max: usize) -> Result<Form, ApiError> {
+    /// reset connection; beyond that the connection is closed. The body must keep coming: no
+    /// pause longer than `read_timeout`, and once that has passed, at least [`MIN_BODY_RATE`].
+    async fn read(request: Request, limits: &Limits, keep: bool) -> Result<Form, ApiError> {
         let (parts, mut body) = request.into_parts();
-        let (mut kept, mut seen) = (Vec::new(), 0usize);
-        while let Some(frame) = body.frame().await {
+        let (max, pause) = (limits.max_upload, limits.read_timeout);
+        let (mut kept, mut seen, start) = (Vec::new(), 0usize, tokio::time::Instant::now());
+        loop {
+            let allowed = start + pause + Duration::from_secs_f64(seen as f64 / MIN_BODY_RATE);
+            let until = allowed.min(tokio::time::Instant::now() + pause);
+            let Ok(frame) = tokio::time::timeout_at(until, body.frame()).await else {
+                return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, format!("the upload arrived too slowly ({seen} bytes in {:.0} s; the server waits {} s, then wants {} KiB a second)", start.elapsed().as_secs_f64(), pause.as_secs(), MIN_BODY_RATE as usize >> 10)));
+            };
+            let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| ApiError::bad(format!("cannot read the request: {e}")))?;
             let Ok(data) = frame.into_data() else { continue };
             seen += data.len();
-            if seen <= max {
+            if seen <= max && keep {
                 kept.extend_from_slice(&data);
             } else if seen > 4 * max + (1 << 20) {
                 break;
@@ -46,11 +57,19 @@ impl Form {
         if seen > max {
             return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the upload ({seen} bytes or more) is larger than the server's limit of {max} bytes (--max-upload-mb)")));
         }
+        if !keep {
+            return Ok(Form::default());
+        }
         let request = Request::from_parts(parts, Body::from(kept));
         let mut multipart = Multipart::from_request(request, &()).await.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
         let err = |e: axum::extract::multipart::MultipartError| ApiError::new(e.status(), format!("cannot read the form: {}", e.body_text()));
         let mut form = Form::default();
+        let mut fields = 0usize;
         while let Some(field) = multipart.next_field().await.map_err(err)? {
+            fields += 1;
+            if fields > MAX_FIELDS {
+                return Err(ApiError::bad(format!("the form has more than {MAX_FIELDS} fields")));
+            }
             let name = field.name().unwrap_or_default().to_string();
             let file = field.file_name().map(str::to_string);
             let bytes = field.bytes().await.map_err(err)?;
@@ -63,14 +82,31 @@ impl Form {
         Ok(form)
     }
 
-    /// The image, decoded with the CLI's limits; 415 when the upload is not an image.
-    fn image(&self) -> Result<(String, RgbImage), ApiError> {
+    /// Whether the form has an image (400 otherwise) that looks like one (415 otherwise), before
+    /// it waits for a worker.
+    fn check_image(&self) -> Result<(), ApiError> {
         let (name, bytes) = self.image.as_ref().ok_or_else(|| ApiError::bad("the form has no field `image`"))?;
         if image::guess_format(bytes).is_err() {
             return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("{name} is not an image (PNG, JPEG, GIF, BMP, WebP or TIFF)")));
         }
+        Ok(())
+    }
+
+    /// The image, decoded with the CLI's limits (its size read from the header first): on a
+    /// worker, so that decoding is bounded by the work queue.
+    fn image(&self) -> Result<(String, RgbImage), ApiError> {
+        self.check_image()?;
+        let (name, bytes) = self.image.as_ref().expect("checked above");
         let img = gradcam_encoders::preprocess::decode_image(bytes, name).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
         Ok((name.clone(), img))
+    }
+
+    /// A text field, at most `most` characters (400 otherwise).
+    fn short(&self, name: &str, most: usize) -> Result<Option<String>, ApiError> {
+        match self.text(name) {
+            Some(t) if t.chars().count() > most => Err(ApiError::bad(format!("`{name}` has {} characters; a request takes at most {most}", t.chars().count()))),
+            t => Ok(t),
+        }
     }
 
     /// The field's value (the last one sent), if not empty.
@@ -91,16 +127,43 @@ impl Form {
     /// The methods asked for, each once, in the order first named: a request cannot multiply
     /// the work by naming one method many times (at most every method once).
     fn settings(&self) -> Result<Settings, ApiError> {
-        let Some(list) = self.text("method") else { return Ok(Settings::default()) };
         let mut methods: Vec<Method> = Vec::new();
-        for name in list.split(',').map(str::trim) {
+        for name in self.text("method").as_deref().unwrap_or("gradcam").split(',').map(str::trim) {
             let m = name.parse::<Method>().map_err(|e| ApiError::bad(e.to_string()))?;
             if !methods.contains(&m) {
                 methods.push(m);
             }
         }
-        Ok(Settings { methods, ..Default::default() })
+        Ok(Settings { methods, cancel: Some(Arc::new(AtomicBool::new(false))), ..Default::default() })
     }
+}
+
+/// Most fields in one form.
+const MAX_FIELDS: usize = 256;
+/// Longest text field (a caption, a question, a text to match), characters.
+const MAX_TEXT: usize = 1000;
+/// Most words in a caption to explain.
+const MAX_WORDS: usize = 64;
+
+/// A request admitted into the work queue, with its form. The place is taken before the upload
+/// is kept; a busy server reads the body to its end (to answer 503, not a reset) and keeps none of it.
+async fn admitted(app: &Arc<App>, request: Request) -> Result<(Ticket, Form), ApiError> {
+    let ticket = app.admit();
+    let form = Form::read(request, &app.limits, ticket.is_ok()).await?;
+    Ok((ticket?, form))
+}
+
+/// The record as the answer's JSON, at most [`MAX_ANSWER`] bytes.
+fn answer<T: serde::Serialize>(record: &T) -> Result<Vec<u8>, ApiError> {
+    let json = serde_json::to_vec(record).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if json.len() > MAX_ANSWER {
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the answer would be {} MiB, more than the server's {} MiB; ask for fewer methods or texts", json.len() >> 20, MAX_ANSWER >> 20)));
+    }
+    Ok(json)
+}
+
+fn json(bytes: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], bytes).into_response()
 }
 
 fn missing(what: &str, flag: &str) -> ApiError {
@@ -112,76 +175,88 @@ const NOWHERE: Files<'static> = Files { dir: None, stem: "upload" };
 pub(crate) async fn caption(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
     // The form is read first, even for a request that will be refused: a connection closed
     // while the client is still sending would reach it as an error, not as our answer.
-    let form = Form::read(request, app.limits.max_upload).await?;
+    let (ticket, form) = admitted(&app, request).await?;
     if app.models.captioner.is_none() {
         return Err(missing("captioner", "--caption-model DIR"));
     }
-    let (name, img) = form.image()?;
-    let options = caption::Options { beam: 1, caption: form.text("caption"), settings: form.settings()? };
+    form.check_image()?;
+    let caption = form.short("caption", MAX_TEXT)?;
+    if let Some(n) = caption.as_ref().map(|c| c.split_whitespace().count()).filter(|&n| n > MAX_WORDS) {
+        return Err(ApiError::bad(format!("the caption has {n} words; a request explains at most {MAX_WORDS}")));
+    }
+    let options = caption::Options { beam: 1, caption, settings: form.settings()? };
+    let cancel = options.settings.cancel.clone().expect("settings() sets it");
     let record = app
-        .run(move |app| {
+        .run(ticket, cancel, move |app| {
+            let (name, img) = form.image()?;
             let m = app.models.captioner.as_ref().expect("checked above");
             let names = m.dissection.as_ref().map(|d| UnitNames::Dissection(d));
-            Ok(caption::caption(&m.model, &img, &name, NOWHERE, &options, names.as_ref(), None)?)
+            answer(&caption::caption(&m.model, &img, &name, NOWHERE, &options, names.as_ref(), None)?)
         })
         .await?;
-    Ok(Json(record).into_response())
+    Ok(json(record))
 }
 
 pub(crate) async fn vqa(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
     // The form is read first, even for a request that will be refused: a connection closed
     // while the client is still sending would reach it as an error, not as our answer.
-    let form = Form::read(request, app.limits.max_upload).await?;
+    let (ticket, form) = admitted(&app, request).await?;
     if app.models.vqa.is_none() {
         return Err(missing("VQA model", "--vqa-model DIR"));
     }
-    let (name, img) = form.image()?;
-    let question = form.text("question").ok_or_else(|| ApiError::bad("the form has no `question`"))?;
-    let options = vqa::Options { answers: form.text("answer").into_iter().collect(), counterfactual: form.flag("counterfactual"), top_k: 5, settings: form.settings()? };
+    form.check_image()?;
+    let question = form.short("question", MAX_TEXT)?.ok_or_else(|| ApiError::bad("the form has no `question`"))?;
+    let options = vqa::Options { answers: form.short("answer", MAX_TEXT)?.into_iter().collect(), counterfactual: form.flag("counterfactual"), top_k: 5, settings: form.settings()? };
+    let cancel = options.settings.cancel.clone().expect("settings() sets it");
     let record = app
-        .run(move |app| {
+        .run(ticket, cancel, move |app| {
+            let (name, img) = form.image()?;
             let m = app.models.vqa.as_ref().expect("checked above");
             let names = m.dissection.as_ref().map(|d| UnitNames::Dissection(d));
-            Ok(vqa::answer(&m.model, &img, &name, &question, NOWHERE, &options, names.as_ref(), None)?)
+            answer(&vqa::answer(&m.model, &img, &name, &question, NOWHERE, &options, names.as_ref(), None)?)
         })
         .await?;
-    Ok(Json(record).into_response())
+    Ok(json(record))
 }
 
 pub(crate) async fn classify(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
     // The form is read first, even for a request that will be refused: a connection closed
     // while the client is still sending would reach it as an error, not as our answer.
-    let form = Form::read(request, app.limits.max_upload).await?;
+    let (ticket, form) = admitted(&app, request).await?;
     if app.models.classifier.is_none() {
         return Err(missing("classifier", "--classifier MODEL"));
     }
-    let (name, img) = form.image()?;
+    form.check_image()?;
     let classes = match form.text("class") {
         Some(c) => vec![c.parse::<usize>().map_err(|_| ApiError::bad(format!("class {c:?} is not a class number")))?],
         None => Vec::new(),
     };
     let resize = app.models.classifier.as_ref().map(|c| c.net.default_resize()).unwrap_or_default();
     let options = classify::Options { classes, top_k: 5, counterfactual: true, neurons: true, settings: form.settings()?, resize, ..Default::default() };
+    let cancel = options.settings.cancel.clone().expect("settings() sets it");
     let record = app
-        .run(move |app| {
+        .run(ticket, cancel, move |app| {
+            let (name, img) = form.image()?;
             let c = app.models.classifier.as_ref().expect("checked above");
-            Ok(classify::classify(&c.net, c.layer, &img, &name, NOWHERE, &options, None)?)
+            answer(&classify::classify(&c.net, c.layer, &img, &name, NOWHERE, &options, None)?)
         })
         .await?;
-    Ok(Json(record).into_response())
+    Ok(json(record))
 }
 
 /// Most texts one match request takes.
 const MAX_TEXTS: usize = 64;
+/// Most maps one match request makes (texts x methods, twice with counterfactuals).
+const MAX_MAPS: usize = 256;
 
 pub(crate) async fn matching(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
     // The form is read first, even for a request that will be refused: a connection closed
     // while the client is still sending would reach it as an error, not as our answer.
-    let form = Form::read(request, app.limits.max_upload).await?;
+    let (ticket, form) = admitted(&app, request).await?;
     if app.models.clip.is_none() {
         return Err(missing("CLIP model", "--clip-model DIR"));
     }
-    let (name, img) = form.image()?;
+    form.check_image()?;
     let texts = form.texts("text").to_vec();
     if texts.is_empty() {
         return Err(ApiError::bad("the form has no `text`; send one or more `text` fields, one text each"));
@@ -192,14 +267,23 @@ pub(crate) async fn matching(State(app): State<Arc<App>>, request: Request) -> R
     if let Some(i) = texts.iter().position(|t| t.is_empty()) {
         return Err(ApiError::bad(format!("`text` number {} (of {}) is empty; give each text some words", i + 1, texts.len())));
     }
-    let options = matching::Options { texts, layer: form.text("layer"), softmax: form.flag("softmax"), counterfactual: form.flag("counterfactual"), settings: form.settings()? };
+    if let Some(i) = texts.iter().position(|t| t.chars().count() > MAX_TEXT) {
+        return Err(ApiError::bad(format!("`text` number {} has {} characters; a request takes at most {MAX_TEXT}", i + 1, texts[i].chars().count())));
+    }
+    let options = matching::Options { texts, layer: form.short("layer", MAX_TEXT)?, softmax: form.flag("softmax"), counterfactual: form.flag("counterfactual"), settings: form.settings()? };
+    let maps = options.texts.len() * options.settings.methods.len() * if options.counterfactual { 2 } else { 1 };
+    if maps > MAX_MAPS {
+        return Err(ApiError::bad(format!("{} texts x {} methods{} is {maps} maps; a request makes at most {MAX_MAPS}", options.texts.len(), options.settings.methods.len(), if options.counterfactual { " x 2 (counterfactual)" } else { "" })));
+    }
+    let cancel = options.settings.cancel.clone().expect("settings() sets it");
     let record = app
-        .run(move |app| {
+        .run(ticket, cancel, move |app| {
+            let (name, img) = form.image()?;
             let c = app.models.clip.as_ref().expect("checked above");
-            Ok(matching::match_texts(&c.model, &img, &name, NOWHERE, &options, None)?)
+            answer(&matching::match_texts(&c.model, &img, &name, NOWHERE, &options, None)?)
         })
         .await?;
-    Ok(Json(record).into_response())
+    Ok(json(record))
 }
 
 /// What the server explains, for the page.

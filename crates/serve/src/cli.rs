@@ -44,9 +44,16 @@ pub struct ServeArgs {
     /// Largest upload, MiB (more: 413).
     #[arg(long, default_value_t = 20)]
     pub max_upload_mb: usize,
-    /// Seconds a request may take from arrival to answer (more: 504).
+    /// Seconds a request may take from arrival to answer (more: 504, and its work is stopped).
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// Connections open at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = 512)]
+    pub max_connections: usize,
+    /// Seconds for a request's head to arrive, and the longest pause in its body (then 408 and the
+    /// connection closed: a client sending a byte a second is disconnected).
+    #[arg(long, default_value_t = 10)]
+    pub read_timeout: u64,
 }
 
 /// Errors at start-up.
@@ -124,7 +131,8 @@ pub fn run(args: &ServeArgs) -> Result<(), StartError> {
     // Ranges a service can honour: a day's timeout, uploads a decoder takes, a queue of waiting
     // requests held in memory (the extremes overflowed: a worker panicked on `--timeout 2^64-1`,
     // `--max-upload-mb 2^44` became a limit of 0 bytes, `--queue` at its maximum refused every request).
-    for (flag, value, most) in [("--workers", args.workers as u64, 256), ("--max-upload-mb", args.max_upload_mb as u64, 4096), ("--timeout", args.timeout, 86_400)] {
+    let flags = [("--workers", args.workers as u64, 256), ("--max-upload-mb", args.max_upload_mb as u64, 4096), ("--timeout", args.timeout, 86_400), ("--max-connections", args.max_connections as u64, 65_536), ("--read-timeout", args.read_timeout, 3600)];
+    for (flag, value, most) in flags {
         if !(1..=most).contains(&value) {
             return Err(StartError::Usage(format!("{flag} {value}: give 1 to {most}")));
         }
@@ -133,7 +141,14 @@ pub fn run(args: &ServeArgs) -> Result<(), StartError> {
         return Err(StartError::Usage(format!("--queue {}: give 0 to 100000", args.queue)));
     }
     let models = load(args)?;
-    let limits = Limits { workers: args.workers, queue: args.queue, max_upload: args.max_upload_mb << 20, timeout: Duration::from_secs(args.timeout) };
+    let limits = Limits {
+        workers: args.workers,
+        queue: args.queue,
+        max_upload: args.max_upload_mb << 20,
+        timeout: Duration::from_secs(args.timeout),
+        max_connections: args.max_connections,
+        read_timeout: Duration::from_secs(args.read_timeout),
+    };
     let app = App::new(models, limits);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
