@@ -124,8 +124,14 @@ fn attack_options_that_cannot_run_are_refused() {
     let image = repo("data/shapescenes/test/images/000019.png");
     let run = |extra: &[&str]| gradcam(&[&["attack", image.to_str().unwrap(), "--model", model.to_str().unwrap(), "--out", dir.path().join("o").to_str().unwrap()], extra].concat());
     assert!(err(&run(&["--eps", "0"])).contains("--eps 0"));
-    assert!(err(&run(&["--eps", "1.5"])).contains("(0, 1]"));
-    assert!(err(&run(&["--steps", "0"])).contains("--steps must be at least 1"));
+    assert!(err(&run(&["--eps", "1.5"])).contains("0.000001 to 1"));
+    assert!(err(&run(&["--steps", "0"])).contains("give 1 to 10000"));
+    // Issue 34: a budget whose default step underflows blamed `--step-size 0`; a billion steps
+    // never ended.
+    let tiny = err(&run(&["--eps", "1e-45"]));
+    assert!(tiny.contains("--eps") && !tiny.contains("step"), "{tiny}");
+    assert!(err(&run(&["--steps", "1000000000"])).contains("--steps 1000000000: give 1 to 10000"));
+    assert!(err(&run(&["--step-size", "0"])).contains("--step-size 0"));
     assert!(err(&run(&["--target", "7"])).contains("class 7 is out of range"));
     assert!(err(&run(&["--class", "3"])).contains("class 3 is out of range"));
     assert!(err(&run(&["--class", "1", "--target", "1"])).contains("is the class attacked"));

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::repo;
 
 /// Runs the CLI from the repository root; fails the test if it runs for more than a minute.
-fn gradcam(args: &[&str]) -> Output {
+pub(crate) fn gradcam(args: &[&str]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_gradcam")).args(args).current_dir(repo("")).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let start = Instant::now();
     while child.try_wait().unwrap().is_none() {
@@ -21,7 +21,7 @@ fn gradcam(args: &[&str]) -> Output {
     child.wait_with_output().unwrap()
 }
 
-fn fails_with(args: &[&str], message: &str) {
+pub(crate) fn fails_with(args: &[&str], message: &str) {
     let o = gradcam(args);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(matches!(o.status.code(), Some(1 | 2)), "{args:?}: {:?} {stderr}", o.status);
@@ -30,7 +30,7 @@ fn fails_with(args: &[&str], message: &str) {
 }
 
 /// A copy of the test split of the sample scenes.
-fn split_copy(dir: &Path) {
+pub(crate) fn split_copy(dir: &Path) {
     std::fs::create_dir_all(dir.join("images")).unwrap();
     for f in ["captions.json", "instances.json", "questions.json", "annotations.json"] {
         std::fs::copy(repo("data/shapescenes/test").join(f), dir.join(f)).unwrap();
@@ -245,7 +245,7 @@ fn black_png(path: &Path, w: u32, h: u32) {
 }
 
 /// Peak RSS of a finished child, from `/usr/bin/time -f %M` (KiB).
-fn run_measured(args: &[&str]) -> (Output, u64, Duration) {
+pub(crate) fn run_measured(args: &[&str]) -> (Output, u64, Duration) {
     let t = Instant::now();
     let o = Command::new("/usr/bin/time").arg("-f").arg("rss %M").arg(env!("CARGO_BIN_EXE_gradcam")).args(args).current_dir(repo("")).output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);

@@ -2,6 +2,7 @@
 
 mod adversarial;
 mod bias;
+mod budgets;
 mod captioner;
 mod checkpoints;
 mod clip;

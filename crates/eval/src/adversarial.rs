@@ -295,7 +295,7 @@ mod tests {
         assert_eq!(name(AdversarialOptions { steps: 0, ..o.clone() }), Some(vec!["steps"]));
         assert_eq!(name(AdversarialOptions { until: 1.0, ..o.clone() }), Some(vec!["until"]));
         let eps = AdversarialOptions { eps: 0.0, ..o }.check(10).unwrap_err();
-        assert!(eps.to_string().starts_with("eps 0: the budget is a pixel-value change in (0, 1]"), "{eps}");
+        assert!(eps.to_string().starts_with("eps 0: the budget is a pixel-value change from 0.000001 to 1"), "{eps}");
     }
 
     #[test]

@@ -37,6 +37,11 @@ impl Goal {
     }
 }
 
+/// The smallest budget an attack takes (smaller ones cannot move an 8-bit pixel anyway).
+pub const MIN_EPS: f32 = 1e-6;
+/// The most steps an attack takes.
+pub const MAX_STEPS: usize = 10_000;
+
 /// Projected gradient descent under an L-infinity budget.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Pgd {
@@ -59,14 +64,14 @@ impl Pgd {
     /// positive, a class outside the model's.
     pub fn check(&self, classes: usize) -> Result<()> {
         let bad = |e: SettingError| Err(Error::Setting(e));
-        if !(self.eps > 0.0 && self.eps <= 1.0) {
-            return bad(SettingError::value("eps", self.eps, "the budget is a pixel-value change in (0, 1], e.g. 0.0314 (8/255)"));
+        if !(self.eps >= MIN_EPS && self.eps <= 1.0) {
+            return bad(SettingError::value("eps", self.eps, format!("the budget is a pixel-value change from {MIN_EPS} to 1, e.g. 0.0314 (8/255)")));
         }
-        if self.steps == 0 {
-            return bad(SettingError::new(vec!["steps"], "must be at least 1"));
+        if !(1..=MAX_STEPS).contains(&self.steps) {
+            return bad(SettingError::value("steps", self.steps, format!("give 1 to {MAX_STEPS} (each step is a forward and a backward pass)")));
         }
-        if !(self.step_size > 0.0 && self.step_size.is_finite()) {
-            return bad(SettingError::value("step_size", self.step_size, "must be a positive number"));
+        if !(self.step_size >= MIN_EPS / MAX_STEPS as f32 && self.step_size.is_finite()) {
+            return bad(SettingError::value("step_size", self.step_size, format!("must be a number of at least {:e}", MIN_EPS / MAX_STEPS as f32)));
         }
         let (class, other, until) = match self.goal {
             Goal::Untargeted { class, until } => (class, None, until),

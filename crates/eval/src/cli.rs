@@ -131,6 +131,9 @@ pub struct Report {
     pub adversarial: bool,
 }
 
+/// The most perturbed inputs one forward pass takes (`--batch`): 1024 at 224 px are 600 MB.
+pub const MAX_BATCH: usize = 1024;
+
 impl EvalArgs {
     /// Checks the flags against each other, then names the model `--model` means.
     pub fn check(&self) -> Result<ModelRef> {
@@ -148,6 +151,9 @@ impl EvalArgs {
             return Err(SettingError::new(vec!["target", "until", "step_size"], "are options of the `adversarial` task").into());
         }
         let tasks = if adversarial { Vec::new() } else { Task::parse_list(&self.tasks)? };
+        if !(1..=MAX_BATCH).contains(&self.batch) {
+            return Err(SettingError::value("batch", self.batch, format!("give 1 to {MAX_BATCH} perturbed inputs per forward pass")).into());
+        }
         if self.failures > 0 && self.out.is_none() {
             return Err(SettingError::new(vec!["failures"], "writes a page: give --out DIR").into());
         }
@@ -172,7 +178,11 @@ impl EvalArgs {
             (None, None) => return Err(SettingError::value("method", &self.method, "a gradient-based method, rollout or relevance").into()),
         };
         let onnx = self.onnx.options()?;
-        let loading = |e: Error| Error::Loading { model: self.model.clone(), source: Box::new(e) };
+        // The dataset's own errors (read with the model) are not the model's.
+        let loading = |e: Error| match e {
+            e @ (Error::Scenes(_) | Error::Data(_) | Error::Empty { .. } | Error::UnknownCategory { .. }) => e,
+            e => Error::Loading { model: self.model.clone(), source: Box::new(e) },
+        };
         let limit = self.limit.unwrap_or(usize::MAX);
         let (json, table) = if adversarial {
             let ModelRef::Classifier(name) = model else {

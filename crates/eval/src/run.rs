@@ -393,8 +393,13 @@ fn evaluate_example<S: Subject>(subject: &S, ex: &Example<S::State>, options: &O
             let s = options.stride.unwrap_or(p / 2).max(1);
             (*patch, *stride) = (p, s);
             let positions: Vec<(usize, usize)> = patch_origins(ih, p, s).into_iter().flat_map(|y| patch_origins(iw, p, s).into_iter().map(move |x| (y, x))).collect();
-            let data: Vec<f32> = positions.iter().flat_map(|&(y, x)| plane.occluded(y, x, p)).collect();
-            let occluded = score_all(subject, ex, &data, dims, options.batch)?;
+            // Made and scored `--batch` occluded inputs at a time: memory does not grow with the
+            // number of positions (`--patch 1 --stride 1` is 50,176 of them at 224 px).
+            let mut occluded = Vec::with_capacity(positions.len());
+            for chunk in positions.chunks(options.batch.max(1)) {
+                let data: Vec<f32> = chunk.iter().flat_map(|&(y, x)| plane.occluded(y, x, p)).collect();
+                occluded.extend(score_all(subject, ex, &data, dims, options.batch)?);
+            }
             for (ci, cam) in &at_input {
                 let ci = *ci;
                 let window = |y: usize, x: usize| -> f32 {

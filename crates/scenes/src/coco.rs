@@ -189,6 +189,32 @@ fn read_segmentation(r: &Record, image: &ImageInfo, bbox: [f64; 4]) -> Result<Ma
     Ok(mask)
 }
 
+/// Most annotations on one image (COCO has at most 93, LVIS some hundreds).
+pub const MAX_ANNOTATIONS_PER_IMAGE: usize = 10_000;
+/// Most bytes of masks one instances file decodes to (each annotation's mask is a bitmap of its
+/// whole image, one byte a pixel).
+pub const MAX_MASK_BYTES: u64 = 8 << 30;
+
+/// Refuses, before any mask is decoded, an image with more than [`MAX_ANNOTATIONS_PER_IMAGE`]
+/// annotations and a file whose masks would take more than [`MAX_MASK_BYTES`].
+fn check_mask_budget(records: &[Record], images: &HashMap<u64, &ImageInfo>) -> Result<()> {
+    let mut per_image: HashMap<u64, usize> = HashMap::new();
+    let mut bytes = 0u64;
+    for r in records {
+        let Some(image) = r.opt("image_id").and_then(Value::as_u64).and_then(|id| images.get(&id)) else { continue };
+        let n = per_image.entry(image.id).or_default();
+        *n += 1;
+        if *n > MAX_ANNOTATIONS_PER_IMAGE {
+            return Err(r.err("image_id", format!("image {} has more than {MAX_ANNOTATIONS_PER_IMAGE} annotations", image.id)));
+        }
+        bytes = bytes.saturating_add(image.width as u64 * image.height as u64);
+        if bytes > MAX_MASK_BYTES {
+            return Err(r.err("image_id", format!("the annotations' masks would take more than {} GiB (a full-image mask each); split the file", MAX_MASK_BYTES >> 30)));
+        }
+    }
+    Ok(())
+}
+
 impl Instances {
     pub fn read(file: &Path) -> Result<Self> {
         let root = read(file)?;
@@ -205,8 +231,10 @@ impl Instances {
             })
             .collect::<Result<_>>()?;
         let category_ids: HashSet<u64> = categories.iter().map(|c| c.id).collect();
+        let records = Record::list(file, &root, "annotations")?;
+        check_mask_budget(&records, &by_id)?;
         let mut ids = HashSet::new();
-        let annotations = Record::list(file, &root, "annotations")?
+        let annotations = records
             .iter()
             .map(|r| {
                 let id = r.u64("id")?;

@@ -26,12 +26,16 @@ impl Mask {
 
     /// Whether pixel (y, x) lies on the mask or within `tolerance` pixels (Euclidean) of it: the
     /// pointing game's hit.
+    /// Whether a set pixel lies within `tolerance` pixels of (y, x); only the part of the disc
+    /// inside the mask is visited, so any tolerance costs at most the mask's size.
     pub fn near(&self, y: usize, x: usize, tolerance: f32) -> bool {
-        let t = tolerance.max(0.0).ceil() as isize;
-        (-t..=t).any(|dy| {
-            (-t..=t).any(|dx| {
-                let (yy, xx) = (y as isize + dy, x as isize + dx);
-                yy >= 0 && xx >= 0 && (yy as usize) < self.height && (xx as usize) < self.width && ((dy * dy + dx * dx) as f32).sqrt() <= tolerance && self.get(yy as usize, xx as usize)
+        let t = tolerance.max(0.0).ceil().min((self.height + self.width) as f32) as usize;
+        let (y0, y1) = (y.saturating_sub(t), y.saturating_add(t).min(self.height.saturating_sub(1)));
+        let (x0, x1) = (x.saturating_sub(t), x.saturating_add(t).min(self.width.saturating_sub(1)));
+        (y0..=y1).any(|yy| {
+            (x0..=x1).any(|xx| {
+                let (dy, dx) = (yy as isize - y as isize, xx as isize - x as isize);
+                yy < self.height && xx < self.width && ((dy * dy + dx * dx) as f32).sqrt() <= tolerance && self.get(yy, xx)
             })
         })
     }
