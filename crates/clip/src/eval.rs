@@ -1,11 +1,10 @@
 //! The trained model measured on a ShapeScenes split: how well each object's phrase beats the
 //! colour-shape pairs absent from its scene.
 
-use gradcam_scenes::scene::{COLORS, SHAPES};
 use gradcam_scenes::Split;
 
 use crate::card::TestFigures;
-use crate::train::PhraseMetrics;
+use crate::train::{pair, PhraseMetrics};
 use crate::{Result, Trained};
 
 /// Each image's (colour, shape) pairs, and its input `[3, S, S]`.
@@ -16,16 +15,7 @@ fn scenes(model: &Trained, split: &Split, progress: &dyn Fn(usize, usize)) -> Re
     for (i, ex) in examples.iter().enumerate() {
         let img = gradcam_encoders::preprocess::load_image(&ex.path)?;
         inputs.push(model.preprocess(&img)?);
-        pairs.push(
-            ex.objects
-                .iter()
-                .filter_map(|o| {
-                    let c = COLORS.iter().position(|x| Some(*x) == o.color.as_deref())?;
-                    let s = SHAPES.iter().position(|x| Some(x) == names.get(&o.category_id))?;
-                    Some((c, s))
-                })
-                .collect(),
-        );
+        pairs.push(ex.objects.iter().filter_map(|o| pair(o.color.as_deref(), names.get(&o.category_id).copied())).collect());
         progress(i + 1, examples.len());
     }
     Ok((pairs, inputs))

@@ -98,6 +98,14 @@ pub fn phrase(color: &str, shape: &str, size: Option<&str>) -> String {
     }
 }
 
+/// The (colour, shape) indices of an object with this colour and shape name, when both are
+/// ShapeScenes' (`COLORS`, `SHAPES`); its phrase index is `colour * SHAPES.len() + shape`.
+pub fn pair(color: Option<&str>, shape: Option<&str>) -> Option<(usize, usize)> {
+    let c = COLORS.iter().position(|x| Some(*x) == color)?;
+    let s = SHAPES.iter().position(|x| Some(*x) == shape)?;
+    Some((c, s))
+}
+
 impl Data {
     fn load(split: &Split, vocab: &Vocab, cfg: &Config) -> Result<Self> {
         let s = cfg.image_size as u32;
@@ -114,9 +122,7 @@ impl Data {
             let mut pairs = Vec::new();
             for o in &ex.objects {
                 let (Some(color), Some(shape)) = (o.color.as_deref(), names.get(&o.category_id)) else { continue };
-                if let (Some(c), Some(sh)) = (COLORS.iter().position(|x| *x == color), SHAPES.iter().position(|x| x == shape)) {
-                    pairs.push((c, sh));
-                }
+                pairs.extend(pair(Some(color), Some(shape)));
                 phrases.push(phrase(color, shape, None));
                 if let Some(size) = o.size.as_deref() {
                     phrases.push(phrase(color, shape, Some(size)));

@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use candle_core::{Tensor, D};
+use gradcam_clip::train::{pair, phrase as named};
 use gradcam_clip::{Matching, Trained, LOGIT_SCALE};
 use gradcam_core::{Explainable, Explainer, Map, Request, Target};
 use gradcam_scenes::scene::{COLORS, SHAPES};
@@ -31,7 +32,7 @@ pub struct ClipState {
 }
 
 fn phrase(i: usize) -> String {
-    format!("{} {}", COLORS[i / SHAPES.len()], SHAPES[i % SHAPES.len()])
+    named(COLORS[i / SHAPES.len()], SHAPES[i % SHAPES.len()], None)
 }
 
 impl ClipSubject {
@@ -72,11 +73,7 @@ impl Subject for ClipSubject {
         let sims = sims.to_vec1::<f32>()?;
         let mut order: Vec<usize> = (0..sims.len()).collect();
         order.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]));
-        let pair_of = |o: &gradcam_scenes::coco::Instance| -> Option<usize> {
-            let c = COLORS.iter().position(|x| Some(*x) == o.color.as_deref())?;
-            let s = SHAPES.iter().position(|x| Some(*x) == self.names.get(&o.category_id).map(String::as_str))?;
-            Some(c * SHAPES.len() + s)
-        };
+        let pair_of = |o: &gradcam_scenes::coco::Instance| pair(o.color.as_deref(), self.names.get(&o.category_id).map(String::as_str)).map(|(c, s)| c * SHAPES.len() + s);
         let mut present: Vec<usize> = item.objects.iter().filter_map(pair_of).collect();
         present.sort_unstable();
         present.dedup();
