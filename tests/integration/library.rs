@@ -82,6 +82,40 @@ fn any_two_closures_are_explained_by_every_method_and_grad_cam_equals_the_hand_c
     assert!(unknown.contains("gradcam++") && unknown.contains("guided-gradcam"), "{unknown}");
 }
 
+/// A batch explained at once equals its images explained one at a time, for every method and
+/// smoothing; `explain` refuses a batch and names `explain_batch`.
+#[test]
+fn a_batch_is_explained_as_its_images_are_one_at_a_time() {
+    let conv = candle_nn::Conv2d::new(values(&[6, 3, 3, 3], 11, 0.5), Some(values(&[6], 12, 0.1)), Default::default());
+    let fc = candle_nn::Linear::new(values(&[4, 6], 13, 0.5), Some(values(&[4], 14, 0.1)));
+    let features = |x: &Tensor| Activation::Relu.forward(&conv.forward(x)?);
+    let head = |a: &Tensor| fc.forward(&a.mean((2, 3))?);
+    let guided = |x: &Tensor| head(&Activation::Relu.forward_with(&conv.forward(x)?, gradcam::Rule::Guided)?);
+    let model = Split::new(features, head).guided(guided);
+    let batch = values(&[3, 3, 12, 12], 15, 1.0);
+    let targets = vec![vec![Target::class(1), Target::class(2).counterfactual()], vec![], vec![Target::class(0)]];
+    for method in Method::ALL {
+        for (eigen, aug) in [(false, false), (true, false), (false, true)] {
+            if method.is_perturbation() && (eigen || aug) {
+                continue;
+            }
+            let cam = Cam::new(&model).method(method).eigen_smooth(eigen).aug_smooth(aug);
+            let together = cam.explain_batch(&batch, &targets).unwrap_or_else(|e| panic!("{method}: {e}"));
+            assert_eq!(together.iter().map(Vec::len).collect::<Vec<_>>(), [2, 0, 1]);
+            for (i, ts) in targets.iter().enumerate() {
+                let alone = cam.explain(&batch.narrow(0, i, 1).unwrap(), ts).unwrap();
+                for (a, b) in together[i].iter().zip(&alone) {
+                    let worst = a.map.iter().zip(&b.map).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                    assert!(worst <= 1e-5 && (a.score - b.score).abs() <= 1e-5 && a.is_counterfactual() == b.is_counterfactual(), "{method} eigen={eigen} aug={aug} image {i}: {worst}");
+                }
+            }
+        }
+    }
+    let err = Cam::new(&model).explain(&batch, &[Target::class(0)]).unwrap_err().to_string();
+    assert!(err.contains("explain_batch"), "{err}");
+    assert!(Cam::new(&model).explain_batch(&batch, &targets[..2]).is_err(), "one list of targets per image");
+}
+
 /// Guided Backpropagation through the shipped VQA model's head, against the guided rule written
 /// out by hand at each of its ReLUs (`image_proj`'s and the classifier's): the gradient into a
 /// ReLU's input is the upstream gradient where both it and the ReLU's input are positive, zero

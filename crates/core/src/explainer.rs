@@ -324,16 +324,29 @@ impl<'m, M: Explainable + ?Sized> Cam<'m, M> {
     }
 
     /// One explanation per target of the single image `input` (`[1, C, H, W]`, or `[C, H, W]`).
-    /// A batch of several images is refused: explain it with [`Cam::explain_with`], which says
-    /// which image each target is for.
+    /// A batch of several images is refused: explain it with [`Cam::explain_batch`], which takes
+    /// each image's targets.
     pub fn explain(&self, input: &Tensor, targets: &[Target]) -> Result<Vec<Explanation>> {
         let input = if input.rank() == 3 { input.unsqueeze(0)? } else { input.clone() };
         if input.rank() != 4 || input.dim(0)? != 1 {
-            return Err(Error::Shape(format!("Cam::explain takes one image [1, C, H, W] (or [C, H, W]); got {:?}: use Cam::explain_with for a batch", input.dims())));
+            return Err(Error::Shape(format!("Cam::explain takes one image [1, C, H, W] (or [C, H, W]); got {:?}: use Cam::explain_batch for a batch", input.dims())));
         }
         let activations = self.model.features(&input)?;
         let requests: Vec<(usize, Target)> = targets.iter().map(|t| (0, t.clone())).collect();
         self.explain_with(&input, &activations, &requests)
+    }
+
+    /// The explanations of a batch `input` (`[B, C, H, W]`): `targets[i]` are image i's, and so
+    /// are the answer's `[i]`, in their order. One forward through the backbone for the whole
+    /// batch, and one backward through the head for every target of every image.
+    pub fn explain_batch(&self, input: &Tensor, targets: &[Vec<Target>]) -> Result<Vec<Vec<Explanation>>> {
+        if input.rank() != 4 || input.dim(0)? != targets.len() {
+            return Err(Error::Shape(format!("Cam::explain_batch takes a batch [B, C, H, W] and one list of targets per image; got {:?} and {} lists", input.dims(), targets.len())));
+        }
+        let activations = self.model.features(input)?;
+        let requests: Vec<(usize, Target)> = targets.iter().enumerate().flat_map(|(i, ts)| ts.iter().map(move |t| (i, t.clone()))).collect();
+        let mut all = self.explain_with(input, &activations, &requests)?.into_iter();
+        Ok(targets.iter().map(|ts| all.by_ref().take(ts.len()).collect()).collect())
     }
 
     /// One explanation per (image row, target) of a batch, from activations already computed
