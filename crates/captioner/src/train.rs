@@ -220,7 +220,7 @@ fn loss(model: &Trainable, batch: &Batch, smoothing: f64, word_loss: f64, l1: f6
 /// `resume`, continues from `out/checkpoint.json` (weights and epoch; AdamW's moments restart).
 pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: &mut dyn FnMut(Event)) -> Result<Checkpoint> {
     tc.check()?;
-    std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
+    gradcam_io::create_dir_all(out)?;
     let train_split = Split::read(&data.join("train"))?;
     let val_split = Split::read(&data.join("val"))?;
     if train_split.captions.annotations.is_empty() {

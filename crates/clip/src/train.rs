@@ -248,7 +248,7 @@ pub(crate) fn phrase_ranking(model: &Clip, vocab: &Vocab, images: &dyn Fn(&[usiz
 /// model.safetensors and checkpoint.json into `out` after every epoch.
 pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: &mut dyn FnMut(Event)) -> Result<Checkpoint> {
     tc.check()?;
-    std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
+    gradcam_io::create_dir_all(out)?;
     let train_split = Split::read(&data.join("train"))?;
     let val_split = Split::read(&data.join("val"))?;
     let resumed = if resume { Checkpoint::resume(out, tc.settings.epochs)? } else { None };

@@ -44,7 +44,7 @@ pub fn write_run<R: Serialize>(dir: &Path, results: impl IntoIterator<Item = R>,
 /// Creates the output folder (and its parents).
 pub(crate) fn create(out: Option<Outputs>) -> Result<()> {
     match out {
-        Some(o) => std::fs::create_dir_all(o.dir).map_err(|source| Error::Io { path: o.dir.to_path_buf(), source }),
+        Some(o) => Ok(gradcam_io::create_dir_all(o.dir)?),
         None => Ok(()),
     }
 }

@@ -79,7 +79,7 @@ pub fn write(out: &Path, cfg: &Config, progress: &(dyn Fn() + Sync)) -> Result<[
     for (s, range) in ranges.into_iter().enumerate() {
         let dir = out.join(SPLITS[s]);
         let images = dir.join("images");
-        std::fs::create_dir_all(&images).map_err(|source| Error::Io { path: images.clone(), source })?;
+        gradcam_io::create_dir_all(&images)?;
         let scenes: Vec<Scene> = range
             .clone()
             .into_par_iter()

@@ -1,0 +1,37 @@
+//! Messages (issue 34): each names the problem and the file once, and blames the right thing;
+//! file names from datasets and labels stay inside their folders and within a safe length.
+
+use super::{fails_with, gradcam};
+
+fn stderr(args: &[&str]) -> String {
+    let o = gradcam(args);
+    crate::err(&o)
+}
+
+/// A failed write names the output and the system's reason, never the checkpoint or the
+/// temporary file (`.NAME.XXXXXX.tmp`).
+#[test]
+fn write_failures_name_the_output_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let file = d.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let checkpoint = "tests/fixtures/tiny_zip.pth";
+    for (out, why) in [(d.join("missing/w.safetensors"), "No such file or directory"), (file.join("w.safetensors"), "Not a directory")] {
+        let e = stderr(&["convert", checkpoint, out.to_str().unwrap()]);
+        assert!(e.contains(&format!("cannot write {}: {why}", out.display())) && !e.contains("checkpoint") && !e.contains(".w.safetensors."), "{e}");
+    }
+    fails_with(&["convert", checkpoint, d.to_str().unwrap()], "exists and is not a regular file (a directory)");
+    // demo bias: a file where a model's folder goes, a folder where its weights go.
+    let out = d.join("bias");
+    std::fs::create_dir_all(out.join("models")).unwrap();
+    std::fs::write(out.join("models/biased"), b"x").unwrap();
+    let args = ["demo", "bias", "--out", out.to_str().unwrap(), "--scenes", "20", "--epochs", "1"];
+    let e = stderr(&args);
+    assert!(e.contains(&format!("cannot create the folder {}: File exists", out.join("models/biased").display())) && !e.contains("checkpoint"), "{e}");
+    std::fs::remove_file(out.join("models/biased")).unwrap();
+    std::fs::create_dir_all(out.join("models/biased/model.safetensors")).unwrap();
+    let e = stderr(&args);
+    assert!(e.contains(&format!("{} exists and is not a regular file", out.join("models/biased/model.safetensors").display())) && !e.contains("checkpoint"), "{e}");
+}
+
