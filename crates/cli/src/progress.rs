@@ -31,7 +31,7 @@ pub fn each_image<R: serde::Serialize + std::fmt::Display>(
             Ok(result) => progress.suspend(|| crate::common::print(&mut stdout, &result, json))?,
             Err(err) => {
                 failures += 1;
-                progress.suspend(|| eprintln!("error: {}: {}", path.display(), crate::hints::message(&err)));
+                progress.suspend(|| eprintln!("error: {}", crate::hints::message(&err.context(path.display().to_string()))));
             }
         }
         progress.inc(1);

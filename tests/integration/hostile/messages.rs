@@ -3,6 +3,11 @@
 
 use super::{fails_with, gradcam};
 
+/// `text` occurs exactly `n` times in `s`.
+fn occurs(s: &str, text: &str, n: usize) {
+    assert_eq!(s.matches(text).count(), n, "{text:?} {n} times in:\n{s}");
+}
+
 fn stderr(args: &[&str]) -> String {
     let o = gradcam(args);
     crate::err(&o)
@@ -33,5 +38,27 @@ fn write_failures_name_the_output_and_why() {
     std::fs::create_dir_all(out.join("models/biased/model.safetensors")).unwrap();
     let e = stderr(&args);
     assert!(e.contains(&format!("{} exists and is not a regular file", out.join("models/biased/model.safetensors").display())) && !e.contains("checkpoint"), "{e}");
+}
+
+/// A missing file: its path and the system's reason, each printed once.
+#[test]
+fn a_missing_file_is_named_once_with_its_reason_once() {
+    let missing = "/nonexistent/scene.png";
+    let os = "No such file or directory (os error 2)";
+    for args in [
+        vec!["caption", missing],
+        vec!["classify", missing, "--model", "tests/fixtures/onnx/resnet.onnx"],
+        vec!["vqa", missing, "what color is the circle?"],
+        vec!["convert", "/nonexistent/w.pth", "/tmp/w.safetensors"],
+        vec!["classify", "tests/fixtures/onnx/input96.png", "--model", "/nonexistent/m.onnx"],
+    ] {
+        let e = stderr(&args);
+        occurs(&e, os, 1);
+        occurs(&e, "/nonexistent/", 1);
+    }
+    // The dataset's file, not the model, is what is missing.
+    let e = stderr(&["eval", "pointing", "--model", "models/captioner", "--data", "/nonexistent"]);
+    assert!(e.starts_with("error: /nonexistent/") && e.contains(&format!(".json: {os}")) && !e.contains("loading"), "{e}");
+    occurs(&e, os, 1);
 }
 
