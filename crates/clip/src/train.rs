@@ -251,6 +251,8 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
     gradcam_io::create_dir_all(out)?;
     let train_split = Split::read(&data.join("train"))?;
     let val_split = Split::read(&data.join("val"))?;
+    let captions = train_split.captions("a CLIP trains on captions and phrases")?;
+    val_split.captions("a CLIP is validated on captions and phrases")?;
     let resumed = if resume { Checkpoint::resume(out, tc.settings.epochs)? } else { None };
     let resuming = resumed.is_some();
     let (cfg, vocab, mut ckpt) = if let Some(ckpt) = resumed {
@@ -259,7 +261,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         let cfg: Config = serde_json::from_str(&text).map_err(|source| gradcam_train::Error::Json { path, source })?;
         (cfg, Vocab::load(&out.join("tokenizer.json"))?, ckpt)
     } else {
-        let mut texts: Vec<String> = train_split.captions.annotations.iter().map(|c| normalize(&c.caption)).collect();
+        let mut texts: Vec<String> = captions.annotations.iter().map(|c| normalize(&c.caption)).collect();
         texts.extend(gradcam_scenes::scene::SIZES.iter().chain(&COLORS).chain(&SHAPES).map(|w| w.to_string()));
         let vocab = Vocab::build(texts.iter().map(String::as_str), 1)?;
         (Config::new(vocab.len()), vocab, Checkpoint::new(tc.clone(), data, ()))

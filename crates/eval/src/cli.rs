@@ -33,9 +33,9 @@ pub struct EvalArgs {
     pub layer: Option<String>,
     #[command(flatten)]
     pub onnx: OnnxArgs,
-    /// Dataset folder: `instances.json` and `images/` (COCO format); the captioner also reads
-    /// `captions.json`, the VQA model `questions.json` and `annotations.json`. A classifier's
-    /// categories are named by ImageNet class names.
+    /// Dataset folder: `instances.json` and `images/` (COCO format); the VQA model also reads
+    /// `questions.json` and `annotations.json`. A classifier's categories are named by ImageNet
+    /// class names.
     #[arg(long)]
     pub data: PathBuf,
     /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam or eigencam; on a transformer

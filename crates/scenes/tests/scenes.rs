@@ -265,9 +265,25 @@ fn malformed_files_name_the_file_the_record_and_the_field() {
     assert!(e.contains("questions.json") && e.contains("`questions`") && e.contains("array"), "{e}");
 
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("captions.json"), b"{\"images\": [").unwrap();
-    let e = Split::read(dir.path()).unwrap_err().to_string();
+    make(dir.path(), 10, 1);
+    std::fs::write(dir.path().join("train/captions.json"), b"{\"images\": [").unwrap();
+    let e = Split::read(&dir.path().join("train")).unwrap_err().to_string();
     assert!(e.contains("captions.json") && e.contains("not valid JSON"), "{e}");
+}
+
+#[test]
+fn captions_are_read_only_where_they_are_needed() {
+    let dir = tempfile::tempdir().unwrap();
+    make(dir.path(), 10, 1);
+    let train = dir.path().join("train");
+    std::fs::remove_file(train.join("captions.json")).unwrap();
+    let split = Split::read(&train).unwrap();
+    assert!(split.captions.is_none() && split.examples().iter().all(|ex| ex.captions.is_empty()));
+    let e = split.captions("the captioner trains on captions").unwrap_err().to_string();
+    assert_eq!(e, format!("{} does not exist: the captioner trains on captions", train.join("captions.json").display()));
+    std::fs::remove_file(train.join("instances.json")).unwrap();
+    let e = Split::read(&train).unwrap_err();
+    assert!(e.to_string().contains("instances.json"), "{e}");
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! Messages (issue 34): each names the problem and the file once, and blames the right thing;
 //! file names from datasets and labels stay inside their folders and within a safe length.
 
-use super::{fails_with, gradcam};
+use std::path::Path;
+
+use super::{fails_with, gradcam, split_copy};
 
 /// `text` occurs exactly `n` times in `s`.
 fn occurs(s: &str, text: &str, n: usize) {
@@ -60,5 +62,30 @@ fn a_missing_file_is_named_once_with_its_reason_once() {
     let e = stderr(&["eval", "pointing", "--model", "models/captioner", "--data", "/nonexistent"]);
     assert!(e.starts_with("error: /nonexistent/") && e.contains(&format!(".json: {os}")) && !e.contains("loading"), "{e}");
     occurs(&e, os, 1);
+}
+
+/// Two splits of the sample scenes under `data` without the files `without`.
+fn data_without(data: &Path, without: &[&str]) {
+    for split in ["train", "val"] {
+        split_copy(&data.join(split));
+        for f in without {
+            std::fs::remove_file(data.join(split).join(f)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn training_reads_only_what_it_needs_and_names_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    data_without(&data, &["captions.json"]);
+    let (d, out) = (data.to_str().unwrap(), dir.path().join("m"));
+    let o = gradcam(&["train", "classifier", "--data", d, "--out", out.to_str().unwrap(), "--epochs", "1"]);
+    crate::ok(&o);
+    assert!(out.join("model.safetensors").exists());
+    let e = stderr(&["train", "captioner", "--data", d, "--out", dir.path().join("c").to_str().unwrap(), "--epochs", "1"]);
+    assert!(e.contains(&format!("{} does not exist", data.join("train/captions.json").display())), "{e}");
+    // The VQA model reads instances and questions.
+    crate::ok(&gradcam(&["train", "vqa", "--data", d, "--out", dir.path().join("v").to_str().unwrap(), "--epochs", "1"]));
 }
 
