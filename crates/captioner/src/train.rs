@@ -220,6 +220,7 @@ fn loss(model: &Trainable, batch: &Batch, smoothing: f64, word_loss: f64, l1: f6
 /// `resume`, continues from `out/checkpoint.json` (weights and epoch; AdamW's moments restart).
 pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: &mut dyn FnMut(Event)) -> Result<Checkpoint> {
     tc.check()?;
+    let resumed = if resume { Some(Checkpoint::resume(out, tc.settings.epochs)?) } else { None };
     gradcam_io::create_dir_all(out)?;
     let train_split = Split::read(&data.join("train"))?;
     let val_split = Split::read(&data.join("val"))?;
@@ -228,7 +229,6 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
     if captions.annotations.is_empty() {
         return Err(Error::Training(format!("{} has no captions to train on", data.join("train").display())));
     }
-    let resumed = if resume { Checkpoint::resume(out, tc.settings.epochs)? } else { None };
     let (vocab, mut ckpt) = match resumed {
         Some(ckpt) => (Vocab::load(&out.join("tokenizer.json"))?, ckpt),
         None => (Vocab::build(captions.annotations.iter().map(|a| a.caption.as_str()), 1)?, Checkpoint::new(tc.clone(), data, ())),

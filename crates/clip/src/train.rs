@@ -248,12 +248,12 @@ pub(crate) fn phrase_ranking(model: &Clip, vocab: &Vocab, images: &dyn Fn(&[usiz
 /// model.safetensors and checkpoint.json into `out` after every epoch.
 pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: &mut dyn FnMut(Event)) -> Result<Checkpoint> {
     tc.check()?;
+    let resumed = if resume { Some(Checkpoint::resume(out, tc.settings.epochs)?) } else { None };
     gradcam_io::create_dir_all(out)?;
     let train_split = Split::read(&data.join("train"))?;
     let val_split = Split::read(&data.join("val"))?;
     let captions = train_split.captions("a CLIP trains on captions and phrases")?;
     val_split.captions("a CLIP is validated on captions and phrases")?;
-    let resumed = if resume { Checkpoint::resume(out, tc.settings.epochs)? } else { None };
     let resuming = resumed.is_some();
     let (cfg, vocab, mut ckpt) = if let Some(ckpt) = resumed {
         let path = out.join("config.json");

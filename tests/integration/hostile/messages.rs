@@ -89,3 +89,16 @@ fn training_reads_only_what_it_needs_and_names_what_is_missing() {
     crate::ok(&gradcam(&["train", "vqa", "--data", d, "--out", dir.path().join("v").to_str().unwrap(), "--epochs", "1"]));
 }
 
+/// --resume with nothing to resume is an error naming the folder and the file, before anything
+/// is written (it used to start afresh without a word).
+#[test]
+fn resume_without_a_checkpoint_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("model");
+    for model in ["classifier", "captioner", "vqa", "clip"] {
+        let e = stderr(&["train", model, "--data", "data/shapescenes", "--out", out.to_str().unwrap(), "--epochs", "1", "--resume"]);
+        assert!(e.contains(&format!("--resume finds nothing to continue from: {} holds no checkpoint.json", out.display())), "{e}");
+        assert!(!out.exists(), "nothing written");
+    }
+}
+
