@@ -102,3 +102,19 @@ fn resume_without_a_checkpoint_is_an_error() {
     }
 }
 
+/// Labels of 5,000 characters (and a long image name) make files of a safe length, one per label.
+#[test]
+fn long_labels_make_files_of_a_safe_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = dir.path().join("labels.txt");
+    std::fs::write(&labels, (0..10).map(|i| format!("{} {i}\n", "a long label".repeat(420))).collect::<String>()).unwrap();
+    let image = dir.path().join(format!("{}.png", "i".repeat(240)));
+    std::fs::copy(crate::repo("tests/fixtures/onnx/input96.png"), &image).unwrap();
+    let out = dir.path().join("out");
+    let args = ["classify", image.to_str().unwrap(), "--model", "tests/fixtures/onnx/resnet.onnx", "--resize", "none", "--labels", labels.to_str().unwrap(), "--class", "0", "--class", "1", "--out", out.to_str().unwrap()];
+    crate::ok(&gradcam(&args));
+    let names: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names.len(), 2, "a file per class: {names:?}");
+    assert!(names.iter().all(|n| n.len() <= 200), "{names:?}");
+}
+
