@@ -272,6 +272,25 @@ fn malformed_files_name_the_file_the_record_and_the_field() {
 }
 
 #[test]
+fn image_file_names_stay_inside_the_images_folder() {
+    for file in ["instances.json", "captions.json"] {
+        for name in ["../../secret.png", "/etc/passwd", "images/../../x.png", "", "."] {
+            let e = read_with(file, |v| v["images"][1]["file_name"] = json!(name));
+            assert!(e.contains(file) && e.contains("images[1]") && e.contains("`file_name`") && e.contains(&format!("{name:?} is not a file inside the images folder")), "{e}");
+        }
+    }
+    // A folder below images/ is inside it.
+    let dir = tempfile::tempdir().unwrap();
+    make(dir.path(), 10, 1);
+    let path = dir.path().join("train/instances.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["images"][0]["file_name"] = json!("./sub/a.png");
+    std::fs::write(&path, v.to_string()).unwrap();
+    let split = Split::read(&dir.path().join("train")).unwrap();
+    assert_eq!(split.examples()[0].path, dir.path().join("train/images/./sub/a.png"));
+}
+
+#[test]
 fn captions_are_read_only_where_they_are_needed() {
     let dir = tempfile::tempdir().unwrap();
     make(dir.path(), 10, 1);

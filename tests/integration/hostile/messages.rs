@@ -118,3 +118,28 @@ fn long_labels_make_files_of_a_safe_length() {
     assert!(names.iter().all(|n| n.len() <= 200), "{names:?}");
 }
 
+/// A COCO `file_name` outside the images folder (`../`, absolute) is refused by every reader,
+/// naming the file, the record and the name; the file it points at is never read.
+#[test]
+fn annotation_file_names_outside_the_images_folder_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let split = dir.path().join("split");
+    split_copy(&split);
+    let outside = dir.path().join("outside.png");
+    std::fs::copy(split.join("images/000018.png"), &outside).unwrap();
+    let s = split.to_str().unwrap();
+    for (file, name) in [("instances.json", "../../outside.png".to_string()), ("captions.json", outside.display().to_string())] {
+        let path = split.join(file);
+        let original = std::fs::read_to_string(&path).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
+        v["images"][0]["file_name"] = serde_json::json!(name);
+        std::fs::write(&path, v.to_string()).unwrap();
+        let message = format!("{}: images[0] (id 18): field `file_name`: {name:?} is not a file inside the images folder", path.display());
+        fails_with(&["caption", "--eval", s], &message);
+        fails_with(&["eval", "pointing", "--model", "models/captioner", "--data", s], &message);
+        if file == "instances.json" {
+            fails_with(&["dissect", "--data", s, "--out", dir.path().join("d.json").to_str().unwrap()], &message);
+        }
+        std::fs::write(&path, original).unwrap();
+    }
+}
