@@ -227,16 +227,40 @@ impl Stems {
     }
 }
 
+/// Longest file-name part [`sanitize`] makes of a name (a label, a word, an image's stem): a
+/// file name holds a stem, a subject and a method's tag, and file systems take 255 bytes.
+pub const MAX_NAME_PART: usize = 64;
+
 /// A file-name part: ASCII letters, digits and `-` kept, anything else `_`, no `_` at either end
-/// (so no hidden files, separators, control or direction characters).
-pub fn sanitize(s: &str) -> String {
-    let s: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
-    s.trim_matches('_').to_string()
+/// (so no hidden files, separators, control or direction characters). A part longer than
+/// [`MAX_NAME_PART`] is cut, and ends in a hash of the whole name, so that long names alike in
+/// their first bytes still get files of their own.
+pub fn sanitize(name: &str) -> String {
+    let s: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    let s = s.trim_matches('_');
+    if s.len() <= MAX_NAME_PART {
+        return s.to_string();
+    }
+    // FNV-1a, the same on every machine and in every version (unlike std's hasher).
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    // `s` is ASCII: any byte index is a character boundary.
+    format!("{}-{:08x}", s[..MAX_NAME_PART - 9].trim_end_matches('_'), hash as u32)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_names_are_cut_and_kept_apart() {
+        let long = |end: &str| format!("{}{end}", "é word ".repeat(700));
+        let (a, b) = (sanitize(&long("a")), sanitize(&long("b")));
+        assert!(a.len() <= MAX_NAME_PART && b.len() <= MAX_NAME_PART && a != b, "{a} {b}");
+        assert!(a.starts_with("word___word___") && a[a.len() - 9..].starts_with('-'), "{a}");
+        let file = Subject::new(Target::class(0), long("x")).file_prefix("0").file_name(&Stems::default().unique(Path::new(&format!("{}.png", "i".repeat(250)))), "_gradcampp_eigen_aug");
+        assert!(file.len() <= 200, "{} bytes: {file}", file.len());
+        assert_eq!(sanitize(&"x".repeat(MAX_NAME_PART)), "x".repeat(MAX_NAME_PART), "a name that fits is kept whole");
+    }
 
     #[test]
     fn one_naming_rule_for_every_command() {

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use crate::repo;
 
+mod messages;
+
 /// Runs the CLI from the repository root; fails the test if it runs for more than a minute.
 pub(crate) fn gradcam(args: &[&str]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_gradcam")).args(args).current_dir(repo("")).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();

@@ -90,6 +90,7 @@ pub struct NeuronHits {
 /// whether each colour or shape word's concept names its top-5 / bottom-5 units. The maps and
 /// the alphas are `method`'s (Grad-CAM for the figures in the model cards).
 pub fn evaluate(model: &Captioner, split: &Split, limit: usize, dissection: Option<&Dissection>, method: &dyn CamMethod, mut progress: impl FnMut(usize)) -> Result<Metrics> {
+    split.captions("BLEU-4 scores the captions against the split's own")?;
     let examples: Vec<_> = split.examples().into_iter().take(limit).collect();
     let mut exact = 0;
     let (mut cands, mut refs) = (Vec::new(), Vec::new());

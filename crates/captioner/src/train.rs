@@ -220,16 +220,18 @@ fn loss(model: &Trainable, batch: &Batch, smoothing: f64, word_loss: f64, l1: f6
 /// `resume`, continues from `out/checkpoint.json` (weights and epoch; AdamW's moments restart).
 pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: &mut dyn FnMut(Event)) -> Result<Checkpoint> {
     tc.check()?;
-    std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
+    let resumed = if resume { Some(Checkpoint::resume(out, tc.settings.epochs)?) } else { None };
+    gradcam_io::create_dir_all(out)?;
     let train_split = Split::read(&data.join("train"))?;
     let val_split = Split::read(&data.join("val"))?;
-    if train_split.captions.annotations.is_empty() {
+    let captions = train_split.captions("the captioner trains on captions")?;
+    val_split.captions("the captioner is validated on captions")?;
+    if captions.annotations.is_empty() {
         return Err(Error::Training(format!("{} has no captions to train on", data.join("train").display())));
     }
-    let resumed = if resume { Checkpoint::resume(out, tc.settings.epochs)? } else { None };
     let (vocab, mut ckpt) = match resumed {
         Some(ckpt) => (Vocab::load(&out.join("tokenizer.json"))?, ckpt),
-        None => (Vocab::build(train_split.captions.annotations.iter().map(|a| a.caption.as_str()), 1)?, Checkpoint::new(tc.clone(), data, ())),
+        None => (Vocab::build(captions.annotations.iter().map(|a| a.caption.as_str()), 1)?, Checkpoint::new(tc.clone(), data, ())),
     };
     let cfg = if ckpt.epochs_done > 0 { Config::load(&out.join("config.json"))? } else { Config { hidden: ckpt.train.hidden, ..Config::new(vocab.len()) } };
     let mut varmap = VarMap::new();

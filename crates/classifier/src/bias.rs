@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::card::{accuracy, cases, Case};
 use crate::train::{train, Event, TrainConfig};
-use crate::{io, Config, Error, Result};
+use crate::{Config, Error, Result};
 use gradcam_scenes::scene::{Bias, CueKind, SHAPES};
 
 /// What the demo runs.
@@ -108,7 +108,7 @@ pub fn run(out: &Path, cfg: &DemoConfig, progress: &mut dyn FnMut(Stage)) -> Res
     }
     cfg.train.check()?;
     let start = std::time::Instant::now();
-    std::fs::create_dir_all(out).map_err(io(out))?;
+    gradcam_io::create_dir_all(out)?;
     let data = out.join("data");
     let mut figures = Vec::new();
     let mut all_cases = Vec::new();

@@ -13,7 +13,7 @@ use gradcam_train::{at_least_one, Accuracy};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{classes, Data};
-use crate::{io, Config, Error, Result};
+use crate::{Config, Error, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -107,10 +107,10 @@ impl Trainable {
 /// from `out/checkpoint.json` (weights and epoch; AdamW's moments restart).
 pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: &mut dyn FnMut(Event)) -> Result<Checkpoint> {
     tc.check()?;
-    std::fs::create_dir_all(out).map_err(io(out))?;
+    let resumed = if resume { Some(Checkpoint::resume(out, tc.settings.epochs)?) } else { None };
+    gradcam_io::create_dir_all(out)?;
     let train_split = Split::read(&data.join("train"))?;
     let val_split = Split::read(&data.join("val"))?;
-    let resumed = if resume { Checkpoint::resume(out, tc.settings.epochs)? } else { None };
     let (cfg, mut ckpt) = if let Some(ckpt) = resumed {
         (Config::load(out)?, ckpt)
     } else {

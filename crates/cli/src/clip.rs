@@ -25,7 +25,7 @@ pub fn run(args: MatchArgs) -> anyhow::Result<ExitCode> {
     let model = Matcher::load(&args.m.model).with_context(|| format!("loading the CLIP model from {}", args.m.model.display()))?;
     let m = args.m.clone();
     let options = Options { texts: m.texts, layer: m.layer, softmax: m.softmax, counterfactual: m.counterfactual, settings: args.methods.settings() };
-    std::fs::create_dir_all(&args.output.out).with_context(|| format!("creating {}", args.output.out.display()))?;
+    gradcam_io::create_dir_all(&args.output.out)?;
     let (channels, mut stems, mut stdout) = (crate::progress::channels(args.output.json), Stems::default(), std::io::stdout().lock());
     for image in &args.m.images {
         let stem = stems.unique(image);

@@ -18,10 +18,10 @@ pub fn flag(setting: &str) -> String {
     }
 }
 
-/// The message of `err` as the user sees it: its chain joined by ": " (as `{:#}` shows it), each
-/// setting named by its flag.
+/// The message of `err` as the user sees it: its chain joined by ": " (as `{:#}` shows it, each
+/// cause once), each setting named by its flag.
 pub fn message(err: &anyhow::Error) -> String {
-    err.chain().map(|e| hinted(e).unwrap_or_else(|| e.to_string())).collect::<Vec<_>>().join(": ")
+    gradcam_core::chain_message(err.as_ref(), &hinted)
 }
 
 fn hinted(e: &(dyn Error + 'static)) -> Option<String> {

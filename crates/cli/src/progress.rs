@@ -19,7 +19,7 @@ pub fn each_image<R: serde::Serialize + std::fmt::Display>(
     (out, json, html): (&std::path::Path, bool, Option<(&crate::common::HtmlArg, gradcam_serve::html::View)>),
     mut one: impl FnMut(&std::path::Path, gradcam::pipeline::Files<'_>, &gradcam::pipeline::Progress) -> anyhow::Result<R>,
 ) -> anyhow::Result<std::process::ExitCode> {
-    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!(e).context(format!("creating {}", out.display())))?;
+    gradcam_io::create_dir_all(out)?;
     let progress = if images.len() > 1 { bar(images.len() as u64, "images") } else { ProgressBar::hidden() };
     let (mut stems, mut failures, channels) = (gradcam::pipeline::render::Stems::default(), 0, channels(json));
     let mut stdout = std::io::stdout().lock();
@@ -31,7 +31,7 @@ pub fn each_image<R: serde::Serialize + std::fmt::Display>(
             Ok(result) => progress.suspend(|| crate::common::print(&mut stdout, &result, json))?,
             Err(err) => {
                 failures += 1;
-                progress.suspend(|| eprintln!("error: {}: {}", path.display(), crate::hints::message(&err)));
+                progress.suspend(|| eprintln!("error: {}", crate::hints::message(&err.context(path.display().to_string()))));
             }
         }
         progress.inc(1);

@@ -70,7 +70,7 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&m)?);
         return Ok(ExitCode::SUCCESS);
     }
-    std::fs::create_dir_all(&args.output.out).with_context(|| format!("creating {}", args.output.out.display()))?;
+    gradcam_io::create_dir_all(&args.output.out)?;
     let dissection = if args.explain.neurons { Dissection::of_model(args.explain.dissection.as_deref(), &args.model, true)? } else { None };
     let names = dissection.as_ref().map(|d| UnitNames::Dissection(d));
     let options = Options { answers: args.answers.clone(), counterfactual: args.counterfactual, top_k: args.top_k, settings: args.explain.methods.settings() };

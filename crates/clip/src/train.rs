@@ -254,10 +254,12 @@ pub(crate) fn phrase_ranking(model: &Clip, vocab: &Vocab, images: &dyn Fn(&[usiz
 /// model.safetensors and checkpoint.json into `out` after every epoch.
 pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: &mut dyn FnMut(Event)) -> Result<Checkpoint> {
     tc.check()?;
-    std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
+    let resumed = if resume { Some(Checkpoint::resume(out, tc.settings.epochs)?) } else { None };
+    gradcam_io::create_dir_all(out)?;
     let train_split = Split::read(&data.join("train"))?;
     let val_split = Split::read(&data.join("val"))?;
-    let resumed = if resume { Checkpoint::resume(out, tc.settings.epochs)? } else { None };
+    let captions = train_split.captions("a CLIP trains on captions and phrases")?;
+    val_split.captions("a CLIP is validated on captions and phrases")?;
     let resuming = resumed.is_some();
     let (cfg, vocab, mut ckpt) = if let Some(ckpt) = resumed {
         let path = out.join("config.json");
@@ -265,7 +267,7 @@ pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: 
         let cfg: Config = serde_json::from_str(&text).map_err(|source| gradcam_train::Error::Json { path, source })?;
         (cfg, Vocab::load(&out.join("tokenizer.json"))?, ckpt)
     } else {
-        let mut texts: Vec<String> = train_split.captions.annotations.iter().map(|c| normalize(&c.caption)).collect();
+        let mut texts: Vec<String> = captions.annotations.iter().map(|c| normalize(&c.caption)).collect();
         texts.extend(gradcam_scenes::scene::SIZES.iter().chain(&COLORS).chain(&SHAPES).map(|w| w.to_string()));
         let vocab = Vocab::build(texts.iter().map(String::as_str), 1)?;
         (Config::new(vocab.len()), vocab, Checkpoint::new(tc.clone(), data, ()))

@@ -34,7 +34,7 @@ pub use layout::Layout;
 pub use map::Map;
 pub use method::{Method, NotGradientMethod, UnknownMethod};
 pub use report::{class_named_report, report, Neuron, NeuronReport, UnitNames, UnitTable};
-pub use setting::SettingError;
+pub use setting::{chain_message, SettingError};
 
 /// Errors of the gradient-capture core.
 #[derive(Debug, thiserror::Error)]

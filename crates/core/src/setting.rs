@@ -53,9 +53,63 @@ impl SettingError {
     }
 }
 
+/// An error and its causes as one line, `error: cause: cause`, as a front end prints it: each shown
+/// by `show` (a setting under the front end's name for it, say) or by its own text, and each
+/// thing once: a cause whose text ends the part before it is left out (an error whose message
+/// repeats its source's, a context naming the file its error names), and a cause whose text
+/// begins with the part before it and `: ` stands in its place.
+pub fn chain_message(err: &(dyn std::error::Error + 'static), show: &dyn Fn(&(dyn std::error::Error + 'static)) -> Option<String>) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let text = show(e).unwrap_or_else(|| e.to_string());
+        let (repeats, extends) = parts.last().map_or((false, false), |before| (before.ends_with(&text), text.strip_prefix(before.as_str()).is_some_and(|rest| rest.starts_with(": "))));
+        if extends {
+            parts.pop();
+        }
+        if !repeats {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
 #[cfg(test)]
 mod tests {
-    use super::SettingError;
+    use super::{chain_message, SettingError};
+
+    /// `text`, caused by `source`.
+    #[derive(Debug)]
+    struct Caused(String, Option<Box<Caused>>);
+
+    impl std::fmt::Display for Caused {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+
+    impl std::error::Error for Caused {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|c| c as _)
+        }
+    }
+
+    fn chain(texts: &[&str]) -> Caused {
+        texts.iter().rev().fold(None, |source, t| Some(Caused(t.to_string(), source.map(Box::new)))).unwrap()
+    }
+
+    #[test]
+    fn a_chain_prints_each_cause_once() {
+        let os = "No such file or directory (os error 2)";
+        let plain = |e: &Caused| chain_message(e, &|_| None);
+        assert_eq!(plain(&chain(&["/x.png", "/x.png", os])), format!("/x.png: {os}"));
+        assert_eq!(plain(&chain(&["/d/c.json", &format!("/d/c.json: {os}"), os])), format!("/d/c.json: {os}"));
+        assert_eq!(plain(&chain(&["loading /m.onnx", "/m.onnx", os])), format!("loading /m.onnx: {os}"));
+        assert_eq!(plain(&chain(&["training", "cannot write /m/a.json", os])), format!("training: cannot write /m/a.json: {os}"));
+        let shown = chain_message(&chain(&["a", "b"]), &|e| (e.to_string() == "b").then(|| "--b".to_string()));
+        assert_eq!(shown, "a: --b");
+    }
 
     #[test]
     fn names_the_settings_its_callers_way() {

@@ -126,18 +126,14 @@ pub fn prune(model: &Path, data: &Path, out: &Path, progress: &dyn Fn(usize, usi
     let pruned = scene_cnn::prune_tensors(&tensors, &keep, channels, pooling).map_err(|e| Error::Data(format!("{}: {e}", weights_path.display())))?;
     cfg["channels"] = serde_json::json!(keep.len());
 
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::Io { path, source }
-    };
-    std::fs::create_dir_all(out).map_err(io(out))?;
+    gradcam_io::create_dir_all(out)?;
     gradcam_io::write_safetensors(&pruned, &out.join("model.safetensors"))?;
     let config = serde_json::to_string_pretty(&cfg)?;
     write_atomic(&out.join("config.json"), config.as_bytes())?;
     for name in ["tokenizer.json", "README.md"] {
         let src = model.join(name);
         if src.exists() {
-            write_atomic(&out.join(name), &std::fs::read(&src).map_err(io(&src))?)?;
+            write_atomic(&out.join(name), &std::fs::read(&src).map_err(|source| Error::Io { path: src.clone(), source })?)?;
         }
     }
 

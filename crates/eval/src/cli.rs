@@ -33,9 +33,9 @@ pub struct EvalArgs {
     pub layer: Option<String>,
     #[command(flatten)]
     pub onnx: OnnxArgs,
-    /// Dataset folder: `instances.json` and `images/` (COCO format); the captioner also reads
-    /// `captions.json`, the VQA model `questions.json` and `annotations.json`. A classifier's
-    /// categories are named by ImageNet class names.
+    /// Dataset folder: `instances.json` and `images/` (COCO format); the VQA model also reads
+    /// `questions.json` and `annotations.json`. A classifier's categories are named by ImageNet
+    /// class names.
     #[arg(long)]
     pub data: PathBuf,
     /// CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam or eigencam; on a transformer
@@ -178,11 +178,6 @@ impl EvalArgs {
             (None, None) => return Err(SettingError::value("method", &self.method, "a gradient-based method, rollout or relevance").into()),
         };
         let onnx = self.onnx.options()?;
-        // The dataset's own errors (read with the model) are not the model's.
-        let loading = |e: Error| match e {
-            e @ (Error::Scenes(_) | Error::Data(_) | Error::Empty { .. } | Error::UnknownCategory { .. }) => e,
-            e => Error::Loading { model: self.model.clone(), source: Box::new(e) },
-        };
         let limit = self.limit.unwrap_or(usize::MAX);
         let (json, table) = if adversarial {
             let ModelRef::Classifier(name) = model else {
@@ -194,7 +189,7 @@ impl EvalArgs {
                 Some(other) => return Err(SettingError::value("target", format!("{other:?}"), "the adversarial evaluation takes `random` (or nothing, for untargeted attacks)").into()),
             };
             let method = cam.as_ref().ok_or_else(|| SettingError::value("method", &self.method, "the adversarial evaluation takes a gradient-based method"))?;
-            let (net, layer) = name.load(weights, &onnx, self.layer.as_deref()).map_err(|e| loading(e.into()))?;
+            let (net, layer) = name.load(weights, &onnx, self.layer.as_deref()).map_err(crate::session::loading(&self.model))?;
             let step_size = self.step_size.unwrap_or(crate::attack::Pgd::default_step(self.eps, self.attack_steps));
             let until = self.until.unwrap_or(AdversarialOptions::default_until(targeted));
             let options = AdversarialOptions { eps: self.eps, steps: self.attack_steps, step_size, targeted, seed: self.seed, until, limit, tolerance: self.tolerance, box_threshold: self.box_threshold, iou: self.iou };
@@ -208,7 +203,7 @@ impl EvalArgs {
             })?;
             (serde_json::to_string_pretty(&summary), adversarial::markdown(&summary))
         } else {
-            let subject = model.subject(weights, &onnx, self.layer.as_deref(), &self.data).map_err(loading)?;
+            let subject = model.subject(weights, &onnx, self.layer.as_deref(), &self.data)?;
             let segment = SegmentOptions { high: self.seed_high, low: self.seed_low, threshold: self.seg_threshold, ..Default::default() };
             let options = Options { tasks, method: explainer, limit, tolerance: self.tolerance, box_threshold: self.box_threshold, iou: self.iou, patch: self.patch, stride: self.stride, steps: self.steps, reject_below: self.reject_below, batch: self.batch, segment };
             let summary = subject.evaluate(&self.data, &options, out, progress)?;

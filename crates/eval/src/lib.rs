@@ -47,7 +47,7 @@ pub enum Error {
     Captioner(#[from] gradcam_captioner::Error),
     #[error(transparent)]
     Vqa(#[from] gradcam_vqa::Error),
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Options(String),

@@ -9,7 +9,7 @@ use gradcam_core::Map;
 use image::RgbImage;
 
 use crate::run::{Mean, Summary, Tally};
-use crate::{Error, Result, Task};
+use crate::{Result, Task};
 
 fn mean(m: &Mean) -> String {
     if m.count == 0 {
@@ -140,8 +140,7 @@ fn escape(s: &str) -> String {
 /// Writes `dir/index.html` and the overlays it shows (`dir/NNN_K.png`), every file through a
 /// temporary name so that nothing is left half-written.
 pub fn write_failures(dir: &Path, failures: &[Failure], title: &str) -> Result<()> {
-    let io = |source| Error::Io { path: dir.to_path_buf(), source };
-    std::fs::create_dir_all(dir).map_err(io)?;
+    gradcam_io::create_dir_all(dir)?;
     let mut html = format!(
         "<!doctype html>\n<meta charset=\"utf-8\">\n<title>{0}</title>\n<style>body{{font-family:sans-serif}} figure{{display:inline-block;margin:4px;text-align:center}} img{{width:192px;image-rendering:pixelated}} figcaption{{max-width:192px;font-size:12px}}</style>\n<h1>{0}</h1>\n",
         escape(title)

@@ -44,7 +44,7 @@ pub fn write_run<R: Serialize>(dir: &Path, results: impl IntoIterator<Item = R>,
 /// Creates the output folder (and its parents).
 pub(crate) fn create(out: Option<Outputs>) -> Result<()> {
     match out {
-        Some(o) => std::fs::create_dir_all(o.dir).map_err(|source| Error::Io { path: o.dir.to_path_buf(), source }),
+        Some(o) => Ok(gradcam_io::create_dir_all(o.dir)?),
         None => Ok(()),
     }
 }
@@ -83,7 +83,7 @@ impl ModelRef {
     pub fn subject(&self, weights: Option<&str>, onnx: &OnnxOptions, layer: Option<&str>, data: &Path) -> Result<AnySubject> {
         let (dir, given) = match self {
             ModelRef::Classifier(name) => {
-                let (net, layer) = name.load(weights, onnx, layer)?;
+                let (net, layer) = name.load(weights, onnx, layer).map_err(loading(name))?;
                 return Ok(AnySubject::Classifier(ClassifierSubject::new(net, layer, data)?));
             }
             ModelRef::Captioner(dir) | ModelRef::Vqa(dir) => (dir, [weights.map(|_| "weights"), layer.map(|_| "layer")]),
@@ -95,11 +95,16 @@ impl ModelRef {
             return Err(SettingError::new(given, format!("are for classifiers; {} is a model folder", dir.display())).into());
         }
         Ok(match self {
-            ModelRef::Vqa(dir) => AnySubject::Vqa(VqaSubject::new(Vqa::load(dir)?, data)?),
-            ModelRef::Clip(dir) => AnySubject::Clip(ClipSubject::new(gradcam_clip::Trained::load(dir)?, layer, data)?),
-            _ => AnySubject::Captioner(CaptionerSubject::new(Captioner::load(dir)?, data)?),
+            ModelRef::Vqa(dir) => AnySubject::Vqa(VqaSubject::new(Vqa::load(dir).map_err(loading(dir.display()))?, data)?),
+            ModelRef::Clip(dir) => AnySubject::Clip(ClipSubject::new(gradcam_clip::Trained::load(dir).map_err(loading(dir.display()))?, layer, data)?),
+            _ => AnySubject::Captioner(CaptionerSubject::new(Captioner::load(dir).map_err(loading(dir.display()))?, data)?),
         })
     }
+}
+
+/// A failure to load `model` as [`Error::Loading`] (the dataset's errors are not the model's).
+pub(crate) fn loading<E: Into<Error>>(model: impl std::fmt::Display) -> impl FnOnce(E) -> Error {
+    move |e| Error::Loading { model: model.to_string(), source: Box::new(e.into()) }
 }
 
 /// A name as a classifier: a built-in name, an ONNX file or a trained classifier folder (not a

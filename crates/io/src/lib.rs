@@ -26,6 +26,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A folder to write into could not be made (a file stands in its path, no permission, ...).
+    #[error("cannot create the folder {}", path.display())]
+    CreateDir {
+        /// The folder.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The destination exists and is not a regular file; it is left as it is.
     #[error("{} exists and is not a regular file ({kind}); refusing to replace it", path.display())]
     NotARegularFile {
@@ -83,6 +92,11 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut std::fs::File) -> 
     // Checked again: the destination may have appeared while the file was written.
     refuse_special(path)?;
     tmp.persist(path).map_err(err)
+}
+
+/// Creates the folder `path` and its parents (nothing to do when it exists).
+pub fn create_dir_all(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).map_err(|source| Error::CreateDir { path: path.to_path_buf(), source })
 }
 
 /// Writes an image as a PNG file, atomically.
@@ -196,7 +210,12 @@ impl Temporary {
             use std::os::unix::fs::PermissionsExt;
             builder.permissions(std::fs::Permissions::from_mode(0o666));
         }
-        let file = builder.tempfile_in(dir)?;
+        // tempfile adds ` at path ".NAME.XXXXXX.tmp"` to its errors: the temporary's name means
+        // nothing to the user, who is told the destination.
+        let file = builder.tempfile_in(dir).map_err(|e| {
+            let text = e.to_string();
+            std::io::Error::new(e.kind(), text.rsplit_once(" at path \"").map_or(text.as_str(), |(why, _)| why))
+        })?;
         registry.push(file.path().to_path_buf());
         let registered = Registered(file.path().to_path_buf());
         Ok(Temporary { file, _registered: registered })
@@ -280,6 +299,13 @@ mod tests {
         }
         let err = write_atomic(&dir.path().join("missing/out.txt"), b"x").unwrap_err();
         assert!(err.to_string().contains("missing/out.txt"), "{err}");
+        // The reason is the system's, without the temporary's name.
+        let why = std::error::Error::source(&err).unwrap().to_string();
+        assert!(why.starts_with("No such file or directory") && !why.contains(".tmp"), "{why}");
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"x").unwrap();
+        let err = create_dir_all(&file.join("sub")).unwrap_err();
+        assert_eq!(err.to_string(), format!("cannot create the folder {}", file.join("sub").display()));
     }
 
     #[cfg(unix)]

@@ -2,7 +2,7 @@
 //! checked references, and the serialisable records our writer uses.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Component, Path};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -89,9 +89,21 @@ fn read_images(file: &Path, root: &Value) -> Result<Vec<ImageInfo>> {
             if width as u64 > MAX_SIDE || height as u64 > MAX_SIDE || width as u64 * height as u64 > MAX_PIXELS {
                 return Err(r.err("width", format!("{width}x{height} is larger than any image gradcam decodes ({MAX_SIDE} px a side, {} megapixels)", MAX_PIXELS / 1_000_000)));
             }
-            Ok(ImageInfo { id, file_name: r.str("file_name")?.to_string(), width, height })
+            Ok(ImageInfo { id, file_name: image_file_name(r)?, width, height })
         })
         .collect()
+}
+
+/// The record's `file_name`, a path under the dataset's `images/` folder: relative and without
+/// `..`, so that an annotation file cannot make a reader open a file outside the dataset.
+fn image_file_name(r: &Record) -> Result<String> {
+    let name = r.str("file_name")?;
+    let path = Path::new(name);
+    let inside = path.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) && path.components().any(|c| matches!(c, Component::Normal(_)));
+    if !inside {
+        return Err(r.err("file_name", format!("{name:?} is not a file inside the images folder (absolute paths and `..` are refused)")));
+    }
+    Ok(name.to_string())
 }
 
 impl Captions {

@@ -79,7 +79,7 @@ pub fn write(out: &Path, cfg: &Config, progress: &(dyn Fn() + Sync)) -> Result<[
     for (s, range) in ranges.into_iter().enumerate() {
         let dir = out.join(SPLITS[s]);
         let images = dir.join("images");
-        std::fs::create_dir_all(&images).map_err(|source| Error::Io { path: images.clone(), source })?;
+        gradcam_io::create_dir_all(&images)?;
         let scenes: Vec<Scene> = range
             .clone()
             .into_par_iter()
@@ -196,24 +196,28 @@ pub struct Example<'a> {
     pub questions: Vec<(&'a Question, Option<&'a Annotation>)>,
 }
 
-/// A split read back from its four files (any dataset in these formats; the questions files are
-/// optional for datasets without VQA).
+/// A split read back from its files (any dataset in these formats): `instances.json` always; the
+/// captions file is optional for datasets without captions, the questions files for datasets
+/// without VQA.
 #[derive(Debug, Clone)]
 pub struct Split {
     pub dir: PathBuf,
-    pub captions: Captions,
+    /// `captions.json`, when the split has one ([`Split::captions`] for those who need it).
+    pub captions: Option<Captions>,
     pub instances: Instances,
     pub vqa: Option<Vqa>,
 }
 
 impl Split {
-    /// Reads `dir/{captions,instances,questions,annotations}.json`, checking that the files
-    /// agree on their images and that every `evidence` id is an object of the question's image.
+    /// Reads `dir/{captions,instances,questions,annotations}.json` (captions and questions when
+    /// present), checking that the files agree on their images and that every `evidence` id is an
+    /// object of the question's image.
     pub fn read(dir: &Path) -> Result<Self> {
-        let captions = Captions::read(&dir.join("captions.json"))?;
         let instances = Instances::read(&dir.join("instances.json"))?;
+        let captions_file = dir.join("captions.json");
+        let captions = if captions_file.exists() { Some(Captions::read(&captions_file)?) } else { None };
         let image_ids: HashSet<u64> = instances.images.iter().map(|i| i.id).collect();
-        if let Some(c) = captions.images.iter().find(|i| !image_ids.contains(&i.id)) {
+        if let Some(c) = captions.iter().flat_map(|c| &c.images).find(|i| !image_ids.contains(&i.id)) {
             return Err(Error::Field {
                 file: dir.join("captions.json"),
                 record: format!("images (id {})", c.id),
@@ -245,9 +249,16 @@ impl Split {
         Ok(Split { dir: dir.to_path_buf(), captions, instances, vqa })
     }
 
-    /// Every image with its captions, objects and questions, in `instances.json` order.
+    /// The captions, for a use that needs them (`why`, as in "the captioner trains on captions"):
+    /// an error naming the missing file when the split has none.
+    pub fn captions(&self, why: &str) -> Result<&Captions> {
+        self.captions.as_ref().ok_or_else(|| Error::Config(format!("{} does not exist: {why}", self.dir.join("captions.json").display())))
+    }
+
+    /// Every image with its captions (none without a captions file), objects and questions, in
+    /// `instances.json` order.
     pub fn examples(&self) -> Vec<Example<'_>> {
-        let captions = self.captions.by_image();
+        let captions = self.captions.as_ref().map(Captions::by_image).unwrap_or_default();
         let mut objects: HashMap<u64, Vec<&Instance>> = HashMap::new();
         for a in &self.instances.annotations {
             objects.entry(a.image_id).or_default().push(a);

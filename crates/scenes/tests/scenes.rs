@@ -265,9 +265,44 @@ fn malformed_files_name_the_file_the_record_and_the_field() {
     assert!(e.contains("questions.json") && e.contains("`questions`") && e.contains("array"), "{e}");
 
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("captions.json"), b"{\"images\": [").unwrap();
-    let e = Split::read(dir.path()).unwrap_err().to_string();
+    make(dir.path(), 10, 1);
+    std::fs::write(dir.path().join("train/captions.json"), b"{\"images\": [").unwrap();
+    let e = Split::read(&dir.path().join("train")).unwrap_err().to_string();
     assert!(e.contains("captions.json") && e.contains("not valid JSON"), "{e}");
+}
+
+#[test]
+fn image_file_names_stay_inside_the_images_folder() {
+    for file in ["instances.json", "captions.json"] {
+        for name in ["../../secret.png", "/etc/passwd", "images/../../x.png", "", "."] {
+            let e = read_with(file, |v| v["images"][1]["file_name"] = json!(name));
+            assert!(e.contains(file) && e.contains("images[1]") && e.contains("`file_name`") && e.contains(&format!("{name:?} is not a file inside the images folder")), "{e}");
+        }
+    }
+    // A folder below images/ is inside it.
+    let dir = tempfile::tempdir().unwrap();
+    make(dir.path(), 10, 1);
+    let path = dir.path().join("train/instances.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["images"][0]["file_name"] = json!("./sub/a.png");
+    std::fs::write(&path, v.to_string()).unwrap();
+    let split = Split::read(&dir.path().join("train")).unwrap();
+    assert_eq!(split.examples()[0].path, dir.path().join("train/images/./sub/a.png"));
+}
+
+#[test]
+fn captions_are_read_only_where_they_are_needed() {
+    let dir = tempfile::tempdir().unwrap();
+    make(dir.path(), 10, 1);
+    let train = dir.path().join("train");
+    std::fs::remove_file(train.join("captions.json")).unwrap();
+    let split = Split::read(&train).unwrap();
+    assert!(split.captions.is_none() && split.examples().iter().all(|ex| ex.captions.is_empty()));
+    let e = split.captions("the captioner trains on captions").unwrap_err().to_string();
+    assert_eq!(e, format!("{} does not exist: the captioner trains on captions", train.join("captions.json").display()));
+    std::fs::remove_file(train.join("instances.json")).unwrap();
+    let e = Split::read(&train).unwrap_err();
+    assert!(e.to_string().contains("instances.json"), "{e}");
 }
 
 #[test]

@@ -95,7 +95,8 @@ fn dissection(dir: &Path) -> Option<gradcam_neurons::Dissection> {
 
 /// Loads the models the flags name.
 pub fn load(args: &ServeArgs) -> Result<Models, StartError> {
-    let fail = |what, path: &Path, e: &dyn std::fmt::Display| StartError::Model { what, path: path.display().to_string(), message: e.to_string() };
+    // Each cause once, the reason included (a bare `to_string` dropped it: "captioner DIR: DIR/config.json").
+    let fail = |what, path: &Path, e: &(dyn std::error::Error + 'static)| StartError::Model { what, path: path.display().to_string(), message: gradcam_core::chain_message(e, &|_| None) };
     let mut models = Models::default();
     if let Some(dir) = folder(&args.caption_model, "models/captioner", "captioner") {
         let model = gradcam_captioner::Captioner::load(dir).map_err(|e| fail("captioner", dir, &e))?;

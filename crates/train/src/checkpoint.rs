@@ -85,17 +85,19 @@ where
         Checkpoint { train, data: data.to_path_buf(), epochs_done: 0, log: Vec::new(), extra }
     }
 
-    /// `out/checkpoint.json`, with its planned epochs set to `epochs`, when it exists: the run
-    /// to resume (AdamW's moments restart). `None` when there is none.
-    pub fn resume(out: &Path, epochs: usize) -> Result<Option<Self>> {
+    /// `out/checkpoint.json`, with its planned epochs set to `epochs`: the run to resume
+    /// (AdamW's moments restart). Without that file, an error about the setting `resume` naming
+    /// the folder and the file: asking to resume is not asking to start afresh.
+    pub fn resume(out: &Path, epochs: usize) -> Result<Self> {
         let path = out.join("checkpoint.json");
         if !path.exists() {
-            return Ok(None);
+            let problem = format!("finds nothing to continue from: {} holds no checkpoint.json (start afresh without it)", out.display());
+            return Err(gradcam_core::SettingError::new(vec!["resume"], problem).into());
         }
         let text = std::fs::read_to_string(&path).map_err(Error::io(&path))?;
         let mut ckpt: Self = serde_json::from_str(&text).map_err(|source| Error::Json { path, source })?;
         ckpt.train.as_mut().epochs = epochs;
-        Ok(Some(ckpt))
+        Ok(ckpt)
     }
 
     /// Writes `out/checkpoint.json` (through a temporary file).

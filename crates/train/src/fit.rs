@@ -221,10 +221,15 @@ mod tests {
         assert!(ckpt.log[0].train_loss > ckpt.log[1].train_loss, "{:?}", ckpt.log);
         assert!(out.join("model.safetensors").exists());
         // Resumed with 3 planned epochs: one more, from the written checkpoint.
-        let mut resumed: Checkpoint<Config, Accuracy> = Checkpoint::resume(&out, 3).unwrap().unwrap();
+        let mut resumed: Checkpoint<Config, Accuracy> = Checkpoint::resume(&out, 3).unwrap();
         assert_eq!((resumed.epochs_done, resumed.train.settings.epochs), (2, 3));
         fit(&mut Toy::new(usize::MAX, usize::MAX), &mut resumed, &out, &mut |_| {}).unwrap();
         assert_eq!((resumed.epochs_done, resumed.log.len(), resumed.log[2].epoch), (3, 3, 2));
+        // Nothing to resume from is an error naming the folder and the file, not a fresh start.
+        std::fs::remove_file(out.join("checkpoint.json")).unwrap();
+        let err = Checkpoint::<Config, Accuracy>::resume(&out, 3).unwrap_err();
+        assert!(matches!(&err, Error::Setting(s) if s.settings == ["resume"]), "{err}");
+        assert!(err.to_string().contains(&format!("{} holds no checkpoint.json", out.display())), "{err}");
         std::fs::remove_dir_all(&out).unwrap();
     }
 
@@ -238,7 +243,7 @@ mod tests {
         assert_eq!(ckpt.epochs_done, 1);
         let err = fit(&mut Toy::new(usize::MAX, 0), &mut Checkpoint::new(settings(3), Path::new("data"), ()), &out, &mut |_| {}).unwrap_err();
         assert_eq!(err.to_string(), "the validation loss became inf in epoch 0; nothing of this epoch saved");
-        let saved: Checkpoint<Config, Accuracy> = Checkpoint::resume(&out, 3).unwrap().unwrap();
+        let saved: Checkpoint<Config, Accuracy> = Checkpoint::resume(&out, 3).unwrap();
         assert_eq!(saved.epochs_done, 1);
         std::fs::remove_dir_all(&out).unwrap();
     }

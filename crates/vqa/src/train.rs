@@ -221,11 +221,11 @@ fn loss(model: &Trainable, b: &[Tensor; 5]) -> Result<(Tensor, usize, usize)> {
 /// model.safetensors and checkpoint.json into `out` after every epoch.
 pub fn train(data: &Path, out: &Path, tc: &TrainConfig, resume: bool, progress: &mut dyn FnMut(Event)) -> Result<Checkpoint> {
     tc.check()?;
-    std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
+    let resumed = if resume { Some(Checkpoint::resume(out, tc.settings.epochs)?) } else { None };
+    gradcam_io::create_dir_all(out)?;
     let train_split = Split::read(&data.join("train"))?;
     let val_split = Split::read(&data.join("val"))?;
     let vqa = train_split.vqa.as_ref().ok_or_else(|| Error::Training(format!("{} has no questions.json", data.join("train").display())))?;
-    let resumed = if resume { Checkpoint::resume(out, tc.settings.epochs)? } else { None };
     let resuming = resumed.is_some();
     let (mut cfg, vocab, mut ckpt) = if let Some(ckpt) = resumed {
         let path = out.join("config.json");
