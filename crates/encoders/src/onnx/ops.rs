@@ -17,16 +17,7 @@ pub const SUPPORTED: &[&str] = &[
     "Relu", "Reshape", "ScatterND", "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Tile", "Transpose", "Unsqueeze", "Where",
 ];
 
-/// Most elements an op may create from shapes it reads (ConstantOfShape, Pad): 2^28 (1 GiB of
-/// f32), far above any CNN's activations, far below an allocation that would abort the process.
-const MAX_CREATED: usize = 1 << 28;
-
-pub(super) fn check_size(dims: &[usize], op: &str) -> R<()> {
-    match dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
-        Some(n) if n <= MAX_CREATED => Ok(()),
-        _ => fail(format!("{op} would create a tensor of shape {dims:?}, more than {MAX_CREATED} elements")),
-    }
-}
+pub(super) use super::check::check_size;
 
 pub(super) fn fail<T>(msg: impl std::fmt::Display) -> R<T> {
     Err(candle_core::Error::Msg(msg.to_string()))
@@ -143,6 +134,7 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
             Rule::Guided => Err(candle_core::Error::Msg(format!("guided backpropagation has no rule for {what}: only Relu and Clip to [0, 6] or [0, inf) can be guided"))),
         }
     };
+    super::check::output(node, args)?;
     match node.op_type.as_str() {
         "Identity" | "Dropout" => one(x()?.clone()),
         "Relu" => one(Activation::Relu.forward_with(&x()?.to_dtype(DType::F32)?, rule)?),
@@ -277,6 +269,9 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
                 Some(t) => ints_of(t)?,
                 None => attr_ints(node, "shape").unwrap_or_default(),
             };
+            if spec.len() > super::check::MAX_RANK {
+                return fail(format!("Reshape to {} dimensions; at most {} are supported", spec.len(), super::check::MAX_RANK));
+            }
             let allow_zero = attr_int(node, "allowzero", 0) != 0;
             let mut dims = Vec::with_capacity(spec.len());
             let mut infer = None;
@@ -287,10 +282,11 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
                         infer = Some(i);
                         1
                     }
-                    d if d >= 0 => d as usize,
+                    d if d >= 0 => usize::try_from(d).unwrap_or(usize::MAX),
                     d => return fail(format!("Reshape to {spec:?}: dimension {d}")),
                 });
             }
+            check_size(&dims, "Reshape")?;
             if let Some(i) = infer {
                 let known: usize = dims.iter().product();
                 if known == 0 || x.elem_count() % known != 0 {
@@ -375,8 +371,8 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
             }
             let mut out_dims = x.dims().to_vec();
             for (i, &a) in axes.iter().enumerate() {
-                let d = out_dims[a] as i64 + pads[i].max(0).min(1 << 40) + pads[i + axes.len()].max(0).min(1 << 40);
-                out_dims[a] = usize::try_from(d).unwrap_or(usize::MAX);
+                let d = out_dims[a] as i64 + pads[i].clamp(-(1 << 40), 1 << 40) + pads[i + axes.len()].clamp(-(1 << 40), 1 << 40);
+                out_dims[a] = usize::try_from(d).map_err(|_| candle_core::Error::Msg(format!("Pad by {pads:?} removes more than axis {a} of {:?} holds", x.dims())))?;
             }
             check_size(&out_dims, "Pad")?;
             let mut y = x.clone();
@@ -384,7 +380,7 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
                 let (before, after) = (pads[i], pads[i + axes.len()]);
                 if before < 0 || after < 0 {
                     let n = y.dim(a)? as i64;
-                    let (s, e) = ((-before).max(0), n - (-after).max(0));
+                    let (s, e) = (before.checked_neg().unwrap_or(i64::MAX).clamp(0, n), n - after.checked_neg().unwrap_or(i64::MAX).clamp(0, n));
                     y = y.narrow(a, s as usize, (e - s).max(0) as usize)?;
                 }
                 let (before, after) = (before.max(0) as usize, after.max(0) as usize);
@@ -411,7 +407,7 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
         }
         "Constant" => {
             let t = match node.attributes.get("value").or_else(|| node.attributes.get("value_float")).or_else(|| node.attributes.get("value_floats")).or_else(|| node.attributes.get("value_int")).or_else(|| node.attributes.get("value_ints")) {
-                Some(Attribute::Tensor(t)) => super::tensor(t, std::path::Path::new(".")).map_err(candle_core::Error::Msg)?,
+                Some(Attribute::Tensor(t)) => super::tensor(t, None).map_err(candle_core::Error::Msg)?,
                 Some(Attribute::Float(v)) => Tensor::new(*v, &candle_core::Device::Cpu)?,
                 Some(Attribute::Floats(v)) => Tensor::new(v.as_slice(), &candle_core::Device::Cpu)?,
                 Some(Attribute::Int(v)) => Tensor::new(*v, &candle_core::Device::Cpu)?,
@@ -421,10 +417,10 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
             one(t)
         }
         "ConstantOfShape" => {
-            let shape: Vec<usize> = ints_of(x()?)?.iter().map(|&d| d.max(0) as usize).collect();
+            let shape: Vec<usize> = ints_of(x()?)?.iter().map(|&d| usize::try_from(d).unwrap_or(usize::MAX)).collect();
             check_size(&shape, "ConstantOfShape")?;
             let value = match node.attributes.get("value") {
-                Some(Attribute::Tensor(t)) => super::tensor(t, std::path::Path::new(".")).map_err(candle_core::Error::Msg)?,
+                Some(Attribute::Tensor(t)) => super::tensor(t, None).map_err(candle_core::Error::Msg)?,
                 _ => Tensor::new(&[0f32], &candle_core::Device::Cpu)?,
             };
             one(value.flatten_all()?.narrow(0, 0, 1)?.reshape(())?.broadcast_as(shape)?.contiguous()?)
@@ -458,9 +454,13 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
                 Some(t) => ints_of(t)?,
                 None => attr_ints(node, "axes").unwrap_or_default(),
             };
+            super::check::distinct_axes(&axes, "Unsqueeze")?;
             let out_rank = x.rank() + axes.len();
             let mut axes: Vec<usize> = axes.iter().map(|&a| axis(a, out_rank)).collect::<R<_>>()?;
             axes.sort_unstable();
+            if axes.windows(2).any(|w| w[0] == w[1]) {
+                return fail(format!("Unsqueeze names an axis twice ({axes:?})"));
+            }
             let mut y = x.clone();
             for a in axes {
                 y = y.unsqueeze(a)?;
@@ -478,6 +478,9 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
                 None => (0..x.rank()).filter(|&d| x.dims()[d] == 1).collect(),
             };
             axes.sort_unstable();
+            if axes.windows(2).any(|w| w[0] == w[1]) || axes.iter().any(|&a| x.dims()[a] != 1) {
+                return fail(format!("Squeeze of axes {axes:?} of a value of shape {:?}: each must be a dimension of 1, named once", x.dims()));
+            }
             let mut y = x.clone();
             for a in axes.into_iter().rev() {
                 y = y.squeeze(a)?;
@@ -511,7 +514,7 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
                     return fail("Slice with step 0");
                 }
                 let (s, e) = if step > 0 { (fix(s, 0, n), fix(e, 0, n)) } else { (fix(s, 0, n - 1), fix(e, -1, n - 1)) };
-                let picked: Vec<i64> = std::iter::successors(Some(s), |&i| Some(i + step)).take_while(|&i| if step > 0 { i < e } else { i > e }).collect();
+                let picked: Vec<i64> = std::iter::successors(Some(s), |&i| i.checked_add(step)).take_while(|&i| if step > 0 { i < e } else { i > e }).collect();
                 y = y.index_select(&Tensor::new(picked.as_slice(), y.device())?, a)?;
             }
             one(y)

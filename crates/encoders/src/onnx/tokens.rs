@@ -7,6 +7,7 @@
 use candle_core::{DType, Tensor};
 use gradcam_kernels::Pointwise;
 
+use super::check::broadcast;
 use super::ops::{arg, attr_float, attr_int, attr_ints, attr_str, axis, check_size, fail, ints_of, opt, R};
 use super::proto::Node;
 
@@ -15,19 +16,6 @@ pub const OPS: &[&str] = &[
     "ArgMax", "Equal", "Erf", "Expand", "Gelu", "Greater", "GreaterOrEqual", "LayerNormalization", "Less", "LessOrEqual", "Mod", "Not", "Pow", "Range", "ScatterND", "Split", "Tile",
     "Where",
 ];
-
-/// The numpy broadcast of two shapes.
-fn broadcast(a: &[usize], b: &[usize]) -> R<Vec<usize>> {
-    let r = a.len().max(b.len());
-    let at = |s: &[usize], i: usize| if i + s.len() >= r { s[i + s.len() - r] } else { 1 };
-    (0..r)
-        .map(|i| match (at(a, i), at(b, i)) {
-            (x, y) if x == y || y == 1 => Ok(x),
-            (1, y) => Ok(y),
-            (x, y) => fail(format!("shapes {a:?} and {b:?} do not broadcast (dimension {i}: {x} and {y})")),
-        })
-        .collect()
-}
 
 fn same_dtype(a: &Tensor, b: &Tensor) -> R<(Tensor, Tensor)> {
     if a.dtype() == b.dtype() {
