@@ -164,11 +164,7 @@ pub(super) fn node(n: &Node, constants: &HashMap<String, Tensor>) -> std::result
                 return Err(format!("its shape has {} dimensions; at most {MAX_RANK} are supported", s.len()));
             }
         }
-        "Slice" => {
-            if attr_ints(n, "steps").is_some_and(|s| s.contains(&0)) {
-                return Err("a step is 0".into());
-            }
-        }
+        "Slice" if attr_ints(n, "steps").is_some_and(|s| s.contains(&0)) => return Err("a step is 0".into()),
         "Split" => {
             if let Some(v) = attr_ints(n, "split").and_then(|s| s.into_iter().find(|&v| v < 0)) {
                 return Err(format!("split holds {v}; sizes must be at least 0"));
@@ -300,12 +296,44 @@ pub(super) fn conv_dims(n: &Node, x: &[usize], w: &[usize], extra: [usize; 4]) -
     Ok(vec![*b, *o, oh, ow])
 }
 
+/// Ops that compute on floats: integer inputs (shapes, indices) are converted to F32 for them
+/// (candle's float functions have no integer version, and panic on one).
+const FLOAT_OPS: &[&str] = &[
+    "AveragePool", "BatchNormalization", "Clip", "Conv", "Erf", "Exp", "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "HardSigmoid", "HardSwish", "LayerNormalization",
+    "LeakyRelu", "LogSoftmax", "MatMul", "MaxPool", "Pow", "ReduceMean", "Relu", "Sigmoid", "Softmax", "Sqrt", "Tanh",
+];
+
+/// Ops that reduce over their first input's elements, which must not be empty.
+const REDUCING_OPS: &[&str] = &[
+    "ArgMax", "AveragePool", "BatchNormalization", "Conv", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "LayerNormalization", "LogSoftmax", "MatMul", "MaxPool", "ReduceMean", "Softmax",
+];
+
+/// `args` with their integer tensors as F32 when `node` computes on floats; `None` when nothing
+/// changes.
+pub(super) fn float_inputs(node: &Node, args: &[Option<Tensor>]) -> R<Option<Vec<Option<Tensor>>>> {
+    if !FLOAT_OPS.contains(&node.op_type.as_str()) || args.iter().flatten().all(|t| t.dtype() != DType::I64) {
+        return Ok(None);
+    }
+    Ok(Some(args.iter().map(|a| a.as_ref().map(|t| t.to_dtype(DType::F32)).transpose()).collect::<R<_>>()?))
+}
+
 /// The shape of the first output of `node` on `args`, for every op whose output may be larger
 /// than its inputs (`None` for the others), with checked arithmetic; held to [`MAX_ELEMENTS`].
 pub(super) fn output(node: &Node, args: &[Option<Tensor>]) -> R<Option<Vec<usize>>> {
     let dims = |k: usize| args.get(k).and_then(|a| a.as_ref()).map(|t| t.dims());
     let x = dims(0).unwrap_or(&[]);
     let op = node.op_type.as_str();
+    if REDUCING_OPS.contains(&op) && x.contains(&0) {
+        return fail(format!("{op} of an empty value (shape {x:?})"));
+    }
+    // Integer division by zero panics.
+    if op == "Div" && args.iter().flatten().all(|t| t.dtype() == DType::I64) {
+        if let Some(Some(d)) = args.get(1) {
+            if ints_of(d)?.contains(&0) {
+                return fail("Div of integers by zero");
+            }
+        }
+    }
     let shape = match op {
         "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Mod" | "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "Where" => {
             let mut shape = Vec::new();
@@ -316,7 +344,7 @@ pub(super) fn output(node: &Node, args: &[Option<Tensor>]) -> R<Option<Vec<usize
         }
         "Concat" => {
             let parts: Vec<&[usize]> = args.iter().flatten().map(|t| t.dims()).collect();
-            let Some(first) = parts.first() else { return fail("Concat of nothing") };
+            let Some(first) = parts.first().filter(|f| !f.is_empty()) else { return fail("Concat of nothing, or of scalars") };
             let a = axis(attr_int(node, "axis", 0), first.len())?;
             let mut shape = first.to_vec();
             let mut total = 0usize;
@@ -324,7 +352,7 @@ pub(super) fn output(node: &Node, args: &[Option<Tensor>]) -> R<Option<Vec<usize
                 if p.len() != first.len() || p.iter().zip(first.iter()).enumerate().any(|(i, (x, y))| i != a && x != y) {
                     return fail(format!("Concat of shapes {first:?} and {p:?} on axis {a}"));
                 }
-                total = total.checked_add(p[a]).unwrap_or(usize::MAX);
+                total = total.saturating_add(p[a]);
             }
             shape[a] = total;
             shape
@@ -342,7 +370,7 @@ pub(super) fn output(node: &Node, args: &[Option<Tensor>]) -> R<Option<Vec<usize
             if reps.len() != x.len() || reps.iter().any(|&r| r < 0) {
                 return fail(format!("Tile of a value of shape {x:?} by repeats {reps:?}"));
             }
-            x.iter().zip(&reps).map(|(&d, &r)| d.checked_mul(r as usize).unwrap_or(usize::MAX)).collect()
+            x.iter().zip(&reps).map(|(&d, &r)| d.saturating_mul(r as usize)).collect()
         }
         "ConstantOfShape" => {
             let shape = ints_of(args.first().and_then(|a| a.as_ref()).ok_or_else(|| candle_core::Error::Msg("ConstantOfShape without a shape".into()))?)?;
@@ -400,6 +428,9 @@ pub(super) fn output(node: &Node, args: &[Option<Tensor>]) -> R<Option<Vec<usize
         }
         "Gather" => {
             let idx = dims(1).unwrap_or(&[]);
+            if x.is_empty() {
+                return fail("Gather from a scalar");
+            }
             let a = axis(attr_int(node, "axis", 0), x.len())?;
             let mut shape = x[..a].to_vec();
             shape.extend(idx);

@@ -460,11 +460,11 @@ impl OnnxModel {
         };
         let (f, h) = if self.fixed_batch { (row_by_row(f), row_by_row(h)) } else { (f, h) };
         // Scores that are not finite: an error, as the built-in models give (not an empty map).
-        let scores = self.output.clone();
+        let (scores, name) = (self.output.clone(), self.name.clone());
         let h: Box<dyn Layer> = Box::new(move |a: &Tensor, rule: Rule| {
             let y = h.forward(a, rule)?;
             if let Some(v) = y.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?.into_iter().find(|v| !v.is_finite()) {
-                return Err(candle_core::Error::Msg(format!("the output {scores:?} holds {v}; the scores must be finite")));
+                return Err(candle_core::Error::Msg(format!("{name}: the output {scores:?} holds {v}; the scores must be finite")));
             }
             Ok(y)
         });

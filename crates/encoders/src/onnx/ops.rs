@@ -126,6 +126,9 @@ fn softmax(x: &Tensor, dim: usize, log: bool) -> R<Tensor> {
 /// rectifiers that Guided Backpropagation has no rule for (LeakyRelu, other Clips) are refused
 /// rather than differentiated plainly.
 pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Tensor>> {
+    super::check::output(node, args)?;
+    let converted = super::check::float_inputs(node, args)?;
+    let args = converted.as_deref().unwrap_or(args);
     let x = || arg(args, 0, node);
     let one = |t: Tensor| Ok(vec![t]);
     let unguided = |what: &str| -> R<()> {
@@ -134,7 +137,6 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
             Rule::Guided => Err(candle_core::Error::Msg(format!("guided backpropagation has no rule for {what}: only Relu and Clip to [0, 6] or [0, inf) can be guided"))),
         }
     };
-    super::check::output(node, args)?;
     match node.op_type.as_str() {
         "Identity" | "Dropout" => one(x()?.clone()),
         "Relu" => one(Activation::Relu.forward_with(&x()?.to_dtype(DType::F32)?, rule)?),
@@ -332,7 +334,12 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
                     return one(Tensor::stack(&parts, 0)?.reshape(dims)?);
                 }
             }
-            one(if a.rank() == 2 && b.rank() == 2 { a.matmul(&b)? } else { a.broadcast_matmul(&b)? })
+            // A vector is a row (first operand) or a column (second), dropped from the product.
+            let (va, vb) = (a.rank() == 1, b.rank() == 1);
+            let (a, b) = (if va { a.unsqueeze(0)? } else { a }, if vb { b.unsqueeze(1)? } else { b });
+            let y = if a.rank() == 2 && b.rank() == 2 { a.matmul(&b)? } else { a.broadcast_matmul(&b)? };
+            let y = if vb { y.squeeze(y.rank() - 1)? } else { y };
+            one(if va { y.squeeze(y.rank() - 1 - !vb as usize)? } else { y })
         }
         "Transpose" => {
             let x = x()?;
@@ -505,7 +512,7 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
                 let step = *steps.get(k).unwrap_or(&1);
                 let n = y.dim(a)? as i64;
                 let fix = |v: i64, lo: i64, hi: i64| (if v < 0 { v.saturating_add(n) } else { v }).clamp(lo, hi);
-                if step == 1 {
+                if step == 1 || n == 0 {
                     let (s, e) = (fix(s, 0, n), fix(e, 0, n));
                     y = y.narrow(a, s as usize, (e - s).max(0) as usize)?;
                     continue;
