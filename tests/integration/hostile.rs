@@ -587,6 +587,26 @@ fn onnx_graphs_that_are_not_graphs_are_refused_by_node_or_value() {
     ]);
 }
 
+/// Integers, empty values, scalars and vectors where candle expects floats, values and matrices
+/// (a float function of a shape, a Slice with step -1 of an empty axis, an integer division by
+/// zero panicked): computed, or refused by node; scores that are finite on zeros and NaN on an
+/// image are an error when they are computed.
+#[test]
+fn onnx_integers_empty_values_and_vectors_are_computed_or_refused_without_a_panic() {
+    onnx_refused(&[
+        ("empty_value_pooled.onnx", "node \"pool\" (GlobalMaxPool): GlobalMaxPool of an empty value (shape [1, 3, 0, 16])"),
+        ("div_integers_by_zero.onnx", "node \"divide\" (Div): Div of integers by zero"),
+        ("concat_scalars.onnx", "node \"concat\" (Concat): Concat of nothing, or of scalars"),
+        ("gather_from_scalar.onnx", "node \"gather\" (Gather): Gather from a scalar"),
+        ("nan_scores_on_images.onnx", "the output \"scores\" holds NaN; the scores must be finite"),
+    ]);
+    let out = tempfile::tempdir().unwrap();
+    for file in ["ok_float_functions_of_integers.onnx", "ok_matmul_vectors.onnx"] {
+        let model = repo(&format!("tests/fixtures/onnx/hostile/{file}"));
+        crate::ok(&gradcam(&["classify", repo("data/shapescenes/test/images/000018.png").to_str().unwrap(), "--model", model.to_str().unwrap(), "--out", out.path().to_str().unwrap()]));
+    }
+}
+
 /// External data (issue 34) is read only from regular files inside the model's folder: a FIFO
 /// blocked the load forever, a symlink to /dev/zero read 4.2 GB, `weights.bin -> /etc/passwd`
 /// loaded as weights. A symlink that stays inside the folder, and a model file that is itself a
