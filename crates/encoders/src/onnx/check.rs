@@ -389,8 +389,6 @@ pub(super) fn output(node: &Node, args: &[Option<Tensor>]) -> R<Option<Vec<usize
                 return fail(format!("{op} of shape {x:?} with kernel {k:?}: only 2-D windows on [n, c, h, w] are supported"));
             };
             let [oh, ow] = geometry(node, [*kh as usize, *kw as usize], [*h, *w], [0; 4])?;
-            // AveragePool runs as a depthwise convolution by a [c, 1, k, k] kernel of ones.
-            check_size(&[*c, *kh as usize, *kw as usize], op)?;
             vec![*n, *c, oh, ow]
         }
         "MatMul" | "Gemm" => {
@@ -466,6 +464,34 @@ pub(super) fn output(node: &Node, args: &[Option<Tensor>]) -> R<Option<Vec<usize
     };
     check_size(&shape, op)?;
     Ok(Some(shape))
+}
+
+/// Most work a run may do, in units of about a multiply-add of our convolution kernel: 2^37,
+/// some seconds (ResNet-50 at 224 px takes 2^32, ViT-B/16 2^33.5; at 1024 px ResNet-50 2^36.5).
+pub const MAX_WORK: u64 = 1 << 37;
+
+/// The work of running `node` on `args` into an output of `shape` (when known), in units of
+/// [`MAX_WORK`]: multiply-adds for the convolutions and products (candle's convolution counted
+/// four times, sixteen when grouped), two per window element of a pooling, eight for each
+/// element of any other op.
+pub(super) fn work(node: &Node, args: &[Option<Tensor>], shape: Option<&[usize]>) -> u64 {
+    let out = shape.map_or(0, |s| elements(s).unwrap_or(usize::MAX)) as u64;
+    let dims = |k: usize| args.get(k).and_then(|a| a.as_ref()).map(|t| t.dims());
+    let inner = |d: Option<&[usize]>, skip: usize| d.map_or(1, |d| d.iter().skip(skip).product::<usize>()) as u64;
+    let window = || attr_ints(node, "kernel_shape").map_or(1, |k| k.iter().map(|&v| v.max(1) as u64).product::<u64>());
+    match node.op_type.as_str() {
+        "Conv" => out.saturating_mul(inner(dims(1), 1)).saturating_mul(if attr_int(node, "group", 1) > 1 { 16 } else { 4 }),
+        "MatMul" | "Gemm" => {
+            let a = dims(0).unwrap_or(&[]);
+            let k = if node.op_type == "Gemm" && attr_int(node, "transA", 0) != 0 { a.first() } else { a.last() };
+            out.saturating_mul(k.copied().unwrap_or(1) as u64)
+        }
+        "AveragePool" | "MaxPool" => out.saturating_mul(window()).saturating_mul(2),
+        _ => {
+            let inputs: u64 = args.iter().flatten().map(|t| t.elem_count() as u64).fold(0, u64::saturating_add);
+            out.max(inputs).saturating_mul(8)
+        }
+    }
 }
 
 /// Bytes of a tensor's elements.

@@ -126,7 +126,7 @@ pub(super) fn zero_spatial_pads(node: &Node, constants: &HashMap<String, Tensor>
         return None;
     }
     let pads: Vec<i64> = match node.inputs.get(1).filter(|s| !s.is_empty()) {
-        Some(name) => constants.get(name)?.to_dtype(candle_core::DType::I64).ok()?.to_vec1().ok()?,
+        Some(name) => ops::values(&constants.get(name)?.to_dtype(candle_core::DType::I64).ok()?).ok()?,
         None => attr_ints(node, "pads")?,
     };
     if let Some(name) = node.inputs.get(2).filter(|s| !s.is_empty()) {
@@ -156,7 +156,7 @@ pub(super) fn fold_bn(bn: &Node, constants: &HashMap<String, Tensor>, weight: &T
         return Ok(None);
     }
     let scale: Vec<f32> = gamma.iter().zip(&var).map(|(g, v)| g / (v + eps).sqrt()).collect();
-    let b = bias.to_vec1::<f32>()?;
+    let b = ops::values::<f32>(bias)?;
     let new_bias: Vec<f32> = (0..out).map(|c| beta[c] + (b[c] - mean[c]) * scale[c]).collect();
     let scale_t = Tensor::from_vec(scale, (out, 1, 1, 1), weight.device())?;
     Ok(Some((weight.broadcast_mul(&scale_t)?, Tensor::from_vec(new_bias, out, weight.device())?)))

@@ -268,7 +268,7 @@ impl OnnxModel {
         let (values, y) = plan.run_shapes(&x, &self.output)?;
         // Scores that are not finite on a plain input: weights or ops that overflow.
         if let Some(y) = y.filter(|y| y.dtype().is_float()) {
-            if let Some(v) = y.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?.into_iter().find(|v| !v.is_finite()) {
+            if let Some(v) = ops::values::<f32>(&y.to_dtype(DType::F32)?)?.into_iter().find(|v| !v.is_finite()) {
                 return Err(Error::Onnx(format!("the output {:?} holds {v} (on an input of zeros); are the weights corrupt?", self.output)));
             }
         }
@@ -463,7 +463,7 @@ impl OnnxModel {
         let (scores, name) = (self.output.clone(), self.name.clone());
         let h: Box<dyn Layer> = Box::new(move |a: &Tensor, rule: Rule| {
             let y = h.forward(a, rule)?;
-            if let Some(v) = y.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?.into_iter().find(|v| !v.is_finite()) {
+            if let Some(v) = ops::values::<f32>(&y.to_dtype(DType::F32)?)?.into_iter().find(|v| !v.is_finite()) {
                 return Err(candle_core::Error::Msg(format!("{name}: the output {scores:?} holds {v}; the scores must be finite")));
             }
             Ok(y)

@@ -65,7 +65,7 @@ pub(super) fn pointwise_of(node: &Node) -> Option<Pointwise> {
 pub(super) fn clip_bounds(node: &Node, constants: &std::collections::HashMap<String, Tensor>) -> Option<(f32, f32)> {
     let bound = |k: usize, attr: &str, default: f32| -> Option<f32> {
         match node.inputs.get(k).filter(|s| !s.is_empty()) {
-            Some(name) => constants.get(name)?.to_dtype(DType::F32).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok()?.first().copied(),
+            Some(name) => values::<f32>(&constants.get(name)?.to_dtype(DType::F32).ok()?).ok()?.first().copied(),
             None => Some(attr_float(node, attr, default)),
         }
     };
@@ -84,11 +84,20 @@ pub(super) fn opt(args: &[Option<Tensor>], k: usize) -> Option<&Tensor> {
 }
 
 pub(super) fn ints_of(t: &Tensor) -> R<Vec<i64>> {
-    t.to_dtype(DType::I64)?.flatten_all()?.to_vec1()
+    values(&t.to_dtype(DType::I64)?)
+}
+
+/// The elements of `t` in order: none for an empty tensor (candle's `to_vec1` panics on an empty
+/// view that starts past the end of its storage, as a Slice of an empty value makes).
+pub(super) fn values<T: candle_core::WithDType>(t: &Tensor) -> R<Vec<T>> {
+    if t.elem_count() == 0 {
+        return Ok(Vec::new());
+    }
+    t.flatten_all()?.to_vec1()
 }
 
 fn scalar_f32(t: &Tensor) -> R<f32> {
-    match t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.first() {
+    match values::<f32>(&t.to_dtype(DType::F32)?)?.first() {
         Some(v) => Ok(*v),
         None => fail("empty scalar"),
     }
@@ -217,18 +226,16 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
             if p == 0 && k == s {
                 return one(x.avg_pool2d_with_stride(k, s)?);
             }
-            // A depthwise convolution of ones, divided by the window's size (or by the number of
-            // real pixels in it without count_include_pad).
-            let c = x.dim(1)?;
-            let ones = Tensor::ones((c, 1, k, k), DType::F32, x.device())?;
+            // The mean over each window of the zero-padded input (candle's pooling: direct, fast
+            // on any batch), divided by the share of real pixels in it without count_include_pad.
             let padded = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
-            let sum = padded.conv2d(&ones, 0, s, 1, c)?;
+            let mean = padded.avg_pool2d_with_stride(k, s)?;
             if attr_int(node, "count_include_pad", 0) != 0 || p == 0 {
-                return one((sum / (k * k) as f64)?);
+                return one(mean);
             }
             let (h, w) = (x.dim(2)?, x.dim(3)?);
-            let count = Tensor::ones((1, 1, h, w), DType::F32, x.device())?.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?.conv2d(&Tensor::ones((1, 1, k, k), DType::F32, x.device())?, 0, s, 1, 1)?;
-            one(sum.broadcast_div(&count)?)
+            let share = Tensor::ones((1, 1, h, w), DType::F32, x.device())?.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?.avg_pool2d_with_stride(k, s)?;
+            one(mean.broadcast_div(&share)?)
         }
         "GlobalAveragePool" | "GlobalMaxPool" => {
             let x = x()?;

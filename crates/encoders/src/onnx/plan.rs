@@ -54,7 +54,7 @@ pub(super) struct Plan {
 }
 
 pub(super) fn constant_f32(constants: &HashMap<String, Tensor>, name: &str) -> Option<Vec<f32>> {
-    constants.get(name)?.to_dtype(candle_core::DType::F32).ok()?.flatten_all().ok()?.to_vec1().ok()
+    ops::values(&constants.get(name)?.to_dtype(candle_core::DType::F32).ok()?).ok()
 }
 
 impl Plan {
@@ -286,6 +286,7 @@ impl Plan {
         // Bytes of the values held: those the env holds, and those a gradient will be taken
         // through (kept by the graph of ops until the backward pass, which doubles them).
         let mut budget = Budget::default();
+        let mut work = 0u64;
         for v in env.values() {
             budget.add(v);
         }
@@ -306,6 +307,17 @@ impl Plan {
             if let Some(shape) = &shape {
                 check::check_size(shape, &s.label).map_err(label)?;
                 budget.fits(check::estimate(shape, &args), &s.label, shape)?;
+            }
+            // The work, before it is done.
+            let elements = |d: &[usize]| d.iter().product::<usize>() as u64;
+            work = work.saturating_add(match (&s.kernel, &shape, &s.conv) {
+                (Kernel::Op(node), _, _) => check::work(node, &args, shape.as_deref()),
+                (Kernel::Conv(_), Some(out), Some((_, w, _))) => elements(out).saturating_mul(elements(&w[1..])),
+                (Kernel::Linear(_) | Kernel::Mlp(_), Some(out), _) => elements(out).saturating_mul(s.width.map_or(1, |w| w.0 as u64)).saturating_mul(2),
+                _ => args.iter().flatten().map(|t| t.elem_count() as u64).sum::<u64>().saturating_mul(8),
+            });
+            if work > check::MAX_WORK {
+                return Err(candle_core::Error::Msg(format!("{}: the run would do more than {} multiply-adds' work (up to this node); the graph asks too much computation", s.label, check::MAX_WORK)));
             }
             let result = match &s.kernel {
                 Kernel::Conv(c) => c.forward_with(first()?, rule).map(|y| vec![y]),
@@ -403,6 +415,9 @@ impl Budget {
 /// A layer of rows `[r, d] -> [r, d']` on a float value of rank 2 or more (a transformer's tokens
 /// `[n, T, d]` as `n * T` rows).
 fn over_rows(x: &Tensor, layer: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> candle_core::Result<Vec<Tensor>> {
+    if x.rank() == 1 {
+        return Ok(vec![over_rows(&x.unsqueeze(0)?, layer)?.remove(0).squeeze(0)?]);
+    }
     if x.rank() < 2 || x.dtype() != candle_core::DType::F32 {
         return Err(candle_core::Error::Msg(format!("expects a float input of rank 2 or more, got {:?}", x.dims())));
     }

@@ -33,7 +33,7 @@ pub(super) fn hoist(model: &OnnxModel, head: &[usize]) -> Option<(Vec<Node>, Has
             return None;
         }
         let idx = model.constants.get(n.inputs.get(1)?)?;
-        let c = idx.to_dtype(DType::I64).ok()?.flatten_all().ok()?.to_vec1::<i64>().ok()?;
+        let c = super::ops::values::<i64>(&idx.to_dtype(DType::I64).ok()?).ok()?;
         let t = model.shapes[&n.inputs[0]][1] as i64;
         (c.len() == 1 && idx.elem_count() == 1).then(|| (i, if c[0] < 0 { c[0] + t } else { c[0] }))
     })?;
