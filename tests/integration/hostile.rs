@@ -512,6 +512,7 @@ fn onnx_windows_out_of_range_or_larger_than_their_input_are_refused() {
         ("conv_dynamic_groups.onnx".into(), "node \"conv\" (Conv): Conv of 3 channels by weights [4, 3, 1, 1] in 2 groups: the channels do not match".into()),
         ("conv_dynamic_kernel_shape.onnx".into(), "node \"conv\" (Conv): Conv with kernel_shape [1, 1] by weights of shape [4, 3, 1, 17]".into()),
         ("conv_weights_rank3.onnx".into(), "node \"conv\" (Conv): Conv of a 4-D input by 3-D weights: only 2-D convolutions".into()),
+        ("conv_work_8e14.onnx".into(), "node \"conv\" (Conv): the run would do more than 137438953472 multiply-adds' work".into()),
     ];
     for (pads, value) in [("2e62", "4611686018427387904"), ("2e31", "2147483648"), ("2e20", "1048576")] {
         cases.push((format!("conv_pads_{pads}.onnx"), format!("node \"conv\" (Conv): pads holds {value}; they must be 0 to 4096")));
@@ -601,10 +602,24 @@ fn onnx_integers_empty_values_and_vectors_are_computed_or_refused_without_a_pani
         ("nan_scores_on_images.onnx", "the output \"scores\" holds NaN; the scores must be finite"),
     ]);
     let out = tempfile::tempdir().unwrap();
-    for file in ["ok_float_functions_of_integers.onnx", "ok_matmul_vectors.onnx"] {
-        let model = repo(&format!("tests/fixtures/onnx/hostile/{file}"));
-        crate::ok(&gradcam(&["classify", repo("data/shapescenes/test/images/000018.png").to_str().unwrap(), "--model", model.to_str().unwrap(), "--out", out.path().to_str().unwrap()]));
-    }
+    let model = repo("tests/fixtures/onnx/hostile/ok_float_functions_of_integers.onnx");
+    crate::ok(&gradcam(&["classify", repo("data/shapescenes/test/images/000018.png").to_str().unwrap(), "--model", model.to_str().unwrap(), "--out", out.path().to_str().unwrap()]));
+    let listing = crate::ok(&gradcam(&["layers", "--model", repo("tests/fixtures/onnx/hostile/ok_matmul_vectors.onnx").to_str().unwrap()]));
+    assert!(listing.contains("sum\tAdd\t[4]"), "{listing}");
+}
+
+/// What the structure-aware fuzz target (fuzz/fuzz_targets/onnx_graph.rs) found, each fixed:
+/// the Softmax of a shape reached candle's `todo!` for integers (ok_float_functions_of_integers
+/// above); a Clip whose bound is an empty value sliced past the end of its storage panicked in
+/// candle's `to_vec1`; an AveragePool over a batch padded to 40,703 images ran for 45 s (a
+/// grouped convolution; now candle's pooling, and every run's work is bounded).
+#[test]
+fn fuzz_regressions_onnx_graphs_are_answered_in_seconds_without_a_panic() {
+    onnx_refused(&[("fuzz_clip_bound_empty.onnx", "node \"Clip_mu\" (Clip): empty scalar")]);
+    let start = Instant::now();
+    let listing = crate::ok(&gradcam(&["layers", "--model", repo("tests/fixtures/onnx/hostile/fuzz_averagepool_batch_40703.onnx").to_str().unwrap()]));
+    assert!(listing.contains("[40703, 3, 8, 8]"), "{listing}");
+    assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
 }
 
 /// External data (issue 34) is read only from regular files inside the model's folder: a FIFO
