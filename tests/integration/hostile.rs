@@ -612,10 +612,15 @@ fn onnx_integers_empty_values_and_vectors_are_computed_or_refused_without_a_pani
 /// the Softmax of a shape reached candle's `todo!` for integers (ok_float_functions_of_integers
 /// above); a Clip whose bound is an empty value sliced past the end of its storage panicked in
 /// candle's `to_vec1`; an AveragePool over a batch padded to 40,703 images ran for 45 s (a
-/// grouped convolution; now candle's pooling, and every run's work is bounded).
+/// grouped convolution; now candle's pooling, and every run's work is bounded); a 1x1 Conv padded
+/// by 105 on the right, wider than its input, panicked in our kernel's im2col (such padding now
+/// runs through candle's convolution, and the kernel skips rows that read padding only).
 #[test]
 fn fuzz_regressions_onnx_graphs_are_answered_in_seconds_without_a_panic() {
     onnx_refused(&[("fuzz_clip_bound_empty.onnx", "node \"Clip_mu\" (Clip): empty scalar")]);
+    let out = tempfile::tempdir().unwrap();
+    let model = repo("tests/fixtures/onnx/hostile/fuzz_conv_right_pad_105.onnx");
+    crate::ok(&gradcam(&["classify", repo("data/shapescenes/test/images/000018.png").to_str().unwrap(), "--model", model.to_str().unwrap(), "--out", out.path().to_str().unwrap()]));
     let start = Instant::now();
     let listing = crate::ok(&gradcam(&["layers", "--model", repo("tests/fixtures/onnx/hostile/fuzz_averagepool_batch_40703.onnx").to_str().unwrap()]));
     assert!(listing.contains("[40703, 3, 8, 8]"), "{listing}");

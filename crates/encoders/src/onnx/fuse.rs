@@ -117,6 +117,11 @@ pub(super) fn conv_padding(node: &Node, weight: &Tensor, extra: [usize; 4]) -> R
         return Ok(None);
     }
     let p: Vec<usize> = pads.iter().zip(extra).map(|(&a, b)| a as usize + b).collect();
+    // Padding as wide as the kernel or wider (no network's; a crafted graph's) runs through
+    // candle, whose convolution pads the input first.
+    if p[0] >= kh || p[2] >= kh || p[1] >= kw || p[3] >= kw {
+        return Ok(None);
+    }
     Ok(Some(if p.iter().all(|&v| v == p[0]) { Padding::Symmetric(p[0]) } else { Padding::Explicit { top: p[0], left: p[1], bottom: p[2], right: p[3] } }))
 }
 
