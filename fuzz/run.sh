@@ -10,7 +10,7 @@ seconds=${1:-600}
 jobs=${2:-2}
 shift $(( $# > 2 ? 2 : $# ))
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(pth safetensors image coco vqa tokenizer onnx)
+[ ${#targets[@]} -gt 0 ] || targets=(pth safetensors image coco vqa tokenizer onnx onnx_graph)
 
 seed() { # seed TARGET FILE...: copy the files under 1 MB into the target's corpus
     local target=$1; shift
@@ -25,6 +25,8 @@ seed image ../tests/fixtures/*.png ../tests/fixtures/onnx/input96.png ../tests/b
 seed coco ../data/shapescenes/test/instances.json ../data/shapescenes/test/captions.json ../data/photos/instances.json ../tests/fixtures/rle_pycocotools.json
 seed tokenizer ../models/captioner/tokenizer.json ../models/vqa/tokenizer.json
 seed onnx ../tests/fixtures/onnx/*.onnx
+mkdir -p corpus/onnx_graph   # the four seed graphs of onnx_graph.rs, unmutated
+for k in 0 1 2 3; do printf "\\$(printf %o $k)" > corpus/onnx_graph/template$k; done
 mkdir -p corpus/vqa
 { cat ../data/shapescenes/test/questions.json; printf '\0'; cat ../data/shapescenes/test/annotations.json; } | head -c 1048576 > corpus/vqa/shapescenes
 

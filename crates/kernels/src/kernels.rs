@@ -63,7 +63,9 @@ pub(super) fn im2col_panel(x: &[f32], g: &ConvGeometry, c0: usize, rows: usize, 
                 drow[..lo].fill(0.0);
                 drow[hi..].fill(0.0);
                 let start = (first + (lo * stride) as isize) as usize;
-                if stride == 1 {
+                if hi == lo {
+                    // Every column of this row reads padding (a padding wider than the input).
+                } else if stride == 1 {
                     drow[lo..hi].copy_from_slice(&srow[start..start + hi - lo]);
                 } else {
                     for (d, &v) in drow[lo..hi].iter_mut().zip(srow[start..].iter().step_by(stride)) {

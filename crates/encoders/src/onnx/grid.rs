@@ -62,8 +62,13 @@ impl ValueLayout {
 }
 
 impl OnnxModel {
-    /// The patch grid: the output size of the first Conv whose kernel equals its stride (> 1).
+    /// The patch grid (found at load by [`OnnxModel::find_patch_grid`]).
     pub(super) fn patch_grid(&self) -> Option<(usize, usize)> {
+        self.patch
+    }
+
+    /// The patch grid: the output size of the first Conv whose kernel equals its stride (> 1).
+    pub(super) fn find_patch_grid(&self) -> Option<(usize, usize)> {
         self.nodes.iter().filter(|n| n.op_type == "Conv").find_map(|n| {
             let k = attr_ints(n, "kernel_shape")?;
             let s = attr_ints(n, "strides")?;
@@ -165,7 +170,12 @@ impl OnnxModel {
     pub(super) fn transformer_default(&self) -> Option<String> {
         let last = *self.attention_softmaxes().last()?;
         let before = self.ancestors(&self.nodes[last].outputs[0]);
-        let gridded = |v: &String| matches!(self.guess(v), Some(ValueLayout::Tokens { .. } | ValueLayout::ChannelsLast { .. })) && self.head_set(v).is_ok();
+        let tries = std::cell::Cell::new(0);
+        let gridded = |v: &String| {
+            let on_grid = matches!(self.guess(v), Some(ValueLayout::Tokens { .. } | ValueLayout::ChannelsLast { .. })) && tries.get() < super::MAX_DEFAULT_TRIES;
+            tries.set(tries.get() + on_grid as usize);
+            on_grid && self.head_set(v).is_ok()
+        };
         let norm = (0..self.nodes.len()).rev().filter(|i| before.contains(i)).find_map(|i| {
             let n = &self.nodes[i];
             (n.op_type == "LayerNormalization" && gridded(&n.outputs[0])).then(|| n.outputs[0].clone())

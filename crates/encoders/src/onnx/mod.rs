@@ -8,6 +8,8 @@
 //! build time). External-data tensors are read from files beside the model, never outside its
 //! folder.
 
+mod check;
+mod fuse;
 mod ops;
 mod read;
 mod grid;
@@ -37,8 +39,12 @@ pub use read::OnnxFunction;
 pub(crate) use tensor::tensor;
 use proto::Node;
 
-/// Largest ONNX file read (external data included); beyond it the file is refused before reading.
-pub const MAX_FILE_BYTES: u64 = 4 << 30;
+/// Largest ONNX file read (protobuf's limit; external data has its own budget,
+/// [`check::MAX_WEIGHT_BYTES`]); beyond it the file is refused before reading.
+pub const MAX_FILE_BYTES: u64 = 2 << 30;
+
+/// Most values tried as the default layer (from the output back).
+const MAX_DEFAULT_TRIES: usize = 64;
 
 /// How an ONNX model's input is made, when the graph does not say.
 #[derive(Debug, Clone, Default)]
@@ -156,6 +162,8 @@ pub struct OnnxModel {
     /// Whether the graph's batch dimension is fixed at 1 (heads then run one row at a time).
     fixed_batch: bool,
     producer: HashMap<String, usize>,
+    /// The patch grid of a transformer ([`OnnxModel::find_patch_grid`]).
+    patch: Option<(usize, usize)>,
     preprocess: Preprocess,
     labels: Option<Arc<Vec<String>>>,
     num_classes: usize,
@@ -215,15 +223,17 @@ impl OnnxModel {
             channels_last: options.channels_last,
             fixed_batch: matches!(dims.first(), Some(Some(1))),
             producer,
+            patch: None,
             preprocess,
             labels: None,
             num_classes: 0,
         };
         (model.shapes, model.dtypes) = model.trace().map_err(|e| bad(path, format!("running the graph on a {}x{} input: {e}", input_size.0, input_size.1)))?;
+        model.patch = model.find_patch_grid();
         if let Some(dtype) = model.dtypes.get(&model.output).filter(|d| !d.is_float()) {
             return Err(bad(path, format!("the output {:?} is {dtype:?}, not scores; gradcam explains a float output", model.output)));
         }
-        let out_shape = &model.shapes[&model.output];
+        let Some(out_shape) = model.shapes.get(&model.output) else { return Err(bad(path, format!("the run on zeros did not compute the output {:?}", model.output))) };
         if out_shape.first() != Some(&1) || out_shape.iter().product::<usize>() < 2 {
             return Err(bad(path, format!("the output {:?} has shape {out_shape:?}; a classifier's is [batch, classes]", model.output)));
         }
@@ -255,8 +265,14 @@ impl OnnxModel {
         let all: Vec<usize> = (0..self.nodes.len()).collect();
         let plan = Plan::compile(&self.nodes, &all, &self.constants, &self.input, &self.output, &HashSet::new(), true)?;
         let x = Tensor::zeros((1, 3, self.input_size.0, self.input_size.1), DType::F32, &Device::Cpu)?;
-        let values = plan.run_keep_all(&x)?;
-        Ok((values.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect(), values.into_iter().map(|(k, v)| (k, v.dtype())).collect()))
+        let (values, y) = plan.run_shapes(&x, &self.output)?;
+        // Scores that are not finite on a plain input: weights or ops that overflow.
+        if let Some(y) = y.filter(|y| y.dtype().is_float()) {
+            if let Some(v) = ops::values::<f32>(&y.to_dtype(DType::F32)?)?.into_iter().find(|v| !v.is_finite()) {
+                return Err(Error::Onnx(format!("the output {:?} holds {v} (on an input of zeros); are the weights corrupt?", self.output)));
+            }
+        }
+        Ok((values.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect(), values.into_iter().map(|(k, v)| (k, v.1)).collect()))
     }
 
     /// Every value of the graph in order (input first), with its op and shape.
@@ -308,14 +324,23 @@ impl OnnxModel {
         }
         let needed = self.ancestors(&self.output);
         let from_input = self.descendants(&self.input);
+        // The last candidates only (each is a walk over the graph): a crafted graph of
+        // thousands of 4-D values with skip connections would take quadratic time.
+        let mut tries = 0;
         for i in (0..self.nodes.len()).rev() {
             if !(needed.contains(&i) && from_input.contains(&i)) {
                 continue;
             }
             for o in &self.nodes[i].outputs {
                 let Some(s) = self.shapes.get(o) else { continue };
-                if s.len() == 4 && s[2] * s[3] > 1 && self.guess(o) == Some(ValueLayout::Nchw) && self.head_nodes(o).is_ok() {
-                    return Ok(o.clone());
+                if s.len() == 4 && s[2] * s[3] > 1 && self.guess(o) == Some(ValueLayout::Nchw) {
+                    if self.head_nodes(o).is_ok() {
+                        return Ok(o.clone());
+                    }
+                    tries += 1;
+                    if tries == MAX_DEFAULT_TRIES {
+                        return Err(Error::NoDefaultLayer { model: self.name.clone() });
+                    }
                 }
             }
         }
@@ -434,6 +459,15 @@ impl OnnxModel {
             }
         };
         let (f, h) = if self.fixed_batch { (row_by_row(f), row_by_row(h)) } else { (f, h) };
+        // Scores that are not finite: an error, as the built-in models give (not an empty map).
+        let (scores, name) = (self.output.clone(), self.name.clone());
+        let h: Box<dyn Layer> = Box::new(move |a: &Tensor, rule: Rule| {
+            let y = h.forward(a, rule)?;
+            if let Some(v) = ops::values::<f32>(&y.to_dtype(DType::F32)?)?.into_iter().find(|v| !v.is_finite()) {
+                return Err(candle_core::Error::Msg(format!("{name}: the output {scores:?} holds {v}; the scores must be finite")));
+            }
+            Ok(y)
+        });
         // An input of another size than the graph was traced at: say so beside the node's error.
         let traced = self.input_size;
         let f: Box<dyn Layer> = Box::new(move |x: &Tensor, rule: Rule| {

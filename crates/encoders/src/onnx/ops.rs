@@ -17,16 +17,7 @@ pub const SUPPORTED: &[&str] = &[
     "Relu", "Reshape", "ScatterND", "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Tile", "Transpose", "Unsqueeze", "Where",
 ];
 
-/// Most elements an op may create from shapes it reads (ConstantOfShape, Pad): 2^28 (1 GiB of
-/// f32), far above any CNN's activations, far below an allocation that would abort the process.
-const MAX_CREATED: usize = 1 << 28;
-
-pub(super) fn check_size(dims: &[usize], op: &str) -> R<()> {
-    match dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
-        Some(n) if n <= MAX_CREATED => Ok(()),
-        _ => fail(format!("{op} would create a tensor of shape {dims:?}, more than {MAX_CREATED} elements")),
-    }
-}
+pub(super) use super::check::check_size;
 
 pub(super) fn fail<T>(msg: impl std::fmt::Display) -> R<T> {
     Err(candle_core::Error::Msg(msg.to_string()))
@@ -74,7 +65,7 @@ pub(super) fn pointwise_of(node: &Node) -> Option<Pointwise> {
 pub(super) fn clip_bounds(node: &Node, constants: &std::collections::HashMap<String, Tensor>) -> Option<(f32, f32)> {
     let bound = |k: usize, attr: &str, default: f32| -> Option<f32> {
         match node.inputs.get(k).filter(|s| !s.is_empty()) {
-            Some(name) => constants.get(name)?.to_dtype(DType::F32).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok()?.first().copied(),
+            Some(name) => values::<f32>(&constants.get(name)?.to_dtype(DType::F32).ok()?).ok()?.first().copied(),
             None => Some(attr_float(node, attr, default)),
         }
     };
@@ -93,11 +84,20 @@ pub(super) fn opt(args: &[Option<Tensor>], k: usize) -> Option<&Tensor> {
 }
 
 pub(super) fn ints_of(t: &Tensor) -> R<Vec<i64>> {
-    t.to_dtype(DType::I64)?.flatten_all()?.to_vec1()
+    values(&t.to_dtype(DType::I64)?)
+}
+
+/// The elements of `t` in order: none for an empty tensor (candle's `to_vec1` panics on an empty
+/// view that starts past the end of its storage, as a Slice of an empty value makes).
+pub(super) fn values<T: candle_core::WithDType>(t: &Tensor) -> R<Vec<T>> {
+    if t.elem_count() == 0 {
+        return Ok(Vec::new());
+    }
+    t.flatten_all()?.to_vec1()
 }
 
 fn scalar_f32(t: &Tensor) -> R<f32> {
-    match t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.first() {
+    match values::<f32>(&t.to_dtype(DType::F32)?)?.first() {
         Some(v) => Ok(*v),
         None => fail("empty scalar"),
     }
@@ -135,6 +135,9 @@ fn softmax(x: &Tensor, dim: usize, log: bool) -> R<Tensor> {
 /// rectifiers that Guided Backpropagation has no rule for (LeakyRelu, other Clips) are refused
 /// rather than differentiated plainly.
 pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Tensor>> {
+    super::check::output(node, args)?;
+    let converted = super::check::float_inputs(node, args)?;
+    let args = converted.as_deref().unwrap_or(args);
     let x = || arg(args, 0, node);
     let one = |t: Tensor| Ok(vec![t]);
     let unguided = |what: &str| -> R<()> {
@@ -223,18 +226,16 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
             if p == 0 && k == s {
                 return one(x.avg_pool2d_with_stride(k, s)?);
             }
-            // A depthwise convolution of ones, divided by the window's size (or by the number of
-            // real pixels in it without count_include_pad).
-            let c = x.dim(1)?;
-            let ones = Tensor::ones((c, 1, k, k), DType::F32, x.device())?;
+            // The mean over each window of the zero-padded input (candle's pooling: direct, fast
+            // on any batch), divided by the share of real pixels in it without count_include_pad.
             let padded = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
-            let sum = padded.conv2d(&ones, 0, s, 1, c)?;
+            let mean = padded.avg_pool2d_with_stride(k, s)?;
             if attr_int(node, "count_include_pad", 0) != 0 || p == 0 {
-                return one((sum / (k * k) as f64)?);
+                return one(mean);
             }
             let (h, w) = (x.dim(2)?, x.dim(3)?);
-            let count = Tensor::ones((1, 1, h, w), DType::F32, x.device())?.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?.conv2d(&Tensor::ones((1, 1, k, k), DType::F32, x.device())?, 0, s, 1, 1)?;
-            one(sum.broadcast_div(&count)?)
+            let share = Tensor::ones((1, 1, h, w), DType::F32, x.device())?.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?.avg_pool2d_with_stride(k, s)?;
+            one(mean.broadcast_div(&share)?)
         }
         "GlobalAveragePool" | "GlobalMaxPool" => {
             let x = x()?;
@@ -277,6 +278,9 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
                 Some(t) => ints_of(t)?,
                 None => attr_ints(node, "shape").unwrap_or_default(),
             };
+            if spec.len() > super::check::MAX_RANK {
+                return fail(format!("Reshape to {} dimensions; at most {} are supported", spec.len(), super::check::MAX_RANK));
+            }
             let allow_zero = attr_int(node, "allowzero", 0) != 0;
             let mut dims = Vec::with_capacity(spec.len());
             let mut infer = None;
@@ -287,10 +291,11 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
                         infer = Some(i);
                         1
                     }
-                    d if d >= 0 => d as usize,
+                    d if d >= 0 => usize::try_from(d).unwrap_or(usize::MAX),
                     d => return fail(format!("Reshape to {spec:?}: dimension {d}")),
                 });
             }
+            check_size(&dims, "Reshape")?;
             if let Some(i) = infer {
                 let known: usize = dims.iter().product();
                 if known == 0 || x.elem_count() % known != 0 {
@@ -336,7 +341,12 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
                     return one(Tensor::stack(&parts, 0)?.reshape(dims)?);
                 }
             }
-            one(if a.rank() == 2 && b.rank() == 2 { a.matmul(&b)? } else { a.broadcast_matmul(&b)? })
+            // A vector is a row (first operand) or a column (second), dropped from the product.
+            let (va, vb) = (a.rank() == 1, b.rank() == 1);
+            let (a, b) = (if va { a.unsqueeze(0)? } else { a }, if vb { b.unsqueeze(1)? } else { b });
+            let y = if a.rank() == 2 && b.rank() == 2 { a.matmul(&b)? } else { a.broadcast_matmul(&b)? };
+            let y = if vb { y.squeeze(y.rank() - 1)? } else { y };
+            one(if va { y.squeeze(y.rank() - 1 - !vb as usize)? } else { y })
         }
         "Transpose" => {
             let x = x()?;
@@ -375,8 +385,8 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
             }
             let mut out_dims = x.dims().to_vec();
             for (i, &a) in axes.iter().enumerate() {
-                let d = out_dims[a] as i64 + pads[i].max(0).min(1 << 40) + pads[i + axes.len()].max(0).min(1 << 40);
-                out_dims[a] = usize::try_from(d).unwrap_or(usize::MAX);
+                let d = out_dims[a] as i64 + pads[i].clamp(-(1 << 40), 1 << 40) + pads[i + axes.len()].clamp(-(1 << 40), 1 << 40);
+                out_dims[a] = usize::try_from(d).map_err(|_| candle_core::Error::Msg(format!("Pad by {pads:?} removes more than axis {a} of {:?} holds", x.dims())))?;
             }
             check_size(&out_dims, "Pad")?;
             let mut y = x.clone();
@@ -384,7 +394,7 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
                 let (before, after) = (pads[i], pads[i + axes.len()]);
                 if before < 0 || after < 0 {
                     let n = y.dim(a)? as i64;
-                    let (s, e) = ((-before).max(0), n - (-after).max(0));
+                    let (s, e) = (before.checked_neg().unwrap_or(i64::MAX).clamp(0, n), n - after.checked_neg().unwrap_or(i64::MAX).clamp(0, n));
                     y = y.narrow(a, s as usize, (e - s).max(0) as usize)?;
                 }
                 let (before, after) = (before.max(0) as usize, after.max(0) as usize);
@@ -411,7 +421,7 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
         }
         "Constant" => {
             let t = match node.attributes.get("value").or_else(|| node.attributes.get("value_float")).or_else(|| node.attributes.get("value_floats")).or_else(|| node.attributes.get("value_int")).or_else(|| node.attributes.get("value_ints")) {
-                Some(Attribute::Tensor(t)) => super::tensor(t, std::path::Path::new(".")).map_err(candle_core::Error::Msg)?,
+                Some(Attribute::Tensor(t)) => super::tensor(t, None).map_err(candle_core::Error::Msg)?,
                 Some(Attribute::Float(v)) => Tensor::new(*v, &candle_core::Device::Cpu)?,
                 Some(Attribute::Floats(v)) => Tensor::new(v.as_slice(), &candle_core::Device::Cpu)?,
                 Some(Attribute::Int(v)) => Tensor::new(*v, &candle_core::Device::Cpu)?,
@@ -421,10 +431,10 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
             one(t)
         }
         "ConstantOfShape" => {
-            let shape: Vec<usize> = ints_of(x()?)?.iter().map(|&d| d.max(0) as usize).collect();
+            let shape: Vec<usize> = ints_of(x()?)?.iter().map(|&d| usize::try_from(d).unwrap_or(usize::MAX)).collect();
             check_size(&shape, "ConstantOfShape")?;
             let value = match node.attributes.get("value") {
-                Some(Attribute::Tensor(t)) => super::tensor(t, std::path::Path::new(".")).map_err(candle_core::Error::Msg)?,
+                Some(Attribute::Tensor(t)) => super::tensor(t, None).map_err(candle_core::Error::Msg)?,
                 _ => Tensor::new(&[0f32], &candle_core::Device::Cpu)?,
             };
             one(value.flatten_all()?.narrow(0, 0, 1)?.reshape(())?.broadcast_as(shape)?.contiguous()?)
@@ -458,9 +468,13 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
                 Some(t) => ints_of(t)?,
                 None => attr_ints(node, "axes").unwrap_or_default(),
             };
+            super::check::distinct_axes(&axes, "Unsqueeze")?;
             let out_rank = x.rank() + axes.len();
             let mut axes: Vec<usize> = axes.iter().map(|&a| axis(a, out_rank)).collect::<R<_>>()?;
             axes.sort_unstable();
+            if axes.windows(2).any(|w| w[0] == w[1]) {
+                return fail(format!("Unsqueeze names an axis twice ({axes:?})"));
+            }
             let mut y = x.clone();
             for a in axes {
                 y = y.unsqueeze(a)?;
@@ -478,6 +492,9 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
                 None => (0..x.rank()).filter(|&d| x.dims()[d] == 1).collect(),
             };
             axes.sort_unstable();
+            if axes.windows(2).any(|w| w[0] == w[1]) || axes.iter().any(|&a| x.dims()[a] != 1) {
+                return fail(format!("Squeeze of axes {axes:?} of a value of shape {:?}: each must be a dimension of 1, named once", x.dims()));
+            }
             let mut y = x.clone();
             for a in axes.into_iter().rev() {
                 y = y.squeeze(a)?;
@@ -502,7 +519,7 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
                 let step = *steps.get(k).unwrap_or(&1);
                 let n = y.dim(a)? as i64;
                 let fix = |v: i64, lo: i64, hi: i64| (if v < 0 { v.saturating_add(n) } else { v }).clamp(lo, hi);
-                if step == 1 {
+                if step == 1 || n == 0 {
                     let (s, e) = (fix(s, 0, n), fix(e, 0, n));
                     y = y.narrow(a, s as usize, (e - s).max(0) as usize)?;
                     continue;
@@ -511,7 +528,7 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
                     return fail("Slice with step 0");
                 }
                 let (s, e) = if step > 0 { (fix(s, 0, n), fix(e, 0, n)) } else { (fix(s, 0, n - 1), fix(e, -1, n - 1)) };
-                let picked: Vec<i64> = std::iter::successors(Some(s), |&i| Some(i + step)).take_while(|&i| if step > 0 { i < e } else { i > e }).collect();
+                let picked: Vec<i64> = std::iter::successors(Some(s), |&i| i.checked_add(step)).take_while(|&i| if step > 0 { i < e } else { i > e }).collect();
                 y = y.index_select(&Tensor::new(picked.as_slice(), y.device())?, a)?;
             }
             one(y)

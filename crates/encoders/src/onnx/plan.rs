@@ -8,7 +8,9 @@ use std::collections::{HashMap, HashSet};
 use candle_core::Tensor;
 use gradcam_kernels::{Activation, Conv2d, Linear, Mlp, Padding, Pointwise, Rule};
 
-use super::ops::{self, attr_int, attr_ints, attr_str};
+use super::check;
+use super::fuse::{conv_padding, conv_stride, conv_weights, fold_bn, fusable_activation, gelu_from, linear_of, silu_after, zero_spatial_pads};
+use super::ops::{self, attr_int};
 use super::proto::Node;
 use crate::{Error, Result};
 
@@ -28,6 +30,17 @@ struct Step {
     outputs: Vec<String>,
     /// Values no later step reads.
     free: Vec<String>,
+    /// A convolution on our kernel: its node, weights' shape and the padding folded into it
+    /// (for its output shape, checked before it runs).
+    conv: Option<(Node, Vec<usize>, [usize; 4])>,
+    /// A Linear or MLP: the widths of its input and output rows.
+    width: Option<(usize, usize)>,
+}
+
+impl Step {
+    fn new(kernel: Kernel, label: &str, inputs: Vec<String>, outputs: Vec<String>) -> Step {
+        Step { kernel, label: label.to_string(), inputs, outputs, free: vec![], conv: None, width: None }
+    }
 }
 
 /// Sees a value by name as it is computed, and gives the one the later steps read.
@@ -40,8 +53,8 @@ pub(super) struct Plan {
     input: String,
 }
 
-fn constant_f32(constants: &HashMap<String, Tensor>, name: &str) -> Option<Vec<f32>> {
-    constants.get(name)?.to_dtype(candle_core::DType::F32).ok()?.flatten_all().ok()?.to_vec1().ok()
+pub(super) fn constant_f32(constants: &HashMap<String, Tensor>, name: &str) -> Option<Vec<f32>> {
+    ops::values(&constants.get(name)?.to_dtype(candle_core::DType::F32).ok()?).ok()
 }
 
 impl Plan {
@@ -62,12 +75,22 @@ impl Plan {
                 *readers.entry(v.as_str()).or_default() += 1;
             }
         }
+        // The nodes of the set that read each value, in order.
+        let mut in_set: HashMap<&str, Vec<usize>> = HashMap::new();
+        for &j in set {
+            for v in &nodes[j].inputs {
+                let r = in_set.entry(v.as_str()).or_default();
+                if r.last() != Some(&j) {
+                    r.push(j);
+                }
+            }
+        }
         // The one node of the set that reads `value`, when nothing else does and it may vanish.
         let sole_reader = |value: &str| -> Option<usize> {
             if trace || keep.contains(value) || value == output || readers.get(value) != Some(&1) {
                 return None;
             }
-            set.iter().copied().find(|&j| nodes[j].inputs.iter().any(|v| v == value))
+            in_set.get(value).and_then(|r| r.first().copied())
         };
         let ours = |conv: &Node, extra: [usize; 4]| -> Option<(Tensor, Tensor, Padding)> {
             let (w, b) = conv_weights(conv, constants)?;
@@ -87,9 +110,9 @@ impl Plan {
                 "Pad" => zero_spatial_pads(node, constants).zip(sole_reader(&node.outputs[0])).and_then(|(pads, j)| {
                     let c = &nodes[j];
                     (c.op_type == "Conv" && c.inputs[0] == node.outputs[0]).then_some(())?;
-                    ours(c, pads).map(|found| (j, found))
+                    ours(c, pads).map(|found| (j, found, pads))
                 }),
-                "Conv" => ours(node, [0; 4]).map(|found| (i, found)),
+                "Conv" => ours(node, [0; 4]).map(|found| (i, found, [0; 4])),
                 _ => None,
             };
             // Sigmoid(x) * x, read by nothing else: SiLU in one pass.
@@ -97,14 +120,14 @@ impl Plan {
                 let x = &node.inputs[0];
                 if let Some(j) = sole_reader(&node.outputs[0]).filter(|&j| nodes[j].op_type == "Mul" && nodes[j].inputs.contains(x) && nodes[j].inputs.contains(&node.outputs[0])) {
                     skip.insert(j);
-                    steps.push(Step { kernel: Kernel::Pointwise(Pointwise::Silu), label, inputs: vec![x.clone()], outputs: nodes[j].outputs.clone(), free: vec![] });
+                    steps.push(Step::new(Kernel::Pointwise(Pointwise::Silu), &label, vec![x.clone()], nodes[j].outputs.clone()));
                     continue;
                 }
             }
             // GELU exported as x * (1 + erf(x / sqrt 2)) * 0.5: one pass.
             if let Some((nodes_used, out)) = gelu_from(nodes, i, constants, &sole_reader) {
                 skip.extend(nodes_used);
-                steps.push(Step { kernel: Kernel::Pointwise(Pointwise::Gelu), label, inputs: vec![node.inputs[0].clone()], outputs: vec![out], free: vec![] });
+                steps.push(Step::new(Kernel::Pointwise(Pointwise::Gelu), &label, vec![node.inputs[0].clone()], vec![out]));
                 continue;
             }
             // A MatMul by constant weights (with the Add of a constant bias after it, folded in).
@@ -125,13 +148,15 @@ impl Plan {
                 Some(f) => Some(f),
                 None => linear_of(node, constants, None)?.map(|l| (l, node.outputs.clone(), None)),
             };
-            if let Some((linear, outputs, folded)) = plain {
+            if let Some(((linear, width), outputs, folded)) = plain {
                 skip.extend(folded);
-                steps.push(Step { kernel: Kernel::Linear(linear), label, inputs: vec![node.inputs[0].clone()], outputs, free: vec![] });
+                let mut step = Step::new(Kernel::Linear(linear), &label, vec![node.inputs[0].clone()], outputs);
+                step.width = Some(width);
+                steps.push(step);
                 continue;
             }
-            let Some((j, (mut weight, mut bias, padding))) = conv else {
-                steps.push(Step { kernel: Kernel::Op(node.clone()), label, inputs: node.inputs.clone(), outputs: node.outputs.clone(), free: vec![] });
+            let Some((j, (mut weight, mut bias, padding), extra)) = conv else {
+                steps.push(Step::new(Kernel::Op(node.clone()), &label, node.inputs.clone(), node.outputs.clone()));
                 continue;
             };
             skip.insert(j);
@@ -162,7 +187,7 @@ impl Plan {
                         out = nodes[k].outputs[0].clone();
                         skip.insert(k);
                     }
-                } else if let Some((s, m)) = silu_after(nodes, set, &out, &readers, keep, output, trace) {
+                } else if let Some((s, m)) = silu_after(nodes, &in_set, &out, &readers, keep, output, trace) {
                     smooth = Some(Pointwise::Silu);
                     out = nodes[m].outputs[0].clone();
                     skip.extend([s, m]);
@@ -173,35 +198,53 @@ impl Plan {
             if let Some(p) = smooth {
                 conv = conv.with_pointwise(p)?;
             }
-            steps.push(Step { kernel: Kernel::Conv(conv), label, inputs: vec![node.inputs[0].clone()], outputs: vec![out], free: vec![] });
+            let mut step = Step::new(Kernel::Conv(conv), &label, vec![node.inputs[0].clone()], vec![out]);
+            step.conv = Some((conv_node.clone(), weight.dims().to_vec(), extra));
+            steps.push(step);
         }
         // Linear -> pointwise -> Linear whose values between are read by nothing else: one MLP
         // op (the hidden activations stay channel-major between the two layers).
         if !trace {
-            let mut k = 0;
-            while k < steps.len() {
-                let reads = |v: &str, steps: &[Step]| steps.iter().filter(|s| s.inputs.iter().any(|i| i == v)).count();
-                let private = |v: &str, steps: &[Step]| !keep.contains(v) && v != output && reads(v, steps) == 1;
-                let found = match &steps[k].kernel {
-                    Kernel::Linear(_) if private(&steps[k].outputs[0], &steps) => steps.iter().position(|s| matches!(s.kernel, Kernel::Pointwise(_)) && s.inputs == steps[k].outputs).and_then(|j| {
-                        (private(&steps[j].outputs[0], &steps)).then_some(j).and_then(|j| steps.iter().position(|s| matches!(s.kernel, Kernel::Linear(_)) && s.inputs == steps[j].outputs).map(|l| (j, l)))
-                    }),
-                    _ => None,
-                };
-                if let Some((j, l)) = found {
-                    if let (Kernel::Linear(fc1), Kernel::Pointwise(act), Kernel::Linear(fc2)) = (&steps[k].kernel, &steps[j].kernel, &steps[l].kernel) {
-                        if let Ok(mlp) = Mlp::new(fc1.clone(), *act, fc2.clone()) {
-                            let outputs = steps[l].outputs.clone();
-                            steps[k].kernel = Kernel::Mlp(mlp);
-                            steps[k].outputs = outputs;
-                            let (a, b) = (j.max(l), j.min(l));
-                            steps.remove(a);
-                            steps.remove(b);
-                        }
+            let mut reading: HashMap<&str, Vec<usize>> = HashMap::new();
+            for (k, st) in steps.iter().enumerate() {
+                for v in &st.inputs {
+                    let r = reading.entry(v.as_str()).or_default();
+                    if r.last() != Some(&k) {
+                        r.push(k);
                     }
                 }
-                k += 1;
             }
+            let private = |v: &str| (!keep.contains(v) && v != output).then(|| reading.get(v).filter(|r| r.len() == 1).map(|r| r[0])).flatten();
+            let mut fused: Vec<(usize, usize, usize)> = Vec::new();
+            let mut gone = vec![false; steps.len()];
+            for k in 0..steps.len() {
+                if gone[k] || !matches!(steps[k].kernel, Kernel::Linear(_)) {
+                    continue;
+                }
+                let Some(j) = private(&steps[k].outputs[0]).filter(|&j| matches!(steps[j].kernel, Kernel::Pointwise(_)) && steps[j].inputs == steps[k].outputs) else { continue };
+                let Some(l) = private(&steps[j].outputs[0]).filter(|&l| matches!(steps[l].kernel, Kernel::Linear(_)) && steps[l].inputs == steps[j].outputs) else { continue };
+                if !gone[j] && !gone[l] {
+                    (gone[j], gone[l]) = (true, true);
+                    fused.push((k, j, l));
+                }
+            }
+            for (k, j, l) in fused {
+                if let (Kernel::Linear(fc1), Kernel::Pointwise(act), Kernel::Linear(fc2)) = (&steps[k].kernel, &steps[j].kernel, &steps[l].kernel) {
+                    match Mlp::new(fc1.clone(), *act, fc2.clone()) {
+                        Ok(mlp) => {
+                            steps[k].kernel = Kernel::Mlp(mlp);
+                            steps[k].outputs = steps[l].outputs.clone();
+                            steps[k].width = steps[k].width.zip(steps[l].width).map(|(a, b)| (a.0, b.1));
+                        }
+                        Err(_) => (gone[j], gone[l]) = (false, false),
+                    }
+                }
+            }
+            let mut k = 0;
+            steps.retain(|_| {
+                k += 1;
+                !gone[k - 1]
+            });
         }
         // Free each value after its last reader.
         let mut last: HashMap<String, usize> = HashMap::new();
@@ -211,7 +254,7 @@ impl Plan {
             }
         }
         for (v, k) in last {
-            if v != output && !trace {
+            if v != output {
                 steps[k].free.push(v);
             }
         }
@@ -240,10 +283,42 @@ impl Plan {
         let mut env: HashMap<String, Tensor> = HashMap::from([(self.input.clone(), x.clone())]);
         env.extend(extra.iter().cloned());
         let profile = profiling();
+        // Bytes of the values held: those the env holds, and those a gradient will be taken
+        // through (kept by the graph of ops until the backward pass, which doubles them).
+        let mut budget = Budget::default();
+        let mut work = 0u64;
+        for v in env.values() {
+            budget.add(v);
+        }
         for s in &self.steps {
             let t0 = profile.then(std::time::Instant::now);
             let args: Vec<Option<Tensor>> = s.inputs.iter().map(|v| if v.is_empty() { None } else { env.get(v).or_else(|| self.constants.get(v)).cloned() }).collect();
             let first = || args[0].as_ref().ok_or_else(|| candle_core::Error::Msg(format!("its input {:?} was not computed", s.inputs[0])));
+            let label = |e: candle_core::Error| candle_core::Error::Msg(format!("{}: {e}", s.label));
+            let shape = match &s.kernel {
+                Kernel::Op(node) => check::output(node, &args).map_err(label)?,
+                Kernel::Conv(_) => s.conv.as_ref().map(|(n, w, extra)| check::conv_dims(n, first()?.dims(), w, *extra)).transpose().map_err(label)?,
+                Kernel::Linear(_) | Kernel::Mlp(_) => match (s.width, first()?.dims()) {
+                    (Some((i, o)), [lead @ .., d]) if *d == i => Some(lead.iter().copied().chain([o]).collect()),
+                    (_, dims) => return Err(label(candle_core::Error::Msg(format!("its input of shape {dims:?} is not rows of {:?} values", s.width.map(|w| w.0))))),
+                },
+                Kernel::Pointwise(_) => None,
+            };
+            if let Some(shape) = &shape {
+                check::check_size(shape, &s.label).map_err(label)?;
+                budget.fits(check::estimate(shape, &args), &s.label, shape)?;
+            }
+            // The work, before it is done.
+            let elements = |d: &[usize]| d.iter().product::<usize>() as u64;
+            work = work.saturating_add(match (&s.kernel, &shape, &s.conv) {
+                (Kernel::Op(node), _, _) => check::work(node, &args, shape.as_deref()),
+                (Kernel::Conv(_), Some(out), Some((_, w, _))) => elements(out).saturating_mul(elements(&w[1..])),
+                (Kernel::Linear(_) | Kernel::Mlp(_), Some(out), _) => elements(out).saturating_mul(s.width.map_or(1, |w| w.0 as u64)).saturating_mul(2),
+                _ => args.iter().flatten().map(|t| t.elem_count() as u64).sum::<u64>().saturating_mul(8),
+            });
+            if work > check::MAX_WORK {
+                return Err(candle_core::Error::Msg(format!("{}: the run would do more than {} multiply-adds' work (up to this node); the graph asks too much computation", s.label, check::MAX_WORK)));
+            }
             let result = match &s.kernel {
                 Kernel::Conv(c) => c.forward_with(first()?, rule).map(|y| vec![y]),
                 Kernel::Pointwise(p) => p.forward(&first()?.to_dtype(candle_core::DType::F32)?).map(|y| vec![y]),
@@ -267,10 +342,16 @@ impl Plan {
                     Some(tap) => tap(name, value)?,
                     None => value,
                 };
-                env.insert(name.clone(), value);
+                budget.add(&value);
+                if let Some(old) = env.insert(name.clone(), value) {
+                    budget.remove(&old);
+                }
             }
+            budget.fits(0, &s.label, &[])?;
             for v in s.free.iter().filter(|v| *v != &self.input && !retain(v)) {
-                env.remove(v);
+                if let Some(old) = env.remove(v) {
+                    budget.remove(&old);
+                }
             }
         }
         Ok(env)
@@ -282,15 +363,61 @@ impl Plan {
         env.remove(output).ok_or_else(|| Error::Onnx(format!("the run did not compute {output:?}")))
     }
 
-    /// Every value, for shapes.
-    pub(super) fn run_keep_all(&self, x: &Tensor) -> Result<HashMap<String, Tensor>> {
-        Ok(self.execute(x, &[], Rule::Exact, &|_| true, None)?)
+    /// The shape and dtype of every value computed from `x` (the input's included); each value
+    /// is dropped after its last reader, as in any run.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn run_shapes(&self, x: &Tensor, output: &str) -> Result<(HashMap<String, (Vec<usize>, candle_core::DType)>, Option<Tensor>)> {
+        let seen = std::cell::RefCell::new(HashMap::from([(self.input.clone(), (x.dims().to_vec(), x.dtype()))]));
+        let tap = |name: &str, t: Tensor| -> candle_core::Result<Tensor> {
+            seen.borrow_mut().insert(name.to_string(), (t.dims().to_vec(), t.dtype()));
+            Ok(t)
+        };
+        let mut env = self.execute(x, &[], Rule::Exact, &|v| v == output, Some(&tap))?;
+        Ok((seen.into_inner(), env.remove(output)))
+    }
+}
+
+/// The bytes of the values a run holds at once, against [`check::MAX_HELD_BYTES`].
+#[derive(Default)]
+struct Budget {
+    held: usize,
+    /// Values a gradient is taken through: the graph of ops keeps them (they are never freed
+    /// here), and the backward pass makes as many bytes of gradients.
+    tracked: usize,
+}
+
+impl Budget {
+    fn add(&mut self, t: &Tensor) {
+        if t.track_op() {
+            self.tracked = self.tracked.saturating_add(2 * check::bytes(t));
+        } else {
+            self.held = self.held.saturating_add(check::bytes(t));
+        }
+    }
+
+    fn remove(&mut self, t: &Tensor) {
+        if !t.track_op() {
+            self.held = self.held.saturating_sub(check::bytes(t));
+        }
+    }
+
+    /// Whether `more` bytes fit beside what is held.
+    fn fits(&self, more: usize, label: &str, shape: &[usize]) -> candle_core::Result<()> {
+        let total = self.held.saturating_add(self.tracked).saturating_add(more);
+        if total > check::MAX_HELD_BYTES {
+            let what = if more > 0 { format!("its output of shape {shape:?} would bring") } else { "its output brings".into() };
+            return Err(candle_core::Error::Msg(format!("{label}: {what} the values held at once to {total} bytes, beyond the budget of {} bytes", check::MAX_HELD_BYTES)));
+        }
+        Ok(())
     }
 }
 
 /// A layer of rows `[r, d] -> [r, d']` on a float value of rank 2 or more (a transformer's tokens
 /// `[n, T, d]` as `n * T` rows).
 fn over_rows(x: &Tensor, layer: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> candle_core::Result<Vec<Tensor>> {
+    if x.rank() == 1 {
+        return Ok(vec![over_rows(&x.unsqueeze(0)?, layer)?.remove(0).squeeze(0)?]);
+    }
     if x.rank() < 2 || x.dtype() != candle_core::DType::F32 {
         return Err(candle_core::Error::Msg(format!("expects a float input of rank 2 or more, got {:?}", x.dims())));
     }
@@ -308,66 +435,6 @@ fn over_rows(x: &Tensor, layer: impl Fn(&Tensor) -> candle_core::Result<Tensor>)
 fn profiling() -> bool {
     static PROFILE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *PROFILE.get_or_init(|| std::env::var_os("GRADCAM_ONNX_PROFILE").is_some())
-}
-
-/// The Sigmoid and Mul nodes (indices) that make `value` into SiLU(value), when nothing else reads
-/// `value` or the sigmoid.
-fn silu_after(nodes: &[Node], set: &[usize], value: &str, readers: &HashMap<&str, usize>, keep: &HashSet<String>, output: &str, trace: bool) -> Option<(usize, usize)> {
-    if trace || keep.contains(value) || value == output || readers.get(value) != Some(&2) {
-        return None;
-    }
-    let s = set.iter().copied().find(|&j| nodes[j].op_type == "Sigmoid" && nodes[j].inputs[0] == value)?;
-    let sig = &nodes[s].outputs[0];
-    if keep.contains(sig) || sig == output || readers.get(sig.as_str()) != Some(&1) {
-        return None;
-    }
-    let m = set.iter().copied().find(|&j| nodes[j].op_type == "Mul" && nodes[j].inputs.iter().any(|v| v == value) && nodes[j].inputs.contains(sig))?;
-    Some((s, m))
-}
-
-/// Gemm (no transposed A, alpha = beta = 1) or MatMul of a 2-D input by constant weights, as our
-/// frozen [`Linear`] (whose backward computes the input gradient only).
-fn linear_of(node: &Node, constants: &HashMap<String, Tensor>, matmul_bias: Option<&Tensor>) -> Result<Option<Linear>> {
-    let gemm = node.op_type == "Gemm";
-    if !(gemm || node.op_type == "MatMul") {
-        return Ok(None);
-    }
-    let Some(b) = node.inputs.get(1).and_then(|n| constants.get(n)) else { return Ok(None) };
-    if b.rank() != 2 || (gemm && (attr_int(node, "transA", 0) != 0 || ops::attr_float(node, "alpha", 1.0) != 1.0 || ops::attr_float(node, "beta", 1.0) != 1.0)) {
-        return Ok(None);
-    }
-    let b = b.to_dtype(candle_core::DType::F32)?;
-    let weight = if gemm && attr_int(node, "transB", 0) != 0 { b } else { b.t()?.contiguous()? }; // [out, in]
-    let bias = match node.inputs.get(2).filter(|s| gemm && !s.is_empty()) {
-        Some(name) => match constants.get(name) {
-            Some(c) if c.elem_count() == weight.dim(0)? && c.dims().iter().rev().skip(1).all(|&d| d == 1) => Some(c.clone()),
-            _ => return Ok(None),
-        },
-        None => match matmul_bias {
-            Some(b) if b.elem_count() == weight.dim(0)? => Some(b.to_dtype(candle_core::DType::F32)?),
-            Some(_) => return Ok(None),
-            None => None,
-        },
-    };
-    Ok(Some(Linear::new(&weight, bias.as_ref(), Activation::Identity)?))
-}
-
-/// The nodes after `nodes[i]` that make GELU of its input with it, `x * (1 + erf(x / sqrt 2)) *
-/// 0.5` as torch exports `nn.GELU` (Div, Erf, Add 1, Mul x, Mul 0.5), each value read only by the
-/// next; and the last node's output.
-fn gelu_from(nodes: &[Node], i: usize, constants: &HashMap<String, Tensor>, sole_reader: &dyn Fn(&str) -> Option<usize>) -> Option<(Vec<usize>, String)> {
-    let scalar = |v: &str| -> Option<f32> { constant_f32(constants, v).filter(|c| c.len() == 1).map(|c| c[0]) };
-    let near = |v: &str, c: f32| scalar(v).is_some_and(|s| (s - c).abs() < 1e-4);
-    let div = &nodes[i];
-    if !(div.op_type == "Div" && div.inputs.len() == 2 && near(&div.inputs[1], std::f32::consts::SQRT_2)) {
-        return None;
-    }
-    let x = &div.inputs[0];
-    let erf = sole_reader(&div.outputs[0]).filter(|&j| nodes[j].op_type == "Erf")?;
-    let add = sole_reader(&nodes[erf].outputs[0]).filter(|&j| nodes[j].op_type == "Add" && nodes[j].inputs.iter().any(|v| near(v, 1.0)))?;
-    let mul = sole_reader(&nodes[add].outputs[0]).filter(|&j| nodes[j].op_type == "Mul" && nodes[j].inputs.contains(x))?;
-    let half = sole_reader(&nodes[mul].outputs[0]).filter(|&j| nodes[j].op_type == "Mul" && nodes[j].inputs.iter().any(|v| near(v, 0.5)))?;
-    Some((vec![erf, add, mul, half], nodes[half].outputs[0].clone()))
 }
 
 /// A part of the graph specialised to each input shape it meets: values computed from shapes
@@ -447,111 +514,5 @@ impl Part {
         }
         cache.push((dims, std::sync::Arc::new(plan)));
         pick(env)
-    }
-}
-
-/// (weight, bias) of a convolution whose weights (and bias) are constants.
-fn conv_weights(node: &Node, constants: &HashMap<String, Tensor>) -> Option<(Tensor, Tensor)> {
-    let w = constants.get(node.inputs.get(1)?)?.to_dtype(candle_core::DType::F32).ok()?;
-    if w.rank() != 4 {
-        return None;
-    }
-    let out = w.dim(0).ok()?;
-    let b = match node.inputs.get(2).filter(|s| !s.is_empty()) {
-        Some(name) => constants.get(name)?.to_dtype(candle_core::DType::F32).ok()?,
-        None => Tensor::zeros(out, candle_core::DType::F32, w.device()).ok()?,
-    };
-    Some((w, b))
-}
-
-fn conv_stride(node: &Node) -> Result<usize> {
-    let s = attr_ints(node, "strides").unwrap_or_else(|| vec![1, 1]);
-    Ok(s.first().copied().unwrap_or(1).max(1) as usize)
-}
-
-/// The convolution's padding on our kernel, or `None` when our kernel cannot run it (dilation,
-/// unequal strides, SAME_LOWER): then it runs through candle.
-fn conv_padding(node: &Node, weight: &Tensor, extra: [usize; 4]) -> Result<Option<Padding>> {
-    let (_, _, kh, kw) = weight.dims4()?;
-    let dil = attr_ints(node, "dilations").unwrap_or_else(|| vec![1, 1]);
-    let strides = attr_ints(node, "strides").unwrap_or_else(|| vec![1, 1]);
-    if dil.iter().any(|&d| d != 1) || strides.len() != 2 || strides[0] != strides[1] {
-        return Ok(None);
-    }
-    if let Some(k) = attr_ints(node, "kernel_shape") {
-        if k != [kh as i64, kw as i64] {
-            return Ok(None);
-        }
-    }
-    let pads = match attr_str(node, "auto_pad").as_deref().unwrap_or("NOTSET") {
-        "NOTSET" => attr_ints(node, "pads").unwrap_or_else(|| vec![0; 4]),
-        "VALID" => vec![0; 4],
-        "SAME_UPPER" if extra == [0; 4] => return Ok(Some(Padding::Same)),
-        _ => return Ok(None),
-    };
-    if pads.len() != 4 || pads.iter().any(|&p| p < 0) {
-        return Ok(None);
-    }
-    let p: Vec<usize> = pads.iter().zip(extra).map(|(&a, b)| a as usize + b).collect();
-    Ok(Some(if p.iter().all(|&v| v == p[0]) { Padding::Symmetric(p[0]) } else { Padding::Explicit { top: p[0], left: p[1], bottom: p[2], right: p[3] } }))
-}
-
-/// A Pad node that adds zeros on the two spatial axes only: (top, left, bottom, right).
-fn zero_spatial_pads(node: &Node, constants: &HashMap<String, Tensor>) -> Option<[usize; 4]> {
-    if attr_str(node, "mode").as_deref().unwrap_or("constant") != "constant" {
-        return None;
-    }
-    let pads: Vec<i64> = match node.inputs.get(1).filter(|s| !s.is_empty()) {
-        Some(name) => constants.get(name)?.to_dtype(candle_core::DType::I64).ok()?.to_vec1().ok()?,
-        None => attr_ints(node, "pads")?,
-    };
-    if let Some(name) = node.inputs.get(2).filter(|s| !s.is_empty()) {
-        if constant_f32(constants, name)?.iter().any(|&v| v != 0.0) {
-            return None;
-        }
-    }
-    if node.inputs.get(3).is_some_and(|s| !s.is_empty()) || node.attributes.get("value").is_some_and(|v| !matches!(v, super::proto::Attribute::Float(f) if *f == 0.0)) {
-        return None;
-    }
-    match pads.as_slice() {
-        [0, 0, t, l, 0, 0, b, r] if [t, l, b, r].iter().all(|&&v| v >= 0) => Some([*t as usize, *l as usize, *b as usize, *r as usize]),
-        _ => None,
-    }
-}
-
-/// A BatchNormalization with constant parameters folded into a convolution's weight and bias.
-fn fold_bn(bn: &Node, constants: &HashMap<String, Tensor>, weight: &Tensor, bias: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
-    let get = |k: usize| bn.inputs.get(k).and_then(|n| constant_f32(constants, n));
-    let (Some(gamma), Some(beta), Some(mean), Some(var)) = (get(1), get(2), get(3), get(4)) else { return Ok(None) };
-    let eps = match bn.attributes.get("epsilon") {
-        Some(super::proto::Attribute::Float(e)) => *e,
-        _ => 1e-5,
-    };
-    let out = weight.dim(0)?;
-    if [&gamma, &beta, &mean, &var].iter().any(|v| v.len() != out) {
-        return Ok(None);
-    }
-    let scale: Vec<f32> = gamma.iter().zip(&var).map(|(g, v)| g / (v + eps).sqrt()).collect();
-    let b = bias.to_vec1::<f32>()?;
-    let new_bias: Vec<f32> = (0..out).map(|c| beta[c] + (b[c] - mean[c]) * scale[c]).collect();
-    let scale_t = Tensor::from_vec(scale, (out, 1, 1, 1), weight.device())?;
-    Ok(Some((weight.broadcast_mul(&scale_t)?, Tensor::from_vec(new_bias, out, weight.device())?)))
-}
-
-/// Relu, or Clip to [0, 6], as the convolution's fused activation.
-fn fusable_activation(node: &Node, constants: &HashMap<String, Tensor>) -> Option<Activation> {
-    match node.op_type.as_str() {
-        "Relu" => Some(Activation::Relu),
-        "Clip" => {
-            let (lo, hi) = ops::clip_bounds(node, constants)?;
-            if lo == 0.0 && hi == 6.0 {
-                Some(Activation::Relu6)
-            } else if lo == 0.0 && hi == f32::INFINITY {
-                Some(Activation::Relu)
-            } else {
-                None
-            }
-        }
-        _ => None,
     }
 }

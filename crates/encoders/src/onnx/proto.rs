@@ -178,6 +178,8 @@ pub struct ValueInfo {
     pub name: String,
     pub elem_type: i32,
     pub shape: Option<Vec<Option<usize>>>,
+    /// The first dimension given as 0 or negative (other than -1, unknown): (index, value).
+    pub invalid_dim: Option<(usize, i64)>,
 }
 
 /// TensorProto, with its data still in the file's encoding.
@@ -322,7 +324,11 @@ impl ValueInfo {
                                         let mut df = Fields::new(dim, "a dimension");
                                         while let Some((field, w)) = df.next_field()? {
                                             if field == 1 {
-                                                value = usize::try_from(int(&w, "dim_value")?).ok().filter(|&d| d > 0);
+                                                let d = int(&w, "dim_value")?;
+                                                value = usize::try_from(d).ok().filter(|&d| d > 0);
+                                                if (d == 0 || d < -1) && v.invalid_dim.is_none() {
+                                                    v.invalid_dim = Some((dims.len(), d));
+                                                }
                                             }
                                         }
                                         dims.push(value);

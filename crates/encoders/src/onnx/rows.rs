@@ -17,7 +17,13 @@ use super::OnnxModel;
 pub(super) fn hoist(model: &OnnxModel, head: &[usize]) -> Option<(Vec<Node>, HashMap<String, Tensor>)> {
     let nodes = &model.nodes;
     let in_head: HashSet<usize> = head.iter().copied().collect();
-    let readers = |v: &str| -> Vec<usize> { (0..nodes.len()).filter(|&j| nodes[j].inputs.iter().any(|i| i == v)).collect() };
+    let mut reading: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (j, n) in nodes.iter().enumerate() {
+        for v in &n.inputs {
+            reading.entry(v.as_str()).or_default().push(j);
+        }
+    }
+    let readers = |v: &str| -> &[usize] { reading.get(v).map_or(&[], Vec::as_slice) };
     let token_value = |v: &str| matches!(model.shapes.get(v).map(Vec::as_slice), Some([1, t, _]) if *t > 1) && model.dtypes.get(v) == Some(&DType::F32);
     let constant = |v: &str| v.is_empty() || model.constants.contains_key(v);
     // The Gather of one token: axis 1 of a token value, a constant index.
@@ -27,7 +33,7 @@ pub(super) fn hoist(model: &OnnxModel, head: &[usize]) -> Option<(Vec<Node>, Has
             return None;
         }
         let idx = model.constants.get(n.inputs.get(1)?)?;
-        let c = idx.to_dtype(DType::I64).ok()?.flatten_all().ok()?.to_vec1::<i64>().ok()?;
+        let c = super::ops::values::<i64>(&idx.to_dtype(DType::I64).ok()?).ok()?;
         let t = model.shapes[&n.inputs[0]][1] as i64;
         (c.len() == 1 && idx.elem_count() == 1).then(|| (i, if c[0] < 0 { c[0] + t } else { c[0] }))
     })?;

@@ -7,7 +7,8 @@
 use candle_core::{DType, Tensor};
 use gradcam_kernels::Pointwise;
 
-use super::ops::{arg, attr_float, attr_int, attr_ints, attr_str, axis, check_size, fail, ints_of, opt, R};
+use super::check::broadcast;
+use super::ops::{arg, attr_float, attr_int, attr_ints, attr_str, axis, check_size, fail, ints_of, opt, values, R};
 use super::proto::Node;
 
 /// The op types of this file.
@@ -15,19 +16,6 @@ pub const OPS: &[&str] = &[
     "ArgMax", "Equal", "Erf", "Expand", "Gelu", "Greater", "GreaterOrEqual", "LayerNormalization", "Less", "LessOrEqual", "Mod", "Not", "Pow", "Range", "ScatterND", "Split", "Tile",
     "Where",
 ];
-
-/// The numpy broadcast of two shapes.
-fn broadcast(a: &[usize], b: &[usize]) -> R<Vec<usize>> {
-    let r = a.len().max(b.len());
-    let at = |s: &[usize], i: usize| if i + s.len() >= r { s[i + s.len() - r] } else { 1 };
-    (0..r)
-        .map(|i| match (at(a, i), at(b, i)) {
-            (x, y) if x == y || y == 1 => Ok(x),
-            (1, y) => Ok(y),
-            (x, y) => fail(format!("shapes {a:?} and {b:?} do not broadcast (dimension {i}: {x} and {y})")),
-        })
-        .collect()
-}
 
 fn same_dtype(a: &Tensor, b: &Tensor) -> R<(Tensor, Tensor)> {
     if a.dtype() == b.dtype() {
@@ -165,14 +153,14 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>]) -> Option<R<Vec<Tensor>
                 check_size(&shape, "Mod")?;
                 let fmod = attr_int(node, "fmod", 0) != 0;
                 if a.dtype() == DType::I64 {
-                    let (av, bv) = (a.broadcast_as(shape.clone())?.flatten_all()?.to_vec1::<i64>()?, b.broadcast_as(shape.clone())?.flatten_all()?.to_vec1::<i64>()?);
+                    let (av, bv) = (values::<i64>(&a.broadcast_as(shape.clone())?)?, values::<i64>(&b.broadcast_as(shape.clone())?)?);
                     if bv.contains(&0) {
                         return fail("Mod by zero");
                     }
                     let out: Vec<i64> = av.iter().zip(&bv).map(|(&x, &y)| if fmod { x.wrapping_rem(y) } else { x.wrapping_rem(y).wrapping_add(y).wrapping_rem(y) }).collect();
                     return Ok(vec![Tensor::from_vec(out, shape, &candle_core::Device::Cpu)?]);
                 }
-                let (av, bv) = (a.broadcast_as(shape.clone())?.flatten_all()?.to_vec1::<f32>()?, b.broadcast_as(shape.clone())?.flatten_all()?.to_vec1::<f32>()?);
+                let (av, bv) = (values::<f32>(&a.broadcast_as(shape.clone())?)?, values::<f32>(&b.broadcast_as(shape.clone())?)?);
                 let out: Vec<f32> = av.iter().zip(&bv).map(|(&x, &y)| if fmod { x % y } else { x - y * (x / y).floor() }).collect();
                 Ok(vec![Tensor::from_vec(out, shape, &candle_core::Device::Cpu)?])
             }
@@ -215,8 +203,8 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>]) -> Option<R<Vec<Tensor>
                 };
                 macro_rules! scatter {
                     ($t:ty) => {{
-                        let mut out = data.flatten_all()?.to_vec1::<$t>()?;
-                        let u = upd.to_vec1::<$t>()?;
+                        let mut out = values::<$t>(data)?;
+                        let u = values::<$t>(&upd)?;
                         for (p, chunk) in positions.chunks_exact(k).zip(u.chunks_exact(slice.max(1))) {
                             let o = offset(p)?;
                             out[o..o + slice].copy_from_slice(chunk);
