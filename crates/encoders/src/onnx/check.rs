@@ -466,14 +466,15 @@ pub(super) fn output(node: &Node, args: &[Option<Tensor>]) -> R<Option<Vec<usize
     Ok(Some(shape))
 }
 
-/// Most work a run may do, in units of about a multiply-add of our convolution kernel: 2^37,
-/// some seconds (ResNet-50 at 224 px takes 2^32, ViT-B/16 2^33.5; at 1024 px ResNet-50 2^36.5).
-pub const MAX_WORK: u64 = 1 << 37;
+/// Most work a run may do, in units of about a multiply-add of our convolution kernel: 2^36,
+/// some seconds (ResNet-50 at 224 px takes 2^32, ViT-B/16 2^33.5, ViT-L/16 2^35; ResNet-50 at
+/// 1024 px, 2^36.5, is refused).
+pub const MAX_WORK: u64 = 1 << 36;
 
 /// The work of running `node` on `args` into an output of `shape` (when known), in units of
 /// [`MAX_WORK`]: multiply-adds for the convolutions and products (candle's convolution counted
-/// four times, sixteen when grouped), two per window element of a pooling, eight for each
-/// element of any other op.
+/// four times, sixteen when grouped), sixteen per window element of a pooling, 32 for each
+/// element of any other op (memory-bound: a Pad of 175 million elements takes a second).
 pub(super) fn work(node: &Node, args: &[Option<Tensor>], shape: Option<&[usize]>) -> u64 {
     let out = shape.map_or(0, |s| elements(s).unwrap_or(usize::MAX)) as u64;
     let dims = |k: usize| args.get(k).and_then(|a| a.as_ref()).map(|t| t.dims());
@@ -486,10 +487,10 @@ pub(super) fn work(node: &Node, args: &[Option<Tensor>], shape: Option<&[usize]>
             let k = if node.op_type == "Gemm" && attr_int(node, "transA", 0) != 0 { a.first() } else { a.last() };
             out.saturating_mul(k.copied().unwrap_or(1) as u64)
         }
-        "AveragePool" | "MaxPool" => out.saturating_mul(window()).saturating_mul(2),
+        "AveragePool" | "MaxPool" => out.saturating_mul(window()).saturating_mul(16),
         _ => {
             let inputs: u64 = args.iter().flatten().map(|t| t.elem_count() as u64).fold(0, u64::saturating_add);
-            out.max(inputs).saturating_mul(8)
+            out.max(inputs).saturating_mul(32)
         }
     }
 }

@@ -314,7 +314,7 @@ impl Plan {
                 (Kernel::Op(node), _, _) => check::work(node, &args, shape.as_deref()),
                 (Kernel::Conv(_), Some(out), Some((_, w, _))) => elements(out).saturating_mul(elements(&w[1..])),
                 (Kernel::Linear(_) | Kernel::Mlp(_), Some(out), _) => elements(out).saturating_mul(s.width.map_or(1, |w| w.0 as u64)).saturating_mul(2),
-                _ => args.iter().flatten().map(|t| t.elem_count() as u64).sum::<u64>().saturating_mul(8),
+                _ => args.iter().flatten().map(|t| t.elem_count() as u64).sum::<u64>().saturating_mul(32),
             });
             if work > check::MAX_WORK {
                 return Err(candle_core::Error::Msg(format!("{}: the run would do more than {} multiply-adds' work (up to this node); the graph asks too much computation", s.label, check::MAX_WORK)));
