@@ -18,6 +18,7 @@ fn onnx_graphs_with_nan_weights_redefined_initializers_or_integer_outputs_are_re
         ("int_output.onnx", "the output \"rounded\" is I64, not scores"),
         ("conv_strides_0.onnx", "node \"conv\" (Conv): strides holds 0; they must be 1 to 4096"),
         ("conv_no_channels.onnx", "node \"conv\" (Conv): its weights have no output channel"),
+        ("int64_input.onnx", "the graph's input \"input\" holds values of ONNX type 7, not floats"),
         ("pool_pads_2e20.onnx", "node \"pool\" (AveragePool): pads holds 1048576; they must be 0 to 4096"),
     ]);
 }

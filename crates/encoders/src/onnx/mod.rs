@@ -183,6 +183,11 @@ impl OnnxModel {
     /// Reads and checks an ONNX file; every failure names the file and what is wrong.
     pub fn load(path: &Path, options: &OnnxOptions) -> Result<OnnxModel> {
         let Graph { nodes, constants, input, output, producer } = Graph::read(path)?;
+        // Pixels are floats: an integer, boolean or string input would be fed floats it does not
+        // declare (0: unspecified, 1 float, 10 float16, 11 double, 16 bfloat16).
+        if !matches!(input.elem_type, 0 | 1 | 10 | 11 | 16) {
+            return Err(bad(path, format!("the graph's input {:?} holds values of ONNX type {}, not floats; gradcam feeds images as float pixels", input.name, input.elem_type)));
+        }
         let dims = input.shape.clone().unwrap_or_default();
         let input_size = match dims.as_slice() {
             [_, Some(3), Some(h), Some(w)] => {
