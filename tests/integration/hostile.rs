@@ -614,10 +614,15 @@ fn onnx_integers_empty_values_and_vectors_are_computed_or_refused_without_a_pani
 /// candle's `to_vec1`; an AveragePool over a batch padded to 40,703 images ran for 45 s (a
 /// grouped convolution; now candle's pooling, and every run's work is bounded); a 1x1 Conv padded
 /// by 105 on the right, wider than its input, panicked in our kernel's im2col (such padding now
-/// runs through candle's convolution, and the kernel skips rows that read padding only).
+/// runs through candle's convolution, and the kernel skips rows that read padding only); the Neg
+/// of a shape reached candle's `todo!` for integers.
 #[test]
 fn fuzz_regressions_onnx_graphs_are_answered_in_seconds_without_a_panic() {
-    onnx_refused(&[("fuzz_clip_bound_empty.onnx", "node \"Clip_mu\" (Clip): empty scalar")]);
+    onnx_refused(&[
+        ("fuzz_clip_bound_empty.onnx", "node \"Clip_mu\" (Clip): empty scalar"),
+        // Neg of integers reached candle's todo!.
+        ("fuzz_neg_of_shape.onnx", "the graph's output \"scores\" does not depend on its input \"input\""),
+    ]);
     let out = tempfile::tempdir().unwrap();
     let model = repo("tests/fixtures/onnx/hostile/fuzz_conv_right_pad_105.onnx");
     crate::ok(&gradcam(&["classify", repo("data/shapescenes/test/images/000018.png").to_str().unwrap(), "--model", model.to_str().unwrap(), "--out", out.path().to_str().unwrap()]));
