@@ -495,6 +495,15 @@ pub(super) fn work(node: &Node, args: &[Option<Tensor>], shape: Option<&[usize]>
     }
 }
 
+/// Integer division truncating toward zero, as ONNX's Div of integers (candle's panics on
+/// i64::MIN / -1; the divisor holds no zero: [`output`] checked).
+pub(super) fn int_div(a: &Tensor, b: &Tensor) -> R<Tensor> {
+    let shape = broadcast(a.dims(), b.dims())?;
+    let (x, y) = (super::ops::values::<i64>(&a.broadcast_as(shape.clone())?)?, super::ops::values::<i64>(&b.broadcast_as(shape.clone())?)?);
+    let q: Vec<i64> = x.iter().zip(&y).map(|(&x, &y)| if y == 0 { 0 } else { x.wrapping_div(y) }).collect();
+    Tensor::from_vec(q, shape, a.device())
+}
+
 /// Bytes of a tensor's elements.
 pub(super) fn bytes(t: &Tensor) -> usize {
     t.elem_count().saturating_mul(t.dtype().size_in_bytes())

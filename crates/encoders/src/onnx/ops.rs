@@ -187,13 +187,14 @@ pub(super) fn eval(node: &Node, args: &[Option<Tensor>], rule: Rule) -> R<Vec<Te
         "Tanh" => one(x()?.tanh()?),
         "Exp" => one(x()?.exp()?),
         "Sqrt" => one(x()?.sqrt()?),
-        "Neg" => one(x()?.neg()?),
+        "Neg" => one(x()?.zeros_like()?.sub(x()?)?),
         "Add" | "Sub" | "Mul" | "Div" => {
             let (a, b) = align(x()?, arg(args, 1, node)?)?;
             one(match node.op_type.as_str() {
                 "Add" => a.broadcast_add(&b)?,
                 "Sub" => a.broadcast_sub(&b)?,
                 "Mul" => a.broadcast_mul(&b)?,
+                _ if a.dtype() == DType::I64 => super::check::int_div(&a, &b)?,
                 _ => a.broadcast_div(&b)?,
             })
         }
