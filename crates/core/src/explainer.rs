@@ -511,7 +511,7 @@ mod tests {
         let split = Split::new(features, head);
         let batch = Tensor::cat(&[&input, &input], 0).unwrap();
         let err = Cam::new(&split).explain(&batch, &[Target::class(0)]).unwrap_err();
-        assert!(err.to_string().contains("explain_with"), "{err}");
+        assert!(err.to_string().contains("explain_batch"), "{err}");
         let a = split.features(&batch).unwrap();
         let e = Cam::new(&split).explain_with(&batch, &a, &[(0, Target::class(0)), (1, Target::class(1))]).unwrap();
         assert_eq!((e[0].image, e[1].image), (0, 1));
