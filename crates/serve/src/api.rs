@@ -92,11 +92,11 @@ impl Form {
         Ok(())
     }
 
-    /// The image, decoded with the CLI's limits (its size read from the header first): on a
-    /// worker, so that decoding is bounded by the work queue.
+    /// The image (checked by [`Form::check_image`] before it waited), decoded with the CLI's
+    /// limits (its size read from the header first): on a worker, so that decoding is bounded by
+    /// the work queue.
     fn image(&self) -> Result<(String, RgbImage), ApiError> {
-        self.check_image()?;
-        let (name, bytes) = self.image.as_ref().expect("checked above");
+        let (name, bytes) = self.image.as_ref().ok_or_else(|| ApiError::bad("the form has no field `image`"))?;
         let img = gradcam_encoders::preprocess::decode_image(bytes, name).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
         Ok((name.clone(), img))
     }

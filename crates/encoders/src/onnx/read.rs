@@ -69,7 +69,7 @@ impl Graph {
             }
             // NaN weights would give finite-looking logits and empty maps; infinities are kept
             // (attention masks hold -inf).
-            if value.dtype().is_float() && value.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().any(|v| v.is_nan()) {
+            if holds_nan(&value)? {
                 return Err(bad(path, format!("initializer {:?} holds NaN; are the weights corrupt?", t.name)));
             }
             if constants.insert(t.name.clone(), value).is_some() {
@@ -218,4 +218,17 @@ impl OnnxFunction {
         let y = self.plan.run_to(x, &self.output).map_err(|e| Error::Onnx(format!("{}: {e}", self.name)))?;
         Ok(y.to_dtype(DType::F32)?)
     }
+}
+
+/// Whether a float tensor holds a NaN: an F32 one read in place (weights are most of a model's
+/// bytes, and a copy of each would double them at load), any other float type converted.
+fn holds_nan(value: &Tensor) -> candle_core::Result<bool> {
+    if value.dtype() == DType::F32 && value.is_contiguous() {
+        let (storage, layout) = value.storage_and_layout();
+        if let candle_core::Storage::Cpu(cpu) = &*storage {
+            let start = layout.start_offset();
+            return Ok(cpu.as_slice::<f32>()?[start..start + value.elem_count()].iter().any(|v| v.is_nan()));
+        }
+    }
+    Ok(value.dtype().is_float() && value.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().any(|v| v.is_nan()))
 }
