@@ -16,6 +16,7 @@ mod neurons;
 mod onnx;
 mod serve;
 mod serve_door;
+mod slurm;
 mod transformers;
 mod vqa;
 
