@@ -7,7 +7,8 @@ use gradcam_encoders::{preprocess::{load_image, Resize}, ModelName};
 use gradcam_neurons::Dissection;
 use gradcam_serve::html::View;
 
-use crate::common::{HtmlArg, MethodArgs, OutputArgs};
+use crate::common::{MethodArgs, OutputArgs};
+use gradcam_serve::cli::HtmlArg;
 use crate::progress::each_image;
 use crate::ExplainedClassifier;
 

@@ -7,7 +7,8 @@ use gradcam::pipeline::{matching::{match_texts, Options}, render::Stems, Files};
 use gradcam_clip::Matcher;
 use gradcam_encoders::preprocess::load_image;
 
-use crate::common::{print, HtmlArg, MethodArgs, OutputArgs};
+use crate::common::{print, MethodArgs, OutputArgs};
+use gradcam_serve::cli::HtmlArg;
 
 #[derive(clap::Args)]
 pub struct MatchArgs {
@@ -29,7 +30,7 @@ pub fn run(args: MatchArgs) -> anyhow::Result<ExitCode> {
     let (channels, mut stems, mut stdout) = (crate::progress::channels(args.output.json), Stems::default(), std::io::stdout().lock());
     for image in &args.m.images {
         let stem = stems.unique(image);
-        let r = match_texts(&model, &load_image(image)?, &image.display().to_string(), Files { dir: Some(&args.output.out), stem: &stem }, &options, Some(&*channels))?;
+        let r = match_texts(&model, &load_image(image)?, &image.display().to_string(), Files::new(&args.output.out, &stem), &options, Some(&*channels))?;
         r.texts.iter().filter(|t| t.truncated).for_each(|t| eprintln!("warning: {:?} is longer than the model's context; cut to it", t.text));
         args.html.write(&stem, image, gradcam_serve::html::View::Match, &r)?;
         print(&mut stdout, &r, args.output.json)?;

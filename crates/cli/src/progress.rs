@@ -16,7 +16,7 @@ pub fn bar(n: u64, what: &str) -> ProgressBar {
 /// An image that fails is reported and the others still run: exit code 1 when any failed.
 pub fn each_image<R: serde::Serialize + std::fmt::Display>(
     images: &[std::path::PathBuf],
-    (out, json, html): (&std::path::Path, bool, Option<(&crate::common::HtmlArg, gradcam_serve::html::View)>),
+    (out, json, html): (&std::path::Path, bool, Option<(&gradcam_serve::cli::HtmlArg, gradcam_serve::html::View)>),
     mut one: impl FnMut(&std::path::Path, gradcam::pipeline::Files<'_>, &gradcam::pipeline::Progress) -> anyhow::Result<R>,
 ) -> anyhow::Result<std::process::ExitCode> {
     gradcam_io::create_dir_all(out)?;
@@ -26,8 +26,8 @@ pub fn each_image<R: serde::Serialize + std::fmt::Display>(
     for path in images {
         progress.set_message(path.display().to_string());
         let stem = stems.unique(path);
-        let result = one(path, gradcam::pipeline::Files { dir: Some(out), stem: &stem }, &*channels);
-        match result.and_then(|r| html.map_or(Ok(()), |(h, view)| h.write(&stem, path, view, &r)).map(|()| r)) {
+        let result = one(path, gradcam::pipeline::Files::new(out, &stem), &*channels);
+        match result.and_then(|r| html.map_or(Ok(()), |(h, view)| h.write(&stem, path, view, &r)).map(|()| r).map_err(Into::into)) {
             Ok(result) => progress.suspend(|| crate::common::print(&mut stdout, &result, json))?,
             Err(err) => {
                 failures += 1;

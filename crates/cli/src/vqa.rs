@@ -78,7 +78,7 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
     let Some((qfile, dir)) = args.questions.as_deref().zip(args.images.as_deref()) else {
         let (image, question) = (args.image.as_ref().expect("clap requires it"), args.question.as_deref().expect("clap requires it"));
         let stem = stems.unique(image);
-        let r = answer(&model, &load_image(image)?, &image.display().to_string(), question, Files { dir: Some(&args.output.out), stem: &stem }, &options, names.as_ref(), Some(&*channels))?;
+        let r = answer(&model, &load_image(image)?, &image.display().to_string(), question, Files::new(&args.output.out, &stem), &options, names.as_ref(), Some(&*channels))?;
         args.explain.html.write(&stem, image, View::Vqa, &r)?;
         print(&mut stdout, &r, args.output.json)?;
         return Ok(ExitCode::SUCCESS);
@@ -86,7 +86,7 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
     let (bar, mut failures, mut written) = (bar(0, "questions"), 0, Ok(()));
     let rows = batch(&model, (qfile, args.annotations.as_deref(), dir), &args.output.out, &options, names.as_ref(), Some(&*channels), &mut stems, &mut |a, n| {
         bar.set_length(n as u64);
-        match a.record.map_err(anyhow::Error::from).and_then(|r| args.explain.html.write(&a.stem, a.image, View::Vqa, &r).map(|()| r)) {
+        match a.record.map_err(anyhow::Error::from).and_then(|r| args.explain.html.write(&a.stem, a.image, View::Vqa, &r).map(|()| r).map_err(Into::into)) {
             Ok(r) if written.is_ok() => written = bar.suspend(|| print(&mut stdout, &r, args.output.json)),
             Ok(_) => {}
             Err(e) => {

@@ -4,7 +4,10 @@
 //! file in input order ([`merge`]).
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "cli")]
+pub mod cli;
 mod inputs;
+pub mod maps;
 mod merge;
 mod records;
 mod run;

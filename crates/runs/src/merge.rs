@@ -151,7 +151,7 @@ mod tests {
         let inputs = Inputs::open(&list).unwrap();
         let out = dir.join(format!("out{n}"));
         for i in 0..n {
-            let plan = Plan { inputs: &inputs, out: &out, shard: Shard::new(i, n).unwrap(), batch_size: 3, resume: false };
+            let plan = Plan { inputs: &inputs, out: &out, shard: Shard::new(i, n).unwrap(), batch_size: 3, resume: false, maps: None };
             run(&plan, &mut |b| b.iter().map(|i| if i.index == 5 { Err("bad".into()) } else { Ok(format!("{{\"image\":\"{}\"}}", i.image.display())) }).collect(), &mut |_, _| ()).unwrap();
         }
         out

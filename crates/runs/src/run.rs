@@ -23,6 +23,8 @@ pub struct Plan<'a> {
     pub batch_size: usize,
     /// Continue the shard's records instead of refusing them.
     pub resume: bool,
+    /// Also write each record's raw maps as arrays (`out/maps/INDEX.npy`, ...).
+    pub maps: Option<crate::maps::MapFormat>,
 }
 
 /// How a run went.
@@ -79,6 +81,10 @@ pub fn run(plan: &Plan<'_>, explain: &mut dyn FnMut(&[Input]) -> Vec<std::result
                     Some(problem) => Err(problem.clone()),
                     None => results.next().unwrap_or_else(|| Err("the command gave no record for this input".into())),
                 };
+                let result = match (result, plan.maps) {
+                    (Ok(json), Some(format)) => crate::maps::write(plan.out, input.index, format, &json).map(|_| json).map_err(|e| e.to_string()),
+                    (result, _) => result,
+                };
                 match result {
                     Ok(json) => line(input.index, &json),
                     Err(e) => {
@@ -119,7 +125,7 @@ mod tests {
         let inputs = list(dir.path(), 11);
         let out = dir.path().join("out");
         let mut batches = Vec::new();
-        let plan = Plan { inputs: &inputs, out: &out, shard: Shard::new(1, 3).unwrap(), batch_size: 2, resume: false };
+        let plan = Plan { inputs: &inputs, out: &out, shard: Shard::new(1, 3).unwrap(), batch_size: 2, resume: false, maps: None };
         let o = run(&plan, &mut |b| {
             batches.push(b.iter().map(|i| i.index).collect::<Vec<_>>());
             echo(b)
