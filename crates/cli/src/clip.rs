@@ -20,12 +20,17 @@ pub struct MatchArgs {
     html: HtmlArg,
     #[command(flatten)]
     output: OutputArgs,
+    #[command(flatten)]
+    run: gradcam_runs::cli::RunArgs,
 }
 
 pub fn run(args: MatchArgs) -> anyhow::Result<ExitCode> {
     let model = Matcher::load(&args.m.model).with_context(|| format!("loading the CLIP model from {}", args.m.model.display()))?;
     let m = args.m.clone();
     let options = Options { texts: m.texts, layer: m.layer, softmax: m.softmax, counterfactual: m.counterfactual, settings: args.methods.settings() };
+    if let Some(inputs) = &args.run.inputs {
+        return crate::progress::dataset(&args.run, inputs, &args.output.out, |items| items.iter().map(|(i, files)| Ok(match_texts(&model, &load_image(&i.image)?, &i.image.display().to_string(), *files, &options, None)?)).collect());
+    }
     gradcam_io::create_dir_all(&args.output.out)?;
     let (channels, mut stems, mut stdout) = (crate::progress::channels(args.output.json), Stems::default(), std::io::stdout().lock());
     for image in &args.m.images {

@@ -22,7 +22,7 @@ pub const DEFAULT_MODEL: &str = "models/vqa";
 #[derive(clap::Args)]
 pub struct VqaArgs {
     /// Image to ask about.
-    #[arg(required_unless_present_any = ["questions", "eval"], requires = "question")]
+    #[arg(required_unless_present_any = ["questions", "eval", "inputs"], requires = "question")]
     image: Option<PathBuf>,
     /// The question.
     question: Option<String>,
@@ -57,6 +57,8 @@ pub struct VqaArgs {
     limit: usize,
     #[command(flatten)]
     explain: ExplainArgs,
+    #[command(flatten)]
+    run: gradcam_runs::cli::RunArgs,
 }
 
 pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
@@ -74,6 +76,11 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
     let dissection = if args.explain.neurons { Dissection::of_model(args.explain.dissection.as_deref(), &args.model, true)? } else { None };
     let names = dissection.as_ref().map(|d| UnitNames::Dissection(d));
     let options = Options { answers: args.answers.clone(), counterfactual: args.counterfactual, top_k: args.top_k, settings: args.explain.methods.settings() };
+    if let Some(inputs) = &args.run.inputs {
+        anyhow::ensure!(gradcam_runs::Inputs::open(inputs)?.kind() == gradcam_runs::Kind::Questions, "vqa --inputs {}: give a VQA v2 questions.json (its images in images/ beside it)", inputs.display());
+        let text = |i: &gradcam_runs::Input| i.question.as_ref().map_or(String::new(), |q| q.text.clone());
+        return crate::progress::dataset(&args.run, inputs, &args.output.out, |items| items.iter().map(|(i, files)| Ok(answer(&model, &load_image(&i.image)?, &i.image.display().to_string(), &text(i), *files, &options, names.as_ref(), None)?)).collect());
+    }
     let (channels, mut stems, mut stdout) = (crate::progress::channels(args.output.json), Stems::default(), std::io::stdout().lock());
     let Some((qfile, dir)) = args.questions.as_deref().zip(args.images.as_deref()) else {
         let (image, question) = (args.image.as_ref().expect("clap requires it"), args.question.as_deref().expect("clap requires it"));
