@@ -36,6 +36,9 @@ pub enum Error {
     /// A shard's records exist and `--resume` was not given.
     #[error("{} already holds records: give --resume to continue that run, or another --out", file.display())]
     Exists { file: PathBuf },
+    /// Another process is writing this shard's records.
+    #[error("{} is being written by another process (the same shard running twice?); wait for it, or stop it first", file.display())]
+    Busy { file: PathBuf },
     /// A resumed shard ran over another list or split.
     #[error("{} was written for {was}; this run is {now}: resume with the same --inputs and --shard, or give another --out", file.display())]
     Changed { file: PathBuf, was: String, now: String },

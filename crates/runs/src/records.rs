@@ -71,6 +71,14 @@ impl Records {
             move |source| Error::Io { path, source }
         };
         let mut file = std::fs::OpenOptions::new().read(true).append(true).create(true).open(&path).map_err(io(&path))?;
+        // Two tasks on one shard (a requeued task while the old one still runs) would write each
+        // other's records twice: the second is refused while the first holds the lock.
+        if let Err(e) = file.try_lock() {
+            return match e {
+                std::fs::TryLockError::WouldBlock => Err(Error::Busy { file: path }),
+                std::fs::TryLockError::Error(source) => Err(Error::Io { path, source }),
+            };
+        }
         let len = file.metadata().map_err(io(&path))?.len();
         let fresh = ShardState { shard: shard.to_string(), inputs: inputs.to_string(), list_len, total: shard.len_of(list_len), count: 0, errors: 0, seconds: 0.0 };
         if len > 0 && !resume {
@@ -199,6 +207,10 @@ mod tests {
         assert_eq!((r.state.count, r.state.errors, r.state.total, r.state.seconds), (2, 1, 4, 0.5));
         assert!(std::fs::read_to_string(&path).unwrap().ends_with("broken\"}\n"), "the cut line is gone");
         drop(r);
+        let held = Records::open(dir.path(), shard, "list.txt", 9, true).unwrap();
+        let e = Records::open(dir.path(), shard, "list.txt", 9, true).err().unwrap();
+        assert!(e.to_string().contains("another"), "{e}");
+        drop(held);
         let e = Records::open(dir.path(), shard, "other.txt", 9, true).err().unwrap();
         assert!(e.to_string().contains("other.txt"), "{e}");
     }
