@@ -35,6 +35,16 @@ pub struct RunArgs {
     pub maps: Option<MapFormat>,
 }
 
+/// How often a run whose standard error is not a terminal (a Slurm or Kubernetes log) prints
+/// its progress.
+pub const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Seconds as `1h02m03s`.
+fn clock(seconds: f64) -> String {
+    let s = seconds.round() as u64;
+    format!("{}h{:02}m{:02}s", s / 3600, s / 60 % 60, s % 60)
+}
+
 /// The start of input `index`'s picture stems in a dataset run: unique across shards and
 /// resumed runs.
 pub fn stem_prefix(index: usize) -> String {
@@ -57,9 +67,19 @@ impl RunArgs {
         let bar = indicatif::ProgressBar::new(0);
         let style = "{bar:30} {pos}/{len} inputs of shard ".to_string() + &shard.to_string() + " [{elapsed_precise}<{eta_precise}] {per_sec}";
         bar.set_style(indicatif::ProgressStyle::with_template(&style).expect("a valid template"));
+        // A scheduler's log is not a terminal: no bar there, but a line every LOG_EVERY.
+        let log = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let (start, mut logged, mut first) = (std::time::Instant::now(), std::time::Instant::now(), None);
         let outcome = run(&plan, &mut |batch| explain(batch, self.overlays.then_some(overlays.as_path())), &mut |done, total| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
+            let first = *first.get_or_insert(done);
+            if log && logged.elapsed() >= LOG_EVERY && done > first {
+                logged = std::time::Instant::now();
+                let rate = (done - first) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+                let eta = (total - done) as f64 / rate.max(1e-9);
+                eprintln!("shard {shard}: {done}/{total} inputs, {rate:.1} images/s, ETA {}", clock(eta));
+            }
         });
         bar.finish_and_clear();
         let o = outcome?;
