@@ -63,7 +63,7 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     let names = dissection.as_ref().filter(|_| args.explain.neurons).map(|d| UnitNames::Dissection(d));
     let options = Options { beam: args.beam, caption: args.caption.clone(), settings: args.explain.methods.settings() };
     if let Some(inputs) = &args.run.inputs {
-        return crate::progress::dataset(&args.run, inputs, &args.output.out, |items| items.iter().map(|(i, files)| Ok(caption(&model, &load_image(&i.image)?, &i.image.display().to_string(), *files, &options, names.as_ref(), None)?)).collect());
+        return crate::progress::dataset(&args.run, inputs, &args.output.out, |items| items.into_iter().map(|(i, files, img)| Ok(caption(&model, &img?, &i.image.display().to_string(), files, &options, names.as_ref(), None)?)).collect());
     }
     each_image(&args.images, (&args.output.out, args.output.json, Some((&args.explain.html, View::Caption))), |path, files, bar| {
         Ok(caption(&model, &load_image(path)?, &path.display().to_string(), files, &options, names.as_ref(), Some(bar))?)

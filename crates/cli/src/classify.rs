@@ -59,7 +59,7 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     let options = Options { classes: args.classes.clone(), top_k: args.top_k, counterfactual: args.counterfactual, resize, neurons: args.neurons, dissection, settings: args.methods.settings() };
     options.check(&net)?;
     if let Some(inputs) = &args.run.inputs {
-        return crate::progress::dataset(&args.run, inputs, &args.output.out, |items| items.iter().map(|(i, files)| Ok(classify(&net, index, &load_image(&i.image)?, &i.image.display().to_string(), *files, &options, None)?)).collect());
+        return crate::progress::dataset(&args.run, inputs, &args.output.out, |items| items.into_iter().map(|(i, files, img)| Ok(classify(&net, index, &img?, &i.image.display().to_string(), files, &options, None)?)).collect());
     }
     each_image(&args.images, (&args.output.out, args.output.json, Some((&args.html, View::Classify))), |path, files, bar| {
         Ok(classify(&net, index, &load_image(path)?, &path.display().to_string(), files, &options, Some(bar))?)

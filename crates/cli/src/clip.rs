@@ -29,7 +29,7 @@ pub fn run(args: MatchArgs) -> anyhow::Result<ExitCode> {
     let m = args.m.clone();
     let options = Options { texts: m.texts, layer: m.layer, softmax: m.softmax, counterfactual: m.counterfactual, settings: args.methods.settings() };
     if let Some(inputs) = &args.run.inputs {
-        return crate::progress::dataset(&args.run, inputs, &args.output.out, |items| items.iter().map(|(i, files)| Ok(match_texts(&model, &load_image(&i.image)?, &i.image.display().to_string(), *files, &options, None)?)).collect());
+        return crate::progress::dataset(&args.run, inputs, &args.output.out, |items| items.into_iter().map(|(i, files, img)| Ok(match_texts(&model, &img?, &i.image.display().to_string(), files, &options, None)?)).collect());
     }
     gradcam_io::create_dir_all(&args.output.out)?;
     let (channels, mut stems, mut stdout) = (crate::progress::channels(args.output.json), Stems::default(), std::io::stdout().lock());

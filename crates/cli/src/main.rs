@@ -177,12 +177,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Demo { what } => classifier::run_demo(what),
         Command::Vqa(args) => vqa::run(args),
         Command::Match(args) => clip::run(args),
-        Command::Merge { dir } => {
-            let summary = gradcam_runs::merge(&dir)?;
-            println!("{}", serde_json::to_string_pretty(&summary)?);
-            eprintln!("{} records ({} failed) in {}", summary.count, summary.errors, dir.join("records.jsonl").display());
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Merge { dir } => gradcam_runs::cli::merge(&dir).map(|()| ExitCode::SUCCESS).map_err(Into::into),
         Command::Convert { input, output, model } => {
             let n = gradcam_encoders::convert(&input, &output, model)?;
             eprintln!("wrote {} ({n} tensors)", output.display());

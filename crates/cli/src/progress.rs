@@ -56,14 +56,19 @@ pub fn channels(quiet: bool) -> Box<gradcam::pipeline::Progress> {
     })
 }
 
-/// A dataset run (`--inputs`) into `out`: `explain` gets each batch, every input with where its
-/// pictures go, and gives each input's record or error (recorded, and the run goes on).
-pub fn dataset<R: serde::Serialize>(run: &gradcam_runs::cli::RunArgs, inputs: &std::path::Path, out: &std::path::Path, mut explain: impl FnMut(&[(&gradcam_runs::Input, gradcam::pipeline::Files<'_>)]) -> Vec<anyhow::Result<R>>) -> anyhow::Result<std::process::ExitCode> {
+/// One input of a dataset run's batch: the input, where its pictures go, its image (decoded).
+pub type Item<'a> = (&'a gradcam_runs::Input, gradcam::pipeline::Files<'a>, anyhow::Result<image::RgbImage>);
+
+/// A dataset run (`--inputs`) into `out`: `explain` gets each batch, its images decoded side by
+/// side, and gives each input's record or error (recorded, and the run goes on).
+pub fn dataset<R: serde::Serialize>(run: &gradcam_runs::cli::RunArgs, inputs: &std::path::Path, out: &std::path::Path, mut explain: impl FnMut(Vec<Item<'_>>) -> Vec<anyhow::Result<R>>) -> anyhow::Result<std::process::ExitCode> {
+    use rayon::prelude::*;
     run.run(inputs, out, &mut |batch, dir| {
         let stem = |i: &gradcam_runs::Input| gradcam_runs::cli::stem_prefix(i.index) + &gradcam::pipeline::render::sanitize(&i.image.file_stem().unwrap_or_default().to_string_lossy());
         let stems: Vec<String> = batch.iter().map(stem).collect();
-        let items: Vec<_> = batch.iter().zip(&stems).map(|(i, stem)| (i, gradcam::pipeline::Files { dir, stem, discard: dir.is_none() })).collect();
-        let records = explain(&items).into_iter().zip(batch);
+        let images: Vec<anyhow::Result<image::RgbImage>> = batch.par_iter().map(|i| Ok(gradcam_encoders::preprocess::load_image(&i.image)?)).collect();
+        let items = batch.iter().zip(&stems).zip(images).map(|((i, stem), image)| (i, gradcam::pipeline::Files { dir, stem, discard: dir.is_none() }, image));
+        let records = explain(items.collect()).into_iter().zip(batch);
         records.map(|(r, i)| r.and_then(|r| Ok(serde_json::to_string(&r)?)).map_err(|e| crate::hints::message(&e.context(i.image.display().to_string())))).collect()
     })?;
     Ok(std::process::ExitCode::SUCCESS)

@@ -79,7 +79,7 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
     if let Some(inputs) = &args.run.inputs {
         anyhow::ensure!(gradcam_runs::Inputs::open(inputs)?.kind() == gradcam_runs::Kind::Questions, "vqa --inputs {}: give a VQA v2 questions.json (its images in images/ beside it)", inputs.display());
         let text = |i: &gradcam_runs::Input| i.question.as_ref().map_or(String::new(), |q| q.text.clone());
-        return crate::progress::dataset(&args.run, inputs, &args.output.out, |items| items.iter().map(|(i, files)| Ok(answer(&model, &load_image(&i.image)?, &i.image.display().to_string(), &text(i), *files, &options, names.as_ref(), None)?)).collect());
+        return crate::progress::dataset(&args.run, inputs, &args.output.out, |items| items.into_iter().map(|(i, files, img)| Ok(answer(&model, &img?, &i.image.display().to_string(), &text(i), files, &options, names.as_ref(), None)?)).collect());
     }
     let (channels, mut stems, mut stdout) = (crate::progress::channels(args.output.json), Stems::default(), std::io::stdout().lock());
     let Some((qfile, dir)) = args.questions.as_deref().zip(args.images.as_deref()) else {

@@ -89,3 +89,12 @@ impl RunArgs {
         Ok(o)
     }
 }
+
+/// `gradcam merge DIR`: merges the run ([`crate::merge`]), prints its summary as JSON and where the
+/// records are.
+pub fn merge(dir: &Path) -> Result<()> {
+    let summary = crate::merge(dir)?;
+    println!("{}", serde_json::to_string_pretty(&summary).expect("a summary serialises"));
+    eprintln!("{} records ({} failed) in {}", summary.count, summary.errors, dir.join("records.jsonl").display());
+    Ok(())
+}
