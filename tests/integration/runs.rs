@@ -149,6 +149,7 @@ fn every_explaining_command_runs_over_a_dataset() {
     let questions: Value = serde_json::from_slice(&std::fs::read(split.join("questions.json")).unwrap()).unwrap();
     assert_eq!(r.len(), questions["questions"].as_array().unwrap().len());
     assert_eq!(r[1]["question"], questions["questions"][1]["question"]);
+    assert_eq!(r[1]["question_id"], questions["questions"][1]["question_id"]);
     let e = err(&gradcam(&["vqa", "--inputs", &split.join("images").display().to_string(), "--out", &d("vqa2")]));
     assert!(e.contains("questions.json"), "{e}");
     // classify: a COCO instances file (its images/ beside it).

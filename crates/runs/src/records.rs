@@ -165,9 +165,14 @@ impl Recorded {
 
 /// A record's line: `{"index": I, ...the record's fields}`.
 pub fn line(index: usize, record_json: &str) -> String {
+    line_field("index", index, record_json)
+}
+
+/// `record_json` with `"name": value` as its first field.
+pub(crate) fn line_field(name: &str, value: impl std::fmt::Display, record_json: &str) -> String {
     match record_json.strip_prefix('{').map(str::trim_start) {
-        Some("}") | None => format!("{{\"index\":{index}}}"),
-        Some(rest) => format!("{{\"index\":{index},{rest}"),
+        Some("}") | None => format!("{{\"{name}\":{value}}}"),
+        Some(rest) => format!("{{\"{name}\":{value},{rest}"),
     }
 }
 

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::records::{error_line, line, Records};
+use crate::records::{error_line, line, line_field, Records};
 use crate::{Input, Inputs, Result, Shard};
 
 /// The most inputs one batch takes.
@@ -86,7 +86,12 @@ pub fn run(plan: &Plan<'_>, explain: &mut dyn FnMut(&[Input]) -> Vec<std::result
                     (result, _) => result,
                 };
                 match result {
-                    Ok(json) => line(input.index, &json),
+                    // A VQA question's record starts with its id too (the records join the
+                    // dataset's annotations by it).
+                    Ok(json) => match &input.question {
+                        Some(q) => line(input.index, &line_field("question_id", q.id, &json)),
+                        None => line(input.index, &json),
+                    },
                     Err(e) => {
                         errors += 1;
                         error_line(input.index, &input.image, &e)
