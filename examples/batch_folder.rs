@@ -37,7 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut lines = Vec::new();
     for path in &paths {
         let record = load_image(path).map_err(Into::into).and_then(|image| {
-            classify(&net, layer, &image, &path.display().to_string(), Files { dir: Some(&out), stem: &stems.unique(path) }, &options, None)
+            classify(&net, layer, &image, &path.display().to_string(), Files::new(&out, &stems.unique(path)), &options, None)
         });
         match record {
             Ok(r) => {

@@ -125,7 +125,7 @@ pub fn attack(net: &Network, layer: usize, path: &Path, files: Files<'_>, option
     }
     let explain_options = super::classify::Options { classes: vec![class], top_k: 5, resize: Resize::None, ..Default::default() };
     let name = path.display().to_string();
-    let explain = |image: &image::RgbImage, suffix: &str| classify(net, layer, image, &name, Files { dir: Some(dir), stem: &format!("{}_{suffix}", files.stem) }, &explain_options, None);
+    let explain = |image: &image::RgbImage, suffix: &str| classify(net, layer, image, &name, Files::new(dir, &format!("{}_{suffix}", files.stem)), &explain_options, None);
     let (on_adv, on_clean) = (explain(&adv_img, "adversarial")?, explain(&view, "clean")?);
     let picture = |r: &super::classify::Record| load_image(Path::new(&r.explanations[0].map.overlay));
     let strip = super::render::comparison_strip(&[view.clone(), picture(&on_clean)?, adv_img, picture(&on_adv)?], view.height().clamp(64, 224));

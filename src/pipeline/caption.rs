@@ -3,7 +3,7 @@
 
 use gradcam_captioner::{CaptionSplit, Captioner};
 use gradcam_core::map::Region;
-use crate::pipeline::render::{fit, grid, render, Output, Subject};
+use crate::pipeline::render::{fit, grid, render, Subject};
 use gradcam_core::{Target, UnitNames};
 use image::RgbImage;
 use serde::Serialize;
@@ -72,7 +72,7 @@ pub fn caption(model: &Captioner, img: &RgbImage, name: &str, files: Files<'_>, 
     let split = CaptionSplit::new(model, &tokens);
     let subjects: Vec<Subject> = words.iter().enumerate().map(|(t, w)| Subject::new(Target::word(t), w.clone()).file_prefix(format!("{t:02}"))).collect();
     let (picture_base, region) = fit(img, Region { x: 0, y: 0, width: img.width(), height: img.height() });
-    let out = Output { dir: files.dir, stem: files.stem, image: &picture_base, region };
+    let out = files.output(&picture_base, region);
     let neurons = names.map(named_report);
     let cam = options.settings.cam(&split, progress);
     let rendered = render(&cam, &options.settings.methods, &input, &a, &subjects, &out, neurons.as_ref().map(|f| f as _))?;

@@ -2,7 +2,7 @@
 //! explained classes (and their counterfactuals), as `gradcam classify --json` prints them.
 
 use candle_core::D;
-use crate::pipeline::render::{fit, render, write_method_strips, Output, Subject};
+use crate::pipeline::render::{fit, render, write_method_strips, Subject};
 use gradcam_core::{class_named_report, Explainable, Explanation, Target, UnitNames};
 use gradcam_encoders::preprocess::{prepare_with, Resize};
 use gradcam_encoders::Network;
@@ -108,7 +108,7 @@ pub fn classify(net: &Network, layer: usize, img: &RgbImage, name: &str, files: 
     let subjects: Vec<Subject> =
         classes.iter().flat_map(|&c| Subject::new(Target::class(c), &label(c)).file_prefix(c.to_string()).and_counterfactual(options.counterfactual)).collect();
     let (picture_base, region) = fit(img, prepared.region);
-    let out = Output { dir: files.dir, stem: files.stem, image: &picture_base, region };
+    let out = files.output(&picture_base, region);
     let class_name = |c: usize| label(c);
     let names = options.dissection.as_deref().map(|d| UnitNames::Dissection(d));
     let neurons = |e: &Explanation, subject: &str| match &names {

@@ -8,7 +8,7 @@ use gradcam_core::{Explainable, Target};
 use image::RgbImage;
 use serde::Serialize;
 
-use crate::pipeline::render::{fit, render, write_method_strips, Output, Subject};
+use crate::pipeline::render::{fit, render, write_method_strips, Subject};
 
 use super::{Error, Files, MapRecord, Progress, Result, Settings};
 
@@ -92,7 +92,7 @@ pub fn match_texts(model: &Matcher, img: &RgbImage, name: &str, files: Files<'_>
             })
             .collect();
         let (picture_base, region) = fit(img, region);
-        let out = Output { dir: files.dir, stem: files.stem, image: &picture_base, region };
+        let out = files.output(&picture_base, region);
         let cam = options.settings.cam(&m, progress);
         let rendered = render(&cam, &options.settings.methods, &input, &a, &subjects, &out, None)?;
         if options.settings.methods.len() > 1 {

@@ -13,7 +13,7 @@ pub mod vqa;
 
 use std::path::{Path, PathBuf};
 
-use render::Rendered;
+use render::{Output, Rendered};
 use gradcam_core::{Cam, Explainable, Method, NeuronReport};
 use serde::Serialize;
 
@@ -130,17 +130,41 @@ pub struct Files<'a> {
     pub dir: Option<&'a Path>,
     /// The image's stem.
     pub stem: &'a str,
+    /// Neither write nor keep the pictures: the records' `overlay` and `strip` are empty (a
+    /// dataset run without `--overlays`, where the raw maps are the product).
+    pub discard: bool,
 }
 
-impl Files<'_> {
+impl<'a> Files<'a> {
+    /// The pictures of image `stem` written to `dir`.
+    pub fn new(dir: &'a Path, stem: &'a str) -> Self {
+        Files { dir: Some(dir), stem, discard: false }
+    }
+
+    /// The pictures of image `stem` kept in memory (as PNG data URLs in the records).
+    pub fn in_memory(stem: &'a str) -> Self {
+        Files { dir: None, stem, discard: false }
+    }
+
+    /// Where the pictures drawn on `image` (the model saw `region` of it) go.
+    pub fn output<'b>(&self, image: &'b image::RgbImage, region: gradcam_core::map::Region) -> Output<'b>
+    where
+        'a: 'b,
+    {
+        Output { dir: self.dir.filter(|_| !self.discard), stem: self.stem, image, region, discard: self.discard }
+    }
+
     /// `dir/STEM_SUFFIX.png`, when there is a folder.
     pub fn path(&self, suffix: &str) -> Option<PathBuf> {
-        self.dir.map(|dir| dir.join(format!("{}_{suffix}.png", self.stem)))
+        self.dir.filter(|_| !self.discard).map(|dir| dir.join(format!("{}_{suffix}.png", self.stem)))
     }
 
     /// Writes `picture` to [`Files::path`] and returns the path; without a folder, returns the
     /// picture as a PNG data URL.
     pub fn keep(&self, picture: &image::RgbImage, suffix: &str) -> Result<String> {
+        if self.discard {
+            return Ok(String::new());
+        }
         match self.path(suffix) {
             Some(path) => {
                 gradcam_io::write_png(picture, &path)?;
@@ -197,6 +221,7 @@ impl MapRecord {
             cam: cam.rows(),
             overlay: match &r.file {
                 Some(file) => file.display().to_string(),
+                None if r.discarded => String::new(),
                 None => data_url(&r.picture)?,
             },
             text: r.neurons.as_ref().map(|n| n.text.clone()),

@@ -102,6 +102,8 @@ pub struct Output<'a> {
     pub image: &'a RgbImage,
     /// The part of it the model saw.
     pub region: Region,
+    /// Neither write nor keep the pictures (see [`crate::pipeline::Files::discard`]).
+    pub discard: bool,
 }
 
 /// The neuron report of an explanation of a subject (given its report subject, e.g. "not red").
@@ -117,6 +119,8 @@ pub struct Rendered {
     pub file: Option<PathBuf>,
     /// Its textual explanation, when asked for.
     pub neurons: Option<NeuronReport>,
+    /// The picture is not kept (nor written).
+    pub discarded: bool,
 }
 
 /// Every method's explanation of every subject of one image, pictured and written:
@@ -143,7 +147,7 @@ pub fn render<M: Explainable + ?Sized>(
                 write_png_atomic(&picture, file)?;
             }
             let neurons = neurons.map(|f| f(&explanation, &subject.report_subject())).transpose()?;
-            row.push(Rendered { explanation, picture, file, neurons });
+            row.push(Rendered { explanation, picture, file, neurons, discarded: out.discard });
         }
         all.push(row);
     }

@@ -3,7 +3,7 @@
 //! prints them.
 
 use gradcam_core::map::Region;
-use crate::pipeline::render::{fit, render, write_method_strips, Output, Subject};
+use crate::pipeline::render::{fit, render, write_method_strips, Subject};
 use gradcam_core::{Target, UnitNames};
 use gradcam_vqa::{Vqa, VqaSplit};
 use image::RgbImage;
@@ -85,7 +85,7 @@ pub fn answer(model: &Vqa, img: &RgbImage, name: &str, question: &str, files: Fi
     }
     let subjects: Vec<Subject> = explained.iter().flat_map(|&i| Subject::new(Target::answer(i), model.cfg.answers[i].clone()).and_counterfactual(options.counterfactual)).collect();
     let (picture_base, region) = fit(img, Region { x: 0, y: 0, width: img.width(), height: img.height() });
-    let out = Output { dir: files.dir, stem: files.stem, image: &picture_base, region };
+    let out = files.output(&picture_base, region);
     let neurons = names.map(named_report);
     let cam = options.settings.cam(&split, progress);
     let rendered = render(&cam, &options.settings.methods, &input, &a, &subjects, &out, neurons.as_ref().map(|f| f as _))?;
@@ -148,7 +148,7 @@ pub fn batch(
                 cache = Some((q.image_id, gradcam_encoders::preprocess::load_image(path)?));
             }
             let img = &cache.as_ref().expect("just set").1;
-            answer(model, img, &path.display().to_string(), &q.question, Files { dir: Some(dir), stem: &stem }, options, names, progress)
+            answer(model, img, &path.display().to_string(), &q.question, Files::new(dir, &stem), options, names, progress)
         })();
         if let Ok(r) = &record {
             tally.add(q.question_id, &r.answers[0].answer);

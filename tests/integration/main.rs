@@ -14,6 +14,7 @@ mod hostile;
 mod library;
 mod neurons;
 mod onnx;
+mod runs;
 mod serve;
 mod serve_door;
 mod slurm;

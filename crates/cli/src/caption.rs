@@ -21,7 +21,7 @@ pub const DEFAULT_MODEL: &str = "models/captioner";
 #[derive(clap::Args)]
 pub struct CaptionArgs {
     /// Images to caption and explain.
-    #[arg(required_unless_present = "eval")]
+    #[arg(required_unless_present_any = ["eval", "inputs"])]
     images: Vec<PathBuf>,
     /// Model folder (config.json, model.safetensors, tokenizer.json).
     #[arg(long, default_value = DEFAULT_MODEL)]
@@ -43,6 +43,8 @@ pub struct CaptionArgs {
     limit: usize,
     #[command(flatten)]
     explain: ExplainArgs,
+    #[command(flatten)]
+    run: gradcam_runs::cli::RunArgs,
 }
 
 pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
@@ -60,6 +62,9 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     }
     let names = dissection.as_ref().filter(|_| args.explain.neurons).map(|d| UnitNames::Dissection(d));
     let options = Options { beam: args.beam, caption: args.caption.clone(), settings: args.explain.methods.settings() };
+    if let Some(inputs) = &args.run.inputs {
+        return crate::progress::dataset(&args.run, inputs, &args.output.out, |items| items.into_iter().map(|(i, files, img)| Ok(caption(&model, &img?, &i.image.display().to_string(), files, &options, names.as_ref(), None)?)).collect());
+    }
     each_image(&args.images, (&args.output.out, args.output.json, Some((&args.explain.html, View::Caption))), |path, files, bar| {
         Ok(caption(&model, &load_image(path)?, &path.display().to_string(), files, &options, names.as_ref(), Some(bar))?)
     })

@@ -7,14 +7,15 @@ use gradcam_encoders::{preprocess::{load_image, Resize}, ModelName};
 use gradcam_neurons::Dissection;
 use gradcam_serve::html::View;
 
-use crate::common::{HtmlArg, MethodArgs, OutputArgs};
+use crate::common::{MethodArgs, OutputArgs};
+use gradcam_serve::cli::HtmlArg;
 use crate::progress::each_image;
 use crate::ExplainedClassifier;
 
 #[derive(clap::Args)]
 pub struct ClassifyArgs {
     /// Images to classify and explain (PNG, JPEG, GIF, BMP, WebP, TIFF).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "inputs")]
     images: Vec<PathBuf>,
     #[command(flatten)]
     classifier: ExplainedClassifier,
@@ -44,6 +45,8 @@ pub struct ClassifyArgs {
     /// dissection.json (`gradcam dissect`), by its concept names.
     #[arg(long)]
     neurons: bool,
+    #[command(flatten)]
+    run: gradcam_runs::cli::RunArgs,
 }
 
 pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
@@ -55,6 +58,9 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     let resize = args.resize.unwrap_or(net.default_resize());
     let options = Options { classes: args.classes.clone(), top_k: args.top_k, counterfactual: args.counterfactual, resize, neurons: args.neurons, dissection, settings: args.methods.settings() };
     options.check(&net)?;
+    if let Some(inputs) = &args.run.inputs {
+        return crate::progress::dataset(&args.run, inputs, &args.output.out, |items| items.into_iter().map(|(i, files, img)| Ok(classify(&net, index, &img?, &i.image.display().to_string(), files, &options, None)?)).collect());
+    }
     each_image(&args.images, (&args.output.out, args.output.json, Some((&args.html, View::Classify))), |path, files, bar| {
         Ok(classify(&net, index, &load_image(path)?, &path.display().to_string(), files, &options, Some(bar))?)
     })

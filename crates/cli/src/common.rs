@@ -1,9 +1,6 @@
 //! What `classify`, `caption` and `vqa` share: the method and smoothing flags, the dissection
 //! table and the progress bar of the perturbation methods.
 
-use std::path::Path;
-
-use anyhow::Context;
 use gradcam::pipeline::Settings;
 use gradcam::Method;
 
@@ -48,7 +45,7 @@ pub struct ExplainArgs {
     #[command(flatten)]
     pub methods: MethodArgs,
     #[command(flatten)]
-    pub html: HtmlArg,
+    pub html: gradcam_serve::cli::HtmlArg,
 }
 
 /// Where an explaining command writes its pictures, and how it prints its records.
@@ -60,25 +57,6 @@ pub struct OutputArgs {
     /// Print one JSON object per image or question (JSON Lines) instead of text.
     #[arg(long)]
     pub json: bool,
-}
-
-/// `--html FILE`: the explorer's view of each result as one self-contained page.
-#[derive(clap::Args, Default)]
-pub struct HtmlArg {
-    /// Also write the explorer's view of the result as one self-contained HTML file (images
-    /// inline), to share without a server; with several images, FILE then FILE_STEM.html.
-    #[arg(long)]
-    html: Option<std::path::PathBuf>,
-    #[arg(skip)]
-    written: std::cell::Cell<bool>,
-}
-
-impl HtmlArg {
-    pub fn write(&self, stem: &str, image: &Path, view: gradcam_serve::html::View, record: &impl serde::Serialize) -> anyhow::Result<()> {
-        let Some(file) = &self.html else { return Ok(()) };
-        let file = gradcam_serve::html::file_for(file, stem, !self.written.replace(true));
-        gradcam_serve::html::write(&file, image, view, record).with_context(|| format!("writing {}", file.display()))
-    }
 }
 
 /// A count that must be at least 1 (`--limit`).

@@ -74,6 +74,9 @@ enum Command {
     },
     /// Generate ShapeScenes, a synthetic dataset with masks, captions and questions.
     Scenes(scenes::ScenesArgs),
+    /// Join a dataset run's shards (`--inputs ... --shard I/N --out DIR`): DIR/records.jsonl in
+    /// input order, and DIR/summary.json (counts, errors, images per second, per shard).
+    Merge { dir: PathBuf },
     /// Convert a PyTorch checkpoint (zip or legacy format) to safetensors.
     Convert {
         /// Input checkpoint (.pth, .pt, .bin or .safetensors).
@@ -174,6 +177,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Demo { what } => classifier::run_demo(what),
         Command::Vqa(args) => vqa::run(args),
         Command::Match(args) => clip::run(args),
+        Command::Merge { dir } => gradcam_runs::cli::merge(&dir).map(|()| ExitCode::SUCCESS).map_err(Into::into),
         Command::Convert { input, output, model } => {
             let n = gradcam_encoders::convert(&input, &output, model)?;
             eprintln!("wrote {} ({n} tensors)", output.display());

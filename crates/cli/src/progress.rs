@@ -16,7 +16,7 @@ pub fn bar(n: u64, what: &str) -> ProgressBar {
 /// An image that fails is reported and the others still run: exit code 1 when any failed.
 pub fn each_image<R: serde::Serialize + std::fmt::Display>(
     images: &[std::path::PathBuf],
-    (out, json, html): (&std::path::Path, bool, Option<(&crate::common::HtmlArg, gradcam_serve::html::View)>),
+    (out, json, html): (&std::path::Path, bool, Option<(&gradcam_serve::cli::HtmlArg, gradcam_serve::html::View)>),
     mut one: impl FnMut(&std::path::Path, gradcam::pipeline::Files<'_>, &gradcam::pipeline::Progress) -> anyhow::Result<R>,
 ) -> anyhow::Result<std::process::ExitCode> {
     gradcam_io::create_dir_all(out)?;
@@ -26,8 +26,8 @@ pub fn each_image<R: serde::Serialize + std::fmt::Display>(
     for path in images {
         progress.set_message(path.display().to_string());
         let stem = stems.unique(path);
-        let result = one(path, gradcam::pipeline::Files { dir: Some(out), stem: &stem }, &*channels);
-        match result.and_then(|r| html.map_or(Ok(()), |(h, view)| h.write(&stem, path, view, &r)).map(|()| r)) {
+        let result = one(path, gradcam::pipeline::Files::new(out, &stem), &*channels);
+        match result.and_then(|r| html.map_or(Ok(()), |(h, view)| h.write(&stem, path, view, &r)).map(|()| r).map_err(Into::into)) {
             Ok(result) => progress.suspend(|| crate::common::print(&mut stdout, &result, json))?,
             Err(err) => {
                 failures += 1;
@@ -54,4 +54,22 @@ pub fn channels(quiet: bool) -> Box<gradcam::pipeline::Progress> {
             b.reset();
         }
     })
+}
+
+/// One input of a dataset run's batch: the input, where its pictures go, its image (decoded).
+pub type Item<'a> = (&'a gradcam_runs::Input, gradcam::pipeline::Files<'a>, anyhow::Result<image::RgbImage>);
+
+/// A dataset run (`--inputs`) into `out`: `explain` gets each batch, its images decoded side by
+/// side, and gives each input's record or error (recorded, and the run goes on).
+pub fn dataset<R: serde::Serialize>(run: &gradcam_runs::cli::RunArgs, inputs: &std::path::Path, out: &std::path::Path, mut explain: impl FnMut(Vec<Item<'_>>) -> Vec<anyhow::Result<R>>) -> anyhow::Result<std::process::ExitCode> {
+    use rayon::prelude::*;
+    run.run(inputs, out, &mut |batch, dir| {
+        let stem = |i: &gradcam_runs::Input| gradcam_runs::cli::stem_prefix(i.index) + &gradcam::pipeline::render::sanitize(&i.image.file_stem().unwrap_or_default().to_string_lossy());
+        let stems: Vec<String> = batch.iter().map(stem).collect();
+        let images: Vec<anyhow::Result<image::RgbImage>> = batch.par_iter().map(|i| Ok(gradcam_encoders::preprocess::load_image(&i.image)?)).collect();
+        let items = batch.iter().zip(&stems).zip(images).map(|((i, stem), image)| (i, gradcam::pipeline::Files { dir, stem, discard: dir.is_none() }, image));
+        let records = explain(items.collect()).into_iter().zip(batch);
+        records.map(|(r, i)| r.and_then(|r| Ok(serde_json::to_string(&r)?)).map_err(|e| crate::hints::message(&e.context(i.image.display().to_string())))).collect()
+    })?;
+    Ok(std::process::ExitCode::SUCCESS)
 }

@@ -5,6 +5,7 @@ use std::fmt::Display;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use gradcam_train::cli::TrainArgs;
 use gradcam_train::{Checkpoint, Event, Settings};
 
 use crate::progress::bar;
@@ -19,34 +20,6 @@ pub enum TrainCommand {
     Classifier(ClassifierArgs),
     /// A small CLIP (a ViT and a text transformer, contrastive) on ShapeScenes' phrases and captions.
     Clip(ClipArgs),
-}
-
-/// The flags every `train` command takes.
-#[derive(clap::Args)]
-pub struct TrainArgs {
-    /// Dataset folder with train/ and val/ splits (COCO instances and images/; captions for the
-    /// captioner, VQA v2 questions and annotations for the VQA model; the classifier labels each
-    /// image with the category of its largest object); e.g. made by `gradcam scenes`.
-    #[arg(long)]
-    data: PathBuf,
-    /// Output model folder.
-    #[arg(long)]
-    out: PathBuf,
-    #[arg(long, default_value_t = Settings::default().batch_size)]
-    batch_size: usize,
-    #[arg(long, default_value_t = Settings::default().lr)]
-    lr: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Continue from OUT/checkpoint.json.
-    #[arg(long)]
-    resume: bool,
-}
-
-impl TrainArgs {
-    fn settings(&self, epochs: usize, weight_decay: f64) -> Settings {
-        Settings { epochs, batch_size: self.batch_size, lr: self.lr, weight_decay, seed: self.seed }
-    }
 }
 
 #[derive(clap::Args)]

@@ -22,7 +22,7 @@ pub const DEFAULT_MODEL: &str = "models/vqa";
 #[derive(clap::Args)]
 pub struct VqaArgs {
     /// Image to ask about.
-    #[arg(required_unless_present_any = ["questions", "eval"], requires = "question")]
+    #[arg(required_unless_present_any = ["questions", "eval", "inputs"], requires = "question")]
     image: Option<PathBuf>,
     /// The question.
     question: Option<String>,
@@ -57,6 +57,8 @@ pub struct VqaArgs {
     limit: usize,
     #[command(flatten)]
     explain: ExplainArgs,
+    #[command(flatten)]
+    run: gradcam_runs::cli::RunArgs,
 }
 
 pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
@@ -74,11 +76,16 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
     let dissection = if args.explain.neurons { Dissection::of_model(args.explain.dissection.as_deref(), &args.model, true)? } else { None };
     let names = dissection.as_ref().map(|d| UnitNames::Dissection(d));
     let options = Options { answers: args.answers.clone(), counterfactual: args.counterfactual, top_k: args.top_k, settings: args.explain.methods.settings() };
+    if let Some(inputs) = &args.run.inputs {
+        anyhow::ensure!(gradcam_runs::Inputs::open(inputs)?.kind() == gradcam_runs::Kind::Questions, "vqa --inputs {}: give a VQA v2 questions.json (its images in images/ beside it)", inputs.display());
+        let text = |i: &gradcam_runs::Input| i.question.as_ref().map_or(String::new(), |q| q.text.clone());
+        return crate::progress::dataset(&args.run, inputs, &args.output.out, |items| items.into_iter().map(|(i, files, img)| Ok(answer(&model, &img?, &i.image.display().to_string(), &text(i), files, &options, names.as_ref(), None)?)).collect());
+    }
     let (channels, mut stems, mut stdout) = (crate::progress::channels(args.output.json), Stems::default(), std::io::stdout().lock());
     let Some((qfile, dir)) = args.questions.as_deref().zip(args.images.as_deref()) else {
         let (image, question) = (args.image.as_ref().expect("clap requires it"), args.question.as_deref().expect("clap requires it"));
         let stem = stems.unique(image);
-        let r = answer(&model, &load_image(image)?, &image.display().to_string(), question, Files { dir: Some(&args.output.out), stem: &stem }, &options, names.as_ref(), Some(&*channels))?;
+        let r = answer(&model, &load_image(image)?, &image.display().to_string(), question, Files::new(&args.output.out, &stem), &options, names.as_ref(), Some(&*channels))?;
         args.explain.html.write(&stem, image, View::Vqa, &r)?;
         print(&mut stdout, &r, args.output.json)?;
         return Ok(ExitCode::SUCCESS);
@@ -86,7 +93,7 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
     let (bar, mut failures, mut written) = (bar(0, "questions"), 0, Ok(()));
     let rows = batch(&model, (qfile, args.annotations.as_deref(), dir), &args.output.out, &options, names.as_ref(), Some(&*channels), &mut stems, &mut |a, n| {
         bar.set_length(n as u64);
-        match a.record.map_err(anyhow::Error::from).and_then(|r| args.explain.html.write(&a.stem, a.image, View::Vqa, &r).map(|()| r)) {
+        match a.record.map_err(anyhow::Error::from).and_then(|r| args.explain.html.write(&a.stem, a.image, View::Vqa, &r).map(|()| r).map_err(Into::into)) {
             Ok(r) if written.is_ok() => written = bar.suspend(|| print(&mut stdout, &r, args.output.json)),
             Ok(_) => {}
             Err(e) => {

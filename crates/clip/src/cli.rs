@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(clap::Args, Debug, Clone)]
 pub struct MatchFlags {
     /// Images to match.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "inputs")]
     pub images: Vec<PathBuf>,
     /// CLIP model folder: a trained one (`gradcam train clip`) or an ONNX pair (scripts/export_clip.py).
     #[arg(long, default_value = "models/clip")]

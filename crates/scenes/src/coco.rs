@@ -94,6 +94,12 @@ fn read_images(file: &Path, root: &Value) -> Result<Vec<ImageInfo>> {
         .collect()
 }
 
+/// The `images` of a COCO file (instances or captions) alone, checked as every reader checks
+/// them, without decoding its annotations: the inputs of a dataset run.
+pub fn image_list(file: &Path) -> Result<Vec<ImageInfo>> {
+    read_images(file, &read(file)?)
+}
+
 /// The record's `file_name`, a path under the dataset's `images/` folder: relative and without
 /// `..`, so that an annotation file cannot make a reader open a file outside the dataset.
 fn image_file_name(r: &Record) -> Result<String> {

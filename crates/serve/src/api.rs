@@ -170,7 +170,7 @@ fn missing(what: &str, flag: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, format!("this server has no {what} (start it with {flag})"))
 }
 
-const NOWHERE: Files<'static> = Files { dir: None, stem: "upload" };
+const NOWHERE: Files<'static> = Files { dir: None, stem: "upload", discard: false };
 
 pub(crate) async fn caption(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
     // The form is read first, even for a request that will be refused: a connection closed

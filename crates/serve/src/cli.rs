@@ -165,3 +165,23 @@ pub fn run(args: &ServeArgs) -> Result<(), StartError> {
     })?;
     Ok(())
 }
+
+/// `--html FILE`: the explorer's view of each result as one self-contained page.
+#[derive(clap::Args, Default)]
+pub struct HtmlArg {
+    /// Also write the explorer's view of the result as one self-contained HTML file (images
+    /// inline), to share without a server; with several images, FILE then FILE_STEM.html.
+    #[arg(long)]
+    html: Option<std::path::PathBuf>,
+    #[arg(skip)]
+    written: std::cell::Cell<bool>,
+}
+
+impl HtmlArg {
+    /// Writes the page of `record` (image `stem` at `image`) when asked for.
+    pub fn write(&self, stem: &str, image: &Path, view: crate::html::View, record: &impl serde::Serialize) -> std::io::Result<()> {
+        let Some(file) = &self.html else { return Ok(()) };
+        let file = crate::html::file_for(file, stem, !self.written.replace(true));
+        crate::html::write(&file, image, view, record).map_err(|e| std::io::Error::new(e.kind(), format!("writing {}: {e}", file.display())))
+    }
+}

@@ -38,3 +38,35 @@ pub fn hint(e: impl Into<anyhow::Error>) -> anyhow::Error {
     }
 }
 
+
+/// The flags every `train` command takes.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Dataset folder with train/ and val/ splits (COCO instances and images/; captions for the
+    /// captioner, VQA v2 questions and annotations for the VQA model; the classifier labels each
+    /// image with the category of its largest object); e.g. made by `gradcam scenes`.
+    #[arg(long)]
+    pub data: std::path::PathBuf,
+    /// Output model folder.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Examples per optimisation step.
+    #[arg(long, default_value_t = crate::Settings::default().batch_size)]
+    pub batch_size: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = crate::Settings::default().lr)]
+    pub lr: f64,
+    /// Seed of the initial weights and the shuffling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Continue from OUT/checkpoint.json.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+impl TrainArgs {
+    /// The settings of a run of `epochs` with `weight_decay`.
+    pub fn settings(&self, epochs: usize, weight_decay: f64) -> crate::Settings {
+        crate::Settings { epochs, batch_size: self.batch_size, lr: self.lr, weight_decay, seed: self.seed }
+    }
+}
