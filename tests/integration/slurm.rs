@@ -145,8 +145,9 @@ impl Cluster {
         line("SlurmdPort", &free_port().to_string());
         line("AuthType", "auth/munge");
         line("CredType", "cred/munge");
-        // Our munged, not the system's: its socket.
-        line("AuthInfo", &format!("socket={}", d("socket/munge.sock")));
+        // Our munged, not the system's: its socket. A requeued job waits for the credentials of its
+        // last run to expire before it starts again: 10 s instead of 120.
+        line("AuthInfo", &format!("socket={},cred_expire=10", d("socket/munge.sock")));
         line("SlurmUser", "root");
         line("SlurmdUser", "root");
         line("StateSaveLocation", &d("state"));
@@ -162,6 +163,8 @@ impl Cluster {
         line("TaskPlugin", "task/none");
         line("SelectType", "select/cons_tres");
         line("SelectTypeParameters", "CR_Core");
+        // Pending jobs are looked at every 2 s, not 60 (the requeued job, once its wait is over).
+        line("SchedulerParameters", "sched_interval=2,bf_interval=2");
         // No slurmdbd: no accounting (jobs are followed through scontrol).
         line("AccountingStorageType", "accounting_storage/none");
         line("JobAcctGatherType", "jobacct_gather/none");
@@ -427,6 +430,7 @@ fn a_slurm_array_and_its_merge_give_the_unsharded_records() {
         let mine: Vec<u64> = (0..images.len() as u64).filter(|j| j % 4 == i).collect();
         assert_eq!(indices, mine, "shard {i} of 4");
     }
+    let done = started.elapsed();
     let got = records(&b.join("records.jsonl"));
     assert_eq!(got.len(), expected.len(), "{}", context());
     for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
@@ -438,11 +442,27 @@ fn a_slurm_array_and_its_merge_give_the_unsharded_records() {
     let summary: Value = serde_json::from_str(&fs::read_to_string(b.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["count"], images.len(), "{summary}");
     assert_eq!(summary["errors"], 1, "{summary}");
+
+    // Preemption: task 2 was killed in the middle of writing its fourth record (its file keeps
+    // three records and half a line) and Slurm requeues it. It runs again with --resume: redoes
+    // the cut line and the rest, appends to its log, and the merge is the same again.
+    let shard = b.join("records-2-of-4.jsonl");
+    let text = fs::read_to_string(&shard).unwrap();
+    let cut: usize = text.lines().take(3).map(|l| l.len() + 1).sum::<usize>() + text.lines().nth(3).unwrap().len() / 2;
+    fs::write(&shard, &text[..cut]).unwrap();
+    let task = format!("{array}_2");
+    let o = cluster.run("scontrol", &["requeue", &task]);
+    assert!(o.status.success(), "scontrol requeue {task}: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let requeued = Instant::now();
+    let state = cluster.wait(&task, JOB_TIMEOUT).unwrap_or_else(|why| panic!("{why}\n{}\n{}", context(), cluster.logs()));
+    assert_eq!(state, "COMPLETED", "the requeued task {task} ended {state}\n{}\n{}", context(), cluster.logs());
+    let requeued = requeued.elapsed();
+    let log = fs::read_to_string(b.join(format!("slurm/explain-{task}.out"))).unwrap();
+    assert!(log.contains("attempt 1") && log.contains("attempt 2"), "task 2's log has both attempts (--open-mode=append):\n{log}");
+    assert_eq!(fs::read_to_string(&shard).unwrap(), text, "task 2's records after the requeue");
+    ok(&gradcam(&["merge", b.to_str().unwrap()]));
+    let again = records(&b.join("records.jsonl"));
+    assert_eq!(again, got, "the merge after the requeue");
     drop(cluster);
-    eprintln!(
-        "slurm: unsharded run {:.1?}, cluster up {:.1?}, array + merge {:.1?}",
-        local,
-        up - local,
-        started.elapsed() - up
-    );
+    eprintln!("slurm: unsharded run {local:.1?}, cluster up {:.1?}, array + merge {:.1?}, requeued task {requeued:.1?}", up - local, done - up);
 }
