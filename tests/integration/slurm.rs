@@ -141,8 +141,10 @@ impl Cluster {
         line("ClusterName", "gradcamtest");
         // The controller must be this host by name; its address avoids depending on DNS.
         line("SlurmctldHost", &format!("{host}(127.0.0.1)"));
-        line("SlurmctldPort", &free_port().to_string());
-        line("SlurmdPort", &free_port().to_string());
+        let ctld = free_port();
+        let slurmd = std::iter::repeat_with(free_port).find(|&p| p != ctld).unwrap();
+        line("SlurmctldPort", &ctld.to_string());
+        line("SlurmdPort", &slurmd.to_string());
         line("AuthType", "auth/munge");
         line("CredType", "cred/munge");
         // Our munged, not the system's: its socket. A requeued job waits for the credentials of its
