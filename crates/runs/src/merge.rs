@@ -68,17 +68,48 @@ fn shards(dir: &Path) -> Result<(usize, Vec<(PathBuf, ShardState)>)> {
     Ok((n, out))
 }
 
+/// The most shards' files a merge keeps open at once; past it each file is reopened at its
+/// offset for each line (within any open-file limit, at the cost of a reopen per record).
+pub const OPEN_FILES: usize = 256;
+
+/// A shard's records file, read a line at a time.
+struct Cursor {
+    file: PathBuf,
+    reader: Option<std::io::BufReader<std::fs::File>>,
+    /// Bytes read so far, and lines.
+    offset: u64,
+    number: usize,
+    /// Keep the file open between lines.
+    keep_open: bool,
+}
+
+impl Cursor {
+    fn read_line(&mut self, line: &mut String) -> Result<usize> {
+        let io = |source| Error::Io { path: self.file.clone(), source };
+        let mut reader = match self.reader.take() {
+            Some(r) => r,
+            None => {
+                let mut f = std::fs::File::open(&self.file).map_err(io)?;
+                std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(self.offset)).map_err(io)?;
+                std::io::BufReader::new(f)
+            }
+        };
+        let n = reader.read_line(line).map_err(io)?;
+        self.offset += n as u64;
+        if self.keep_open {
+            self.reader = Some(reader);
+        }
+        Ok(n)
+    }
+}
+
 /// Merges the run in `dir`: writes `dir/records.jsonl`, every shard's lines in input order (each
 /// line as the shard wrote it), and `dir/summary.json`. Refuses, writing nothing, a run with a
 /// shard missing or unfinished, or an index missing or recorded twice.
 pub fn merge(dir: &Path) -> Result<Summary> {
     let (n, shards) = shards(dir)?;
     let list_len = shards[0].1.list_len;
-    let mut readers = Vec::with_capacity(n);
-    for (file, _) in &shards {
-        let f = std::fs::File::open(file).map_err(|source| Error::Io { path: file.clone(), source })?;
-        readers.push((file.clone(), std::io::BufReader::new(f), 0usize));
-    }
+    let mut readers: Vec<Cursor> = shards.iter().map(|(file, _)| Cursor { file: file.clone(), reader: None, offset: 0, number: 0, keep_open: n <= OPEN_FILES }).collect();
     let mut failure: Option<Error> = None;
     let mut errors = vec![0usize; n];
     let target = dir.join("records.jsonl");
@@ -86,9 +117,10 @@ pub fn merge(dir: &Path) -> Result<Summary> {
         let mut out = std::io::BufWriter::new(out);
         let mut line = String::new();
         let mut step = |index: usize, out: &mut dyn Write| -> Result<()> {
-            let (file, reader, number) = &mut readers[index % n];
+            let cursor = &mut readers[index % n];
             line.clear();
-            let read = reader.read_line(&mut line).map_err(|source| Error::Io { path: file.clone(), source })?;
+            let read = cursor.read_line(&mut line)?;
+            let (file, number) = (&cursor.file, &mut cursor.number);
             let shard = Shard { index: index % n, count: n };
             if read == 0 {
                 return Err(Error::Merge(format!("index {index} is missing: {} ends before it (shard {shard} is unfinished: run it again with --resume)", file.display())));
@@ -117,11 +149,11 @@ pub fn merge(dir: &Path) -> Result<Summary> {
         return Err(e);
     }
     written?;
-    for (file, reader, number) in &mut readers {
+    for cursor in &mut readers {
         let mut rest = String::new();
-        if reader.read_line(&mut rest).map_err(|source| Error::Io { path: file.clone(), source })? > 0 {
+        if cursor.read_line(&mut rest)? > 0 {
             let _ = std::fs::remove_file(&target);
-            return Err(Error::Merge(format!("{} line {}: a record past the list's {list_len} inputs ({}); the file holds more than its shard", file.display(), *number + 1, rest.trim_end().chars().take(80).collect::<String>())));
+            return Err(Error::Merge(format!("{} line {}: a record past the list's {list_len} inputs ({}); the file holds more than its shard", cursor.file.display(), cursor.number + 1, rest.trim_end().chars().take(80).collect::<String>())));
         }
     }
     let shards: Vec<ShardSummary> = shards
@@ -168,6 +200,16 @@ mod tests {
         let read = |d: &Path| std::fs::read_to_string(d.join("records.jsonl")).unwrap();
         assert_eq!(read(&one), read(&four));
         assert!(four.join("summary.json").exists());
+    }
+
+    #[test]
+    fn more_shards_than_files_kept_open_merge_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let many = run_shards(dir.path(), OPEN_FILES + 3, 2 * OPEN_FILES + 20);
+        let one = run_shards(dir.path(), 1, 2 * OPEN_FILES + 20);
+        assert_eq!(merge(&many).unwrap().count, merge(&one).unwrap().count);
+        let read = |d: &Path| std::fs::read_to_string(d.join("records.jsonl")).unwrap();
+        assert_eq!(read(&many), read(&one));
     }
 
     #[test]
