@@ -15,7 +15,7 @@ use gradcam_scenes::scene::Rng;
 use serde::Serialize;
 
 use crate::attack::{attack, Goal, Pgd};
-use crate::run::{Hits, Mean};
+use crate::fold::{Hits, Mean};
 use crate::{Error, Result, Tolerance};
 
 /// How to attack and measure.

@@ -8,7 +8,7 @@ use gradcam_io::write_png as write_png_atomic;
 use gradcam_core::Map;
 use image::RgbImage;
 
-use crate::run::{Mean, Summary, Tally};
+use crate::fold::{Mean, Summary, Tally};
 use crate::{Result, Task};
 
 fn mean(m: &Mean) -> String {
@@ -65,7 +65,7 @@ pub fn markdown(s: &Summary) -> String {
         row("energy in box, share of the map's mass".into(), &|t| mean(&t.energy_fraction));
     }
     if has(Task::Segmentation) {
-        let seg = |f: fn(&crate::run::Segmentation) -> f64| move |t: &Tally| if t.segmentation.count == 0 { "–".to_string() } else { format!("{:.3} (n={})", f(&t.segmentation), t.segmentation.count) };
+        let seg = |f: fn(&crate::fold::Segmentation) -> f64| move |t: &Tally| if t.segmentation.count == 0 { "–".to_string() } else { format!("{:.3} (n={})", f(&t.segmentation), t.segmentation.count) };
         row(format!("segmentation mIoU, random walker from seeds (map ≥ {} / < {} of max)", s.protocol.segment.high, s.protocol.segment.low), &seg(|g| g.miou_seeded));
         row(format!("segmentation mIoU, map thresholded at {} of max", s.protocol.segment.threshold), &seg(|g| g.miou_threshold));
         row(format!("segmentation mIoU, centre box ({:.0}% of the image)", s.protocol.segment.centre_area * 100.0), &seg(|g| g.miou_centre));
