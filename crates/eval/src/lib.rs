@@ -20,6 +20,7 @@ pub mod segment;
 pub mod report;
 mod run;
 pub mod session;
+pub mod shards;
 pub mod subjects;
 
 use std::path::PathBuf;

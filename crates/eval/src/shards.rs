@@ -1,0 +1,290 @@
+//! `gradcam eval --shard I/N --out DIR` and `gradcam eval merge DIR`.
+//!
+//! A shard evaluates the images of the list (the dataset after `--limit`) whose position `i` has
+//! `i % N == I`, and writes to DIR:
+//! - `results-I-of-N.jsonl`, streamed: a line per image, `{"index":i,` then the fields of the
+//!   image's line in an unsharded `results.jsonl`, then `"tally":` its [`ImagePart`] (what it
+//!   adds to the summary, floats exact);
+//! - `failures-I-of-N/` with `--failures K`: the shard's K worst images' page, and
+//!   `entries.json` (their indices and what the page says of them);
+//! - `shard-I-of-N.json` last, when the shard is done: the list's length, the dataset and the
+//!   [`Setup`] (how it measured).
+//!
+//! The merge checks that the N shards are all there, done, run alike, and hold every index once;
+//! then it replays the parts in index order through the same [`Fold`] as an unsharded run (so the
+//! summary has the same bits: running means depend on their order), writes `results.jsonl` (the
+//! unsharded lines, in order), `summary.json`, `summary.md`, and with `--failures K` the page of
+//! the K worst over all shards (the K worst of the union of each shard's K worst), its pictures
+//! copied from the shards' pages. Inputs and records are streamed: memory holds a line per shard.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use gradcam_runs::Shard;
+use serde::{Deserialize, Serialize};
+
+use crate::fold::{Fold, ImagePart, Setup};
+use crate::report::{markdown, page_html, Failure, PageEntry};
+use crate::{Error, Result, Step, Summary};
+
+/// What a finished shard says of itself: `shard-I-of-N.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardHead {
+    /// `I/N`.
+    pub shard: String,
+    /// Images in the whole list (the dataset after `--limit`).
+    pub list: usize,
+    /// Images this shard evaluated.
+    pub images: usize,
+    pub data: PathBuf,
+    /// `--failures K`.
+    pub failures: usize,
+    pub setup: Setup,
+}
+
+/// One of a shard's worst images, as its page shows it: `failures-I-of-N/entries.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Worst {
+    index: usize,
+    entry: PageEntry,
+}
+
+fn failures_dir(shard: Shard) -> String {
+    format!("failures-{}-of-{}", shard.index, shard.count)
+}
+
+/// Writes one image's line: the unsharded `results.jsonl` line, or a shard's (with its index and
+/// its part of the summary).
+pub(crate) fn write_record(w: &mut dyn Write, step: &Step, sharded: bool) -> std::io::Result<()> {
+    let result = serde_json::to_string(step.result)?;
+    if !sharded {
+        return writeln!(w, "{result}");
+    }
+    // `{...}` without its braces: a result always has fields.
+    let fields = &result[1..result.len() - 1];
+    writeln!(w, "{{\"index\":{},{fields},\"tally\":{}}}", step.index, serde_json::to_string(step.part)?)
+}
+
+/// The line of an unsharded `results.jsonl` in a shard's line, with the image's index and part.
+fn split_record(line: &str) -> std::result::Result<(usize, String, ImagePart), String> {
+    #[derive(Deserialize)]
+    struct Record {
+        index: usize,
+        tally: ImagePart,
+    }
+    let record: Record = serde_json::from_str(line).map_err(|e| format!("not a shard's record ({e})"))?;
+    let prefix = format!("{{\"index\":{},", record.index);
+    // A key's quotes are never inside a JSON string (there they are escaped), and the part, last,
+    // has no key `tally`: the last `,"tally":` is where it starts.
+    let fields = line.strip_prefix(&prefix).zip(line.rfind(",\"tally\":")).filter(|(_, end)| *end >= prefix.len()).map(|(_, end)| &line[prefix.len()..end]);
+    let fields = fields.ok_or("not a shard's record (`{\"index\":I,` first, `\"tally\":` last)")?;
+    Ok((record.index, format!("{{{fields}}}"), record.tally))
+}
+
+/// A shard's last outputs: its failure page with `entries.json` (`chosen` and `failures`, its
+/// worst images), then `shard-I-of-N.json`, which says it is done.
+pub(crate) fn finish(dir: &Path, shard: Shard, head: &ShardHead, chosen: &[(f64, usize)], failures: &[Failure], title: &str) -> Result<()> {
+    if head.failures > 0 {
+        let page = dir.join(failures_dir(shard));
+        crate::report::write_failures(&page, failures, title)?;
+        let entries: Vec<Worst> = chosen.iter().zip(failures).map(|(&(_, index), f)| Worst { index, entry: f.entry() }).collect();
+        gradcam_io::write_atomic(&page.join("entries.json"), &to_json(&entries)?)?;
+    }
+    gradcam_io::write_atomic(&dir.join(shard.file_name("shard", "json")), &to_json(head)?)?;
+    Ok(())
+}
+
+fn to_json(v: &impl Serialize) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(v).map_err(|e| Error::Data(format!("does not serialise: {e}")))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text).map_err(|e| Error::Data(format!("{}: {e}", path.display())))
+}
+
+/// The shard a file of a run's folder belongs to: `NAME-I-of-N.EXT`.
+fn shard_of(file: &str, name: &str, ext: &str) -> Option<Shard> {
+    let (i, n) = file.strip_prefix(name)?.strip_prefix('-')?.strip_suffix(ext)?.strip_suffix('.')?.split_once("-of-")?;
+    Shard::new(i.parse().ok()?, n.parse().ok()?).ok()
+}
+
+/// The shard count of the shards' files in `dir`, checked: one split, every shard there and done.
+fn shard_count(dir: &Path) -> Result<usize> {
+    let io = |source| Error::Io { path: dir.to_path_buf(), source };
+    let mut found: BTreeMap<usize, (BTreeSet<usize>, BTreeSet<usize>)> = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let name = entry.map_err(io)?.file_name().to_string_lossy().into_owned();
+        if let Some(s) = shard_of(&name, "results", "jsonl") {
+            found.entry(s.count).or_default().0.insert(s.index);
+        } else if let Some(s) = shard_of(&name, "shard", "json") {
+            found.entry(s.count).or_default().1.insert(s.index);
+        }
+    }
+    let counts: Vec<usize> = found.keys().copied().collect();
+    let n = match counts[..] {
+        [] => return Err(Error::Data(format!("{}: no shard's files (results-I-of-N.jsonl, shard-I-of-N.json) to merge; run `gradcam eval TASKS ... --shard I/N --out {}` for I = 0 to N-1 first", dir.display(), dir.display()))),
+        [n] => n,
+        _ => return Err(Error::Data(format!("{}: holds shards of {} different splits (of {}); merge one split per folder", dir.display(), counts.len(), counts.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")))),
+    };
+    let (results, heads) = &found[&n];
+    for index in 0..n {
+        let shard = Shard { index, count: n };
+        if !results.contains(&index) {
+            return Err(Error::Data(format!("{}: shard {shard} is missing: no {} (run it with --shard {shard} --out {})", dir.display(), shard.file_name("results", "jsonl"), dir.display())));
+        }
+        if !heads.contains(&index) {
+            return Err(Error::Data(format!("{}: shard {shard} has not finished: no {} beside its {} (a shard writes it when it is done; run it again)", dir.display(), shard.file_name("shard", "json"), shard.file_name("results", "jsonl"))));
+        }
+    }
+    Ok(n)
+}
+
+/// `gradcam eval merge DIR`'s result.
+pub struct Merged {
+    pub summary: Summary,
+    /// Whether a failure page was written (the shards ran with `--failures`).
+    pub failures: bool,
+}
+
+/// Merges the shards in `dir` (see the module's documentation).
+pub fn merge(dir: &Path) -> Result<Merged> {
+    let n = shard_count(dir)?;
+    let shards: Vec<Shard> = (0..n).map(|index| Shard { index, count: n }).collect();
+    let heads: Vec<ShardHead> = shards.iter().map(|s| read_json(&dir.join(s.file_name("shard", "json")))).collect::<Result<_>>()?;
+    for (s, head) in shards.iter().zip(&heads) {
+        let file = s.file_name("shard", "json");
+        if head.shard != s.to_string() {
+            return Err(Error::Data(format!("{}: says it is shard {}, not {s}", dir.join(&file).display(), head.shard)));
+        }
+        let first = &heads[0];
+        let differ: Vec<&str> = [("list", head.list != first.list), ("data", head.data != first.data), ("failures", head.failures != first.failures), ("setup", head.setup != first.setup)].into_iter().filter(|d| d.1).map(|d| d.0).collect();
+        if !differ.is_empty() {
+            return Err(Error::Data(format!("{}: shard {s} was run differently from shard {} ({} differ); run every shard with the same command", dir.display(), shards[0], differ.join(", "))));
+        }
+    }
+    let head = &heads[0];
+    let list = head.list;
+    let mut readers = Vec::with_capacity(n);
+    for s in &shards {
+        let path = dir.join(s.file_name("results", "jsonl"));
+        let file = std::fs::File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        readers.push((path, std::io::BufReader::new(file).lines(), 0usize));
+    }
+    let mut fold = Fold::default();
+    let out = dir.join("results.jsonl");
+    streamed_merge(&out, list, &mut readers, &mut fold)?;
+    let summary = fold.summary(&head.setup);
+    let failures = if head.failures > 0 { Some(merge_failures(dir, &shards, head, &summary)?) } else { None };
+    let title = failures.as_ref().map(|(_, t)| t.as_str()).unwrap_or("");
+    crate::session::write_summary(dir, &summary, &markdown(&summary), None)?;
+    if let Some((entries, _)) = &failures {
+        gradcam_io::write_atomic(&dir.join("failures/index.html"), page_html(title, entries).as_bytes())?;
+    }
+    Ok(Merged { summary, failures: failures.is_some() })
+}
+
+type Lines = std::io::Lines<std::io::BufReader<std::fs::File>>;
+
+/// Reads the shards' records in index order (`i` from shard `i % N`), checking each index comes
+/// once, into `fold` and the unsharded lines into `out`.
+fn streamed_merge(out: &Path, list: usize, readers: &mut [(PathBuf, Lines, usize)], fold: &mut Fold) -> Result<()> {
+    let n = readers.len();
+    crate::session::streamed(out, |w| {
+        for i in 0..list {
+            let shard = Shard::of(i, n);
+            let (path, lines, at) = &mut readers[shard.index];
+            let name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            let Some(line) = lines.next() else {
+                return Err(Error::Data(format!("{}: image {i} is missing: the file ends after {at} lines, and shard {shard} takes {} of the list's {list} images", path.display(), shard.len_of(list))));
+            };
+            let line = line.map_err(|source| Error::Io { path: path.clone(), source })?;
+            *at += 1;
+            let (index, result, part) = split_record(&line).map_err(|e| Error::Data(format!("{} line {at}: {e}", path.display())))?;
+            if index != i {
+                return Err(Error::Data(misplaced(&name, *at, index, i, shard, list)));
+            }
+            fold.add(&part);
+            writeln!(w, "{result}").map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
+        }
+        for (path, lines, at) in readers.iter_mut() {
+            if let Some(line) = lines.next() {
+                let line = line.map_err(|source| Error::Io { path: path.clone(), source })?;
+                let index = split_record(&line).map(|r| r.0).map_err(|e| Error::Data(format!("{} line {}: {e}", path.display(), *at + 1)))?;
+                let what = if index < list { format!("index {index} appears twice") } else { format!("index {index} is past the list's {list} images") };
+                return Err(Error::Data(format!("{} line {}: {what}", path.display(), *at + 1)));
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Why `index` at line `at` of a shard's records is not the `expected` one.
+fn misplaced(file: &str, at: usize, index: usize, expected: usize, shard: Shard, list: usize) -> String {
+    if index >= list {
+        format!("{file} line {at}: index {index} is past the list's {list} images")
+    } else if !shard.takes(index) {
+        format!("{file} line {at}: index {index} is shard {}'s, not shard {shard}'s", Shard::of(index, shard.count))
+    } else if index < expected {
+        format!("{file} line {at}: index {index} appears twice")
+    } else {
+        format!("{file} line {at}: image {expected} is missing (the line has index {index}; shard {shard} holds {expected})")
+    }
+}
+
+/// The failure page's entries over all shards: the `K` worst of their worst, pictures copied from
+/// the shards' pages into `dir/failures/`; and its title.
+fn merge_failures(dir: &Path, shards: &[Shard], head: &ShardHead, summary: &Summary) -> Result<(Vec<PageEntry>, String)> {
+    let mut all = Vec::new();
+    for &s in shards {
+        let page = dir.join(failures_dir(s));
+        let worst: Vec<Worst> = read_json(&page.join("entries.json"))?;
+        all.extend(worst.into_iter().enumerate().map(|(at, w)| (page.clone(), at, w)));
+    }
+    all.sort_by(|a, b| a.2.entry.quality.0.total_cmp(&b.2.entry.quality.0).then(a.2.index.cmp(&b.2.index)));
+    all.truncate(head.failures);
+    let to = dir.join("failures");
+    gradcam_io::create_dir_all(&to)?;
+    let copy = |from: PathBuf, name: String| -> Result<()> {
+        let bytes = std::fs::read(&from).map_err(|source| Error::Io { path: from.clone(), source })?;
+        Ok(gradcam_io::write_atomic(&to.join(name), &bytes)?)
+    };
+    for (i, (page, at, w)) in all.iter().enumerate() {
+        copy(page.join(format!("{at:03}_image.png")), format!("{i:03}_image.png"))?;
+        for k in 0..w.entry.labels.len() {
+            copy(page.join(format!("{at:03}_{k}.png")), format!("{i:03}_{k}.png"))?;
+        }
+    }
+    let title = format!("{} worst-predicted images of {} ({}, {})", all.len(), head.data.display(), summary.kind, summary.method);
+    Ok((all.into_iter().map(|w| w.2.entry).collect(), title))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fold::Exact;
+
+    #[test]
+    fn a_record_gives_back_the_unsharded_line() {
+        let line = r#"{"index":12,"image":"a \"tally\":b.png","summary":"x,\"tally\":","quality":0.5,"cases":[],"tally":{"cases":[{"group":"g","means":["0.1",null,null,null,null]}]}}"#;
+        let (index, result, part) = split_record(line).unwrap();
+        assert_eq!(index, 12);
+        assert_eq!(result, r#"{"image":"a \"tally\":b.png","summary":"x,\"tally\":","quality":0.5,"cases":[]}"#);
+        assert_eq!(part.cases[0].means[0], Some(Exact(0.1)));
+        assert!(split_record(r#"{"image":"a","index":3,"tally":{"cases":[]}}"#).unwrap_err().contains("`{\"index\":I,` first"));
+        assert!(split_record("{}").unwrap_err().starts_with("not a shard's record"));
+    }
+
+    #[test]
+    fn shard_files_are_named_and_read_back() {
+        assert_eq!(shard_of("results-2-of-3.jsonl", "results", "jsonl"), Some(Shard { index: 2, count: 3 }));
+        assert_eq!(shard_of("shard-0-of-1.json", "shard", "json"), Some(Shard::ALL));
+        for bad in ["results-3-of-3.jsonl", "results.jsonl", "results-1-of-3.json", "shard-1-of-3.jsonl"] {
+            assert_eq!(shard_of(bad, "results", "jsonl").or(shard_of(bad, "shard", "json")), None, "{bad}");
+        }
+        assert_eq!(misplaced("r", 2, 3, 6, Shard { index: 0, count: 3 }, 9), "r line 2: index 3 appears twice");
+        assert_eq!(misplaced("r", 2, 9, 6, Shard { index: 0, count: 3 }, 12), "r line 2: image 6 is missing (the line has index 9; shard 0/3 holds 6)");
+        assert_eq!(misplaced("r", 2, 7, 6, Shard { index: 0, count: 3 }, 12), "r line 2: index 7 is shard 1/3's, not shard 0/3's");
+    }
+}
