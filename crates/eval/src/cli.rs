@@ -123,9 +123,11 @@ pub struct EvalArgs {
 /// `gradcam eval merge DIR`.
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum EvalCommand {
-    /// Merges the shards a `gradcam eval TASKS ... --shard I/N --out DIR` ran for I = 0 to N-1:
-    /// checks every image was evaluated once, then writes DIR/results.jsonl, summary.json,
-    /// summary.md (and failures/) as the unsharded run does, and prints the summary.
+    /// Merge the shards of `--shard I/N --out DIR` into DIR's results and summary.
+    ///
+    /// Checks that the N shards are all in DIR, done, run alike, and that every image was
+    /// evaluated once; then writes DIR/results.jsonl, summary.json and summary.md (and with
+    /// --failures, failures/) as one unsharded run writes them, and prints the summary.
     Merge(MergeArgs),
 }
 
