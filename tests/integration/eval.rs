@@ -319,6 +319,10 @@ fn merge_names_the_missing_shard_and_the_doubled_index() {
     crate::ok(&shard("1/3"));
     crate::ok(&shard("0/2"));
     fails(merge(), "shards of 2 different splits (of 2, 3)");
+    std::fs::remove_file(out.join("results-0-of-2.jsonl")).unwrap();
+    std::fs::remove_file(out.join("shard-0-of-2.json")).unwrap();
+    crate::ok(&gradcam(&["eval", "pointing", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--limit", "7", "--out", out.to_str().unwrap(), "--shard", "2/3", "--tolerance", "3px"]));
+    fails(merge(), "shard 2/3 was run differently from shard 0/3 (its setup differs)");
     // A shard writes into a folder for `eval merge`; the attack is not sharded.
     fails(gradcam(&["eval", "pointing", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--shard", "0/3"]), "--shard 0/3: writes its part for `gradcam eval merge DIR`: give --out DIR");
     fails(gradcam(&["eval", "adversarial", "--model", "efficientnet-lite0", "--data", data.to_str().unwrap(), "--shard", "0/3", "--out", out.to_str().unwrap()]), "the adversarial evaluation is not sharded");

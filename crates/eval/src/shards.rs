@@ -161,7 +161,7 @@ pub fn merge(dir: &Path) -> Result<Merged> {
         let first = &heads[0];
         let differ: Vec<&str> = [("list", head.list != first.list), ("data", head.data != first.data), ("failures", head.failures != first.failures), ("setup", head.setup != first.setup)].into_iter().filter(|d| d.1).map(|d| d.0).collect();
         if !differ.is_empty() {
-            return Err(Error::Data(format!("{}: shard {s} was run differently from shard {} ({} differ); run every shard with the same command", dir.display(), shards[0], differ.join(", "))));
+            return Err(Error::Data(format!("{}: shard {s} was run differently from shard {} (its {} {}); run every shard with the same command", dir.display(), shards[0], differ.join(" and "), if differ.len() == 1 { "differs" } else { "differ" })));
         }
     }
     let head = &heads[0];
