@@ -249,7 +249,7 @@ fn three_shards_merge_into_the_unsharded_run_byte_for_byte() {
     let photos = repo("data/photos");
     let (captioner, vqa, scenes) = (repo("models/captioner"), repo("models/vqa"), repo("data/shapescenes/train"));
     let classifier = ["pointing,localization,faithfulness,deletion,insertion,energy", "--model", "efficientnet-lite0", "--weights", weights.to_str().unwrap(), "--data", photos.to_str().unwrap(), "--patch", "112", "--stride", "112", "--steps", "4"];
-    let scenes = |model: &std::path::Path| ["all".to_string(), "--model".into(), model.to_str().unwrap().into(), "--data".into(), scenes.to_str().unwrap().into(), "--limit".into(), "7".into(), "--steps".into(), "5".into()];
+    let scenes = |model: &std::path::Path| ["all".to_string(), "--model".into(), model.to_str().unwrap().into(), "--data".into(), scenes.to_str().unwrap().into(), "--limit".into(), "7".into(), "--steps".into(), "5".into(), "--patch".into(), "16".into(), "--stride".into(), "16".into()];
     let subjects: [(&str, Vec<String>); 3] = [("classifier", classifier.map(String::from).to_vec()), ("captioner", scenes(&captioner).to_vec()), ("vqa", scenes(&vqa).to_vec())];
     for (kind, args) in subjects {
         let dir = tempfile::tempdir().unwrap();

@@ -323,7 +323,7 @@ impl Fold {
         let d = self.ranked.images as f64;
         let [top1_cls, top5_cls, top1_loc, top5_loc] = self.errors.map(|n| n as f64 / d);
         let located = setup.has(Task::Localization);
-        let ranked = (self.ranked.images > 0).then(|| Ranked {
+        let ranked = (self.ranked.images > 0).then_some(Ranked {
             top1_cls_error: top1_cls,
             top5_cls_error: top5_cls,
             top1_loc_error: if located { top1_loc } else { f64::NAN },
