@@ -166,12 +166,7 @@ pub fn merge(dir: &Path) -> Result<Merged> {
     }
     let head = &heads[0];
     let list = head.list;
-    let mut readers = Vec::with_capacity(n);
-    for s in &shards {
-        let path = dir.join(s.file_name("results", "jsonl"));
-        let file = std::fs::File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-        readers.push((path, std::io::BufReader::new(file).lines(), 0usize));
-    }
+    let mut readers: Vec<Records> = shards.iter().map(|s| Records::new(dir.join(s.file_name("results", "jsonl")), n <= MAX_OPEN)).collect::<Result<_>>()?;
     let mut fold = Fold::default();
     let out = dir.join("results.jsonl");
     streamed_merge(&out, list, &mut readers, &mut fold)?;
@@ -185,35 +180,81 @@ pub fn merge(dir: &Path) -> Result<Merged> {
     Ok(Merged { summary, failures: failures.is_some() })
 }
 
-type Lines = std::io::Lines<std::io::BufReader<std::fs::File>>;
+/// Shards whose records files a merge keeps open; past this many it opens a file for each line
+/// (and seeks to where it was), so that any number of shards stays within the open-file limit.
+const MAX_OPEN: usize = 256;
+
+/// A shard's records file, read a line at a time.
+struct Records {
+    path: PathBuf,
+    /// Lines read so far.
+    at: usize,
+    /// Bytes read so far.
+    offset: u64,
+    open: Option<std::io::BufReader<std::fs::File>>,
+    keep_open: bool,
+}
+
+impl Records {
+    fn new(path: PathBuf, keep_open: bool) -> Result<Records> {
+        let open = Some(Records::open(&path, 0)?);
+        Ok(Records { path, at: 0, offset: 0, open: open.filter(|_| keep_open), keep_open })
+    }
+
+    fn open(path: &Path, offset: u64) -> Result<std::io::BufReader<std::fs::File>> {
+        use std::io::Seek;
+        let io = |source| Error::Io { path: path.to_path_buf(), source };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        file.seek(std::io::SeekFrom::Start(offset)).map_err(io)?;
+        Ok(std::io::BufReader::new(file))
+    }
+
+    /// The next line, without its newline; `None` at the end.
+    fn next(&mut self) -> Result<Option<String>> {
+        let mut reader = match self.open.take() {
+            Some(r) => r,
+            None => Records::open(&self.path, self.offset)?,
+        };
+        let mut line = String::new();
+        let read = reader.read_line(&mut line).map_err(|source| Error::Io { path: self.path.clone(), source })?;
+        if self.keep_open {
+            self.open = Some(reader);
+        }
+        if read == 0 {
+            return Ok(None);
+        }
+        (self.at, self.offset) = (self.at + 1, self.offset + read as u64);
+        let line = line.strip_suffix('\n').unwrap_or(&line);
+        Ok(Some(line.strip_suffix('\r').unwrap_or(line).to_string()))
+    }
+}
 
 /// Reads the shards' records in index order (`i` from shard `i % N`), checking each index comes
 /// once, into `fold` and the unsharded lines into `out`.
-fn streamed_merge(out: &Path, list: usize, readers: &mut [(PathBuf, Lines, usize)], fold: &mut Fold) -> Result<()> {
+fn streamed_merge(out: &Path, list: usize, readers: &mut [Records], fold: &mut Fold) -> Result<()> {
     let n = readers.len();
     crate::session::streamed(out, |w| {
         for i in 0..list {
             let shard = Shard::of(i, n);
-            let (path, lines, at) = &mut readers[shard.index];
-            let name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-            let Some(line) = lines.next() else {
-                return Err(Error::Data(format!("{}: image {i} is missing: the file ends after {at} lines, and shard {shard} takes {} of the list's {list} images", path.display(), shard.len_of(list))));
+            let records = &mut readers[shard.index];
+            let Some(line) = records.next()? else {
+                return Err(Error::Data(format!("{}: image {i} is missing: the file ends after {} lines, and shard {shard} takes {} of the list's {list} images", records.path.display(), records.at, shard.len_of(list))));
             };
-            let line = line.map_err(|source| Error::Io { path: path.clone(), source })?;
-            *at += 1;
+            let (path, at) = (&records.path, records.at);
             let (index, result, part) = split_record(&line).map_err(|e| Error::Data(format!("{} line {at}: {e}", path.display())))?;
             if index != i {
-                return Err(Error::Data(misplaced(&name, *at, index, i, shard, list)));
+                let name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+                return Err(Error::Data(misplaced(&name, at, index, i, shard, list)));
             }
             fold.add(&part);
             writeln!(w, "{result}").map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
         }
-        for (path, lines, at) in readers.iter_mut() {
-            if let Some(line) = lines.next() {
-                let line = line.map_err(|source| Error::Io { path: path.clone(), source })?;
-                let index = split_record(&line).map(|r| r.0).map_err(|e| Error::Data(format!("{} line {}: {e}", path.display(), *at + 1)))?;
+        for records in readers.iter_mut() {
+            if let Some(line) = records.next()? {
+                let (path, at) = (&records.path, records.at);
+                let index = split_record(&line).map(|r| r.0).map_err(|e| Error::Data(format!("{} line {at}: {e}", path.display())))?;
                 let what = if index < list { format!("index {index} appears twice") } else { format!("index {index} is past the list's {list} images") };
-                return Err(Error::Data(format!("{} line {}: {what}", path.display(), *at + 1)));
+                return Err(Error::Data(format!("{} line {at}: {what}", path.display())));
             }
         }
         Ok(())
@@ -274,6 +315,27 @@ mod tests {
         assert_eq!(part.cases[0].means[0], Some(Exact(0.1)));
         assert!(split_record(r#"{"image":"a","index":3,"tally":{"cases":[]}}"#).unwrap_err().contains("`{\"index\":I,` first"));
         assert!(split_record("{}").unwrap_err().starts_with("not a shard's record"));
+    }
+
+    #[test]
+    fn more_shards_than_files_kept_open_merge_in_index_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (n, list) = (MAX_OPEN + 44, 2 * MAX_OPEN + 100);
+        let setup = Setup { kind: "k".into(), method: "m".into(), tasks: vec![crate::Task::Energy], tolerance: "15 px".into(), box_threshold: Exact(0.15), iou: Exact(0.5), steps: 20, reject_below: Exact(0.5), segment: ([Exact(0.5); 5], 128) };
+        for s in (0..n).map(|index| Shard { index, count: n }) {
+            let head = ShardHead { shard: s.to_string(), list, images: s.len_of(list), data: "d".into(), failures: 0, setup: setup.clone() };
+            std::fs::write(dir.path().join(s.file_name("shard", "json")), to_json(&head).unwrap()).unwrap();
+            let lines: String = (0..list).filter(|&i| s.takes(i)).map(|i| format!("{{\"index\":{i},\"image\":\"{i}.png\",\"tally\":{{\"cases\":[{{\"group\":\"g\",\"means\":[null,null,null,null,\"{}\"]}}]}}}}\n", 1.0 / (i + 1) as f64)).collect();
+            std::fs::write(dir.path().join(s.file_name("results", "jsonl")), lines).unwrap();
+        }
+        let merged = merge(dir.path()).unwrap();
+        let s = merged.summary;
+        assert_eq!((s.images, s.cases, s.overall.energy_fraction.count), (list, list, list));
+        let mut mean = crate::Mean::default();
+        (0..list).for_each(|i| mean.add(1.0 / (i + 1) as f64));
+        assert_eq!(s.overall.energy_fraction.mean.to_bits(), mean.mean.to_bits(), "added in index order");
+        let results = std::fs::read_to_string(dir.path().join("results.jsonl")).unwrap();
+        assert!(results.lines().enumerate().all(|(i, l)| l == format!("{{\"image\":\"{i}.png\"}}")), "{results}");
     }
 
     #[test]
