@@ -327,4 +327,12 @@ fn merge_names_the_missing_shard_and_the_doubled_index() {
     fails(gradcam(&["eval", "pointing", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--shard", "0/3"]), "--shard 0/3: writes its part for `gradcam eval merge DIR`: give --out DIR");
     fails(gradcam(&["eval", "adversarial", "--model", "efficientnet-lite0", "--data", data.to_str().unwrap(), "--shard", "0/3", "--out", out.to_str().unwrap()]), "the adversarial evaluation is not sharded");
     fails(shard("3/3"), "give 0 to 2");
+    // More shards than images: the third takes none, and the merge is still the whole run.
+    let few = dir.path().join("few");
+    for i in 0..3 {
+        crate::ok(&gradcam(&["eval", "pointing", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--limit", "2", "--out", few.to_str().unwrap(), "--shard", &format!("{i}/3")]));
+    }
+    assert_eq!(std::fs::read_to_string(few.join("results-2-of-3.jsonl")).unwrap(), "");
+    crate::ok(&gradcam(&["eval", "merge", few.to_str().unwrap()]));
+    assert_eq!((summary(&few)["images"].as_u64(), std::fs::read_to_string(few.join("results.jsonl")).unwrap().lines().count()), (Some(2), 2));
 }

@@ -54,7 +54,7 @@ pub struct EvalArgs {
     /// Evaluate shard I of N (0-based) alone: the images whose position i in the list (after
     /// --limit) has i % N == I. Needs --out DIR, where it writes results-I-of-N.jsonl and
     /// shard-I-of-N.json (and failures-I-of-N/); `gradcam eval merge DIR` makes the whole run's
-    /// files from the N shards. Not for `adversarial`.
+    /// files from the N shards.
     #[arg(long, value_name = "I/N")]
     pub shard: Option<Shard>,
     /// Print the summary as JSON instead of a table.
@@ -193,13 +193,11 @@ impl EvalArgs {
     pub fn merge(&self) -> Option<Result<Report>> {
         let Some(EvalCommand::Merge(m)) = &self.command else { return None };
         Some(crate::shards::merge(&m.dir).map(|merged| {
-            let s = &merged.summary;
-            let json = serde_json::to_string_pretty(s).expect("a summary serialises");
-            let mut files = format!("\nper-image results in {}\n", m.dir.join("results.jsonl").display());
-            if merged.failures {
+            let mut files = format!("\nper-{} results in {}\n", if merged.adversarial { "case" } else { "image" }, m.dir.join("results.jsonl").display());
+            if merged.failures && !merged.adversarial {
                 files += &format!("failure cases in {}\n", m.dir.join("failures/index.html").display());
             }
-            Report { json, table: crate::report::markdown(s), adversarial: false, files }
+            Report { json: merged.json, table: merged.table, adversarial: merged.adversarial, files }
         }))
     }
 
@@ -221,9 +219,6 @@ impl EvalArgs {
         }
         if let (Some(shard), None) = (self.shard, &self.out) {
             return Err(SettingError::value("shard", shard, "writes its part for `gradcam eval merge DIR`: give --out DIR").into());
-        }
-        if let (Some(shard), true) = (self.shard, adversarial) {
-            return Err(SettingError::value("shard", shard, "the adversarial evaluation is not sharded (its targeted attacks draw from one random stream over the whole list, and it reports per attacked class); run it without --shard").into());
         }
         Ok((adversarial, tasks))
     }
@@ -291,8 +286,8 @@ impl EvalArgs {
             }
             return files;
         };
-        let mut files = format!("\n(the table is shard {shard}'s images alone)\nper-image results of shard {shard} in {}\n", out.join(shard.file_name("results", "jsonl")).display());
-        if self.failures > 0 {
+        let mut files = format!("\n(the table is shard {shard}'s images alone)\nper-{} results of shard {shard} in {}\n", if adversarial { "case" } else { "image" }, out.join(shard.file_name("results", "jsonl")).display());
+        if self.failures > 0 && !adversarial {
             files += &format!("its failure cases in {}\n", out.join(format!("failures-{}-of-{}/index.html", shard.index, shard.count)).display());
         }
         files + &format!("once all {} shards are done: gradcam eval merge {}\n", shard.count, out.display())

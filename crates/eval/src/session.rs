@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::report::{keep_worst, markdown, worst, write_failures, Failure};
 use crate::clip::ClipSubject;
 use crate::fold::Setup;
-use crate::shards::ShardHead;
+use crate::shards::{Plan, ShardHead};
 use crate::subjects::{CaptionerSubject, ClassifierSubject, VqaSubject};
 use crate::{run_shard, Error, Options, Result, Shard, Step, Subject, Summary, Task};
 
@@ -197,7 +197,8 @@ pub fn evaluate<S: Subject>(subject: &S, data: &Path, options: &Options, out: Op
     let title = format!("{} worst-predicted images of {} ({}, {})", failures.len(), data.display(), subject.kind(), summary.method);
     match shard {
         Some(shard) => {
-            let head = ShardHead { shard: shard.to_string(), list: n, images: shard.len_of(n), data: data.to_path_buf(), failures: o.failures, setup: Setup::of(subject.kind(), options) };
+            let head = ShardHead { shard: shard.to_string(), list: n, images: shard.len_of(n), data: data.to_path_buf(), failures: o.failures, setup: Plan::Maps(Setup::of(subject.kind(), options)) };
+            let chosen: Vec<(usize, usize)> = chosen.iter().map(|c| (c.1, 0)).collect();
             crate::shards::finish(o.dir, shard, &head, &chosen, &failures, &title)?
         }
         None => write_summary(o.dir, &summary, &markdown(&summary), (o.failures > 0).then_some((&failures[..], &title[..])))?,

@@ -24,9 +24,10 @@ use std::path::{Path, PathBuf};
 use gradcam_runs::Shard;
 use serde::{Deserialize, Serialize};
 
+use crate::adversarial::{AdversarialFold, AdversarialSetup, AttackCase, CasePart as AdvPart};
 use crate::fold::{Fold, ImagePart, Setup};
 use crate::report::{markdown, page_html, Failure, PageEntry};
-use crate::{Error, Result, Step, Summary};
+use crate::{Error, Result, Step};
 
 /// What a finished shard says of itself: `shard-I-of-N.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,13 +41,24 @@ pub struct ShardHead {
     pub data: PathBuf,
     /// `--failures K`.
     pub failures: usize,
-    pub setup: Setup,
+    pub setup: Plan,
+}
+
+/// What a shard ran: the maps' evaluations, or the adversarial one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Plan {
+    Maps(Setup),
+    Adversarial(AdversarialSetup),
 }
 
 /// One of a shard's worst images, as its page shows it: `failures-I-of-N/entries.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Worst {
     index: usize,
+    /// The attacked class's place among its image's (adversarial; 0 otherwise).
+    #[serde(default)]
+    position: usize,
     entry: PageEntry,
 }
 
@@ -64,6 +76,28 @@ pub(crate) fn write_record(w: &mut dyn Write, step: &Step, sharded: bool) -> std
     // `{...}` without its braces: a result always has fields.
     let fields = &result[1..result.len() - 1];
     writeln!(w, "{{\"index\":{},{fields},\"tally\":{}}}", step.index, serde_json::to_string(step.part)?)
+}
+
+/// Writes one image's attacked classes: a line each (unsharded), or a shard's line for the image
+/// (its index, the lines as strings, their parts of the summary).
+pub(crate) fn write_cases(w: &mut dyn Write, index: usize, cases: &[AttackCase], parts: &[AdvPart], sharded: bool) -> std::io::Result<()> {
+    let lines: Vec<String> = cases.iter().map(serde_json::to_string).collect::<std::result::Result<_, _>>()?;
+    if !sharded {
+        return lines.iter().try_for_each(|l| writeln!(w, "{l}"));
+    }
+    writeln!(w, "{{\"index\":{index},\"cases\":{},\"tally\":{}}}", serde_json::to_string(&lines)?, serde_json::to_string(parts)?)
+}
+
+/// A shard's line of the adversarial evaluation: its image's index, lines and parts.
+fn split_cases(line: &str) -> std::result::Result<(usize, Vec<String>, Vec<AdvPart>), String> {
+    #[derive(Deserialize)]
+    struct Record {
+        index: usize,
+        cases: Vec<String>,
+        tally: Vec<AdvPart>,
+    }
+    let r: Record = serde_json::from_str(line).map_err(|e| format!("not an adversarial shard's record ({e})"))?;
+    Ok((r.index, r.cases, r.tally))
 }
 
 /// The line of an unsharded `results.jsonl` in a shard's line, with the image's index and part.
@@ -84,11 +118,12 @@ fn split_record(line: &str) -> std::result::Result<(usize, String, ImagePart), S
 
 /// A shard's last outputs: its failure page with `entries.json` (`chosen` and `failures`, its
 /// worst images), then `shard-I-of-N.json`, which says it is done.
-pub(crate) fn finish(dir: &Path, shard: Shard, head: &ShardHead, chosen: &[(f64, usize)], failures: &[Failure], title: &str) -> Result<()> {
+/// `chosen` are the failures' (image index, attacked class's position).
+pub(crate) fn finish(dir: &Path, shard: Shard, head: &ShardHead, chosen: &[(usize, usize)], failures: &[Failure], title: &str) -> Result<()> {
     if head.failures > 0 {
         let page = dir.join(failures_dir(shard));
         crate::report::write_failures(&page, failures, title)?;
-        let entries: Vec<Worst> = chosen.iter().zip(failures).map(|(&(_, index), f)| Worst { index, entry: f.entry() }).collect();
+        let entries: Vec<Worst> = chosen.iter().zip(failures).map(|(&(index, position), f)| Worst { index, position, entry: f.entry() }).collect();
         gradcam_io::write_atomic(&page.join("entries.json"), &to_json(&entries)?)?;
     }
     gradcam_io::write_atomic(&dir.join(shard.file_name("shard", "json")), &to_json(head)?)?;
@@ -141,9 +176,12 @@ fn shard_count(dir: &Path) -> Result<usize> {
     Ok(n)
 }
 
-/// `gradcam eval merge DIR`'s result.
+/// `gradcam eval merge DIR`'s result: the summary as JSON and as a table.
 pub struct Merged {
-    pub summary: Summary,
+    pub json: String,
+    pub table: String,
+    /// Whether it was the adversarial evaluation (its results are per attacked class).
+    pub adversarial: bool,
     /// Whether a failure page was written (the shards ran with `--failures`).
     pub failures: bool,
 }
@@ -165,19 +203,46 @@ pub fn merge(dir: &Path) -> Result<Merged> {
         }
     }
     let head = &heads[0];
-    let list = head.list;
     let mut readers: Vec<Records> = shards.iter().map(|s| Records::new(dir.join(s.file_name("results", "jsonl")), n <= MAX_OPEN)).collect::<Result<_>>()?;
-    let mut fold = Fold::default();
     let out = dir.join("results.jsonl");
-    streamed_merge(&out, list, &mut readers, &mut fold)?;
-    let summary = fold.summary(&head.setup);
-    let failures = if head.failures > 0 { Some(merge_failures(dir, &shards, head, &summary)?) } else { None };
-    let title = failures.as_ref().map(|(_, t)| t.as_str()).unwrap_or("");
-    crate::session::write_summary(dir, &summary, &markdown(&summary), None)?;
-    if let Some((entries, _)) = &failures {
-        gradcam_io::write_atomic(&dir.join("failures/index.html"), page_html(title, entries).as_bytes())?;
+    let (json, table, title) = match &head.setup {
+        Plan::Maps(setup) => {
+            let mut fold = Fold::default();
+            streamed_merge(&out, head.list, &mut readers, &mut |line, expected| {
+                let (index, result, part) = split_record(line)?;
+                if index == expected {
+                    fold.add(&part);
+                }
+                Ok((index, vec![result]))
+            })?;
+            let s = fold.summary(setup);
+            let title = |k: usize| format!("{k} worst-predicted images of {} ({}, {})", head.data.display(), s.kind, s.method);
+            (to_json(&s)?, markdown(&s), title(head.failures.min(s.images)))
+        }
+        Plan::Adversarial(setup) => {
+            let mut fold = AdversarialFold::default();
+            streamed_merge(&out, head.list, &mut readers, &mut |line, expected| {
+                let (index, cases, parts) = split_cases(line)?;
+                if index == expected {
+                    fold.add_image(&parts);
+                }
+                Ok((index, cases))
+            })?;
+            let s = fold.summary(setup);
+            if s.cases == 0 {
+                return Err(Error::Empty { data: head.data.clone(), what: "annotated object of the model's classes" });
+            }
+            (to_json(&s)?, crate::adversarial::markdown(&s), crate::adversarial::failures_title(head.failures.min(s.cases), &head.data))
+        }
+    };
+    gradcam_io::write_atomic(&dir.join("summary.json"), &json)?;
+    gradcam_io::write_atomic(&dir.join("summary.md"), table.as_bytes())?;
+    if head.failures > 0 {
+        let entries = merge_failures(dir, &shards, head.failures)?;
+        gradcam_io::write_atomic(&dir.join("failures/index.html"), page_html(&title, &entries).as_bytes())?;
     }
-    Ok(Merged { summary, failures: failures.is_some() })
+    let json = String::from_utf8(json).expect("JSON is UTF-8");
+    Ok(Merged { json, table, adversarial: matches!(head.setup, Plan::Adversarial(_)), failures: head.failures > 0 })
 }
 
 /// Shards whose records files a merge keeps open; past this many it opens a file for each line
@@ -229,9 +294,13 @@ impl Records {
     }
 }
 
-/// Reads the shards' records in index order (`i` from shard `i % N`), checking each index comes
-/// once, into `fold` and the unsharded lines into `out`.
-fn streamed_merge(out: &Path, list: usize, readers: &mut [Records], fold: &mut Fold) -> Result<()> {
+/// A shard's line parsed: its index and the unsharded lines it holds (the parse adds its part to
+/// the summary when the index is the one expected).
+type Parse<'a> = dyn FnMut(&str, usize) -> std::result::Result<(usize, Vec<String>), String> + 'a;
+
+/// Reads the shards' records in index order (`i` from shard `i % N`) through `parse`, checking
+/// each index comes once, and writes the unsharded lines into `out`.
+fn streamed_merge(out: &Path, list: usize, readers: &mut [Records], parse: &mut Parse) -> Result<()> {
     let n = readers.len();
     crate::session::streamed(out, |w| {
         for i in 0..list {
@@ -241,18 +310,23 @@ fn streamed_merge(out: &Path, list: usize, readers: &mut [Records], fold: &mut F
                 return Err(Error::Data(format!("{}: image {i} is missing: the file ends after {} lines, and shard {shard} takes {} of the list's {list} images", records.path.display(), records.at, shard.len_of(list))));
             };
             let (path, at) = (&records.path, records.at);
-            let (index, result, part) = split_record(&line).map_err(|e| Error::Data(format!("{} line {at}: {e}", path.display())))?;
+            let (index, lines) = parse(&line, i).map_err(|e| Error::Data(format!("{} line {at}: {e}", path.display())))?;
             if index != i {
                 let name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
                 return Err(Error::Data(misplaced(&name, at, index, i, shard, list)));
             }
-            fold.add(&part);
-            writeln!(w, "{result}").map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
+            for l in lines {
+                writeln!(w, "{l}").map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
+            }
         }
         for records in readers.iter_mut() {
             if let Some(line) = records.next()? {
                 let (path, at) = (&records.path, records.at);
-                let index = split_record(&line).map(|r| r.0).map_err(|e| Error::Data(format!("{} line {at}: {e}", path.display())))?;
+                #[derive(Deserialize)]
+                struct Index {
+                    index: usize,
+                }
+                let index = serde_json::from_str::<Index>(&line).map_err(|e| Error::Data(format!("{} line {at}: not a shard's record ({e})", path.display())))?.index;
                 let what = if index < list { format!("index {index} appears twice") } else { format!("index {index} is past the list's {list} images") };
                 return Err(Error::Data(format!("{} line {at}: {what}", path.display())));
             }
@@ -274,17 +348,17 @@ fn misplaced(file: &str, at: usize, index: usize, expected: usize, shard: Shard,
     }
 }
 
-/// The failure page's entries over all shards: the `K` worst of their worst, pictures copied from
-/// the shards' pages into `dir/failures/`; and its title.
-fn merge_failures(dir: &Path, shards: &[Shard], head: &ShardHead, summary: &Summary) -> Result<(Vec<PageEntry>, String)> {
+/// The failure page's entries over all shards: the `k` worst of their worst (by quality, then
+/// input order), pictures copied from the shards' pages into `dir/failures/`.
+fn merge_failures(dir: &Path, shards: &[Shard], k: usize) -> Result<Vec<PageEntry>> {
     let mut all = Vec::new();
     for &s in shards {
         let page = dir.join(failures_dir(s));
         let worst: Vec<Worst> = read_json(&page.join("entries.json"))?;
         all.extend(worst.into_iter().enumerate().map(|(at, w)| (page.clone(), at, w)));
     }
-    all.sort_by(|a, b| a.2.entry.quality.0.total_cmp(&b.2.entry.quality.0).then(a.2.index.cmp(&b.2.index)));
-    all.truncate(head.failures);
+    all.sort_by(|a, b| a.2.entry.quality.0.total_cmp(&b.2.entry.quality.0).then((a.2.index, a.2.position).cmp(&(b.2.index, b.2.position))));
+    all.truncate(k);
     let to = dir.join("failures");
     gradcam_io::create_dir_all(&to)?;
     let copy = |from: PathBuf, name: String| -> Result<()> {
@@ -297,8 +371,7 @@ fn merge_failures(dir: &Path, shards: &[Shard], head: &ShardHead, summary: &Summ
             copy(page.join(format!("{at:03}_{k}.png")), format!("{i:03}_{k}.png"))?;
         }
     }
-    let title = format!("{} worst-predicted images of {} ({}, {})", all.len(), head.data.display(), summary.kind, summary.method);
-    Ok((all.into_iter().map(|w| w.2.entry).collect(), title))
+    Ok(all.into_iter().map(|w| w.2.entry).collect())
 }
 
 #[cfg(test)]
@@ -323,17 +396,17 @@ mod tests {
         let (n, list) = (MAX_OPEN + 44, 2 * MAX_OPEN + 100);
         let setup = Setup { kind: "k".into(), method: "m".into(), tasks: vec![crate::Task::Energy], tolerance: "15 px".into(), box_threshold: Exact(0.15), iou: Exact(0.5), steps: 20, reject_below: Exact(0.5), segment: ([Exact(0.5); 5], 128) };
         for s in (0..n).map(|index| Shard { index, count: n }) {
-            let head = ShardHead { shard: s.to_string(), list, images: s.len_of(list), data: "d".into(), failures: 0, setup: setup.clone() };
+            let head = ShardHead { shard: s.to_string(), list, images: s.len_of(list), data: "d".into(), failures: 0, setup: Plan::Maps(setup.clone()) };
             std::fs::write(dir.path().join(s.file_name("shard", "json")), to_json(&head).unwrap()).unwrap();
             let lines: String = (0..list).filter(|&i| s.takes(i)).map(|i| format!("{{\"index\":{i},\"image\":\"{i}.png\",\"tally\":{{\"cases\":[{{\"group\":\"g\",\"means\":[null,null,null,null,\"{}\"]}}]}}}}\n", 1.0 / (i + 1) as f64)).collect();
             std::fs::write(dir.path().join(s.file_name("results", "jsonl")), lines).unwrap();
         }
         let merged = merge(dir.path()).unwrap();
-        let s = merged.summary;
-        assert_eq!((s.images, s.cases, s.overall.energy_fraction.count), (list, list, list));
-        let mut mean = crate::Mean::default();
-        (0..list).for_each(|i| mean.add(1.0 / (i + 1) as f64));
-        assert_eq!(s.overall.energy_fraction.mean.to_bits(), mean.mean.to_bits(), "added in index order");
+        let mut fold = Fold::default();
+        let part = |i: usize| ImagePart { cases: vec![crate::fold::CasePart { group: "g".into(), pointing: None, localization: None, means: [None, None, None, None, Some(Exact(1.0 / (i + 1) as f64))], segmentation: None }], ranked: None, occlusion: None };
+        (0..list).for_each(|i| fold.add(&part(i)));
+        assert_eq!(merged.json.as_bytes(), to_json(&fold.summary(&setup)).unwrap(), "added in index order");
+        assert!(merged.json.contains(&format!("\"images\": {list}")));
         let results = std::fs::read_to_string(dir.path().join("results.jsonl")).unwrap();
         assert!(results.lines().enumerate().all(|(i, l)| l == format!("{{\"image\":\"{i}.png\"}}")), "{results}");
     }
