@@ -250,7 +250,9 @@ fn three_shards_merge_into_the_unsharded_run_byte_for_byte() {
     let (captioner, vqa, scenes) = (repo("models/captioner"), repo("models/vqa"), repo("data/shapescenes/train"));
     let classifier = ["pointing,localization,faithfulness,deletion,insertion,energy", "--model", "efficientnet-lite0", "--weights", weights.to_str().unwrap(), "--data", photos.to_str().unwrap(), "--patch", "112", "--stride", "112", "--steps", "4"];
     let scenes = |model: &std::path::Path| ["all".to_string(), "--model".into(), model.to_str().unwrap().into(), "--data".into(), scenes.to_str().unwrap().into(), "--limit".into(), "7".into(), "--steps".into(), "5".into(), "--patch".into(), "16".into(), "--stride".into(), "16".into()];
-    let subjects: [(&str, Vec<String>); 3] = [("classifier", classifier.map(String::from).to_vec()), ("captioner", scenes(&captioner).to_vec()), ("vqa", scenes(&vqa).to_vec())];
+    // The attack too, towards random targets: a shard draws them for every image of the list.
+    let attack = ["adversarial", "--model", "efficientnet-lite0", "--weights", weights.to_str().unwrap(), "--data", photos.to_str().unwrap(), "--limit", "4", "--target", "random", "--attack-steps", "3"];
+    let subjects: [(&str, Vec<String>); 4] = [("classifier", classifier.map(String::from).to_vec()), ("captioner", scenes(&captioner).to_vec()), ("vqa", scenes(&vqa).to_vec()), ("adversarial", attack.map(String::from).to_vec())];
     for (kind, args) in subjects {
         let dir = tempfile::tempdir().unwrap();
         let (whole, parts) = (dir.path().join("whole"), dir.path().join("parts"));
@@ -275,7 +277,8 @@ fn three_shards_merge_into_the_unsharded_run_byte_for_byte() {
         }
         assert_eq!(run_files(&whole).len(), run_files(&parts).len(), "{kind}: the failure pages have the same pictures");
         let s = summary(&parts);
-        assert_eq!((s["kind"].as_str(), s["images"].as_u64()), (Some(kind), Some(if kind == "classifier" { 5 } else { 7 })));
+        let images = match kind { "classifier" => 5, "adversarial" => 4, _ => 7 };
+        assert_eq!((s["kind"].as_str().unwrap_or("adversarial"), s["images"].as_u64()), (kind, Some(images)));
         let json = crate::ok(&gradcam(&["eval", "merge", parts.to_str().unwrap(), "--json"]));
         assert_eq!(json.trim_end().as_bytes(), std::fs::read(parts.join("summary.json")).unwrap());
     }
@@ -323,9 +326,8 @@ fn merge_names_the_missing_shard_and_the_doubled_index() {
     std::fs::remove_file(out.join("shard-0-of-2.json")).unwrap();
     crate::ok(&gradcam(&["eval", "pointing", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--limit", "7", "--out", out.to_str().unwrap(), "--shard", "2/3", "--tolerance", "3px"]));
     fails(merge(), "shard 2/3 was run differently from shard 0/3 (its setup differs)");
-    // A shard writes into a folder for `eval merge`; the attack is not sharded.
+    // A shard writes into a folder for `eval merge`.
     fails(gradcam(&["eval", "pointing", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--shard", "0/3"]), "--shard 0/3: writes its part for `gradcam eval merge DIR`: give --out DIR");
-    fails(gradcam(&["eval", "adversarial", "--model", "efficientnet-lite0", "--data", data.to_str().unwrap(), "--shard", "0/3", "--out", out.to_str().unwrap()]), "the adversarial evaluation is not sharded");
     fails(shard("3/3"), "give 0 to 2");
     // More shards than images: the third takes none, and the merge is still the whole run.
     let few = dir.path().join("few");

@@ -4,11 +4,13 @@
 //! `i % N == I`, and writes to DIR:
 //! - `results-I-of-N.jsonl`, streamed: a line per image, `{"index":i,` then the fields of the
 //!   image's line in an unsharded `results.jsonl`, then `"tally":` its [`ImagePart`] (what it
-//!   adds to the summary, floats exact);
+//!   adds to the summary, floats exact); for `adversarial`, a line per image too:
+//!   `{"index":i,"cases":[...],"tally":[...]}`, the unsharded lines of its attacked classes as
+//!   strings and their parts;
 //! - `failures-I-of-N/` with `--failures K`: the shard's K worst images' page, and
 //!   `entries.json` (their indices and what the page says of them);
 //! - `shard-I-of-N.json` last, when the shard is done: the list's length, the dataset and the
-//!   [`Setup`] (how it measured).
+//!   [`Plan`] (how it measured).
 //!
 //! The merge checks that the N shards are all there, done, run alike, and hold every index once;
 //! then it replays the parts in index order through the same [`Fold`] as an unsharded run (so the
