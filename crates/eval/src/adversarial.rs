@@ -100,6 +100,10 @@ fn cam(net: &Network, layer: usize, pixels: &candle_core::Tensor, class: usize, 
     Ok(explain(&split, &activations, &requests, method)?.remove(0).cam())
 }
 
+/// Hears an image's index, its attacked classes and their parts of the summary.
+pub type EachImage<'a> = dyn FnMut(usize, Vec<AttackCase>, &[CasePart]) -> Result<()> + 'a;
+type Record<'a> = dyn FnMut(usize, &[AttackCase], &[CasePart]) -> Result<()> + 'a;
+
 /// Attacks and measures the first `limit` images of the COCO set in `dir` (instances.json and
 /// images/) that `shard` takes; `each` gets every image's index, attacked classes and their parts
 /// of the summary as they are done, `progress` hears (images done, images of the shard). The
@@ -107,7 +111,7 @@ fn cam(net: &Network, layer: usize, pixels: &candle_core::Tensor, class: usize, 
 /// towards the target the whole run would. Gives the summary of the shard's images and the
 /// list's length.
 #[allow(clippy::too_many_arguments)]
-pub fn run(net: &Network, layer: usize, dir: &Path, method: &dyn CamMethod, o: &AdversarialOptions, shard: Shard, progress: &mut dyn FnMut(usize, usize), each: &mut dyn FnMut(usize, Vec<AttackCase>, &[CasePart]) -> Result<()>) -> Result<(AdversarialSummary, usize)> {
+pub fn run(net: &Network, layer: usize, dir: &Path, method: &dyn CamMethod, o: &AdversarialOptions, shard: Shard, progress: &mut dyn FnMut(usize, usize), each: &mut EachImage) -> Result<(AdversarialSummary, usize)> {
     let file = dir.join("instances.json");
     let instances = Instances::read(&file)?;
     let classes = crate::subjects::category_classes(net, &instances, &file)?;
@@ -331,7 +335,7 @@ pub fn evaluate(net: &Network, layer: usize, data: &Path, method: &dyn CamMethod
     // The `k` worst cases so far, by (energy on the object after the attack, image, class).
     let mut worst: Vec<((f64, usize, usize), AttackCase)> = Vec::new();
     let empty = || Error::Empty { data: data.to_path_buf(), what: "annotated object of the model's classes" };
-    let mut go = |record: &mut dyn FnMut(usize, &[AttackCase], &[CasePart]) -> Result<()>| {
+    let mut go = |record: &mut Record| {
         let (summary, list) = run(net, layer, data, method, o, shard.unwrap_or(Shard::ALL), progress, &mut |index, cases, parts| {
             record(index, &cases, parts)?;
             for (at, case) in cases.into_iter().enumerate() {
@@ -434,6 +438,17 @@ mod tests {
         assert_eq!(name(AdversarialOptions { until: 1.0, ..o.clone() }), Some(vec!["until"]));
         let eps = AdversarialOptions { eps: 0.0, ..o }.check(10).unwrap_err();
         assert!(eps.to_string().starts_with("eps 0: the budget is a pixel-value change from 0.000001 to 1"), "{eps}");
+    }
+
+    #[test]
+    fn a_shard_setup_gives_back_the_options() {
+        for tolerance in [Tolerance::Pixels(15.0), Tolerance::Fraction(0.0625)] {
+            let o = AdversarialOptions { eps: 8.0 / 255.0, steps: 10, step_size: 0.1 / 3.0, targeted: true, seed: 7, until: 0.9, limit: usize::MAX, tolerance, box_threshold: 0.15, iou: 0.5 };
+            let setup: AdversarialSetup = serde_json::from_str(&serde_json::to_string(&AdversarialSetup::of("gradcam", &o)).unwrap()).unwrap();
+            let back = setup.options();
+            assert_eq!(serde_json::to_string(&back).unwrap(), serde_json::to_string(&o).unwrap());
+            assert_eq!((back.tolerance, back.eps.to_bits(), back.step_size.to_bits()), (o.tolerance, o.eps.to_bits(), o.step_size.to_bits()));
+        }
     }
 
     #[test]
