@@ -232,3 +232,109 @@ fn seeded_segmentation_recovers_a_hand_made_object() {
     let zero = gradcam_core::Map::new(h, w, vec![0.0; h * w]);
     assert!(random_walker(&img, &seeds(&zero, &o), o.beta, o.max_side).iter().all(|&v| !v));
 }
+
+/// The files of a finished run in `dir`: results.jsonl, summary.json, summary.md and the
+/// failure page with its pictures, by name.
+fn run_files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = ["results.jsonl", "summary.json", "summary.md"].iter().map(|f| (f.to_string(), std::fs::read(dir.join(f)).unwrap())).collect();
+    let mut page: Vec<_> = std::fs::read_dir(dir.join("failures")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    page.sort();
+    files.extend(page.into_iter().map(|f| (format!("failures/{f}"), std::fs::read(dir.join("failures").join(&f)).unwrap())));
+    files
+}
+
+#[test]
+fn three_shards_merge_into_the_unsharded_run_byte_for_byte() {
+    let weights = crate::effnet_weights();
+    let photos = repo("data/photos");
+    let (captioner, vqa, scenes) = (repo("models/captioner"), repo("models/vqa"), repo("data/shapescenes/train"));
+    let classifier = ["pointing,localization,faithfulness,deletion,insertion,energy", "--model", "efficientnet-lite0", "--weights", weights.to_str().unwrap(), "--data", photos.to_str().unwrap(), "--patch", "112", "--stride", "112", "--steps", "4"];
+    let scenes = |model: &std::path::Path| ["all".to_string(), "--model".into(), model.to_str().unwrap().into(), "--data".into(), scenes.to_str().unwrap().into(), "--limit".into(), "7".into(), "--steps".into(), "5".into(), "--patch".into(), "16".into(), "--stride".into(), "16".into()];
+    // The attack too, towards random targets: a shard draws them for every image of the list.
+    let attack = ["adversarial", "--model", "efficientnet-lite0", "--weights", weights.to_str().unwrap(), "--data", photos.to_str().unwrap(), "--limit", "4", "--target", "random", "--attack-steps", "3"];
+    let subjects: [(&str, Vec<String>); 4] = [("classifier", classifier.map(String::from).to_vec()), ("captioner", scenes(&captioner).to_vec()), ("vqa", scenes(&vqa).to_vec()), ("adversarial", attack.map(String::from).to_vec())];
+    for (kind, args) in subjects {
+        let dir = tempfile::tempdir().unwrap();
+        let (whole, parts) = (dir.path().join("whole"), dir.path().join("parts"));
+        let run = |out: &std::path::Path, extra: &[&str]| {
+            let mut all: Vec<&str> = vec!["eval"];
+            all.extend(args.iter().map(String::as_str));
+            all.extend(["--out", out.to_str().unwrap(), "--failures", "2"]);
+            all.extend(extra);
+            crate::ok(&gradcam(&all))
+        };
+        let printed = run(&whole, &[]);
+        // In any order, as a job array would run them.
+        for i in [2, 0, 1] {
+            let o = run(&parts, &["--shard", &format!("{i}/3")]);
+            assert!(o.contains(&format!("results-{i}-of-3.jsonl")) && o.contains("gradcam eval merge"), "{kind}: {o}");
+        }
+        assert!(!parts.join("results.jsonl").exists() && !parts.join("summary.json").exists());
+        let merged = crate::ok(&gradcam(&["eval", "merge", parts.to_str().unwrap()]));
+        assert_eq!(merged.replace(parts.to_str().unwrap(), "DIR"), printed.replace(whole.to_str().unwrap(), "DIR"), "{kind}: printed as the unsharded run prints");
+        for ((name, a), (_, b)) in run_files(&whole).iter().zip(run_files(&parts)) {
+            assert!(*a == b, "{kind}: {name} differs:\n{}\n---\n{}", String::from_utf8_lossy(a), String::from_utf8_lossy(&b));
+        }
+        assert_eq!(run_files(&whole).len(), run_files(&parts).len(), "{kind}: the failure pages have the same pictures");
+        let s = summary(&parts);
+        let images = match kind { "classifier" => 5, "adversarial" => 4, _ => 7 };
+        assert_eq!((s["kind"].as_str().unwrap_or("adversarial"), s["images"].as_u64()), (kind, Some(images)));
+        let json = crate::ok(&gradcam(&["eval", "merge", parts.to_str().unwrap(), "--json"]));
+        assert_eq!(json.trim_end().as_bytes(), std::fs::read(parts.join("summary.json")).unwrap());
+    }
+}
+
+#[test]
+fn merge_names_the_missing_shard_and_the_doubled_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("parts");
+    let (model, data) = (repo("models/captioner"), repo("data/shapescenes/train"));
+    let shard = |spec: &str| gradcam(&["eval", "pointing", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--limit", "7", "--out", out.to_str().unwrap(), "--shard", spec]);
+    let merge = || gradcam(&["eval", "merge", out.to_str().unwrap()]);
+    let fails = |o: Output, message: &str| {
+        let e = crate::err(&o);
+        assert!(e.contains(message), "{message:?} not in: {e}");
+    };
+    fails(merge(), "parts");
+    std::fs::create_dir(&out).unwrap();
+    fails(merge(), "no shard's files");
+    crate::ok(&shard("0/3"));
+    crate::ok(&shard("2/3"));
+    fails(merge(), "shard 1/3 is missing: no results-1-of-3.jsonl");
+    crate::ok(&shard("1/3"));
+    crate::ok(&merge());
+    // Shard 0 took indices 0, 3 and 6.
+    let file = out.join("results-0-of-3.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(&file).unwrap().lines().map(String::from).collect();
+    let edit = |keep: &[usize]| std::fs::write(&file, keep.iter().map(|&i| format!("{}\n", lines[i])).collect::<String>()).unwrap();
+    edit(&[0, 0, 1, 2]);
+    fails(merge(), "results-0-of-3.jsonl line 2: index 0 appears twice");
+    edit(&[0, 1, 2, 1]);
+    fails(merge(), "results-0-of-3.jsonl line 4: index 3 appears twice");
+    edit(&[0, 2]);
+    fails(merge(), "results-0-of-3.jsonl line 2: image 3 is missing");
+    edit(&[0, 1]);
+    fails(merge(), "image 6 is missing: the file ends after 2 lines");
+    edit(&[0, 1, 2]);
+    crate::ok(&merge());
+    std::fs::remove_file(out.join("shard-1-of-3.json")).unwrap();
+    fails(merge(), "shard 1/3 has not finished: no shard-1-of-3.json");
+    crate::ok(&shard("1/3"));
+    crate::ok(&shard("0/2"));
+    fails(merge(), "shards of 2 different splits (of 2, 3)");
+    std::fs::remove_file(out.join("results-0-of-2.jsonl")).unwrap();
+    std::fs::remove_file(out.join("shard-0-of-2.json")).unwrap();
+    crate::ok(&gradcam(&["eval", "pointing", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--limit", "7", "--out", out.to_str().unwrap(), "--shard", "2/3", "--tolerance", "3px"]));
+    fails(merge(), "shard 2/3 was run differently from shard 0/3 (its setup differs)");
+    // A shard writes into a folder for `eval merge`.
+    fails(gradcam(&["eval", "pointing", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--shard", "0/3"]), "--shard 0/3: writes its part for `gradcam eval merge DIR`: give --out DIR");
+    fails(shard("3/3"), "give 0 to 2");
+    // More shards than images: the third takes none, and the merge is still the whole run.
+    let few = dir.path().join("few");
+    for i in 0..3 {
+        crate::ok(&gradcam(&["eval", "pointing", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--limit", "2", "--out", few.to_str().unwrap(), "--shard", &format!("{i}/3")]));
+    }
+    assert_eq!(std::fs::read_to_string(few.join("results-2-of-3.jsonl")).unwrap(), "");
+    crate::ok(&gradcam(&["eval", "merge", few.to_str().unwrap()]));
+    assert_eq!((summary(&few)["images"].as_u64(), std::fs::read_to_string(few.join("results.jsonl")).unwrap().lines().count()), (Some(2), 2));
+}

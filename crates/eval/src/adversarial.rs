@@ -12,10 +12,11 @@ use gradcam_encoders::preprocess::{prepare_with, Resize};
 use gradcam_encoders::Network;
 use gradcam_scenes::coco::Instances;
 use gradcam_scenes::scene::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::attack::{attack, Goal, Pgd};
-use crate::run::{Hits, Mean};
+use crate::fold::{Exact, Hits, Mean};
+use crate::Shard;
 use crate::{Error, Result, Tolerance};
 
 /// How to attack and measure.
@@ -85,7 +86,7 @@ pub struct AdversarialSummary {
     pub adversarial: MapTally,
     /// The same over successful attacks only.
     pub adversarial_successful: MapTally,
-    pub method: &'static str,
+    pub method: String,
     pub options: AdversarialOptions,
     pub tolerance: String,
 }
@@ -99,16 +100,38 @@ fn cam(net: &Network, layer: usize, pixels: &candle_core::Tensor, class: usize, 
     Ok(explain(&split, &activations, &requests, method)?.remove(0).cam())
 }
 
+/// Hears an image's index, its attacked classes and their parts of the summary.
+pub type EachImage<'a> = dyn FnMut(usize, Vec<AttackCase>, &[CasePart]) -> Result<()> + 'a;
+type Record<'a> = dyn FnMut(usize, &[AttackCase], &[CasePart]) -> Result<()> + 'a;
+
 /// Attacks and measures the first `limit` images of the COCO set in `dir` (instances.json and
-/// images/). `progress` hears (images done, images).
-pub fn run(net: &Network, layer: usize, dir: &Path, method: &dyn CamMethod, o: &AdversarialOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<(AdversarialSummary, Vec<AttackCase>)> {
+/// images/) that `shard` takes; `each` gets every image's index, attacked classes and their parts
+/// of the summary as they are done, `progress` hears (images done, images of the shard). The
+/// random targets are drawn for every image of the list, so that a shard attacks each class
+/// towards the target the whole run would. Gives the summary of the shard's images and the
+/// list's length.
+#[allow(clippy::too_many_arguments)]
+pub fn run(net: &Network, layer: usize, dir: &Path, method: &dyn CamMethod, o: &AdversarialOptions, shard: Shard, progress: &mut dyn FnMut(usize, usize), each: &mut EachImage) -> Result<(AdversarialSummary, usize)> {
     let file = dir.join("instances.json");
     let instances = Instances::read(&file)?;
     let classes = crate::subjects::category_classes(net, &instances, &file)?;
     let n = instances.images.len().min(o.limit);
     let mut rng = Rng::new(o.seed);
-    let mut cases = Vec::new();
+    let mut fold = AdversarialFold::default();
     for (i, info) in instances.images.iter().take(n).enumerate() {
+        let mut truth: BTreeMap<usize, Vec<&gradcam_scenes::coco::Instance>> = BTreeMap::new();
+        for a in instances.annotations.iter().filter(|a| a.image_id == info.id && !a.iscrowd) {
+            if let Some(&c) = classes.get(&a.category_id) {
+                truth.entry(c).or_default().push(a);
+            }
+        }
+        let mut target = |class: usize| (class + 1 + rng.below(net.num_classes() - 1)) % net.num_classes();
+        if !shard.takes(i) {
+            if o.targeted {
+                truth.keys().for_each(|&class| _ = target(class));
+            }
+            continue;
+        }
         let path = dir.join("images").join(&info.file_name);
         let image = gradcam_encoders::preprocess::load_image(&path)?;
         if image.dimensions() != (info.width, info.height) {
@@ -118,16 +141,10 @@ pub fn run(net: &Network, layer: usize, dir: &Path, method: &dyn CamMethod, o: &
         let view = prepare_with(&image, Resize::Stretch, net.preprocess())?.view;
         let x0 = crate::attack::pixels_of(&view)?;
         let clean_probs = crate::attack::probabilities(net, &x0)?;
-        let mut truth: BTreeMap<usize, Vec<&gradcam_scenes::coco::Instance>> = BTreeMap::new();
-        for a in instances.annotations.iter().filter(|a| a.image_id == info.id && !a.iscrowd) {
-            if let Some(&c) = classes.get(&a.category_id) {
-                truth.entry(c).or_default().push(a);
-            }
-        }
+        let mut cases = Vec::new();
         for (&class, objects) in &truth {
             let goal = if o.targeted {
-                let target = (class + 1 + rng.below(net.num_classes() - 1)) % net.num_classes();
-                Goal::Targeted { class, target, until: o.until }
+                Goal::Targeted { class, target: target(class), until: o.until }
             } else {
                 Goal::Untargeted { class, until: o.until }
             };
@@ -169,36 +186,126 @@ pub fn run(net: &Network, layer: usize, dir: &Path, method: &dyn CamMethod, o: &
                 maps,
             });
         }
-        progress(i + 1, n);
+        let parts: Vec<CasePart> = cases.iter().map(|c| CasePart::of(c, o.iou)).collect();
+        fold.add_image(&parts);
+        progress(fold.images, shard.len_of(n));
+        each(i, cases, &parts)?;
     }
-    let tally = |pick: &dyn Fn(&AttackCase) -> (bool, f32, Option<f64>), only_success: bool| {
-        let mut t = MapTally::default();
-        for c in cases.iter().filter(|c| !only_success || c.success) {
-            let (hit, iou, e) = pick(c);
+    Ok((fold.summary(&AdversarialSetup::of(method.name(), o)), n))
+}
+
+/// What one attacked class adds to the summary, its floats exact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CasePart {
+    pub success: bool,
+    pub steps: usize,
+    pub linf: Exact<f32>,
+    pub l2: Exact<f32>,
+    /// Pointing hit, localized, energy fraction: of the clean map and of the adversarial one.
+    pub clean: (bool, bool, Option<Exact<f64>>),
+    pub adversarial: (bool, bool, Option<Exact<f64>>),
+}
+
+impl CasePart {
+    fn of(c: &AttackCase, iou: f32) -> CasePart {
+        CasePart {
+            success: c.success,
+            steps: c.steps,
+            linf: Exact(c.linf),
+            l2: Exact(c.l2),
+            clean: (c.pointing_clean, c.iou_clean >= iou, c.energy_clean.map(Exact)),
+            adversarial: (c.pointing_adversarial, c.iou_adversarial >= iou, c.energy_adversarial.map(Exact)),
+        }
+    }
+}
+
+/// The adversarial summary as a fold over the attacked classes in input order (see
+/// [`crate::fold`]).
+#[derive(Debug, Clone, Default)]
+pub struct AdversarialFold {
+    images: usize,
+    cases: usize,
+    successes: usize,
+    /// Sums of L-inf, L2 and steps.
+    sums: [f64; 3],
+    clean: MapTally,
+    adversarial: MapTally,
+    adversarial_successful: MapTally,
+}
+
+impl AdversarialFold {
+    /// Adds the next image's attacked classes.
+    pub fn add_image(&mut self, parts: &[CasePart]) {
+        fn tally(t: &mut MapTally, (hit, located, energy): (bool, bool, Option<Exact<f64>>)) {
             t.pointing.add(hit, false);
-            t.localization.add(iou >= o.iou);
-            if let Some(e) = e {
+            t.localization.add(located);
+            if let Some(Exact(e)) = energy {
                 t.energy_fraction.add(e);
             }
         }
-        t
-    };
-    let k = cases.len().max(1) as f64;
-    let summary = AdversarialSummary {
-        images: n,
-        cases: cases.len(),
-        success_rate: cases.iter().filter(|c| c.success).count() as f64 / k,
-        mean_linf: cases.iter().map(|c| c.linf as f64).sum::<f64>() / k,
-        mean_l2: cases.iter().map(|c| c.l2 as f64).sum::<f64>() / k,
-        mean_steps: cases.iter().map(|c| c.steps as f64).sum::<f64>() / k,
-        clean: tally(&|c| (c.pointing_clean, c.iou_clean, c.energy_clean), false),
-        adversarial: tally(&|c| (c.pointing_adversarial, c.iou_adversarial, c.energy_adversarial), false),
-        adversarial_successful: tally(&|c| (c.pointing_adversarial, c.iou_adversarial, c.energy_adversarial), true),
-        method: method.name(),
-        options: o.clone(),
-        tolerance: o.tolerance.to_string(),
-    };
-    Ok((summary, cases))
+        self.images += 1;
+        for p in parts {
+            self.cases += 1;
+            self.successes += p.success as usize;
+            for (sum, v) in self.sums.iter_mut().zip([p.linf.0 as f64, p.l2.0 as f64, p.steps as f64]) {
+                *sum += v;
+            }
+            tally(&mut self.clean, p.clean);
+            tally(&mut self.adversarial, p.adversarial);
+            if p.success {
+                tally(&mut self.adversarial_successful, p.adversarial);
+            }
+        }
+    }
+
+    pub fn summary(self, setup: &AdversarialSetup) -> AdversarialSummary {
+        let k = self.cases.max(1) as f64;
+        let options = setup.options();
+        AdversarialSummary {
+            images: self.images,
+            cases: self.cases,
+            success_rate: self.successes as f64 / k,
+            mean_linf: self.sums[0] / k,
+            mean_l2: self.sums[1] / k,
+            mean_steps: self.sums[2] / k,
+            clean: self.clean,
+            adversarial: self.adversarial,
+            adversarial_successful: self.adversarial_successful,
+            method: setup.method.clone(),
+            tolerance: options.tolerance.to_string(),
+            options,
+        }
+    }
+}
+
+/// How the attacks ran and were measured, floats exact (a shard's, for the merge).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdversarialSetup {
+    pub method: String,
+    /// eps, step size, until, box threshold, IoU.
+    pub values: [Exact<f32>; 5],
+    pub steps: usize,
+    pub targeted: bool,
+    pub seed: u64,
+    pub limit: usize,
+    /// The pointing tolerance: whether a fraction, and its value.
+    pub tolerance: (bool, Exact<f32>),
+}
+
+impl AdversarialSetup {
+    pub fn of(method: &str, o: &AdversarialOptions) -> AdversarialSetup {
+        let tolerance = match o.tolerance {
+            Tolerance::Pixels(p) => (false, Exact(p)),
+            Tolerance::Fraction(f) => (true, Exact(f)),
+        };
+        AdversarialSetup { method: method.into(), values: [o.eps, o.step_size, o.until, o.box_threshold, o.iou].map(Exact), steps: o.steps, targeted: o.targeted, seed: o.seed, limit: o.limit, tolerance }
+    }
+
+    pub fn options(&self) -> AdversarialOptions {
+        let [eps, step_size, until, box_threshold, iou] = self.values.map(|v| v.0);
+        let tolerance = if self.tolerance.0 { Tolerance::Fraction(self.tolerance.1 .0) } else { Tolerance::Pixels(self.tolerance.1 .0) };
+        AdversarialOptions { eps, steps: self.steps, step_size, targeted: self.targeted, seed: self.seed, until, limit: self.limit, tolerance, box_threshold, iou }
+    }
 }
 
 impl AdversarialOptions {
@@ -217,21 +324,56 @@ impl AdversarialOptions {
 }
 
 /// Checks the options, attacks and measures (see [`run`]) and writes the outputs to `out`: the
-/// cases (results.jsonl), the summary, and the failure page of the cases whose adversarial map
-/// keeps least of its mass on the object.
+/// cases (results.jsonl, streamed), the summary, and the failure page of the cases whose
+/// adversarial map keeps least of its mass on the object; a shard's outputs are
+/// [`crate::shards`]'s.
 pub fn evaluate(net: &Network, layer: usize, data: &Path, method: &dyn CamMethod, o: &AdversarialOptions, out: Option<crate::Outputs>, progress: &mut dyn FnMut(usize, usize)) -> Result<AdversarialSummary> {
     o.check(net.num_classes())?;
     crate::session::create(out)?;
-    let (summary, cases) = run(net, layer, data, method, o, progress)?;
-    if summary.cases == 0 {
-        return Err(Error::Empty { data: data.to_path_buf(), what: "annotated object of the model's classes" });
-    }
-    if let Some(out) = out {
-        let failures = failures(net, &cases, data, out.failures)?;
-        let title = format!("{} attacked classes of {} with the least map energy on the object after the attack", failures.len(), data.display());
-        crate::session::write_run(out.dir, &cases, &summary, &markdown(&summary), (out.failures > 0).then_some((&failures[..], &title[..])))?;
+    let shard = out.and_then(|o| o.shard);
+    let k = out.map_or(0, |o| o.failures);
+    // The `k` worst cases so far, by (energy on the object after the attack, image, class).
+    let mut worst: Vec<((f64, usize, usize), AttackCase)> = Vec::new();
+    let empty = || Error::Empty { data: data.to_path_buf(), what: "annotated object of the model's classes" };
+    let mut go = |record: &mut Record| {
+        let (summary, list) = run(net, layer, data, method, o, shard.unwrap_or(Shard::ALL), progress, &mut |index, cases, parts| {
+            record(index, &cases, parts)?;
+            for (at, case) in cases.into_iter().enumerate() {
+                let key = (case.energy_adversarial.unwrap_or(0.0), index, at);
+                let place = worst.partition_point(|w| w.0 .0.total_cmp(&key.0).then((w.0 .1, w.0 .2).cmp(&(key.1, key.2))).is_lt());
+                if place < k {
+                    worst.insert(place, (key, case));
+                    worst.truncate(k);
+                }
+            }
+            Ok(())
+        })?;
+        if summary.cases == 0 && shard.is_none() {
+            return Err(empty());
+        }
+        Ok((summary, list))
+    };
+    let Some(out) = out else { return go(&mut |_, _, _| Ok(())).map(|r| r.0) };
+    let file = out.dir.join(shard.map_or("results.jsonl".into(), |s| s.file_name("results", "jsonl")));
+    let io = |source| Error::Io { path: file.clone(), source };
+    let (summary, list) = crate::session::streamed(&file, |w| go(&mut |index, cases, parts| crate::shards::write_cases(w, index, cases, parts, shard.is_some()).map_err(io)))?;
+    let (chosen, cases): (Vec<_>, Vec<AttackCase>) = worst.into_iter().unzip();
+    let failures = failures(net, &cases, data, k)?;
+    let title = failures_title(failures.len(), data);
+    match shard {
+        Some(shard) => {
+            let head = crate::shards::ShardHead { shard: shard.to_string(), list, images: summary.images, data: data.to_path_buf(), failures: k, setup: crate::shards::Plan::Adversarial(AdversarialSetup::of(method.name(), o)) };
+            let chosen: Vec<(usize, usize)> = chosen.iter().map(|c| (c.1, c.2)).collect();
+            crate::shards::finish(out.dir, shard, &head, &chosen, &failures, &title)?
+        }
+        None => crate::session::write_summary(out.dir, &summary, &markdown(&summary), (k > 0).then_some((&failures[..], &title[..])))?,
     }
     Ok(summary)
+}
+
+/// The adversarial failure page's title.
+pub(crate) fn failures_title(n: usize, data: &Path) -> String {
+    format!("{n} attacked classes of {} with the least map energy on the object after the attack", data.display())
 }
 
 /// The `k` cases whose adversarial map keeps least of its mass on the object, each with its
@@ -296,6 +438,17 @@ mod tests {
         assert_eq!(name(AdversarialOptions { until: 1.0, ..o.clone() }), Some(vec!["until"]));
         let eps = AdversarialOptions { eps: 0.0, ..o }.check(10).unwrap_err();
         assert!(eps.to_string().starts_with("eps 0: the budget is a pixel-value change from 0.000001 to 1"), "{eps}");
+    }
+
+    #[test]
+    fn a_shard_setup_gives_back_the_options() {
+        for tolerance in [Tolerance::Pixels(15.0), Tolerance::Fraction(0.0625)] {
+            let o = AdversarialOptions { eps: 8.0 / 255.0, steps: 10, step_size: 0.1 / 3.0, targeted: true, seed: 7, until: 0.9, limit: usize::MAX, tolerance, box_threshold: 0.15, iou: 0.5 };
+            let setup: AdversarialSetup = serde_json::from_str(&serde_json::to_string(&AdversarialSetup::of("gradcam", &o)).unwrap()).unwrap();
+            let back = setup.options();
+            assert_eq!(serde_json::to_string(&back).unwrap(), serde_json::to_string(&o).unwrap());
+            assert_eq!((back.tolerance, back.eps.to_bits(), back.step_size.to_bits()), (o.tolerance, o.eps.to_bits(), o.step_size.to_bits()));
+        }
     }
 
     #[test]

@@ -14,11 +14,13 @@ pub mod attack;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod clip;
+pub mod fold;
 mod perturb;
 pub mod segment;
 pub mod report;
 mod run;
 pub mod session;
+pub mod shards;
 pub mod subjects;
 
 use std::path::PathBuf;
@@ -29,7 +31,9 @@ use gradcam_core::{Explainer, Map};
 use gradcam_scenes::rle::Mask;
 use image::RgbImage;
 
-pub use run::{run, CaseResult, ExampleResult, Mean, Options, Ranked, Summary, Tally};
+pub use fold::{Mean, Ranked, Summary, Tally};
+pub use run::{run, run_shard, CaseResult, ExampleResult, Options, Step};
+pub use gradcam_runs::Shard;
 pub use session::{AnySubject, ModelRef, Outputs};
 
 /// Errors of the evaluation crate.
@@ -85,7 +89,7 @@ impl Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// The evaluations [`run`] can make.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {
     Localization,

@@ -8,7 +8,7 @@ use gradcam_io::write_png as write_png_atomic;
 use gradcam_core::Map;
 use image::RgbImage;
 
-use crate::run::{Mean, Summary, Tally};
+use crate::fold::{Mean, Summary, Tally};
 use crate::{Result, Task};
 
 fn mean(m: &Mean) -> String {
@@ -65,7 +65,7 @@ pub fn markdown(s: &Summary) -> String {
         row("energy in box, share of the map's mass".into(), &|t| mean(&t.energy_fraction));
     }
     if has(Task::Segmentation) {
-        let seg = |f: fn(&crate::run::Segmentation) -> f64| move |t: &Tally| if t.segmentation.count == 0 { "–".to_string() } else { format!("{:.3} (n={})", f(&t.segmentation), t.segmentation.count) };
+        let seg = |f: fn(&crate::fold::Segmentation) -> f64| move |t: &Tally| if t.segmentation.count == 0 { "–".to_string() } else { format!("{:.3} (n={})", f(&t.segmentation), t.segmentation.count) };
         row(format!("segmentation mIoU, random walker from seeds (map ≥ {} / < {} of max)", s.protocol.segment.high, s.protocol.segment.low), &seg(|g| g.miou_seeded));
         row(format!("segmentation mIoU, map thresholded at {} of max", s.protocol.segment.threshold), &seg(|g| g.miou_threshold));
         row(format!("segmentation mIoU, centre box ({:.0}% of the image)", s.protocol.segment.centre_area * 100.0), &seg(|g| g.miou_centre));
@@ -102,16 +102,23 @@ pub struct Failure {
     pub maps: Vec<(String, Map)>,
 }
 
-/// The `k` examples of lowest quality (`qualities`: (quality, example index) of every example
-/// run), each with its maps by `method`, for [`write_failures`].
+/// Keeps `(quality, example index)` among the `k` worst of `worst` (sorted, lowest quality
+/// first, ties by index): the failure page's choice made as a run goes, in memory of `k`.
+pub fn keep_worst(worst: &mut Vec<(f64, usize)>, candidate: (f64, usize), k: usize) {
+    let at = worst.partition_point(|w| w.0.total_cmp(&candidate.0).then(w.1.cmp(&candidate.1)).is_lt());
+    if at < k {
+        worst.insert(at, candidate);
+        worst.truncate(k);
+    }
+}
+
+/// The examples `chosen` (`(quality, example index)`, from [`keep_worst`]), each with its maps by
+/// `method`, for [`write_failures`].
 /// With `segment`, each case's seeded segmentation follows its map (drawn as a map that is 1
 /// inside the segment).
-pub fn worst<S: crate::Subject>(subject: &S, qualities: &[(f64, usize)], k: usize, method: &dyn gradcam_core::Explainer, segment: Option<&crate::segment::SegmentOptions>) -> Result<Vec<Failure>> {
-    let mut order = qualities.to_vec();
-    order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    order
+pub fn worst<S: crate::Subject>(subject: &S, chosen: &[(f64, usize)], method: &dyn gradcam_core::Explainer, segment: Option<&crate::segment::SegmentOptions>) -> Result<Vec<Failure>> {
+    chosen
         .iter()
-        .take(k)
         .map(|&(quality, i)| {
             let ex = subject.example(i)?;
             let maps = subject.maps(&ex, method)?;
@@ -137,26 +144,69 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-/// Writes `dir/index.html` and the overlays it shows (`dir/NNN_K.png`), every file through a
-/// temporary name so that nothing is left half-written.
-pub fn write_failures(dir: &Path, failures: &[Failure], title: &str) -> Result<()> {
-    gradcam_io::create_dir_all(dir)?;
+/// What the failure page says of one example: its name, summary and quality, and the label of
+/// each of its pictures (`NNN_K.png`, after `NNN_image.png`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PageEntry {
+    pub name: String,
+    pub summary: String,
+    pub quality: crate::fold::Exact<f64>,
+    pub labels: Vec<String>,
+}
+
+impl Failure {
+    pub fn entry(&self) -> PageEntry {
+        PageEntry { name: self.name.clone(), summary: self.summary.clone(), quality: crate::fold::Exact(self.quality), labels: self.maps.iter().map(|m| m.0.clone()).collect() }
+    }
+}
+
+/// The failure page, `index.html`, showing `entries` (the `i`-th one's pictures are
+/// `{i:03}_image.png` and `{i:03}_{k}.png`).
+pub fn page_html(title: &str, entries: &[PageEntry]) -> String {
     let mut html = format!(
         "<!doctype html>\n<meta charset=\"utf-8\">\n<title>{0}</title>\n<style>body{{font-family:sans-serif}} figure{{display:inline-block;margin:4px;text-align:center}} img{{width:192px;image-rendering:pixelated}} figcaption{{max-width:192px;font-size:12px}}</style>\n<h1>{0}</h1>\n",
         escape(title)
     );
-    for (i, f) in failures.iter().enumerate() {
-        let _ = write!(html, "<section><h2>{}. {} (quality {:.3})</h2><p>{}</p>\n", i + 1, escape(&f.name), f.quality, escape(&f.summary));
-        let original = format!("{i:03}_image.png");
-        write_png_atomic(&f.image, &dir.join(&original))?;
-        let _ = write!(html, "<figure><img src=\"{original}\"><figcaption>image</figcaption></figure>");
-        let region = Region { x: 0, y: 0, width: f.image.width(), height: f.image.height() };
-        for (k, (label, map)) in f.maps.iter().enumerate() {
-            let file = format!("{i:03}_{k}.png");
-            write_png_atomic(&overlay(&f.image, &map.normalized().0, region), &dir.join(&file))?;
-            let _ = write!(html, "<figure><img src=\"{file}\"><figcaption>{}</figcaption></figure>", escape(label));
+    for (i, f) in entries.iter().enumerate() {
+        let _ = write!(html, "<section><h2>{}. {} (quality {:.3})</h2><p>{}</p>\n", i + 1, escape(&f.name), f.quality.0, escape(&f.summary));
+        let _ = write!(html, "<figure><img src=\"{i:03}_image.png\"><figcaption>image</figcaption></figure>");
+        for (k, label) in f.labels.iter().enumerate() {
+            let _ = write!(html, "<figure><img src=\"{i:03}_{k}.png\"><figcaption>{}</figcaption></figure>", escape(label));
         }
         html.push_str("</section>\n");
     }
-    Ok(gradcam_io::write_atomic(&dir.join("index.html"), html.as_bytes())?)
+    html
+}
+
+/// Writes `dir/index.html` and the overlays it shows (`dir/NNN_K.png`), every file through a
+/// temporary name so that nothing is left half-written.
+pub fn write_failures(dir: &Path, failures: &[Failure], title: &str) -> Result<()> {
+    gradcam_io::create_dir_all(dir)?;
+    for (i, f) in failures.iter().enumerate() {
+        write_png_atomic(&f.image, &dir.join(format!("{i:03}_image.png")))?;
+        let region = Region { x: 0, y: 0, width: f.image.width(), height: f.image.height() };
+        for (k, (_, map)) in f.maps.iter().enumerate() {
+            write_png_atomic(&overlay(&f.image, &map.normalized().0, region), &dir.join(format!("{i:03}_{k}.png")))?;
+        }
+    }
+    let entries: Vec<PageEntry> = failures.iter().map(Failure::entry).collect();
+    Ok(gradcam_io::write_atomic(&dir.join("index.html"), page_html(title, &entries).as_bytes())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_worst_are_kept_as_a_full_sort_would_pick_them() {
+        let qualities: Vec<(f64, usize)> = (0..50).map(|i| (((i * 7919) % 13) as f64 / 4.0, i)).collect();
+        for k in [0, 1, 3, 10, 60] {
+            let mut kept = Vec::new();
+            qualities.iter().for_each(|&q| keep_worst(&mut kept, q, k));
+            let mut all = qualities.clone();
+            all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            all.truncate(k);
+            assert_eq!(kept, all, "k = {k}");
+        }
+    }
 }

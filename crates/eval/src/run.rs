@@ -1,12 +1,12 @@
 //! The evaluation loop, written once for every [`Subject`].
 
-use std::collections::BTreeMap;
-
 use candle_core::Tensor;
 use gradcam_core::metrics::{auc, energy, pixel_order, spearman, threshold_box, BoundingBox, Energy, Pointing};
+use gradcam_runs::Shard;
 use gradcam_core::{Explainer, Map, SettingError};
 use serde::Serialize;
 
+use crate::fold::{Fold, ImagePart, Setup, Summary};
 use crate::perturb::{patch_origins, Plane};
 use crate::{Example, Result, Subject, Task, Tolerance};
 
@@ -59,125 +59,6 @@ impl Options<'_> {
     }
 }
 
-/// A running mean.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct Mean {
-    pub count: usize,
-    pub mean: f64,
-}
-
-impl Mean {
-    pub fn add(&mut self, v: f64) {
-        self.count += 1;
-        self.mean += (v - self.mean) / self.count as f64;
-    }
-}
-
-/// Counts of hits.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct Hits {
-    pub count: usize,
-    pub hits: usize,
-}
-
-impl Hits {
-    pub fn add(&mut self, hit: bool) {
-        self.count += 1;
-        self.hits += hit as usize;
-    }
-    pub fn rate(&self) -> f64 {
-        self.hits as f64 / self.count.max(1) as f64
-    }
-}
-
-/// The metrics over a set of cases.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Tally {
-    /// Pointing game over cases that refer to objects, beside the centre baseline.
-    pub pointing: Pointing,
-    /// Cases whose threshold box reaches the IoU with one of their objects' boxes.
-    pub localization: Hits,
-    /// Spearman correlation of the map with the occlusion map.
-    pub faithfulness: Mean,
-    pub deletion_auc: Mean,
-    pub insertion_auc: Mean,
-    /// Mean map value inside the objects' boxes over outside.
-    pub energy_ratio: Mean,
-    /// Share of the map's mass inside the objects' boxes.
-    pub energy_fraction: Mean,
-    /// Segmentation from the map's seeds, beside the thresholded map and a centre prior.
-    pub segmentation: Segmentation,
-}
-
-/// Mean IoUs with the objects' masks of the three segmentations of each case.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct Segmentation {
-    pub count: usize,
-    /// The random walker from the map's seeds.
-    pub miou_seeded: f64,
-    /// The map thresholded alone.
-    pub miou_threshold: f64,
-    /// A centred box.
-    pub miou_centre: f64,
-}
-
-impl Segmentation {
-    pub fn add(&mut self, [seeded, threshold, centre]: [f64; 3]) {
-        self.count += 1;
-        let k = self.count as f64;
-        self.miou_seeded += (seeded - self.miou_seeded) / k;
-        self.miou_threshold += (threshold - self.miou_threshold) / k;
-        self.miou_centre += (centre - self.miou_centre) / k;
-    }
-}
-
-/// Classifier-only figures, per image, as ILSVRC and the paper report them.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Ranked {
-    pub images: usize,
-    /// Fraction of images where the top-1 class is wrong.
-    pub top1_cls_error: f64,
-    pub top5_cls_error: f64,
-    /// Fraction of images where the top-1 class is wrong or its box misses (IoU below the
-    /// threshold with every box of that class).
-    pub top1_loc_error: f64,
-    pub top5_loc_error: f64,
-    /// The pointing game's recall variant over the top-5 predictions: a present class hits when
-    /// its peak is on it and not rejected, an absent one when its map is rejected.
-    pub pointing_recall: Pointing,
-}
-
-/// Everything measured, with the protocol that produced it.
-#[derive(Debug, Clone, Serialize)]
-pub struct Summary {
-    pub kind: &'static str,
-    pub method: &'static str,
-    pub tasks: Vec<Task>,
-    pub images: usize,
-    pub cases: usize,
-    pub overall: Tally,
-    /// Per class kind, word type or question type.
-    pub groups: BTreeMap<String, Tally>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ranked: Option<Ranked>,
-    pub protocol: Protocol,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Protocol {
-    pub tolerance: String,
-    pub box_threshold: f32,
-    pub iou: f32,
-    /// Occlusion patch and stride in input pixels (of the last image).
-    pub patch: usize,
-    pub stride: usize,
-    pub steps: usize,
-    pub reject_below: f32,
-    pub removed_pixels: &'static str,
-    pub insertion_start: &'static str,
-    pub segment: crate::segment::SegmentOptions,
-}
-
 /// What was measured for one case.
 #[derive(Debug, Clone, Serialize)]
 pub struct CaseResult {
@@ -224,94 +105,38 @@ pub struct ExampleResult {
 /// Evaluates the first `options.limit` images of a subject; `progress` hears about each image's
 /// results as they come.
 pub fn run<S: Subject>(subject: &S, options: &Options, mut progress: impl FnMut(usize, &ExampleResult)) -> Result<Summary> {
-    let n = subject.len().min(options.limit);
-    let mut overall = Tally::default();
-    let mut groups: BTreeMap<String, Tally> = BTreeMap::new();
-    let mut ranked = Ranked::default();
-    let (mut top1_cls, mut top5_cls, mut top1_loc, mut top5_loc) = (0usize, 0usize, 0usize, 0usize);
-    let (mut cases, mut patch, mut stride) = (0, 0, 0);
-    for i in 0..n {
-        let ex = subject.example(i)?;
-        let result = evaluate_example(subject, &ex, options, &mut patch, &mut stride)?;
-        cases += result.cases.len();
-        for c in &result.cases {
-            for t in [&mut overall, groups.entry(c.group.clone()).or_default()] {
-                if let (Some(hit), Some(centre)) = (c.pointing_hit, c.centre_hit) {
-                    t.pointing.add(hit, centre);
-                }
-                if c.objects > 0 && options.has(Task::Localization) {
-                    t.localization.add(c.iou.is_some_and(|v| v >= options.iou));
-                }
-                let means = [
-                    (&mut t.faithfulness, c.faithfulness),
-                    (&mut t.deletion_auc, c.deletion_auc),
-                    (&mut t.insertion_auc, c.insertion_auc),
-                    (&mut t.energy_ratio, c.energy.and_then(|e| e.ratio)),
-                    (&mut t.energy_fraction, c.energy.and_then(|e| e.fraction)),
-                ];
-                for (m, v) in means {
-                    if let Some(v) = v {
-                        m.add(v);
-                    }
-                }
-                if let Some(ious) = c.segmentation {
-                    t.segmentation.add(ious);
-                }
-            }
-        }
-        // ILSVRC-style figures, when the subject ranks its predictions.
-        let top: Vec<&CaseResult> = result.cases.iter().filter(|c| c.rank.is_some()).collect();
-        if !top.is_empty() {
-            ranked.images += 1;
-            let right = |k: usize| top.iter().any(|c| c.rank < Some(k) && c.objects > 0);
-            let located = |k: usize| top.iter().any(|c| c.rank < Some(k) && c.objects > 0 && c.iou.is_some_and(|v| v >= options.iou));
-            top1_cls += !right(1) as usize;
-            top5_cls += !right(5) as usize;
-            top1_loc += !located(1) as usize;
-            top5_loc += !located(5) as usize;
-            if options.has(Task::Pointing) {
-                let strongest = top.iter().map(|c| c.peak_value).fold(0f32, f32::max);
-                for (c, case) in result.cases.iter().zip(&ex.cases).filter(|(c, _)| c.rank.is_some()) {
-                    let kept = c.peak_value >= options.reject_below * strongest && strongest > 0.0;
-                    let hit = if case.objects.is_empty() { !kept } else { kept && c.pointing_hit == Some(true) };
-                    ranked.pointing_recall.add(hit, !case.objects.is_empty() && c.centre_hit == Some(true));
-                }
-            }
-        }
-        progress(i + 1, &result);
-    }
-    let ranked = (ranked.images > 0).then(|| {
-        let d = ranked.images as f64;
-        Ranked {
-            top1_cls_error: top1_cls as f64 / d,
-            top5_cls_error: top5_cls as f64 / d,
-            top1_loc_error: if options.has(Task::Localization) { top1_loc as f64 / d } else { f64::NAN },
-            top5_loc_error: if options.has(Task::Localization) { top5_loc as f64 / d } else { f64::NAN },
-            ..ranked
-        }
-    });
-    Ok(Summary {
-        kind: subject.kind(),
-        method: options.method.name(),
-        tasks: options.tasks.clone(),
-        images: n,
-        cases,
-        overall,
-        groups,
-        ranked,
-        protocol: Protocol {
-            tolerance: options.tolerance.to_string(),
-            box_threshold: options.box_threshold,
-            iou: options.iou,
-            patch,
-            stride,
-            steps: options.steps,
-            reject_below: options.reject_below,
-            removed_pixels: "0 in the normalised input (the mean colour for ImageNet models, mid-grey for the scene CNN)",
-            insertion_start: "the input blurred by three box filters of radius 1/32 of its side",
-            segment: options.segment,
-        },
+    run_shard(subject, options, Shard::ALL, |step| {
+        progress(step.done, step.result);
+        Ok(())
     })
+}
+
+/// One image evaluated by [`run_shard`].
+pub struct Step<'a> {
+    /// Its position in the dataset's order.
+    pub index: usize,
+    /// Images done by this shard, this one included, of `of`.
+    pub done: usize,
+    pub of: usize,
+    pub result: &'a ExampleResult,
+    /// What it adds to the summary.
+    pub part: &'a ImagePart,
+}
+
+/// [`run`] over the images of the first `options.limit` that `shard` takes, in order; `each`
+/// hears about every image as it is done (and may stop the run with an error). The summary is
+/// over the shard's images.
+pub fn run_shard<S: Subject>(subject: &S, options: &Options, shard: Shard, mut each: impl FnMut(Step) -> Result<()>) -> Result<Summary> {
+    let n = subject.len().min(options.limit);
+    let mut fold = Fold::default();
+    for index in (0..n).filter(|&i| shard.takes(i)) {
+        let ex = subject.example(index)?;
+        let (result, occlusion) = evaluate_example(subject, &ex, options)?;
+        let part = ImagePart::of(&result, options, occlusion);
+        fold.add(&part);
+        each(Step { index, done: fold.images(), of: shard.len_of(n), result: &result, part: &part })?;
+    }
+    Ok(fold.summary(&Setup::of(subject.kind(), options)))
 }
 
 /// Scores `n` inputs of shape `dims` laid out in `data`, `batch` at a time.
@@ -325,13 +150,15 @@ fn score_all<S: Subject>(subject: &S, ex: &Example<S::State>, data: &[f32], dims
     Ok(out)
 }
 
-fn evaluate_example<S: Subject>(subject: &S, ex: &Example<S::State>, options: &Options, patch: &mut usize, stride: &mut usize) -> Result<ExampleResult> {
+/// One image's results, and the occlusion patch and stride when faithfulness was measured.
+fn evaluate_example<S: Subject>(subject: &S, ex: &Example<S::State>, options: &Options) -> Result<(ExampleResult, Option<(usize, usize)>)> {
     let (h, w) = (ex.image.height() as usize, ex.image.width() as usize);
     let (_, channels, ih, iw) = ex.input.dims4()?;
     if (options.has(Task::Deletion) || options.has(Task::Insertion)) && options.steps > ih * iw {
         return Err(SettingError::value("steps", options.steps, format!("more steps than the input has pixels ({ih}x{iw})")).into());
     }
     let maps = subject.maps(ex, options.method)?;
+    let mut occlusion = None;
     let tolerance = options.tolerance.pixels(h, w);
     let mut results = Vec::with_capacity(ex.cases.len());
     for (case, raw) in ex.cases.iter().zip(&maps) {
@@ -391,7 +218,7 @@ fn evaluate_example<S: Subject>(subject: &S, ex: &Example<S::State>, options: &O
         if options.has(Task::Faithfulness) {
             let p = options.patch.unwrap_or(ih.min(iw) / 7).clamp(1, ih.min(iw));
             let s = options.stride.unwrap_or(p / 2).max(1);
-            (*patch, *stride) = (p, s);
+            occlusion = Some((p, s));
             let positions: Vec<(usize, usize)> = patch_origins(ih, p, s).into_iter().flat_map(|y| patch_origins(iw, p, s).into_iter().map(move |x| (y, x))).collect();
             // Made and scored `--batch` occluded inputs at a time: memory does not grow with the
             // number of positions (`--patch 1 --stride 1` is 50,176 of them at 224 px).
@@ -434,5 +261,5 @@ fn evaluate_example<S: Subject>(subject: &S, ex: &Example<S::State>, options: &O
             }
         }
     }
-    Ok(ExampleResult { image: ex.name.clone(), summary: ex.summary.clone(), quality: ex.quality, cases: results })
+    Ok((ExampleResult { image: ex.name.clone(), summary: ex.summary.clone(), quality: ex.quality, cases: results }, occlusion))
 }

@@ -2,6 +2,7 @@
 //! VQA model's folder), its [`Subject`] over a dataset, the run, and what the run leaves in its
 //! output folder (results.jsonl, summary.json, summary.md and the failures page).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use gradcam_captioner::Captioner;
@@ -11,33 +12,67 @@ use gradcam_encoders::ModelName;
 use gradcam_vqa::Vqa;
 use serde::Serialize;
 
-use crate::report::{markdown, worst, write_failures, Failure};
+use crate::report::{keep_worst, markdown, worst, write_failures, Failure};
 use crate::clip::ClipSubject;
+use crate::fold::Setup;
+use crate::shards::{Plan, ShardHead};
 use crate::subjects::{CaptionerSubject, ClassifierSubject, VqaSubject};
-use crate::{run, Error, ExampleResult, Options, Result, Subject, Summary, Task};
+use crate::{run_shard, Error, Options, Result, Shard, Step, Subject, Summary, Task};
 
-/// Where a run writes its outputs, and how many failure cases its page shows (0: no page).
+/// Where a run writes its outputs, how many failure cases its page shows (0: no page), and the
+/// shard it is (its outputs are then the shard's, for `gradcam eval merge`).
 #[derive(Debug, Clone, Copy)]
 pub struct Outputs<'a> {
     pub dir: &'a Path,
     pub failures: usize,
+    pub shard: Option<gradcam_runs::Shard>,
 }
 
 /// Writes `dir/results.jsonl` (a line per result), `summary.json`, `summary.md` (`table`) and,
 /// with `failures`, the page `dir/failures/index.html` titled by its second element.
 pub fn write_run<R: Serialize>(dir: &Path, results: impl IntoIterator<Item = R>, summary: &impl Serialize, table: &str, failures: Option<(&[Failure], &str)>) -> Result<()> {
-    let mut lines = Vec::new();
-    for r in results {
-        serde_json::to_writer(&mut lines, &r).map_err(|e| Error::Data(format!("a result does not serialise: {e}")))?;
-        lines.push(b'\n');
-    }
-    gradcam_io::write_atomic(&dir.join("results.jsonl"), &lines)?;
+    let file = dir.join("results.jsonl");
+    streamed(&file, |w| {
+        for r in results {
+            serde_json::to_writer(&mut *w, &r).map_err(|e| Error::Data(format!("a result does not serialise: {e}")))?;
+            w.write_all(b"\n").map_err(|source| Error::Io { path: file.clone(), source })?;
+        }
+        Ok(())
+    })?;
+    write_summary(dir, summary, table, failures)
+}
+
+/// Writes `dir/summary.json`, `summary.md` (`table`) and, with `failures`, the page
+/// `dir/failures/index.html` titled by its second element.
+pub fn write_summary(dir: &Path, summary: &impl Serialize, table: &str, failures: Option<(&[Failure], &str)>) -> Result<()> {
     let summary = serde_json::to_vec_pretty(summary).map_err(|e| Error::Data(format!("the summary does not serialise: {e}")))?;
     gradcam_io::write_atomic(&dir.join("summary.json"), &summary)?;
     gradcam_io::write_atomic(&dir.join("summary.md"), table.as_bytes())?;
     match failures {
         Some((failures, title)) => write_failures(&dir.join("failures"), failures, title),
         None => Ok(()),
+    }
+}
+
+/// Writes `path` atomically through `write`, which streams into it (buffered): a run's records
+/// go to the file as they are made, and the file appears complete or not at all.
+pub(crate) fn streamed<T>(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<T>) -> Result<T> {
+    let mut outcome = None;
+    let written = gradcam_io::write_atomic_with(path, |file| {
+        let mut w = std::io::BufWriter::new(file);
+        let r = write(&mut w);
+        let failed = r.is_err();
+        outcome = Some(r);
+        if failed {
+            return Err(std::io::Error::other("the run stopped"));
+        }
+        w.flush()
+    });
+    match (outcome, written) {
+        (Some(Err(e)), _) => Err(e),
+        (_, Err(e)) => Err(e.into()),
+        (Some(Ok(v)), Ok(())) => Ok(v),
+        (None, Ok(())) => unreachable!("write_atomic_with writes through its closure"),
     }
 }
 
@@ -135,7 +170,8 @@ impl AnySubject {
 }
 
 /// Checks `options`, runs the evaluation of `subject` on its dataset `data` and writes the
-/// outputs to `out` (the failure page shows the examples of lowest quality).
+/// outputs to `out` (the failure page shows the examples of lowest quality): results.jsonl as the
+/// images are done, then the summary; a shard's outputs are [`crate::shards`]'s.
 pub fn evaluate<S: Subject>(subject: &S, data: &Path, options: &Options, out: Option<Outputs>, progress: &mut dyn FnMut(usize, usize)) -> Result<Summary> {
     options.check()?;
     let n = subject.len().min(options.limit);
@@ -143,19 +179,29 @@ pub fn evaluate<S: Subject>(subject: &S, data: &Path, options: &Options, out: Op
         return Err(Error::Empty { data: data.to_path_buf(), what: "images" });
     }
     create(out)?;
-    let (mut results, mut qualities) = (Vec::new(), Vec::new());
-    let summary = run(subject, options, |i, r: &ExampleResult| {
-        progress(i, n);
-        qualities.push((r.quality, i - 1));
-        if out.is_some() {
-            results.push(r.clone());
+    let shard = out.and_then(|o| o.shard);
+    let k = out.map_or(0, |o| o.failures);
+    let mut chosen = Vec::new();
+    let mut go = |record: &mut dyn FnMut(&Step) -> Result<()>| {
+        run_shard(subject, options, shard.unwrap_or(Shard::ALL), |step| {
+            progress(step.done, step.of);
+            keep_worst(&mut chosen, (step.result.quality, step.index), k);
+            record(&step)
+        })
+    };
+    let Some(o) = out else { return go(&mut |_| Ok(())) };
+    let file = o.dir.join(shard.map_or("results.jsonl".into(), |s| s.file_name("results", "jsonl")));
+    let summary = streamed(&file, |w| go(&mut |step| crate::shards::write_record(w, step, shard.is_some()).map_err(|source| Error::Io { path: file.clone(), source })))?;
+    let segment = options.tasks.contains(&Task::Segmentation).then_some(&options.segment);
+    let failures = worst(subject, &chosen, options.method, segment)?;
+    let title = format!("{} worst-predicted images of {} ({}, {})", failures.len(), data.display(), subject.kind(), summary.method);
+    match shard {
+        Some(shard) => {
+            let head = ShardHead { shard: shard.to_string(), list: n, images: shard.len_of(n), data: data.to_path_buf(), failures: o.failures, setup: Plan::Maps(Setup::of(subject.kind(), options)) };
+            let chosen: Vec<(usize, usize)> = chosen.iter().map(|c| (c.1, 0)).collect();
+            crate::shards::finish(o.dir, shard, &head, &chosen, &failures, &title)?
         }
-    })?;
-    if let Some(o) = out {
-        let segment = options.tasks.contains(&Task::Segmentation).then_some(&options.segment);
-        let failures = if o.failures > 0 { worst(subject, &qualities, o.failures, options.method, segment)? } else { Vec::new() };
-        let title = format!("{} worst-predicted images of {} ({}, {})", failures.len(), data.display(), subject.kind(), summary.method);
-        write_run(o.dir, &results, &summary, &markdown(&summary), (o.failures > 0).then_some((&failures[..], &title[..])))?;
+        None => write_summary(o.dir, &summary, &markdown(&summary), (o.failures > 0).then_some((&failures[..], &title[..])))?,
     }
     Ok(summary)
 }
