@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::{f32_slice, zeros, CResult};
 use super::kernels::{col2im, conv_tiled, depthwise_channel, depthwise_channel_backward, im2col, matmul, tiling_pays};
 use super::packed::{self, Blocks, ChannelBlocks, Columns, PackedWeights, Winograd};
-use super::Avx512;
+use super::{lanes, Avx512};
 use super::{planes_per_task, Activation, Pointwise, Rule};
 
 /// Spatial padding of a convolution or pooling window.
@@ -95,6 +95,10 @@ struct Packs {
     /// Transformed for Winograd.
     winograd: OnceLock<Winograd>,
 }
+
+/// Batches of at least this many images take [`lanes::depthwise_batch`] for their depthwise
+/// convolutions.
+const LANES_MIN_BATCH: usize = 8;
 
 /// Geometry of one convolution call, resolved from the input size.
 #[derive(Debug, Clone, Copy)]
@@ -221,11 +225,43 @@ impl Conv2d {
             return out;
         }
         let mut out = zeros(n);
+        if self.is_depthwise() {
+            // The whole batch's planes in one parallel loop: a late 7x7 layer has too few
+            // planes per image to keep the threads busy; with 8 images or more, in the vector
+            // lanes.
+            if g.batch >= LANES_MIN_BATCH {
+                let d = lanes::Depthwise { weight: &self.weight, bias: &self.bias, act: self.activation, smooth: self.smooth };
+                lanes::depthwise_batch(Avx512::detect(), &d, x, g, &mut out);
+            } else {
+                self.depthwise_planes(x, g, &mut out);
+            }
+            if let Some((r, act)) = residual {
+                out.par_iter_mut().zip(r.par_iter()).for_each(|(v, &q)| *v = act.apply(*v + q));
+            }
+            return out;
+        }
         for b in 0..g.batch {
             let res = residual.map(|(r, act)| (&r[b * out_len..(b + 1) * out_len], act));
             self.forward_image(&x[b * in_len..(b + 1) * in_len], g, res, &mut out[b * out_len..(b + 1) * out_len]);
         }
         out
+    }
+
+    /// A depthwise convolution's planes with the bias and activation, for any batch: `x`
+    /// `[batch, c, h, w]`, `out` `[batch, c, oh, ow]`.
+    fn depthwise_planes(&self, x: &[f32], g: &ConvGeometry, out: &mut [f32]) {
+        let (kh, kw) = self.kernel;
+        let plane = g.oh * g.ow;
+        let (act, smooth, c) = (self.activation, self.smooth, self.out_channels);
+        out.par_chunks_mut(plane).enumerate().with_min_len(planes_per_task(plane)).for_each_init(Default::default, |buf, (i, dst)| {
+            let ch = i % c;
+            let src = &x[i * g.h * g.w..(i + 1) * g.h * g.w];
+            let wk = &self.weight[ch * kh * kw..(ch + 1) * kh * kw];
+            depthwise_channel(src, wk, self.bias[ch], act, g, self.stride, kh, kw, dst, buf);
+            if let Some(p) = smooth {
+                dst.iter_mut().for_each(|v| *v = p.apply(*v));
+            }
+        });
     }
 
     fn geometry(&self, dims: &[usize]) -> CResult<ConvGeometry> {
@@ -256,17 +292,7 @@ impl Conv2d {
         let (kh, kw) = self.kernel;
         let plane = g.oh * g.ow;
         if self.is_depthwise() {
-            let act = self.activation;
-            let smooth = self.smooth;
-            out.par_chunks_mut(plane).enumerate().with_min_len(planes_per_task(plane)).for_each_init(Default::default, |buf, (c, dst)| {
-                let src = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-                let wk = &self.weight[c * kh * kw..(c + 1) * kh * kw];
-                depthwise_channel(src, wk, self.bias[c], act, g, self.stride, kh, kw, dst, buf);
-                if let Some(p) = smooth {
-                    dst.iter_mut().for_each(|v| *v = p.apply(*v));
-                }
-            });
-            return;
+            return self.depthwise_planes(x, g, out);
         }
         {
             let cg = g.c / self.groups;

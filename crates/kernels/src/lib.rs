@@ -29,6 +29,7 @@ pub mod conv;
 mod cpu;
 mod fastmath;
 mod kernels;
+mod lanes;
 pub mod linear;
 mod mlp;
 mod packed;
