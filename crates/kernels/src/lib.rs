@@ -36,6 +36,7 @@ mod packed;
 pub mod pool;
 mod softmax;
 mod tap;
+mod trainable;
 #[cfg(test)]
 mod tests;
 
