@@ -44,12 +44,12 @@ pub(crate) fn depthwise_batch(cpu: Option<Avx512>, d: &Depthwise<'_>, x: &[f32],
             buf.clear();
             buf.resize(hp * wp * LANES, 0.0);
             let (rows, cols) = (g.h.min(hp.saturating_sub(g.pad_top)), g.w.min(wp.saturating_sub(g.pad_left)));
-            for l in 0..images {
-                let src = &x[((grp * LANES + l) * c + ch) * plane_in..][..plane_in];
-                for iy in 0..rows {
-                    let line = &mut buf[((iy + g.pad_top) * wp + g.pad_left) * LANES..][..cols * LANES];
-                    for (v, &q) in line.iter_mut().skip(l).step_by(LANES).zip(&src[iy * g.w..iy * g.w + cols]) {
-                        *v = q;
+            let srcs: [&[f32]; LANES] = std::array::from_fn(|l| if l < images { &x[((grp * LANES + l) * c + ch) * plane_in..][..plane_in] } else { &[] });
+            for iy in 0..rows {
+                let line = &mut buf[((iy + g.pad_top) * wp + g.pad_left) * LANES..][..cols * LANES];
+                for (ix, px) in line.chunks_exact_mut(LANES).enumerate() {
+                    for (v, src) in px.iter_mut().zip(&srcs[..images]) {
+                        *v = src[iy * g.w + ix];
                     }
                 }
             }
@@ -64,12 +64,10 @@ pub(crate) fn depthwise_batch(cpu: Option<Avx512>, d: &Depthwise<'_>, x: &[f32],
                 // SAFETY: item (grp, ch) alone writes the planes of channel ch of the group's
                 // images, each inside `out` (asserted above), while `out` is borrowed here.
                 let plane_out = unsafe { std::slice::from_raw_parts_mut(dst.0.add(((grp * LANES + l) * c + ch) * plane), plane) };
-                for (v, &y) in plane_out.iter_mut().zip(res.iter().skip(l).step_by(LANES)) {
-                    let y = act.apply(y);
-                    *v = match smooth {
-                        Some(s) => s.apply(y),
-                        None => y,
-                    };
+                match (smooth, act) {
+                    (None, Activation::Relu6) => plane_out.iter_mut().enumerate().for_each(|(p, v)| *v = res[p * LANES + l].clamp(0.0, 6.0)),
+                    (None, _) => plane_out.iter_mut().enumerate().for_each(|(p, v)| *v = act.apply(res[p * LANES + l])),
+                    (Some(s), _) => plane_out.iter_mut().enumerate().for_each(|(p, v)| *v = s.apply(act.apply(res[p * LANES + l]))),
                 }
             }
         },
