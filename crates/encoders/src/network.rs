@@ -128,8 +128,10 @@ impl Network {
                 return self.run_plain(&x, i..range.end, rule);
             }
             let per = (x.elem_count() / batch * 4).max(1);
-            let chunks = (batch * per).div_ceil(CHUNK_BYTES).div_ceil(threads).max(1) * threads;
-            let chunk = batch.div_ceil(chunks.min(batch));
+            // Each thread's share of the batch in equal chunks (a thread left with a smaller
+            // last chunk would wait for the others), each at most about CHUNK_BYTES.
+            let share = batch.div_ceil(threads);
+            let chunk = (1..=share.min(CHUNK_BYTES / per).max(1)).rev().find(|c| share % c == 0).unwrap_or(1);
             // Each chunk goes layer by layer (fused pairs kept whole) until its activations are
             // small enough for the whole batch (at the same layer for all: they are alike).
             use rayon::prelude::*;
