@@ -93,30 +93,49 @@ pub struct ClassifyTiming {
     pub gradcam_ms: f64,
     /// `gradcam_ms / forward_ms`.
     pub ratio: f64,
+    /// Images per batch.
+    pub batch: usize,
+    /// Images per second through the forward: `batch / forward_ms`.
+    pub forward_images_per_s: f64,
+    /// Images per second through Grad-CAM: `batch / gradcam_ms`.
+    pub images_per_s: f64,
 }
 
-/// Explains the top-1 class of `input` with `method` at the default layer and upsamples the map
-/// to the input, as pytorch-grad-cam's `cam(...)` call does.
+/// Explains the top-1 class of each image of `input` (`[B, 3, H, W]`) with `method` at the
+/// default layer in one forward and one backward, and upsamples each map to the input, as
+/// pytorch-grad-cam's `cam(...)` call does.
 fn explain_top1(split: &impl Explainable, input: &Tensor, method: Method) -> Result<()> {
     let a = split.features(input)?;
-    let logits = split.head(&a)?.squeeze(0)?.to_vec1::<f32>()?;
-    let top = (0..logits.len()).max_by(|&i, &j| logits[i].total_cmp(&logits[j])).unwrap_or(0);
-    let r = Cam::new(split).method(method).explain_with(input, &a, &[(0, Target::class(top))])?;
-    if let Some(g) = &r[0].guided {
-        let (h, w) = r[0].guided_size;
-        std::hint::black_box(gradcam_core::guided::gradient_image(&Tensor::from_slice(g, (3, h, w), &Device::Cpu)?)?);
-    }
+    let logits = split.head(&a)?.to_vec2::<f32>()?;
+    let requests: Vec<(usize, Target)> = logits.iter().enumerate().map(|(i, l)| (i, Target::class((0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap_or(0)))).collect();
+    let r = Cam::new(split).method(method).explain_with(input, &a, &requests)?;
     let (_, _, h, w) = input.dims4()?;
-    std::hint::black_box(r[0].cam().normalized().0.resize_bilinear(h, w));
+    for e in &r {
+        if let Some(g) = &e.guided {
+            let (gh, gw) = e.guided_size;
+            std::hint::black_box(gradcam_core::guided::gradient_image(&Tensor::from_slice(g, (3, gh, gw), &Device::Cpu)?)?);
+        }
+        std::hint::black_box(e.cam().normalized().0.resize_bilinear(h, w));
+    }
     Ok(())
 }
 
-/// `net`'s forward against its Grad-CAM at the default layer on [`image_like_input`], after two
-/// warm-up runs of each.
-pub fn classify(net: &Network, iters: usize) -> Result<ClassifyTiming> {
+/// `batch` image-like inputs `[batch, 3, h, w]`: [`image_like_input_sized`] first, then the same
+/// pattern shifted by a few pixels per image (so that the images differ).
+pub fn image_like_batch(batch: usize, h: usize, w: usize) -> candle_core::Result<Tensor> {
+    let one = image_like_input_sized(h, w)?;
+    let images = (0..batch.max(1)).map(|i| if i == 0 { Ok(one.clone()) } else { one.roll(i as i32 * 3, 3)?.roll(i as i32 * 2, 2) }).collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&images, 0)
+}
+
+/// `net`'s forward against its Grad-CAM at the default layer on `batch` image-like inputs
+/// ([`image_like_batch`]; batch 1: [`image_like_input`]) in one batch, after two warm-up runs of
+/// each.
+pub fn classify(net: &Network, iters: usize, batch: usize) -> Result<ClassifyTiming> {
     let split = net.split(net.layer_index(net.default_layer())?);
     let (h, w) = net.preprocess().size;
-    let input = image_like_input_sized(h, w)?;
+    let batch = batch.max(1);
+    let input = image_like_batch(batch, h, w)?;
     let forward = || -> Result<()> {
         std::hint::black_box(net.forward(&input)?.to_vec2::<f32>()?);
         Ok(())
@@ -127,7 +146,19 @@ pub fn classify(net: &Network, iters: usize) -> Result<ClassifyTiming> {
         gradcam()?;
     }
     let (forward_ms, gradcam_ms) = interleaved(iters, forward, gradcam)?;
-    Ok(ClassifyTiming { model: net.arch().to_string(), size: (h, w), threads: rayon::current_num_threads(), iters, forward_ms, gradcam_ms, ratio: gradcam_ms / forward_ms })
+    let per_s = |ms: f64| batch as f64 * 1e3 / ms;
+    Ok(ClassifyTiming {
+        model: net.arch().to_string(),
+        size: (h, w),
+        threads: rayon::current_num_threads(),
+        iters,
+        forward_ms,
+        gradcam_ms,
+        ratio: gradcam_ms / forward_ms,
+        batch,
+        forward_images_per_s: per_s(forward_ms),
+        images_per_s: per_s(gradcam_ms),
+    })
 }
 
 /// One stage of [`layers`]: its name and median milliseconds.
@@ -143,9 +174,10 @@ pub struct LayerTiming {
 /// Where the time of a forward and of a Grad-CAM goes: each feature layer timed in turn inside
 /// whole passes (medians of `iters` passes after one warm-up), then the tail and the head after the
 /// default layer (forward, and forward + backward) as Grad-CAM runs it (medians of `iters` runs).
-pub fn layers(net: &Network, iters: usize) -> Result<Vec<LayerTiming>> {
+/// `batch` image-like inputs ([`image_like_batch`]) go through as one batch.
+pub fn layers(net: &Network, iters: usize, batch: usize) -> Result<Vec<LayerTiming>> {
     let (h, w) = net.preprocess().size;
-    let input = image_like_input_sized(h, w)?;
+    let input = image_like_batch(batch, h, w)?;
     // Each layer timed inside whole passes, one after the other as a forward runs them (a layer
     // run again and again on its own input finds its weights and input in the caches).
     let mut times = vec![Vec::with_capacity(iters); net.num_layers()];
@@ -166,10 +198,11 @@ pub fn layers(net: &Network, iters: usize) -> Result<Vec<LayerTiming>> {
     out.push(LayerTiming { name: "tail".into(), ms });
     let index = net.layer_index(net.default_layer())?;
     let split = net.split(index);
-    let a = net.features_at(&image_like_input_sized(h, w)?, index)?;
+    let a = net.features_at(&input, index)?;
     let ms = time_ms(iters, || net.head_from(&a, index).map(|_| ()))?;
     out.push(LayerTiming { name: format!("head after {} forward", net.default_layer()), ms });
-    let ms = time_ms(iters, || Cam::new(&split).explain_with(&a.clone(), &a, &[(0, Target::class(0))]).map(|_| ()))?;
+    let requests: Vec<(usize, Target)> = (0..input.dim(0)?).map(|i| (i, Target::class(0))).collect();
+    let ms = time_ms(iters, || Cam::new(&split).explain_with(&a.clone(), &a, &requests).map(|_| ()))?;
     out.push(LayerTiming { name: format!("head after {} forward + backward", net.default_layer()), ms });
     Ok(out)
 }
@@ -360,6 +393,8 @@ pub fn ops(iters: usize) -> Result<Vec<OpTiming>> {
 /// [`layers`] with the figures it was taken with; as text, a row per stage.
 #[derive(Debug, Clone, Serialize)]
 pub struct LayersReport {
+    /// Images per batch.
+    pub batch: usize,
     /// Timed passes.
     pub iters: usize,
     /// Each stage's median.
@@ -371,8 +406,9 @@ pub struct LayersReport {
 }
 
 /// [`layers`] of `net`, reported.
-pub fn layers_report(net: &Network, iters: usize) -> Result<LayersReport> {
-    Ok(LayersReport { iters, layers: layers(net, iters)?, model: net.arch().to_string(), threads: rayon::current_num_threads() })
+pub fn layers_report(net: &Network, iters: usize, batch: usize) -> Result<LayersReport> {
+    let batch = batch.max(1);
+    Ok(LayersReport { batch, iters, layers: layers(net, iters, batch)?, model: net.arch().to_string(), threads: rayon::current_num_threads() })
 }
 
 /// [`gradcam_pair`] with the figures it was taken with.
@@ -426,15 +462,19 @@ pub fn methods_report(net: &Network, input: &Tensor, list: &[Method], iters: usi
 
 impl std::fmt::Display for ClassifyTiming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "{} at {}x{}, batch 1, {} threads, median of {} runs", self.model, self.size.1, self.size.0, self.threads, self.iters)?;
-        writeln!(f, "  forward   {:>8.2} ms", self.forward_ms)?;
-        writeln!(f, "  grad-cam  {:>8.2} ms  ({:.3}x the forward)", self.gradcam_ms, self.ratio)
+        writeln!(f, "{} at {}x{}, batch {}, {} threads, median of {} runs", self.model, self.size.1, self.size.0, self.batch, self.threads, self.iters)?;
+        if self.batch == 1 {
+            writeln!(f, "  forward   {:>8.2} ms", self.forward_ms)?;
+            return writeln!(f, "  grad-cam  {:>8.2} ms  ({:.3}x the forward)", self.gradcam_ms, self.ratio);
+        }
+        writeln!(f, "  forward   {:>8.2} ms  {:>8.1} images/s", self.forward_ms, self.forward_images_per_s)?;
+        writeln!(f, "  grad-cam  {:>8.2} ms  {:>8.1} images/s  ({:.3}x the forward)", self.gradcam_ms, self.images_per_s, self.ratio)
     }
 }
 
 impl std::fmt::Display for LayersReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "{}, batch 1, {} threads, median of {} whole passes, each layer timed in turn", self.model, self.threads, self.iters)?;
+        writeln!(f, "{}, batch {}, {} threads, median of {} whole passes, each layer timed in turn", self.model, self.batch, self.threads, self.iters)?;
         let width = self.layers.iter().map(|t| t.name.len()).max().unwrap_or(0);
         self.layers.iter().try_for_each(|t| writeln!(f, "  {:<width$}  {:>8.2} ms", t.name, t.ms))
     }

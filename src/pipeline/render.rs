@@ -134,22 +134,40 @@ pub fn render<M: Explainable + ?Sized>(
     out: &Output<'_>,
     neurons: Option<Neurons<'_>>,
 ) -> Result<Vec<Vec<Rendered>>> {
-    let requests: Vec<(usize, Target)> = subjects.iter().map(|s| (0, s.target.clone())).collect();
-    let mut all = Vec::with_capacity(methods.len());
+    let mut all = render_batch(cam, methods, input, activations, &[subjects.to_vec()], std::slice::from_ref(out), &[neurons])?;
+    Ok(all.remove(0))
+}
+
+/// [`render`] for a batch: `input` and `activations` hold the images' rows, `subjects[i]`,
+/// `outs[i]` and `neurons[i]` are image i's; one explanation call per method for all of them.
+/// The answer's `[i]` is image i's, as [`render`] gives it.
+pub fn render_batch<M: Explainable + ?Sized>(
+    cam: &Cam<'_, M>,
+    methods: &[Method],
+    input: &Tensor,
+    activations: &Tensor,
+    subjects: &[Vec<Subject>],
+    outs: &[Output<'_>],
+    neurons: &[Option<Neurons<'_>>],
+) -> Result<Vec<Vec<Vec<Rendered>>>> {
+    let requests: Vec<(usize, Target)> = subjects.iter().enumerate().flat_map(|(i, ss)| ss.iter().map(move |s| (i, s.target.clone()))).collect();
+    let mut all: Vec<Vec<Vec<Rendered>>> = subjects.iter().map(|_| Vec::with_capacity(methods.len())).collect();
     for &method in methods {
         let cam = cam.clone().method(method);
-        let explanations = cam.explain_with(input, activations, &requests)?;
-        let mut row = Vec::with_capacity(subjects.len());
-        for (explanation, subject) in explanations.into_iter().zip(subjects) {
-            let picture = explanation.picture(out.image, out.region)?;
-            let file = out.dir.map(|dir| dir.join(subject.file_name(out.stem, &cam.file_tag())));
-            if let Some(file) = &file {
-                write_png_atomic(&picture, file)?;
+        let mut explanations = cam.explain_with(input, activations, &requests)?.into_iter();
+        for (i, ss) in subjects.iter().enumerate() {
+            let (out, mut row) = (&outs[i], Vec::with_capacity(ss.len()));
+            for (explanation, subject) in explanations.by_ref().take(ss.len()).zip(ss) {
+                let picture = explanation.picture(out.image, out.region)?;
+                let file = out.dir.map(|dir| dir.join(subject.file_name(out.stem, &cam.file_tag())));
+                if let Some(file) = &file {
+                    write_png_atomic(&picture, file)?;
+                }
+                let neurons = neurons[i].map(|f| f(&explanation, &subject.report_subject())).transpose()?;
+                row.push(Rendered { explanation, picture, file, neurons, discarded: out.discard });
             }
-            let neurons = neurons.map(|f| f(&explanation, &subject.report_subject())).transpose()?;
-            row.push(Rendered { explanation, picture, file, neurons, discarded: out.discard });
+            all[i].push(row);
         }
-        all.push(row);
     }
     Ok(all)
 }

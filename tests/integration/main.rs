@@ -1,6 +1,7 @@
 //! gradcam's integration tests, one binary for the whole workspace.
 
 mod adversarial;
+mod batch;
 mod bias;
 mod budgets;
 mod captioner;

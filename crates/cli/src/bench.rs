@@ -10,7 +10,7 @@ use crate::ModelArgs;
 
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
-    /// A classifier at its input size (224x224 for the built-in ones), batch 1.
+    /// A classifier at its input size (224x224 for the built-in ones), batch 1 or --batch-size.
     Classify {
         #[command(flatten)]
         model: ModelArgs,
@@ -26,6 +26,9 @@ pub enum BenchCommand {
         /// and backward (where the time goes).
         #[arg(long, conflicts_with = "against")]
         layers: bool,
+        /// Images per batch (one forward, one backward): the JSON's `images_per_s`.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+        batch_size: u16,
     },
     /// Every CAM method on a classifier at its input size, batch 1: the median time from the input
     /// tensor to the map at the input size (top-1 class), as pytorch-grad-cam's `cam(...)` call measures
@@ -72,12 +75,12 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     match cmd {
-        BenchCommand::Classify { model, iters, json, layers: true, .. } => print(&mut out, &bench::layers_report(&model.load()?, iters)?, json)?,
+        BenchCommand::Classify { model, iters, json, layers: true, batch_size, .. } => print(&mut out, &bench::layers_report(&model.load()?, iters, batch_size.into())?, json)?,
         BenchCommand::Classify { model, iters, json, against: Some(other), .. } => {
             let (a, b) = (model.load()?, ModelArgs { model: other, weights: None, onnx: model.onnx.clone() }.load()?);
             print(&mut out, &bench::pair_report(&a, &b, iters)?, json)?;
         }
-        BenchCommand::Classify { model, iters, json, against: None, .. } => print(&mut out, &bench::classify(&model.load()?, iters)?, json)?,
+        BenchCommand::Classify { model, iters, json, against: None, batch_size, .. } => print(&mut out, &bench::classify(&model.load()?, iters, batch_size.into())?, json)?,
         BenchCommand::Methods { model, iters, methods, input, json } => {
             let methods = if methods.is_empty() { Method::ALL.to_vec() } else { methods };
             let net = model.load()?;

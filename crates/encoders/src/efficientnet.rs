@@ -102,5 +102,5 @@ pub fn efficientnet_lite0(w: &Weights, num_classes: usize) -> Result<Network> {
     let head = conv_bn(w, "_conv_head", "_bn1", [1280, 320, 1, 1], 1, 1, Padding::Same, BN_EPS, Activation::Relu6)?;
     layers.push(("_conv_head".into(), Box::new(head)));
     let fc = linear(w, "_fc", num_classes, 1280, Activation::Identity)?;
-    Ok(Network::new("efficientnet-lite0", layers, Box::new(Classifier { fc }), "_conv_head", num_classes))
+    Ok(Network::new("efficientnet-lite0", layers, Box::new(Classifier { fc }), "_conv_head", num_classes).with_batch_chunks())
 }

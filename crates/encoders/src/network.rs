@@ -55,7 +55,14 @@ pub struct Network {
     /// explanation of a class among them) runs the backward without a second forward. VGG-16's
     /// head reads 480 MB of weights per forward.
     last_head: std::sync::Mutex<Option<HeadPass>>,
+    /// Whether a batch runs the layers with large activations a few images at a time (see
+    /// [`Network::run`]); only for layers that treat each image on its own.
+    batch_chunks: bool,
 }
+
+/// The bytes of a batch's activations above which [`Network::run`] splits the batch in chunks
+/// (when the network asks for it).
+const CHUNK_BYTES: usize = 2 << 20;
 
 /// What [`gradcam_core::Explainable::attention`] runs.
 pub(crate) type AttentionFn = Arc<dyn Fn(&Tensor, Option<gradcam_core::attention::ScoreFn<'_>>) -> gradcam_core::Result<gradcam_core::Attention> + Send + Sync>;
@@ -85,7 +92,14 @@ impl Network {
         num_classes: usize,
     ) -> Self {
         let fused = layers.iter().map(|_| None).collect();
-        Self { arch: arch.into(), layers, fused, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes, preprocess: Preprocess::default(), labels: None, resize: crate::preprocess::Resize::CenterCrop, layout: gradcam_core::Layout::Grid, attention: None, last_head: std::sync::Mutex::new(None) }
+        Self { arch: arch.into(), layers, fused, aliases: Vec::new(), tail, default_layer: default_layer.to_string(), num_classes, preprocess: Preprocess::default(), labels: None, resize: crate::preprocess::Resize::CenterCrop, layout: gradcam_core::Layout::Grid, attention: None, last_head: std::sync::Mutex::new(None), batch_chunks: false }
+    }
+
+    /// A batch runs the layers whose activations are large a few images at a time (the layers
+    /// must treat each image on its own, as convolutions do).
+    pub(crate) fn with_batch_chunks(mut self) -> Self {
+        self.batch_chunks = true;
+        self
     }
 
     /// Layers `index` and `index + 1` as the one op `both`, for passes that run through both.
@@ -94,8 +108,56 @@ impl Network {
         self
     }
 
-    /// Layers `range` in order, each fused pair as one op.
+    /// Layers `range` in order, each fused pair as one op. With `batch_chunks`, the layers whose
+    /// input holds more than [`CHUNK_BYTES`] for the batch run on chunks of the batch that hold
+    /// about that much, the chunks spread over the threads, each through all those layers: a whole batch of
+    /// 112x112 activations (EfficientNet-Lite0's second block expands 16 images to 77 MB) would
+    /// go through main memory between layers, where one image's stay in the caches; the later,
+    /// smaller layers take the whole batch.
     fn run(&self, x: &Tensor, range: std::ops::Range<usize>, rule: Rule) -> Result<Tensor> {
+        let batch = x.dim(0)?;
+        if !self.batch_chunks || batch < 2 || x.rank() != 4 {
+            return self.run_plain(x, range, rule);
+        }
+        let big = |t: &Tensor, images: usize| t.elem_count() / t.dim(0).unwrap_or(1).max(1) * images * 4 > CHUNK_BYTES;
+        let threads = rayon::current_num_threads().max(1);
+        let mut x = x.clone();
+        let mut i = range.start;
+        while i < range.end {
+            if !big(&x, batch) {
+                return self.run_plain(&x, i..range.end, rule);
+            }
+            let per = (x.elem_count() / batch * 4).max(1);
+            // Each thread's share of the batch in equal chunks (a thread left with a smaller
+            // last chunk would wait for the others), each at most about CHUNK_BYTES.
+            let share = batch.div_ceil(threads);
+            let chunk = (1..=share.min(CHUNK_BYTES / per).max(1)).rev().find(|c| share % c == 0).unwrap_or(1);
+            // Each chunk goes layer by layer (fused pairs kept whole) until its activations are
+            // small enough for the whole batch (at the same layer for all: they are alike).
+            use rayon::prelude::*;
+            let start = i;
+            let ran = (0..batch).step_by(chunk).collect::<Vec<_>>().into_par_iter().map(|c0| -> Result<(Tensor, usize)> {
+                let (mut t, mut j) = (x.narrow(0, c0, chunk.min(batch - c0))?, start);
+                while j < range.end && big(&t, batch) {
+                    let step = if self.fused[j].is_some() && j + 1 < range.end { 2 } else { 1 };
+                    t = self.run_plain(&t, j..j + step, rule)?;
+                    j += step;
+                }
+                Ok((t, j))
+            });
+            let ran = ran.collect::<Result<Vec<_>>>()?;
+            i = ran[0].1;
+            if ran.iter().any(|r| r.1 != i) {
+                return Err(candle_core::Error::Msg(format!("{}: the chunks of a batch ran through different layers", self.arch)).into());
+            }
+            let parts: Vec<Tensor> = ran.into_iter().map(|r| r.0).collect();
+            x = Tensor::cat(&parts, 0)?;
+        }
+        Ok(x)
+    }
+
+    /// [`Network::run`] on the whole batch at once.
+    fn run_plain(&self, x: &Tensor, range: std::ops::Range<usize>, rule: Rule) -> Result<Tensor> {
         let mut x = x.clone();
         let mut i = range.start;
         while i < range.end {

@@ -10,7 +10,8 @@ use rayon::prelude::*;
 use super::{f32_slice, zeros, CResult};
 use super::kernels::{col2im, conv_tiled, depthwise_channel, depthwise_channel_backward, im2col, matmul, tiling_pays};
 use super::packed::{self, Blocks, ChannelBlocks, Columns, PackedWeights, Winograd};
-use super::Avx512;
+use super::{lanes, Avx512};
+pub use super::trainable::TrainableConv2d;
 use super::{planes_per_task, Activation, Pointwise, Rule};
 
 /// Spatial padding of a convolution or pooling window.
@@ -95,6 +96,10 @@ struct Packs {
     /// Transformed for Winograd.
     winograd: OnceLock<Winograd>,
 }
+
+/// Batches of at least this many images take [`lanes::depthwise_batch`] for their depthwise
+/// convolutions.
+const LANES_MIN_BATCH: usize = 8;
 
 /// Geometry of one convolution call, resolved from the input size.
 #[derive(Debug, Clone, Copy)]
@@ -207,9 +212,16 @@ impl Conv2d {
             // The packed kernels write every output value, so the buffer is not zeroed first:
             // ResNet-50's forward zeroed about 46 MB, 2.6 ms of 38 at 2 threads.
             let mut out = Vec::with_capacity(n);
-            for (b, dst) in out.spare_capacity_mut()[..n].chunks_exact_mut(out_len).enumerate() {
+            // The images of a batch side by side over the threads (each image's kernel still
+            // splits its work, for a thread that runs out of images): a batch of small planes
+            // would otherwise wait for all the threads at the end of every image.
+            let image = |(b, dst): (usize, &mut [std::mem::MaybeUninit<f32>])| {
                 let res = residual.map(|(r, act)| (&r[b * out_len..(b + 1) * out_len], act));
                 self.forward_packed(packs, &x[b * in_len..(b + 1) * in_len], g, res, dst);
+            };
+            match g.batch {
+                1 => image((0, &mut out.spare_capacity_mut()[..n])),
+                _ => out.spare_capacity_mut()[..n].par_chunks_exact_mut(out_len).enumerate().for_each(image),
             }
             // SAFETY: `forward_packed` wrote every value of each image's `out_len` values (each
             // kernel covers all of its output's tiles and channels, as its doc says; the
@@ -221,11 +233,43 @@ impl Conv2d {
             return out;
         }
         let mut out = zeros(n);
+        if self.is_depthwise() {
+            // The whole batch's planes in one parallel loop: a late 7x7 layer has too few
+            // planes per image to keep the threads busy; with 8 images or more, in the vector
+            // lanes.
+            if g.batch >= LANES_MIN_BATCH {
+                let d = lanes::Depthwise { weight: &self.weight, bias: &self.bias, act: self.activation, smooth: self.smooth };
+                lanes::depthwise_batch(Avx512::detect(), &d, x, g, &mut out);
+            } else {
+                self.depthwise_planes(x, g, &mut out);
+            }
+            if let Some((r, act)) = residual {
+                out.par_iter_mut().zip(r.par_iter()).for_each(|(v, &q)| *v = act.apply(*v + q));
+            }
+            return out;
+        }
         for b in 0..g.batch {
             let res = residual.map(|(r, act)| (&r[b * out_len..(b + 1) * out_len], act));
             self.forward_image(&x[b * in_len..(b + 1) * in_len], g, res, &mut out[b * out_len..(b + 1) * out_len]);
         }
         out
+    }
+
+    /// A depthwise convolution's planes with the bias and activation, for any batch: `x`
+    /// `[batch, c, h, w]`, `out` `[batch, c, oh, ow]`.
+    fn depthwise_planes(&self, x: &[f32], g: &ConvGeometry, out: &mut [f32]) {
+        let (kh, kw) = self.kernel;
+        let plane = g.oh * g.ow;
+        let (act, smooth, c) = (self.activation, self.smooth, self.out_channels);
+        out.par_chunks_mut(plane).enumerate().with_min_len(planes_per_task(plane)).for_each_init(Default::default, |buf, (i, dst)| {
+            let ch = i % c;
+            let src = &x[i * g.h * g.w..(i + 1) * g.h * g.w];
+            let wk = &self.weight[ch * kh * kw..(ch + 1) * kh * kw];
+            depthwise_channel(src, wk, self.bias[ch], act, g, self.stride, kh, kw, dst, buf);
+            if let Some(p) = smooth {
+                dst.iter_mut().for_each(|v| *v = p.apply(*v));
+            }
+        });
     }
 
     fn geometry(&self, dims: &[usize]) -> CResult<ConvGeometry> {
@@ -256,17 +300,7 @@ impl Conv2d {
         let (kh, kw) = self.kernel;
         let plane = g.oh * g.ow;
         if self.is_depthwise() {
-            let act = self.activation;
-            let smooth = self.smooth;
-            out.par_chunks_mut(plane).enumerate().with_min_len(planes_per_task(plane)).for_each_init(Default::default, |buf, (c, dst)| {
-                let src = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-                let wk = &self.weight[c * kh * kw..(c + 1) * kh * kw];
-                depthwise_channel(src, wk, self.bias[c], act, g, self.stride, kh, kw, dst, buf);
-                if let Some(p) = smooth {
-                    dst.iter_mut().for_each(|v| *v = p.apply(*v));
-                }
-            });
-            return;
+            return self.depthwise_planes(x, g, out);
         }
         {
             let cg = g.c / self.groups;
@@ -480,99 +514,6 @@ impl candle_core::CustomOp2 for ResidualConv {
             self.conv.backward_image(&gpre[b * out_len..(b + 1) * out_len], &g, &mut dx[b * in_len..(b + 1) * in_len]);
         }
         Ok((Some(Tensor::from_vec(dx, arg.shape(), arg.device())?), Some(Tensor::from_vec(gpre, residual.shape(), residual.device())?)))
-    }
-}
-
-/// A dense (ungrouped) convolution whose weight and bias are inputs too, for training, with the
-/// activation fused: the backward gives the input, weight and bias gradients by im2col + GEMM
-/// (candle's input gradient goes through a naive transposed convolution, and separate bias and
-/// ReLU ops cost a pass over memory each, forward and backward).
-#[derive(Debug, Clone, Copy)]
-pub struct TrainableConv2d {
-    /// Stride in both directions.
-    pub stride: usize,
-    /// Spatial padding.
-    pub padding: Padding,
-    /// Fused after the bias.
-    pub activation: Activation,
-    /// The backward rule of the activation.
-    pub rule: Rule,
-}
-
-impl TrainableConv2d {
-    /// # Shapes
-    /// `x`: `[batch, in, h, w]`, `weight`: `[out, in, kh, kw]`, `bias`: `[out]` ->
-    /// `[batch, out, oh, ow]`.
-    pub fn forward(&self, x: &Tensor, weight: &Tensor, bias: &Tensor) -> CResult<Tensor> {
-        x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, *self)
-    }
-
-    fn geometry(&self, x: &[usize], w: &[usize]) -> CResult<(ConvGeometry, usize)> {
-        let &[out, cin, kh, kw] = w else {
-            candle_core::bail!("conv2d weight must be [out, in, kh, kw], got {w:?}");
-        };
-        Ok((geometry(x, cin, (kh, kw), self.stride, self.padding)?, out))
-    }
-}
-
-impl candle_core::CustomOp3 for TrainableConv2d {
-    fn name(&self) -> &'static str {
-        "gradcam-trainable-conv2d"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let (x, w, bias) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
-        let (g, out) = self.geometry(l1.dims(), l2.dims())?;
-        if bias.len() != out {
-            candle_core::bail!("conv2d bias has {} values for {out} channels", bias.len());
-        }
-        let (k, plane) = (g.c * g.kh * g.kw, g.oh * g.ow);
-        let mut y = vec![0.0f32; g.batch * out * plane];
-        let mut col = vec![0.0f32; k * plane];
-        for b in 0..g.batch {
-            im2col(&x[b * g.c * g.h * g.w..(b + 1) * g.c * g.h * g.w], &g, 0, &mut col);
-            matmul(&mut y[b * out * plane..(b + 1) * out * plane], w, (k, 1), &col, (plane, 1), out, plane, k);
-        }
-        let act = self.activation;
-        y.par_chunks_mut(plane).enumerate().with_min_len(planes_per_task(plane)).for_each(|(i, dst)| {
-            let b = bias[i % out];
-            dst.iter_mut().for_each(|v| *v = act.apply(*v + b));
-        });
-        Ok((CpuStorage::F32(y), Shape::from((g.batch, out, g.oh, g.ow))))
-    }
-
-    fn bwd(&self, x: &Tensor, w: &Tensor, bias: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (g, out) = self.geometry(x.dims(), w.dims())?;
-        let (k, plane, in_len) = (g.c * g.kh * g.kw, g.oh * g.ow, g.c * g.h * g.w);
-        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let ws = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let ys = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let (act, rule) = (self.activation, self.rule);
-        gs.par_iter_mut().zip(ys.par_iter()).for_each(|(d, &o)| *d = act.backward(o, *d, rule));
-        let mut db = vec![0.0f32; out];
-        for (i, chunk) in gs.chunks(plane).enumerate() {
-            db[i % out] += chunk.iter().sum::<f32>();
-        }
-        let mut dx = vec![0.0f32; g.batch * in_len];
-        let mut dw = vec![0.0f32; out * k];
-        let mut dw_b = vec![0.0f32; out * k];
-        let mut col = vec![0.0f32; k * plane];
-        for b in 0..g.batch {
-            let go = &gs[b * out * plane..(b + 1) * out * plane];
-            // dW += g[out, plane] @ col^T[plane, k]
-            im2col(&xs[b * in_len..(b + 1) * in_len], &g, 0, &mut col);
-            matmul(&mut dw_b, go, (plane, 1), &col, (1, plane), out, k, plane);
-            dw.iter_mut().zip(&dw_b).for_each(|(a, b)| *a += b);
-            // dcol[k, plane] = W^T[k, out] @ g[out, plane], scattered back by col2im.
-            matmul(&mut col, &ws, (1, k), go, (plane, 1), k, plane, out);
-            col2im(&col, &g, 0, g.c, &mut dx[b * in_len..(b + 1) * in_len]);
-        }
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
-            Some(Tensor::from_vec(db, bias.shape(), bias.device())?),
-        ))
     }
 }
 

@@ -325,6 +325,9 @@ pub(super) const FEW_ROWS: usize = 4;
 /// (`[n, k]`), reading `w` once, its rows spread over the threads.
 pub(super) fn linear_rows(x: &[f32], batch: usize, w: &[f32], n: usize, k: usize, out: &mut [f32]) {
     assert!(x.len() >= batch * k && w.len() >= n * k && out.len() >= batch * n, "linear_rows: sizes");
+    if batch == 0 || n == 0 {
+        return;
+    }
     let block = (n / (8 * rayon::current_num_threads())).clamp(1, 256);
     // Output transposed, [n, batch], so that each task owns a contiguous block.
     let mut t = vec![0f32; n * batch];
@@ -358,6 +361,9 @@ pub(super) fn linear_rows(x: &[f32], batch: usize, w: &[f32], n: usize, k: usize
 /// silent units) never read.
 pub(super) fn linear_rows_backward(g: &[f32], batch: usize, w: &[f32], n: usize, k: usize, dx: &mut [f32]) {
     assert!(g.len() >= batch * n && w.len() >= n * k && dx.len() >= batch * k, "linear_rows_backward: sizes");
+    if batch == 0 || k == 0 {
+        return;
+    }
     let live: Vec<usize> = (0..n).filter(|&o| (0..batch).any(|b| g[b * n + o] != 0.0)).collect();
     let block = (k / (4 * rayon::current_num_threads())).div_ceil(16).max(64) * 16;
     let parts: Vec<(usize, Vec<f32>)> = (0..k.div_ceil(block))

@@ -29,12 +29,14 @@ pub mod conv;
 mod cpu;
 mod fastmath;
 mod kernels;
+mod lanes;
 pub mod linear;
 mod mlp;
 mod packed;
 pub mod pool;
 mod softmax;
 mod tap;
+mod trainable;
 #[cfg(test)]
 mod tests;
 

@@ -78,3 +78,32 @@ fn a_convolution_without_output_channels_gives_an_empty_output() {
     let y = conv.forward(&Tensor::ones((1, 3, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
     assert_eq!(y.dims(), [1, 0, 8, 8]);
 }
+
+/// A batch's depthwise convolution with the images in the vector lanes (8 images or more; here
+/// 19: a full group and a partial one) gives each image exactly what it gets alone, strided and
+/// padded, with ReLU6 and with a smooth activation, and with a residual.
+#[test]
+fn a_batch_in_the_vector_lanes_is_each_image_alone() {
+    use crate::Pointwise;
+    let (b, c) = (19, 6);
+    for (k, stride, hw, padding) in [(5, 2, 15, Padding::Same), (3, 1, 7, Padding::Symmetric(1)), (5, 1, 14, Padding::Same)] {
+        let x = Tensor::from_vec(values(b * c * hw * hw, k as u32), (b, c, hw, hw), &Device::Cpu).unwrap();
+        let w = Tensor::from_vec(values(c * k * k, 5), (c, 1, k, k), &Device::Cpu).unwrap();
+        let bias = Tensor::from_vec(values(c, 8), c, &Device::Cpu).unwrap();
+        let relu6 = Conv2d::new(&w, Some(&bias), c, stride, padding, Activation::Relu6).unwrap();
+        let silu = Conv2d::new(&w, Some(&bias), c, stride, padding, Activation::Identity).unwrap().with_pointwise(Pointwise::Silu).unwrap();
+        for conv in [relu6, silu] {
+            let all = conv.forward(&x).unwrap();
+            let r = (all.ones_like().unwrap() * 0.25).unwrap();
+            let plain = Conv2d::new(&w, Some(&bias), c, stride, padding, Activation::Identity).unwrap();
+            let res = plain.forward_residual(&x, &r, Activation::Relu).unwrap();
+            for i in 0..b {
+                let one = x.narrow(0, i, 1).unwrap();
+                let alone = conv.forward(&one).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(all.get(i).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), alone, "k {k} stride {stride} image {i}");
+                let alone = plain.forward_residual(&one, &r.narrow(0, i, 1).unwrap(), Activation::Relu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(res.get(i).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), alone, "residual, k {k} image {i}");
+            }
+        }
+    }
+}
