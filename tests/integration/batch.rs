@@ -123,7 +123,7 @@ fn classify_batch_gives_each_image_its_classify_record() {
     let names = ["a", "tiny", "b", "c"];
     let settings = Settings { methods: vec![Method::GradCam, Method::GradCamPlusPlus], ..Default::default() };
     let options = Options { top_k: 3, counterfactual: true, resize: gradcam::models::Resize::None, settings, ..Default::default() };
-    let files = || Files { dir: None, stem: "x" };
+    let files = || Files::in_memory("x");
     let batch: Vec<_> = images.iter().zip(names).map(|(img, name)| (img, name, files())).collect();
     let layer = net.layer_index(net.default_layer()).unwrap();
     let records = classify_batch(&net, layer, &batch, &options, None);

@@ -82,16 +82,14 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         }
         BenchCommand::Classify { model, iters, json, against: None, batch_size, .. } => print(&mut out, &bench::classify(&model.load()?, iters, batch_size.into())?, json)?,
         BenchCommand::Methods { model, iters, methods, input, json } => {
-            let methods = if methods.is_empty() { Method::ALL.to_vec() } else { methods };
-            let net = model.load()?;
+            let (net, methods) = (model.load()?, if methods.is_empty() { Method::ALL.to_vec() } else { methods });
             let input = bench::methods_input(&net, input.as_deref())?;
             print(&mut out, &bench::methods_report(&net, &input, &methods, iters, &mut |m, ms| eprintln!("{m}: {ms:.1} ms"))?, json)?;
         }
         BenchCommand::Caption { model, image, iters, json, detail } => {
             let report = bench::captions(&gradcam_captioner::Captioner::load(&model)?, &image, iters, detail, &mut |image, r| {
-                if let Some([f, g, m]) = r.parts_ms {
-                    eprintln!("{}: features {f:.3} ms, greedy {g:.3} ms, word maps {m:.3} ms", image.display());
-                }
+                let Some([f, g, m]) = r.parts_ms else { return };
+                eprintln!("{}: features {f:.3} ms, greedy {g:.3} ms, word maps {m:.3} ms", image.display());
             })?;
             match json {
                 true => report.json_rows().try_for_each(|r| writeln!(out, "{}", serde_json::to_string(&r)?))?,

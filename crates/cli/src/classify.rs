@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use gradcam::pipeline::classify::{classify, Options};
+use gradcam::pipeline::classify::{classify, classify_batch, Options};
 use gradcam_encoders::{preprocess::{load_image, Resize}, ModelName};
 use gradcam_neurons::Dissection;
 use gradcam_serve::html::View;
@@ -59,7 +59,12 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     let options = Options { classes: args.classes.clone(), top_k: args.top_k, counterfactual: args.counterfactual, resize, neurons: args.neurons, dissection, settings: args.methods.settings() };
     options.check(&net)?;
     if let Some(inputs) = &args.run.inputs {
-        return crate::progress::dataset(&args.run, inputs, &args.output.out, |items| items.into_iter().map(|(i, files, img)| Ok(classify(&net, index, &img?, &i.image.display().to_string(), files, &options, None)?)).collect());
+        return crate::progress::dataset(&args.run, inputs, &args.output.out, |items| {
+            let names: Vec<String> = items.iter().map(|i| i.0.image.display().to_string()).collect();
+            let decoded: Vec<_> = items.iter().zip(&names).filter_map(|((_, files, img), name)| Some((img.as_ref().ok()?, name.as_str(), *files))).collect();
+            let mut records = classify_batch(&net, index, &decoded, &options, None).into_iter();
+            items.into_iter().map(|(.., img)| Ok(img.map(|_| records.next().expect("a record per image"))??)).collect()
+        });
     }
     each_image(&args.images, (&args.output.out, args.output.json, Some((&args.html, View::Classify))), |path, files, bar| {
         Ok(classify(&net, index, &load_image(path)?, &path.display().to_string(), files, &options, Some(bar))?)

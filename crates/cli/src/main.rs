@@ -153,10 +153,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Classify(args) => classify::run(args),
         Command::Attack(args) => attack::run(args),
         Command::Layers(args) => {
-            let mut out = std::io::stdout().lock();
-            for (row, default) in args.model.layer_rows(&args.onnx.options()?)? {
-                writeln!(out, "{row}{}", if default { "  (default)" } else { "" })?;
-            }
+            write!(std::io::stdout(), "{}", args.model.layer_list(&args.onnx.options()?)?)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { what } => bench::run(what),

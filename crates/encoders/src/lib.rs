@@ -251,6 +251,11 @@ pub fn convert(input: &std::path::Path, output: &std::path::Path, model: Option<
 }
 
 impl ModelName {
+    /// What `gradcam layers` prints: [`ModelName::layer_rows`], the default marked.
+    pub fn layer_list(&self, onnx: &onnx::OnnxOptions) -> Result<String> {
+        Ok(self.layer_rows(onnx)?.into_iter().map(|(row, default)| format!("{row}{}\n", if default { "  (default)" } else { "" })).collect())
+    }
+
     /// What `gradcam layers` prints, a row per layer, and whether it is the default: the names
     /// `--layer` accepts; for ONNX every value as `name<TAB>op<TAB>shape`.
     pub fn layer_rows(&self, onnx: &onnx::OnnxOptions) -> Result<Vec<(String, bool)>> {
