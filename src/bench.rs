@@ -99,6 +99,13 @@ pub struct ClassifyTiming {
     pub forward_images_per_s: f64,
     /// Images per second through Grad-CAM: `batch / gradcam_ms`.
     pub images_per_s: f64,
+    /// For a batch: images per second through Grad-CAM of the same images one at a time (batch
+    /// 1), timed in alternation with the batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub one_at_a_time_images_per_s: Option<f64>,
+    /// For a batch: the batch's images per second over one at a time's, from that alternation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_speedup: Option<f64>,
 }
 
 /// Explains the top-1 class of each image of `input` (`[B, 3, H, W]`) with `method` at the
@@ -147,6 +154,18 @@ pub fn classify(net: &Network, iters: usize, batch: usize) -> Result<ClassifyTim
     }
     let (forward_ms, gradcam_ms) = interleaved(iters, forward, gradcam)?;
     let per_s = |ms: f64| batch as f64 * 1e3 / ms;
+    // The same images one at a time, alternated with the batch: the batch's speed-up, measured
+    // side by side (a shared machine's load changes between two runs more than the speed-up).
+    let one_at_a_time = match batch {
+        1 => None,
+        _ => {
+            let images: Vec<Tensor> = (0..batch).map(|i| input.narrow(0, i, 1)).collect::<candle_core::Result<_>>()?;
+            let singles = || images.iter().try_for_each(|x| explain_top1(&split, x, Method::GradCam));
+            singles()?;
+            let (single_ms, batch_ms) = interleaved(iters, singles, gradcam)?;
+            Some((per_s(single_ms), single_ms / batch_ms))
+        }
+    };
     Ok(ClassifyTiming {
         model: net.arch().to_string(),
         size: (h, w),
@@ -158,6 +177,8 @@ pub fn classify(net: &Network, iters: usize, batch: usize) -> Result<ClassifyTim
         batch,
         forward_images_per_s: per_s(forward_ms),
         images_per_s: per_s(gradcam_ms),
+        one_at_a_time_images_per_s: one_at_a_time.map(|o| o.0),
+        batch_speedup: one_at_a_time.map(|o| o.1),
     })
 }
 
@@ -468,7 +489,11 @@ impl std::fmt::Display for ClassifyTiming {
             return writeln!(f, "  grad-cam  {:>8.2} ms  ({:.3}x the forward)", self.gradcam_ms, self.ratio);
         }
         writeln!(f, "  forward   {:>8.2} ms  {:>8.1} images/s", self.forward_ms, self.forward_images_per_s)?;
-        writeln!(f, "  grad-cam  {:>8.2} ms  {:>8.1} images/s  ({:.3}x the forward)", self.gradcam_ms, self.images_per_s, self.ratio)
+        writeln!(f, "  grad-cam  {:>8.2} ms  {:>8.1} images/s  ({:.3}x the forward)", self.gradcam_ms, self.images_per_s, self.ratio)?;
+        match (self.one_at_a_time_images_per_s, self.batch_speedup) {
+            (Some(one), Some(x)) => writeln!(f, "  grad-cam one image at a time (alternated with the batch): {one:.1} images/s; the batch is {x:.3}x that"),
+            _ => Ok(()),
+        }
     }
 }
 
