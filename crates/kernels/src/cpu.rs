@@ -42,9 +42,14 @@ pub(crate) fn has_avx2_fma() -> bool {
 /// than Linux with glibc it does nothing.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes two allocator thresholds, with valid parameter constants.
+    // SAFETY: mallopt only changes allocator settings, with valid parameter constants.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        // One arena for every thread: a batch's layers run on the pool's threads, and a thread's
+        // own arena hands a heap back to the kernel as soon as it is all free, so every batch
+        // faulted its buffers in again (1.2 million page faults over 400 images at batch 16, 30% of
+        // the time); with one arena the trim threshold above keeps them.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
