@@ -2,7 +2,7 @@
 //! explained classes (and their counterfactuals), as `gradcam classify --json` prints them.
 
 use candle_core::D;
-use crate::pipeline::render::{fit, render, render_batch, write_method_strips, Output, Subject};
+use crate::pipeline::render::{fit, render_batch, write_method_strips, Output, Subject};
 use gradcam_core::{class_named_report, Explainable, Explanation, Target, UnitNames};
 use gradcam_encoders::preprocess::{prepare_with, Resize};
 use gradcam_encoders::Network;
@@ -83,43 +83,9 @@ pub struct Record {
 }
 
 /// Classifies `img` with `net` and explains it at layer `layer` (an index of
-/// [`Network::layer_index`]), writing the pictures to `files`.
+/// [`Network::layer_index`]), writing the pictures to `files`: [`classify_batch`] of one image.
 pub fn classify(net: &Network, layer: usize, img: &RgbImage, name: &str, files: Files<'_>, options: &Options, progress: Option<&Progress>) -> Result<Record> {
-    options.check(net)?;
-    let prepared = prepare_with(img, options.resize, net.preprocess())?;
-    let input = prepared.tensor.unsqueeze(0)?; // [1, 3, h, w]
-    let (_, _, h, w) = input.dims4()?;
-    let split = net.split(layer);
-    let activations = split.features(&input)?; // [1, K, h', w']
-    let logits = split.head(&activations)?.squeeze(0)?; // [classes]
-    let (predictions, top) = rank(net, &logits, options.top_k)?;
-    let label = |c: usize| net.label(c);
-
-    let classes = if options.classes.is_empty() { vec![top] } else { options.classes.clone() };
-    let subjects: Vec<Subject> =
-        classes.iter().flat_map(|&c| Subject::new(Target::class(c), &label(c)).file_prefix(c.to_string()).and_counterfactual(options.counterfactual)).collect();
-    let (picture_base, region) = fit(img, prepared.region);
-    let out = files.output(&picture_base, region);
-    let class_name = |c: usize| label(c);
-    let names = options.dissection.as_deref().map(|d| UnitNames::Dissection(d));
-    let neurons = |e: &Explanation, subject: &str| match &names {
-        Some(names) => super::named_report(names)(e, subject),
-        None => class_named_report(&split, &activations, e.weights.as_deref().unwrap_or(&[]), subject, &class_name),
-    };
-    let cam = options.settings.cam(&split, progress);
-    let rendered = render(&cam, &options.settings.methods, &input, &activations, &subjects, &out, options.neurons.then_some(&neurons as _))?;
-    if options.settings.methods.len() > 1 {
-        write_method_strips(&rendered, &subjects, &out, 224)?;
-    }
-    let explanations = rendered
-        .iter()
-        .flatten()
-        .map(|r| {
-            let class = r.explanation.target.index().expect("a class target");
-            Ok(ClassMap { class, label: label(class), map: MapRecord::new(r)? })
-        })
-        .collect::<Result<_>>()?;
-    Ok(Record { image: name.to_string(), model: net.arch().to_string(), layer: net.layer_name(layer).to_string(), input_size: [h, w], predictions, explanations })
+    classify_batch(net, layer, &[(img, name, files)], options, progress).remove(0)
 }
 
 /// The top-k predictions of one image's logits (`[classes]`), and its top-1 class.
@@ -164,10 +130,8 @@ pub fn classify_batch(net: &Network, layer: usize, images: &[(&RgbImage, &str, F
     for (_, group) in groups {
         match classify_group(net, layer, images, &group, options, progress) {
             Ok(done) => done.into_iter().zip(&group).for_each(|(r, (i, _))| records[*i] = Some(Ok(r))),
-            Err(_) => group.iter().for_each(|(i, _)| {
-                let (img, name, files) = &images[*i];
-                records[*i] = Some(classify(net, layer, img, name, *files, options, progress));
-            }),
+            Err(e) if group.len() == 1 => records[group[0].0] = Some(Err(e)),
+            Err(_) => group.iter().for_each(|(i, _)| records[*i] = Some(classify_batch(net, layer, &images[*i..*i + 1], options, progress).remove(0))),
         }
     }
     records.into_iter().map(|r| r.expect("every image answered")).collect()

@@ -12,19 +12,7 @@ use gradcam_classifier::train::Trainable;
 
 use crate::repo;
 
-/// `[shape]` values in [-scale, scale] from a seed.
-fn values(shape: &[usize], seed: u64, scale: f32) -> Tensor {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let data: Vec<f32> = (0..shape.iter().product())
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-}
+use crate::library::values;
 
 /// Each image of `batch` explained with the others (`explain_batch`) against alone (`explain`),
 /// with `methods`, at the network's default layer: the maps within 1e-5 of the map's largest

@@ -9,7 +9,7 @@ use gradcam::{Cam, Error, Method, Split, Target};
 use crate::repo;
 
 /// Deterministic values in [-scale, scale].
-fn values(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+pub(crate) fn values(shape: &[usize], seed: u64, scale: f32) -> Tensor {
     let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let data: Vec<f32> = (0..shape.iter().product())
         .map(|_| {
