@@ -14,7 +14,7 @@ use crate::{err, gradcam, ok, repo};
 
 
 /// A small scene classifier folder with seeded random weights (8 units at conv4, 3 classes).
-fn tiny_classifier(dir: &Path) -> gradcam_encoders::Network {
+pub(crate) fn tiny_classifier(dir: &Path) -> gradcam_encoders::Network {
     let varmap = VarMap::new();
     Trainable::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), 8, 3).unwrap();
     gradcam_encoders::scene_cnn::init_parameters(&varmap, 11).unwrap();

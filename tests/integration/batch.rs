@@ -8,10 +8,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use gradcam::models::{ModelKind, Network, Weights};
 use gradcam::{Cam, Method, Target};
-use gradcam_classifier::train::Trainable;
 
 use crate::repo;
 
+use crate::adversarial::tiny_classifier;
 use crate::library::values;
 
 /// Each image of `batch` explained with the others (`explain_batch`) against alone (`explain`),
@@ -61,21 +61,6 @@ fn a_built_in_network_explains_a_batch_as_its_images_one_at_a_time() {
     }
 }
 
-/// A small trained-classifier folder (seeded random weights, 8 units at conv4, 3 classes).
-pub fn tiny_classifier(dir: &Path) -> Network {
-    let varmap = VarMap::new();
-    Trainable::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), 8, 3).unwrap();
-    gradcam_encoders::scene_cnn::init_parameters(&varmap, 11).unwrap();
-    for (name, var) in varmap.data().lock().unwrap().iter() {
-        if name == "classifier.weight" {
-            var.set(&(var.as_tensor() * 20.0).unwrap()).unwrap();
-        }
-    }
-    std::fs::create_dir_all(dir).unwrap();
-    gradcam_classifier::Config::new(64, 8, ["circle", "square", "triangle"].iter().map(|s| s.to_string()).collect(), vec![1, 2, 3]).save(dir).unwrap();
-    varmap.save(dir.join("model.safetensors")).unwrap();
-    gradcam_classifier::load(dir).unwrap()
-}
 
 #[test]
 fn a_trained_classifier_folder_explains_a_batch_as_its_images_one_at_a_time() {
