@@ -2,10 +2,8 @@
 //! trained classifier folder and an ONNX graph with a dynamic batch dimension gives each image
 //! the explanations it gets alone; `classify_batch` gives each image its `classify` record.
 
-use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::Tensor;
 use gradcam::models::{ModelKind, Network, Weights};
 use gradcam::{Cam, Method, Target};
 
