@@ -20,7 +20,7 @@
 //! copied from the shards' pages. Inputs and records are streamed: memory holds a line per shard.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use gradcam_runs::Shard;
@@ -205,7 +205,7 @@ pub fn merge(dir: &Path) -> Result<Merged> {
         }
     }
     let head = &heads[0];
-    let mut readers: Vec<Records> = shards.iter().map(|s| Records::new(dir.join(s.file_name("results", "jsonl")), n <= MAX_OPEN)).collect::<Result<_>>()?;
+    let mut readers: Vec<Records> = shards.iter().map(|s| Records::new(dir.join(s.file_name("results", "jsonl")), n <= gradcam_runs::OPEN_FILES)).collect::<Result<_>>()?;
     let out = dir.join("results.jsonl");
     let (json, table, title) = match &head.setup {
         Plan::Maps(setup) => {
@@ -247,50 +247,21 @@ pub fn merge(dir: &Path) -> Result<Merged> {
     Ok(Merged { json, table, adversarial: matches!(head.setup, Plan::Adversarial(_)), failures: head.failures > 0 })
 }
 
-/// Shards whose records files a merge keeps open; past this many it opens a file for each line
-/// (and seeks to where it was), so that any number of shards stays within the open-file limit.
-const MAX_OPEN: usize = 256;
-
-/// A shard's records file, read a line at a time.
-struct Records {
-    path: PathBuf,
-    /// Lines read so far.
-    at: usize,
-    /// Bytes read so far.
-    offset: u64,
-    open: Option<std::io::BufReader<std::fs::File>>,
-    keep_open: bool,
-}
+/// A shard's records file, read a line at a time ([`gradcam_runs::LineReader`]).
+struct Records(gradcam_runs::LineReader);
 
 impl Records {
     fn new(path: PathBuf, keep_open: bool) -> Result<Records> {
-        let open = Some(Records::open(&path, 0)?);
-        Ok(Records { path, at: 0, offset: 0, open: open.filter(|_| keep_open), keep_open })
-    }
-
-    fn open(path: &Path, offset: u64) -> Result<std::io::BufReader<std::fs::File>> {
-        use std::io::Seek;
-        let io = |source| Error::Io { path: path.to_path_buf(), source };
-        let mut file = std::fs::File::open(path).map_err(io)?;
-        file.seek(std::io::SeekFrom::Start(offset)).map_err(io)?;
-        Ok(std::io::BufReader::new(file))
+        std::fs::File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        Ok(Records(gradcam_runs::LineReader::new(path, keep_open)))
     }
 
     /// The next line, without its newline; `None` at the end.
     fn next(&mut self) -> Result<Option<String>> {
-        let mut reader = match self.open.take() {
-            Some(r) => r,
-            None => Records::open(&self.path, self.offset)?,
-        };
         let mut line = String::new();
-        let read = reader.read_line(&mut line).map_err(|source| Error::Io { path: self.path.clone(), source })?;
-        if self.keep_open {
-            self.open = Some(reader);
-        }
-        if read == 0 {
+        if self.0.read_line(&mut line).map_err(|source| Error::Io { path: self.0.file.clone(), source })? == 0 {
             return Ok(None);
         }
-        (self.at, self.offset) = (self.at + 1, self.offset + read as u64);
         let line = line.strip_suffix('\n').unwrap_or(&line);
         Ok(Some(line.strip_suffix('\r').unwrap_or(line).to_string()))
     }
@@ -309,9 +280,9 @@ fn streamed_merge(out: &Path, list: usize, readers: &mut [Records], parse: &mut 
             let shard = Shard::of(i, n);
             let records = &mut readers[shard.index];
             let Some(line) = records.next()? else {
-                return Err(Error::Data(format!("{}: image {i} is missing: the file ends after {} lines, and shard {shard} takes {} of the list's {list} images", records.path.display(), records.at, shard.len_of(list))));
+                return Err(Error::Data(format!("{}: image {i} is missing: the file ends after {} lines, and shard {shard} takes {} of the list's {list} images", records.0.file.display(), records.0.lines, shard.len_of(list))));
             };
-            let (path, at) = (&records.path, records.at);
+            let (path, at) = (&records.0.file, records.0.lines);
             let (index, lines) = parse(&line, i).map_err(|e| Error::Data(format!("{} line {at}: {e}", path.display())))?;
             if index != i {
                 let name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
@@ -323,7 +294,7 @@ fn streamed_merge(out: &Path, list: usize, readers: &mut [Records], parse: &mut 
         }
         for records in readers.iter_mut() {
             if let Some(line) = records.next()? {
-                let (path, at) = (&records.path, records.at);
+                let (path, at) = (&records.0.file, records.0.lines);
                 #[derive(Deserialize)]
                 struct Index {
                     index: usize,
@@ -395,7 +366,7 @@ mod tests {
     #[test]
     fn more_shards_than_files_kept_open_merge_in_index_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (n, list) = (MAX_OPEN + 44, 2 * MAX_OPEN + 100);
+        let (n, list) = (gradcam_runs::OPEN_FILES + 44, 2 * gradcam_runs::OPEN_FILES + 100);
         let setup = Setup { kind: "k".into(), method: "m".into(), tasks: vec![crate::Task::Energy], tolerance: "15 px".into(), box_threshold: Exact(0.15), iou: Exact(0.5), steps: 20, reject_below: Exact(0.5), segment: ([Exact(0.5); 5], 128) };
         for s in (0..n).map(|index| Shard { index, count: n }) {
             let head = ShardHead { shard: s.to_string(), list, images: s.len_of(list), data: "d".into(), failures: 0, setup: Plan::Maps(setup.clone()) };

@@ -16,7 +16,7 @@ mod shard;
 use std::path::PathBuf;
 
 pub use inputs::{is_image, Input, Inputs, Kind, Question, IMAGE_EXTENSIONS};
-pub use merge::{merge, ShardSummary, Summary};
+pub use merge::{merge, LineReader, ShardSummary, Summary, OPEN_FILES};
 pub use records::{error_line, line, Records, ShardState};
 pub use run::{run, Outcome, Plan, MAX_BATCH};
 pub use shard::{Shard, MAX_SHARDS};

@@ -72,30 +72,38 @@ fn shards(dir: &Path) -> Result<(usize, Vec<(PathBuf, ShardState)>)> {
 /// offset for each line (within any open-file limit, at the cost of a reopen per record).
 pub const OPEN_FILES: usize = 256;
 
-/// A shard's records file, read a line at a time.
-struct Cursor {
-    file: PathBuf,
+/// A shard's file read a line at a time, kept open between lines or, past [`OPEN_FILES`] files
+/// read side by side, reopened at its offset for each line (within any open-file limit).
+pub struct LineReader {
+    /// The file.
+    pub file: PathBuf,
+    /// Lines read so far.
+    pub lines: usize,
     reader: Option<std::io::BufReader<std::fs::File>>,
-    /// Bytes read so far, and lines.
+    /// Bytes read so far.
     offset: u64,
-    number: usize,
-    /// Keep the file open between lines.
     keep_open: bool,
 }
 
-impl Cursor {
-    fn read_line(&mut self, line: &mut String) -> Result<usize> {
-        let io = |source| Error::Io { path: self.file.clone(), source };
+impl LineReader {
+    /// Reads `file` from its start; `keep_open`: hold it open between lines.
+    pub fn new(file: PathBuf, keep_open: bool) -> LineReader {
+        LineReader { file, lines: 0, reader: None, offset: 0, keep_open }
+    }
+
+    /// Appends the next line (with its newline, if it has one) to `line`; 0 at the end.
+    pub fn read_line(&mut self, line: &mut String) -> std::io::Result<usize> {
         let mut reader = match self.reader.take() {
             Some(r) => r,
             None => {
-                let mut f = std::fs::File::open(&self.file).map_err(io)?;
-                std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(self.offset)).map_err(io)?;
+                let mut f = std::fs::File::open(&self.file)?;
+                std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(self.offset))?;
                 std::io::BufReader::new(f)
             }
         };
-        let n = reader.read_line(line).map_err(io)?;
+        let n = reader.read_line(line)?;
         self.offset += n as u64;
+        self.lines += usize::from(n > 0);
         if self.keep_open {
             self.reader = Some(reader);
         }
@@ -109,7 +117,7 @@ impl Cursor {
 pub fn merge(dir: &Path) -> Result<Summary> {
     let (n, shards) = shards(dir)?;
     let list_len = shards[0].1.list_len;
-    let mut readers: Vec<Cursor> = shards.iter().map(|(file, _)| Cursor { file: file.clone(), reader: None, offset: 0, number: 0, keep_open: n <= OPEN_FILES }).collect();
+    let mut readers: Vec<LineReader> = shards.iter().map(|(file, _)| LineReader::new(file.clone(), n <= OPEN_FILES)).collect();
     let mut failure: Option<Error> = None;
     let mut errors = vec![0usize; n];
     let target = dir.join("records.jsonl");
@@ -119,8 +127,8 @@ pub fn merge(dir: &Path) -> Result<Summary> {
         let mut step = |index: usize, out: &mut dyn Write| -> Result<()> {
             let cursor = &mut readers[index % n];
             line.clear();
-            let read = cursor.read_line(&mut line)?;
-            let (file, number) = (&cursor.file, &mut cursor.number);
+            let read = cursor.read_line(&mut line).map_err(|source| Error::Io { path: cursor.file.clone(), source })?;
+            let (file, number) = (&cursor.file, cursor.lines);
             let shard = Shard { index: index % n, count: n };
             if read == 0 {
                 return Err(Error::Merge(format!("index {index} is missing: {} ends before it (shard {shard} is unfinished: run it again with --resume)", file.display())));
@@ -128,11 +136,10 @@ pub fn merge(dir: &Path) -> Result<Summary> {
             if !line.ends_with('\n') {
                 return Err(Error::Merge(format!("{} ends in a cut line (shard {shard} was stopped while writing: run it again with --resume)", file.display())));
             }
-            *number += 1;
-            let h = head(line.trim_end(), file, *number)?;
+            let h = head(line.trim_end(), file, number)?;
             if h.index != index {
                 let why = if h.index < index { "twice or out of order" } else { "after a gap" };
-                return Err(Error::Merge(format!("{} line {}: index {} where {index} was due ({why}); index {index} is missing or the file was edited", file.display(), *number, h.index)));
+                return Err(Error::Merge(format!("{} line {number}: index {} where {index} was due ({why}); index {index} is missing or the file was edited", file.display(), h.index)));
             }
             errors[index % n] += usize::from(h.error.is_some());
             out.write_all(line.as_bytes()).map_err(|source| Error::Io { path: target.clone(), source })
@@ -151,9 +158,9 @@ pub fn merge(dir: &Path) -> Result<Summary> {
     written?;
     for cursor in &mut readers {
         let mut rest = String::new();
-        if cursor.read_line(&mut rest)? > 0 {
+        if cursor.read_line(&mut rest).map_err(|source| Error::Io { path: cursor.file.clone(), source })? > 0 {
             let _ = std::fs::remove_file(&target);
-            return Err(Error::Merge(format!("{} line {}: a record past the list's {list_len} inputs ({}); the file holds more than its shard", cursor.file.display(), cursor.number + 1, rest.trim_end().chars().take(80).collect::<String>())));
+            return Err(Error::Merge(format!("{} line {}: a record past the list's {list_len} inputs ({}); the file holds more than its shard", cursor.file.display(), cursor.lines, rest.trim_end().chars().take(80).collect::<String>())));
         }
     }
     let shards: Vec<ShardSummary> = shards
